@@ -1,0 +1,55 @@
+"""Small shared types of the request path.
+
+Everything here is imported by the hot path, so it stays dependency-free and cheap: NewTypes for
+ids and hashes (no runtime cost), an IntEnum for cache tiers, and a slots class for the per-request
+routing view that the pipeline fills once and scorers only read.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NewType
+
+# A block hash in the router's own chain (hashing.py): an unsigned 64-bit int. Engine hashes
+# (vLLM's) are a different space; kv_events.py maps engine hash -> BlockHash per replica.
+BlockHash = NewType("BlockHash", int)
+# A replica's stable name: its base URL unless discovery gives it another name.
+ReplicaId = NewType("ReplicaId", str)
+
+
+class Tier(enum.IntEnum):
+    """Where a replica holds a KV block. GPU hits skip prefill; CPU (LMCache) hits cost a load."""
+
+    GPU = 0
+    CPU = 1
+
+
+class KeyMode(enum.Enum):
+    TOKENS = "tokens"  # precise: blocks of block_size token ids, same chain the KV events confirm
+    BYTES = "bytes"  # approximate: chunks of a canonical prompt rendering, speculation only
+    NONE = "none"  # nothing to hash (e.g. embeddings passthrough)
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the pipeline knows about one request when it selects a replica.
+
+    Filled once per request by the router (hashing + one index pass); scorers read it and never
+    touch the index. ``gpu_blocks`` / ``cpu_blocks`` are indexed by replica *slot* (see
+    replicas.py), not by position in the candidate list, so the same arrays serve every scorer.
+    """
+
+    model: str
+    prompt_tokens: int  # exact in token mode, estimated (bytes / 4) in byte mode
+    block_size: int  # tokens per block in token mode; tokens-equivalent in byte mode
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    key_mode: KeyMode = KeyMode.NONE
+    max_tokens: int = 0
+    stream: bool = False
+    gpu_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU
+    cpu_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU or CPU
+
+    @property
+    def total_blocks(self) -> int:
+        return len(self.block_hashes)

@@ -1,0 +1,1 @@
+"""Trace-replay evaluation: loaders, generators, live replay, offline simulation, reports."""
