@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     for ep in sorted(entry_points(group="kvrouter.commands"), key=lambda e: e.name):
         try:
             register: Register = ep.load()
-        except ImportError as exc:  # an optional part not installed: say so, keep the rest working
+        except (ImportError, AttributeError) as exc:  # optional part missing: say so, keep the rest
             p = sub.add_parser(ep.name, help=f"(unavailable: {exc})")
             p.set_defaults(func=lambda _a, _e=exc: _unavailable(_e))
             continue

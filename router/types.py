@@ -53,3 +53,25 @@ class RequestInfo:
     @property
     def total_blocks(self) -> int:
         return len(self.block_hashes)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSpec:
+    """A replica as discovery sees it (static flags, DNS, Kubernetes). Identity is ``url``.
+
+    ``kv_events`` / ``kv_replay`` are ZMQ endpoints (``tcp://host:port``). ``None`` means "ask
+    the replica's ``/kv_event_sources``" when events are enabled, and speculation only if it has
+    none. ``kv_events_bind`` makes the router's SUB socket bind instead of connect (for engines
+    configured with a concrete host, which then connect: vLLM's bind/connect rule).
+    """
+
+    url: str
+    name: str | None = None
+    kv_events: str | None = None
+    kv_replay: str | None = None
+    kv_events_bind: bool = False
+    models: tuple[str, ...] = ()  # known in advance (else learned from /v1/models)
+
+    @property
+    def id(self) -> ReplicaId:
+        return ReplicaId(self.name or self.url)
