@@ -1,0 +1,234 @@
+"""Prometheus metrics of the simulated engine, named, typed and labelled like vLLM 0.32.
+
+Everything a router scrapes (reference/captures/vllm-0.32-kv-events-metrics.txt) is here with the
+same name, type, label names and histogram buckets; tests/engines/test_sim_metrics.py parses both
+pages and compares them. Each replica owns its own ``CollectorRegistry`` because a fleet runs many
+replicas in one process and each must serve only its own numbers. Like vLLM, every series carries
+``engine="0"`` and ``model_name``, counters come from prometheus_client (so ``_total`` and
+``_created`` samples appear as in vLLM's page), and token counters count **tokens**, not requests.
+
+``kvrouter_sim_lag_seconds`` is ours: how late the engine loop woke up against its step deadline
+(a busy host makes the sim slower than its model; this says by how much).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Bucket sets copied from the golden capture (they are vLLM's, per metric).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+               20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                           60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+TOKEN_COUNT_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+ITERATION_TOKENS_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+                            8192.0, 16384.0)  # fmt: skip
+LAG_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+
+FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class SimMetrics:
+    """One replica's metrics. The server calls the ``on_*`` hooks; ``render()`` is the /metrics body."""
+
+    def __init__(
+        self,
+        model_name: str,
+        cache_config: Mapping[str, str],
+        engine: str = "0",
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        lbl = ["model_name", "engine"]
+        self._lv = {"model_name": model_name, "engine": engine}
+        lv = self._lv
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, lbl, registry=r, multiprocess_mode="mostrecent")
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, lbl, registry=r)
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, lbl, buckets=buckets, registry=r)
+
+        self.running = gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches."
+        ).labels(**lv)
+        self.waiting = gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed."
+        ).labels(**lv)
+        self.kv_usage = gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
+        ).labels(**lv)
+        self.prefix_queries = counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        ).labels(**lv)
+        self.prefix_hits = counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        ).labels(**lv)
+        self.ext_queries = counter(
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache sharing, "
+            "in terms of number of queried tokens.",
+        ).labels(**lv)
+        self.ext_hits = counter(
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, "
+            "in terms of number of cached tokens.",
+        ).labels(**lv)
+        self.preemptions = counter(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine."
+        ).labels(**lv)
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.").labels(**lv)
+        self.prompt_tokens_cached = counter(
+            "vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external)."
+        ).labels(**lv)
+        self.generation_tokens = counter(
+            "vllm:generation_tokens", "Number of generation tokens processed."
+        ).labels(**lv)
+        success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [*lbl, "finished_reason"],
+            registry=r,
+        )
+        self._success = {reason: success.labels(finished_reason=reason, **lv) for reason in FINISHED_REASONS}
+        self.ttft = hist(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        ).labels(**lv)
+        self.itl = hist(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
+        ).labels(**lv)
+        self.e2e = hist(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        ).labels(**lv)
+        self.queue_time = hist(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        ).labels(**lv)
+        self.prefill_time = hist(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        ).labels(**lv)
+        self.decode_time = hist(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        ).labels(**lv)
+        self.req_prompt_tokens = hist(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_COUNT_BUCKETS
+        ).labels(**lv)
+        self.req_generation_tokens = hist(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", TOKEN_COUNT_BUCKETS
+        ).labels(**lv)
+        self.iteration_tokens = hist(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            ITERATION_TOKENS_BUCKETS,
+        ).labels(**lv)
+        info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            ["engine", *sorted(cache_config)],
+            registry=r,
+        )
+        info.labels(engine=engine, **cache_config).set(1)
+        self.lag = Gauge(
+            "kvrouter_sim_lag_seconds",
+            "How late the simulated engine loop woke up against its step deadline (last step).",
+            lbl,
+            registry=r,
+        ).labels(**lv)
+        self.lag_hist = hist(
+            "kvrouter_sim_step_lag_seconds", "Distribution of engine-loop wake-up lag per step.", LAG_BUCKETS
+        ).labels(**lv)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def on_step(
+        self, running: int, waiting: int, kv_usage: float, scheduled_tokens: int, lag_s: float
+    ) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
+        if scheduled_tokens > 0:
+            self.iteration_tokens.observe(scheduled_tokens)
+        self.lag.set(lag_s)
+        self.lag_hist.observe(max(0.0, lag_s))
+
+    def on_scheduled(
+        self, prompt_tokens: int, local_hit_tokens: int, external_queried: int, external_hit_tokens: int
+    ) -> None:
+        """A request got its first schedule: vLLM counts prefix-cache queries/hits once, in tokens."""
+        self.prefix_queries.inc(prompt_tokens)
+        self.prefix_hits.inc(local_hit_tokens)
+        if external_queried:
+            self.ext_queries.inc(external_queried)
+            self.ext_hits.inc(external_hit_tokens)
+        self.prompt_tokens_cached.inc(local_hit_tokens + external_hit_tokens)
+
+    def on_tokens(self, new_tokens: int) -> None:
+        self.generation_tokens.inc(new_tokens)
+
+    def on_preemption(self, n: int = 1) -> None:
+        self.preemptions.inc(n)
+
+    def on_first_token(self, ttft_s: float) -> None:
+        self.ttft.observe(ttft_s)
+
+    def on_inter_token(self, itl_s: float) -> None:
+        self.itl.observe(itl_s)
+
+    def on_finished(
+        self,
+        reason: str,
+        prompt_tokens: int,
+        generation_tokens: int,
+        e2e_s: float,
+        queue_s: float,
+        prefill_s: float,
+        decode_s: float,
+    ) -> None:
+        self._success.get(reason, self._success["error"]).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.req_prompt_tokens.observe(prompt_tokens)
+        self.req_generation_tokens.observe(generation_tokens)
+        self.e2e.observe(e2e_s)
+        self.queue_time.observe(queue_s)
+        self.prefill_time.observe(prefill_s)
+        self.decode_time.observe(decode_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def cache_config_labels(
+    block_size: int,
+    num_gpu_blocks: int,
+    num_cpu_blocks: int | None = None,
+    enable_prefix_caching: bool = True,
+    hash_algo: str = "sha256",
+    num_gpu_blocks_override: int | None = None,
+) -> dict[str, str]:
+    """The ``vllm:cache_config_info`` labels a router reads (values stringified as vLLM does)."""
+    return {
+        "block_size": str(block_size),
+        "cache_dtype": "auto",
+        "enable_prefix_caching": str(enable_prefix_caching),
+        "gpu_memory_utilization": "0.92",
+        "kv_cache_size_tokens": str(block_size * num_gpu_blocks),
+        "num_cpu_blocks": str(num_cpu_blocks),
+        "num_gpu_blocks": str(num_gpu_blocks),
+        "num_gpu_blocks_override": str(num_gpu_blocks_override),
+        "prefix_caching_hash_algo": hash_algo,
+        "sliding_window": "None",
+    }
