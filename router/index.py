@@ -1,0 +1,349 @@
+"""PrefixIndex: which replica holds which KV blocks, per tier. Synchronous, bounded, lock-free.
+
+Identifiers (after Dynamo's indexer README):
+
+* **BlockHash**: the router's chained hash of a block (hashing.py). Chained, so one hash stands for
+  the whole prefix up to and including its block.
+* **slot**: a small int per replica (0..63 typically), its bit in the replica masks.
+
+Structures:
+
+* ``_masks[tier]: dict[BlockHash, int]``: hash -> bitmask of the slots holding the block on that tier.
+  ``match()`` is then one pass over the request's hashes with two dict lookups and a few integer ops
+  per block, stopping at the first block that no replica holds.
+* ``_lru[slot][tier]: OrderedDict[BlockHash, int]``: per replica and tier, in LRU order (oldest
+  first), the *state* of each block it holds:
+
+    - ``n > 0``: confirmed by ``n`` BlockStored events (vLLM does not de-duplicate identical blocks
+      computed concurrently; each copy is removed by its own BlockRemoved, so we refcount);
+    - ``n < 0``: speculative only (inserted by a routing decision), expires at ``-n`` ms on the
+      index clock unless a KV event confirms it first.
+
+  The per-replica bound (``capacity``) evicts the least recently stored block, so memory stays
+  bounded whatever the engines say or fail to say.
+
+Speculative expiry is lazy: each speculative ``store`` pushes one ``(deadline, hashes)`` record on
+a heap, and every mutating call or ``match()`` first drops the records whose deadline has passed
+(amortised O(1) per stored block). A record only removes blocks that are *still* speculative
+with that deadline or older, so a later confirmation or re-speculation wins.
+
+Complexity: ``match`` O(prefix length + replicas), ``store``/``remove`` O(blocks), ``clear``
+O(blocks of that replica). All methods are synchronous and never await: only the event loop
+thread touches the index (DESIGN.md "The request path").
+
+Insertion order follows vLLM's eviction order: a sequence's blocks are stored tail first, so its
+head is the most recent and the tail is evicted first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .types import BlockHash, ReplicaId, Tier
+
+_TIERS = (Tier.GPU, Tier.CPU)
+
+
+@dataclass(slots=True)
+class _ReplicaEntry:
+    slot: int
+    bit: int
+    lru: tuple[OrderedDict[int, int], OrderedDict[int, int]]  # per tier, see module docstring
+    capacity: int
+    uncertain: bool = False
+
+
+class IndexInvariantError(AssertionError):
+    pass
+
+
+class PrefixIndex:
+    """Bounded block index. ``capacity_per_replica`` blocks per replica and tier, LRU eviction."""
+
+    def __init__(
+        self,
+        capacity_per_replica: int = 1 << 20,
+        speculative_ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_replicas: int = 4096,
+    ) -> None:
+        if capacity_per_replica <= 0:
+            raise ValueError(f"capacity_per_replica={capacity_per_replica}: must be positive")
+        self.capacity_per_replica = capacity_per_replica
+        self.speculative_ttl_s = speculative_ttl_s
+        self.max_replicas = max_replicas
+        self._clock = clock
+        self._masks: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self._replicas: dict[ReplicaId, _ReplicaEntry] = {}
+        self._by_slot: dict[int, ReplicaId] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        # Min-heap of (deadline_ms, seq, slot, tier, hashes): one record per speculative store.
+        self._spec_heap: list[tuple[int, int, int, int, Sequence[int]]] = []
+        self._spec_seq = itertools.count()
+        self.evictions = 0  # blocks dropped by the capacity bound
+        self.expirations = 0  # speculative blocks that were never confirmed
+
+    # ---- replicas -------------------------------------------------------------------------
+
+    def add_replica(self, replica: ReplicaId, capacity: int | None = None) -> int:
+        entry = self._replicas.get(replica)
+        if entry is not None:
+            if capacity is not None:
+                self.set_capacity(replica, capacity)
+            return entry.slot
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            if self._next_slot >= self.max_replicas:
+                raise ValueError(f"max_replicas={self.max_replicas}: index is full")
+            slot = self._next_slot
+            self._next_slot += 1
+        self._replicas[replica] = _ReplicaEntry(
+            slot, 1 << slot, (OrderedDict(), OrderedDict()), capacity or self.capacity_per_replica
+        )
+        self._by_slot[slot] = replica
+        return slot
+
+    def remove_replica(self, replica: ReplicaId) -> None:
+        entry = self._replicas.get(replica)
+        if entry is None:
+            return
+        self.clear(replica)
+        del self._replicas[replica]
+        del self._by_slot[entry.slot]
+        self._free_slots.append(entry.slot)
+
+    def slot_of(self, replica: ReplicaId) -> int:
+        return self._replicas[replica].slot
+
+    @property
+    def num_slots(self) -> int:
+        """Upper bound (exclusive) of slot numbers in use: the length of match() arrays."""
+        return self._next_slot
+
+    def replicas(self) -> Iterator[ReplicaId]:
+        return iter(self._replicas)
+
+    def set_capacity(self, replica: ReplicaId, capacity: int) -> None:
+        """Resize one replica's bound (e.g. to the engine's num_gpu_blocks once it is known)."""
+        if capacity <= 0:
+            raise ValueError(f"capacity={capacity}: must be positive")
+        entry = self._replicas[replica]
+        entry.capacity = capacity
+        for tier in _TIERS:
+            self._enforce_capacity(entry, tier)
+
+    def set_uncertain(self, replica: ReplicaId, uncertain: bool) -> None:
+        self._replicas[replica].uncertain = uncertain
+
+    def is_uncertain(self, replica: ReplicaId) -> bool:
+        entry = self._replicas.get(replica)
+        return entry is not None and entry.uncertain
+
+    def replica_blocks(self, replica: ReplicaId, tier: Tier = Tier.GPU) -> int:
+        entry = self._replicas.get(replica)
+        return 0 if entry is None else len(entry.lru[tier])
+
+    def __len__(self) -> int:
+        """Number of distinct (hash, tier) keys indexed."""
+        return len(self._masks[0]) + len(self._masks[1])
+
+    # ---- updates --------------------------------------------------------------------------
+
+    def store(
+        self,
+        replica: ReplicaId,
+        hashes: Sequence[BlockHash],
+        tier: Tier = Tier.GPU,
+        *,
+        speculative: bool = False,
+        ttl_s: float | None = None,
+    ) -> None:
+        """Record that ``replica`` holds ``hashes`` (a chain, head first) on ``tier``.
+
+        Confirmed stores (KV events) add one reference per block. Speculative stores (routing
+        decisions) mark blocks the replica does not hold yet as expiring after ``ttl_s``;
+        blocks it already holds confirmed are only touched.
+        """
+        entry = self._replicas.get(replica)
+        if entry is None or not hashes:
+            return
+        now_ms = self._now_ms()
+        self._expire(now_ms)
+        lru = entry.lru[tier]
+        mask = self._masks[tier]
+        bit = entry.bit
+        if speculative:
+            deadline = now_ms + int(1000 * (self.speculative_ttl_s if ttl_s is None else ttl_s))
+            neg = -deadline
+            for h in reversed(hashes):  # tail first: the head ends up most recent
+                state = lru.pop(h, None)
+                if state is None:
+                    lru[h] = neg
+                    mask[h] = mask.get(h, 0) | bit
+                elif state > 0:
+                    lru[h] = state
+                else:
+                    lru[h] = min(state, neg)  # keep the later deadline
+            heapq.heappush(self._spec_heap, (deadline, next(self._spec_seq), entry.slot, int(tier), hashes))
+        else:
+            for h in reversed(hashes):
+                state = lru.pop(h, None)
+                if state is None:
+                    lru[h] = 1
+                    mask[h] = mask.get(h, 0) | bit
+                else:
+                    lru[h] = state + 1 if state > 0 else 1
+        if len(lru) > entry.capacity:
+            self._enforce_capacity(entry, tier)
+
+    def remove(self, replica: ReplicaId, hashes: Sequence[BlockHash], tier: Tier = Tier.GPU) -> None:
+        """One BlockRemoved per stored copy: drop a reference; the block leaves at zero."""
+        entry = self._replicas.get(replica)
+        if entry is None:
+            return
+        lru = entry.lru[tier]
+        for h in hashes:
+            state = lru.get(h)
+            if state is None:
+                continue
+            if state > 1:
+                lru[h] = state - 1
+            else:
+                del lru[h]
+                self._unset(h, tier, entry.bit)
+
+    def clear(self, replica: ReplicaId, tier: Tier | None = None) -> None:
+        entry = self._replicas.get(replica)
+        if entry is None:
+            return
+        for t in _TIERS if tier is None else (tier,):
+            lru = entry.lru[t]
+            for h in lru:
+                self._unset(h, t, entry.bit)
+            lru.clear()
+
+    def expire(self) -> None:
+        """Drop speculative blocks whose TTL has passed (also done lazily by every call)."""
+        self._expire(self._now_ms())
+
+    # ---- query ----------------------------------------------------------------------------
+
+    def match(self, hashes: Sequence[BlockHash]) -> tuple[list[int], list[int]]:
+        """Per slot, the longest cached prefix of ``hashes`` in blocks: (GPU, GPU-or-CPU).
+
+        The second list counts blocks held on either tier (a GPU prefix followed by blocks an
+        LMCache tier can load), so it is always >= the first. Slots with no replica read 0.
+        One pass; stops at the first block no replica holds on any tier.
+        """
+        n_slots = self._next_slot
+        gpu_len = [0] * n_slots
+        any_len = [0] * n_slots
+        if not hashes or not self._replicas:
+            return gpu_len, any_len
+        self._expire(self._now_ms())
+        gmask, cmask = self._masks
+        g_alive = -1  # slots whose GPU prefix is still unbroken (all bits)
+        a_alive = -1
+        i = 0
+        for i, h in enumerate(hashes):
+            g = gmask.get(h, 0)
+            a = g | cmask.get(h, 0)
+            g_new = g_alive & g
+            a_new = a_alive & a
+            ended = g_alive & ~g_new
+            if ended and i:
+                _record(gpu_len, ended & _bits_below(n_slots), i)
+            ended = a_alive & ~a_new
+            if ended and i:
+                _record(any_len, ended & _bits_below(n_slots), i)
+            g_alive, a_alive = g_new, a_new
+            if not a_alive:
+                return gpu_len, any_len
+        n = i + 1
+        _record(gpu_len, g_alive & _bits_below(n_slots), n)
+        _record(any_len, a_alive & _bits_below(n_slots), n)
+        return gpu_len, any_len
+
+    def holds(self, replica: ReplicaId, h: BlockHash, tier: Tier = Tier.GPU) -> bool:
+        entry = self._replicas.get(replica)
+        return entry is not None and h in entry.lru[tier]
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Recount the masks from the per-replica LRUs; raise IndexInvariantError on mismatch."""
+        for tier in _TIERS:
+            expected: dict[int, int] = {}
+            for rid, entry in self._replicas.items():
+                lru = entry.lru[tier]
+                if len(lru) > entry.capacity:
+                    raise IndexInvariantError(f"{rid}: {len(lru)} blocks > capacity {entry.capacity}")
+                for h, state in lru.items():
+                    if state == 0:
+                        raise IndexInvariantError(f"{rid}: block {h} with state 0")
+                    expected[h] = expected.get(h, 0) | entry.bit
+            if expected != self._masks[tier]:
+                extra = set(self._masks[tier]) ^ set(expected)
+                raise IndexInvariantError(f"tier {tier.name}: mask mismatch on {len(extra)} keys")
+        slots = {e.slot for e in self._replicas.values()}
+        if len(slots) != len(self._replicas) or slots & set(self._free_slots):
+            raise IndexInvariantError("slot table corrupt")
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _unset(self, h: int, tier: int, bit: int) -> None:
+        mask = self._masks[tier]
+        m = mask.get(h, 0) & ~bit
+        if m:
+            mask[h] = m
+        else:
+            mask.pop(h, None)
+
+    def _enforce_capacity(self, entry: _ReplicaEntry, tier: int) -> None:
+        lru = entry.lru[tier]
+        excess = len(lru) - entry.capacity
+        if excess <= 0:
+            return
+        self.evictions += excess
+        for _ in range(excess):
+            h, _state = lru.popitem(last=False)
+            self._unset(h, tier, entry.bit)
+
+    def _expire(self, now_ms: int) -> None:
+        heap = self._spec_heap
+        while heap and heap[0][0] <= now_ms:
+            deadline, _seq, slot, tier, hashes = heapq.heappop(heap)
+            rid = self._by_slot.get(slot)
+            if rid is None:
+                continue
+            entry = self._replicas[rid]
+            lru = entry.lru[tier]
+            for h in hashes:
+                state = lru.get(h)
+                # Still speculative and not re-speculated to a later deadline: it was never
+                # confirmed by the engine, forget it.
+                if state is not None and state < 0 and -state <= deadline:
+                    del lru[h]
+                    self._unset(h, tier, entry.bit)
+                    self.expirations += 1
+
+
+def _bits_below(n: int) -> int:
+    return (1 << n) - 1
+
+
+def _record(out: list[int], bits: int, value: int) -> None:
+    while bits:
+        low = bits & -bits
+        out[low.bit_length() - 1] = value
+        bits ^= low

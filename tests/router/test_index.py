@@ -1,0 +1,241 @@
+"""PrefixIndex: exact semantics (refcounts, tiers, TTL, LRU order) and a stateful model check."""
+
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from router.index import PrefixIndex
+from router.types import BlockHash, ReplicaId, Tier
+
+A, B, C = ReplicaId("a"), ReplicaId("b"), ReplicaId("c")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def hs(*xs: int) -> list[BlockHash]:
+    return [BlockHash(x) for x in xs]
+
+
+def make(capacity: int = 100, ttl: float = 10.0) -> tuple[PrefixIndex, Clock]:
+    clock = Clock()
+    idx = PrefixIndex(capacity_per_replica=capacity, speculative_ttl_s=ttl, clock=clock)
+    for r in (A, B, C):
+        idx.add_replica(r)
+    return idx, clock
+
+
+def test_match_longest_contiguous_prefix_per_replica() -> None:
+    idx, _ = make()
+    idx.store(A, hs(1, 2, 3))
+    idx.store(B, hs(1, 2))
+    idx.store(C, hs(2, 3))  # not a prefix: block 1 missing
+    gpu, anyt = idx.match(hs(1, 2, 3, 4))
+    assert gpu == [3, 2, 0]
+    assert anyt == [3, 2, 0]
+    idx.check_invariants()
+
+
+def test_cpu_tier_extends_gpu_prefix() -> None:
+    idx, _ = make()
+    idx.store(A, hs(1, 2))
+    idx.store(A, hs(1, 2, 3, 4), Tier.CPU)
+    idx.store(B, hs(1), Tier.CPU)
+    gpu, anyt = idx.match(hs(1, 2, 3, 4, 5))
+    assert gpu[:2] == [2, 0]
+    assert anyt[:2] == [4, 1]
+
+
+def test_refcount_one_remove_per_stored_copy() -> None:
+    idx, _ = make()
+    idx.store(A, hs(7))
+    idx.store(A, hs(7))  # vLLM computed the same block twice
+    idx.remove(A, hs(7))
+    assert idx.match(hs(7))[0][0] == 1
+    idx.remove(A, hs(7))
+    assert idx.match(hs(7))[0][0] == 0
+    idx.remove(A, hs(7))  # a removal for an unknown block is ignored
+    idx.check_invariants()
+
+
+def test_speculative_expires_unless_confirmed() -> None:
+    idx, clock = make(ttl=5.0)
+    idx.store(A, hs(1, 2), speculative=True)
+    idx.store(B, hs(1, 2), speculative=True)
+    idx.store(B, hs(1))  # the engine confirms block 1 on B
+    clock.t += 4.9
+    assert idx.match(hs(1, 2))[0][:2] == [2, 2]
+    clock.t += 0.2
+    assert idx.match(hs(1, 2))[0][:2] == [0, 1]
+    assert idx.expirations == 3
+    idx.check_invariants()
+
+
+def test_respeculation_extends_deadline() -> None:
+    idx, clock = make(ttl=5.0)
+    idx.store(A, hs(1), speculative=True)
+    clock.t += 4.0
+    idx.store(A, hs(1), speculative=True)
+    clock.t += 4.0  # past the first deadline, before the second
+    assert idx.match(hs(1))[0][0] == 1
+    clock.t += 1.1
+    assert idx.match(hs(1))[0][0] == 0
+
+
+def test_lru_evicts_tail_before_head_and_oldest_first() -> None:
+    idx, _ = make(capacity=4)
+    idx.store(A, hs(1, 2, 3))  # stored tail first: LRU order 3, 2, 1
+    idx.store(A, hs(10, 11))  # LRU order 3, 2, 1, 11, 10 -> evict 3
+    assert not idx.holds(A, BlockHash(3))
+    assert idx.holds(A, BlockHash(1))
+    assert idx.match(hs(1, 2, 3))[0][0] == 2
+    idx.store(A, hs(20))  # evicts 2
+    assert idx.match(hs(1, 2, 3))[0][0] == 1
+    assert idx.evictions == 2
+    idx.check_invariants()
+
+
+def test_clear_and_remove_replica_free_everything() -> None:
+    idx, _ = make()
+    idx.store(A, hs(1, 2))
+    idx.store(A, hs(1), Tier.CPU)
+    idx.store(B, hs(1, 2))
+    idx.clear(A)
+    assert idx.match(hs(1, 2))[0][:2] == [0, 2]
+    idx.remove_replica(B)
+    assert len(idx) == 0
+    slot = idx.add_replica(ReplicaId("d"))
+    assert slot == 1  # B's slot is reused
+    assert idx.match(hs(1, 2))[0][slot] == 0
+    idx.check_invariants()
+
+
+def test_set_capacity_shrinks_bound() -> None:
+    idx, _ = make(capacity=10)
+    idx.store(A, hs(*range(1, 11)))
+    idx.set_capacity(A, 3)
+    assert idx.replica_blocks(A) == 3
+    assert idx.match(hs(*range(1, 11)))[0][0] == 3  # the head survives
+    idx.check_invariants()
+
+
+# ---- stateful check against a naive model ------------------------------------------------------
+
+REPLICAS = [A, B, C]
+HASHES = st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=6)
+
+
+class NaiveIndex:
+    """The obvious, slow implementation: per (replica, tier) a list of [hash, state] in LRU order."""
+
+    def __init__(self, capacity: int, ttl_ms: int) -> None:
+        self.capacity = capacity
+        self.ttl_ms = ttl_ms
+        self.lru: dict[tuple[ReplicaId, int], list[list[int]]] = {
+            (r, t): [] for r in REPLICAS for t in (0, 1)
+        }
+
+    def _find(self, lst: list[list[int]], h: int) -> int:
+        for i, (x, _) in enumerate(lst):
+            if x == h:
+                return i
+        return -1
+
+    def expire(self, now_ms: int) -> None:
+        for lst in self.lru.values():
+            lst[:] = [e for e in lst if not (e[1] < 0 and -e[1] <= now_ms)]
+
+    def store(self, r: ReplicaId, hashes: list[int], tier: int, spec: bool, now_ms: int) -> None:
+        self.expire(now_ms)
+        lst = self.lru[(r, tier)]
+        for h in reversed(hashes):
+            i = self._find(lst, h)
+            state = lst.pop(i)[1] if i >= 0 else None
+            if spec:
+                neg = -(now_ms + self.ttl_ms)
+                new = neg if state is None else (state if state > 0 else min(state, neg))
+            else:
+                new = 1 if state is None or state < 0 else state + 1
+            lst.append([h, new])
+        del lst[: max(0, len(lst) - self.capacity)]
+
+    def remove(self, r: ReplicaId, hashes: list[int], tier: int) -> None:
+        lst = self.lru[(r, tier)]
+        for h in hashes:
+            i = self._find(lst, h)
+            if i < 0:
+                continue
+            if lst[i][1] > 1:
+                lst[i][1] -= 1
+            else:
+                lst.pop(i)
+
+    def match(self, hashes: list[int], now_ms: int) -> tuple[list[int], list[int]]:
+        self.expire(now_ms)
+        gpu, anyt = [], []
+        for r in REPLICAS:
+            g_set = {h for h, _ in self.lru[(r, 0)]}
+            a_set = g_set | {h for h, _ in self.lru[(r, 1)]}
+            g = 0
+            while g < len(hashes) and hashes[g] in g_set:
+                g += 1
+            a = 0
+            while a < len(hashes) and hashes[a] in a_set:
+                a += 1
+            gpu.append(g)
+            anyt.append(a)
+        return gpu, anyt
+
+
+class IndexMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.idx = PrefixIndex(capacity_per_replica=5, speculative_ttl_s=3.0, clock=self.clock)
+        for r in REPLICAS:
+            self.idx.add_replica(r)
+        self.model = NaiveIndex(capacity=5, ttl_ms=3000)
+
+    def now_ms(self) -> int:
+        return int(self.clock.t * 1000)
+
+    @rule(r=st.sampled_from(REPLICAS), hashes=HASHES, tier=st.sampled_from([0, 1]), spec=st.booleans())
+    def store(self, r: ReplicaId, hashes: list[int], tier: int, spec: bool) -> None:
+        self.idx.store(r, hs(*hashes), Tier(tier), speculative=spec)
+        self.model.store(r, hashes, tier, spec, self.now_ms())
+
+    @rule(r=st.sampled_from(REPLICAS), hashes=HASHES, tier=st.sampled_from([0, 1]))
+    def remove(self, r: ReplicaId, hashes: list[int], tier: int) -> None:
+        self.idx.remove(r, hs(*hashes), Tier(tier))
+        self.model.remove(r, hashes, tier)
+
+    @rule(r=st.sampled_from(REPLICAS))
+    def clear(self, r: ReplicaId) -> None:
+        self.idx.clear(r)
+        for t in (0, 1):
+            self.model.lru[(r, t)].clear()
+
+    @rule(dt=st.floats(min_value=0.0, max_value=2.0))
+    def tick(self, dt: float) -> None:
+        self.clock.t += dt
+
+    @precondition(lambda self: True)
+    @rule(hashes=HASHES)
+    def match(self, hashes: list[int]) -> None:
+        got = self.idx.match(hs(*hashes))
+        assert got == self.model.match(hashes, self.now_ms())
+
+    @invariant()
+    def consistent(self) -> None:
+        self.idx.check_invariants()
+
+
+TestIndexStateful = IndexMachine.TestCase
+TestIndexStateful.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
