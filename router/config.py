@@ -1,0 +1,292 @@
+"""Router configuration: one msgspec Struct per component, defaults here, validation here.
+
+Every option has one dotted path (``upstream.connect_timeout_s``) and is settable three ways, in
+increasing precedence: YAML file (``--config``, nested like the path), environment variable
+``KVROUTER_<FLAG>`` (flag name upper-cased, dashes -> underscores), command-line flag. The table
+``OPTIONS`` is the single source of that mapping; cli and docs are generated from it.
+
+Invalid values are refused at start-up with ``ConfigError(field, value, reason)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+Pos = Annotated[float, msgspec.Meta(gt=0)]
+PosInt = Annotated[int, msgspec.Meta(gt=0)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        super().__init__(f"invalid configuration: {field}={value!r}: {reason}")
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    workers: PosInt = 1  # processes sharing the port with SO_REUSEPORT
+    max_body_bytes: PosInt = 32 * 1024 * 1024
+    max_header_bytes: PosInt = 16 * 1024
+    replica_header: bool = True  # add x-kvrouter-replica to every proxied response
+    api_keys: list[str] = msgspec.field(default_factory=list)  # router's own Bearer keys
+    enable_debug: bool = False  # POST /debug/route, GET /debug/replicas
+    admin_token: str | None = None  # required for debug endpoints when set
+    drain_grace_s: NonNeg = 5.0  # after SIGTERM: keep accepting while endpoints deregister
+    drain_timeout_s: NonNeg = 30.0  # then let in-flight requests finish for at most this long
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_prompts: bool = False
+
+
+class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True):
+    connect_timeout_s: Pos = 2.0
+    first_byte_timeout_s: Pos = 120.0  # headers + first body chunk (covers queueing + prefill)
+    idle_timeout_s: Pos = 60.0  # max gap between two chunks of a response
+    max_retries: NonNegInt = 2  # extra replicas tried before the first byte reached the client
+    api_key: str | None = None  # Bearer key the router presents to engines
+    pool_per_replica: PosInt = 512  # keep-alive connections per replica
+
+
+class HealthConfig(msgspec.Struct, forbid_unknown_fields=True):
+    probe_interval_s: Pos = 2.0
+    probe_timeout_s: Pos = 1.0
+    eject_after_failures: PosInt = 3  # consecutive failed requests or probes
+    readmit_after_successes: PosInt = 1  # consecutive passing probes
+    metrics_interval_s: Pos = 0.25  # engine /metrics scrape (0 disables scraping)
+    scrape_metrics: bool = True
+    models_interval_s: Pos = 30.0
+
+
+class AdmissionConfig(msgspec.Struct, forbid_unknown_fields=True):
+    max_in_flight: NonNegInt = 0  # whole router; 0 = unlimited
+    max_in_flight_per_replica: NonNegInt = 0  # 0 = unlimited
+    max_queue: NonNegInt = 1024  # requests waiting for a slot before 429
+    queue_timeout_s: Pos = 30.0
+    retry_after_s: PosInt = 1
+
+
+class KVEventsSettings(msgspec.Struct, forbid_unknown_fields=True):
+    mode: Literal["auto", "on", "off"] = "auto"  # auto: subscribe where /kv_event_sources says
+    topic: str = ""
+    endpoints: list[str] = msgspec.field(default_factory=list)  # "URL=tcp://host:port" pairs
+
+
+class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    policy: str = "cache_aware"
+    block_size: PosInt = 16  # tokens per block; replaced by the engines' cache_config_info
+    bytes_per_token: PosInt = 4  # byte mode: a block is block_size * bytes_per_token bytes
+    max_blocks: PosInt = 8192
+    tokenizer: str | None = None  # folder with tokenizer.json (+ tokenizer_config.json)
+    index_capacity: PosInt = 1 << 20  # blocks per replica (shrunk to num_gpu_blocks when known)
+    speculative_ttl_s: Pos = 30.0  # replicas with KV events: until the event confirms
+    approximate_ttl_s: Pos = 300.0  # replicas without KV events: speculation is all we have
+    weights: dict[str, float] = msgspec.field(default_factory=dict)  # scorer type -> weight
+    load_factor: Annotated[float, msgspec.Meta(ge=1)] = 1.5  # bounded-load guard (1 + eps)
+    cpu_tier_credit: Ratio = 0.8
+    seed: int | None = None  # tie-break RNG seed (tests, simulation)
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    backends: list[str] = msgspec.field(default_factory=list)
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    admission: AdmissionConfig = msgspec.field(default_factory=AdmissionConfig)
+    kv_events: KVEventsSettings = msgspec.field(default_factory=KVEventsSettings)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    discovery: dict[str, Any] = msgspec.field(default_factory=dict)  # discovery.DiscoveryConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    path: str  # dotted path in Config
+    flag: str  # --flag (also KVROUTER_FLAG)
+    help: str
+    kind: Literal["str", "int", "float", "bool", "list"] = "str"
+
+    @property
+    def env(self) -> str:
+        return "KVROUTER_" + self.flag.upper().replace("-", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("backends", "backend", "replica base URL (repeatable; env: comma-separated)", "list"),
+    Option("server.host", "host", "listen address"),
+    Option("server.port", "port", "listen port", "int"),
+    Option("server.workers", "workers", "worker processes on one SO_REUSEPORT port", "int"),
+    Option("server.max_body_bytes", "max-body-bytes", "largest accepted request body", "int"),
+    Option("server.replica_header", "replica-header", "add x-kvrouter-replica to responses", "bool"),
+    Option("server.api_keys", "api-key", "accepted client Bearer key (repeatable)", "list"),
+    Option("server.enable_debug", "enable-debug", "enable POST /debug/route", "bool"),
+    Option("server.admin_token", "admin-token", "Bearer token required by debug endpoints"),
+    Option("server.drain_grace_s", "drain-grace", "seconds to keep accepting after SIGTERM", "float"),
+    Option("server.drain_timeout_s", "drain-timeout", "seconds in-flight requests may take to finish", "float"),
+    Option("server.log_level", "log-level", "debug | info | warning | error"),
+    Option("server.log_prompts", "log-prompts", "include prompts in debug logs", "bool"),
+    Option("upstream.connect_timeout_s", "connect-timeout", "upstream connect timeout (s)", "float"),
+    Option("upstream.first_byte_timeout_s", "first-byte-timeout", "upstream first-byte timeout (s)", "float"),
+    Option("upstream.idle_timeout_s", "idle-timeout", "max gap between upstream chunks (s)", "float"),
+    Option("upstream.max_retries", "max-retries", "other replicas tried before the first byte", "int"),
+    Option("upstream.api_key", "upstream-api-key", "Bearer key sent to engines"),
+    Option("health.probe_interval_s", "probe-interval", "active /health probe interval (s)", "float"),
+    Option("health.eject_after_failures", "eject-after", "consecutive failures before ejection", "int"),
+    Option("health.metrics_interval_s", "metrics-interval", "engine /metrics scrape interval (s)", "float"),
+    Option("health.scrape_metrics", "scrape-metrics", "scrape engine /metrics", "bool"),
+    Option("admission.max_in_flight", "max-in-flight", "router-wide concurrent requests (0 = no cap)", "int"),
+    Option("admission.max_in_flight_per_replica", "max-in-flight-per-replica", "per replica cap (0 = none)", "int"),
+    Option("admission.max_queue", "max-queue", "requests queued for a slot before 429", "int"),
+    Option("kv_events.mode", "kv-events", "auto | on | off"),
+    Option("kv_events.endpoints", "kv-events-endpoint", "BACKEND_URL=tcp://host:port (repeatable)", "list"),
+    Option("routing.policy", "policy", "routing policy"),
+    Option("routing.block_size", "block-size", "tokens per KV block (learned from engines)", "int"),
+    Option("routing.tokenizer", "tokenizer", "tokenizer folder for precise token-mode keys"),
+    Option("routing.index_capacity", "index-capacity", "indexed blocks per replica", "int"),
+    Option("routing.load_factor", "load-factor", "bounded-load guard: max load vs mean", "float"),
+    Option("routing.seed", "seed", "tie-break RNG seed", "int"),
+)
+
+_BY_FLAG = {o.flag: o for o in OPTIONS}
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    node = tree
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(path, value, f"'{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def _parse_scalar(opt: Option, raw: str) -> Any:
+    """Environment strings -> typed values; the Struct validation then checks ranges."""
+    try:
+        if opt.kind == "int":
+            return int(raw)
+        if opt.kind == "float":
+            return float(raw)
+        if opt.kind == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if opt.kind == "list":
+            return [x.strip() for x in raw.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(opt.path, raw, f"{opt.env}: {exc}") from None
+    return raw
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError("config", path, f"cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", path, f"not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", path, "top level must be a mapping")
+    return data
+
+
+def build_config(
+    yaml_tree: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge YAML < environment < flags into a validated Config."""
+    tree: dict[str, Any] = _deep_copy(dict(yaml_tree or {}))
+    env = os.environ if env is None else env
+    for opt in OPTIONS:
+        if opt.env in env:
+            _set_path(tree, opt.path, _parse_scalar(opt, env[opt.env]))
+    for flag, value in (flags or {}).items():
+        if value is None or (isinstance(value, list) and not value):
+            continue
+        _set_path(tree, _BY_FLAG[flag].path, value)
+    try:
+        cfg = msgspec.convert(tree, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _config_error(exc, tree) from None
+    validate(cfg)
+    return cfg
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def _config_error(exc: msgspec.ValidationError, tree: Mapping[str, Any]) -> ConfigError:
+    # msgspec says e.g. "Expected `float` >= 0, got -1 - at `$.upstream.connect_timeout_s`"
+    msg = str(exc)
+    field = "config"
+    if " - at `$." in msg:
+        msg, _, where = msg.partition(" - at `$.")
+        field = where.rstrip("`")
+    value: Any = tree
+    for part in field.replace("[", ".").replace("]", "").split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            value = None
+            break
+    if field == "config":
+        # Unknown field: "Object contains unknown field `x`"
+        return ConfigError(field, None, msg)
+    return ConfigError(field, value, msg)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than a type: URLs, names, cross-field rules."""
+    for i, url in enumerate(cfg.backends):
+        check_backend_url(f"backends[{i}]", url)
+    for i, pair in enumerate(cfg.kv_events.endpoints):
+        _backend, sep, endpoint = pair.partition("=")
+        if not sep or not endpoint.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"kv_events.endpoints[{i}]", pair, "expected BACKEND_URL=tcp://host:port")
+    for name, weight in cfg.routing.weights.items():
+        if weight < 0:
+            raise ConfigError(f"routing.weights.{name}", weight, "weights must be >= 0")
+    if cfg.server.workers > 1 and cfg.server.port == 0:
+        raise ConfigError("server.workers", cfg.server.workers, "several workers need a fixed port")
+
+
+def check_backend_url(field: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(field, url, "expected an http(s)://host[:port] URL")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ConfigError(field, url, "invalid port") from None
+
+
+def normalize_backend(url: str) -> str:
+    return url.rstrip("/")
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return str(yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False))
+
+
+def options_for_docs() -> Sequence[tuple[str, str, str, str]]:
+    return [(f"--{o.flag}", o.env, o.path, o.help) for o in OPTIONS]

@@ -1,0 +1,191 @@
+"""Replica registry: the router's view of each engine, and the snapshots scorers read.
+
+A ``Replica`` is mutable state owned by the event loop: health, router-tracked load (counted at
+dispatch, on every path, so a burst cannot pile onto one replica between two metric scrapes), the
+engine's own metrics (scraped), and a window of recent TTFTs. Scorers receive ``Replica`` objects
+directly as snapshots: selection is synchronous, so nothing changes under them while they read.
+
+The registry is pure (no I/O): the server's health/scrape tasks and the offline simulator both
+feed it, which is how the same policies run live and in virtual time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .index import PrefixIndex
+from .types import ReplicaId, ReplicaSpec
+
+TTFT_WINDOW = 64  # recent TTFTs kept per replica for the tail-latency scorer
+
+
+@dataclass(slots=True)
+class Replica:
+    spec: ReplicaSpec
+    id: ReplicaId
+    url: str
+    slot: int
+    models: frozenset[str] = frozenset()
+    healthy: bool = True  # admitted to routing (active probes + passive ejection)
+    draining: bool = False  # leaving: no new requests, in-flight ones finish
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    ejections: int = 0
+    # Router-tracked load, updated at dispatch and completion.
+    in_flight: int = 0
+    pending_prefill_tokens: int = 0  # uncached prompt tokens dispatched, first token not seen yet
+    # Engine-reported (scraped from /metrics; None until the first scrape).
+    engine_running: float | None = None
+    engine_waiting: float | None = None
+    kv_usage: float | None = None
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    prefix_queries_total: float = 0.0
+    prefix_hits_total: float = 0.0
+    metrics_ok: bool = False
+    has_kv_events: bool = False
+    # Recent TTFTs (ring buffer) and a measured prefill rate (EWMA of uncached tokens / TTFT).
+    ttfts: list[float] = field(default_factory=list)
+    _ttft_pos: int = 0
+    _tail_cache: float | None = None
+    prefill_tps: float = 0.0
+
+    @property
+    def routable(self) -> bool:
+        return self.healthy and not self.draining
+
+    def observe_ttft(self, ttft_s: float, uncached_tokens: int) -> None:
+        if len(self.ttfts) < TTFT_WINDOW:
+            self.ttfts.append(ttft_s)
+        else:
+            self.ttfts[self._ttft_pos] = ttft_s
+            self._ttft_pos = (self._ttft_pos + 1) % TTFT_WINDOW
+        self._tail_cache = None
+        # Only long prefills say something about the prefill rate; short ones are dominated by
+        # queueing and per-step overhead.
+        if uncached_tokens >= 256 and ttft_s > 0:
+            rate = uncached_tokens / ttft_s
+            self.prefill_tps = rate if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * rate
+
+    def tail_ttft(self, q: float = 0.9) -> float:
+        """Recent TTFT quantile (nearest rank); 0 when nothing observed yet."""
+        if self._tail_cache is None:
+            if not self.ttfts:
+                return 0.0
+            data = sorted(self.ttfts)
+            self._tail_cache = data[min(len(data) - 1, max(0, math.ceil(q * len(data)) - 1))]
+        return self._tail_cache
+
+    @property
+    def queue_depth(self) -> float:
+        """Requests ahead of a new one: the larger of router in-flight and engine running+waiting.
+
+        The router's own count is exact for what *this* router sent and reacts instantly; the
+        engine's count includes other routers' traffic (scale-out) but lags by a scrape.
+        """
+        engine = (self.engine_running or 0.0) + (self.engine_waiting or 0.0)
+        return max(float(self.in_flight), engine)
+
+
+class ReplicaRegistry:
+    """All known replicas, by id, with a per-model candidate cache rebuilt on any change."""
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+        self._replicas: dict[ReplicaId, Replica] = {}
+        self._candidates: dict[str | None, list[Replica]] = {}
+        self._listeners: list[Callable[[str, Replica], None]] = []
+
+    def on_change(self, listener: Callable[[str, Replica], None]) -> None:
+        """``listener(event, replica)`` with event in added | removed | health."""
+        self._listeners.append(listener)
+
+    def _notify(self, event: str, replica: Replica) -> None:
+        self._candidates.clear()
+        for fn in self._listeners:
+            fn(event, replica)
+
+    def add(self, spec: ReplicaSpec) -> Replica:
+        rid = spec.id
+        existing = self._replicas.get(rid)
+        if existing is not None:
+            return existing
+        slot = self.index.add_replica(rid)
+        rep = Replica(spec=spec, id=rid, url=spec.url.rstrip("/"), slot=slot, models=frozenset(spec.models))
+        self._replicas[rid] = rep
+        self._notify("added", rep)
+        return rep
+
+    def remove(self, rid: ReplicaId) -> Replica | None:
+        rep = self._replicas.pop(rid, None)
+        if rep is not None:
+            self.index.remove_replica(rid)
+            self._notify("removed", rep)
+        return rep
+
+    def sync(self, specs: Iterable[ReplicaSpec]) -> tuple[list[Replica], list[Replica]]:
+        """Make the registry hold exactly ``specs``; returns (added, removed)."""
+        wanted = {s.id: s for s in specs}
+        removed = [r for rid, r in list(self._replicas.items()) if rid not in wanted]
+        for r in removed:
+            self.remove(r.id)
+        added = [self.add(s) for rid, s in wanted.items() if rid not in self._replicas]
+        return added, removed
+
+    def get(self, rid: ReplicaId) -> Replica | None:
+        return self._replicas.get(rid)
+
+    def __iter__(self) -> Iterator[Replica]:
+        return iter(self._replicas.values())
+
+    def __len__(self) -> int:
+        return len(self._replicas)
+
+    def set_models(self, rep: Replica, models: Iterable[str]) -> None:
+        new = frozenset(models)
+        if new != rep.models:
+            rep.models = new
+            self._notify("models", rep)
+
+    def set_healthy(self, rep: Replica, healthy: bool) -> None:
+        if rep.healthy != healthy:
+            rep.healthy = healthy
+            if not healthy:
+                rep.ejections += 1
+            self._notify("health", rep)
+
+    def set_draining(self, rep: Replica, draining: bool) -> None:
+        if rep.draining != draining:
+            rep.draining = draining
+            self._notify("health", rep)
+
+    def known_models(self) -> set[str]:
+        out: set[str] = set()
+        for r in self._replicas.values():
+            out |= r.models
+        return out
+
+    def candidates(self, model: str | None) -> list[Replica]:
+        """Routable replicas serving ``model``. Replicas whose models are not known yet serve any.
+
+        Cached per model; any registry change clears the cache (changes are rare, reads are per
+        request).
+        """
+        cached = self._candidates.get(model)
+        if cached is None:
+            cached = [
+                r
+                for r in self._replicas.values()
+                if r.routable and (model is None or not r.models or model in r.models)
+            ]
+            self._candidates[model] = cached
+        return cached
+
+    def serves(self, model: str) -> bool:
+        """Whether any replica (healthy or not) serves ``model`` or might (models unknown)."""
+        return any(not r.models or model in r.models for r in self._replicas.values())
+
+    def routable(self) -> Sequence[Replica]:
+        return self.candidates(None)

@@ -1,0 +1,17 @@
+"""max-score picker with a random tie-break (llm-d picker/maxscore), rng injected."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from ..replicas import Replica
+
+TIE_EPSILON = 1e-9
+
+
+class MaxScorePicker:
+    def pick(self, scores: Sequence[float], replicas: Sequence[Replica], rng: random.Random) -> int:
+        best = max(scores)
+        ties = [i for i, s in enumerate(scores) if s >= best - TIE_EPSILON]
+        return ties[0] if len(ties) == 1 else rng.choice(ties)

@@ -1,0 +1,45 @@
+"""prefix-cache: how much of the prompt a replica already holds.
+
+    score_r = (gpu_r + cpu_credit * (any_r - gpu_r)) / total_blocks
+
+``gpu_r`` is the replica's contiguous cached prefix on GPU in blocks, ``any_r`` on GPU or CPU
+(LMCache) tier: a CPU block still has to be loaded, so it earns partial credit. A replica whose
+index is *uncertain* (missed KV events, not yet rebuilt) keeps only half its credit, so a stale
+view cannot hold traffic on it. Neutral (all 1.0) when the request has no blocks.
+Category: affinity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from ..replicas import Replica
+from ..types import RequestInfo
+
+
+class PrefixCacheScorer:
+    type_name: ClassVar[str] = "prefix-cache"
+
+    def __init__(self, cpu_credit: float = 0.8, uncertain_discount: float = 0.5) -> None:
+        self.cpu_credit = cpu_credit
+        self.uncertain_discount = uncertain_discount
+        self.uncertain: frozenset[int] = frozenset()  # slots; set by the router
+
+    def score(self, req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:
+        total = len(req.block_hashes)
+        if total == 0:
+            return [1.0] * len(replicas)
+        gpu = req.gpu_blocks
+        anyt = req.cpu_blocks
+        credit = self.cpu_credit
+        out = []
+        for r in replicas:
+            s = r.slot
+            g = gpu[s] if s < len(gpu) else 0
+            a = anyt[s] if s < len(anyt) else 0
+            v = (g + credit * (a - g)) / total
+            if s in self.uncertain:
+                v *= self.uncertain_discount
+            out.append(v)
+        return out

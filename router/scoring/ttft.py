@@ -1,0 +1,55 @@
+"""estimated-ttft: cache hit and load in one unit, seconds until this request's first token.
+
+    uncached_r = prompt_tokens - gpu_hit_tokens_r - cpu_credit * cpu_only_hit_tokens_r
+    est_r      = (pending_prefill_r + uncached_r) / rate_r + step_s * running_r
+    score_r    = min_r est_r / est_r                   (1 for the best; all 1.0 when equal)
+
+``pending_prefill_r`` is the uncached prompt tokens this router dispatched to r that have not
+produced a first token yet: the prefill work queued ahead. ``rate_r`` is r's measured prefill rate
+(EWMA of uncached tokens / TTFT), or ``default_rate`` until measured. ``running_r`` (engine
+running, else router in-flight) costs ``step_s`` each: decode steps interleave with prefill
+chunks. This is the scorer that lets a long cache hit beat a short queue and a short queue beat a
+small hit. Category: affinity + distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from ..replicas import Replica
+from ..types import RequestInfo
+
+
+class EstimatedTTFTScorer:
+    type_name: ClassVar[str] = "estimated-ttft"
+
+    def __init__(self, cpu_credit: float = 0.8, default_rate: float = 20_000.0, step_s: float = 0.0005) -> None:
+        self.cpu_credit = cpu_credit
+        self.default_rate = default_rate
+        self.step_s = step_s
+
+    def estimates(self, req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:
+        bs = req.block_size
+        n = req.prompt_tokens
+        gpu = req.gpu_blocks
+        anyt = req.cpu_blocks
+        credit = self.cpu_credit
+        out = []
+        for r in replicas:
+            s = r.slot
+            g = min(n, (gpu[s] if s < len(gpu) else 0) * bs)
+            a = min(n, (anyt[s] if s < len(anyt) else 0) * bs)
+            uncached = n - g - credit * (a - g)
+            rate = r.prefill_tps or self.default_rate
+            running = r.engine_running if r.engine_running is not None else float(r.in_flight)
+            out.append((r.pending_prefill_tokens + uncached) / rate + self.step_s * max(running, r.in_flight))
+        return out
+
+    def score(self, req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:
+        est = self.estimates(req, replicas)
+        lo = min(est)
+        if max(est) - lo <= 1e-12:
+            return [1.0] * len(est)
+        lo = max(lo, 1e-9)
+        return [lo / max(e, 1e-9) for e in est]
