@@ -1,0 +1,16 @@
+"""Fixtures for the simulated-engine tests (tests/engines has no package, so helpers are fixtures)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import zmq.asyncio
+
+
+@pytest.fixture
+async def zctx() -> AsyncIterator[zmq.asyncio.Context]:
+    """A private ZMQ context per test, destroyed without lingering."""
+    ctx = zmq.asyncio.Context()
+    yield ctx
+    ctx.destroy(linger=0)
