@@ -1,0 +1,72 @@
+"""`kvrouter trace|replay|simulate` subcommands, registered via the ``kvrouter.commands`` entry points.
+
+Each ``register_*`` function adds one top-level subcommand to the parser ``router.cli`` builds;
+imports of heavy modules happen inside the handlers so ``kvrouter --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+# ================================================================================================
+# kvrouter trace: stats / generate (loaders, statistics, generators)
+# ================================================================================================
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def register_trace(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("trace", help="inspect and generate request traces")
+    tsub = p.add_subparsers(dest="trace_command", metavar="TRACE_COMMAND")
+    tsub.required = True
+
+    st = tsub.add_parser("stats", help="arrival, length and prefix-cache statistics of a trace file")
+    st.add_argument("file", help="trace file (Mooncake / Qwen JSONL, Azure CSV, kvrouter JSONL)")
+    st.add_argument("--format", default="auto", choices=["auto", "mooncake", "qwen", "azure", "kvrouter"])
+    st.add_argument(
+        "--lru",
+        type=_int_list,
+        default=None,
+        help="comma-separated LRU cache sizes in trace blocks (default 500,1000,2000,5000,10000,50000,200000)",
+    )
+    st.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    st.add_argument("--strict", action="store_true", help="fail at the first bad line")
+    st.set_defaults(func=_cmd_stats)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from .loaders import TraceFormatError, load_trace
+    from .stats import DEFAULT_LRU_SIZES, format_stats, trace_stats
+
+    try:
+        trace, report = load_trace(args.file, args.format, strict=args.strict)
+    except TraceFormatError as exc:
+        print(f"kvrouter trace stats: {exc}", file=sys.stderr)
+        return 2
+    for issue in report.errors:
+        print(f"{report.path}:{issue.line}: skipped: {issue.reason}", file=sys.stderr)
+    if report.bad > len(report.errors):
+        print(f"... and {report.bad - len(report.errors)} more bad lines", file=sys.stderr)
+    stats = trace_stats(trace, args.lru if args.lru is not None else DEFAULT_LRU_SIZES)
+    if args.json:
+        out = {"stats": stats, "load": report}
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(out)).decode() + "\n")
+    else:
+        print(format_stats(stats))
+        print(report.summary(), file=sys.stderr)
+    return 0
+
+
+# ================================================================================================
+# kvrouter replay / kvrouter simulate: live replay driver and offline simulator
+# (register_replay / register_simulate go below; owned by the replay/simulation work)
+# ================================================================================================
