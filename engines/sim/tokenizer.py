@@ -130,7 +130,9 @@ class SimTokenizer:
         return " " + "".join(syl)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return "".join(self.token_text(t) for t in ids)
+        # Special tokens are skipped, as vLLM detokenizes with skip_special_tokens=True.
+        n_special = len(SPECIAL_TOKENS)
+        return "".join(self.token_text(t) for t in ids if t >= n_special)
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         return render_simple_chat(messages, add_generation_prompt)
