@@ -1,0 +1,284 @@
+"""GPU KV block pool with prefix caching, in vLLM v1 semantics (vllm/v1/core/block_pool.py,
+kv_cache_utils.py ``FreeKVCacheBlockQueue`` / ``BlockHashToBlockMap``).
+
+Invariants (``check_invariants`` recounts them):
+- Block 0 is vLLM's *null block*: taken out of the free queue at start, never allocated or
+  freed, so ``num_blocks - 1`` blocks are usable and usage is ``1 - free / (num_blocks - 1)``.
+- A block is in the free queue iff its ref count is 0. A free block may still carry a hash: it
+  is a cached block that can be hit (``touch`` takes it out of the queue, ref += 1) until it is
+  handed out again by ``get_new_blocks``, which pops the queue head (least recently freed) and
+  evicts its hash (one ``BlockRemoved`` per evicted block, like vLLM).
+- Callers free a request's blocks *tail first* (``free_blocks(reversed(blocks))``, as vLLM's
+  single-type manager does) so that a sequence's tail is evicted before its head.
+- Only full blocks are cached. The same hash may be cached by two blocks (two requests computed
+  the same block concurrently): vLLM keeps both under one key, a hit returns the first one
+  cached, and evicting either emits ``BlockRemoved`` for that hash even though a copy remains.
+
+The free queue is an intrusive doubly linked list over two int arrays with sentinel head/tail
+(vLLM uses fake head/tail blocks "to reduce branching"): O(1) pop, append and removal from the
+middle, no per-operation allocation. Ids, not objects, keep the hot path to list indexing.
+
+Events are ``router.kv_wire`` structs, accumulated until ``take_events()`` (vLLM publishes one
+batch per engine step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+NULL_BLOCK = 0
+
+
+class BlockPool:
+    __slots__ = (
+        "_cached",
+        "_events",
+        "_head",
+        "_next",
+        "_prev",
+        "_tail",
+        "block_hash",
+        "block_size",
+        "emit_events",
+        "enable_caching",
+        "medium",
+        "num_blocks",
+        "num_free",
+        "ref_cnt",
+    )
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        enable_caching: bool = True,
+        emit_events: bool = False,
+        medium: str = "GPU",
+    ) -> None:
+        """Bound: ``num_blocks`` blocks (one reserved as the null block). Eviction: LRU over the
+        free queue, only when a block is handed out again."""
+        if num_blocks < 2:
+            raise ValueError(f"invalid num_blocks: {num_blocks} (need at least 2: one is the null block)")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.emit_events = emit_events
+        self.medium = medium
+        self.ref_cnt: list[int] = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        # hash -> block id, or list of block ids when the same block was computed twice
+        self._cached: dict[int, int | list[int]] = {}
+        self._events: list[KVEvent] = []
+        self._head = num_blocks
+        self._tail = num_blocks + 1
+        self._prev: list[int] = [-1] * (num_blocks + 2)
+        self._next: list[int] = [-1] * (num_blocks + 2)
+        self._link_all()
+        self.num_free = num_blocks
+        self._remove(NULL_BLOCK)
+        self.ref_cnt[NULL_BLOCK] = 1  # never freed, never counted as free
+
+    def _link_all(self) -> None:
+        n = self.num_blocks
+        prev, nxt = self._prev, self._next
+        order = [self._head, *range(n), self._tail]
+        for i in range(len(order) - 1):
+            nxt[order[i]] = order[i + 1]
+            prev[order[i + 1]] = order[i]
+        prev[self._head] = -1
+        nxt[self._tail] = -1
+
+    # -- free queue (O(1) each) -------------------------------------------------------------
+    def _remove(self, b: int) -> None:
+        p, n = self._prev[b], self._next[b]
+        self._next[p] = n
+        self._prev[n] = p
+        self._prev[b] = self._next[b] = -1
+        self.num_free -= 1
+
+    def _append(self, b: int) -> None:
+        last = self._prev[self._tail]
+        self._next[last] = b
+        self._prev[b] = last
+        self._next[b] = self._tail
+        self._prev[self._tail] = b
+        self.num_free += 1
+
+    def free_queue(self) -> list[int]:
+        """Free block ids in eviction order (head first). O(n); for tests and debugging."""
+        out: list[int] = []
+        b = self._next[self._head]
+        while b != self._tail:
+            out.append(b)
+            b = self._next[b]
+        return out
+
+    # -- prefix cache ---------------------------------------------------------------------
+    def get_cached_block(self, block_hash: int) -> int | None:
+        v = self._cached.get(block_hash)
+        if v is None or isinstance(v, int):
+            return v
+        return v[0]
+
+    def find_longest_cache_hit(self, block_hashes: Sequence[int], max_blocks: int) -> list[int]:
+        """Block ids of the longest cached prefix of ``block_hashes``, at most ``max_blocks``.
+        Does not touch: the caller touches only if it admits the request (vLLM)."""
+        if not self.enable_caching:
+            return []
+        cached = self._cached
+        hit: list[int] = []
+        for h in block_hashes[:max_blocks]:
+            v = cached.get(h)
+            if v is None:
+                break
+            hit.append(v if isinstance(v, int) else v[0])
+        return hit
+
+    def num_evictable(self, block_ids: Iterable[int]) -> int:
+        """How many of these (hit) blocks sit in the free queue and would leave it on touch."""
+        rc = self.ref_cnt
+        return sum(1 for b in block_ids if rc[b] == 0)
+
+    def touch(self, block_ids: Iterable[int]) -> None:
+        """A request reuses these cached blocks: take free ones out of the queue, ref += 1."""
+        rc = self.ref_cnt
+        for b in block_ids:
+            if rc[b] == 0:
+                self._remove(b)
+            rc[b] += 1
+
+    def get_new_blocks(self, n: int) -> list[int]:
+        """Pop ``n`` blocks from the queue head, evicting any hash they still carry."""
+        if n > self.num_free:
+            raise ValueError(f"cannot get {n} free blocks from the pool (free: {self.num_free})")
+        out: list[int] = []
+        nxt, rc, hashes = self._next, self.ref_cnt, self.block_hash
+        for _ in range(n):
+            b = nxt[self._head]
+            self._remove(b)
+            if hashes[b] is not None:
+                self._evict(b)
+            rc[b] = 1
+            out.append(b)
+        return out
+
+    def _evict(self, b: int) -> None:
+        h = self.block_hash[b]
+        assert h is not None
+        self.block_hash[b] = None
+        v = self._cached.get(h)
+        if v is None:
+            return
+        if isinstance(v, int):
+            if v != b:
+                return
+            del self._cached[h]
+        else:
+            if b not in v:
+                return
+            v.remove(b)
+            if len(v) == 1:
+                self._cached[h] = v[0]
+        if self.emit_events:
+            self._events.append(BlockRemoved(block_hashes=[h], medium=self.medium, group_idx=0))
+
+    def cache_full_blocks(
+        self,
+        block_ids: Sequence[int],
+        block_hashes: Sequence[int],
+        num_cached: int,
+        num_full: int,
+        token_ids: Sequence[int] | None = None,
+    ) -> None:
+        """Mark ``block_ids[num_cached:num_full]`` as cached under ``block_hashes[same]`` and emit
+        one ``BlockStored`` for them, parented on the hash of block ``num_cached - 1``.
+        ``token_ids`` are the request's tokens (all of them); the event carries those of the
+        newly stored blocks, or none when the caller does not track tokens."""
+        if num_full <= num_cached or not self.enable_caching:
+            return
+        cached, hashes = self._cached, self.block_hash
+        new_hashes = block_hashes[num_cached:num_full]
+        for b, h in zip(block_ids[num_cached:num_full], new_hashes, strict=True):
+            assert hashes[b] is None, "block cached twice"
+            hashes[b] = h
+            v = cached.get(h)
+            if v is None:
+                cached[h] = b
+            elif isinstance(v, int):
+                cached[h] = [v, b]
+            else:
+                v.append(b)
+        if self.emit_events:
+            bs = self.block_size
+            n = num_full - num_cached
+            toks = list(token_ids[num_cached * bs : num_full * bs]) if token_ids is not None else []
+            self._events.append(
+                BlockStored(
+                    block_hashes=list(new_hashes),
+                    parent_block_hash=block_hashes[num_cached - 1] if num_cached > 0 else None,
+                    token_ids=toks,
+                    block_size=bs,
+                    lora_id=None,
+                    medium=self.medium,
+                    lora_name=None,
+                    extra_keys=[None] * n,
+                    group_idx=0,
+                    kv_cache_spec_kind="full_attention",
+                )
+            )
+
+    def free_blocks(self, ordered_block_ids: Iterable[int]) -> None:
+        """ref -= 1 each; blocks reaching 0 go to the queue tail in the given order (callers pass
+        a request's blocks reversed so its tail is evicted first)."""
+        rc = self.ref_cnt
+        for b in ordered_block_ids:
+            rc[b] -= 1
+            if rc[b] == 0:
+                self._append(b)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached hash. Like vLLM, refuses (returns False) while any block is in use,
+        because running requests' blocks would otherwise lose their hashes mid-flight."""
+        if self.num_free != self.num_blocks - 1:
+            return False
+        self._cached.clear()
+        self.block_hash = [None] * self.num_blocks
+        if self.emit_events:
+            self._events.append(AllBlocksCleared())
+        return True
+
+    # -- accounting -----------------------------------------------------------------------
+    @property
+    def usage(self) -> float:
+        """vLLM ``kv_cache_usage_perc``: blocks in use / usable blocks (cached-but-free excluded)."""
+        return 1.0 - self.num_free / (self.num_blocks - 1)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return sum(1 if isinstance(v, int) else len(v) for v in self._cached.values())
+
+    def take_events(self) -> list[KVEvent]:
+        ev = self._events
+        self._events = []
+        return ev
+
+    def check_invariants(self) -> None:
+        """Recount everything maintained incrementally; raises AssertionError on a mismatch."""
+        q = self.free_queue()
+        assert len(q) == self.num_free == len(set(q)), "free queue length"
+        assert NULL_BLOCK not in q
+        in_q = set(q)
+        for b in range(1, self.num_blocks):
+            assert (self.ref_cnt[b] == 0) == (b in in_q), f"block {b}: ref {self.ref_cnt[b]}"
+            assert self.ref_cnt[b] >= 0
+        n_hashed = 0
+        for b, h in enumerate(self.block_hash):
+            if h is None:
+                continue
+            n_hashed += 1
+            v = self._cached.get(h)
+            assert v == b if isinstance(v, int) else (v is not None and b in v), f"block {b} map"
+        assert n_hashed == self.num_cached_blocks

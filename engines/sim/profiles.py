@@ -1,0 +1,73 @@
+"""Engine profiles: a step-time model plus the KV capacity and scheduler limits it was fitted with.
+
+``h100-llama3-8b`` is vLLM serving Llama-3.1-8B-Instruct (bf16) on one H100 80GB, fitted from
+published figures only (no GPU was available): see docs/calibration.md for the sources, the fit
+and the residuals. ``tiny`` is for tests: a step costs tens of microseconds, so a request
+finishes in milliseconds of wall time.
+
+Capacity is stated in tokens so that a coarse block size (the offline simulator uses 512-token
+blocks, the Mooncake trace's unit) keeps the same memory: ``num_gpu_blocks(block_size)``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .step_time import StepTimeModel
+
+
+class EngineProfile(msgspec.Struct, frozen=True, gc=False):
+    name: str
+    step: StepTimeModel
+    kv_capacity_tokens: int  # usable KV pool, tokens
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    block_size: int = 16
+
+    def num_gpu_blocks(self, block_size: int | None = None) -> int:
+        """KV pool size in blocks of ``block_size`` tokens (default: the profile's), plus vLLM's
+        reserved null block so that usable capacity equals ``kv_capacity_tokens``."""
+        bs = block_size or self.block_size
+        return self.kv_capacity_tokens // bs + 1
+
+
+H100_LLAMA3_8B = EngineProfile(
+    name="h100-llama3-8b",
+    step=StepTimeModel(
+        a_ms=6.37,  # batch-1 ITL intercept 6.44 ms minus d
+        b_ms=0.0226,  # 44k prefill tok/s
+        c_ms=9.2e-7,  # per (query, key) pair
+        d_ms=0.07,  # per decode sequence (weakest constant: data allow 0.05-0.18)
+        e_ms=4.37e-5,  # per KV token read by a decode step (3.0 TB/s)
+        cpu_load_base_ms=10.0,
+        cpu_load_ms_per_token=0.0030,  # 43.7 GB/s, vLLM OffloadingConnector on H100
+    ),
+    kv_capacity_tokens=420_900,  # 51.38 GiB KV pool / 128 KiB per token ≈ 26.3k blocks of 16
+    max_num_batched_tokens=8192,
+    max_num_seqs=1024,
+)
+
+TINY = EngineProfile(
+    name="tiny",
+    step=StepTimeModel(
+        a_ms=0.02,
+        b_ms=2e-5,
+        c_ms=0.0,
+        d_ms=1e-3,
+        e_ms=0.0,
+        cpu_load_base_ms=0.05,
+        cpu_load_ms_per_token=1e-5,
+    ),
+    kv_capacity_tokens=65_536,
+    max_num_batched_tokens=2048,
+    max_num_seqs=64,
+)
+
+PROFILES: dict[str, EngineProfile] = {p.name: p for p in (H100_LLAMA3_8B, TINY)}
+
+
+def get_profile(name: str) -> EngineProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"invalid profile: {name!r} (known: {', '.join(sorted(PROFILES))})") from None
