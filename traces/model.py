@@ -15,6 +15,8 @@ form through it.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable
+
 import msgspec
 
 # Block sizes of the known sources, in tokens per block id.
@@ -76,3 +78,44 @@ class Trace(msgspec.Struct, frozen=True, kw_only=True):
     def head(self, n: int) -> Trace:
         """The first ``n`` requests (by arrival), e.g. for a quick replay."""
         return msgspec.structs.replace(self, requests=self.requests[:n])
+
+
+class ChainedIds:
+    """Allocates block ids in a chained-prefix id space: an id stands for its whole prefix.
+
+    ``child(parent, content)`` returns the id of block ``content`` following the block ``parent``
+    (``ROOT`` for the first block): the same id whenever the same content follows the same
+    prefix, a fresh one otherwise. Two prompts therefore share ids exactly as far as they share
+    content from the start, which is the Mooncake convention and what a KV prefix cache sees.
+
+    ``content`` is any hashable description of what the block holds (generators use pieces of
+    named segments, ``reblock`` pieces of old blocks). Bound: one dict entry per distinct
+    (prefix, block), never evicted; it lives as long as one generation run.
+    """
+
+    ROOT = -1
+
+    __slots__ = ("_ids", "_next")
+
+    def __init__(self, first_id: int = 0) -> None:
+        self._ids: dict[tuple[int, Hashable], int] = {}
+        self._next = first_id
+
+    def child(self, parent: int, content: Hashable) -> int:
+        key = (parent, content)
+        got = self._ids.get(key)
+        if got is None:
+            got = self._ids[key] = self._next
+            self._next += 1
+        return got
+
+    def chain(self, contents: Iterable[Hashable]) -> tuple[int, ...]:
+        out: list[int] = []
+        parent = self.ROOT
+        for c in contents:
+            parent = self.child(parent, c)
+            out.append(parent)
+        return tuple(out)
+
+    def __len__(self) -> int:
+        return len(self._ids)
