@@ -26,13 +26,14 @@ import logging
 import pickle
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 
-from router.kv_wire import EngineHash, KVEvent, encode_batch, seq_bytes
+from router.kv_wire import BlockRemoved, BlockStored, EngineHash, KVEvent, encode_batch, seq_bytes
 
 log = logging.getLogger(__name__)
 
@@ -240,3 +241,66 @@ class KVEventPublisher:
             for seq8, payload in self.replay_frames(start_seq):
                 await sock.send_multipart((client_id, b"", seq8, payload))
             await sock.send_multipart((client_id, b"", END_SEQ, b""))
+
+
+class VllmBlockHasher:
+    """The engine model's ``block_hasher`` that yields vLLM's event ints (sha256 chain).
+
+    The engine model chains 64-bit ints, vLLM chains full digests, so this keeps int -> digest
+    for recent blocks to continue a chain exactly. Bound: ``capacity`` entries, oldest first out;
+    a parent that fell out (a request older than ``capacity`` newer blocks) is chained from its
+    int's bytes instead: still deterministic, no longer vLLM's value. Size it a few times the
+    KV pool so that never happens to a request still running.
+    """
+
+    def __init__(self, capacity: int = 1 << 18) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive (current value: {capacity})")
+        self.capacity = capacity
+        self._digests: dict[int, bytes] = {}
+        self.misses = 0
+
+    def digest(self, h: int) -> bytes | None:
+        return self._digests.get(h)
+
+    def __call__(self, parent: int | None, tokens: Sequence[int]) -> int:
+        pd: bytes | None = None
+        if parent is not None:
+            pd = self._digests.get(parent)
+            if pd is None:
+                self.misses += 1
+                pd = parent.to_bytes(32, "big")
+        d = block_hash(pd, tuple(tokens))
+        h = int.from_bytes(d, "big") & 0xFFFF_FFFF_FFFF_FFFF
+        digests = self._digests
+        if h in digests:
+            digests[h] = digests.pop(h)  # refresh: dicts keep insertion order, oldest first
+        else:
+            digests[h] = d
+            if len(digests) > self.capacity:
+                del digests[next(iter(digests))]
+        return h
+
+    def to_bytes_events(self, events: list[KVEvent]) -> list[KVEvent]:
+        """The same events with raw digests instead of ints (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0)."""
+
+        def conv(h: EngineHash | None) -> EngineHash | None:
+            if isinstance(h, int):
+                return self._digests.get(h) or h.to_bytes(32, "big")
+            return h
+
+        out: list[KVEvent] = []
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                out.append(
+                    msgspec.structs.replace(
+                        ev,
+                        block_hashes=[conv(h) for h in ev.block_hashes],
+                        parent_block_hash=conv(ev.parent_block_hash),
+                    )
+                )
+            elif isinstance(ev, BlockRemoved):
+                out.append(msgspec.structs.replace(ev, block_hashes=[conv(h) for h in ev.block_hashes]))
+            else:
+                out.append(ev)
+        return out

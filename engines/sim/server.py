@@ -1,0 +1,844 @@
+"""One simulated vLLM replica: vLLM's HTTP API in front of the engine model, plus its KV-event publisher.
+
+The engine loop is one asyncio task per replica, in wall-clock time::
+
+    while work exists:
+        out = model.step(now)                       # pure: what this step does and how long it takes
+        sleep until deadline += out.duration        # monotonic deadline, so sleep overshoot is
+                                                    # paid back on the next step (lag is a metric)
+        deliver out's tokens to request streams     # tokens appear when the step *ends*, as in vLLM
+        publish out's KV events as one batch        # one ZMQ batch per step that produced events
+
+Requests that arrive during a step join the next one, as with vLLM's busy loop. A client that
+goes away (handler cancelled, or a failed write) aborts its request in the engine.
+
+HTTP (vLLM 0.32 OpenAI server shapes): ``/v1/completions``, ``/v1/chat/completions`` (SSE with
+``data: {...}\\n\\n`` and ``data: [DONE]\\n\\n``, ``stream_options.include_usage``), ``/v1/models``,
+``/health``, ``/load``, ``/version``, ``/tokenize``, ``/detokenize``, ``/metrics``,
+``/kv_event_sources``, ``POST /reset_prefix_cache``, and the sim's own ``GET/POST /sim/faults``.
+``usage.prompt_tokens_details.cached_tokens`` is always present here; real vLLM fills it only with
+``--enable-prompt-tokens-details``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import xxhash
+from aiohttp import web
+
+from .engine import EngineConfig, EngineModel, SimRequest, StepOutput
+from .faults import FaultConfig, Faults, parse_faults
+from .metrics import CONTENT_TYPE, SimMetrics, cache_config_labels
+from .publisher import (
+    DEFAULT_BUFFER_STEPS,
+    DEFAULT_HWM,
+    DEFAULT_TOPIC,
+    KVEventPublisher,
+    VllmBlockHasher,
+)
+from .tokenizer import SPECIAL_TOKENS, Tokenizer, content_text
+
+log = logging.getLogger(__name__)
+
+_json = msgspec.json.Encoder()
+_json_any = msgspec.json.Decoder()
+VLLM_VERSION = "0.32.0"
+# A late loop pays back at most this much on later steps, so a long stall (GC, a busy host) does
+# not turn into a burst of zero-length steps.
+MAX_CATCHUP_S = 0.05
+DEFAULT_CHAT_MAX_TOKENS = 256
+
+
+class HTTPError(Exception):
+    """An OpenAI-style error response: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.param = param
+
+    def response(self) -> web.Response:
+        return error_response(self.status, str(self), self.type, self.param)
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return web.Response(status=status, body=_json.encode(body), content_type="application/json")
+
+
+@dataclass
+class ReplicaConfig:
+    """Everything about one replica that is not the engine model."""
+
+    model: str = "tiny"
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
+    # KV events. With ``events_bind`` None the vLLM heuristic decides bind vs connect.
+    events_endpoint: str | None = "tcp://127.0.0.1:*"
+    events_bind: bool | None = None
+    replay_endpoint: str | None = "tcp://127.0.0.1:*"
+    topic: str = DEFAULT_TOPIC
+    buffer_steps: int = DEFAULT_BUFFER_STEPS
+    hwm: int = DEFAULT_HWM
+    legacy_events: bool = False
+    int_block_hashes: bool = True  # False: raw 32-byte digests (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0)
+    max_model_len: int = 2048
+    default_chat_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class _Delta:
+    index: int
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+_CUT = object()  # queued to a stream when the replica restarts or stops: cut the connection
+
+
+@dataclass(slots=True)
+class _Track:
+    """Server-side state of one engine request (one prompt of an HTTP request)."""
+
+    rid: str
+    index: int
+    queue: asyncio.Queue[Any]
+    prompt_len: int
+    arrival: float
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    cached_tokens: int = 0
+    generated: int = 0
+    finished: bool = False
+
+
+class Replica:
+    """A simulated vLLM replica: HTTP server + engine loop + KV-event publisher + metrics + faults."""
+
+    def __init__(
+        self,
+        config: ReplicaConfig,
+        engine_config: EngineConfig,
+        tokenizer: Tokenizer,
+        *,
+        name: str = "r0",
+        zmq_ctx: Any = None,
+    ) -> None:
+        self.config = config
+        self.engine_config = engine_config
+        self.tokenizer = tokenizer
+        self.name = name
+        self._zmq_ctx = zmq_ctx
+        # vLLM's sha256 chain, so event hashes equal a real engine's for the same tokens.
+        self.hasher = VllmBlockHasher(max(1 << 16, 4 * engine_config.num_gpu_blocks))
+        self.model: EngineModel = self._new_model()
+        self.faults = Faults(config.faults, seed=config.seed)
+        self.metrics = self._new_metrics()
+        self.publisher: KVEventPublisher | None = None
+        self._tracks: dict[str, _Track] = {}
+        self._wake = asyncio.Event()
+        self._epoch = 0  # bumped by restart: a step computed before it is discarded
+        self._held_batch: tuple[int, bytes] | None = None  # reorder fault: batch sent after the next
+        self._loop_task: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+        self._refuse_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.port = config.port
+        self.steps = 0
+        self.started_at = time.time()
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def events_endpoint(self) -> str | None:
+        return None if self.publisher is None else self.publisher.endpoint
+
+    @property
+    def replay_endpoint(self) -> str | None:
+        return None if self.publisher is None else self.publisher.replay_endpoint
+
+    @property
+    def listening(self) -> bool:
+        return self._site is not None
+
+    def _new_model(self) -> EngineModel:
+        return EngineModel(self.engine_config, block_hasher=self.hasher, output_token=self._output_token)
+
+    def _output_token(self, request_id: str, i: int) -> int:
+        # Deterministic per (request, position), never a special token, inside the vocabulary.
+        n_special = len(SPECIAL_TOKENS)
+        span = max(1, self.tokenizer.vocab_size - n_special)
+        return n_special + xxhash.xxh3_64_intdigest(request_id.encode(), seed=i) % span
+
+    def _new_metrics(self) -> SimMetrics:
+        ec = self.engine_config
+        labels = cache_config_labels(
+            block_size=ec.block_size,
+            num_gpu_blocks=ec.num_gpu_blocks,
+            num_cpu_blocks=(ec.cpu_tier_tokens // ec.block_size) or None,
+            enable_prefix_caching=ec.enable_prefix_caching,
+        )
+        return SimMetrics(self.config.model, labels)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.events_endpoint is not None:
+            self.publisher = KVEventPublisher(
+                cfg.events_endpoint,
+                replay_endpoint=cfg.replay_endpoint,
+                topic=cfg.topic,
+                buffer_steps=cfg.buffer_steps,
+                hwm=cfg.hwm,
+                legacy=cfg.legacy_events,
+                bind=cfg.events_bind,
+                ctx=self._zmq_ctx,
+            )
+            self.publisher.start()
+        self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        await self._listen()
+        self._loop_task = asyncio.get_running_loop().create_task(
+            self._engine_loop(), name=f"engine:{self.name}"
+        )
+        if self.faults.config.refuse_connections:
+            await self._apply_faults(self.faults.config)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._cut_all()
+        for task in (self._loop_task, self._refuse_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.publisher is not None:
+            await self.publisher.close()
+
+    async def _listen(self) -> None:
+        assert self._runner is not None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.host, self.port))
+        self.port = sock.getsockname()[1]
+        self._site = web.SockSite(self._runner, sock)
+        await self._site.start()
+
+    async def _unlisten(self) -> None:
+        """Stop accepting and drop open connections, as a dead process would."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        self._cut_all()
+        if self._runner is not None and self._runner.server is not None:
+            for proto in self._runner.server.connections:
+                proto.force_close()
+
+    # -- faults ----------------------------------------------------------------------------------
+    async def set_faults(self, config: FaultConfig) -> None:
+        """Apply a fault config now (restart is performed once; refuse stops/starts listening)."""
+        self.faults.set(config)
+        await self._apply_faults(config)
+
+    async def _apply_faults(self, config: FaultConfig) -> None:
+        if config.restart:
+            self.restart()
+        if self._refuse_task is not None:
+            self._refuse_task.cancel()
+            self._refuse_task = None
+        if config.refuse_connections and self._site is not None:
+            await self._unlisten()
+        elif not config.refuse_connections and self._site is None and not self._stopping:
+            await self._listen()
+        if config.refuse_connections and config.refuse_for_s > 0:
+            self._refuse_task = asyncio.get_running_loop().create_task(
+                self._clear_refuse_after(config.refuse_for_s)
+            )
+
+    async def _clear_refuse_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._refuse_task = None
+        cfg = msgspec.structs.replace(self.faults.config, refuse_connections=False, refuse_for_s=0.0)
+        self.faults.set(cfg)
+        if self._site is None and not self._stopping:
+            await self._listen()
+
+    def restart(self) -> None:
+        """What a process restart looks like from outside: everything in flight is cut, the cache
+        is empty, KV-event seq restarts at 0, counters restart, and no AllBlocksCleared is sent."""
+        self._epoch += 1
+        self._cut_all()
+        self.model = self._new_model()
+        self.metrics = self._new_metrics()
+        self._held_batch = None
+        if self.publisher is not None:
+            self.publisher.reset()
+        self.started_at = time.time()
+
+    def _cut_all(self) -> None:
+        for tr in self._tracks.values():
+            tr.queue.put_nowait(_CUT)
+        self._tracks.clear()
+
+    # -- engine loop -----------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], max_tokens: int, queue: asyncio.Queue[Any], index: int) -> _Track:
+        """Queue one prompt in the engine. The engine never samples EOS: every request runs to
+        ``max_tokens`` (vLLM with ``ignore_eos``). Raises HTTPError if it cannot ever fit."""
+        rid = f"req-{uuid.uuid4().hex}"
+        now = asyncio.get_running_loop().time()
+        try:
+            self.model.add_request(
+                SimRequest(request_id=rid, max_tokens=max_tokens, token_ids=prompt_ids, arrival=now), now
+            )
+        except ValueError as exc:
+            raise HTTPError(400, str(exc), param="max_tokens") from exc
+        tr = _Track(rid=rid, index=index, queue=queue, prompt_len=len(prompt_ids), arrival=now)
+        self._tracks[rid] = tr
+        self._wake.set()
+        return tr
+
+    def abort(self, tr: _Track) -> None:
+        if self._tracks.pop(tr.rid, None) is not None and not tr.finished:
+            self.model.abort_request(tr.rid)
+            self.metrics._success["abort"].inc()
+            self._wake.set()
+
+    async def _engine_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
+        while not self._stopping:
+            model = self.model
+            if not model.has_unfinished_requests() and not model.has_pending_events():
+                self._flush_held_batch()
+                self.metrics.on_step(0, 0, model.kv_cache_usage, 0, 0.0)
+                self._wake.clear()
+                await self._wake.wait()
+                deadline = loop.time()
+                continue
+            epoch = self._epoch
+            start = loop.time()
+            deadline = max(deadline, start - MAX_CATCHUP_S)
+            out = model.step(max(deadline, model.now))
+            self.steps += 1
+            if out.duration == 0.0 and not out.new_tokens and not out.events:
+                # Nothing schedulable (requests loading from the CPU tier): wait for the next
+                # load to finish or for a new request, whichever is first.
+                nxt = model.next_event_time()
+                self._wake.clear()
+                timeout = None if nxt is None else max(0.0, nxt - loop.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                deadline = loop.time()
+                continue
+            deadline += out.duration
+            # Always yields once, so HTTP handlers run even when steps take no time.
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            lag = loop.time() - deadline
+            if epoch != self._epoch:  # restarted while this step "ran": it never happened
+                continue
+            self._deliver(out, loop.time())
+            self._publish(out)
+            self.metrics.on_step(
+                model.num_running, model.num_waiting, model.kv_cache_usage, out.num_scheduled_tokens, lag
+            )
+            if out.num_preemptions:
+                self.metrics.on_preemption(out.num_preemptions)
+
+    def _deliver(self, out: StepOutput, now: float) -> None:
+        metrics = self.metrics
+        for rid, hit in out.cached_tokens.items():
+            tr = self._tracks.get(rid)
+            if tr is None or tr.scheduled is not None:
+                continue
+            tr.scheduled = out.start
+            tr.cached_tokens = hit.local + hit.external
+            metrics.on_scheduled(tr.prompt_len, hit.local, hit.external_queried, hit.external)
+        for rid, ids in out.new_tokens.items():
+            tr = self._tracks.get(rid)
+            if tr is None:
+                continue
+            n = len(ids)
+            if n == 0:
+                continue
+            metrics.on_tokens(n)
+            if tr.first_token is None:
+                tr.first_token = now
+                metrics.on_first_token(now - tr.arrival)
+                if n > 1:
+                    for _ in range(n - 1):
+                        metrics.on_inter_token(0.0)
+            else:
+                assert tr.last_token is not None
+                gap = (now - tr.last_token) / n
+                for _ in range(n):
+                    metrics.on_inter_token(gap)
+            tr.last_token = now
+            tr.generated += n
+            reason = out.finished.get(rid)
+            tr.queue.put_nowait(_Delta(tr.index, list(ids), reason))
+            if reason is not None:
+                self._finish(tr, reason, now)
+        for rid, reason in out.finished.items():
+            tr = self._tracks.get(rid)
+            if tr is not None and not tr.finished:  # finished without a token this step
+                tr.queue.put_nowait(_Delta(tr.index, [], reason))
+                self._finish(tr, reason, now)
+
+    def _finish(self, tr: _Track, reason: str, now: float) -> None:
+        tr.finished = True
+        self._tracks.pop(tr.rid, None)
+        sched = tr.scheduled if tr.scheduled is not None else tr.arrival
+        first = tr.first_token if tr.first_token is not None else now
+        self.metrics.on_finished(
+            reason,
+            prompt_tokens=tr.prompt_len,
+            generation_tokens=tr.generated,
+            e2e_s=now - tr.arrival,
+            queue_s=sched - tr.arrival,
+            prefill_s=first - sched,
+            decode_s=now - first,
+        )
+
+    def _publish(self, out: StepOutput) -> None:
+        pub = self.publisher
+        if pub is None or not out.events:
+            return
+        events = out.events if self.config.int_block_hashes else self.hasher.to_bytes_events(out.events)
+        payload = pub.encode(events)
+        if self.faults.malformed_event():
+            # 0xc1 is the one byte msgpack never uses: the batch cannot be decoded.
+            payload = b"\xc1" + payload[1:]
+        if self._held_batch is not None:
+            held = self._held_batch
+            self._held_batch = None
+            pub.publish_payload(payload)
+            pub.publish_payload(held[1], held[0])
+        elif self.faults.reorder_event():
+            self._held_batch = (pub.take_seq(), payload)
+        else:
+            pub.publish_payload(payload)
+
+    def _flush_held_batch(self) -> None:
+        if self._held_batch is not None and self.publisher is not None:
+            seq, payload = self._held_batch
+            self._held_batch = None
+            self.publisher.publish_payload(payload, seq)
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        r = app.router
+        r.add_post("/v1/completions", self._completions)
+        r.add_post("/v1/chat/completions", self._chat_completions)
+        r.add_get("/v1/models", self._models)
+        r.add_get("/health", self._health)
+        r.add_get("/load", self._load)
+        r.add_get("/version", self._version)
+        r.add_post("/tokenize", self._tokenize)
+        r.add_post("/detokenize", self._detokenize)
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/kv_event_sources", self._kv_event_sources)
+        r.add_post("/reset_prefix_cache", self._reset_prefix_cache)
+        r.add_get("/sim/faults", self._get_faults)
+        r.add_post("/sim/faults", self._post_faults)
+        return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _load(self, request: web.Request) -> web.Response:
+        return web.json_response({"server_load": len(self._tracks)})
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": VLLM_VERSION})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        name = self.config.model
+        card = {
+            "id": name,
+            "object": "model",
+            "created": int(self.started_at),
+            "owned_by": "vllm",
+            "root": name,
+            "parent": None,
+            "max_model_len": self.config.max_model_len,
+        }
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _kv_event_sources(self, request: web.Request) -> web.Response:
+        pub = self.publisher
+        if pub is None:
+            return web.json_response({})
+        cfg = self.config
+        # As vLLM reports it: the configured endpoint, with a bound wildcard/ephemeral port made
+        # concrete. A bound endpoint is reported as tcp://*:PORT, which tells a router (like real
+        # vLLM's) to connect to this replica's host on PORT.
+        endpoint = _report_endpoint(pub.endpoint) if pub.binds else pub.endpoint
+        replay = None if pub.replay_endpoint is None else _report_endpoint(pub.replay_endpoint)
+        src = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": endpoint,
+            "replay_endpoint": replay,
+            "buffer_steps": cfg.buffer_steps,
+            "hwm": cfg.hwm,
+            "max_queue_size": 100_000,
+            "topic": cfg.topic,
+            "data_parallel_rank": 0,
+        }
+        return web.json_response({"0": src})
+
+    async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
+        if not self.model.reset_prefix_cache():
+            return error_response(500, "Failed to reset prefix cache: blocks in use", "InternalServerError")
+        self._wake.set()
+        return web.Response(status=200)
+
+    async def _get_faults(self, request: web.Request) -> web.Response:
+        body = {"config": msgspec.to_builtins(self.faults.config), "injected": self.faults.injected}
+        return web.json_response(body)
+
+    async def _post_faults(self, request: web.Request) -> web.Response:
+        try:
+            cfg = parse_faults(await request.read())
+        except ValueError as exc:
+            return error_response(400, str(exc), "BadRequestError")
+        await self.set_faults(cfg)
+        return web.json_response({"config": msgspec.to_builtins(self.faults.config)})
+
+    async def _read_json(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = _json_any.decode(await request.read())
+        except msgspec.DecodeError as exc:
+            raise HTTPError(400, f"Invalid JSON body: {exc}") from exc
+        if not isinstance(body, dict):
+            raise HTTPError(400, "Request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.config.model:
+            raise HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        return body
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._read_json(request)
+            if "messages" in body:
+                text = self.tokenizer.render_chat(
+                    _messages(body["messages"]), bool(body.get("add_generation_prompt", True))
+                )
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+            elif "prompt" in body and isinstance(body["prompt"], str):
+                ids = self.tokenizer.encode(body["prompt"], bool(body.get("add_special_tokens", True)))
+            else:
+                raise HTTPError(400, "Either 'prompt' (string) or 'messages' is required", param="prompt")
+        except HTTPError as exc:
+            return exc.response()
+        return web.json_response(
+            {"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": ids, "token_strs": None}
+        )
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._read_json(request)
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+                raise HTTPError(400, "'tokens' must be a list of integers", param="tokens")
+        except HTTPError as exc:
+            return exc.response()
+        return web.json_response({"prompt": self.tokenizer.decode(tokens)})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    def _prompts(self, body: Mapping[str, Any], chat: bool) -> list[list[int]]:
+        tok = self.tokenizer
+        if chat:
+            text = tok.render_chat(
+                _messages(body.get("messages")), bool(body.get("add_generation_prompt", True))
+            )
+            return [tok.encode(text, add_special_tokens=False)]
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return [tok.encode(prompt)]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                return [list(prompt)]
+            if all(isinstance(p, str) for p in prompt):
+                return [tok.encode(p) for p in prompt]
+            if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+                return [list(p) for p in prompt]
+        raise HTTPError(
+            400, "'prompt' must be a string, a list of token ids, or a batch of either", param="prompt"
+        )
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = await self._read_json(request)
+            prompts = self._prompts(body, chat)
+            params = self._params(body, chat, prompts)
+        except HTTPError as exc:
+            return exc.response()
+        if self.faults.should_fail():
+            return error_response(500, "Injected fault: internal server error", "InternalServerError")
+        await self.faults.stall()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        max_tokens, stream, include_usage = params
+        tracks: list[_Track] = []
+        fmt = _Formatter(self.config.model, chat, len(prompts), self.tokenizer)
+        try:
+            try:
+                for i, p in enumerate(prompts):
+                    tracks.append(self.submit(p, max_tokens, queue, i))
+            except HTTPError as exc:
+                return exc.response()
+            if stream:
+                return await self._stream(request, tracks, queue, fmt, include_usage)
+            return await self._unary(request, tracks, queue, fmt)
+        finally:
+            for tr in tracks:
+                self.abort(tr)  # no-op for finished requests; frees blocks of abandoned ones
+
+    def _params(
+        self, body: Mapping[str, Any], chat: bool, prompts: Sequence[list[int]]
+    ) -> tuple[int, bool, bool]:
+        mt = body.get("max_completion_tokens") if chat else None
+        if mt is None:
+            mt = body.get("max_tokens")
+        longest = max(len(p) for p in prompts)
+        if mt is None:
+            mt = (
+                16
+                if not chat
+                else min(self.config.default_chat_max_tokens, self.config.max_model_len - longest)
+            )
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+            raise HTTPError(400, f"max_tokens must be at least 1, got {mt}.", param="max_tokens")
+        if int(body.get("n", 1) or 1) != 1:
+            raise HTTPError(400, "The simulator supports only n=1.", param="n")
+        if any(len(p) == 0 for p in prompts):
+            raise HTTPError(400, "The prompt cannot be empty.", param="prompt")
+        if longest + mt > self.config.max_model_len:
+            raise HTTPError(
+                400,
+                f"This model's maximum context length is {self.config.max_model_len} tokens. However, you "
+                f"requested {longest + mt} tokens ({longest} in the messages, {mt} in the completion). "
+                "Please reduce the length of the messages or completion.",
+                param="input_tokens",
+            )
+        opts = body.get("stream_options") or {}
+        include_usage = bool(opts.get("include_usage", False)) if isinstance(opts, dict) else False
+        # ignore_eos is accepted and moot: the sim never samples EOS.
+        return mt, bool(body.get("stream", False)), include_usage
+
+    async def _unary(
+        self, request: web.Request, tracks: list[_Track], queue: asyncio.Queue[Any], fmt: _Formatter
+    ) -> web.StreamResponse:
+        pending = len(tracks)
+        while pending:
+            item = await queue.get()
+            if item is _CUT:
+                return _cut(request)
+            fmt.add(item)
+            if item.finish_reason is not None:
+                pending -= 1
+        if self.faults.die_after() is not None:
+            self.faults.count("die")
+            return _cut(request)
+        return web.Response(body=_json.encode(fmt.final(tracks)), content_type="application/json")
+
+    async def _stream(
+        self,
+        request: web.Request,
+        tracks: list[_Track],
+        queue: asyncio.Queue[Any],
+        fmt: _Formatter,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        die_after = self.faults.die_after()
+        sent = 0
+        pending = len(tracks)
+        started = False
+        while pending:
+            item = await queue.get()
+            if item is _CUT:
+                return _cut(request, resp if started else None)
+            if not started:
+                await resp.prepare(request)
+                started = True
+            for chunk in fmt.chunks(item, include_usage):
+                if die_after is not None and sent >= die_after:
+                    self.faults.count("die")
+                    return _cut(request, resp)
+                await resp.write(b"data: " + _json.encode(chunk) + b"\n\n")
+                sent += 1
+            if item.finish_reason is not None:
+                pending -= 1
+        if include_usage:
+            await resp.write(b"data: " + _json.encode(fmt.usage_chunk(tracks)) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _cut(request: web.Request, resp: web.StreamResponse | None = None) -> web.StreamResponse:
+    """End the exchange without a clean end: abort the TCP connection (RST, no terminator)."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    # aiohttp must not try to send anything more; the connection is gone either way.
+    raise asyncio.CancelledError
+
+
+def _report_endpoint(ep: str) -> str:
+    if ep.startswith("tcp://"):
+        return "tcp://*:" + ep.rsplit(":", 1)[1]
+    return ep
+
+
+def _messages(raw: Any) -> list[Mapping[str, Any]]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
+        raise HTTPError(400, "'messages' must be a non-empty list of message objects", param="messages")
+    for m in raw:
+        if not isinstance(m.get("role"), str):
+            raise HTTPError(400, "every message needs a string 'role'", param="messages")
+        content_text(m.get("content"))
+    return raw
+
+
+class _Formatter:
+    """OpenAI response/chunk shapes of vLLM 0.32 for one HTTP request (all its prompts)."""
+
+    def __init__(self, model: str, chat: bool, n_prompts: int, tokenizer: Tokenizer) -> None:
+        self.model = model
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.tok = tokenizer
+        self.ids: list[list[int]] = [[] for _ in range(n_prompts)]
+        self.reasons: list[str | None] = [None] * n_prompts
+        self.role_sent = [False] * n_prompts
+
+    def add(self, d: _Delta) -> None:
+        self.ids[d.index].extend(d.token_ids)
+        if d.finish_reason is not None:
+            self.reasons[d.index] = d.finish_reason
+
+    def _base(self) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunks(self, d: _Delta, include_usage: bool) -> list[dict[str, Any]]:
+        self.add(d)
+        text = self.tok.decode(d.token_ids)
+        out: list[dict[str, Any]] = []
+        if self.chat:
+            if not self.role_sent[d.index]:
+                self.role_sent[d.index] = True
+                first = self._base()
+                first["choices"] = [
+                    {"index": d.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+                ]  # fmt: skip
+                out.append(first)
+            choice: dict[str, Any] = {
+                "index": d.index,
+                "delta": {"content": text},
+                "logprobs": None,
+                "finish_reason": d.finish_reason,
+            }
+        else:
+            choice = {"index": d.index, "text": text, "logprobs": None, "finish_reason": d.finish_reason}
+        if d.finish_reason is not None:
+            choice["stop_reason"] = None
+        c = self._base()
+        c["choices"] = [choice]
+        out.append(c)
+        if include_usage:
+            for chunk in out:
+                chunk["usage"] = None
+        return out
+
+    def usage(self, tracks: Sequence[_Track]) -> dict[str, Any]:
+        prompt = sum(t.prompt_len for t in tracks)
+        completion = sum(len(x) for x in self.ids)
+        return {
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + completion,
+            "completion_tokens": completion,
+            "prompt_tokens_details": {"cached_tokens": sum(t.cached_tokens for t in tracks)},
+        }
+
+    def usage_chunk(self, tracks: Sequence[_Track]) -> dict[str, Any]:
+        c = self._base()
+        c["choices"] = []
+        c["usage"] = self.usage(tracks)
+        return c
+
+    def final(self, tracks: Sequence[_Track]) -> dict[str, Any]:
+        choices: list[dict[str, Any]] = []
+        for i, ids in enumerate(self.ids):
+            text = self.tok.decode(ids)
+            if self.chat:
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {
+                            "role": "assistant",
+                            "content": text,
+                            "reasoning_content": None,
+                            "tool_calls": [],
+                        },
+                        "logprobs": None,
+                        "finish_reason": self.reasons[i],
+                        "stop_reason": None,
+                    }
+                )
+            else:
+                choices.append(
+                    {
+                        "index": i,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": self.reasons[i],
+                        "stop_reason": None,
+                        "prompt_logprobs": None,
+                    }
+                )
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(tracks),
+            "system_fingerprint": None,
+            "service_tier": None,
+            "kv_transfer_params": None,
+        }
