@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from .discovery import DiscoveryConfig
+
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 Pos = Annotated[float, msgspec.Meta(gt=0)]
 PosInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -106,7 +108,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     admission: AdmissionConfig = msgspec.field(default_factory=AdmissionConfig)
     kv_events: KVEventsSettings = msgspec.field(default_factory=KVEventsSettings)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
-    discovery: dict[str, Any] = msgspec.field(default_factory=dict)  # discovery.DiscoveryConfig
+    discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("routing.index_capacity", "index-capacity", "indexed blocks per replica", "int"),
     Option("routing.load_factor", "load-factor", "bounded-load guard: max load vs mean", "float"),
     Option("routing.seed", "seed", "tie-break RNG seed", "int"),
+    Option("discovery.sources", "discovery", "static | dns | k8s (repeatable; default: whatever is set)", "list"),
+    Option("discovery.dns_name", "dns-name", "headless Service name to re-resolve"),
+    Option("discovery.dns_port", "dns-port", "HTTP port of replicas found by DNS", "int"),
+    Option("discovery.dns_srv", "dns-srv", "use SRV records for ports", "bool"),
+    Option("discovery.dns_interval_s", "dns-interval", "DNS re-resolution interval (s)", "float"),
+    Option("discovery.k8s_namespace", "k8s-namespace", "namespace to watch (default: the pod's own)"),
+    Option("discovery.k8s_service_name", "k8s-service", "Service whose EndpointSlices to watch"),
+    Option("discovery.k8s_label_selector", "k8s-label-selector", "label selector for EndpointSlices or pods"),
+    Option("discovery.k8s_port_name", "k8s-port-name", "named port of the engine HTTP API"),
+    Option("discovery.k8s_events_port_name", "k8s-events-port-name", "named port of the KV-event publisher"),
+    Option("discovery.k8s_resource", "k8s-resource", "endpointslices | pods"),
 )
 
 _BY_FLAG = {o.flag: o for o in OPTIONS}
@@ -266,6 +279,12 @@ def validate(cfg: Config) -> None:
     for name, weight in cfg.routing.weights.items():
         if weight < 0:
             raise ConfigError(f"routing.weights.{name}", weight, "weights must be >= 0")
+    try:
+        cfg.discovery.validate()
+    except ValueError as exc:
+        field, _, reason = str(exc).partition(": ")
+        name, _, value = field.partition("=")
+        raise ConfigError(f"discovery.{name}", value, reason) from None
     if cfg.server.workers > 1 and cfg.server.port == 0:
         raise ConfigError("server.workers", cfg.server.workers, "several workers need a fixed port")
 

@@ -1,0 +1,262 @@
+"""Replica manager: everything the router learns about a replica over the network.
+
+Per replica, one task runs three clocks:
+
+* **probe** ``GET /health`` every ``probe_interval_s``: ``eject_after_failures`` consecutive
+  failures (probes or proxied requests, see ``record_failure``) eject it from routing; passing
+  probes re-admit it. New replicas start ejected and join on their first passing probe, so
+  readiness means "at least one replica answered".
+* **scrape** ``GET /metrics`` every ``metrics_interval_s``: engine running/waiting/KV usage,
+  prefix-cache counters (parity fallback), ``vllm:cache_config_info`` (block size and KV
+  capacity: the router adopts the engines' block size and bounds each replica's index to its
+  ``num_gpu_blocks``).
+* **models** ``GET /v1/models`` at start, on re-admission and every ``models_interval_s``.
+
+KV events: once a replica answers, its event source is taken from configuration, else (mode
+``auto``/``on``) from its ``GET /kv_event_sources``, and handed to the KVEventManager.
+
+All state changes happen synchronously in the registry; tasks only await I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from .config import Config
+from .engine_metrics import EngineMetrics, parse_engine_metrics
+from .kv_events import KVEventManager, resolve_event_source
+from .metrics import RouterMetrics
+from .replicas import Replica, ReplicaRegistry
+from .routing import Router
+from .types import ReplicaId
+
+log = logging.getLogger("kvrouter.health")
+
+
+class ReplicaManager:
+    def __init__(
+        self,
+        cfg: Config,
+        registry: ReplicaRegistry,
+        router: Router,
+        session: aiohttp.ClientSession,
+        metrics: RouterMetrics,
+        kv_events: KVEventManager | None,
+        on_engine_metrics: Callable[[Replica, EngineMetrics], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.router = router
+        self.session = session
+        self.metrics = metrics
+        self.kv_events = kv_events
+        self.on_engine_metrics = on_engine_metrics
+        self._tasks: dict[ReplicaId, list[asyncio.Task[None]]] = {}
+        self._model_cards: dict[ReplicaId, list[dict[str, Any]]] = {}
+        self._explicit_events = _explicit_event_endpoints(cfg.kv_events.endpoints)
+        self._block_size_locked = False
+        registry.on_change(self._on_registry_change)
+
+    # ---- registry wiring ------------------------------------------------------------------
+
+    def _on_registry_change(self, event: str, rep: Replica) -> None:
+        if event == "added":
+            rep.healthy = False  # joins on its first passing probe
+            self._start(rep)
+        elif event == "removed":
+            self._stop(rep.id)
+
+    def _start(self, rep: Replica) -> None:
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._probe_loop(rep), name=f"probe:{rep.id}")]
+        if self.cfg.health.scrape_metrics:
+            tasks.append(loop.create_task(self._scrape_loop(rep), name=f"scrape:{rep.id}"))
+        self._tasks[rep.id] = tasks
+
+    def _stop(self, rid: ReplicaId) -> None:
+        for t in self._tasks.pop(rid, []):
+            t.cancel()
+        self._model_cards.pop(rid, None)
+        if self.kv_events is not None:
+            self.kv_events.remove(rid)
+
+    async def close(self) -> None:
+        tasks = [t for ts in self._tasks.values() for t in ts]
+        for rid in list(self._tasks):
+            self._stop(rid)
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    # ---- passive health (called by the proxy) --------------------------------------------
+
+    def record_failure(self, rep: Replica, reason: str) -> None:
+        rep.consecutive_successes = 0
+        rep.consecutive_failures += 1
+        if rep.healthy and rep.consecutive_failures >= self.cfg.health.eject_after_failures:
+            log.warning("ejecting %s after %d consecutive failures (%s)", rep.id, rep.consecutive_failures, reason)
+            self.registry.set_healthy(rep, False)
+            self.metrics.ejections.labels(rep.id).inc()
+
+    def record_success(self, rep: Replica) -> None:
+        rep.consecutive_failures = 0
+
+    # ---- active loops ---------------------------------------------------------------------
+
+    async def _get(self, rep: Replica, path: str, timeout: float) -> tuple[int, bytes]:
+        headers = {}
+        if self.cfg.upstream.api_key:
+            headers["Authorization"] = f"Bearer {self.cfg.upstream.api_key}"
+        async with self.session.get(
+            rep.url + path, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            return resp.status, await resp.read()
+
+    async def probe(self, rep: Replica) -> bool:
+        try:
+            status, _ = await self._get(rep, "/health", self.cfg.health.probe_timeout_s)
+            ok = status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            ok = False
+        if ok:
+            rep.consecutive_successes += 1
+            if not rep.healthy and rep.consecutive_successes >= self.cfg.health.readmit_after_successes:
+                await self._on_admit(rep)
+                rep.consecutive_failures = 0
+                self.registry.set_healthy(rep, True)
+                log.info("replica %s admitted", rep.id)
+        else:
+            self.record_failure(rep, "probe")
+        return ok
+
+    async def _probe_loop(self, rep: Replica) -> None:
+        interval = self.cfg.health.probe_interval_s
+        models_every = max(1, int(self.cfg.health.models_interval_s / interval))
+        n = 0
+        while True:
+            await self.probe(rep)
+            n += 1
+            if rep.healthy and n % models_every == 0:
+                await self._refresh_models(rep)
+            await asyncio.sleep(interval)
+
+    async def _on_admit(self, rep: Replica) -> None:
+        await self._refresh_models(rep)
+        if self.kv_events is not None and self.cfg.kv_events.mode != "off":
+            await self._subscribe_events(rep)
+
+    async def _refresh_models(self, rep: Replica) -> None:
+        if rep.spec.models:
+            return  # pinned by discovery/config
+        try:
+            status, body = await self._get(rep, "/v1/models", self.cfg.health.probe_timeout_s * 2)
+            if status != 200:
+                return
+            data = msgspec.json.decode(body)
+            cards = [c for c in data.get("data", []) if isinstance(c, dict) and isinstance(c.get("id"), str)]
+        except (aiohttp.ClientError, TimeoutError, OSError, msgspec.DecodeError, AttributeError):
+            return
+        self._model_cards[rep.id] = cards
+        self.registry.set_models(rep, [c["id"] for c in cards])
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """Union of the replicas' /v1/models entries, first card per id wins."""
+        seen: dict[str, dict[str, Any]] = {}
+        for rep in self.registry:
+            for card in self._model_cards.get(rep.id, []):
+                seen.setdefault(card["id"], card)
+            for m in rep.models:
+                seen.setdefault(m, {"id": m, "object": "model", "owned_by": "kvrouter"})
+        return list(seen.values())
+
+    async def _subscribe_events(self, rep: Replica) -> None:
+        assert self.kv_events is not None
+        model = next(iter(sorted(rep.models)), "")
+        sources: list[tuple[str, str | None, str, bool]] = []
+        explicit = self._explicit_events.get(rep.url) or rep.spec.kv_events
+        if explicit:
+            sources.append((explicit, rep.spec.kv_replay, self.cfg.kv_events.topic, rep.spec.kv_events_bind))
+        else:
+            try:
+                status, body = await self._get(rep, "/kv_event_sources", self.cfg.health.probe_timeout_s * 2)
+                if status == 200:
+                    for src in resolve_event_source(rep.url, body):
+                        sources.append((src.endpoint, src.replay_endpoint, src.topic, src.bind))
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                log.info("replica %s: no KV event source (%s); routing on speculation", rep.id, exc)
+        if not sources:
+            if self.cfg.kv_events.mode == "on":
+                log.warning("replica %s: KV events required (--kv-events on) but none found", rep.id)
+            return
+        # One stream per replica: DP ranks beyond the first would need one index slot each.
+        endpoint, replay, topic, bind = sources[0]
+        self.kv_events.add(
+            rep.id, endpoint, replay, topic=topic, bind=bind, model=model, block_size=self.router.block_size
+        )
+        rep.has_kv_events = True
+        log.info("replica %s: following KV events on %s", rep.id, endpoint)
+
+    async def _scrape_loop(self, rep: Replica) -> None:
+        interval = self.cfg.health.metrics_interval_s
+        timeout = max(interval * 4, self.cfg.health.probe_timeout_s)
+        while True:
+            if rep.healthy:
+                try:
+                    status, body = await self._get(rep, "/metrics", timeout)
+                    if status == 200:
+                        self.apply_engine_metrics(rep, parse_engine_metrics(body.decode("utf-8", "replace")))
+                    else:
+                        rep.metrics_ok = False
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    rep.metrics_ok = False
+            await asyncio.sleep(interval)
+
+    def apply_engine_metrics(self, rep: Replica, m: EngineMetrics) -> None:
+        rep.engine_running = m.running
+        rep.engine_waiting = m.waiting
+        rep.kv_usage = m.kv_usage
+        rep.metrics_ok = True
+        if m.block_size and m.block_size != rep.block_size:
+            rep.block_size = m.block_size
+            self._adopt_block_size(m.block_size, rep)
+        if m.num_gpu_blocks and m.num_gpu_blocks != rep.num_gpu_blocks:
+            rep.num_gpu_blocks = m.num_gpu_blocks
+            self.registry.index.set_capacity(rep.id, min(m.num_gpu_blocks, self.cfg.routing.index_capacity))
+        if self.on_engine_metrics is not None:
+            self.on_engine_metrics(rep, m)
+        if m.prefix_hits is not None:
+            rep.prefix_hits_total = m.prefix_hits
+        if m.prefix_queries is not None:
+            rep.prefix_queries_total = m.prefix_queries
+
+    def _adopt_block_size(self, size: int, rep: Replica) -> None:
+        """Token-mode keys must use the engines' block size or they never match KV events."""
+        if size == self.router.block_size:
+            self._block_size_locked = True
+            return
+        if self._block_size_locked:
+            log.warning(
+                "replica %s reports block_size=%d but the fleet uses %d; its prefix matches will be 0",
+                rep.id,
+                size,
+                self.router.block_size,
+            )
+            return
+        log.info("adopting engine block_size=%d (was %d)", size, self.router.block_size)
+        self.router.block_size = size
+        self._block_size_locked = True
+
+
+def _explicit_event_endpoints(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        url, _, endpoint = pair.partition("=")
+        out[url.rstrip("/")] = endpoint
+    return out

@@ -1,0 +1,138 @@
+"""Parity check: did the engines reuse what the router predicted they would?
+
+Every peer router's users report the same silent failure: the router's prompt keys never equal
+the engine's (different tokenizer, chat template, block size, hash seed), overlap is always zero,
+and "cache-aware" routing quietly degrades to load balancing with dashboards green. We compare,
+per replica and over a sliding window:
+
+* **predicted**: tokens the router expected the engine to reuse (matched GPU blocks at dispatch);
+* **actual**: ``usage.prompt_tokens_details.cached_tokens`` when the engine returns it (vLLM
+  needs ``--enable-prompt-tokens-details``), else the replica's ``vllm:prefix_cache_hits_total``
+  deltas between scrapes.
+
+Both are exported as counters, their window ratio as ``kvrouter_prefix_parity_ratio``, and a
+warning is logged (at most once a minute per replica) when predictions are substantial while
+actual reuse stays near zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+
+from .engine_metrics import EngineMetrics
+from .metrics import RouterMetrics
+from .replicas import Replica
+from .routing import Ticket
+from .types import RequestInfo
+
+log = logging.getLogger("kvrouter.parity")
+
+WINDOW_S = 60.0
+MIN_PREDICTED = 4096  # tokens predicted in a window before we judge
+ALARM_RATIO = 0.1  # actual < 10% of predicted -> warn
+
+
+@dataclass(slots=True)
+class _Window:
+    started: float
+    predicted: float = 0.0
+    actual: float = 0.0
+    last_ratio: float | None = None
+    last_warning: float = 0.0
+    usage_seen: bool = False  # engine returns cached_tokens: prefer it over metrics deltas
+    last_hits: float | None = None
+
+
+class ParityTracker:
+    def __init__(self, metrics: RouterMetrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        self._w: dict[str, _Window] = {}
+
+    def _window(self, rid: str) -> _Window:
+        w = self._w.get(rid)
+        now = self.clock()
+        if w is None:
+            w = self._w[rid] = _Window(started=now)
+        elif now - w.started >= WINDOW_S:
+            self._judge(rid, w, now)
+            w.started = now
+            w.predicted = 0.0
+            w.actual = 0.0
+        return w
+
+    # RoutingObserver
+    def on_decision(self, replica: Replica, seconds: float, req: RequestInfo) -> None:
+        self.metrics.decision_seconds.observe(seconds)
+
+    def on_finish(self, ticket: Ticket, ok: bool, cached_tokens: int | None) -> None:
+        rid = ticket.replica.id
+        w = self._window(rid)
+        if ok:
+            self.metrics.prompt_tokens.labels(rid).inc(ticket.prompt_tokens)
+            if ticket.predicted_cached_tokens:
+                self.metrics.predicted_cached.labels(rid).inc(ticket.predicted_cached_tokens)
+            w.predicted += ticket.predicted_cached_tokens
+        if cached_tokens is not None:
+            w.usage_seen = True
+            w.actual += cached_tokens
+            if cached_tokens:
+                self.metrics.actual_cached.labels(rid, "usage").inc(cached_tokens)
+
+    def on_engine_metrics(self, rep: Replica, m: EngineMetrics) -> None:
+        if m.prefix_hits is None:
+            return
+        w = self._window(rep.id)
+        if w.last_hits is not None and m.prefix_hits >= w.last_hits:
+            delta = m.prefix_hits - w.last_hits
+            if delta:
+                self.metrics.actual_cached.labels(rep.id, "engine_metrics").inc(delta)
+            if not w.usage_seen:
+                w.actual += delta
+        w.last_hits = m.prefix_hits  # a counter reset (restart) just restarts the deltas
+
+    def forget(self, rid: str) -> None:
+        self._w.pop(rid, None)
+
+    def _judge(self, rid: str, w: _Window, now: float) -> None:
+        if w.predicted < MIN_PREDICTED:
+            return
+        w.last_ratio = w.actual / w.predicted
+        if w.last_ratio < ALARM_RATIO and now - w.last_warning >= WINDOW_S:
+            w.last_warning = now
+            log.warning(
+                "replica %s: router predicted %d cached prompt tokens in the last %.0fs but the engine "
+                "reused %d (%.1f%%). Prefix keys probably do not match the engine's: check --tokenizer "
+                "(chat template), block size (vllm:cache_config_info) and that KV events arrive.",
+                rid,
+                w.predicted,
+                WINDOW_S,
+                w.actual,
+                100 * w.last_ratio,
+            )
+
+    def ratio(self, rid: str) -> float | None:
+        w = self._w.get(rid)
+        if w is None:
+            return None
+        if w.predicted >= MIN_PREDICTED:
+            return w.actual / w.predicted
+        return w.last_ratio
+
+    def collect(self) -> Iterator[Any]:
+        g = GaugeMetricFamily(
+            "kvrouter_prefix_parity_ratio",
+            "Actual / predicted cached prompt tokens over the current (or last full) window",
+            labels=["replica"],
+        )
+        for rid in self._w:
+            r = self.ratio(rid)
+            if r is not None:
+                g.add_metric([rid], r)
+        yield g

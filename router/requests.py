@@ -1,0 +1,121 @@
+"""Typed views of OpenAI request bodies: decode only what routing needs, keep the original bytes.
+
+msgspec validates types in C while decoding; anything else in the body is ignored here and
+forwarded untouched. Errors become 400s naming the offending field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from .errors import BadRequest
+
+
+class CompletionView(msgspec.Struct):
+    model: str
+    prompt: str | list[Any]
+    stream: bool = False
+    max_tokens: int | None = None
+    cache_salt: str | None = None
+    user: str | None = None
+
+
+class ChatView(msgspec.Struct):
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool = False
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    cache_salt: str | None = None
+    user: str | None = None
+
+
+class ModelOnlyView(msgspec.Struct):
+    model: str | None = None
+
+
+_completion = msgspec.json.Decoder(CompletionView)
+_chat = msgspec.json.Decoder(ChatView)
+_model_only = msgspec.json.Decoder(ModelOnlyView)
+
+
+def _bad(exc: msgspec.DecodeError) -> BadRequest:
+    msg = str(exc)
+    param = None
+    if " - at `$." in msg:
+        msg, _, where = msg.partition(" - at `$.")
+        param = where.rstrip("`").split("[")[0].split(".")[0]
+    elif "missing required field `" in msg:
+        param = msg.split("`")[1]
+    if isinstance(exc, msgspec.ValidationError):
+        return BadRequest(f"Invalid request body: {msg}", param=param)
+    return BadRequest(f"Request body is not valid JSON: {msg}")
+
+
+def parse_completion(body: bytes) -> CompletionView:
+    try:
+        view = _completion.decode(body)
+    except msgspec.DecodeError as exc:
+        raise _bad(exc) from None
+    p = view.prompt
+    if isinstance(p, str):
+        return view
+    if not p:
+        raise BadRequest("`prompt` must not be empty", param="prompt")
+    first = p[0]
+    # list[int] (one tokenized prompt), list[str] (batch of texts), list[list[int]] (batch)
+    if isinstance(first, bool) or not isinstance(first, (int, str, list)):
+        raise BadRequest("`prompt` must be a string, a list of strings, or token ids", param="prompt")
+    kind = type(first)
+    for item in p:
+        if type(item) is not kind:
+            raise BadRequest("`prompt` list items must all have the same type", param="prompt")
+        if isinstance(item, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            raise BadRequest("token id prompts must be lists of integers", param="prompt")
+    if kind is int and any(t < 0 for t in p):
+        raise BadRequest("token ids must be non-negative", param="prompt")
+    return view
+
+
+def parse_chat(body: bytes) -> ChatView:
+    try:
+        view = _chat.decode(body)
+    except msgspec.DecodeError as exc:
+        raise _bad(exc) from None
+    if not view.messages:
+        raise BadRequest("`messages` must not be empty", param="messages")
+    for i, m in enumerate(view.messages):
+        if not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{i}].role must be a string", param="messages")
+    return view
+
+
+def parse_model(body: bytes) -> str | None:
+    """For passthrough endpoints: the `model` field if the body is a JSON object carrying one."""
+    if not body:
+        return None
+    try:
+        return _model_only.decode(body).model
+    except msgspec.DecodeError:
+        return None
+
+
+def routing_prompt(view: CompletionView) -> tuple[list[int] | None, str | None]:
+    """(token_ids, text) of the prompt that decides routing: a batch goes to one replica, keyed
+    on its first prompt (the prefix a batch most likely shares)."""
+    p = view.prompt
+    if isinstance(p, str):
+        return None, p
+    first = p[0]
+    if isinstance(first, int):
+        return p, None
+    if isinstance(first, list):
+        return first, None
+    return None, str(first)
+
+
+def messages_of(view: ChatView) -> list[Mapping[str, Any]]:
+    return view.messages  # type: ignore[return-value]

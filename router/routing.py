@@ -1,0 +1,236 @@
+"""Router: prompt keys -> index match -> policy -> dispatch accounting. No I/O.
+
+The proxy (live) and the offline simulator (virtual time) both drive this one object, so what the
+replay measures is what production runs. Lifecycle of one request::
+
+    req = router.request_info(model, token_ids=... | text=... | messages=...)
+    replica = router.select(req)                 # sync; raises NoReplicaAvailable
+    ticket = router.dispatch(req, replica)       # in-flight += 1, speculative index insert
+    router.first_token(ticket, ttft_s)           # prefill done: pending prefill released
+    router.finish(ticket, ok, cached_tokens)     # in-flight -= 1, parity bookkeeping
+
+Load is counted at dispatch, before any byte is sent, so concurrent arrivals see each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
+from .hashing import hash_byte_blocks, hash_token_blocks, model_seed, render_messages
+from .index import PrefixIndex
+from .replicas import Replica, ReplicaRegistry
+from .scoring.pipeline import Explanation
+from .scoring.policies import Policy
+from .scoring.prefix import PrefixCacheScorer
+from .types import BlockHash, KeyMode, ReplicaId, RequestInfo
+
+log = logging.getLogger("kvrouter.routing")
+
+
+class Tokenizer(Protocol):
+    def encode_prompt(self, text: str) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
+
+
+class RoutingObserver(Protocol):
+    def on_decision(self, replica: Replica, seconds: float, req: RequestInfo) -> None: ...
+    def on_finish(self, ticket: Ticket, ok: bool, cached_tokens: int | None) -> None: ...
+
+
+@dataclass(slots=True)
+class Ticket:
+    replica: Replica
+    prompt_tokens: int
+    predicted_cached_tokens: int
+    pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
+    dispatched_at: float
+    first_token_at: float | None = None
+    done: bool = False
+
+
+class Router:
+    def __init__(
+        self,
+        index: PrefixIndex,
+        registry: ReplicaRegistry,
+        policy: Policy,
+        *,
+        block_size: int = 16,
+        bytes_per_token: int = 4,
+        max_blocks: int = 8192,
+        speculative_ttl_s: float = 30.0,
+        approximate_ttl_s: float = 300.0,
+        tokenizer: Tokenizer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        observer: RoutingObserver | None = None,
+    ) -> None:
+        self.index = index
+        self.registry = registry
+        self.policy = policy
+        self.block_size = block_size
+        self.bytes_per_token = bytes_per_token
+        self.max_blocks = max_blocks
+        self.speculative_ttl_s = speculative_ttl_s
+        self.approximate_ttl_s = approximate_ttl_s
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.observer = observer
+        self._prefix_scorers = _find_prefix_scorers(policy)
+        # Whether a replica's index view is stale (missed KV events); the server points this at
+        # the KV-event manager. Uncertain replicas get discounted cache credit.
+        self.is_uncertain: Callable[[ReplicaId], bool] = index.is_uncertain
+        self.max_in_flight_per_replica = 0  # admission cap per replica; 0 = none
+
+    # ---- request keys ---------------------------------------------------------------------
+
+    def request_info(
+        self,
+        model: str,
+        *,
+        token_ids: Sequence[int] | None = None,
+        text: str | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        cache_salt: str | None = None,
+        max_tokens: int = 0,
+        stream: bool = False,
+        block_hashes: Sequence[BlockHash] | None = None,
+        prompt_tokens: int | None = None,
+    ) -> RequestInfo:
+        """Build the routing view of a request. Exactly one prompt form is used, first match:
+        precomputed ``block_hashes`` (simulator), ``token_ids``, ``text`` / ``messages`` through
+        the tokenizer when configured, else the canonical bytes of ``text`` / ``messages``."""
+        bs = self.block_size
+        req = RequestInfo(model=model, prompt_tokens=0, block_size=bs, max_tokens=max_tokens, stream=stream)
+        if not self.policy.needs_match and block_hashes is None:
+            # Simple policies never look at blocks: skip hashing entirely.
+            req.prompt_tokens = prompt_tokens or _estimate_tokens(token_ids, text, messages, self.bytes_per_token)
+            return req
+        seed = model_seed(model, cache_salt)
+        if block_hashes is not None:
+            req.block_hashes = list(block_hashes)
+            req.prompt_tokens = prompt_tokens if prompt_tokens is not None else len(block_hashes) * bs
+            req.key_mode = KeyMode.TOKENS
+            return req
+        if token_ids is None and self.tokenizer is not None:
+            if messages is not None:
+                token_ids = self.tokenizer.encode_chat(messages)
+            elif text is not None:
+                token_ids = self.tokenizer.encode_prompt(text)
+        if token_ids is not None:
+            req.block_hashes = hash_token_blocks(token_ids, bs, seed, self.max_blocks)
+            req.prompt_tokens = len(token_ids)
+            req.key_mode = KeyMode.TOKENS
+            return req
+        data = (text if text is not None else render_messages(messages or ())).encode()
+        req.block_hashes = hash_byte_blocks(data, bs * self.bytes_per_token, seed, self.max_blocks)
+        req.prompt_tokens = max(1, len(data) // self.bytes_per_token)
+        req.key_mode = KeyMode.BYTES
+        return req
+
+    # ---- selection ------------------------------------------------------------------------
+
+    def candidates(self, model: str | None, exclude: Sequence[ReplicaId] = ()) -> list[Replica]:
+        cands = self.registry.candidates(model)
+        if not cands:
+            if model is not None and self.registry.known_models() and not self.registry.serves(model):
+                raise ModelNotFound(model)
+            raise NoReplicaAvailable(model)
+        if exclude:
+            cands = [r for r in cands if r.id not in exclude]
+            if not cands:
+                raise NoReplicaAvailable(model)
+        cap = self.max_in_flight_per_replica
+        if cap:
+            cands = [r for r in cands if r.in_flight < cap]
+            if not cands:
+                raise Overloaded("Every replica is at its concurrency limit.", retry_after=1)
+        return cands
+
+    def select(
+        self, req: RequestInfo, exclude: Sequence[ReplicaId] = (), explain: Explanation | None = None
+    ) -> Replica:
+        t0 = time.perf_counter()
+        cands = self.candidates(req.model, exclude)
+        if req.block_hashes and self.policy.needs_match:
+            req.gpu_blocks, req.cpu_blocks = self.index.match(req.block_hashes)
+            if self._prefix_scorers:
+                uncertain = frozenset(r.slot for r in cands if self.is_uncertain(r.id))
+                for s in self._prefix_scorers:
+                    s.uncertain = uncertain
+        replica = self.policy.select(req, cands, explain)
+        if self.observer is not None:
+            self.observer.on_decision(replica, time.perf_counter() - t0, req)
+        return replica
+
+    # ---- accounting -----------------------------------------------------------------------
+
+    def predicted_cached_tokens(self, req: RequestInfo, replica: Replica) -> int:
+        """Tokens the engine should reuse: full GPU blocks matched, never the last prompt token
+        (vLLM recomputes at least one token, so a fully cached prompt hits n-1 rounded down)."""
+        s = replica.slot
+        blocks = req.gpu_blocks[s] if s < len(req.gpu_blocks) else 0
+        if blocks == 0 or req.key_mode is not KeyMode.TOKENS:
+            return 0
+        cap = ((req.prompt_tokens - 1) // req.block_size) * req.block_size
+        return max(0, min(blocks * req.block_size, cap))
+
+    def dispatch(self, req: RequestInfo, replica: Replica) -> Ticket:
+        predicted = self.predicted_cached_tokens(req, replica)
+        if req.key_mode is KeyMode.BYTES:
+            s = replica.slot
+            matched = req.gpu_blocks[s] if s < len(req.gpu_blocks) else 0
+            predicted_effective = min(req.prompt_tokens, matched * req.block_size)
+        else:
+            predicted_effective = predicted
+        pending = max(0, req.prompt_tokens - predicted_effective)
+        replica.in_flight += 1
+        replica.pending_prefill_tokens += pending
+        if req.block_hashes and self.policy.needs_match:
+            ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
+            self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
+        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock())
+
+    def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
+        if ticket.first_token_at is not None or ticket.done:
+            return
+        now = self.clock()
+        ticket.first_token_at = now
+        rep = ticket.replica
+        rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
+        rep.observe_ttft(now - ticket.dispatched_at if ttft_s is None else ttft_s, ticket.pending_tokens)
+
+    def finish(self, ticket: Ticket, ok: bool = True, cached_tokens: int | None = None) -> None:
+        if ticket.done:
+            return
+        ticket.done = True
+        rep = ticket.replica
+        if ticket.first_token_at is None:
+            rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
+        rep.in_flight = max(0, rep.in_flight - 1)
+        if self.observer is not None:
+            self.observer.on_finish(ticket, ok, cached_tokens)
+
+
+def _estimate_tokens(
+    token_ids: Sequence[int] | None,
+    text: str | None,
+    messages: Sequence[Mapping[str, Any]] | None,
+    bytes_per_token: int,
+) -> int:
+    if token_ids is not None:
+        return len(token_ids)
+    if text is not None:
+        return max(1, len(text) // bytes_per_token)
+    if messages is not None:
+        return max(1, len(render_messages(messages)) // bytes_per_token)
+    return 0
+
+
+def _find_prefix_scorers(policy: Policy) -> list[PrefixCacheScorer]:
+    scorers = getattr(policy, "scorers", ())
+    return [s for s, _w in scorers if isinstance(s, PrefixCacheScorer)]

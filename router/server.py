@@ -1,0 +1,526 @@
+"""The router process: app factory, handlers, lifecycle, graceful drain.
+
+Endpoints: ``POST /v1/completions`` and ``/v1/chat/completions`` (routed), ``GET /v1/models``
+(union of the replicas'), ``GET /health`` (liveness: the event loop answers), ``GET /ready``
+(readiness: at least one routable replica and not draining), ``GET /metrics`` (Prometheus), the
+debug endpoints when enabled, and a passthrough of other OpenAI / vLLM API paths to a healthy
+replica (never an arbitrary URL: the router only talks to replicas it discovered).
+
+Lifecycle (``cleanup_ctx``): one ClientSession with keep-alive pools, the KV-event manager, the
+replica manager (probes, scrapes), discovery tasks. SIGTERM: readiness turns false at once; new
+requests are still served for ``drain_grace_s`` (load balancers need that long to notice), then
+refused with 503 and the listener closed; in-flight requests get up to ``drain_timeout_s``; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from .admission import Admission
+from .config import Config
+from .discovery import DiscoverySource, build_sources
+from .errors import (
+    BadRequest,
+    Draining,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RouterError,
+    Unauthorized,
+    error_body,
+)
+from .health import ReplicaManager
+from .index import PrefixIndex
+from .kv_events import KVEventManager
+from .metrics import RouterMetrics
+from .parity import ParityTracker
+from .proxy import Forwarder, ForwardHooks
+from .replicas import ReplicaRegistry
+from .requests import messages_of, parse_chat, parse_completion, parse_model, routing_prompt
+from .routing import Router, Tokenizer
+from .scoring.pipeline import Explanation
+from .scoring.policies import build_policy
+from .types import KeyMode, ReplicaSpec, RequestInfo
+
+log = logging.getLogger("kvrouter.server")
+
+# Paths forwarded as-is to a healthy replica (vLLM's OpenAI server surface minus admin/dev).
+PASSTHROUGH_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/classify", "/version")
+_PUBLIC = frozenset(("/health", "/ready", "/metrics"))
+_json = msgspec.json.Encoder()
+
+
+@dataclass(slots=True)
+class AppState:
+    cfg: Config
+    metrics: RouterMetrics
+    index: PrefixIndex
+    registry: ReplicaRegistry
+    router: Router
+    parity: ParityTracker
+    admission: Admission
+    session: aiohttp.ClientSession | None = None
+    kv_events: KVEventManager | None = None
+    manager: ReplicaManager | None = None
+    forwarder: Forwarder | None = None
+    draining: bool = False  # readiness false; still serving during the grace window
+    refusing: bool = False  # past the grace window: new requests get 503
+    active: int = 0  # requests being handled (drain waits for 0)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    sources: Sequence[DiscoverySource] | None = None
+
+
+STATE: web.AppKey[AppState] = web.AppKey("kvrouter_state", AppState)
+
+
+def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
+    metrics = RouterMetrics()
+    index = PrefixIndex(cfg.routing.index_capacity, cfg.routing.speculative_ttl_s)
+    registry = ReplicaRegistry(index)
+    rng = random.Random(cfg.routing.seed)
+    policy = build_policy(
+        cfg.routing.policy,
+        rng=rng,
+        weights=cfg.routing.weights,
+        load_factor=cfg.routing.load_factor,
+        cpu_credit=cfg.routing.cpu_tier_credit,
+        plugin_timer=metrics.plugin_timer,
+    )
+    parity = ParityTracker(metrics)
+    router = Router(
+        index,
+        registry,
+        policy,
+        block_size=cfg.routing.block_size,
+        bytes_per_token=cfg.routing.bytes_per_token,
+        max_blocks=cfg.routing.max_blocks,
+        speculative_ttl_s=cfg.routing.speculative_ttl_s,
+        approximate_ttl_s=cfg.routing.approximate_ttl_s,
+        tokenizer=tokenizer,
+        observer=parity,
+    )
+    router.max_in_flight_per_replica = cfg.admission.max_in_flight_per_replica
+    admission = Admission(cfg.admission.max_in_flight, cfg.admission.max_queue, cfg.admission.queue_timeout_s)
+    metrics.add_state_collector(lambda: registry, index, parity.collect)
+    return AppState(cfg, metrics, index, registry, router, parity, admission)
+
+
+def create_app(
+    cfg: Config,
+    *,
+    tokenizer: Tokenizer | None = None,
+    sources: Sequence[DiscoverySource] | None = None,
+) -> web.Application:
+    """The aiohttp application. ``sources`` overrides discovery (tests); default from config."""
+    if tokenizer is None and cfg.routing.tokenizer:
+        from .tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.routing.tokenizer)
+    app = web.Application(
+        client_max_size=cfg.server.max_body_bytes,
+        middlewares=[_error_middleware, _auth_middleware],
+        handler_args={"max_field_size": cfg.server.max_header_bytes, "max_line_size": cfg.server.max_header_bytes},
+    )
+    state = build_state(cfg, tokenizer)
+    state.sources = sources
+    app[STATE] = state
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
+    app.router.add_get("/metrics", _metrics)
+    if cfg.server.enable_debug:
+        app.router.add_post("/debug/route", _debug_route)
+        app.router.add_get("/debug/replicas", _debug_replicas)
+    app.router.add_route("*", "/{tail:.*}", _passthrough)
+    return app
+
+
+# ---- lifecycle -------------------------------------------------------------------------------
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    st = app[STATE]
+    cfg = st.cfg
+    st.idle.set()
+    connector = aiohttp.TCPConnector(
+        limit=0,
+        limit_per_host=cfg.upstream.pool_per_replica,
+        keepalive_timeout=30.0,
+        ttl_dns_cache=10,
+    )
+    st.session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # relay bytes unchanged, Content-Encoding included
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.upstream.connect_timeout_s),
+        skip_auto_headers=("User-Agent",),
+    )
+    if cfg.kv_events.mode != "off":
+        st.kv_events = KVEventManager(st.index, capacity=cfg.routing.index_capacity, registry=st.metrics.registry)
+        st.router.is_uncertain = st.kv_events.is_uncertain
+    st.manager = ReplicaManager(
+        cfg, st.registry, st.router, st.session, st.metrics, st.kv_events, on_engine_metrics=st.parity.on_engine_metrics
+    )
+    manager = st.manager
+    st.forwarder = Forwarder(
+        st.session,
+        st.router,
+        cfg.upstream,
+        st.metrics,
+        ForwardHooks(manager.record_success, manager.record_failure, lambda _t, _c: None),
+        replica_header=cfg.server.replica_header,
+    )
+    sources = st.sources if st.sources is not None else _default_sources(cfg)
+    for src in sources:
+        st.tasks.append(asyncio.get_running_loop().create_task(_run_source(st, src), name=f"discovery:{src.name}"))
+    try:
+        yield
+    finally:
+        for t in st.tasks:
+            t.cancel()
+        for t in st.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await manager.close()
+        if st.kv_events is not None:
+            await st.kv_events.close()
+        await st.session.close()
+
+
+def _default_sources(cfg: Config) -> list[DiscoverySource]:
+    d = cfg.discovery
+    static = [u.rstrip("/") for u in (*cfg.backends, *d.static)]
+    d = msgspec.structs.replace(d, static=static)
+    return build_sources(d)
+
+
+async def _run_source(st: AppState, src: DiscoverySource) -> None:
+    """Each source publishes its full set; the registry holds the union over sources."""
+    current: dict[str, list[ReplicaSpec]] = {}
+
+    def publish(specs: Sequence[ReplicaSpec]) -> None:
+        current[src.name] = list(specs)
+        merged: dict[str, ReplicaSpec] = {}
+        for rep in st.registry:
+            merged[rep.id] = rep.spec  # keep replicas other sources own
+        mine_before = {s.id for s in _published.get(src.name, [])}
+        for rid in mine_before:
+            merged.pop(rid, None)
+        for s in specs:
+            merged[s.id] = s
+        _published[src.name] = list(specs)
+        added, removed = st.registry.sync(merged.values())
+        for r in added:
+            log.info("replica %s joined (%s)", r.id, src.name)
+        for r in removed:
+            st.parity.forget(r.id)
+            log.info("replica %s left (%s)", r.id, src.name)
+
+    _published: dict[str, list[ReplicaSpec]] = {}
+    await src.run(publish)
+
+
+# ---- middleware ------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json_error(err: RouterError) -> web.Response:
+    return web.Response(status=err.status, body=err.body(), content_type="application/json", headers=err.headers())
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    st = request.app[STATE]
+    try:
+        return await handler(request)
+    except RouterError as err:
+        if err.status < 500 or err.status == 503:
+            st.metrics.client_errors.labels(str(err.status)).inc()
+        return _json_error(err)
+    except web.HTTPRequestEntityTooLarge:
+        st.metrics.client_errors.labels("413").inc()
+        return _json_error(PayloadTooLarge(f"Request body exceeds {st.cfg.server.max_body_bytes} bytes."))
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            msg = exc.reason or "error"
+            body = error_body(msg, "invalid_request_error" if exc.status < 500 else "internal_error")
+            return web.Response(status=exc.status, body=body, content_type="application/json")
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return web.Response(
+            status=500, body=error_body("Internal router error.", "internal_error"), content_type="application/json"
+        )
+
+
+@web.middleware
+async def _auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    cfg = request.app[STATE].cfg.server
+    path = request.path
+    if path in _PUBLIC:
+        return await handler(request)
+    if path.startswith("/debug/"):
+        if cfg.admin_token and not _bearer_ok(request, (cfg.admin_token,)):
+            raise Forbidden("Debug endpoints need the admin token.")
+        return await handler(request)
+    if cfg.api_keys and not _bearer_ok(request, cfg.api_keys):
+        raise Unauthorized("Missing or invalid API key (Authorization: Bearer ...).")
+    return await handler(request)
+
+
+def _bearer_ok(request: web.Request, keys: Sequence[str]) -> bool:
+    auth = request.headers.get("Authorization", "")
+    if not auth.startswith("Bearer "):
+        return False
+    given = auth[7:].strip().encode()
+    # compare against every key in constant time
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(given, k.encode())
+    return ok
+
+
+# ---- handlers --------------------------------------------------------------------------------
+
+
+class _Active:
+    """Counts handled requests so the drain knows when the last one finished."""
+
+    __slots__ = ("st",)
+
+    def __init__(self, st: AppState) -> None:
+        self.st = st
+
+    def __enter__(self) -> None:
+        st = self.st
+        if st.refusing:
+            raise Draining()
+        st.active += 1
+        st.idle.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        st = self.st
+        st.active -= 1
+        if st.active == 0:
+            st.idle.set()
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body exceeds {request.app[STATE].cfg.server.max_body_bytes} bytes.") from None
+
+
+def _completion_info(st: AppState, body: bytes) -> RequestInfo:
+    view = parse_completion(body)
+    token_ids, text = routing_prompt(view)
+    return st.router.request_info(
+        view.model,
+        token_ids=token_ids,
+        text=text,
+        cache_salt=view.cache_salt,
+        max_tokens=view.max_tokens or 0,
+        stream=view.stream,
+    )
+
+
+def _chat_info(st: AppState, body: bytes) -> RequestInfo:
+    view = parse_chat(body)
+    return st.router.request_info(
+        view.model,
+        messages=messages_of(view),
+        cache_salt=view.cache_salt,
+        max_tokens=view.max_completion_tokens or view.max_tokens or 0,
+        stream=view.stream,
+    )
+
+
+async def _generate(request: web.Request, info: Callable[[AppState, bytes], RequestInfo]) -> web.StreamResponse:
+    st = request.app[STATE]
+    with _Active(st):
+        body = await _read_body(request)
+        req = info(st, body)
+        if st.cfg.server.log_level == "debug" and log.isEnabledFor(logging.DEBUG):
+            explain = _new_explanation(st, req)
+            st.router.select(req, explain=explain)  # dry run for the log line only
+            log.debug("route %s %s", request.path, explain.log_line())
+        async with st.admission.slot():
+            assert st.forwarder is not None
+            return await st.forwarder.forward(request, request.path, body, req)
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, _completion_info)
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, _chat_info)
+
+
+async def _passthrough(request: web.Request) -> web.StreamResponse:
+    st = request.app[STATE]
+    if not request.path.startswith(PASSTHROUGH_PREFIXES):
+        raise NotFound(f"Unknown path {request.path}.")
+    with _Active(st):
+        body = await _read_body(request)
+        model = parse_model(body)
+        req = RequestInfo(model=model or "", prompt_tokens=0, block_size=st.router.block_size)
+        if model is None:
+            req.model = None  # type: ignore[assignment]  # any replica
+        assert st.forwarder is not None
+        return await st.forwarder.forward(request, request.path, body, req, routed=False)
+
+
+async def _models(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    assert st.manager is not None
+    return web.Response(
+        body=_json.encode({"object": "list", "data": st.manager.model_cards()}), content_type="application/json"
+    )
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+async def _ready(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    routable = len(st.registry.routable())
+    ready = routable > 0 and not st.draining
+    body = _json.encode({"ready": ready, "routable_replicas": routable, "replicas": len(st.registry), "draining": st.draining})
+    return web.Response(status=200 if ready else 503, body=body, content_type="application/json")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    return web.Response(body=st.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+def _new_explanation(st: AppState, req: RequestInfo) -> Explanation:
+    return Explanation(st.router.policy.name, len(req.block_hashes), req.block_size, req.key_mode.value)
+
+
+async def _debug_route(request: web.Request) -> web.Response:
+    """The decision for a body, without forwarding it or recording anything."""
+    st = request.app[STATE]
+    body = await _read_body(request)
+    try:
+        probe = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(probe, dict):
+        raise BadRequest("Request body must be a JSON object.")
+    req = _chat_info(st, body) if "messages" in probe else _completion_info(st, body)
+    explain = _new_explanation(st, req)
+    st.router.select(req, explain=explain)
+    out = explain.as_dict()
+    out["prompt_tokens"] = req.prompt_tokens
+    out["key_mode"] = req.key_mode.value if req.key_mode is not KeyMode.NONE else "none"
+    return web.Response(body=_json.encode(out), content_type="application/json")
+
+
+async def _debug_replicas(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    rows = []
+    for r in st.registry:
+        rows.append(
+            {
+                "id": r.id,
+                "url": r.url,
+                "slot": r.slot,
+                "models": sorted(r.models),
+                "healthy": r.healthy,
+                "draining": r.draining,
+                "in_flight": r.in_flight,
+                "pending_prefill_tokens": r.pending_prefill_tokens,
+                "engine_running": r.engine_running,
+                "engine_waiting": r.engine_waiting,
+                "kv_usage": r.kv_usage,
+                "block_size": r.block_size,
+                "num_gpu_blocks": r.num_gpu_blocks,
+                "has_kv_events": r.has_kv_events,
+                "index_blocks": st.index.replica_blocks(r.id),
+                "uncertain": st.router.is_uncertain(r.id),
+                "ttft_p90_s": r.tail_ttft(),
+                "parity_ratio": st.parity.ratio(r.id),
+            }
+        )
+    return web.Response(body=_json.encode({"replicas": rows, "block_size": st.router.block_size}), content_type="application/json")
+
+
+# ---- running ---------------------------------------------------------------------------------
+
+
+async def serve(cfg: Config, *, ready: Callable[[int], None] | None = None, sock: socket.socket | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain. Returns the exit code."""
+    app = create_app(cfg)
+    st = app[STATE]
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=cfg.server.drain_timeout_s)
+    await runner.setup()
+    if sock is not None:
+        site: web.BaseSite = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_port=cfg.server.workers > 1, backlog=1024)
+    await site.start()
+    port = _bound_port(runner)
+    log.info("kvrouter listening on %s:%d (policy=%s, pid=%d)", cfg.server.host, port, cfg.routing.policy, os.getpid())
+    if ready is not None:
+        ready(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await drain(st, site)
+    await runner.cleanup()
+    return 0
+
+
+async def drain(st: AppState, site: web.BaseSite) -> None:
+    cfg = st.cfg.server
+    st.draining = True
+    log.info("draining: readiness false; accepting for %.1fs more", cfg.drain_grace_s)
+    await asyncio.sleep(cfg.drain_grace_s)
+    st.refusing = True
+    await site.stop()  # close the listener: new connections are refused
+    t0 = time.monotonic()
+    try:
+        async with asyncio.timeout(cfg.drain_timeout_s):
+            await st.idle.wait()
+        log.info("drained in %.2fs", time.monotonic() - t0)
+    except TimeoutError:
+        log.warning("drain timeout: %d request(s) still in flight are cut", st.active)
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return 0
+
+
+def describe(app: web.Application) -> dict[str, Any]:
+    st = app[STATE]
+    return {"policy": st.router.policy.name, "replicas": [r.id for r in st.registry]}
