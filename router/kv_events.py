@@ -183,6 +183,11 @@ _ITEMS = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _STR = msgspec.msgpack.Decoder(str)
 
 
+# msgspec raises its own errors, but invalid UTF-8 in a tag surfaces as UnicodeDecodeError and
+# absurd nesting as RecursionError (both found by the fuzz test): all mean "not a batch".
+_FAILED = (msgspec.MsgspecError, ValueError, RecursionError)
+
+
 class DecodeError(ValueError):
     """A payload that is not a KV-event batch in any shape vLLM has shipped."""
 
@@ -224,7 +229,7 @@ def _decode_event(raw: msgspec.Raw) -> EventView | None:
                 if not items or _STR.decode(items[0]) in _KNOWN_TYPES:
                     raise
                 return None
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _FAILED as exc:
         raise DecodeError(f"bad event: {exc}") from exc
     raise DecodeError("event is neither a map nor an array")
 
@@ -243,12 +248,12 @@ def decode_batch(payload: bytes, arrays_first: bool = False) -> DecodedBatch:
     for arrays in (arrays_first, not arrays_first):
         try:
             b = _TYPED[(outer, arrays)].decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _FAILED:
             continue
         return DecodedBatch(b.ts, list(b.events), 0, arrays)
     try:
         rb = _RAW[outer].decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _FAILED as exc:
         raise DecodeError(f"bad batch: {exc}") from exc
     events: list[EventView] = []
     unknown = 0
@@ -770,7 +775,7 @@ def resolve_event_source(replica_url: str, kv_event_sources_json: str | bytes | 
     if isinstance(data, str | bytes):
         try:
             data = msgspec.json.decode(data)
-        except msgspec.DecodeError as exc:
+        except _FAILED as exc:
             raise ValueError(f"kv_event_sources is not JSON: {exc}") from exc
     entries: list[tuple[int, dict[str, Any]]] = []
     if isinstance(data, dict) and "endpoint" in data:

@@ -277,7 +277,5 @@ class Forwarder:
 
 
 def _cached_tokens(tail: bytes) -> int | None:
-    m = None
-    for m in _CACHED_RE.finditer(tail):
-        pass
-    return int(m.group(1)) if m is not None else None
+    found = _CACHED_RE.findall(tail)
+    return int(found[-1]) if found else None
