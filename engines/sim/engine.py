@@ -413,11 +413,12 @@ class EngineModel:
                 f"invalid block_hashes: {len(hashes)} hashes for {prompt_len} tokens "
                 f"(need prompt_len // block_size = {prompt_len // bs})"
             )
-        need = -(-(prompt_len + req.max_tokens) // bs)
+        # The last output token is sampled but never computed: its KV needs no slot.
+        need = -(-(prompt_len + req.max_tokens - 1) // bs)
         if need > self.config.num_gpu_blocks - 1:
             raise ValueError(
                 f"invalid request {req.request_id!r}: needs {need} KV blocks, the pool has "
-                f"{self.config.num_gpu_blocks - 1} (prompt_len + max_tokens exceeds KV capacity)"
+                f"{self.config.num_gpu_blocks - 1} (prompt_len + max_tokens - 1 exceeds KV capacity)"
             )
         t = req.arrival if now is None else now
         r = _Req(req, prompt_len, hashes, t)
