@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from typing import Any
+
+import msgspec
 
 # ================================================================================================
 # kvrouter trace: stats / generate (loaders, statistics, generators)
@@ -20,6 +23,11 @@ def _int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _base_type(tp: Any) -> Any:
+    """``Annotated[int, Meta(...)]`` -> ``int`` for argparse (msgspec validates the constraint)."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
 
 
 def register_trace(sub: Any) -> None:
@@ -39,6 +47,26 @@ def register_trace(sub: Any) -> None:
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
     st.add_argument("--strict", action="store_true", help="fail at the first bad line")
     st.set_defaults(func=_cmd_stats)
+
+    from .generators import GENERATORS
+
+    gen = tsub.add_parser("generate", help="write a synthetic trace (kvrouter JSONL)")
+    gsub = gen.add_subparsers(dest="kind", metavar="KIND")
+    gsub.required = True
+    for kind, (params_cls, _fn) in GENERATORS.items():
+        g = gsub.add_parser(kind, help=(params_cls.__doc__ or kind).strip().splitlines()[0])
+        g.add_argument("--out", required=True, help="output file (kvrouter JSONL)")
+        # One flag per parameter field, typed and defaulted from the struct, so the CLI can
+        # never drift from the generator's documented parameters.
+        for f in msgspec.structs.fields(params_cls):
+            g.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=_base_type(f.type),
+                default=f.default,
+                help=f"(default {f.default})",
+            )
+        g.set_defaults(func=_cmd_generate, params_cls=params_cls)
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -63,6 +91,23 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     else:
         print(format_stats(stats))
         print(report.summary(), file=sys.stderr)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generators import generate
+    from .loaders import write_trace
+    from .stats import format_stats, trace_stats
+
+    names = [f.name for f in msgspec.structs.fields(args.params_cls)]
+    try:
+        trace = generate(args.kind, **{n: getattr(args, n) for n in names})
+    except (ValueError, msgspec.ValidationError) as exc:
+        print(f"kvrouter trace generate {args.kind}: {exc}", file=sys.stderr)
+        return 2
+    write_trace(trace, args.out)
+    print(f"wrote {len(trace)} requests to {args.out}", file=sys.stderr)
+    print(format_stats(trace_stats(trace, lru_sizes=())), file=sys.stderr)
     return 0
 
 
