@@ -264,6 +264,6 @@ def format_stats(s: TraceStats) -> str:
 def _lru_label(size: int) -> str:
     if size >= 1000 and size % 1000 == 0:
         return f"{size // 1000}k"
-    if size >= 100 and size % 100 == 0:
+    if size >= 500 and size % 100 == 0:
         return f"{size / 1000:g}k"
     return str(size)

@@ -226,3 +226,21 @@ def test_oracle_on_mooncake_matches_lru_table() -> None:
     r = oracle_hit_ratio(trace, 10000)
     assert _pct(r.block_hit_lru) == "21.2%" and _pct(r.token_hit_inf) == "37.4%"
     assert r.token_hit_lru <= r.token_hit_inf
+
+
+def test_bundled_slice_matches_its_documented_stats() -> None:
+    path = Path(__file__).parents[2] / "traces" / "data" / "mooncake_conv_slice.jsonl"
+    assert path.stat().st_size < 200_000
+    trace, report = load_trace(path)
+    assert report.ok and report.warned == 0
+    c = trace_stats(trace, lru_sizes=(1000, 5000, 20000))
+    assert (c.requests, _n(c.duration_s), f"{c.req_per_s:.2f}") == (750, "252", "2.98")
+    assert c.cache is not None
+    assert (c.cache.input_blocks, c.cache.unique_blocks) == (20520, 16840)
+    assert (_pct(c.cache.prefix_hit_inf), _pct(c.cache.token_hit_inf)) == ("17.9%", "18.2%")
+    assert [_pct(v) for v in c.cache.lru_prefix_hit.values()] == ["3.8%", "9.7%", "17.9%"]
+    full = SHARED / "mooncake" / "conversation_trace.jsonl"
+    if full.exists():  # cut as documented: the first 750 lines, byte for byte
+        with full.open("rb") as f:
+            head = b"".join(next(f) for _ in range(750))
+        assert path.read_bytes() == head
