@@ -808,7 +808,7 @@ class EngineModel:
                 k_fin = left
         B = len(running)
         sm = self.step_model
-        k = sm.steps_starting_before((t - start) / self._ms_to_s / 1000.0, B, ctx0, k_fin - 1)
+        k = sm.steps_starting_before((t - start) / self._ms_to_s, B, ctx0, k_fin - 1)
         if k < 2:
             return False
         if self._blocks_needed(k) > self.pool.num_free:

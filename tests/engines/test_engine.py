@@ -265,3 +265,21 @@ def test_config_validation_names_field() -> None:
         0,
         "h100-llama3-8b",
     )
+
+
+def test_fast_forward_reaches_t_in_one_stretch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression: the time budget was converted to ms wrongly, so stretches stopped ~1000x short.
+    e = EngineModel(EngineConfig(num_gpu_blocks=100, block_size=512), H100_LLAMA3_8B)
+    e.add_request(sim_req("a", 1024, 1000, 512), 0.0)
+    e.run_until(0.5)  # prefill + first decode steps
+    calls = 0
+    real = e._step
+
+    def counting(*args: object) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(e, "_step", counting)
+    out = e.run_until(3.0)  # ~300 decode steps of ~7 ms
+    assert out.steps > 250 and calls <= 2 and 3.0 <= e.now < 3.0 + 0.01
