@@ -1,0 +1,57 @@
+# kvrouter: every target sets itself up (virtualenv + install) on a fresh machine with Python 3.11.
+#   make demo    simulated fleet, round robin vs cache-aware over a real trace slice (~2 min)
+#   make test    lint, type-check and the test suite (what CI runs)
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-fast lint demo compare bench-proxy bench-index bench-sim soak clean
+
+help:
+	@echo "make demo | test | lint | compare | bench-proxy | bench-index | bench-sim | soak | test-vllm"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,report,tokenizer]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check router engines traces tests
+	$(PY) -m mypy
+
+# The suite CI runs: unit, property and multi-process integration tests on loopback.
+test: lint
+	$(PY) -m pytest -q -m "not vllm" --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not vllm and not slow" -x
+
+demo: $(STAMP)
+	$(PY) -m traces.demo --out reports/demo
+
+compare: $(STAMP)
+	$(PY) -m traces.compare --out reports/compare
+
+bench-proxy: $(STAMP)
+	$(PY) tests/bench/bench_proxy.py
+
+bench-index: $(STAMP)
+	$(PY) tests/bench/bench_index.py
+
+bench-sim: $(STAMP)
+	$(PY) tests/bench/bench_sim.py
+
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) tests/soak/soak.py
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache
+
+include engines/vllm/Makefile.fragment
