@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from k8s_fake import FakeApiServer, endpoint_slice, pod
 
 from router.discovery import (
     DiscoveryConfig,
@@ -23,6 +22,7 @@ from router.discovery import (
     resolve_host,
 )
 from router.types import ReplicaSpec
+from tests.router.k8s_fake import FakeApiServer, endpoint_slice, pod
 
 WAIT_S = 5.0
 
