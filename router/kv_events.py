@@ -383,6 +383,8 @@ _R, _GPU, _CPU, _EPOCH = 0, 1, 2, 3
 
 
 def _tier(medium: str | None) -> Tier:
+    if medium == "GPU" or medium is None:
+        return Tier.GPU
     # vLLM reports "GPU" even on its CPU backend; anything else (LMCache "CPU", "DISK", ...) is
     # an offload tier that costs a load, which is what Tier.CPU means to scoring.
     return Tier.GPU if medium is None or medium.upper() == "GPU" else Tier.CPU
@@ -579,24 +581,55 @@ class ReplicaEvents:
     # -- apply ------------------------------------------------------------------------------
 
     def _apply(self, batch: DecodedBatch) -> None:
+        # vLLM sends one BlockRemoved event per evicted block, so per-event costs dominate a
+        # busy stream: counters are summed per batch, and a run of removals on one tier becomes
+        # one index call (no store or clear runs in between, so the order the index sees holds).
         st = self.stats
         m = self.metrics
+        n_stored = n_removed = n_cleared = 0
+        pending: list[BlockHash] = []
+        pending_tier = Tier.GPU
+        unknown_removals = 0
+        for ev in batch.events:
+            if isinstance(ev, BlockRemovedView):
+                n_removed += 1
+                tier = _tier(ev.medium)
+                if pending and tier is not pending_tier:
+                    self._flush_removals(pending, pending_tier)
+                    pending = []
+                pending_tier = tier
+                unknown_removals += self._removed(ev.block_hashes, tier, pending)
+                continue
+            if pending:
+                self._flush_removals(pending, pending_tier)
+                pending = []
+            if isinstance(ev, BlockStoredView):
+                n_stored += 1
+                self._stored(ev)
+            else:
+                n_cleared += 1
+                self._clear()
+        if pending:
+            self._flush_removals(pending, pending_tier)
         st.batches += 1
         st.events += len(batch.events) + batch.unknown
         st.last_event_time = self.clock()
         m.batches.inc()
+        if n_stored:
+            m.ev_stored.inc(n_stored)
+        if n_removed:
+            m.ev_removed.inc(n_removed)
+        if n_cleared:
+            m.ev_cleared.inc(n_cleared)
         if batch.unknown:
             m.ev_unknown.inc(batch.unknown)
-        for ev in batch.events:
-            if isinstance(ev, BlockStoredView):
-                m.ev_stored.inc()
-                self._stored(ev)
-            elif isinstance(ev, BlockRemovedView):
-                m.ev_removed.inc()
-                self._removed(ev)
-            else:
-                m.ev_cleared.inc()
-                self._clear()
+        if unknown_removals:
+            m.unknown_removals.inc(unknown_removals)
+
+    def _flush_removals(self, hashes: list[BlockHash], tier: Tier) -> None:
+        self.index.remove(self.replica, hashes, tier)
+        self.stats.blocks_removed += len(hashes)
+        self.metrics.blocks_removed.inc(len(hashes))
 
     def _stored(self, ev: BlockStoredView) -> None:
         engine_hashes = ev.block_hashes
@@ -682,28 +715,23 @@ class ReplicaEvents:
                 self.index.remove(self.replica, [rh] * ent[_CPU], Tier.CPU)
             self._forget_entry(ent)
 
-    def _removed(self, ev: BlockRemovedView) -> None:
-        tier = _tier(ev.medium)
+    def _removed(self, engine_hashes: list[EngineHash], tier: Tier, out: list[BlockHash]) -> int:
+        """Drop one copy per hash from the map, append the router hashes to retract to ``out``;
+        returns how many hashes we never saw stored (before we subscribed, or LRU-evicted)."""
         col = _GPU if tier is Tier.GPU else _CPU
         mp = self._map
-        out: list[BlockHash] = []
         unknown = 0
-        for eh in ev.block_hashes:
+        for eh in engine_hashes:
             ent = mp.get(eh)
             if ent is None or ent[col] == 0:
-                unknown += 1  # stored before we subscribed, or evicted from our LRU
+                unknown += 1
                 continue
             ent[col] -= 1
             out.append(BlockHash(ent[_R]))
             if ent[_GPU] == 0 and ent[_CPU] == 0:
                 del mp[eh]
                 self._forget_entry(ent)
-        if out:
-            self.index.remove(self.replica, out, tier)
-            self.stats.blocks_removed += len(out)
-            self.metrics.blocks_removed.inc(len(out))
-        if unknown:
-            self.metrics.unknown_removals.inc(unknown)
+        return unknown
 
 
 def _extra(keys: Any, lora_name: str | None, first: bool) -> tuple[bool, str | None]:

@@ -14,6 +14,7 @@ import zmq
 import zmq.asyncio
 
 from router import kv_wire
+from router.kv_events import ReplicaEvents
 from router.types import BlockHash, ReplicaId, Tier
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -66,6 +67,19 @@ class FakeIndex:
 
     def held(self, replica: str, tier: Tier = Tier.GPU) -> set[int]:
         return {h for (r, h, t) in self.counts if r == replica and t == tier}
+
+
+def check_consistent(ev: ReplicaEvents, idx: FakeIndex) -> None:
+    """The applier's map and the index agree exactly on confirmed copies (a full recount)."""
+    expect: dict[tuple[int, Tier], int] = {}
+    for ent in ev._map.values():
+        for tier, n in ((Tier.GPU, ent[1]), (Tier.CPU, ent[2])):
+            if n:
+                expect[(ent[0], tier)] = expect.get((ent[0], tier), 0) + n
+    got = {(h, t): n for (r, h, t), n in idx.counts.items() if r == ev.replica}
+    assert got == expect
+    assert not idx.bad_removes
+    assert len(ev._map) <= ev.capacity
 
 
 def stored(

@@ -8,16 +8,6 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
-from conftest_kv import (
-    FakeIndex,
-    LoopbackPublisher,
-    capture_frames,
-    payload,
-    removed,
-    seq8,
-    stored,
-    wait_for,
-)
 from prometheus_client import CollectorRegistry
 
 from router import kv_wire
@@ -35,6 +25,17 @@ from router.kv_events import (
     resolve_event_source,
 )
 from router.types import ReplicaId, Tier
+from tests.router.conftest_kv import (
+    FakeIndex,
+    LoopbackPublisher,
+    capture_frames,
+    check_consistent,
+    payload,
+    removed,
+    seq8,
+    stored,
+    wait_for,
+)
 
 R = ReplicaId("r1")
 MODEL = "tiny"
@@ -50,19 +51,6 @@ def make(index: FakeIndex | None = None, **kw: object) -> tuple[ReplicaEvents, F
 def sample(reg: CollectorRegistry, name: str, **labels: str) -> float:
     v = reg.get_sample_value(name, labels)
     return 0.0 if v is None else v
-
-
-def check_consistent(ev: ReplicaEvents, idx: FakeIndex) -> None:
-    """The applier's map and the index agree exactly on confirmed copies (a full recount)."""
-    expect: dict[tuple[int, Tier], int] = {}
-    for ent in ev._map.values():
-        for tier, n in ((Tier.GPU, ent[1]), (Tier.CPU, ent[2])):
-            if n:
-                expect[(ent[0], tier)] = expect.get((ent[0], tier), 0) + n
-    got = {(h, t): n for (r, h, t), n in idx.counts.items() if r == ev.replica}
-    assert got == expect
-    assert not idx.bad_removes
-    assert len(ev._map) <= ev.capacity
 
 
 def H(tokens: list[int], bs: int = 4, model: str = MODEL, salt: str | None = None) -> list[int]:

@@ -6,14 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from conftest_kv import FakeIndex, capture_frames, seq8
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
-from test_kv_events import check_consistent
 
 from router.kv_events import DecodeError, KVEventMetrics, ReplicaEvents, decode_batch
 from router.types import ReplicaId
+from tests.router.conftest_kv import FakeIndex, capture_frames, check_consistent, seq8
 
 GOLDEN = [f[2] for f in capture_frames()]
 FUZZ = settings(
