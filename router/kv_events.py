@@ -565,6 +565,12 @@ class ReplicaEvents:
         if self.stats.uncertain != value:
             self.stats.uncertain = value
             self._m_uncertain.set(1 if value else 0)
+            # PrefixIndex keeps its own flag (its metrics and /debug read it); optional in the
+            # sink protocol so a bare store/remove/clear sink still works.
+            setter = getattr(self.index, "set_uncertain", None)
+            if setter is not None:
+                with contextlib.suppress(KeyError):
+                    setter(self.replica, value)
 
     def _forget_entry(self, ent: list[int]) -> None:
         if ent[_EPOCH] < self._suspect_epoch:

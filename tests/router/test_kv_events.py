@@ -640,3 +640,35 @@ async def test_bind_conflict_retries_with_backoff_and_close_cancels(zctx: zmq.as
         await mgr.close()
     with pytest.raises(RuntimeError):
         mgr.add(R, "tcp://127.0.0.1:1", model=MODEL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the real PrefixIndex
+
+
+def test_golden_capture_into_the_real_prefix_index_matches_the_fake() -> None:
+    from router.index import PrefixIndex
+
+    real = PrefixIndex(capacity_per_replica=4096)
+    slot = real.add_replica(R)
+    ev_real = ReplicaEvents(R, real, model=MODEL, metrics=KVEventMetrics(CollectorRegistry()))
+    ev_fake, fake, _ = make()
+    chains: list[list[int]] = []  # router chain of every stored prompt, from the raw tokens
+    for f in capture_frames():
+        ev_real.handle_frames(list(f))
+        ev_fake.handle_frames(list(f))
+        real.check_invariants()
+        for e in decode_batch(f[2]).events:
+            if isinstance(e, BlockStoredView) and e.parent_block_hash is None:
+                salt = "tenantA" if e.extra_keys and e.extra_keys[0] == ["tenantA"] else None
+                chains.append(H(e.token_ids, 32, salt=salt))
+    held = fake.held(R)
+    assert len(held) == 94
+    for chain in chains:
+        expect = next((i for i, h in enumerate(chain) if h not in held), len(chain))
+        gpu, _ = real.match(chain)
+        assert gpu[slot] == expect
+    assert any(real.match(c)[0][slot] == len(c) for c in chains)  # some prompt fully cached
+    # uncertainty reaches the index's own flag (its metrics and the router read it there)
+    ev_real.on_message(99, payload([], ts=2e9))
+    assert ev_real.uncertain and real.is_uncertain(R)
