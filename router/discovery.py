@@ -42,7 +42,7 @@ import msgspec
 
 from .types import ReplicaSpec
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kvrouter.discovery")
 
 Publish = Callable[[Sequence[ReplicaSpec]], None]
 

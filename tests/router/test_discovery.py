@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from router.discovery import (
@@ -474,3 +479,70 @@ async def test_k8s_pods_mode_readiness_ports_and_annotations(api: FakeApiServer,
         api.modify(pod("vllm-1", "10.0.0.2", labels=sel), resource="pods")
         await got.until(lambda: "http://10.0.0.2:8000" in got.urls(), "pod became ready")
         await stop(task)
+
+
+# ------------------------------------------------------------------------ end to end, real processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _status(session: aiohttp.ClientSession, url: str) -> int:
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+            return resp.status
+    except (aiohttp.ClientError, TimeoutError):
+        return 0
+
+
+async def _until_status(session: aiohttp.ClientSession, url: str, status: int, what: str) -> None:
+    for _ in range(200):  # 10 s
+        if await _status(session, url) == status:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"timed out waiting for {url} -> {status}: {what}")
+
+
+async def test_kvrouter_serve_follows_k8s_discovery_end_to_end(api: FakeApiServer, tmp_path: Path) -> None:
+    """`kvrouter serve` + a simulated engine as processes; only the API server is faked."""
+    engine_port, events_port, router_port = _free_port(), _free_port(), _free_port()
+    (tmp_path / "token").write_text("good-token")
+    (tmp_path / "config.yaml").write_text(
+        f"server: {{port: {router_port}, drain_grace_s: 0.2, drain_timeout_s: 2}}\n"
+        "discovery:\n  sources: [k8s]\n  k8s_service_name: vllm\n  k8s_namespace: inference\n"
+        f"  k8s_api_url: {api.url}\n  k8s_token_path: {tmp_path / 'token'}\n"
+        "  backoff_initial_s: 0.05\n  backoff_max_s: 0.2\n")
+    sim = subprocess.Popen([sys.executable, "-m", "router", "sim", "--port", str(engine_port),
+                            "--events-port", str(events_port), "--profile", "tiny"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (tmp_path / "router.log").open("w")  # pytest keeps tmp_path: the log is there after a failure
+    router = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(tmp_path / "config.yaml")],
+                              stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{router_port}"
+    slice_ports = {"http": engine_port, "kv-events": events_port}
+    try:
+        async with aiohttp.ClientSession() as session:
+            await _until_status(session, f"{base}/health", 200, "router up")
+            assert await _status(session, f"{base}/ready") == 503  # alive, but no replica yet
+            await _until_status(session, f"http://127.0.0.1:{engine_port}/health", 200, "engine up")
+
+            api.add(endpoint_slice("vllm-a", "vllm", [("127.0.0.1", "vllm-0", True, False)], ports=slice_ports))
+            await _until_status(session, f"{base}/ready", 200, "engine discovered through the watch")
+            body = {"model": "tiny", "prompt": "hello " * 40, "max_tokens": 2}
+            async with session.post(f"{base}/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                assert resp.headers.get("x-kvrouter-replica") == "vllm-0"  # named after the pod
+
+            api.modify(endpoint_slice("vllm-a", "vllm", [("127.0.0.1", "vllm-0", False, False)], ports=slice_ports))
+            await _until_status(session, f"{base}/ready", 503, "engine left when its endpoint went not-ready")
+        router.send_signal(signal.SIGTERM)
+        assert router.wait(10) == 0
+    finally:
+        for proc in (router, sim):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        log.close()
