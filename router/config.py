@@ -276,7 +276,13 @@ def validate(cfg: Config) -> None:
         _backend, sep, endpoint = pair.partition("=")
         if not sep or not endpoint.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"kv_events.endpoints[{i}]", pair, "expected BACKEND_URL=tcp://host:port")
+    from .scoring.policies import DEFAULT_WEIGHTS, POLICIES
+
+    if cfg.routing.policy not in POLICIES:
+        raise ConfigError("routing.policy", cfg.routing.policy, f"unknown policy; known: {', '.join(POLICIES)}")
     for name, weight in cfg.routing.weights.items():
+        if name not in DEFAULT_WEIGHTS:
+            raise ConfigError(f"routing.weights.{name}", weight, f"unknown scorer; known: {', '.join(DEFAULT_WEIGHTS)}")
         if weight < 0:
             raise ConfigError(f"routing.weights.{name}", weight, "weights must be >= 0")
     try:

@@ -1,0 +1,168 @@
+"""Scorers (hand-computed tables), the bounded-load filter, the pipeline and the simple policies."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from router.index import PrefixIndex
+from router.replicas import Replica, ReplicaRegistry
+from router.scoring.guard import BoundedLoadFilter
+from router.scoring.kv_usage import KVUsageScorer
+from router.scoring.latency import TailLatencyScorer
+from router.scoring.pipeline import Explanation, Pipeline
+from router.scoring.policies import POLICIES, build_policy
+from router.scoring.prefix import PrefixCacheScorer
+from router.scoring.queue import QueueDepthScorer
+from router.scoring.ttft import EstimatedTTFTScorer
+from router.types import BlockHash, KeyMode, ReplicaSpec, RequestInfo
+
+
+def replicas(n: int) -> list[Replica]:
+    reg = ReplicaRegistry(PrefixIndex(100))
+    return [reg.add(ReplicaSpec(url=f"http://r{i}:8000", name=f"r{i}")) for i in range(n)]
+
+
+def req(blocks: int = 4, gpu: list[int] | None = None, cpu: list[int] | None = None, bs: int = 16) -> RequestInfo:
+    r = RequestInfo(model="m", prompt_tokens=blocks * bs, block_size=bs, key_mode=KeyMode.TOKENS)
+    r.block_hashes = [BlockHash(i) for i in range(blocks)]
+    r.gpu_blocks = gpu or []
+    r.cpu_blocks = cpu or (gpu or [])
+    return r
+
+
+@pytest.mark.parametrize(
+    ("gpu", "cpu", "expected"),
+    [
+        ([4, 2, 0], [4, 2, 0], [1.0, 0.5, 0.0]),
+        ([0, 0, 0], [0, 0, 0], [0.0, 0.0, 0.0]),
+        ([2, 2, 0], [2, 4, 4], [0.5, 0.5 + 0.8 * 0.5, 0.8]),  # CPU blocks earn 0.8 credit
+    ],
+)
+def test_prefix_cache_scorer(gpu: list[int], cpu: list[int], expected: list[float]) -> None:
+    reps = replicas(3)
+    assert PrefixCacheScorer(cpu_credit=0.8).score(req(4, gpu, cpu), reps) == pytest.approx(expected)
+
+
+def test_prefix_cache_neutral_without_blocks_and_uncertain_discount() -> None:
+    reps = replicas(2)
+    assert PrefixCacheScorer().score(req(0), reps) == [1.0, 1.0]
+    s = PrefixCacheScorer()
+    s.uncertain = frozenset({0})
+    assert s.score(req(4, [4, 4]), reps) == [0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "waiting", "expected"),
+    [
+        ([10, 5, 0], [None, None, None], [0.0, 0.5, 1.0]),  # llm-d queue_test.go table
+        ([3, 3, 3], [None, None, None], [1.0, 1.0, 1.0]),
+        ([0, 0, 0], [8.0, 0.0, 4.0], [0.0, 1.0, 0.5]),  # engine queue counts too
+    ],
+)
+def test_queue_depth_scorer(in_flight: list[int], waiting: list[float | None], expected: list[float]) -> None:
+    reps = replicas(3)
+    for r, f, w in zip(reps, in_flight, waiting, strict=True):
+        r.in_flight = f
+        r.engine_waiting = w
+    assert QueueDepthScorer().score(req(), reps) == pytest.approx(expected)
+
+
+def test_kv_usage_scorer() -> None:
+    reps = replicas(3)
+    for r, u in zip(reps, [0.9, 0.1, None], strict=True):
+        r.kv_usage = u
+    assert KVUsageScorer().score(req(), reps) == pytest.approx([0.1, 0.9, 1.0])
+    for r in reps:
+        r.kv_usage = 0.5
+    assert KVUsageScorer().score(req(), reps) == [1.0, 1.0, 1.0]
+
+
+def test_tail_latency_scorer() -> None:
+    reps = replicas(3)
+    for r, ttfts in zip(reps, [[0.1] * 10, [0.1] * 8 + [2.0, 2.0], []], strict=True):
+        for t in ttfts:
+            r.observe_ttft(t, 0)
+    # p90: 0.1, 2.0, 0 (nothing observed)
+    assert TailLatencyScorer().score(req(), reps) == pytest.approx([0.95, 0.0, 1.0])
+
+
+def test_estimated_ttft_trades_hit_against_queue() -> None:
+    reps = replicas(2)
+    scorer = EstimatedTTFTScorer(default_rate=1000.0, step_s=0.0)
+    r = req(blocks=64, gpu=[64, 0])  # 1024 tokens; replica 0 holds all of them
+    # equal queues: the hit wins (1 uncached token vs 1024)
+    scores = scorer.score(r, reps)
+    assert scores[0] == 1.0 and scores[1] < 0.01
+    # replica 0 has 5000 tokens of prefill queued: 5.0 s vs 1.024 s -> replica 1 wins
+    reps[0].pending_prefill_tokens = 5000
+    est = scorer.estimates(r, reps)
+    assert est == pytest.approx([5.0, 1.024])
+    assert scorer.score(r, reps)[1] == 1.0
+
+
+def test_bounded_load_filter_never_empties() -> None:
+    reps = replicas(4)
+    for r, load in zip(reps, [12, 0, 1, 1], strict=True):
+        r.in_flight = load
+    kept = BoundedLoadFilter(1.5).filter(req(), reps)
+    # limit = 1.5 * (14 + 1) / 4 = 5.625: the replica with 12 is excluded
+    assert [r.id for r in kept] == ["r1", "r2", "r3"]
+    for r in reps:
+        r.in_flight = 100
+    assert len(BoundedLoadFilter(1.0).filter(req(), reps)) == 4
+
+
+def test_pipeline_weights_clamps_and_explains() -> None:
+    reps = replicas(3)
+
+    class Wild:
+        type_name = "wild"
+
+        def score(self, _r: RequestInfo, rs: list[Replica]) -> list[float]:
+            return [5.0, -3.0, 0.5]
+
+    p = Pipeline("t", [(Wild(), 2.0), (PrefixCacheScorer(), 1.0)], rng=random.Random(0))
+    r = req(4, [0, 4, 0])
+    ex = Explanation("t", 4, 16, "tokens")
+    chosen = p.select(r, reps, ex)
+    # totals: r0 = 2*1 + 0 = 2, r1 = 2*0 + 1 = 1, r2 = 2*0.5 + 0 = 1
+    assert chosen.id == "r0"
+    assert [row.total for row in ex.replicas] == [2.0, 1.0, 1.0]
+    assert ex.replicas[0].scores == {"wild": 5.0, "prefix-cache": 0.0}
+    assert "chosen=r0" in ex.log_line()
+
+
+def test_ties_break_at_random_but_seeded() -> None:
+    reps = replicas(4)
+    picks = {build_policy("cache_aware", rng=random.Random(s)).select(req(0), reps).id for s in range(40)}
+    assert len(picks) == 4
+    a = [build_policy("cache_aware", rng=random.Random(7)).select(req(0), reps).id for _ in range(5)]
+    assert len(set(a)) == 1
+
+
+def test_simple_policies() -> None:
+    reps = replicas(3)
+    rr = build_policy("round_robin")
+    assert [rr.select(req(), reps).id for _ in range(4)] == ["r0", "r1", "r2", "r0"]
+    reps[0].in_flight, reps[1].in_flight, reps[2].in_flight = 3, 1, 2
+    assert build_policy("least_loaded").select(req(), reps).id == "r1"
+    p2 = build_policy("power_of_two", rng=random.Random(1))
+    assert all(p2.select(req(), reps).id != "r0" for _ in range(20))  # r0 never wins a pair
+    assert {build_policy("random", rng=random.Random(s)).select(req(), reps).id for s in range(30)} == {"r0", "r1", "r2"}
+    for name in POLICIES:
+        assert build_policy(name).select(req(), reps) in reps
+    with pytest.raises(ValueError, match="unknown policy"):
+        build_policy("nope")
+    with pytest.raises(ValueError, match="unknown scorer"):
+        build_policy("cache_aware", weights={"bogus": 1.0})
+
+
+def test_cache_aware_prefers_hit_but_not_an_overloaded_replica() -> None:
+    reps = replicas(3)
+    policy = build_policy("cache_aware", rng=random.Random(0))
+    r = req(64, [64, 0, 0])
+    assert policy.select(r, reps).id == "r0"
+    reps[0].in_flight = 30  # far above the mean: the bounded-load guard takes r0 out
+    assert policy.select(r, reps).id != "r0"
