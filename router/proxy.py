@@ -78,10 +78,22 @@ class ForwardHooks:
     on_cached_tokens: Callable[[Ticket, int | None], None]
 
 
+def _connection_listed(headers: Mapping[str, str]) -> frozenset[str]:
+    """RFC 9110 7.6.1: every header named in ``Connection`` is hop-by-hop too, so a client (or an
+    engine) cannot smuggle per-connection headers through the proxy by listing them there."""
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        values = headers.getall("Connection", [])
+    else:
+        values = [v for k, v in headers.items() if k.lower() == "connection"]
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
 def request_headers(headers: Mapping[str, str], upstream_key: str | None) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
+    listed = _connection_listed(headers)
     for k, v in headers.items():
-        if k.lower() not in _REQUEST_DROP:
+        low = k.lower()
+        if low not in _REQUEST_DROP and low not in listed:
             out.add(k, v)
     if upstream_key:
         out["Authorization"] = f"Bearer {upstream_key}"
@@ -90,8 +102,10 @@ def request_headers(headers: Mapping[str, str], upstream_key: str | None) -> CIM
 
 def response_headers(headers: CIMultiDictProxy[str], replica: Replica | None) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
+    listed = _connection_listed(headers)
     for k, v in headers.items():
-        if k.lower() not in _RESPONSE_DROP:
+        low = k.lower()
+        if low not in _RESPONSE_DROP and low not in listed:
             out.add(k, v)
     if replica is not None:
         out[REPLICA_HEADER] = replica.id
