@@ -703,6 +703,7 @@ class KubernetesSource:
     async def run(self, publish: Publish) -> None:
         changes = _Changes(publish, self.stats)
         connector = aiohttp.TCPConnector(ssl=self._ssl(), limit=2)
+        gone_in_a_row = 0
         async with aiohttp.ClientSession(connector=connector) as session:
             while True:
                 try:
@@ -711,17 +712,20 @@ class KubernetesSource:
                         changes.offer(self.replicas())
                     started = time.monotonic()
                     events = await self._watch(session, changes)
+                    gone_in_a_row = 0
                     if events == 0 and time.monotonic() - started < self._min_watch_s:
                         await asyncio.sleep(self._backoff.next_delay())
                     else:
                         self._backoff.reset()
                 except _Gone as exc:
                     self.stats.gone += 1
+                    gone_in_a_row += 1
                     log.info("k8s discovery: resourceVersion %s expired (%s); re-listing",
                              self.resource_version, exc)
                     self.resource_version = None
-                    # Relist at once the first time; back off if the server keeps saying Gone.
-                    if self.stats.gone > 1:
+                    # Re-list at once after a watch expired; back off only if the server keeps
+                    # answering Gone without a watch succeeding in between.
+                    if gone_in_a_row > 1:
                         await asyncio.sleep(self._backoff.next_delay())
                 except (aiohttp.ClientError, TimeoutError, OSError, ApiError,
                         msgspec.DecodeError, msgspec.ValidationError) as exc:
