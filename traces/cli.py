@@ -115,3 +115,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 # kvrouter replay / kvrouter simulate: live replay driver and offline simulator
 # (register_replay / register_simulate go below; owned by the replay/simulation work)
 # ================================================================================================
+
+
+def register_replay(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "replay",
+        help="replay a trace against live targets (open loop) and write records + report",
+        description="Send a trace's requests to each target in turn at trace time / speed-up; see docs/replay.md.",
+    )
+    p.add_argument("--trace", required=True, help="trace file (Mooncake / Qwen JSONL, Azure CSV, kvrouter JSONL)")
+    p.add_argument("--target", action="append", required=True, metavar="NAME=URL", help="repeatable; run in order")
+    p.add_argument("--speedup", type=float, default=1.0, help="trace time / X = send time (default 1)")
+    p.add_argument("--max-requests", type=int, default=None, help="send at most N requests")
+    p.add_argument("--duration", type=float, default=None, metavar="S", help="send for at most S wall seconds")
+    p.add_argument("--out", required=True, help="output folder (records, summary.json, report)")
+    p.add_argument("--prompt", choices=["tokens", "text"], default="tokens", help="token-id or text prompts")
+    p.add_argument("--model", default=None, help="model name (default: first of the target's /v1/models)")
+    p.add_argument("--concurrency-limit", type=int, default=None, help="client-side cap on requests in flight")
+    p.add_argument("--slo-ttft", type=float, default=2.0, metavar="S", help="goodput TTFT SLO (default 2 s)")
+    p.add_argument("--slo-tpot", type=float, default=0.1, metavar="S", help="goodput TPOT SLO (default 0.1 s)")
+    p.add_argument("--engine-metrics", action="append", default=None, metavar="URL",
+                   help="replica base URL whose vllm:* counters to diff per target (repeatable)")
+    p.add_argument("--reset-prefix-cache", action="store_true",
+                   help="POST /reset_prefix_cache to every --engine-metrics replica before each target")
+    p.add_argument("--grace", type=float, default=30.0, metavar="S", help="wait for pending requests after the last send")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="per-request limit")
+    p.add_argument("--endpoint", default="/v1/completions", help="request path (default /v1/completions)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+    def _run(args: argparse.Namespace) -> int:
+        from .replay import cmd_replay  # aiohttp and the report load only when replaying
+
+        return cmd_replay(args)
+
+    p.set_defaults(func=_run)
