@@ -1,0 +1,172 @@
+"""Start and stop simulated fleets and routers as subprocesses, for the demo and the comparison.
+
+Every process gets its own session (process group) and log file and is stopped with SIGTERM,
+then SIGKILL, by ``ProcGroup.close()``, which the demo calls in ``finally`` (also on Ctrl-C).
+Ports are picked free on loopback. This mirrors tests/integration/procs.py, which traces/ must not
+import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+class Proc:
+    def __init__(self, args: Sequence[str], name: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = list(args)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.p = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,  # Ctrl-C in the terminal reaches us only; we stop the group
+        )
+
+    def log(self, tail: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(5)
+        if not self._log.closed:
+            self._log.close()
+        return self.p.returncode
+
+
+class ProcGroup:
+    """Everything one run started; ``close()`` stops it in reverse order."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[Proc] = []
+
+    def start(self, args: Sequence[str], name: str, env: dict[str, str] | None = None) -> Proc:
+        p = Proc(args, name, self.log_dir, env)
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+    def __enter__(self) -> ProcGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_http(url: str, proc: Proc, timeout: float = 30.0, ok: Sequence[int] = (200,)) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.p.returncode}:\n{proc.log()}")
+        try:
+            code = http_get(url, timeout=1.0)
+            if code in ok:
+                return
+            last = code
+        except (OSError, urllib.error.URLError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"{proc.name}: {url} not ready after {timeout:.0f} s (last: {last})\n{proc.log()}")
+
+
+_REPLICA = re.compile(r"^replica (\S+) url=(\S+)")
+
+
+def start_sim(
+    group: ProcGroup,
+    *,
+    replicas: int,
+    profile: str = "h100-llama3-8b",
+    model: str | None = None,
+    time_scale: float = 1.0,
+    num_gpu_blocks: int | None = None,
+    block_size: int | None = None,
+    extra: Sequence[str] = (),
+    timeout: float = 30.0,
+) -> tuple[Proc, list[str]]:
+    """``kvrouter sim`` on free ports; returns the process and the replica URLs once it says ``ready``."""
+    args = [PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0", "--events-port", "0",
+            "--profile", profile, "--time-scale", str(time_scale)]
+    if model:
+        args += ["--model", model]
+    if num_gpu_blocks is not None:
+        args += ["--num-gpu-blocks", str(num_gpu_blocks)]
+    if block_size is not None:
+        args += ["--block-size", str(block_size)]
+    proc = group.start([*args, *extra], "sim")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = proc.log(tail=1 << 20)
+        if re.search(r"^ready$", text, re.M):
+            urls = [m.group(2) for line in text.splitlines() if (m := _REPLICA.match(line))]
+            if len(urls) != replicas:
+                raise RuntimeError(f"sim printed {len(urls)} replica lines, expected {replicas}:\n{text[-2000:]}")
+            return proc, urls
+        if not proc.alive():
+            raise RuntimeError(f"sim exited with {proc.p.returncode}:\n{proc.log()}")
+        time.sleep(0.1)
+    raise TimeoutError(f"sim not ready after {timeout:.0f} s:\n{proc.log()}")
+
+
+def start_kvrouter(group: ProcGroup, backends: Sequence[str], policy: str, name: str,
+                   extra: Sequence[str] = ()) -> tuple[Proc, str]:
+    port = free_port()
+    args = [PY, "-m", "router", "serve", "--port", str(port), "--policy", policy, "--probe-interval", "0.5"]
+    for b in backends:
+        args += ["--backend", b]
+    proc = group.start([*args, *extra], name)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/ready", proc)
+    return proc, url
