@@ -1,0 +1,265 @@
+"""Emulations of peer routers' policies, for evaluation only (never shipped in ``router/``).
+
+Each class implements kvrouter's ``Policy`` protocol (``name``, ``needs_match``,
+``select(req, candidates, explain=None)``) so ``kvrouter simulate --policy sglang_cache_aware``
+runs it against the same fleet, trace and engine model as our own policies. The sources are the
+sections of /work/shared/reference/peers.md named in each docstring; the limits of each emulation
+are stated there and in docs/simulation.md.
+
+Common stand-in: peers that match on raw characters (SGLang, vLLM router ``cache_aware``) match
+here on the request's *block ids*, one id standing for one 512-token (trace) block, and the match
+rate is matched tokens / prompt tokens. That is kinder to them than characters would be in one way
+(no tokenizer/template mismatch, issue class 6 in peers.md §8) and equal in the other (a block
+boundary is as coarse as a differing character).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import xxhash
+
+from router.index import PrefixIndex
+from router.replicas import Replica
+from router.scoring.base import min_max_inverted
+from router.scoring.kv_usage import KVUsageScorer
+from router.scoring.pipeline import Explanation, Pipeline
+from router.scoring.policies import Policy
+from router.scoring.prefix import PrefixCacheScorer
+from router.types import ReplicaId, RequestInfo
+
+_HUGE = 1 << 40  # "unbounded" capacity of an approximate tree between eviction cycles
+
+
+class ApproxTreeCacheAware:
+    """SGLang Model Gateway ``cache_aware`` (peers.md §2; sgl-model-gateway policies/cache_aware.rs).
+
+    Per request, with load = the router's own in-flight count per worker::
+
+        imbalanced = max_load - min_load > balance_abs_threshold
+                     and max_load > min_load * balance_rel_threshold
+        imbalanced          -> the min-load worker (first of equal loads, as Rust's min_by_key)
+        else match_rate = longest prefix match over all workers' approximate trees / prompt
+             match_rate > cache_threshold -> a worker holding that longest match
+             otherwise                   -> the min-load worker
+        either way the chosen worker's tree gets the whole prompt (optimistic insert)
+
+    The approximate tree never hears from the engine: it only knows what was routed where, and it
+    forgets only by its periodic LRU eviction (every ``eviction_interval_s``, each worker's tree
+    is cut to ``max_tree_size`` characters, least recently used first). Here the tree is a private
+    ``PrefixIndex`` of block ids, and ``max_tree_size`` characters are converted to blocks at
+    ``chars_per_token`` characters per token.
+
+    Defaults are the CLI defaults (peers.md §2: 0.3 / 64 / 1.5, 120 s, 67,108,864 chars). Limits:
+    the tie among workers sharing the longest match is broken at random (the Rust tree returns the
+    first tenant of a concurrent hash map: arbitrary); the tree is per model, one model here.
+    """
+
+    needs_match = False  # it keeps its own tree: the router's index and speculation stay unused
+
+    def __init__(
+        self,
+        rng: random.Random,
+        clock: Callable[[], float],
+        *,
+        name: str = "sglang_cache_aware",
+        cache_threshold: float = 0.3,
+        balance_abs_threshold: int = 64,
+        balance_rel_threshold: float = 1.5,
+        eviction_interval_s: float = 120.0,
+        max_tree_size: int = 67_108_864,
+        chars_per_token: int = 4,
+    ) -> None:
+        self.name = name
+        self.rng = rng
+        self.clock = clock
+        self.cache_threshold = cache_threshold
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+        self.eviction_interval_s = eviction_interval_s
+        self.max_tree_size = max_tree_size
+        self.chars_per_token = chars_per_token
+        self.tree = PrefixIndex(capacity_per_replica=_HUGE, speculative_ttl_s=0.0, clock=clock)
+        self._slots: dict[ReplicaId, int] = {}
+        self._next_eviction = eviction_interval_s
+        self.decisions = {"imbalanced": 0, "cache_hit": 0, "min_load": 0}
+
+    def _slot(self, r: Replica) -> int:
+        s = self._slots.get(r.id)
+        if s is None:
+            s = self._slots[r.id] = self.tree.add_replica(r.id)
+        return s
+
+    def _maybe_evict(self, block_size: int) -> None:
+        now = self.clock()
+        if self.eviction_interval_s <= 0 or now < self._next_eviction:
+            return
+        while self._next_eviction <= now:
+            self._next_eviction += self.eviction_interval_s
+        limit = max(1, self.max_tree_size // (self.chars_per_token * max(1, block_size)))
+        for rid in self._slots:
+            self.tree.set_capacity(rid, limit)  # drops the least recently inserted/touched blocks
+            self.tree.set_capacity(rid, _HUGE)
+
+    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+        self._maybe_evict(req.block_size)
+        loads = [r.in_flight for r in candidates]
+        lo = min(loads)
+        hi = max(loads)
+        min_load = candidates[loads.index(lo)]
+        imbalanced = hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold
+        if imbalanced:
+            choice = min_load
+            self.decisions["imbalanced"] += 1
+        else:
+            matched, _ = self.tree.match(req.block_hashes) if req.block_hashes else ([], [])
+            best = 0
+            ties: list[Replica] = []
+            for r in candidates:
+                s = self._slot(r)
+                m = matched[s] if s < len(matched) else 0
+                if m > best:
+                    best, ties = m, [r]
+                elif m == best and m > 0:
+                    ties.append(r)
+            n = req.prompt_tokens
+            rate = min(n, best * req.block_size) / n if n > 0 else 0.0
+            if rate > self.cache_threshold and ties:
+                choice = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+                self.decisions["cache_hit"] += 1
+            else:
+                choice = min_load
+                self.decisions["min_load"] += 1
+        if req.block_hashes:
+            self._slot(choice)
+            self.tree.store(choice.id, req.block_hashes)
+        if explain is not None:
+            explain.chosen = choice.id
+        return choice
+
+
+class ConsistentHash:
+    """vLLM router ``consistent_hash`` (peers.md §3; vllm-project/router policies/consistent_hash.rs).
+
+    A ring of 160 virtual nodes per worker; the key is the session id when the client sends one
+    (``X-Session-ID`` and friends; here the trace's ``session_id``, set by the simulator through
+    ``set_session``), else a hash of the whole request body, i.e. a different key per distinct
+    prompt. No load term. Limit: the ring hash is xxh3 instead of the router's furc/murmur hash (same
+    uniformity, different placement).
+    """
+
+    needs_match = False
+    VNODES = 160
+
+    def __init__(self, rng: random.Random, clock: Callable[[], float], *, name: str = "vllm_consistent_hash") -> None:
+        self.name = name
+        self._session: str | None = None
+        self._ring_for: tuple[str, ...] = ()
+        self._points: list[int] = []
+        self._owners: list[str] = []
+
+    def set_session(self, session_id: str | None) -> None:
+        self._session = session_id
+
+    def _ring(self, candidates: Sequence[Replica]) -> None:
+        ids = tuple(r.url for r in candidates)
+        if ids == self._ring_for:
+            return
+        pts = sorted(
+            (xxhash.xxh3_64_intdigest(f"{url}:{i}".encode()), url) for url in ids for i in range(self.VNODES)
+        )
+        self._points = [p for p, _ in pts]
+        self._owners = [u for _, u in pts]
+        self._ring_for = ids
+
+    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+        self._ring(candidates)
+        if self._session is not None:
+            key = xxhash.xxh3_64_intdigest(b"session:" + self._session.encode())
+        else:
+            h = xxhash.xxh3_64()
+            h.update(req.prompt_tokens.to_bytes(8, "little"))
+            for b in req.block_hashes:
+                h.update((b & ((1 << 64) - 1)).to_bytes(8, "little"))
+            key = h.intdigest()
+        k = bisect.bisect_left(self._points, key)
+        url = self._owners[k % len(self._owners)]
+        choice = next(r for r in candidates if r.url == url)
+        if explain is not None:
+            explain.chosen = choice.id
+        return choice
+
+
+class PowerOfTwoInFlight:
+    """vLLM router ``power_of_two`` (peers.md §3; policies/power_of_two.rs): two distinct random
+    workers, the one with the lower load (ties to the first drawn). Load = router in-flight; the
+    optional cached ``/get_loads`` poll (every 5 s) is left out: vLLM engines do not serve it."""
+
+    needs_match = False
+
+    def __init__(self, rng: random.Random, clock: Callable[[], float], *, name: str = "vllm_power_of_two") -> None:
+        self.name = name
+        self.rng = rng
+
+    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+        if len(candidates) == 1:
+            choice = candidates[0]
+        else:
+            a, b = self.rng.sample(range(len(candidates)), 2)
+            ra, rb = candidates[a], candidates[b]
+            choice = ra if ra.in_flight <= rb.in_flight else rb
+        if explain is not None:
+            explain.chosen = choice.id
+        return choice
+
+
+class WaitingQueueScorer:
+    """llm-d ``queue-scorer`` (peers.md §6): ``(max_q - q) / (max_q - min_q)`` on the engine's
+    scraped *waiting* queue only (all 1.0 when equal)."""
+
+    type_name: ClassVar[str] = "llmd-queue"
+
+    def score(self, req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:
+        return min_max_inverted([r.engine_waiting or 0.0 for r in replicas])
+
+
+def llmd_default(rng: random.Random, clock: Callable[[], float]) -> Policy:
+    """llm-d / Gateway API Inference Extension default profile (peers.md §6, GIE chart):
+    prefix-cache 3, queue 2, kv-cache-utilization 2, max-score picker with random tie-break.
+    The prefix scorer reads kvrouter's index (speculative inserts, confirmed by KV events when the
+    simulation has them: llm-d's precise mode; approximate mode otherwise)."""
+    return Pipeline(
+        "llmd_default",
+        [(PrefixCacheScorer(), 3.0), (WaitingQueueScorer(), 2.0), (KVUsageScorer(), 2.0)],
+        rng=rng,
+    )
+
+
+def _sglang(rng: random.Random, clock: Callable[[], float]) -> Policy:
+    return ApproxTreeCacheAware(rng, clock)
+
+
+def _vllm_cache_aware(rng: random.Random, clock: Callable[[], float]) -> Policy:
+    # vllm-project/router is a fork of the SGLang gateway; its cache_aware is the same code
+    # (peers.md §3), with the same CLI defaults.
+    return ApproxTreeCacheAware(rng, clock, name="vllm_cache_aware")
+
+
+def _vllm_consistent_hash(rng: random.Random, clock: Callable[[], float]) -> Policy:
+    return ConsistentHash(rng, clock)
+
+
+def _vllm_power_of_two(rng: random.Random, clock: Callable[[], float]) -> Policy:
+    return PowerOfTwoInFlight(rng, clock)
+
+
+PEER_POLICIES: dict[str, Callable[[random.Random, Callable[[], float]], Policy]] = {
+    "sglang_cache_aware": _sglang,
+    "vllm_cache_aware": _vllm_cache_aware,
+    "vllm_consistent_hash": _vllm_consistent_hash,
+    "vllm_power_of_two": _vllm_power_of_two,
+    "llmd_default": llmd_default,
+}

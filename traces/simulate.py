@@ -1,0 +1,527 @@
+"""Offline simulation: kvrouter's real ``Router`` and policies over the real engine model, in virtual time.
+
+No sockets, no threads, no wall clock. One discrete-event loop drives a fleet of
+``engines.sim.engine.EngineModel`` replicas and one ``router.routing.Router``:
+
+* **Arrivals** at ``timestamp_s / speedup``. Before a request is routed at time ``t`` every busy
+  engine is advanced to ``t`` (``run_until(t)``: decode-only stretches are fast-forwarded in
+  closed form, so a replica costs O(events), not O(tokens)), and every callback that happened at
+  or before ``t`` has been delivered. The router therefore sees exactly what it would see live:
+* **Dispatch-time load**: ``Router.dispatch`` counts in-flight and pending prefill tokens at once.
+* **First token / finish** callbacks at their virtual times (``Router.first_token`` with the real
+  TTFT, so the per-replica prefill-rate EWMA and the tail-latency window learn as they do live;
+  ``Router.finish`` with the engine's ``cached_tokens``).
+* **Scrapes**: every ``scrape_interval_s`` the engines' running / waiting / KV-usage gauges are
+  copied into the replicas, as the live ``/metrics`` scraper does (0.25 s by default).
+* **KV events** (``kv_events=True``): each step's ``BlockStored`` / ``BlockRemoved`` /
+  ``AllBlocksCleared`` batch is applied to the index at the step's end time. Off: the index holds
+  the router's own speculation only (the approximate TTL, as for a replica without events).
+
+Block identity: the trace's ids are already chained prefix hashes (Mooncake, our generators), so
+they are used *as is* as the router's block hashes and as the engine's block hashes, with
+``block_size = trace.block_tokens`` on both sides (the router's model-name seed is not applied to
+precomputed hashes, so both sides agree by construction). The engine's KV pool is the profile's
+capacity in tokens re-counted in those blocks. Only full blocks are hashed (vLLM): a partial last
+block is never a hit, which the token-weighted oracle (``traces.stats.oracle_hit_ratio``) does
+count, so the oracle is a slightly generous upper bound.
+
+Event ordering: an engine step's effects (tokens, finishes, KV events) are stamped with the step's
+end. ``run_until(t)`` runs every step that *starts* before ``t``, so the last step of an advance
+may end after ``t``; its callbacks wait in a heap and are delivered (with the clock set to their
+time) before the first routing decision at or after it. Per replica, step ends are monotonic, so a
+replica's callbacks are always delivered in order.
+
+Complexity per request: one router decision (O(replicas) scorers + one index match), one engine
+``add_request``, plus one ``run_until`` per busy replica per arrival. At 256 replicas the latter
+dominates; see docs/simulation.md for measured rates.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from engines.sim.engine import EngineConfig, EngineModel, SimRequest
+from engines.sim.profiles import EngineProfile, get_profile
+from router.index import PrefixIndex
+from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from router.replicas import Replica, ReplicaRegistry
+from router.routing import Router, Ticket
+from router.scoring.policies import POLICIES, Policy, build_policy
+from router.types import BlockHash, ReplicaId, ReplicaSpec, Tier
+
+from .model import Trace, TraceRequest
+from .records import RequestRecord, summarize
+from .stats import oracle_hit_ratio
+
+MODEL = "sim"  # every simulated replica serves one model
+
+# A policy factory builds a fresh policy for each run: (rng, clock) -> Policy. Peer emulations
+# and sweep prototypes need the virtual clock (e.g. SGLang's periodic tree eviction).
+PolicyFactory = Callable[[random.Random, Callable[[], float]], Policy]
+
+
+class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything that defines a simulated fleet and how the trace is played against it."""
+
+    replicas: int = 8
+    profile: str = "h100-llama3-8b"
+    speedup: float = 1.0  # arrivals at timestamp_s / speedup
+    max_requests: int | None = None  # first N requests of the trace
+    duration_s: float | None = None  # only requests arriving in the first S simulated seconds
+    kv_events: bool = True
+    scrape_interval_s: float = 0.25
+    seed: int = 0
+    time_scale: float = 1.0  # engine step durations are divided by this (faster GPUs)
+    cpu_tier_tokens: int = 0  # per-replica CPU (LMCache) tier; 0 = none
+    speculative_ttl_s: float = 30.0  # router speculation TTL with KV events (Router default)
+    weights: dict[str, float] = {}  # cache_aware weight overrides
+    load_factor: float | None = None  # cache_aware bounded-load factor; None = router default
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"invalid replicas: {self.replicas} (must be >= 1)")
+        if not self.speedup > 0:
+            raise ValueError(f"invalid speedup: {self.speedup} (must be > 0)")
+        if not self.scrape_interval_s > 0:
+            raise ValueError(f"invalid scrape_interval_s: {self.scrape_interval_s} (must be > 0)")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ValueError(f"invalid max_requests: {self.max_requests} (must be >= 1)")
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise ValueError(f"invalid duration_s: {self.duration_s} (must be > 0)")
+
+
+@dataclass(slots=True)
+class PolicyRun:
+    """One policy's run: per-request records, the shared summary, and simulator counters."""
+
+    name: str
+    records: list[RequestRecord]
+    summary: dict[str, Any]
+    wall_s: float
+    sim_end_s: float  # virtual time when the last request finished
+    engine_steps: int
+    preemptions: int
+    kv_events_applied: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        out = dict(self.summary)
+        out.update(
+            {
+                "wall_s": self.wall_s,
+                "wall_rps": len(self.records) / self.wall_s if self.wall_s > 0 else math.nan,
+                "sim_end_s": self.sim_end_s,
+                "engine_steps": self.engine_steps,
+                "preemptions": self.preemptions,
+                "kv_events_applied": self.kv_events_applied,
+            }
+        )
+        out.update(self.extra)
+        return out
+
+
+class VirtualClock:
+    """The one clock the router, the index and the peer policies read: set by the event loop."""
+
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def select_requests(trace: Trace, cfg: SimConfig) -> tuple[TraceRequest, ...]:
+    """The requests a run plays: the first ``max_requests``, arriving within ``duration_s``."""
+    reqs = trace.requests
+    if cfg.max_requests is not None:
+        reqs = reqs[: cfg.max_requests]
+    if cfg.duration_s is not None:
+        limit = cfg.duration_s * cfg.speedup  # in trace seconds
+        t0 = reqs[0].timestamp_s if reqs else 0.0
+        reqs = tuple(r for r in reqs if r.timestamp_s - t0 < limit)
+    return reqs
+
+
+def fleet_blocks(profile: EngineProfile, block_tokens: int) -> int:
+    """Usable KV blocks of one replica in the trace's block unit."""
+    return profile.kv_capacity_tokens // block_tokens
+
+
+def policy_factory(name: str, cfg: SimConfig) -> PolicyFactory:
+    """Router policies by name (with the config's weight/load-factor overrides), else a peer."""
+    if name in POLICIES:
+        overrides: dict[str, Any] = {}
+        if cfg.load_factor is not None:
+            overrides["load_factor"] = cfg.load_factor
+
+        def make(rng: random.Random, clock: Callable[[], float]) -> Policy:
+            return build_policy(name, rng=rng, weights=dict(cfg.weights), **overrides)
+
+        return make
+    from .peer_policies import PEER_POLICIES
+
+    if name in PEER_POLICIES:
+        peer = PEER_POLICIES[name]
+        return lambda rng, clock: peer(rng, clock)
+    known = ", ".join([*POLICIES, *sorted(PEER_POLICIES)])
+    raise ValueError(f"unknown policy {name!r}; known: {known}")
+
+
+def known_policies() -> list[str]:
+    from .peer_policies import PEER_POLICIES
+
+    return [*POLICIES, *sorted(PEER_POLICIES)]
+
+
+# Callback kinds in the pending heap; at equal times, KV events land first (the engine publishes
+# a step's batch as the step ends, before the HTTP layer streams the token).
+_KV, _FIRST, _FINISH = 0, 1, 2
+
+
+class _Fleet:
+    """One run's state: engines, replicas, the router and the pending-callback heap."""
+
+    def __init__(self, trace: Trace, cfg: SimConfig, make_policy: PolicyFactory, rng: random.Random) -> None:
+        bs = trace.block_tokens
+        if bs <= 0:
+            raise ValueError(f"trace {trace.name!r} has no block ids (block_tokens=0): nothing to simulate")
+        self.bs = bs
+        self.cfg = cfg
+        self.clock = VirtualClock()
+        profile = get_profile(cfg.profile)
+        self.profile = profile
+        econf = EngineConfig.from_profile(
+            profile,
+            block_size=bs,
+            emit_events=cfg.kv_events,
+            cpu_tier_tokens=cfg.cpu_tier_tokens or None,
+            time_scale=cfg.time_scale,
+        )
+        self.capacity_blocks = econf.num_gpu_blocks - 1
+        self.index = PrefixIndex(
+            capacity_per_replica=self.capacity_blocks, speculative_ttl_s=cfg.speculative_ttl_s, clock=self.clock
+        )
+        self.registry = ReplicaRegistry(self.index)
+        self.policy = make_policy(rng, self.clock)
+        self.router = Router(
+            self.index,
+            self.registry,
+            self.policy,
+            block_size=bs,
+            speculative_ttl_s=cfg.speculative_ttl_s,
+            clock=self.clock,
+        )
+        self.engines: list[EngineModel] = []
+        self.replicas: list[Replica] = []
+        for i in range(cfg.replicas):
+            rep = self.registry.add(ReplicaSpec(url=f"sim://replica-{i}", name=f"r{i}", models=(MODEL,)))
+            rep.has_kv_events = cfg.kv_events
+            rep.block_size = bs
+            rep.num_gpu_blocks = econf.num_gpu_blocks
+            self.registry.set_healthy(rep, True)
+            self.replicas.append(rep)
+            self.engines.append(EngineModel(econf, profile))
+        self.rid_to_idx = {r.id: i for i, r in enumerate(self.replicas)}
+        self.busy: set[int] = set()
+        # Per replica: request id -> ticket, for requests whose first token is not known yet.
+        self.awaiting: list[dict[str, Ticket]] = [{} for _ in range(cfg.replicas)]
+        self.tickets: dict[str, Ticket] = {}
+        self.heap: list[tuple[float, int, int, int, Any]] = []
+        self.seq = 0
+        self.kv_events_applied = 0
+        self.steps = 0
+        self.records: dict[str, RequestRecord] = {}
+
+    # ---- engine side ----------------------------------------------------------------------
+
+    def advance(self, i: int, t: float) -> None:
+        """Run engine ``i`` up to ``t``; apply callbacks at or before ``t``, queue later ones."""
+        eng = self.engines[i]
+        out = eng.run_until(t)
+        if not out.steps:
+            if not eng.has_work():
+                self.busy.discard(i)
+            return
+        self.steps += out.steps
+        for ts, events in out.event_batches:
+            self._emit(ts, _KV, i, events, t)
+        awaiting = self.awaiting[i]
+        if awaiting:
+            # Workaround (reported): run_until reports finishes but not first tokens of requests
+            # still running, so read the engine's per-request first-token stamp.
+            reqs = eng._reqs
+            done = []
+            for rid, ticket in awaiting.items():
+                r = reqs.get(rid)
+                if r is None:
+                    continue  # finished within this advance: handled with the finish below
+                ft = r.first_token
+                if ft is not None:
+                    done.append(rid)
+                    self._emit(ft, _FIRST, i, ticket, t)
+            for rid in done:
+                del awaiting[rid]
+        for f in out.finished:
+            pending = awaiting.pop(f.request_id, None)
+            if pending is not None and f.first_token_time is not None:
+                self._emit(f.first_token_time, _FIRST, i, pending, t)
+            self._emit(f.finish_time, _FINISH, i, f, t)
+        if not eng.has_work():
+            self.busy.discard(i)
+
+    def _emit(self, ts: float, kind: int, i: int, payload: Any, now: float) -> None:
+        if ts <= now:
+            self._deliver(ts, kind, i, payload)
+        else:
+            self.seq += 1
+            heapq.heappush(self.heap, (ts, kind, self.seq, i, payload))
+
+    def deliver_until(self, t: float) -> None:
+        heap = self.heap
+        while heap and heap[0][0] <= t:
+            ts, kind, _seq, i, payload = heapq.heappop(heap)
+            self._deliver(ts, kind, i, payload)
+
+    def _deliver(self, ts: float, kind: int, i: int, payload: Any) -> None:
+        # The router and index read the clock: stamp the callback with its own time, then leave the
+        # clock at the later of that and where it was (late deliveries never move time backwards).
+        clock = self.clock
+        saved = clock.t
+        clock.t = ts
+        if kind == _KV:
+            self._apply_events(self.replicas[i].id, payload)
+        elif kind == _FIRST:
+            ticket: Ticket = payload
+            self.router.first_token(ticket, ts - ticket.dispatched_at)
+        else:
+            f = payload
+            ticket = self.tickets.pop(f.request_id)
+            self.router.finish(ticket, True, f.cached_tokens)
+            rec = self.records[f.request_id]
+            rec.output_tokens = f.output_tokens
+            rec.cached_tokens = max(f.cached_tokens, 0)
+            if f.first_token_time is not None:
+                rec.ttft_s = f.first_token_time - f.arrival
+            rec.e2e_s = f.finish_time - f.arrival
+        clock.t = saved if saved > ts else ts
+
+    def _apply_events(self, rid: ReplicaId, events: Sequence[KVEvent]) -> None:
+        index = self.index
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                tier = Tier.CPU if ev.medium == "CPU" else Tier.GPU
+                index.store(rid, _as_hashes(ev.block_hashes), tier)
+            elif isinstance(ev, BlockRemoved):
+                tier = Tier.CPU if ev.medium == "CPU" else Tier.GPU
+                index.remove(rid, _as_hashes(ev.block_hashes), tier)
+            elif isinstance(ev, AllBlocksCleared):
+                index.clear(rid)
+        self.kv_events_applied += len(events)
+
+    def advance_all(self, t: float) -> None:
+        self.deliver_until(t)
+        for i in list(self.busy):
+            if self.engines[i].now < t:
+                self.advance(i, t)
+        self.deliver_until(t)
+
+    def scrape(self) -> None:
+        for rep, eng in zip(self.replicas, self.engines, strict=True):
+            rep.engine_running = float(eng.num_running)
+            rep.engine_waiting = float(eng.num_waiting)
+            rep.kv_usage = eng.kv_cache_usage
+            rep.metrics_ok = True
+
+    # ---- the run --------------------------------------------------------------------------
+
+    def run(self, reqs: Sequence[TraceRequest], name: str, on_route: Callable[[TraceRequest], None] | None) -> None:
+        cfg = self.cfg
+        bs = self.bs
+        speedup = cfg.speedup
+        interval = cfg.scrape_interval_s
+        t0 = reqs[0].timestamp_s if reqs else 0.0
+        router = self.router
+        engines = self.engines
+        clock = self.clock
+        records = self.records
+        next_scrape = 0.0
+        for r in reqs:
+            t = (r.timestamp_s - t0) / speedup
+            while next_scrape <= t:
+                self.advance_all(next_scrape)
+                clock.t = max(clock.t, next_scrape)
+                self.scrape()
+                next_scrape += interval
+            self.advance_all(t)
+            clock.t = t
+            n = r.input_length
+            # Full blocks only, as vLLM and the router hash; trace ids serve as both sides' hashes.
+            full: list[BlockHash] = list(r.hash_ids[: n // bs])  # type: ignore[arg-type]
+            rec = RequestRecord(request_id=r.request_id, target=name, send_s=t, prompt_tokens=n)
+            records[r.request_id] = rec
+            if on_route is not None:
+                on_route(r)
+            info = router.request_info(
+                MODEL, block_hashes=full, prompt_tokens=n, max_tokens=max(1, r.output_length)
+            )
+            replica = router.select(info)
+            ticket = router.dispatch(info, replica)
+            i = self.rid_to_idx[replica.id]
+            rec.replica = replica.id
+            try:
+                engines[i].add_request(
+                    SimRequest(r.request_id, max(1, r.output_length), prompt_len=n, block_hashes=full), now=t  # type: ignore[arg-type]
+                )
+            except ValueError as exc:
+                rec.error = str(exc)
+                router.finish(ticket, False, None)
+                continue
+            self.tickets[r.request_id] = ticket
+            self.awaiting[i][r.request_id] = ticket
+            self.busy.add(i)
+        # Drain: no more arrivals, so every engine runs to idle and every callback is delivered.
+        for i in list(self.busy):
+            self.advance(i, math.inf)
+        self.deliver_until(math.inf)
+
+
+def _as_hashes(ids: Sequence[Any]) -> list[BlockHash]:
+    return ids if isinstance(ids, list) else list(ids)
+
+
+def run_policy(
+    trace: Trace,
+    cfg: SimConfig,
+    name: str,
+    make_policy: PolicyFactory | None = None,
+    *,
+    reqs: Sequence[TraceRequest] | None = None,
+) -> PolicyRun:
+    """Play the trace against a fresh fleet routed by one policy."""
+    if reqs is None:
+        reqs = select_requests(trace, cfg)
+    factory = make_policy or policy_factory(name, cfg)
+    rng = random.Random(cfg.seed)
+    start = time.perf_counter()
+    fleet = _Fleet(trace, cfg, factory, rng)
+    set_session = getattr(fleet.policy, "set_session", None)
+    on_route = (lambda r: set_session(r.session_id)) if set_session is not None else None
+    fleet.run(reqs, name, on_route)
+    wall = time.perf_counter() - start
+    records = [fleet.records[r.request_id] for r in reqs]
+    end = max((rec.send_s + (rec.e2e_s or 0.0) for rec in records), default=0.0)
+    preemptions = sum(e.metrics.num_preemptions for e in fleet.engines)
+    return PolicyRun(
+        name=name,
+        records=records,
+        summary=summarize(records),
+        wall_s=wall,
+        sim_end_s=end,
+        engine_steps=fleet.steps,
+        preemptions=preemptions,
+        kv_events_applied=fleet.kv_events_applied,
+    )
+
+
+def oracle(trace: Trace, cfg: SimConfig, reqs: Sequence[TraceRequest] | None = None) -> dict[str, Any]:
+    """The single-LRU-cache upper bound for the fleet's total KV capacity (token-weighted)."""
+    if reqs is None:
+        reqs = select_requests(trace, cfg)
+    sub = msgspec.structs.replace(trace, requests=tuple(reqs))
+    blocks = cfg.replicas * fleet_blocks(get_profile(cfg.profile), trace.block_tokens)
+    hr = oracle_hit_ratio(sub, blocks)
+    return msgspec.to_builtins(hr)  # type: ignore[no-any-return]
+
+
+def simulate(
+    trace: Trace,
+    cfg: SimConfig,
+    policies: Sequence[str],
+    factories: Mapping[str, PolicyFactory] | None = None,
+) -> dict[str, Any]:
+    """Run every policy on a fresh fleet with the same requests; one report dict (JSON-ready)."""
+    reqs = select_requests(trace, cfg)
+    orc = oracle(trace, cfg, reqs)
+    out: dict[str, Any] = {
+        "trace": trace.name,
+        "requests": len(reqs),
+        "config": msgspec.to_builtins(cfg),
+        "oracle_hit_ratio": orc["token_hit_lru"],
+        "oracle": orc,
+        "policies": {},
+    }
+    for name in policies:
+        factory = (factories or {}).get(name)
+        run = run_policy(trace, cfg, name, factory, reqs=reqs)
+        out["policies"][name] = run.report()
+    return out
+
+
+def simulate_runs(
+    trace: Trace,
+    cfg: SimConfig,
+    policies: Sequence[str],
+    factories: Mapping[str, PolicyFactory] | None = None,
+) -> list[PolicyRun]:
+    """Like ``simulate`` but keeps the per-request records (for ``--out``)."""
+    reqs = select_requests(trace, cfg)
+    return [run_policy(trace, cfg, n, (factories or {}).get(n), reqs=reqs) for n in policies]
+
+
+# ---- presentation -------------------------------------------------------------------------------
+
+_COLUMNS = (
+    ("policy", "{}", None),
+    ("hit", "{:.1%}", "hit_ratio"),
+    ("ttft mean", "{:.3f}", "ttft_mean_s"),
+    ("p50", "{:.3f}", "ttft_p50_s"),
+    ("p99", "{:.3f}", "ttft_p99_s"),
+    ("e2e mean", "{:.2f}", "e2e_mean_s"),
+    ("req/s", "{:.2f}", "throughput_rps"),
+    ("slo", "{:.1%}", "slo_attainment"),
+    ("max/mean", "{:.2f}", None),
+    ("wall s", "{:.2f}", "wall_s"),
+    ("req/s wall", "{:,.0f}", "wall_rps"),
+)
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A readable table of one ``simulate`` report."""
+    cfg = report["config"]
+    lines = [
+        f"trace {report['trace']}: {report['requests']:,} requests, {cfg['replicas']} x {cfg['profile']}, "
+        f"speedup {cfg['speedup']:g}, kv events {'on' if cfg['kv_events'] else 'off'}",
+        f"oracle hit ratio (one LRU of the fleet's {report['oracle']['cache_blocks']:,} blocks, "
+        f"token-weighted): {report['oracle_hit_ratio']:.1%}",
+        "",
+    ]
+    rows = [[c[0] for c in _COLUMNS]]
+    for name, p in report["policies"].items():
+        row = []
+        for title, fmt, key in _COLUMNS:
+            if title == "policy":
+                row.append(name)
+            elif title == "max/mean":
+                v = p["load_spread"].get("max_over_mean", math.nan)
+                row.append(fmt.format(v))
+            else:
+                v = p.get(key, math.nan) if key else math.nan
+                row.append("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
+        rows.append(row)
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
