@@ -149,3 +149,34 @@ def register_replay(sub: Any) -> None:
         return cmd_replay(args)
 
     p.set_defaults(func=_run)
+
+
+def register_simulate(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "simulate",
+        help="offline virtual-time simulation: the real router policies over simulated engines",
+        description="Play a trace against N simulated replicas in virtual time, once per policy; "
+        "see docs/simulation.md.",
+    )
+    p.add_argument("--trace", required=True, help="trace file with block ids (Mooncake JSONL, kvrouter JSONL)")
+    p.add_argument("--replicas", type=int, default=8, help="simulated replicas (default 8)")
+    p.add_argument("--profile", default="h100-llama3-8b", help="engine profile (default h100-llama3-8b)")
+    p.add_argument("--policy", action="append", default=None, metavar="P",
+                   help="repeatable: router policy or peer emulation (default round_robin and cache_aware)")
+    p.add_argument("--speedup", type=float, default=1.0, help="arrival = trace time / X (default 1)")
+    p.add_argument("--max-requests", type=int, default=None, help="first N requests of the trace")
+    p.add_argument("--duration", type=float, default=None, metavar="S", help="requests arriving in the first S simulated s")
+    p.add_argument("--kv-events", choices=["on", "off"], default="on", help="feed engine KV events to the index")
+    p.add_argument("--scrape-interval", type=float, default=0.25, metavar="S", help="engine gauge refresh (0.25)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the policies' rng (default 0)")
+    p.add_argument("--weight", action="append", default=None, metavar="NAME=W", help="cache_aware weight override")
+    p.add_argument("--load-factor", type=float, default=None, help="cache_aware bounded-load factor override")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.add_argument("--out", default=None, metavar="DIR", help="write records-<policy>.jsonl and summary.json")
+
+    def _run(args: argparse.Namespace) -> int:
+        from .simulate import cmd_simulate
+
+        return cmd_simulate(args)
+
+    p.set_defaults(func=_run)
