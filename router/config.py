@@ -42,6 +42,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     workers: PosInt = 1  # processes sharing the port with SO_REUSEPORT
     max_body_bytes: PosInt = 32 * 1024 * 1024
     max_header_bytes: PosInt = 16 * 1024
+    # Open client connections beyond this get a canned 503 and are closed at once, so a flood of
+    # idle sockets cannot grow memory without bound (0 = no cap; the OS fd limit still applies).
+    max_connections: NonNegInt = 0
     replica_header: bool = True  # add x-kvrouter-replica to every proxied response
     api_keys: list[str] = msgspec.field(default_factory=list)  # router's own Bearer keys
     enable_debug: bool = False  # POST /debug/route, GET /debug/replicas
@@ -129,6 +132,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.port", "port", "listen port", "int"),
     Option("server.workers", "workers", "worker processes on one SO_REUSEPORT port", "int"),
     Option("server.max_body_bytes", "max-body-bytes", "largest accepted request body", "int"),
+    Option("server.max_header_bytes", "max-header-bytes", "longest accepted request line / header field", "int"),
+    Option("server.max_connections", "max-connections", "open client connections before 503 + close (0 = no cap)", "int"),
     Option("server.replica_header", "replica-header", "add x-kvrouter-replica to responses", "bool"),
     Option("server.api_keys", "api-key", "accepted client Bearer key (repeatable)", "list"),
     Option("server.enable_debug", "enable-debug", "enable POST /debug/route", "bool"),

@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import msgspec
@@ -45,9 +45,10 @@ from .errors import (
     error_body,
 )
 from .health import ReplicaManager
-from .index import PrefixIndex
+from .index import IndexInvariantError, PrefixIndex
 from .kv_events import KVEventManager
 from .metrics import RouterMetrics
+from .openapi import openapi_spec
 from .parity import ParityTracker
 from .proxy import Forwarder, ForwardHooks
 from .replicas import ReplicaRegistry
@@ -55,13 +56,13 @@ from .requests import messages_of, parse_chat, parse_completion, parse_model, ro
 from .routing import Router, Tokenizer
 from .scoring.pipeline import Explanation
 from .scoring.policies import build_policy
-from .types import KeyMode, ReplicaSpec, RequestInfo
+from .types import KeyMode, ReplicaId, ReplicaSpec, RequestInfo
 
 log = logging.getLogger("kvrouter.server")
 
 # Paths forwarded as-is to a healthy replica (vLLM's OpenAI server surface minus admin/dev).
 PASSTHROUGH_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/classify", "/version")
-_PUBLIC = frozenset(("/health", "/ready", "/metrics"))
+_PUBLIC = frozenset(("/health", "/ready", "/metrics", "/openapi.json"))
 _json = msgspec.json.Encoder()
 
 
@@ -147,6 +148,7 @@ def create_app(
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/openapi.json", _openapi)
     if cfg.server.enable_debug:
         app.router.add_post("/debug/route", _debug_route)
         app.router.add_get("/debug/replicas", _debug_replicas)
@@ -418,6 +420,10 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=st.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
+async def _openapi(request: web.Request) -> web.Response:
+    return web.Response(body=_json.encode(openapi_spec(request.app[STATE].cfg)), content_type="application/json")
+
+
 def _new_explanation(st: AppState, req: RequestInfo) -> Explanation:
     return Explanation(st.router.policy.name, len(req.block_hashes), req.block_size, req.key_mode.value)
 
@@ -465,9 +471,34 @@ async def _debug_replicas(request: web.Request) -> web.Response:
                 "uncertain": st.router.is_uncertain(r.id),
                 "ttft_p90_s": r.tail_ttft(),
                 "parity_ratio": st.parity.ratio(r.id),
+                "kv_events": _kv_stats(st, r.id),
             }
         )
-    return web.Response(body=_json.encode({"replicas": rows, "block_size": st.router.block_size}), content_type="application/json")
+    # A full recount, O(indexed blocks): cheap enough for a debug call, and what the reliability
+    # tests assert after every fault.
+    try:
+        st.index.check_invariants()
+        invariants = "ok"
+    except IndexInvariantError as exc:
+        invariants = str(exc)
+    out = {"replicas": rows, "block_size": st.router.block_size, "index_invariants": invariants}
+    return web.Response(body=_json.encode(out), content_type="application/json")
+
+
+def _kv_stats(st: AppState, rid: ReplicaId) -> dict[str, Any] | None:
+    s = st.kv_events.stats(rid) if st.kv_events is not None else None
+    if s is None:
+        return None
+    return {
+        "last_seq": s.last_seq,
+        "batches": s.batches,
+        "gaps": s.gaps,
+        "restarts": s.restarts,
+        "replays": s.replays,
+        "stale": s.stale,
+        "decode_errors": s.decode_errors,
+        "connected": s.connected,
+    }
 
 
 # ---- running ---------------------------------------------------------------------------------
@@ -479,8 +510,15 @@ async def serve(cfg: Config, *, ready: Callable[[int], None] | None = None, sock
     st = app[STATE]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=cfg.server.drain_timeout_s)
     await runner.setup()
-    if sock is not None:
-        site: web.BaseSite = web.SockSite(runner, sock)
+    if cfg.server.max_connections > 0:
+        if sock is None:
+            sock = socket.create_server(
+                (cfg.server.host, cfg.server.port), backlog=1024, reuse_port=cfg.server.workers > 1
+            )
+        refused = st.metrics.client_errors.labels("connection_cap")
+        site: web.BaseSite = CappedSockSite(runner, sock, cfg.server.max_connections, refused.inc)
+    elif sock is not None:
+        site = web.SockSite(runner, sock)
     else:
         site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_port=cfg.server.workers > 1, backlog=1024)
     await site.start()
@@ -512,6 +550,98 @@ async def drain(st: AppState, site: web.BaseSite) -> None:
         log.info("drained in %.2fs", time.monotonic() - t0)
     except TimeoutError:
         log.warning("drain timeout: %d request(s) still in flight are cut", st.active)
+
+
+_REFUSAL_BODY = error_body(
+    "The router has too many open connections; retry later.", "service_unavailable", None, "too_many_connections"
+)
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY
+)
+
+
+class _Counted(asyncio.Protocol):
+    """Delegates to aiohttp's RequestHandler and counts it until its connection is lost; exact,
+    where aiohttp's own ``Server.connections`` lags behind a burst of accepts."""
+
+    __slots__ = ("inner", "site")
+
+    def __init__(self, inner: asyncio.Protocol, site: CappedSockSite) -> None:
+        self.inner = inner
+        self.site = site
+        site.open += 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.site.open -= 1
+        self.inner.connection_lost(exc)
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection over the cap: a canned 503, then close. The client's request bytes are read and
+    dropped until it closes (or 1 s), because closing with unread input makes the kernel send RST,
+    which can destroy the 503 before the client reads it."""
+
+    def __init__(self) -> None:
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        transport.write(_REFUSAL)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(1.0, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class CappedSockSite(web.SockSite):
+    """``--max-connections``: beyond ``limit`` open connections, new ones are answered 503 and
+    closed, so an idle-connection flood costs a socket for at most a second each, not a handler,
+    parser and buffers that live until the keep-alive timeout."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, limit: int, on_refuse: Callable[[], None]) -> None:
+        super().__init__(runner, sock, backlog=1024)
+        self.limit = limit
+        self.open = 0
+        self._on_refuse = on_refuse
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers with the runner; SockSite.start would serve uncapped
+        server = self._runner.server
+        assert server is not None
+
+        def factory() -> asyncio.Protocol:
+            if self.open >= self.limit:
+                self._on_refuse()
+                return _Refuse()
+            return _Counted(server(), self)
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(factory, sock=self._sock, backlog=self._backlog)
 
 
 def _bound_port(runner: web.AppRunner) -> int:
