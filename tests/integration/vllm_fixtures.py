@@ -14,13 +14,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,8 +28,10 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from tests.integration import procs
+from tests.integration.procs import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = procs.ROOT
 SERVE = REPO / "engines" / "vllm" / "serve_cpu.sh"
 MAKE_MODEL = REPO / "engines" / "vllm" / "make_tiny_model.py"
 
@@ -71,12 +69,6 @@ def vllm_setup_or_skip_reason() -> tuple[Path, Path] | str:
         if built.returncode != 0:
             return f"could not build the tiny model into {model}: {built.stderr.strip()[-500:]}"
     return python.parent.parent, model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -132,20 +124,14 @@ class Reply:
 
 
 def http(method: str, url: str, payload: Any = None, timeout: float = 60) -> Reply:
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            status, headers = resp.status, {k.lower(): v for k, v in resp.headers.items()}
-    except urllib.error.HTTPError as err:
-        raw, status, headers = err.read(), err.code, {k.lower(): v for k, v in err.headers.items()}
-        err.close()
+    """procs.http with the body parsed as JSON where it is JSON, and lower-case header names."""
+    headers = None if payload is None else {"content-type": "application/json"}
+    status, raw_headers, raw = procs.http(method, url, payload, headers, timeout)
     try:
         body: Any = json.loads(raw)
     except ValueError:
         body = raw.decode(errors="replace")
-    return Reply(status, headers, body)
+    return Reply(status, {k.lower(): v for k, v in raw_headers.items()}, body)
 
 
 def complete(base_url: str, prompt: str | list[int], max_tokens: int = 1) -> Reply:
@@ -331,36 +317,14 @@ class EventCollector:
 
 
 @contextmanager
-def kvrouter(backends: Sequence[str], tokenizer: Path, log_path: Path) -> Iterator[str]:
-    """`kvrouter serve` against `backends` (KV events discovered from each /kv_event_sources)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "router", "serve", "--policy", "cache_aware", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--kv-events", "auto", "--tokenizer", str(tokenizer), "--enable-debug"]
-    for b in backends:
-        cmd += ["--backend", b]
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(
-                        f"kvrouter serve exited with {proc.returncode} before serving: {log_path.read_text()[-2000:]}"
-                    )
-                try:
-                    if http("GET", f"{url}/ready", timeout=2).status == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"kvrouter serve not ready on {url}/ready after 60s")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def kvrouter(backends: Sequence[str], tokenizer: Path, log_dir: Path) -> Iterator[str]:
+    """`kvrouter serve` against `backends`, KV events discovered from each /kv_event_sources; yields its URL."""
+    router = procs.RouterProc(
+        log_dir,
+        backends,
+        *("--policy", "cache_aware", "--kv-events", "auto", "--tokenizer", str(tokenizer), "--enable-debug"),
+    )
+    try:
+        yield router.url
+    finally:
+        router.proc.stop(timeout=15)
