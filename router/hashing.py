@@ -48,15 +48,15 @@ def token_bytes(tokens: Sequence[int]) -> bytes:
 
 
 def _chain(data: bytes, unit: int, seed: int, max_blocks: int) -> list[BlockHash]:
+    # Hot path (every request, every stored KV event block): positional seed and plain bytes
+    # slices are ~3x faster than a keyword seed over memoryview slices for 64-byte blocks.
     n = min(len(data) // unit, max_blocks)
-    out: list[BlockHash] = [BlockHash(0)] * n
-    view = memoryview(data)
+    out: list[BlockHash] = []
+    append = out.append
     h = seed
-    off = 0
-    for i in range(n):
-        h = _xxh3(view[off : off + unit], seed=h)
-        out[i] = BlockHash(h)
-        off += unit
+    for off in range(0, n * unit, unit):
+        h = _xxh3(data[off : off + unit], h)
+        append(BlockHash(h))
     return out
 
 

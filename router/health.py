@@ -219,9 +219,7 @@ class ReplicaManager:
             await asyncio.sleep(interval)
 
     def apply_engine_metrics(self, rep: Replica, m: EngineMetrics) -> None:
-        rep.engine_running = m.running
-        rep.engine_waiting = m.waiting
-        rep.kv_usage = m.kv_usage
+        rep.set_engine_load(m.running, m.waiting, m.kv_usage)
         rep.metrics_ok = True
         if m.block_size and m.block_size != rep.block_size:
             rep.block_size = m.block_size

@@ -86,6 +86,7 @@ class PrefixIndex:
         # Min-heap of (deadline_ms, seq, slot, tier, hashes): one record per speculative store.
         self._spec_heap: list[tuple[int, int, int, int, Sequence[int]]] = []
         self._spec_seq = itertools.count()
+        self.uncertain_slots: set[int] = set()  # replicas whose view missed KV events
         self.evictions = 0  # blocks dropped by the capacity bound
         self.expirations = 0  # speculative blocks that were never confirmed
 
@@ -115,6 +116,7 @@ class PrefixIndex:
         if entry is None:
             return
         self.clear(replica)
+        self.uncertain_slots.discard(entry.slot)
         del self._replicas[replica]
         del self._by_slot[entry.slot]
         self._free_slots.append(entry.slot)
@@ -140,7 +142,14 @@ class PrefixIndex:
             self._enforce_capacity(entry, tier)
 
     def set_uncertain(self, replica: ReplicaId, uncertain: bool) -> None:
-        self._replicas[replica].uncertain = uncertain
+        entry = self._replicas.get(replica)
+        if entry is None:
+            return
+        entry.uncertain = uncertain
+        if uncertain:
+            self.uncertain_slots.add(entry.slot)
+        else:
+            self.uncertain_slots.discard(entry.slot)
 
     def is_uncertain(self, replica: ReplicaId) -> bool:
         entry = self._replicas.get(replica)
@@ -249,26 +258,33 @@ class PrefixIndex:
             return gpu_len, any_len
         self._expire(self._now_ms())
         gmask, cmask = self._masks
+        gget = gmask.get
+        cget = cmask.get if cmask else None
+        below = _bits_below(n_slots)
         g_alive = -1  # slots whose GPU prefix is still unbroken (all bits)
         a_alive = -1
+        g_prev = a_prev = -2  # masks of the previous block (-2: none yet)
         i = 0
-        for i, h in enumerate(hashes):
-            g = gmask.get(h, 0)
-            a = g | cmask.get(h, 0)
+        for i, h in enumerate(hashes):  # noqa: B007 - i is read after the loop
+            g = gget(h, 0)
+            a = g | cget(h, 0) if cget is not None else g
+            if g == g_prev and a == a_prev:
+                continue  # same holders as the block before: nothing ends here (common case)
+            g_prev, a_prev = g, a
             g_new = g_alive & g
             a_new = a_alive & a
             ended = g_alive & ~g_new
             if ended and i:
-                _record(gpu_len, ended & _bits_below(n_slots), i)
+                _record(gpu_len, ended & below, i)
             ended = a_alive & ~a_new
             if ended and i:
-                _record(any_len, ended & _bits_below(n_slots), i)
+                _record(any_len, ended & below, i)
             g_alive, a_alive = g_new, a_new
             if not a_alive:
                 return gpu_len, any_len
         n = i + 1
-        _record(gpu_len, g_alive & _bits_below(n_slots), n)
-        _record(any_len, a_alive & _bits_below(n_slots), n)
+        _record(gpu_len, g_alive & below, n)
+        _record(any_len, a_alive & below, n)
         return gpu_len, any_len
 
     def holds(self, replica: ReplicaId, h: BlockHash, tier: Tier = Tier.GPU) -> bool:

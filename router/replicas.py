@@ -39,6 +39,7 @@ class Replica:
     # Engine-reported (scraped from /metrics; None until the first scrape).
     engine_running: float | None = None
     engine_waiting: float | None = None
+    engine_queue: float = 0.0  # running + waiting, kept in step by set_engine_load
     kv_usage: float | None = None
     block_size: int | None = None
     num_gpu_blocks: int | None = None
@@ -78,6 +79,12 @@ class Replica:
             self._tail_cache = data[min(len(data) - 1, max(0, math.ceil(q * len(data)) - 1))]
         return self._tail_cache
 
+    def set_engine_load(self, running: float | None, waiting: float | None, kv_usage: float | None) -> None:
+        self.engine_running = running
+        self.engine_waiting = waiting
+        self.kv_usage = kv_usage
+        self.engine_queue = (running or 0.0) + (waiting or 0.0)
+
     @property
     def queue_depth(self) -> float:
         """Requests ahead of a new one: the larger of router in-flight and engine running+waiting.
@@ -85,8 +92,9 @@ class Replica:
         The router's own count is exact for what *this* router sent and reacts instantly; the
         engine's count includes other routers' traffic (scale-out) but lags by a scrape.
         """
-        engine = (self.engine_running or 0.0) + (self.engine_waiting or 0.0)
-        return max(float(self.in_flight), engine)
+        f = self.in_flight
+        e = self.engine_queue
+        return f if f > e else e
 
 
 class ReplicaRegistry:

@@ -159,7 +159,8 @@ class Router:
         if req.block_hashes and self.policy.needs_match:
             req.gpu_blocks, req.cpu_blocks = self.index.match(req.block_hashes)
             if self._prefix_scorers:
-                uncertain = frozenset(r.slot for r in cands if self.is_uncertain(r.id))
+                # maintained by the KV-event layer through index.set_uncertain: O(1) here
+                uncertain = self.index.uncertain_slots
                 for s in self._prefix_scorers:
                     s.uncertain = uncertain
         replica = self.policy.select(req, cands, explain)

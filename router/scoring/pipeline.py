@@ -105,11 +105,12 @@ class Pipeline:
             values = scorer.score(req, kept)
             if timer:
                 timer(scorer.type_name, time.perf_counter() - t0)
-            for i, v in enumerate(values):
-                # enforce the [0, 1] contract here, once, rather than trusting every scorer
-                totals[i] += weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
             if explain is not None:
-                per_scorer.append((scorer.type_name, values))
+                per_scorer.append((scorer.type_name, values))  # raw: shows a misbehaving scorer
+            if min(values) < 0.0 or max(values) > 1.0:
+                # enforce the [0, 1] contract here, once, rather than trusting every scorer
+                values = [0.0 if v < 0.0 else 1.0 if v > 1.0 else v for v in values]
+            totals = [t + weight * v for t, v in zip(totals, values, strict=True)]
         choice = kept[self.picker.pick(totals, kept, self.rng)]
         if explain is not None:
             self._explain(explain, req, candidates, kept, per_scorer, totals, choice)

@@ -24,7 +24,7 @@ class PrefixCacheScorer:
     def __init__(self, cpu_credit: float = 0.8, uncertain_discount: float = 0.5) -> None:
         self.cpu_credit = cpu_credit
         self.uncertain_discount = uncertain_discount
-        self.uncertain: frozenset[int] = frozenset()  # slots; set by the router
+        self.uncertain: frozenset[int] | set[int] = frozenset()  # slots; set by the router
 
     def score(self, req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:
         total = len(req.block_hashes)

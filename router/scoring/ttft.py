@@ -34,16 +34,27 @@ class EstimatedTTFTScorer:
         n = req.prompt_tokens
         gpu = req.gpu_blocks
         anyt = req.cpu_blocks
+        ng = len(gpu)
         credit = self.cpu_credit
+        default_rate = self.default_rate
+        step_s = self.step_s
         out = []
         for r in replicas:
             s = r.slot
-            g = min(n, (gpu[s] if s < len(gpu) else 0) * bs)
-            a = min(n, (anyt[s] if s < len(anyt) else 0) * bs)
-            uncached = n - g - credit * (a - g)
-            rate = r.prefill_tps or self.default_rate
-            running = r.engine_running if r.engine_running is not None else float(r.in_flight)
-            out.append((r.pending_prefill_tokens + uncached) / rate + self.step_s * max(running, r.in_flight))
+            if s < ng:
+                g = gpu[s] * bs
+                a = anyt[s] * bs
+                if g > n:
+                    g = n
+                if a > n:
+                    a = n
+                uncached = n - g - credit * (a - g)
+            else:
+                uncached = n
+            running = r.engine_running
+            f = r.in_flight
+            busy = f if running is None or running < f else running
+            out.append((r.pending_prefill_tokens + uncached) / (r.prefill_tps or default_rate) + step_s * busy)
         return out
 
     def score(self, req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:

@@ -65,7 +65,7 @@ def test_queue_depth_scorer(in_flight: list[int], waiting: list[float | None], e
     reps = replicas(3)
     for r, f, w in zip(reps, in_flight, waiting, strict=True):
         r.in_flight = f
-        r.engine_waiting = w
+        r.set_engine_load(None, w, None)
     assert QueueDepthScorer().score(req(), reps) == pytest.approx(expected)
 
 
