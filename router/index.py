@@ -265,7 +265,7 @@ class PrefixIndex:
         a_alive = -1
         g_prev = a_prev = -2  # masks of the previous block (-2: none yet)
         i = 0
-        for i, h in enumerate(hashes):  # noqa: B007 - i is read after the loop
+        for i, h in enumerate(hashes):
             g = gget(h, 0)
             a = g | cget(h, 0) if cget is not None else g
             if g == g_prev and a == a_prev:

@@ -47,10 +47,7 @@ def build(n_replicas: int, rng: random.Random) -> tuple[Router, list[list[int]]]
     stored = 0
     chains: list[list[int]] = []
     while stored < TOTAL_BLOCKS:
-        if rng.random() < 0.5:
-            head = heads[rng.randrange(16)][: rng.randrange(1, 512)]
-        else:
-            head = []
+        head = heads[rng.randrange(16)][:rng.randrange(1, 512)] if rng.random() < 0.5 else []
         chain = head + [rng.getrandbits(64) for _ in range(64)]
         rep = reps[rng.randrange(n_replicas)]
         index.store(rep.id, chain)  # type: ignore[arg-type]
