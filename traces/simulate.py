@@ -48,7 +48,7 @@ from typing import Any
 
 import msgspec
 
-from engines.sim.engine import EngineConfig, EngineModel, SimRequest
+from engines.sim.engine import ITL_BUCKETS, EngineConfig, EngineModel, Histogram, SimRequest
 from engines.sim.profiles import EngineProfile, get_profile
 from router.index import PrefixIndex
 from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -128,6 +128,17 @@ class PolicyRun:
         return out
 
 
+class _UnrecordedHistogram(Histogram):
+    """Drops observations. The simulator reads its latencies from the finished requests, and the
+    per-token ITL histogram was the largest single cost of a decode fast-forward (profiled)."""
+
+    def observe(self, v: float) -> None:
+        return None
+
+    def observe_series(self, first: float, step: float, n: int) -> None:
+        return None
+
+
 class VirtualClock:
     """The one clock the router, the index and the peer policies read: set by the event loop."""
 
@@ -200,10 +211,13 @@ class _Fleet:
         self.clock = VirtualClock()
         profile = get_profile(cfg.profile)
         self.profile = profile
+        self.policy = make_policy(rng, self.clock)
+        # Events only matter to a policy that reads the index; the others skip their cost.
+        self.use_events = cfg.kv_events and bool(self.policy.needs_match)
         econf = EngineConfig.from_profile(
             profile,
             block_size=bs,
-            emit_events=cfg.kv_events,
+            emit_events=self.use_events,
             cpu_tier_tokens=cfg.cpu_tier_tokens or None,
             time_scale=cfg.time_scale,
         )
@@ -212,7 +226,6 @@ class _Fleet:
             capacity_per_replica=self.capacity_blocks, speculative_ttl_s=cfg.speculative_ttl_s, clock=self.clock
         )
         self.registry = ReplicaRegistry(self.index)
-        self.policy = make_policy(rng, self.clock)
         self.router = Router(
             self.index,
             self.registry,
@@ -230,7 +243,9 @@ class _Fleet:
             rep.num_gpu_blocks = econf.num_gpu_blocks
             self.registry.set_healthy(rep, True)
             self.replicas.append(rep)
-            self.engines.append(EngineModel(econf, profile))
+            eng = EngineModel(econf, profile)
+            eng.metrics.itl = _UnrecordedHistogram(ITL_BUCKETS)
+            self.engines.append(eng)
         self.rid_to_idx = {r.id: i for i, r in enumerate(self.replicas)}
         self.busy: set[int] = set()
         # Per replica: request id -> ticket, for requests whose first token is not known yet.
@@ -317,15 +332,23 @@ class _Fleet:
 
     def _apply_events(self, rid: ReplicaId, events: Sequence[KVEvent]) -> None:
         index = self.index
+        removed: list[BlockHash] = []  # a run of GPU BlockRemoved, applied as one index call
         for ev in events:
+            if isinstance(ev, BlockRemoved) and ev.medium != "CPU":
+                removed.extend(_as_hashes(ev.block_hashes))
+                continue
+            if removed:
+                index.remove(rid, removed)
+                removed = []
             if isinstance(ev, BlockStored):
                 tier = Tier.CPU if ev.medium == "CPU" else Tier.GPU
                 index.store(rid, _as_hashes(ev.block_hashes), tier)
             elif isinstance(ev, BlockRemoved):
-                tier = Tier.CPU if ev.medium == "CPU" else Tier.GPU
-                index.remove(rid, _as_hashes(ev.block_hashes), tier)
+                index.remove(rid, _as_hashes(ev.block_hashes), Tier.CPU)
             elif isinstance(ev, AllBlocksCleared):
                 index.clear(rid)
+        if removed:
+            index.remove(rid, removed)
         self.kv_events_applied += len(events)
 
     def advance_all(self, t: float) -> None:
@@ -354,14 +377,19 @@ class _Fleet:
         engines = self.engines
         clock = self.clock
         records = self.records
-        next_scrape = 0.0
+        last_tick = -1
         for r in reqs:
             t = (r.timestamp_s - t0) / speedup
-            while next_scrape <= t:
-                self.advance_all(next_scrape)
-                clock.t = max(clock.t, next_scrape)
+            # Scrapes are lazy: the router only reads the gauges when it decides, so only the last
+            # scrape tick at or before this arrival is taken (the values are those a live scraper
+            # would have stored then); ticks with no decision after them cost nothing.
+            tick = math.floor(t / interval)
+            if tick > last_tick:
+                last_tick = tick
+                ts = tick * interval
+                self.advance_all(ts)
+                clock.t = max(clock.t, ts)
                 self.scrape()
-                next_scrape += interval
             self.advance_all(t)
             clock.t = t
             n = r.input_length
@@ -443,28 +471,19 @@ def oracle(trace: Trace, cfg: SimConfig, reqs: Sequence[TraceRequest] | None = N
     return msgspec.to_builtins(hr)  # type: ignore[no-any-return]
 
 
-def simulate(
-    trace: Trace,
-    cfg: SimConfig,
-    policies: Sequence[str],
-    factories: Mapping[str, PolicyFactory] | None = None,
+def build_report(
+    trace: Trace, cfg: SimConfig, reqs: Sequence[TraceRequest], runs: Sequence[PolicyRun]
 ) -> dict[str, Any]:
-    """Run every policy on a fresh fleet with the same requests; one report dict (JSON-ready)."""
-    reqs = select_requests(trace, cfg)
+    """The one report shape (``--json``): oracle bound plus every policy's summary."""
     orc = oracle(trace, cfg, reqs)
-    out: dict[str, Any] = {
+    return {
         "trace": trace.name,
         "requests": len(reqs),
         "config": msgspec.to_builtins(cfg),
         "oracle_hit_ratio": orc["token_hit_lru"],
         "oracle": orc,
-        "policies": {},
+        "policies": {r.name: r.report() for r in runs},
     }
-    for name in policies:
-        factory = (factories or {}).get(name)
-        run = run_policy(trace, cfg, name, factory, reqs=reqs)
-        out["policies"][name] = run.report()
-    return out
 
 
 def simulate_runs(
@@ -473,9 +492,20 @@ def simulate_runs(
     policies: Sequence[str],
     factories: Mapping[str, PolicyFactory] | None = None,
 ) -> list[PolicyRun]:
-    """Like ``simulate`` but keeps the per-request records (for ``--out``)."""
+    """Run every policy on a fresh fleet with the same requests, keeping the records."""
     reqs = select_requests(trace, cfg)
     return [run_policy(trace, cfg, n, (factories or {}).get(n), reqs=reqs) for n in policies]
+
+
+def simulate(
+    trace: Trace,
+    cfg: SimConfig,
+    policies: Sequence[str],
+    factories: Mapping[str, PolicyFactory] | None = None,
+) -> dict[str, Any]:
+    """``simulate_runs`` reduced to the JSON-ready report."""
+    runs = simulate_runs(trace, cfg, policies, factories)
+    return build_report(trace, cfg, select_requests(trace, cfg), runs)
 
 
 # ---- presentation -------------------------------------------------------------------------------
@@ -525,3 +555,64 @@ def format_report(report: Mapping[str, Any]) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ---- CLI handler (``kvrouter simulate``; arguments in traces/cli.py register_simulate) ----------
+
+
+def cmd_simulate(args: Any) -> int:
+    """Run the policies, print a table (or one JSON object with ``--json``), write ``--out``."""
+    import os
+    import sys
+
+    from .loaders import TraceFormatError, load_trace
+    from .records import write_records
+
+    try:
+        trace, report = load_trace(args.trace)
+    except (OSError, TraceFormatError) as exc:
+        print(f"kvrouter simulate: {exc}", file=sys.stderr)
+        return 2
+    if report.bad:
+        print(report.summary(), file=sys.stderr)
+    weights: dict[str, float] = {}
+    for item in args.weight or ():
+        key, _, value = item.partition("=")
+        try:
+            weights[key.strip()] = float(value)
+        except ValueError:
+            print(f"kvrouter simulate: invalid --weight {item!r} (expected NAME=FLOAT)", file=sys.stderr)
+            return 2
+    try:
+        cfg = SimConfig(
+            replicas=args.replicas,
+            profile=args.profile,
+            speedup=args.speedup,
+            max_requests=args.max_requests,
+            duration_s=args.duration,
+            kv_events=args.kv_events == "on",
+            scrape_interval_s=args.scrape_interval,
+            seed=args.seed,
+            weights=weights,
+            load_factor=args.load_factor,
+        )
+        get_profile(cfg.profile)
+        names = args.policy or ["round_robin", "cache_aware"]
+        for n in names:
+            policy_factory(n, cfg)
+        runs = simulate_runs(trace, cfg, names)
+    except ValueError as exc:
+        print(f"kvrouter simulate: {exc}", file=sys.stderr)
+        return 2
+    out = build_report(trace, cfg, select_requests(trace, cfg), runs)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        for r in runs:
+            write_records(os.path.join(args.out, f"records-{r.name}.jsonl"), r.records)
+        with open(os.path.join(args.out, "summary.json"), "wb") as f:
+            f.write(msgspec.json.format(msgspec.json.encode(out)) + b"\n")
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(out).decode() + "\n")
+    else:
+        print(format_report(out))
+    return 0
