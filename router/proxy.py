@@ -33,6 +33,7 @@ from .errors import NoReplicaAvailable, RouterError, UpstreamError, UpstreamTime
 from .metrics import RouterMetrics
 from .replicas import Replica
 from .routing import Router, Ticket
+from .scoring.pipeline import Explanation
 from .types import ReplicaId, RequestInfo
 
 log = logging.getLogger("kvrouter.proxy")
@@ -137,15 +138,23 @@ class Forwarder:
         req: RequestInfo,
         *,
         routed: bool = True,
+        explain: Explanation | None = None,
     ) -> web.StreamResponse:
-        """Pick a replica (policy when ``routed``, else least in-flight), send, relay."""
+        """Pick a replica (policy when ``routed``, else least in-flight), send, relay.
+
+        ``explain`` is filled by the first selection (debug logging of the real decision)."""
         headers = request_headers(request.headers, self.cfg.api_key)
         tried: list[ReplicaId] = []
         last: UpstreamFailure | None = None
         started = time.perf_counter()
-        for _attempt in range(self.cfg.max_retries + 1):
+        for attempt in range(self.cfg.max_retries + 1):
             try:
-                replica = self.router.select(req, tried) if routed else self._least_loaded(req.model, tried)
+                if routed:
+                    replica = self.router.select(req, tried, explain if attempt == 0 else None)
+                    if attempt == 0 and explain is not None:
+                        log.debug("route %s", explain.log_line())
+                else:
+                    replica = self._least_loaded(req.model, tried)
             except NoReplicaAvailable:
                 if last is not None:
                     break

@@ -59,6 +59,7 @@ from .scoring.policies import build_policy
 from .types import KeyMode, ReplicaId, ReplicaSpec, RequestInfo
 
 log = logging.getLogger("kvrouter.server")
+_proxy_log = logging.getLogger("kvrouter.proxy")
 
 # Paths forwarded as-is to a healthy replica (vLLM's OpenAI server surface minus admin/dev).
 PASSTHROUGH_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/classify", "/version")
@@ -364,13 +365,10 @@ async def _generate(request: web.Request, info: Callable[[AppState, bytes], Requ
     with _Active(st):
         body = await _read_body(request)
         req = info(st, body)
-        if st.cfg.server.log_level == "debug" and log.isEnabledFor(logging.DEBUG):
-            explain = _new_explanation(st, req)
-            st.router.select(req, explain=explain)  # dry run for the log line only
-            log.debug("route %s %s", request.path, explain.log_line())
+        explain = _new_explanation(st, req) if _proxy_log.isEnabledFor(logging.DEBUG) else None
         async with st.admission.slot():
             assert st.forwarder is not None
-            return await st.forwarder.forward(request, request.path, body, req)
+            return await st.forwarder.forward(request, request.path, body, req, explain=explain)
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:
