@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check router engines traces tests
+	$(PY) -m ruff check router engines traces tests tools
 	$(PY) -m mypy
 
 # The suite CI runs: unit, property and multi-process integration tests on loopback.
