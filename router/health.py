@@ -149,6 +149,10 @@ class ReplicaManager:
 
     async def _on_admit(self, rep: Replica) -> None:
         await self._refresh_models(rep)
+        if self.cfg.health.scrape_metrics:
+            # Learn block size and KV capacity before following events, so the subscription
+            # starts with the engine's block size rather than the configured default.
+            await self._scrape_once(rep, self.cfg.health.probe_timeout_s * 2)
         if self.kv_events is not None and self.cfg.kv_events.mode != "off":
             await self._subscribe_events(rep)
 
@@ -203,19 +207,22 @@ class ReplicaManager:
         rep.has_kv_events = True
         log.info("replica %s: following KV events on %s", rep.id, endpoint)
 
+    async def _scrape_once(self, rep: Replica, timeout: float) -> None:
+        try:
+            status, body = await self._get(rep, "/metrics", timeout)
+            if status == 200:
+                self.apply_engine_metrics(rep, parse_engine_metrics(body.decode("utf-8", "replace")))
+            else:
+                rep.metrics_ok = False
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            rep.metrics_ok = False
+
     async def _scrape_loop(self, rep: Replica) -> None:
         interval = self.cfg.health.metrics_interval_s
         timeout = max(interval * 4, self.cfg.health.probe_timeout_s)
         while True:
             if rep.healthy:
-                try:
-                    status, body = await self._get(rep, "/metrics", timeout)
-                    if status == 200:
-                        self.apply_engine_metrics(rep, parse_engine_metrics(body.decode("utf-8", "replace")))
-                    else:
-                        rep.metrics_ok = False
-                except (aiohttp.ClientError, TimeoutError, OSError):
-                    rep.metrics_ok = False
+                await self._scrape_once(rep, timeout)
             await asyncio.sleep(interval)
 
     def apply_engine_metrics(self, rep: Replica, m: EngineMetrics) -> None:
@@ -250,6 +257,11 @@ class ReplicaManager:
         log.info("adopting engine block_size=%d (was %d)", size, self.router.block_size)
         self.router.block_size = size
         self._block_size_locked = True
+        if self.kv_events is not None:
+            for rid in self.kv_events.replicas():
+                events = self.kv_events.events_of(rid)
+                if events is not None:
+                    events.block_size = size
 
 
 def _explicit_event_endpoints(pairs: list[str]) -> dict[str, str]:
