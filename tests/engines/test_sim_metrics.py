@@ -10,7 +10,7 @@ from prometheus_client.samples import Sample
 
 from engines.sim.metrics import SimMetrics, cache_config_labels
 
-GOLDEN = Path("/work/shared/reference/captures/vllm-0.32-kv-events-metrics.txt")
+GOLDEN = Path(__file__).resolve().parents[1] / "router" / "golden" / "vllm-0.32-metrics.txt"
 
 # What a router reads (DESIGN.md "Replica state"), with the type vLLM gives it.
 ROUTING_METRICS = {

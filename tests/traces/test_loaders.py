@@ -19,7 +19,8 @@ from traces.loaders import (
 )
 from traces.model import Trace, TraceRequest
 
-SHARED = Path(os.environ.get("KVROUTER_SHARED_TRACES", "/work/shared/traces"))
+# The public traces are vendored (traces/data/README.md); KVROUTER_SHARED_TRACES can point elsewhere.
+SHARED = Path(os.environ.get("KVROUTER_SHARED_TRACES", Path(__file__).resolve().parents[2] / "traces" / "data"))
 CONV = SHARED / "mooncake" / "conversation_trace.jsonl"
 AZURE_CODE = SHARED / "azure_llm_2023" / "AzureLLMInferenceTrace_code.csv"
 
