@@ -365,6 +365,9 @@ async def _generate(request: web.Request, info: Callable[[AppState, bytes], Requ
     with _Active(st):
         body = await _read_body(request)
         req = info(st, body)
+        if st.cfg.server.log_prompts and log.isEnabledFor(logging.DEBUG):
+            # Opt-in only: prompts are user data and never reach a log otherwise (docs/security.md).
+            log.debug("prompt %s: %s", request.path, body[:2048].decode("utf-8", "replace"))
         explain = _new_explanation(st, req) if _proxy_log.isEnabledFor(logging.DEBUG) else None
         async with st.admission.slot():
             assert st.forwarder is not None
@@ -466,6 +469,7 @@ async def _debug_replicas(request: web.Request) -> web.Response:
                 "num_gpu_blocks": r.num_gpu_blocks,
                 "has_kv_events": r.has_kv_events,
                 "index_blocks": st.index.replica_blocks(r.id),
+                "index_confirmed": list(st.index.confirmed_digest(r.id)),
                 "uncertain": st.router.is_uncertain(r.id),
                 "ttft_p90_s": r.tail_ttft(),
                 "parity_ratio": st.parity.ratio(r.id),
