@@ -114,9 +114,28 @@ def plan(trace: Trace, cfg: ReplayConfig, model: str) -> list[Planned]:
 # --- one request ----------------------------------------------------------------------------------
 
 
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    text: str | None = None  # /v1/completions
+    delta: _Delta | None = None  # /v1/chat/completions
+
+
 class _Chunk(msgspec.Struct):
-    choices: list[dict[str, Any]] = []
+    choices: list[_Choice] = []
     usage: dict[str, Any] | None = None
+
+
+def _read_usage(rec: RequestRecord, usage: dict[str, Any]) -> None:
+    if usage.get("completion_tokens") is not None:
+        rec.output_tokens = int(usage["completion_tokens"])
+    if usage.get("prompt_tokens") is not None:
+        rec.prompt_tokens = int(usage["prompt_tokens"])
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and details.get("cached_tokens") is not None:
+        rec.cached_tokens = int(details["cached_tokens"])
 
 
 _chunk_dec = msgspec.json.Decoder(_Chunk)
@@ -148,33 +167,39 @@ async def _send_one(
                 rec.error = f"HTTP {resp.status}: {text.strip()[:300]}"
                 return
             done = False
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    break
+            buf = b""
+            # iter_any: whatever bytes arrived, often several SSE events at once under load, so
+            # the client spends one wakeup per network read rather than one per token. Tokens
+            # that arrive in one read share its timestamp (an inter-token latency of 0): that is
+            # what a client of this server sees.
+            async for data_in in resp.content.iter_any():
                 now = time.perf_counter()
-                try:
-                    chunk = _chunk_dec.decode(data)
-                except msgspec.DecodeError:
-                    rec.error = f"bad SSE data: {data[:120]!r}"
-                    return
-                if chunk.usage:
-                    rec.output_tokens = int(chunk.usage.get("completion_tokens") or chunks)
-                    rec.prompt_tokens = int(chunk.usage.get("prompt_tokens") or rec.prompt_tokens)
-                    details = chunk.usage.get("prompt_tokens_details") or {}
-                    if isinstance(details, dict) and details.get("cached_tokens") is not None:
-                        rec.cached_tokens = int(details["cached_tokens"])
-                if any(c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.choices):
-                    chunks += 1
-                    if last is None:
-                        rec.ttft_s = now - start
-                    else:
-                        rec.itl_s.append(now - last)
-                    last = now
+                buf += data_in
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = _chunk_dec.decode(data)
+                    except msgspec.DecodeError:
+                        rec.error = f"bad SSE data: {data[:120]!r}"
+                        return
+                    if chunk.usage:
+                        _read_usage(rec, chunk.usage)
+                    if any(c.text or (c.delta is not None and c.delta.content) for c in chunk.choices):
+                        chunks += 1
+                        if last is None:
+                            rec.ttft_s = now - start
+                        else:
+                            rec.itl_s.append(now - last)
+                        last = now
+                if done:
+                    break
             end = time.perf_counter()
             if not done:
                 rec.error = "stream ended without [DONE]"
