@@ -1,0 +1,606 @@
+"""make bench-proxy: what the router costs on the request path, next to its peers, in one run.
+
+Targets, all in front of the same fake OpenAI backends on loopback:
+
+* ``direct``: the load generator talks to one backend (the floor every router is measured from);
+* ``kvrouter`` (``kvrouter serve``, one worker, and ``--workers N`` variants when asked for);
+* ``sglang`` (``python -m sglang_router.launch_router``) and ``vllm-router`` (the Rust binary of
+  the vllm-router wheel), from ``.venv-peers``; installed there under ``flock .venv-peers.lock``
+  when missing. A peer that cannot start is reported with the reason and skipped.
+
+For each of non-streaming and streaming (16 SSE chunks), at each concurrency: req/s, p50/p99
+latency and the latency *added* over ``direct`` at the same mode and concurrency, the router's CPU
+(utime+stime from /proc/<pid>/stat over the measured window, summed over its process tree, so
+forked workers count) per request and as a share of one core, and its RSS (summed over the tree).
+
+Fairness on a small machine: the router runs on ``--router-cpus`` and the load generator and the
+backends on ``--client-cpus`` (``taskset``), the same for every router. The backends are a raw
+asyncio protocol with canned responses and the load generator is ``wrk`` (C, keep-alive), so
+neither is what limits the routers: ``direct`` shows how far they go on their own. Without
+``wrk`` a raw-asyncio keep-alive client in this file stands in (slower; the table says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS_VENV = ROOT / ".venv-peers"
+PEERS_LOCK = ROOT / ".venv-peers.lock"
+MODEL = "fake-model"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# ---- backend: raw asyncio HTTP/1.1, canned answers ---------------------------------------------
+
+
+def _sse(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _chunked(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _canned(chunks: int) -> tuple[bytes, list[bytes]]:
+    """(non-streaming response, streaming response writes). Same shapes
+    as tests/support/fake_openai.py: per-chunk completion events, a usage event, [DONE]."""
+    usage = {"prompt_tokens": 10, "completion_tokens": chunks, "total_tokens": 10 + chunks,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    text = "".join(f"t{i} " for i in range(chunks))
+    body = json.dumps({"id": "cmpl-fake", "object": "text_completion", "model": MODEL,
+                       "choices": [{"index": 0, "text": text, "finish_reason": "length"}], "usage": usage},
+                      separators=(",", ":")).encode()
+    plain = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+    events = [_sse({"id": "cmpl-fake", "object": "text_completion", "model": MODEL,
+                    "choices": [{"index": 0, "text": f"t{i} ", "finish_reason": None}]}) for i in range(chunks)]
+    events.append(_sse({"id": "cmpl-fake", "object": "text_completion", "model": MODEL, "choices": [], "usage": usage}))
+    writes = [head] + [_chunked(e) for e in events] + [_chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n"]
+    return plain, writes
+
+
+def _json_200(obj: object) -> bytes:
+    body = json.dumps(obj).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+_STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
+
+
+class _BackendProtocol(asyncio.Protocol):
+    """Pipelining-safe HTTP/1.1: parse every complete request in the buffer, answer in order.
+    Streaming answers are one ``write`` per SSE event (separate segments with TCP_NODELAY), like
+    an engine that emits tokens as it makes them."""
+
+    def __init__(self, plain: bytes, stream: list[bytes], gets: dict[bytes, bytes]) -> None:
+        self.plain = plain
+        self.stream = stream
+        self.gets = gets
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        t = self.transport
+        assert t is not None
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head = buf[:end].lower()
+            start = end + 4
+            i = head.find(b"content-length:")
+            if i >= 0:
+                j = head.find(b"\r\n", i)
+                total = start + int(head[i + 15 : j if j >= 0 else len(head)])
+            elif b"chunked" in head:
+                k = buf.find(b"\r\n0\r\n\r\n", start - 2)
+                if k < 0:
+                    break
+                total = k + 7
+            else:
+                total = start
+            if len(buf) < total:
+                break
+            line = head[: head.find(b"\r\n")]
+            if line.startswith(b"post"):
+                if _STREAM_RE.search(buf, start, total):
+                    for w in self.stream:
+                        t.write(w)
+                else:
+                    t.write(self.plain)
+            else:
+                path = line.split(b" ")[1].split(b"?")[0] if b" " in line else b"/"
+                t.write(self.gets.get(path, self.gets[b"*"]))
+            buf = buf[total:]
+        self.buf = buf
+
+
+def serve_backends(ports: Sequence[int], chunks: int) -> None:
+    plain, stream = _canned(chunks)
+    metrics = (
+        f'vllm:num_requests_running{{model_name="{MODEL}"}} 0\n'
+        f'vllm:num_requests_waiting{{model_name="{MODEL}"}} 0\n'
+        f'vllm:kv_cache_usage_perc{{model_name="{MODEL}"}} 0\n'
+    ).encode()
+    gets = {
+        b"/health": _json_200({"status": "ok"}),
+        b"/v1/models": _json_200({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "fake"}]}),
+        b"/metrics": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(metrics), metrics),
+        b"/kv_event_sources": b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+        b"*": _json_200({}),
+    }
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        servers = [
+            await loop.create_server(lambda: _BackendProtocol(plain, stream, gets), "127.0.0.1", p, backlog=4096)
+            for p in ports
+        ]
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print("ready", flush=True)
+        await stop.wait()
+        for s in servers:
+            s.close()
+
+    _run_loop(main())
+
+
+def _run_loop(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# ---- load generators ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LoadResult:
+    requests: int
+    seconds: float
+    errors: int
+    p50_us: float
+    p99_us: float
+    max_us: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+
+_WRK_LUA = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('BENCHJSON {"requests":%%d,"duration_us":%%d,"errors":%%d,"p50":%%d,"p99":%%d,"max":%%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+def run_wrk(wrk: str, url: str, body: bytes, conc: int, seconds: float, cpus: str | None, tmp: Path) -> LoadResult:
+    script = tmp / "post.lua"
+    script.write_text(_WRK_LUA % body.decode())
+    cmd = [wrk, "-t1", f"-c{conc}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url]
+    out = subprocess.run(_pinned(cmd, cpus), capture_output=True, text=True, timeout=seconds + 30)
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCHJSON "):
+            d = json.loads(line[len("BENCHJSON "):])
+            return LoadResult(d["requests"], d["duration_us"] / 1e6, d["errors"], d["p50"], d["p99"], d["max"])
+    raise RuntimeError(f"wrk gave no result: {out.stdout[-500:]} {out.stderr[-500:]}")
+
+
+async def _py_load(host: str, port: int, path: str, body: bytes, conc: int, seconds: float) -> LoadResult:
+    """Fallback client: ``conc`` keep-alive connections, one request in flight on each."""
+    req = (b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+           % (path.encode(), host.encode(), port, len(body), body))
+    lat: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def one() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                writer.write(req)
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200"):
+                    errors += 1
+                low = head.lower()
+                i = low.find(b"content-length:")
+                if i >= 0:
+                    await reader.readexactly(int(low[i + 15 : low.find(b"\r\n", i)]))
+                else:  # chunked: read chunks to the terminating zero-size one
+                    while True:
+                        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                        await reader.readexactly(size + 2)
+                        if size == 0:
+                            break
+                lat.append(time.perf_counter() - t0)
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(conc)))
+    took = time.perf_counter() - t0
+    lat.sort()
+
+    def pick(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1e6 if lat else 0.0
+
+    return LoadResult(len(lat), took, errors, pick(0.5), pick(0.99), lat[-1] * 1e6 if lat else 0.0)
+
+
+def run_py_load(url: str, body: bytes, conc: int, seconds: float) -> LoadResult:
+    u = urllib.parse.urlsplit(url)
+    result: list[LoadResult] = []
+
+    async def main() -> None:
+        result.append(await _py_load(u.hostname or "127.0.0.1", u.port or 80, u.path, body, conc, seconds))
+
+    _run_loop(main())
+    return result[0]
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *cmd] if cpus and shutil.which("taskset") else cmd
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (forked workers, helper processes)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_ticks(pid: int) -> int:
+    total = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    total = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except OSError:
+            continue
+    return total
+
+
+class Proc:
+    def __init__(self, cmd: list[str], name: str, log_dir: Path, cpus: str | None) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.p = subprocess.Popen(_pinned(cmd, cpus), cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-1500:]
+
+    def stop(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(5)
+        self._log.close()
+
+
+def post_ok(url: str, body: bytes, timeout: float = 2.0) -> bool:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+            return bool(r.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def wait_serving(proc: Proc, url: str, body: bytes, timeout: float) -> None:
+    """Ready = a real completion goes through (every router has its own idea of /health)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
+        if post_ok(url, body):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} did not serve within {timeout:g}s: {proc.tail()}")
+
+
+def ensure_peers(log: Path) -> str | None:
+    """Returns why the peers are unavailable, or None. Installs into .venv-peers (never .venv)
+    under the lock `make compare` shares, only when the venv or a package is missing."""
+    py = PEERS_VENV / "bin" / "python"
+    probe = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('sglang_router') else 1)"
+
+    def ok() -> bool:
+        return py.exists() and (PEERS_VENV / "bin" / "vllm-router").exists() and \
+            subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0
+
+    if ok():
+        return None
+    with open(PEERS_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ok():
+            with open(log, "ab") as out:
+                if not py.exists():
+                    base = shutil.which("python3.11") or sys.executable
+                    subprocess.run([base, "-m", "venv", str(PEERS_VENV)], stdout=out, stderr=out, check=False)
+                subprocess.run([str(py), "-m", "pip", "install", "-q", "sglang-router", "vllm-router"],
+                               stdout=out, stderr=out, check=False, timeout=900)
+    return None if ok() else f"pip install sglang-router vllm-router into .venv-peers failed (see {log})"
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Cell:
+    target: str
+    stream: bool
+    conc: int
+    load: LoadResult
+    cpu_s: float
+    rss: int
+    loadavg: float
+
+
+@dataclass(slots=True)
+class Target:
+    name: str
+    url: str
+    proc: Proc | None
+    note: str = ""
+    cells: list[Cell] = field(default_factory=list)
+
+
+def _body(stream: bool, prompt: str) -> bytes:
+    return json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 16, "stream": stream}).encode()
+
+
+def measure(t: Target, args: argparse.Namespace, loadgen: str | None, tmp: Path, prompt: str) -> None:
+    for stream in (False, True):
+        body = _body(stream, prompt)
+        for conc in args.concurrency:
+            # A short warm-up at the same concurrency: pools, JIT-free but cache-warm paths.
+            _load(loadgen, t.url, body, conc, args.warmup, args.client_cpus, tmp)
+            before = cpu_ticks(t.proc.pid) if t.proc else 0
+            loadavg = os.getloadavg()[0]
+            res = _load(loadgen, t.url, body, conc, args.duration, args.client_cpus, tmp)
+            cpu = (cpu_ticks(t.proc.pid) - before) / CLK_TCK if t.proc else 0.0
+            rss = rss_bytes(t.proc.pid) if t.proc else 0
+            t.cells.append(Cell(t.name, stream, conc, res, cpu, rss, loadavg))
+            print(f"  {t.name:<14} {'stream' if stream else 'plain ':6} c={conc:<4} {res.rps:9.0f} req/s  "
+                  f"p50 {res.p50_us / 1000:7.3f} ms  p99 {res.p99_us / 1000:7.3f} ms  errors {res.errors}  "
+                  f"cpu {cpu:.2f}s  load {loadavg:.2f}", flush=True)
+
+
+def _load(loadgen: str | None, url: str, body: bytes, conc: int, seconds: float, cpus: str | None, tmp: Path) -> LoadResult:
+    if loadgen:
+        return run_wrk(loadgen, url, body, conc, seconds, cpus, tmp)
+    return run_py_load(url, body, conc, seconds)
+
+
+def render(targets: list[Target], args: argparse.Namespace, loadgen_name: str) -> str:
+    direct = next(t for t in targets if t.name == "direct")
+    base = {(c.stream, c.conc): c for c in direct.cells}
+    routers = [t for t in targets if t.name != "direct" and t.cells]
+    lines = [
+        f"load generator: {loadgen_name}; router on CPU {args.router_cpus}, load generator + backends on "
+        f"CPU {args.client_cpus}; {args.backends} backends; {args.duration:g}s per cell; "
+        f"1-min load average {min(c.loadavg for t in targets for c in t.cells):.2f}-"
+        f"{max(c.loadavg for t in targets for c in t.cells):.2f} on {os.cpu_count()} CPUs",
+        "",
+        "| mode | conc | target | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU % of a core | CPU us/req | RSS MiB | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for stream in (False, True):
+        for conc in args.concurrency:
+            for t in [direct, *routers]:
+                c = next((c for c in t.cells if c.stream == stream and c.conc == conc), None)
+                if c is None:
+                    continue
+                d = base[(stream, conc)]
+                r = c.load
+                added = "" if t is direct else f"{(r.p50_us - d.load.p50_us) / 1000:.3f}"
+                added99 = "" if t is direct else f"{(r.p99_us - d.load.p99_us) / 1000:.3f}"
+                cpu = "" if t is direct else f"{100 * c.cpu_s / r.seconds:.0f}"
+                per = "" if t is direct or not r.requests else f"{1e6 * c.cpu_s / r.requests:.0f}"
+                rss = "" if t is direct else f"{c.rss / 2**20:.0f}"
+                lines.append(f"| {'stream' if stream else 'plain'} | {conc} | {t.name} | {r.rps:.0f} | "
+                             f"{r.p50_us / 1000:.3f} | {r.p99_us / 1000:.3f} | {added} | {added99} | {cpu} | "
+                             f"{per} | {rss} | {r.errors} |")
+    kv = [t for t in routers if t.name.startswith("kvrouter")]
+    peers = [t for t in routers if not t.name.startswith("kvrouter")]
+    if kv and peers:
+        lines += ["", "Ratios kvrouter / peer (req/s: >1 is faster; CPU per request and RSS: <1 is cheaper):", "",
+                  "| mode | conc | kvrouter | peer | req/s | CPU us/req | RSS |", "|---|---|---|---|---|---|---|"]
+        for stream in (False, True):
+            for conc in args.concurrency:
+                for k in kv:
+                    kc = next((c for c in k.cells if c.stream == stream and c.conc == conc), None)
+                    for p in peers:
+                        pc = next((c for c in p.cells if c.stream == stream and c.conc == conc), None)
+                        if kc is None or pc is None or not pc.load.requests or not kc.load.requests:
+                            continue
+                        kper, pper = kc.cpu_s / kc.load.requests, pc.cpu_s / pc.load.requests
+                        lines.append(f"| {'stream' if stream else 'plain'} | {conc} | {k.name} | {p.name} | "
+                                     f"{kc.load.rps / pc.load.rps:.2f} | {kper / pper if pper else float('nan'):.2f} | "
+                                     f"{kc.rss / pc.rss if pc.rss else float('nan'):.2f} |")
+    notes = [f"* {t.name}: {t.note}" for t in targets if t.note]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds measured per cell")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up load before each cell")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--backends", type=int, default=2)
+    ap.add_argument("--chunks", type=int, default=16, help="SSE chunks per streamed response")
+    ap.add_argument("--kvrouter-workers", type=int, nargs="+", default=[1], help="one kvrouter target per value")
+    ap.add_argument("--peers", nargs="*", default=["sglang", "vllm-router"], help="peers to include")
+    ap.add_argument("--router-cpus", default="1" if (os.cpu_count() or 1) > 1 else None)
+    ap.add_argument("--client-cpus", default="0" if (os.cpu_count() or 1) > 1 else None)
+    ap.add_argument("--no-pin", action="store_true", help="let every process use every CPU")
+    ap.add_argument("--python-loadgen", action="store_true", help="use the asyncio client even if wrk exists")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-proxy.md")
+    ap.add_argument("--serve-backends", type=int, nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_backends:
+        serve_backends(args.serve_backends, args.chunks)
+        return 0
+    if args.no_pin:
+        args.router_cpus = args.client_cpus = None
+    if args.client_cpus and shutil.which("taskset"):
+        os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
+    wrk = None if args.python_loadgen else shutil.which("wrk")
+    loadgen_name = "wrk -t1 (keep-alive)" if wrk else "python asyncio keep-alive client (wrk not found)"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    prompt = "You are a helpful assistant. " * 8 + "Summarise the following text in one sentence."
+    probe = _body(False, prompt)
+    ports = [free_port() for _ in range(args.backends)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    procs: list[Proc] = []
+    targets: list[Target] = []
+    print(f"bench-proxy: {loadgen_name}; uptime: {os.getloadavg()}; logs in {tmp}", flush=True)
+    try:
+        be = Proc([sys.executable, str(Path(__file__).resolve()), "--chunks", str(args.chunks), "--serve-backends",
+                   *map(str, ports)], "backends", tmp, args.client_cpus)
+        procs.append(be)
+        wait_serving(be, urls[0] + "/v1/completions", probe, 20)
+        targets.append(Target("direct", urls[0] + "/v1/completions", None))
+        measure(targets[-1], args, wrk, tmp, prompt)
+
+        plan: list[tuple[str, list[str]]] = []
+        kv_py = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+        for w in args.kvrouter_workers:
+            name = "kvrouter" if w == 1 else f"kvrouter-w{w}"
+            plan.append((name, [kv_py, "-m", "router", "serve", "--host", "127.0.0.1", "--port", "{port}",
+                                "--kv-events", "off", "--log-level", "warning", "--workers", str(w),
+                                *[a for u in urls for a in ("--backend", u)]]))
+        why_not = ensure_peers(tmp / "peers-install.log") if args.peers else None
+        peer_py = str(PEERS_VENV / "bin" / "python")
+        if "sglang" in args.peers:
+            plan.append(("sglang", [peer_py, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+                                    "--port", "{port}", "--log-level", "warn", "--worker-urls", *urls]))
+        if "vllm-router" in args.peers:
+            plan.append(("vllm-router", [str(PEERS_VENV / "bin" / "vllm-router"), "--host", "127.0.0.1",
+                                         "--port", "{port}", "--log-level", "warning", "--worker-urls", *urls]))
+        for name, cmd in plan:
+            if why_not and not name.startswith("kvrouter"):
+                targets.append(Target(name, "", None, note=f"skipped: {why_not}"))
+                print(f"  {name}: skipped: {why_not}", flush=True)
+                continue
+            port = free_port()
+            proc = Proc([a.replace("{port}", str(port)) for a in cmd], name, tmp, args.router_cpus)
+            procs.append(proc)
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            t = Target(name, url, proc)
+            targets.append(t)
+            try:
+                wait_serving(proc, url, probe, 60)
+                measure(t, args, wrk, tmp, prompt)
+            except (RuntimeError, subprocess.SubprocessError) as exc:
+                t.note = f"could not run: {str(exc).strip().splitlines()[0][:300]}"
+                print(f"  {name}: {t.note}", flush=True)
+            finally:
+                proc.stop()
+    finally:
+        for p in procs:
+            p.stop()
+    table = render(targets, args, loadgen_name)
+    print("\n" + table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
