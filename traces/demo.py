@@ -14,10 +14,12 @@ What it does, every process on loopback and stopped at the end (also on Ctrl-C o
 Why these defaults: the slice reuses prefixes across long gaps (docs/traces.md), so a fleet
 needs roughly 5k-10k blocks of 512 tokens in total before caching shows. Each replica gets
 1,000,000 tokens of KV (62,500 blocks of 16), 4M tokens for 4 replicas = 7,812 trace blocks, where one LRU cache
-of that size would hit ~13% of prompt tokens on the slice (the real profile's 420,900 tokens per
-replica would leave ~6%). ``--speedup`` / ``--time-scale`` is the load multiplier relative to the
-trace on real H100s: 6 / 3 = 2x, about half the fleet's prefill capacity before caching, so
-queueing (and what routing does to it) is visible without saturating.
+of that size would hit ~16% of prompt tokens on the slice (the real profile's 420,900 tokens per
+replica, 3.3k trace blocks in all, would leave under 10%). ``--speedup`` / ``--time-scale`` is the
+load relative to the trace on real H100s; the default (5 / 5) is the trace's own load, compressed
+5x in time so 750 requests take ~50 s per policy. The machine's CPU adds to it: every token is an
+SSE event through the sim, the router and the client, all Python, so on a small shared machine the
+simulated engines run late and queues are longer than real H100s would have (docs/results.md).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def fleet_arguments(p: argparse.ArgumentParser, *, speedup: float, max_requests:
     p.add_argument("--block-size", type=int, default=16, help="engine KV block size (default 16, vLLM's)")
     p.add_argument("--speedup", type=float, default=speedup, help=f"trace speed-up (default {speedup:g})")
     p.add_argument("--time-scale", type=float, default=None,
-                   help="sim speed-up against real H100 time (default speedup / 2: 2x the trace's load)")
+                   help="sim speed-up against real H100 time (default = speedup: the trace's own load)")
     p.add_argument("--max-requests", type=int, default=max_requests, help=f"default {max_requests}")
     p.add_argument("--duration", type=float, default=None, help="stop sending after S seconds per target")
     p.add_argument("--grace", type=float, default=20.0, help="seconds pending requests may finish after the last send")
@@ -66,8 +68,12 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # same path as Ctrl-C: unwind, stop every process in `finally`
 
 
+def effective_time_scale(args: argparse.Namespace) -> float:
+    return float(args.time_scale) if args.time_scale is not None else float(args.speedup)
+
+
 def start_fleet(group: ProcGroup, args: argparse.Namespace) -> list[str]:
-    time_scale = args.time_scale if args.time_scale is not None else args.speedup / 2
+    time_scale = effective_time_scale(args)
     blocks = args.kv_tokens // args.block_size + 1  # +1: vLLM's reserved null block
     log(f"starting {args.replicas} simulated {args.profile} replicas (time scale {time_scale:g}x, "
         f"{args.kv_tokens:,} KV tokens each) ...")
@@ -112,7 +118,7 @@ def run_replay(args: argparse.Namespace, targets: Sequence[Any], urls: Sequence[
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m traces.demo", description=__doc__.split("\n")[0])
-    fleet_arguments(p, speedup=6.0, max_requests=750)
+    fleet_arguments(p, speedup=5.0, max_requests=750)
     p.add_argument("--policies", default="round_robin,cache_aware", help="kvrouter policies, comma-separated")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
@@ -129,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _, url = start_kvrouter(group, urls, policy, name=f"kvrouter-{policy}")
             log(f"kvrouter --policy {policy} on {url}")
             targets.append(Target(name=policy, url=url))
-        time_scale = args.time_scale if args.time_scale is not None else args.speedup / 2
+        time_scale = effective_time_scale(args)
         notes = [
             f"{args.replicas} x `kvrouter sim --profile {args.profile} --time-scale {time_scale:g}`, "
             f"{args.kv_tokens:,} KV tokens per replica (block size {args.block_size}); "
