@@ -287,6 +287,23 @@ class PrefixIndex:
         _record(any_len, a_alive & below, n)
         return gpu_len, any_len
 
+    def confirmed_digest(self, replica: ReplicaId, tier: Tier = Tier.GPU) -> tuple[int, int]:
+        """(count, order-independent digest) of the blocks KV events confirmed on a replica.
+
+        Speculative entries are left out: they come from this router's own decisions. Two routers
+        following the same engine events must report the same pair (docs/scale-out.md). O(n).
+        """
+        entry = self._replicas.get(replica)
+        if entry is None:
+            return 0, 0
+        n = 0
+        acc = 0
+        for h, state in entry.lru[tier].items():
+            if state > 0:
+                n += 1
+                acc = (acc + h * 0x9E3779B97F4A7C15 + state) & 0xFFFFFFFFFFFFFFFF
+        return n, acc
+
     def holds(self, replica: ReplicaId, h: BlockHash, tier: Tier = Tier.GPU) -> bool:
         entry = self._replicas.get(replica)
         return entry is not None and h in entry.lru[tier]

@@ -31,8 +31,8 @@ Sequence rules (one stream per replica; seq counts from 0 per publisher process)
   anything applied (a duplicate carries the same bytes, hence the same ts, as the copy we applied;
   a restarted engine numbers again from 0 but its clock moved on). A restart clears the
   replica's entries. Otherwise a stale duplicate (replay overlap): dropped and counted.
-* A first batch with ``seq > 0`` (router joined late, or re-joined after a restart) triggers a
-  backfill replay from 0 when a replay endpoint exists: the engine's buffer (10k batches) holds
+* On connecting, and again for a first batch with ``seq > 0`` (router joined late, or re-joined
+  after a restart), a replica with a replay endpoint is backfilled from seq 0: the engine's buffer (10k batches) holds
   what is cached right now, which PUB/SUB alone never re-sends.
 * A payload that does not decode is counted and dropped; its seq is consumed and the replica is
   uncertain (the lost batch may have held removals).
@@ -494,6 +494,17 @@ class ReplicaEvents:
         for seq, payload in frames:
             self._advance(seq, self._decode(payload))
         self._advance(req.seq, req.batch)
+
+    def bootstrap(self, frames: Sequence[tuple[int, bytes]], complete: bool) -> None:
+        """Cold start: apply the engine's replay buffer (what it caches now) before any live
+        batch. PUB/SUB never re-sends what was published before we subscribed, so without this a
+        router that joins an idle fleet would know nothing until new traffic arrives."""
+        if self.stats.last_seq is not None:
+            return  # live batches already started this stream
+        self.stats.replays += 1
+        self.metrics.replays.labels("ok" if complete else ("partial" if frames else "failed")).inc()
+        for seq, payload in sorted(frames, key=lambda f: f[0]):
+            self._advance(seq, self._decode(payload))
 
     # -- sequence ---------------------------------------------------------------------------
 
@@ -1029,6 +1040,14 @@ class KVEventManager:
                     sock.connect(sub.endpoint)
                     st.endpoint = sub.endpoint
                 st.connected = True
+                if sub.replay_endpoint is not None and st.last_seq is None:
+                    # Live batches queue on the SUB socket meanwhile; any overlap is dropped
+                    # as stale, any hole is a gap that the replay path fills.
+                    got, complete = await fetch_replay(
+                        self._ctx, sub.replay_endpoint, 0, timeout=self.replay_timeout
+                    )
+                    if self._subs.get(sub.events.replica) is sub:
+                        sub.events.bootstrap(got, complete)
                 while True:
                     frames = await sock.recv_multipart()
                     delay = self.backoff[0]

@@ -270,6 +270,13 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except (UnicodeError, RecursionError) as exc:
+        # msgspec raises these, not DecodeError, for invalid UTF-8 in a body, a lone surrogate
+        # (\ud800) that later fails to encode for hashing, or nesting past its depth limit (5000
+        # '['): client mistakes, so 400, not 500 (tests/reliability/test_bad_input.py).
+        st.metrics.client_errors.labels("400").inc()
+        what = "is nested too deeply" if isinstance(exc, RecursionError) else "is not valid UTF-8 / Unicode"
+        return _json_error(BadRequest(f"Request body {what}."))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return web.Response(
@@ -339,14 +346,19 @@ async def _read_body(request: web.Request) -> bytes:
 def _completion_info(st: AppState, body: bytes) -> RequestInfo:
     view = parse_completion(body)
     token_ids, text = routing_prompt(view)
-    return st.router.request_info(
-        view.model,
-        token_ids=token_ids,
-        text=text,
-        cache_salt=view.cache_salt,
-        max_tokens=view.max_tokens or 0,
-        stream=view.stream,
-    )
+    try:
+        return st.router.request_info(
+            view.model,
+            token_ids=token_ids,
+            text=text,
+            cache_salt=view.cache_salt,
+            max_tokens=view.max_tokens or 0,
+            stream=view.stream,
+        )
+    except OverflowError:
+        # hashing packs token ids as uint32; a negative or huge id is the client's mistake (400,
+        # not 500), caught here rather than checked per token on the hot path
+        raise BadRequest("Prompt token ids must be integers in [0, 2**32).", param="prompt") from None
 
 
 def _chat_info(st: AppState, body: bytes) -> RequestInfo:
@@ -386,6 +398,10 @@ async def _passthrough(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     if not request.path.startswith(PASSTHROUGH_PREFIXES):
         raise NotFound(f"Unknown path {request.path}.")
+    if request.method not in ("GET", "POST"):
+        # vLLM's API uses only these; TRACE and friends would let an engine that echoes requests
+        # reflect the upstream Authorization header (the engines' key) back to the client.
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
     with _Active(st):
         body = await _read_body(request)
         model = parse_model(body)

@@ -131,3 +131,29 @@ def stopping(*procs: Proc) -> Iterator[None]:
     finally:
         for p in procs:
             p.stop()
+
+
+class SimFleet:
+    """`kvrouter sim` in a subprocess: N simulated vLLM replicas with KV events."""
+
+    def __init__(self, log_dir: Path, replicas: int = 2, *extra: str, profile: str = "tiny", name: str = "sim") -> None:
+        # Port 0 everywhere: the sim binds free ports itself and prints them (no races between
+        # consecutive port ranges of parallel tests).
+        args = [PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0",
+                "--profile", profile, "--events-port", "0", *extra]
+        self.proc = Proc(args, name, log_dir)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = self.proc.log()
+            if "ready" in text.split():
+                break
+            if not self.proc.alive():
+                self.proc.stop()
+                raise RuntimeError(f"sim exited:\n{text[-3000:]}")
+            time.sleep(0.05)
+        else:
+            raise TimeoutError(f"sim not ready:\n{self.proc.log()[-3000:]}")
+        self.urls = [tok.split("=", 1)[1] for tok in self.proc.log().split() if tok.startswith("url=")]
+        assert len(self.urls) == replicas, self.proc.log()
+        for u in self.urls:
+            wait_http(u + "/health", proc=self.proc)

@@ -548,16 +548,18 @@ async def test_gap_is_filled_by_replay_from_a_real_router(zctx: zmq.asyncio.Cont
     try:
         mgr.add(R, pub.endpoint, pub.replay_endpoint, model=MODEL)
         await pub.wait_subscriber()
+        # cold start: the subscriber first backfills from seq 0 (an empty buffer here)
+        await wait_for(lambda: pub.replay_requests == [0])
         await pub.publish(0, payload([stored([1], [1, 2, 3, 4])], ts=1))
         await pub.publish(1, payload([stored([2], [5] * 4, parent=1)], ts=2))
         await pub.publish(2, payload([removed([1, 2])], ts=3), live=False)  # lost on the wire
         await pub.publish(3, payload([stored([3], [6] * 4)], ts=4), live=False)
         await pub.publish(4, payload([stored([4], [7] * 4, parent=3)], ts=5))
         await wait_for(lambda: (s := mgr.stats(R)) is not None and s.last_seq == 4)
-        assert pub.replay_requests == [2]
+        assert pub.replay_requests == [0, 2]
         assert idx.held(R) == set(H([6] * 4 + [7] * 4))
         assert not mgr.is_uncertain(R) and mgr.stats(R).gaps == 0  # type: ignore[union-attr]
-        assert sample(reg, "kvrouter_kv_events_replays_total", result="ok") == 1
+        assert sample(reg, "kvrouter_kv_events_replays_total", result="ok") == 2
         await pub.publish(5, payload([removed([4])], ts=6))  # live continues after the replay
         await wait_for(lambda: mgr.stats(R).last_seq == 5)  # type: ignore[union-attr]
         assert idx.held(R) == set(H([6] * 4))
