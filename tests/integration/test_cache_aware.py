@@ -63,7 +63,7 @@ def test_block_size_and_capacity_learned_from_cache_config_info(setup: tuple[Sim
 def test_repeated_prompt_goes_where_it_is_cached_and_parity_agrees(setup: tuple[SimFleet, RouterProc]) -> None:
     _, r = setup
     prompt = [100 + (i * 7) % 3000 for i in range(1000)]  # 1000 tokens = 31 full blocks of 32
-    code, h1, body1 = http("POST", r.url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4})
+    code, h1, _ = http("POST", r.url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4})
     assert code == 200
     first = h1["x-kvrouter-replica"]
     # the engine's BlockStored events confirm the prefix in the router's index
