@@ -1,0 +1,75 @@
+"""Router-side tokenizer: tokenizer.json + the model's chat template, rendered like vLLM does."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from router.config import ConfigError
+from router.index import PrefixIndex
+from router.replicas import ReplicaRegistry
+from router.routing import Router
+from router.scoring.policies import build_policy
+from router.tokenizer import load_tokenizer
+from router.types import KeyMode
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def make_tokenizer(folder: Path) -> Path:
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|begin_of_text|>", "<|user|>", "<|assistant|>", "<|system|>", "<unk>"]
+    )
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "router", "cache", "prefix", "token"]
+    tok.train_from_iterator([" ".join(rng.choices(words, k=12)) for _ in range(200)], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<unk>", "chat_template": TEMPLATE})
+    )
+    return folder
+
+
+def test_chat_is_rendered_with_the_models_template_then_tokenized(tmp_path: Path) -> None:
+    tok = load_tokenizer(str(make_tokenizer(tmp_path)))
+    msgs = [{"role": "system", "content": "alpha beta"}, {"role": "user", "content": "gamma"}]
+    text = tok.render_chat(msgs)
+    assert text == "<|begin_of_text|><|system|>\nalpha beta\n<|user|>\ngamma\n<|assistant|>\n"
+    ids = tok.encode_chat(msgs)
+    assert ids[0] == 0  # BOS comes from the template, not added twice
+    assert ids.count(0) == 1
+    assert tok.encode_prompt("alpha beta") == tok.encode_prompt("alpha beta")
+
+
+def test_router_uses_token_mode_with_a_tokenizer(tmp_path: Path) -> None:
+    tok = load_tokenizer(str(make_tokenizer(tmp_path)))
+    index = PrefixIndex(100)
+    router = Router(index, ReplicaRegistry(index), build_policy("cache_aware"), block_size=4, tokenizer=tok)
+    req = router.request_info("m", messages=[{"role": "user", "content": "router cache prefix token " * 8}])
+    assert req.key_mode is KeyMode.TOKENS
+    assert req.prompt_tokens == len(tok.encode_chat([{"role": "user", "content": "router cache prefix token " * 8}]))
+    longer = router.request_info(
+        "m",
+        messages=[
+            {"role": "user", "content": "router cache prefix token " * 8},
+            {"role": "assistant", "content": "alpha"},
+            {"role": "user", "content": "beta"},
+        ],
+    )
+    # a conversation that grows keeps the earlier turns' blocks as its prefix (all but the tail)
+    common = len(req.block_hashes) - 1
+    assert longer.block_hashes[:common] == req.block_hashes[:common]
+
+
+def test_missing_tokenizer_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"routing\.tokenizer"):
+        load_tokenizer(str(tmp_path))
