@@ -72,13 +72,13 @@ def effective_time_scale(args: argparse.Namespace) -> float:
     return float(args.time_scale) if args.time_scale is not None else float(args.speedup)
 
 
-def start_fleet(group: ProcGroup, args: argparse.Namespace) -> list[str]:
+def start_fleet(group: ProcGroup, args: argparse.Namespace, sim_extra: Sequence[str] = ()) -> list[str]:
     time_scale = effective_time_scale(args)
     blocks = args.kv_tokens // args.block_size + 1  # +1: vLLM's reserved null block
     log(f"starting {args.replicas} simulated {args.profile} replicas (time scale {time_scale:g}x, "
         f"{args.kv_tokens:,} KV tokens each) ...")
     _, urls = start_sim(group, replicas=args.replicas, profile=args.profile, model=DEMO_MODEL,
-                        time_scale=time_scale, num_gpu_blocks=blocks, block_size=args.block_size)
+                        time_scale=time_scale, num_gpu_blocks=blocks, block_size=args.block_size, extra=sim_extra)
     for u in urls:
         log(f"  replica {u}")
     return urls

@@ -170,3 +170,50 @@ def start_kvrouter(group: ProcGroup, backends: Sequence[str], policy: str, name:
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", proc)
     return proc, url
+
+
+# --- peer routers (make compare), run from their own virtualenv ------------------------------------------
+
+PEERS_VENV = ROOT / ".venv-peers"
+PEER_PACKAGES = ("sglang-router", "vllm-router")
+
+
+def ensure_peers_venv(venv: Path = PEERS_VENV, log: Path | None = None) -> str | None:
+    """Create ``venv`` with the peer routers if it lacks them; a separate venv, so their pins
+    never touch ours. Returns None when ready, else the error text."""
+    py = venv / "bin" / "python"
+    check = [str(py), "-c", "import sglang_router, vllm_router"]
+    if py.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return None
+    steps = [[PY, "-m", "venv", str(venv)], [str(py), "-m", "pip", "install", "-q", *PEER_PACKAGES]]
+    for cmd in steps:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            return f"{' '.join(cmd)} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-2000:]}"
+    r = subprocess.run(check, capture_output=True, text=True)
+    return None if r.returncode == 0 else r.stderr[-2000:]
+
+
+def start_sglang_router(group: ProcGroup, backends: Sequence[str], policy: str = "cache_aware",
+                        venv: Path = PEERS_VENV, name: str = "sglang-router") -> tuple[Proc, str]:
+    """SGLang Model Gateway (pip ``sglang-router``) in its plain HTTP-proxy mode (no tokenizer)."""
+    port = free_port()
+    args = [str(venv / "bin" / "python"), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+            "--port", str(port), "--policy", policy, "--worker-urls", *backends,
+            "--prometheus-port", str(free_port()), "--log-level", "warn"]
+    proc = group.start(args, name)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, timeout=60)
+    return proc, url
+
+
+def start_vllm_router(group: ProcGroup, backends: Sequence[str], policy: str = "cache_aware",
+                      venv: Path = PEERS_VENV, name: str = "vllm-router") -> tuple[Proc, str]:
+    """vLLM router (pip ``vllm-router``, a fork of the SGLang router) with its approximate cache_aware policy."""
+    port = free_port()
+    args = [str(venv / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+            "--worker-urls", *backends, "--prometheus-port", str(free_port()), "--log-level", "warning"]
+    proc = group.start(args, name)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, timeout=60)
+    return proc, url
