@@ -157,14 +157,18 @@ def why(targets: Mapping[str, Mapping[str, Any]], oracle_info: Mapping[str, Any]
 
 
 def in_flight_series(records: Sequence[RequestRecord]) -> dict[str, tuple[list[float], list[int]]]:
-    """Step series of requests in flight per replica (unknown replica: '?'), from send to completion."""
+    """Step series of requests in flight per replica (unknown replica: '?'), from send to completion.
+
+    A failed request counts until its last known instant (its first token, if any); one that
+    failed before any token has no known duration and is left out."""
     events: dict[str, list[tuple[float, int]]] = {}
     for r in records:
-        end = r.send_s + (r.e2e_s if r.e2e_s is not None else (r.ttft_s or 0.0))
-        key = r.replica or "?"
-        ev = events.setdefault(key, [])
+        dur = r.e2e_s if r.e2e_s is not None else r.ttft_s
+        if not dur or dur <= 0:
+            continue
+        ev = events.setdefault(r.replica or "?", [])
         ev.append((r.send_s, 1))
-        ev.append((max(end, r.send_s), -1))
+        ev.append((r.send_s + dur, -1))
     out: dict[str, tuple[list[float], list[int]]] = {}
     for key, ev in sorted(events.items()):
         ev.sort(key=lambda e: (e[0], e[1]))  # ends before starts at the same instant
