@@ -449,6 +449,14 @@ def run_policy(
     records = [fleet.records[r.request_id] for r in reqs]
     end = max((rec.send_s + (rec.e2e_s or 0.0) for rec in records), default=0.0)
     preemptions = sum(e.metrics.num_preemptions for e in fleet.engines)
+    # summarize() spreads over the replicas that got requests; a hot spot that starves the others
+    # needs the whole fleet in the denominator.
+    counts = dict.fromkeys((r.id for r in fleet.replicas), 0)
+    for rec in records:
+        if rec.replica is not None:
+            counts[ReplicaId(rec.replica)] += 1
+    mean = len(records) / len(counts)
+    spread = {"fleet_max_over_mean": max(counts.values()) / mean if mean else math.nan}
     return PolicyRun(
         name=name,
         records=records,
@@ -458,6 +466,7 @@ def run_policy(
         engine_steps=fleet.steps,
         preemptions=preemptions,
         kv_events_applied=fleet.kv_events_applied,
+        extra=spread,
     )
 
 

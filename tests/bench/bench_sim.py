@@ -34,7 +34,15 @@ _TRACES: dict[str, Trace] = {}
 
 def _trace(path: str) -> Trace:
     if path not in _TRACES:
-        _TRACES[path], _ = load_trace(path)
+        if path == "gen:shared-prompt":
+            from traces.generators import generate
+
+            _TRACES[path] = generate(
+                "shared-prompt", seed=1, requests=4000, rate=40.0, users=2000, system_prompts=1,
+                system_tokens=6144, user_tokens_mean=600.0, output_tokens_mean=300.0, block_tokens=512,
+            )  # fmt: skip
+        else:
+            _TRACES[path], _ = load_trace(path)
     return _TRACES[path]
 
 
@@ -66,6 +74,9 @@ SCENARIOS: list[tuple[str, str, int, float]] = [
     ("synth x1", SYNTH, 8, 1.0),
     ("synth x2", SYNTH, 8, 2.0),
 ]
+# A hot-spot check for the second round: one long system prompt shared by every request, so pure
+# affinity would send everything to one replica; what keeps it spread is the load terms and guard.
+HOTSPOT = ("hotspot", "gen:shared-prompt", 8, 1.0)
 
 BASE: dict[str, float] = {
     "estimated-ttft": 3.0,
@@ -96,14 +107,18 @@ def variants() -> list[tuple[str, dict[str, float], float]]:
 
 
 def combos() -> list[tuple[str, dict[str, float], float]]:
-    """Second round (chosen after reading the one-at-a-time table, docs/policy-tuning.md)."""
-    w = {"estimated-ttft": 3.0, "prefix-cache": 1.0, "queue-depth": 0.25, "kv-usage": 0.5, "tail-latency": 0.0}
-    out = []
-    for lf in (1.5, 2.0, 3.0, OFF):
-        out.append((f"ttft3 p1 q.25 kv.5 t0 lf={'off' if lf == OFF else lf}", dict(w), lf))
-    for ttft, pref, q in ((3.0, 2.0, 0.25), (6.0, 1.0, 0.25), (3.0, 1.0, 0.5), (3.0, 1.0, 0.0), (3.0, 0.0, 0.25)):
-        ww = {**w, "estimated-ttft": ttft, "prefix-cache": pref, "queue-depth": q}
-        out.append((f"ttft{ttft:g} p{pref:g} q{q:g} kv.5 t0 lf=2", ww, 2.0))
+    """Second round, chosen after reading the one-at-a-time table (docs/policy-tuning.md): the
+    bounded-load factor is the one lever that matters; the weights are refined around it."""
+    out: list[tuple[str, dict[str, float], float]] = [("base (first guess)", dict(BASE), 1.5)]
+    for lf in (3.0, 4.0, OFF):
+        out.append((f"base lf={'off' if lf == OFF else lf}", dict(BASE), lf))
+    t0 = {**BASE, "tail-latency": 0.0}
+    for lf in (3.0, OFF):
+        out.append((f"tail0 lf={'off' if lf == OFF else lf}", dict(t0), lf))
+    for lf in (3.0, OFF):
+        out.append((f"prefix2 tail0 lf={'off' if lf == OFF else lf}", {**t0, "prefix-cache": 2.0}, lf))
+    out.append(("prefix2 q.5 tail0 lf=3", {**t0, "prefix-cache": 2.0, "queue-depth": 0.5}, 3.0))
+    out.append(("ttft4 prefix2 tail0 lf=3", {**t0, "prefix-cache": 2.0, "estimated-ttft": 4.0}, 3.0))
     return out
 
 
@@ -120,13 +135,17 @@ def _run_scenario(args: tuple[str, str, int, float, list[tuple[str, dict[str, fl
     return {"label": label, **res}
 
 
-def sweep(vs: list[tuple[str, dict[str, float], float]], jobs: int) -> None:
+def sweep(vs: list[tuple[str, dict[str, float], float]], jobs: int, hotspot: bool = False) -> None:
     t0 = time.perf_counter()
-    tasks = [(label, path, n, sp, vs) for label, path, n, sp in SCENARIOS]
+    scenarios = [*SCENARIOS, HOTSPOT] if hotspot else SCENARIOS
+    tasks = [(label, path, n, sp, vs) for label, path, n, sp in scenarios]
     with ProcessPoolExecutor(max_workers=jobs) as ex:
         results = list(ex.map(_run_scenario, tasks))
     names = ["round_robin", "sglang_cache_aware", "vllm_consistent_hash", "llmd_default", *[v[0] for v in vs]]
     print("cells: hit/oracle  mean TTFT/RR  p99 TTFT/RR  (lower TTFT ratios are better)")
+    print("tpot p99 (s) per scenario, for hot-spotting: " + ", ".join(
+        f"{r['label']}: " + " ".join(f"{n}={r['runs'][n]['tpot_p99_s']:.3f}" for n in r["runs"]) for r in results
+    ))
     head = f"{'variant':<34}" + "".join(f" {r['label']:>20}" for r in results) + f" {'geomean':>20}"
     print(head)
     for r in results:
@@ -164,7 +183,7 @@ def main() -> int:
     if args.sweep == "oat":
         sweep(variants(), args.jobs)
     elif args.sweep == "combos":
-        sweep(combos(), args.jobs)
+        sweep(combos(), args.jobs, hotspot=True)
     else:
         bench(args.policy or ["round_robin", "cache_aware"])
     return 0
