@@ -117,6 +117,7 @@ async def post_faults(session: aiohttp.ClientSession, url: str, **kw: object) ->
 async def injector(urls: list[str], killable: KillableReplica, stop: asyncio.Event, log: list[str]) -> None:
     rng = random.Random(SEED)
     loop = asyncio.get_running_loop()
+    deck: list[str] = []
     async with aiohttp.ClientSession() as s:
         while not stop.is_set():
             try:
@@ -124,8 +125,11 @@ async def injector(urls: list[str], killable: KillableReplica, stop: asyncio.Eve
                 break
             except TimeoutError:
                 pass
+            if not deck:  # a shuffled deck, not independent draws: every kind shows up in any ~30 s
+                deck = ["error", "stall", "die", "restart", "events", "refuse", "kill", "clear", "clear"]
+                rng.shuffle(deck)
             target = rng.choice(urls)
-            action = rng.choice(["error", "stall", "die", "restart", "events", "refuse", "kill", "clear", "clear"])
+            action = deck.pop()
             log.append(f"{time.monotonic():.1f} {action} {target if action != 'kill' else killable.url}")
             if action == "error":
                 await post_faults(s, target, error_rate=rng.choice([0.3, 0.7, 1.0]))
