@@ -92,9 +92,15 @@ class ProcGroup:
         self.procs.append(p)
         return p
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        # SIGTERM everything first, then wait: stopping in parallel keeps Ctrl-C snappy.
         for p in reversed(self.procs):
-            p.stop()
+            if p.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in reversed(self.procs):
+            p.stop(timeout=max(deadline - time.monotonic(), 0.1))
         self.procs.clear()
 
     def __enter__(self) -> ProcGroup:
@@ -163,7 +169,9 @@ def start_sim(
 def start_kvrouter(group: ProcGroup, backends: Sequence[str], policy: str, name: str,
                    extra: Sequence[str] = ()) -> tuple[Proc, str]:
     port = free_port()
-    args = [PY, "-m", "router", "serve", "--port", str(port), "--policy", policy, "--probe-interval", "0.5"]
+    # No drain grace: nothing deregisters a demo router, and stopping should take no time.
+    args = [PY, "-m", "router", "serve", "--port", str(port), "--policy", policy, "--probe-interval", "0.5",
+            "--drain-grace", "0", "--drain-timeout", "2"]
     for b in backends:
         args += ["--backend", b]
     proc = group.start([*args, *extra], name)
