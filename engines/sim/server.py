@@ -535,6 +535,8 @@ class Replica:
             body = _json_any.decode(await request.read())
         except msgspec.DecodeError as exc:
             raise HTTPError(400, f"Invalid JSON body: {exc}") from exc
+        except RecursionError:  # msgspec's nesting limit: a client mistake, not a server fault
+            raise HTTPError(400, "Invalid JSON body: nested too deeply") from None
         if not isinstance(body, dict):
             raise HTTPError(400, "Request body must be a JSON object")
         model = body.get("model")

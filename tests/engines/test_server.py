@@ -345,3 +345,11 @@ async def test_client_disconnect_aborts_in_engine(http: aiohttp.ClientSession) -
         while f[0].model.has_unfinished_requests() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert not f[0].model.has_unfinished_requests()
+
+
+async def test_deeply_nested_json_is_a_400_not_a_500() -> None:
+    """Regression: a body nested past msgspec's depth limit raised RecursionError -> HTTP 500."""
+    async with start_fleet(1, "tiny", events_port=None) as fleet:
+        body = b'{"model":"tiny","prompt":' + b"[" * 5000 + b"]" * 5000 + b"}"
+        async with aiohttp.ClientSession() as s, s.post(fleet.replicas[0].url + "/v1/completions", data=body) as r:
+            assert r.status == 400
