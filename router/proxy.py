@@ -239,7 +239,12 @@ class Forwarder:
             await out.prepare(request)
             if first:
                 await out.write(first)
-            ok, tail = await self._relay(up, out, first, is_sse, replica)
+            if up.content.at_eof():
+                # The whole body came with the first read (a typical non-streaming answer): no
+                # relay loop, no idle timer to arm and cancel.
+                ok = True
+            else:
+                ok, tail = await self._relay(up, out, first, is_sse, replica)
             if ok:
                 await out.write_eof()
             elif not is_sse and request.transport is not None:
@@ -266,12 +271,10 @@ class Forwarder:
         replica: Replica,
     ) -> tuple[bool, bytes]:
         """Copy the rest of the body. Returns (completed, last bytes seen for usage parsing)."""
-        idle = self.cfg.idle_timeout_s
-        loop = asyncio.get_running_loop()
         prev = b""
         last = first
         try:
-            async with asyncio.timeout(loop.time() + idle) as deadline:
+            with _IdleTimer(self.cfg.idle_timeout_s) as idle:
                 while True:
                     chunk = await up.content.readany()
                     if not chunk:
@@ -283,7 +286,7 @@ class Forwarder:
                         self.metrics.stream_aborts.labels("client").inc()
                         raise asyncio.CancelledError from None
                     prev, last = last, chunk
-                    deadline.reschedule(loop.time() + idle)
+                    idle.touch()
         except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             reason = "idle_timeout" if isinstance(exc, TimeoutError) else "upstream_disconnected"
             self.metrics.stream_aborts.labels("upstream").inc()
@@ -297,6 +300,53 @@ class Forwarder:
                 except (ConnectionResetError, RuntimeError):
                     pass
             return False, b""
+
+
+class _IdleTimer:
+    """Cancels the current task when no ``touch()`` came for ``idle`` seconds; raises TimeoutError.
+
+    Same contract as ``asyncio.timeout`` with ``reschedule`` after every chunk, but lazy: a touch
+    only records the time, and the one timer re-arms itself when it fires early. A stream of N
+    chunks costs one timer per idle period instead of N cancelled-and-recreated timer handles."""
+
+    __slots__ = ("_cancelling", "_fired", "_handle", "_idle", "_last", "_loop", "_task")
+
+    def __init__(self, idle: float) -> None:
+        self._idle = idle
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._fired = False
+        self._cancelling = 0
+        self._last = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self._last + self._idle
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self._fired = True
+        self._task.cancel()
+
+    def __enter__(self) -> _IdleTimer:
+        self._cancelling = self._task.cancelling()
+        self.touch()
+        self._handle = self._loop.call_at(self._last + self._idle, self._check)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        # Like asyncio.Timeout: only our own cancellation becomes TimeoutError; a cancellation
+        # from outside (client gone) that raced with it stays a CancelledError.
+        if self._fired and exc_type is asyncio.CancelledError and self._task.uncancel() <= self._cancelling:
+            raise TimeoutError from exc
 
 
 def _cached_tokens(tail: bytes) -> int | None:
