@@ -325,6 +325,10 @@ ENGINE_COUNTERS = (
     "vllm:prefix_cache_queries_total",
     "vllm:request_success_total",
     "vllm:prompt_tokens_total",
+    # The simulator's engine-loop lag (absent on real vLLM: stays 0): how late steps woke up, so a
+    # report can tell when the simulated fleet fell behind real time (e.g. a CPU-starved machine).
+    "kvrouter_sim_step_lag_seconds_sum",
+    "kvrouter_sim_step_lag_seconds_count",
 )
 
 
@@ -387,8 +391,11 @@ def engine_delta(before: dict[str, str], after: dict[str, str]) -> dict[str, Any
         per[engine_base(u)] = {k: a[k] - b[k] for k in ENGINE_COUNTERS}
     hits = sum(d["vllm:prefix_cache_hits_total"] for d in per.values())
     queries = sum(d["vllm:prefix_cache_queries_total"] for d in per.values())
+    lag_sum = sum(d["kvrouter_sim_step_lag_seconds_sum"] for d in per.values())
+    lag_n = sum(d["kvrouter_sim_step_lag_seconds_count"] for d in per.values())
     return {
         "hit_ratio": hits / queries if queries else math.nan,
+        "sim_step_lag_mean_s": lag_sum / lag_n if lag_n else None,
         "hits_tokens": hits,
         "queries_tokens": queries,
         "requests_per_replica": {u: d["vllm:request_success_total"] for u, d in per.items()},

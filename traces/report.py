@@ -61,6 +61,8 @@ def _pct(x: float | None) -> str:
 def _s(x: float | None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
+    if x < 0.01:
+        return f"{x * 1000:.1f} ms"
     return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
@@ -300,12 +302,21 @@ def write_report(
         )
         md.append("")
     md += ["## Why", ""] + [f"- {w}" for w in data["why"]] + [""]
-    md += ["## Client", "", "| target | wall | send lateness p99 / max | cancelled at end |", "|---|---|---|---|"]
+    md += [
+        "## Client and simulator health",
+        "",
+        "Send lateness shows whether the client kept the trace clock; the sim's step lag (mean wake-up delay "
+        "per engine step, wall time) whether the simulated engines kept real time.",
+        "",
+        "| target | wall | send lateness p99 / max | cancelled at end | sim step lag mean |",
+        "|---|---|---|---|---|",
+    ]
     for name, s in targets.items():
         c = s.get("client") or {}
+        lag = (s.get("engine") or {}).get("sim_step_lag_mean_s")
         md.append(
             f"| {name} | {_n(c.get('wall_s'), '{:.1f} s')} | {_s(c.get('send_lateness_p99_s'))} / "
-            f"{_s(c.get('send_lateness_max_s'))} | {c.get('cancelled', '-')} |"
+            f"{_s(c.get('send_lateness_max_s'))} | {c.get('cancelled', '-')} | {_s(lag)} |"
         )
     errs = {n: [r.error for r in recs if r.error] for n, recs in records.items()}
     if any(errs.values()):
