@@ -326,15 +326,22 @@ def cpu_ticks(pid: int) -> int:
     return total
 
 
-def rss_bytes(pid: int) -> int:
-    total = 0
+def memory_bytes(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) summed over the tree. RSS double-counts pages forked workers share with their
+    supervisor; PSS splits shared pages between their users, so it sums honestly."""
+    rss = pss = 0
     for p in _tree(pid):
         try:
             with open(f"/proc/{p}/statm", "rb") as f:
-                total += int(f.read().split()[1]) * PAGE
+                rss += int(f.read().split()[1]) * PAGE
+            with open(f"/proc/{p}/smaps_rollup", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Pss:"):
+                        pss += int(line.split()[1]) * 1024
+                        break
         except OSError:
             continue
-    return total
+    return rss, pss
 
 
 class Proc:
@@ -425,6 +432,7 @@ class Cell:
     load: LoadResult
     cpu_s: float
     rss: int
+    pss: int
     loadavg: float
 
 
@@ -451,8 +459,8 @@ def measure(t: Target, args: argparse.Namespace, loadgen: str | None, tmp: Path,
             loadavg = os.getloadavg()[0]
             res = _load(loadgen, t.url, body, conc, args.duration, args.client_cpus, tmp)
             cpu = (cpu_ticks(t.proc.pid) - before) / CLK_TCK if t.proc else 0.0
-            rss = rss_bytes(t.proc.pid) if t.proc else 0
-            t.cells.append(Cell(t.name, stream, conc, res, cpu, rss, loadavg))
+            rss, pss = memory_bytes(t.proc.pid) if t.proc else (0, 0)
+            t.cells.append(Cell(t.name, stream, conc, res, cpu, rss, pss, loadavg))
             print(f"  {t.name:<14} {'stream' if stream else 'plain ':6} c={conc:<4} {res.rps:9.0f} req/s  "
                   f"p50 {res.p50_us / 1000:7.3f} ms  p99 {res.p99_us / 1000:7.3f} ms  errors {res.errors}  "
                   f"cpu {cpu:.2f}s  load {loadavg:.2f}", flush=True)
@@ -469,13 +477,15 @@ def render(targets: list[Target], args: argparse.Namespace, loadgen_name: str) -
     base = {(c.stream, c.conc): c for c in direct.cells}
     routers = [t for t in targets if t.name != "direct" and t.cells]
     lines = [
-        f"load generator: {loadgen_name}; router on CPU {args.router_cpus}, load generator + backends on "
-        f"CPU {args.client_cpus}; {args.backends} backends; {args.duration:g}s per cell; "
+        f"load generator: {loadgen_name}; "
+        + (f"router on CPU {args.router_cpus}, load generator + backends on CPU {args.client_cpus}; "
+           if args.router_cpus else "not pinned (every process on every CPU); ")
+        + f"{args.backends} backends; {args.duration:g}s per cell; "
         f"1-min load average {min(c.loadavg for t in targets for c in t.cells):.2f}-"
         f"{max(c.loadavg for t in targets for c in t.cells):.2f} on {os.cpu_count()} CPUs",
         "",
-        "| mode | conc | target | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU % of a core | CPU us/req | RSS MiB | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | conc | target | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU % of a core | CPU us/req | RSS MiB | PSS MiB | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stream in (False, True):
         for conc in args.concurrency:
@@ -490,14 +500,15 @@ def render(targets: list[Target], args: argparse.Namespace, loadgen_name: str) -
                 cpu = "" if t is direct else f"{100 * c.cpu_s / r.seconds:.0f}"
                 per = "" if t is direct or not r.requests else f"{1e6 * c.cpu_s / r.requests:.0f}"
                 rss = "" if t is direct else f"{c.rss / 2**20:.0f}"
+                pss = "" if t is direct else f"{c.pss / 2**20:.0f}"
                 lines.append(f"| {'stream' if stream else 'plain'} | {conc} | {t.name} | {r.rps:.0f} | "
                              f"{r.p50_us / 1000:.3f} | {r.p99_us / 1000:.3f} | {added} | {added99} | {cpu} | "
-                             f"{per} | {rss} | {r.errors} |")
+                             f"{per} | {rss} | {pss} | {r.errors} |")
     kv = [t for t in routers if t.name.startswith("kvrouter")]
     peers = [t for t in routers if not t.name.startswith("kvrouter")]
     if kv and peers:
-        lines += ["", "Ratios kvrouter / peer (req/s: >1 is faster; CPU per request and RSS: <1 is cheaper):", "",
-                  "| mode | conc | kvrouter | peer | req/s | CPU us/req | RSS |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "Ratios kvrouter / peer (req/s: >1 is faster; CPU per request and PSS: <1 is cheaper):", "",
+                  "| mode | conc | kvrouter | peer | req/s | CPU us/req | PSS |", "|---|---|---|---|---|---|---|"]
         for stream in (False, True):
             for conc in args.concurrency:
                 for k in kv:
@@ -509,7 +520,7 @@ def render(targets: list[Target], args: argparse.Namespace, loadgen_name: str) -
                         kper, pper = kc.cpu_s / kc.load.requests, pc.cpu_s / pc.load.requests
                         lines.append(f"| {'stream' if stream else 'plain'} | {conc} | {k.name} | {p.name} | "
                                      f"{kc.load.rps / pc.load.rps:.2f} | {kper / pper if pper else float('nan'):.2f} | "
-                                     f"{kc.rss / pc.rss if pc.rss else float('nan'):.2f} |")
+                                     f"{kc.pss / pc.pss if pc.pss else float('nan'):.2f} |")
     notes = [f"* {t.name}: {t.note}" for t in targets if t.note]
     if notes:
         lines += ["", *notes]
