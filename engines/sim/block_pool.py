@@ -231,13 +231,37 @@ class BlockPool:
             )
 
     def free_blocks(self, ordered_block_ids: Iterable[int]) -> None:
-        """ref -= 1 each; blocks reaching 0 go to the queue tail in the given order (callers pass
-        a request's blocks reversed so its tail is evicted first)."""
+        """ref -= 1 each, in eviction-priority order (callers pass a request's blocks reversed so
+        its tail is evicted first). As in vLLM 0.32 ``BlockPool.free_blocks``: blocks reaching 0
+        that hold no hash (a partial last block, or caching off) are *prepended*, in order, so
+        they are reused first and a cached block is only evicted when no uncached one is left;
+        cached blocks are appended (LRU). Verified against a real vLLM 0.32 replica by
+        tests/integration/test_vllm_real.py::test_simulator_matches_real_vllm_prefix_cache."""
         rc = self.ref_cnt
+        bh = self.block_hash
+        first: list[int] = []
         for b in ordered_block_ids:
             rc[b] -= 1
             if rc[b] == 0:
-                self._append(b)
+                if bh[b] is None or not self.enable_caching:
+                    first.append(b)
+                else:
+                    self._append(b)
+        if first:
+            self._prepend_n(first)
+
+    def _prepend_n(self, blocks: list[int]) -> None:
+        """Put ``blocks`` at the front of the free queue, keeping their order."""
+        nxt, prev = self._next, self._prev
+        after = nxt[self._head]
+        p = self._head
+        for b in blocks:
+            prev[b] = p
+            nxt[p] = b
+            p = b
+        nxt[p] = after
+        prev[after] = p
+        self.num_free += len(blocks)
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached hash. Like vLLM, refuses (returns False) while any block is in use,

@@ -106,8 +106,12 @@ def test_finished_request_blocks_go_to_queue_tail_first() -> None:
     e = EngineModel(EngineConfig(num_gpu_blocks=20, block_size=4, emit_events=False), TINY)
     e.add_request(SimRequest("a", max_tokens=1, token_ids=tokens(10)), 0.0)
     run(e)
-    # 10 prompt tokens + 1 computed: 3 blocks (1, 2, 3), freed tail first.
-    assert e.pool.free_queue()[-3:] == [3, 2, 1]
+    # 10 prompt tokens + 1 computed: 3 blocks (1, 2, 3). The two full ones are cached and go to
+    # the queue tail, tail first; the partial one (3) holds no hash and, as in vLLM 0.32, is
+    # prepended so it is reused before any cached block is evicted.
+    q = e.pool.free_queue()
+    assert q[-2:] == [2, 1]
+    assert q[0] == 3
 
 
 def test_cpu_tier_hit_loads_instead_of_recomputing() -> None:

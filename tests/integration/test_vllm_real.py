@@ -16,15 +16,23 @@ know where they are cached is the KV-event stream.
 
 from __future__ import annotations
 
+import random
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
+import zmq
 
-from router.kv_wire import BlockStored
+from router.kv_wire import BlockRemoved, BlockStored, KVEventBatch
+from tests.integration.procs import SimFleet
 from tests.integration.vllm_fixtures import (
     BLOCK_SIZE,
     CACHE_BLOCKS,
+    FIRST_PLAIN_TOKEN,
+    VOCAB,
     EventCollector,
     Replica,
     cached_tokens,
@@ -252,3 +260,86 @@ def test_router_index_applies_block_removed(
     wait_for(
         lambda: index_blocks(router, target) <= PROMPT_BLOCKS, 10, "index to drop after AllBlocksCleared"
     )
+
+
+# --- simulator fidelity ------------------------------------------------------------------------------
+
+
+class _OpLog:
+    """Every KV event of one publisher as a flat list of per-block operations, in order."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.connect(endpoint)
+        self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
+        self.ops: list[tuple[str, object]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(100):
+                continue
+            _topic, _seq, payload = self._sock.recv_multipart()
+            for ev in self._decoder.decode(payload).events:
+                if isinstance(ev, BlockStored):
+                    self.ops.extend(("stored", h) for h in ev.block_hashes)
+                elif isinstance(ev, BlockRemoved):
+                    self.ops.extend(("removed", h) for h in ev.block_hashes)
+                else:
+                    self.ops.append(("cleared", None))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
+def _normalised(ops: list[tuple[str, object]]) -> list[tuple[str, int]]:
+    """Replace each hash by the order of its first appearance: equal 'modulo the hash function'."""
+    ids: dict[object, int] = {}
+    return [(kind, ids.setdefault(h, len(ids))) for kind, h in ops]
+
+
+def test_simulator_matches_real_vllm_prefix_cache(replicas: list[Replica], tmp_path: Path) -> None:
+    """Issue 3 fidelity: the same token-id request sequence, the same number of blocks and block
+    size -> the same prefix-cache hit tokens and the same BlockStored/BlockRemoved sequence."""
+    real = replicas[1]
+    reset_prefix_cache(real.url)
+    sim = SimFleet(tmp_path, 1, "--block-size", str(BLOCK_SIZE), "--num-gpu-blocks", str(CACHE_BLOCKS),
+                   "--max-model-len", "2048", "--model", "tiny", name="sim-fidelity")
+    sim_events = next(t.split("=", 1)[1] for t in sim.proc.log().split() if t.startswith("events="))
+    logs = {"vllm": _OpLog(real.events_endpoint), "sim": _OpLog(sim_events)}
+    try:
+        time.sleep(1.0)  # slow joiner
+        rng = random.Random(7)
+        base = [rng.randrange(FIRST_PLAIN_TOKEN, VOCAB) for _ in range(BLOCK_SIZE * 12)]
+        prompts = []
+        for i in range(12):  # shared 12- or 5-block heads, distinct tails (~105 blocks): overflows 95
+            tail = [rng.randrange(FIRST_PLAIN_TOKEN, VOCAB) for _ in range(BLOCK_SIZE * (6 + i % 5) + 7)]
+            prompts.append((base if i % 2 else base[: BLOCK_SIZE * 5]) + tail)
+        prompts += [prompts[1], prompts[4], prompts[1]]
+        hits_before = {"vllm": metric_sum(real.url, HITS), "sim": metric_sum(sim.urls[0], HITS)}
+        cached: dict[str, list[int]] = {"vllm": [], "sim": []}
+        for p in prompts:
+            cached["vllm"].append(cached_tokens(complete(real.url, p, max_tokens=1)))
+            cached["sim"].append(cached_tokens(complete(sim.urls[0], p, max_tokens=1)))
+        time.sleep(1.0)
+        hits = {k: metric_sum(u, HITS) - hits_before[k] for k, u in (("vllm", real.url), ("sim", sim.urls[0]))}
+        assert cached["sim"] == cached["vllm"]
+        assert hits["sim"] == hits["vllm"] > 0
+        ops = {k: [op for op in log.ops if op[0] != "cleared"] for k, log in logs.items()}
+        assert ops["vllm"], "no KV events arrived from vLLM"
+        assert any(kind == "removed" for kind, _ in ops["vllm"]), "the cache never overflowed"
+        assert _normalised(ops["sim"]) == _normalised(ops["vllm"])
+        # the simulator even uses vLLM's default sha256 block hash, so the raw values agree too
+        assert ops["sim"] == ops["vllm"]
+    finally:
+        for log in logs.values():
+            log.close()
+        sim.proc.stop()
