@@ -19,8 +19,8 @@ Prompts are **text** by default: the SGLang router's ``/v1/completions`` accepts
 of strings only (token-id prompts get HTTP 422), and every target gets the same bytes. The sim
 tokenizes the text; shared words are shared tokens (traces/synth.py). The sim's built-in
 tokenizer makes each word *and* each space a token, so a text prompt is about twice the trace's
-``input_length`` in tokens: the sim therefore runs at twice the speed-up by default
-(``--time-scale``), which keeps the work per request, in wall time, close to the token-mode demo,
+``input_length`` in tokens: the sim therefore runs twice as fast by default (time scale
+2 x speed-up / load), which keeps the work per request, in wall time, close to the token-mode demo,
 and accepts 256k-token contexts so the slice's longest conversation still fits.
 """
 
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(notes[-1])
     try:
         if args.time_scale is None and args.prompt == "text":
-            args.time_scale = 2 * args.speedup  # ~2 sim tokens per trace token in text mode (see above)
+            args.time_scale = 2 * args.speedup / args.load  # ~2 sim tokens per trace token in text mode
         urls = start_fleet(group, args, sim_extra=["--max-model-len", "262144"])
         starters: dict[str, Callable[[], tuple[Proc, str]]] = {
             "kvrouter": lambda: start_kvrouter(group, urls, "cache_aware", name="kvrouter"),
@@ -103,9 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"{name} on {url}")
             targets.append(Target(name=name, url=url))
         notes += [
-            f"{args.replicas} x `kvrouter sim --profile {args.profile} --time-scale {effective_time_scale(args):g}`, "
+            f"{args.replicas} x `kvrouter sim --profile {args.profile} --time-scale {effective_time_scale(args):.3g}`, "
             f"{args.kv_tokens:,} KV tokens per replica (block size {args.block_size}); prompts as {args.prompt}"
-            + (" (about 2 sim tokens per trace token, hence the time scale of 2x the speed-up)."
+            + (" (about 2 sim tokens per trace token, hence a time scale of 2 x speed-up / load)."
                if args.prompt == "text" else "."),
             "Prefix caches reset (POST /reset_prefix_cache) on every replica before each target.",
             "Targets without an x-kvrouter-replica header get their load spread from the engines' "
