@@ -98,7 +98,7 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     speculative_ttl_s: Pos = 30.0  # replicas with KV events: until the event confirms
     approximate_ttl_s: Pos = 300.0  # replicas without KV events: speculation is all we have
     weights: dict[str, float] = msgspec.field(default_factory=dict)  # scorer type -> weight
-    load_factor: Annotated[float, msgspec.Meta(ge=1)] = 1.5  # bounded-load guard (1 + eps)
+    load_factor: Annotated[float, msgspec.Meta(ge=1)] = 4.0  # bounded-load guard; docs/policy-tuning.md
     cpu_tier_credit: Ratio = 0.8
     seed: int | None = None  # tie-break RNG seed (tests, simulation)
 

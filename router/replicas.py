@@ -52,6 +52,20 @@ class Replica:
     _ttft_pos: int = 0
     _tail_cache: float | None = None
     prefill_tps: float = 0.0
+    # Uncached prompt tokens routed here, exponentially decayed (see scoring/churn.py): how fast
+    # this replica's cache is being overwritten, and how much prefill it has been given.
+    churn_tokens: float = 0.0
+    churn_at: float = 0.0
+
+    def add_churn(self, tokens: int, now: float, tau_s: float) -> None:
+        self.churn_tokens = self.churn(now, tau_s) + tokens
+        self.churn_at = now
+
+    def churn(self, now: float, tau_s: float) -> float:
+        dt = now - self.churn_at
+        if dt <= 0 or self.churn_tokens == 0.0:
+            return self.churn_tokens
+        return self.churn_tokens * math.exp(-dt / tau_s)
 
     @property
     def routable(self) -> bool:

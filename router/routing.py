@@ -24,6 +24,7 @@ from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from .hashing import hash_byte_blocks, hash_token_blocks, model_seed, render_messages
 from .index import PrefixIndex
 from .replicas import Replica, ReplicaRegistry
+from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
 from .scoring.prefix import PrefixCacheScorer
@@ -105,7 +106,9 @@ class Router:
         precomputed ``block_hashes`` (simulator), ``token_ids``, ``text`` / ``messages`` through
         the tokenizer when configured, else the canonical bytes of ``text`` / ``messages``."""
         bs = self.block_size
-        req = RequestInfo(model=model, prompt_tokens=0, block_size=bs, max_tokens=max_tokens, stream=stream)
+        req = RequestInfo(
+            model=model, prompt_tokens=0, block_size=bs, max_tokens=max_tokens, stream=stream, now=self.clock()
+        )
         if not self.policy.needs_match and block_hashes is None:
             # Simple policies never look at blocks: skip hashing entirely.
             req.prompt_tokens = prompt_tokens or _estimate_tokens(token_ids, text, messages, self.bytes_per_token)
@@ -191,6 +194,7 @@ class Router:
         pending = max(0, req.prompt_tokens - predicted_effective)
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
+        replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)

@@ -47,6 +47,7 @@ class RequestInfo:
     key_mode: KeyMode = KeyMode.NONE
     max_tokens: int = 0
     stream: bool = False
+    now: float = 0.0  # router clock when the request arrived (scorers never read clocks)
     gpu_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU
     cpu_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU or CPU
 

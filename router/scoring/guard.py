@@ -20,7 +20,7 @@ from ..types import RequestInfo
 class BoundedLoadFilter:
     type_name: ClassVar[str] = "bounded-load"
 
-    def __init__(self, load_factor: float = 1.5) -> None:
+    def __init__(self, load_factor: float = 4.0) -> None:
         self.load_factor = load_factor
 
     def filter(self, req: RequestInfo, replicas: Sequence[Replica]) -> Sequence[Replica]:

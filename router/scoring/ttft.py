@@ -6,7 +6,8 @@
 
 ``pending_prefill_r`` is the uncached prompt tokens this router dispatched to r that have not
 produced a first token yet: the prefill work queued ahead. ``rate_r`` is r's measured prefill rate
-(EWMA of uncached tokens / TTFT), or ``default_rate`` until measured. ``running_r`` (engine
+(EWMA of uncached tokens / TTFT); until measured, the mean of the candidates' measured rates
+(``default_rate`` when none is). ``running_r`` (engine
 running, else router in-flight) costs ``step_s`` each: decode steps interleave with prefill
 chunks. This is the scorer that lets a long cache hit beat a short queue and a short queue beat a
 small hit. Category: affinity + distribution.
@@ -36,7 +37,10 @@ class EstimatedTTFTScorer:
         anyt = req.cpu_blocks
         ng = len(gpu)
         credit = self.cpu_credit
-        default_rate = self.default_rate
+        # A replica whose rate is not measured yet borrows the mean of the measured ones: with a
+        # fixed default, a fast measured replica would look faster than its idle peers forever.
+        measured = [r.prefill_tps for r in replicas if r.prefill_tps]
+        default_rate = sum(measured) / len(measured) if measured else self.default_rate
         step_s = self.step_s
         out = []
         for r in replicas:

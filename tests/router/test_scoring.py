@@ -160,9 +160,44 @@ def test_simple_policies() -> None:
 
 
 def test_cache_aware_prefers_hit_but_not_an_overloaded_replica() -> None:
+    reps = replicas(8)
+    policy = build_policy("cache_aware", rng=random.Random(0))
+    r = req(64, [64] + [0] * 7)
+    assert policy.select(r, reps).id == "r0"
+    reps[0].in_flight = 30  # limit = 4.0 * 31 / 8 = 15.5: the bounded-load guard takes r0 out
+    assert policy.select(r, reps).id != "r0"
+
+
+def test_queued_prefill_outweighs_a_cache_hit() -> None:
+    """Small fleets (n <= load_factor) are balanced by estimated TTFT, not by the guard."""
     reps = replicas(3)
     policy = build_policy("cache_aware", rng=random.Random(0))
     r = req(64, [64, 0, 0])
-    assert policy.select(r, reps).id == "r0"
-    reps[0].in_flight = 30  # far above the mean: the bounded-load guard takes r0 out
+    reps[0].pending_prefill_tokens = 50_000  # 2.5 s of prefill queued ahead at 20k tok/s
     assert policy.select(r, reps).id != "r0"
+
+
+def test_cache_churn_prefers_the_replica_whose_cache_is_overwritten_least() -> None:
+    from router.scoring.churn import CacheChurnScorer
+
+    reps = replicas(3)
+    for r, blocks in zip(reps, [1000, 1000, 2000], strict=True):
+        r.num_gpu_blocks, r.block_size = blocks, 16
+    reps[0].add_churn(16_000, now=0.0, tau_s=30.0)  # 1.0 of its 16k-token cache
+    reps[1].add_churn(8_000, now=0.0, tau_s=30.0)  # 0.5
+    reps[2].add_churn(16_000, now=0.0, tau_s=30.0)  # 0.5 of a cache twice as large
+    r = req()
+    r.now = 0.0
+    assert CacheChurnScorer().score(r, reps) == pytest.approx([0.0, 1.0, 1.0])
+    r.now = 30.0  # decays with time, the ordering stays
+    assert reps[0].churn(30.0, 30.0) == pytest.approx(16_000 / 2.718281828, rel=1e-6)
+
+
+def test_unmeasured_replicas_borrow_the_fleets_prefill_rate() -> None:
+    """Regression: a fixed default rate made a fast, measured replica beat idle unmeasured peers
+    forever, hot-spotting one replica and thrashing its cache (found with the offline simulator)."""
+    reps = replicas(2)
+    reps[0].prefill_tps = 1_000_000.0  # measured: very fast
+    r = req(64, [16, 16])  # both hold the same prefix
+    est = EstimatedTTFTScorer(step_s=0.0).estimates(r, reps)
+    assert est[0] == pytest.approx(est[1])
