@@ -68,8 +68,11 @@ def summarize(
     *,
     slo: SLO | None = None,
     duration_s: float | None = None,
+    replicas: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Numbers for one target. ``duration_s`` defaults to first send -> last completion."""
+    """Numbers for one target. ``duration_s`` defaults to first send -> last completion.
+    ``replicas`` names the whole fleet, so replicas that got no request count in the spread
+    (one replica taking everything is max/mean = n, not 1)."""
     slo = slo or SLO()
     recs = list(records)
     ok = [r for r in recs if r.ok]
@@ -92,6 +95,8 @@ def summarize(
     prompt_all = sum(r.prompt_tokens for r in with_cached)
     cached_all = sum(r.cached_tokens or 0 for r in with_cached)
     per_replica = Counter(r.replica for r in ok if r.replica is not None)
+    for name in replicas:
+        per_replica.setdefault(name, 0)
     counts = list(per_replica.values())
     spread: dict[str, Any] = {"replicas": len(counts)}
     if counts:

@@ -460,7 +460,7 @@ def run_policy(
     return PolicyRun(
         name=name,
         records=records,
-        summary=summarize(records),
+        summary=summarize(records, replicas=[r.id for r in fleet.replicas]),
         wall_s=wall,
         sim_end_s=end,
         engine_steps=fleet.steps,

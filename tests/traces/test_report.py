@@ -100,3 +100,15 @@ def test_oracle_for_the_replayed_requests() -> None:
     # Block 0 hits 3 times, blocks 100/101 once each: 5 of 8 blocks.
     assert o is not None and o["cache_blocks"] == 100 and o["token_hit_lru"] == 5 / 8
     assert oracle(trace, reqs, None) is None
+
+
+def test_load_spread_counts_replicas_that_got_nothing() -> None:
+    from traces.records import RequestRecord, summarize
+
+    recs = [
+        RequestRecord(request_id=str(i), target="t", send_s=i, prompt_tokens=10, output_tokens=2, ttft_s=0.1, e2e_s=0.2, replica="r0")
+        for i in range(8)
+    ]
+    spread = summarize(recs, replicas=["r0", "r1", "r2", "r3"])["load_spread"]
+    assert spread["max_over_mean"] == 4.0 and spread["min"] == 0
+    assert summarize(recs)["load_spread"]["max_over_mean"] == 1.0
