@@ -146,6 +146,10 @@ class Forwarder:
         headers = request_headers(request.headers, self.cfg.api_key)
         tried: list[ReplicaId] = []
         last: UpstreamFailure | None = None
+        # Replicas that answered 5xx: blamed only once another replica served the same request.
+        # A request that makes every replica fail is the request's fault (a poison pill) and must
+        # not get healthy replicas ejected.
+        suspects: list[Replica] = []
         started = time.perf_counter()
         for attempt in range(self.cfg.max_retries + 1):
             try:
@@ -161,10 +165,15 @@ class Forwarder:
                 raise
             ticket = self.router.dispatch(req, replica)
             try:
-                return await self._attempt(request, replica, ticket, path, body, headers, req, started)
+                response = await self._attempt(request, replica, ticket, path, body, headers, req, started)
+                for rep in suspects:
+                    self.hooks.on_failure(rep, "status_5xx")
+                return response
             except UpstreamFailure as fail:
                 self.router.finish(ticket, ok=False)
-                if fail.eject:
+                if fail.reason.startswith("status_"):
+                    suspects.append(replica)
+                elif fail.eject:
                     self.hooks.on_failure(replica, fail.reason)
                 self.metrics.count_request(replica.id, fail.error.status)
                 self.metrics.retries.labels(fail.reason).inc()
@@ -175,6 +184,8 @@ class Forwarder:
                 self.router.finish(ticket, ok=False)
                 raise
         assert last is not None
+        if suspects:
+            log.info("request failed with 5xx on %d replica(s): not counted against their health", len(suspects))
         raise last.error
 
     def _least_loaded(self, model: str | None, exclude: list[ReplicaId]) -> Replica:

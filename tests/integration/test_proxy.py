@@ -314,3 +314,31 @@ def test_replica_header_can_be_turned_off(logs: Path) -> None:
     finally:
         r.proc.stop()
         a.proc.stop()
+
+
+def test_poison_request_does_not_eject_healthy_replicas(logs: Path) -> None:
+    """A request that every replica answers with 500 is the request's fault: retried, then a clean
+    502, and no replica is ejected however often it is sent (found by the bad-input fuzzing)."""
+    a = Backend(logs, "p1")
+    b = Backend(logs, "p2")
+    r = RouterProc(logs, [a.url, b.url], "--kv-events", "off", "--eject-after", "2", "--probe-interval", "30",
+                   name="router-poison")
+    try:
+        a.control(mode="fail")
+        b.control(mode="fail")
+        for _ in range(5):
+            code, _, raw = http("POST", r.url + "/v1/completions", COMPLETION)
+            assert code == 502
+            assert json.loads(raw)["error"]["type"] == "upstream_error"
+        assert "kvrouter_ejections_total{" not in r.metrics()
+        a.control(mode="ok")
+        b.control(mode="ok")
+        assert http("POST", r.url + "/v1/completions", COMPLETION)[0] == 200
+        # but a replica that fails while another serves the same request is blamed
+        a.control(mode="fail")
+        for _ in range(4):
+            assert http("POST", r.url + "/v1/completions", COMPLETION)[0] == 200
+        assert 'kvrouter_ejections_total{replica="' + a.url + '"} 1.0' in r.metrics()
+    finally:
+        for p in (r.proc, a.proc, b.proc):
+            p.stop()
