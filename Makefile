@@ -8,10 +8,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint demo compare bench-proxy bench-index bench-sim soak clean
+.PHONY: help venv test test-fast lint demo compare bench-proxy bench-index bench-sim bench-sim-live soak clean
 
 help:
-	@echo "make demo | test | lint | compare | bench-proxy | bench-index | bench-sim | soak | test-vllm"
+	@echo "make demo | test | test-fast | lint | compare | bench-proxy | bench-index | bench-sim | bench-sim-live | soak | test-vllm"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-index: $(STAMP)
 
 bench-sim: $(STAMP)
 	$(PY) tests/bench/bench_sim.py
+
+bench-sim-live: $(STAMP)
+	$(PY) tests/bench/bench_sim_live.py
 
 SOAK_SECONDS ?= 600
 soak: $(STAMP)
