@@ -77,6 +77,7 @@ class Pipeline:
         picker: Picker | None = None,
         rng: random.Random | None = None,
         plugin_timer: PluginTimer | None = None,
+        max_candidates: int = 16,
     ) -> None:
         self.name = name
         self.scorers = [(s, w) for s, w in scorers if w > 0]
@@ -86,6 +87,7 @@ class Pipeline:
         self.plugin_timer = plugin_timer
         self._count = 0
         self.needs_match = True
+        self.max_candidates = max_candidates
 
     def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
         if len(candidates) == 1 and explain is None:
@@ -93,6 +95,8 @@ class Pipeline:
         self._count += 1
         timer = self.plugin_timer if self._count % TIMING_SAMPLE == 0 else None
         kept: Sequence[Replica] = candidates
+        if explain is None and self.max_candidates and len(candidates) > self.max_candidates:
+            kept = self._sample(req, candidates)
         for f in self.filters:
             t0 = time.perf_counter() if timer else 0.0
             kept = f.filter(req, kept)
@@ -115,6 +119,24 @@ class Pipeline:
         if explain is not None:
             self._explain(explain, req, candidates, kept, per_scorer, totals, choice)
         return choice
+
+    def _sample(self, req: RequestInfo, candidates: Sequence[Replica]) -> list[Replica]:
+        """Power-of-k: the replicas holding the longest parts of the prefix (at most k/2) plus a
+        uniform sample of the rest, k in all. Scoring
+        cost stays O(k) at any fleet size; affinity is never sampled away, and the random rest
+        brings in the idle replicas that load balancing needs (Mitzenmacher's power of d choices).
+        """
+        k = self.max_candidates
+        anyt = req.cpu_blocks
+        n = len(anyt)
+        matched = [r for r in candidates if r.slot < n and anyt[r.slot] > 0]
+        if len(matched) > k // 2:
+            rnd = self.rng.random  # equal matches (a prefix every replica holds) break at random
+            matched.sort(key=lambda r: (-anyt[r.slot], rnd()))
+            matched = matched[: k // 2]
+        chosen = {id(r) for r in matched}
+        rest = [r for r in candidates if id(r) not in chosen]
+        return matched + self.rng.sample(rest, min(len(rest), k - len(matched)))
 
     def _explain(
         self,

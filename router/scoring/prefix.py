@@ -32,12 +32,16 @@ class PrefixCacheScorer:
             return [1.0] * len(replicas)
         gpu = req.gpu_blocks
         anyt = req.cpu_blocks
+        ng = len(gpu)
         credit = self.cpu_credit
         out = []
         for r in replicas:
             s = r.slot
-            g = gpu[s] if s < len(gpu) else 0
-            a = anyt[s] if s < len(anyt) else 0
+            if s < ng:
+                g = gpu[s]
+                a = anyt[s]
+            else:
+                g = a = 0
             v = (g + credit * (a - g)) / total
             if s in self.uncertain:
                 v *= self.uncertain_discount

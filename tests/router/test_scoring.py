@@ -201,3 +201,19 @@ def test_unmeasured_replicas_borrow_the_fleets_prefill_rate() -> None:
     r = req(64, [16, 16])  # both hold the same prefix
     est = EstimatedTTFTScorer(step_s=0.0).estimates(r, reps)
     assert est[0] == pytest.approx(est[1])
+
+
+def test_large_fleets_score_a_bounded_sample_that_keeps_the_cache_holders() -> None:
+    reps = replicas(64)
+    policy = build_policy("cache_aware", rng=random.Random(1))
+    gpu = [0] * 64
+    gpu[37] = 64  # only r37 holds the prompt
+    for _ in range(20):
+        assert policy.select(req(64, gpu), reps).id == "r37"
+    # with no affinity the sample still reaches every replica over time (load balancing)
+    picks = {policy.select(req(0), reps).id for _ in range(400)}
+    assert len(picks) > 48
+    # a prefix held everywhere does not pin the sample to the first replicas in the list
+    every = [8] * 64
+    picks = {policy.select(req(8, every), reps).id for _ in range(400)}
+    assert len(picks) > 48
