@@ -15,13 +15,14 @@ The peers live in their own virtualenv (``.venv-peers``, created here if missing
 dependencies never touch ours. A peer that cannot be installed, started or used is reported with
 its error in the report's notes, and the rest of the comparison still runs.
 
+Each target runs on a fresh simulated fleet (started for it, stopped after it): cold caches, and
+no leftover work, since a router need not abort an upstream request when its client gives up.
+
 Prompts are **text** by default: the SGLang router's ``/v1/completions`` accepts a string or a list
-of strings only (token-id prompts get HTTP 422), and every target gets the same bytes. The sim
-tokenizes the text; shared words are shared tokens (traces/synth.py). The sim's built-in
-tokenizer makes each word *and* each space a token, so a text prompt is about twice the trace's
-``input_length`` in tokens: the sim therefore runs twice as fast by default (time scale
-2 x speed-up / load), which keeps the work per request, in wall time, close to the token-mode demo,
-and accepts 256k-token contexts so the slice's longest conversation still fits.
+of strings only (token-id prompts get HTTP 422), and every target gets the same bytes. A
+word-level ``tokenizer.json`` over traces/synth.py's 256 words (one token per word) is written to
+``--out/tokenizer`` and given to the sim and to kvrouter, so prompts keep the trace's exact token
+counts; the peers route on characters, as they do in production.
 """
 
 from __future__ import annotations
@@ -32,8 +33,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from .demo import _sigterm, effective_time_scale, fleet_arguments, log, run_replay, start_fleet
+from .demo import (
+    _sigterm,
+    effective_time_scale,
+    fleet_arguments,
+    log,
+    replay_config,
+    report_result,
+    start_fleet,
+)
 from .fleetproc import (
     PEERS_VENV,
     Proc,
@@ -42,6 +52,7 @@ from .fleetproc import (
     start_kvrouter,
     start_sglang_router,
     start_vllm_router,
+    write_word_tokenizer,
 )
 
 
@@ -55,14 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="which targets, in order (comma-separated)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
-    from .replay import Target
+    from .loaders import load_trace
+    from .replay import Target, TargetRun, replay, run_sync
 
     t_start = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    group = ProcGroup(out / "logs")
     notes: list[str] = []
     wanted = [x.strip() for x in args.targets.split(",") if x.strip()]
+    unknown = set(wanted) - {*ROUTERS, "direct-r0"}
+    if unknown:
+        log(f"unknown targets {sorted(unknown)} (known: {', '.join([*ROUTERS, 'direct-r0'])})")
+        return 2
     venv = Path(args.peers_venv)
     peers_error: str | None = None
     if {"sglang-router", "vllm-router"} & set(wanted):
@@ -74,57 +89,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         if peers_error:
             notes.append(f"peer routers unavailable: {peers_error}")
             log(notes[-1])
+    sim_extra: list[str] = []
+    kv_extra: list[str] = []
+    if args.prompt == "text":
+        tok = write_word_tokenizer(out / "tokenizer")
+        sim_extra = ["--tokenizer", str(tok / "tokenizer.json")]
+        kv_extra = ["--tokenizer", str(tok)]
+    trace, _ = load_trace(args.trace)
+    cfg = replay_config(args)
+    runs: dict[str, TargetRun] = {}
+    summaries: dict[str, Any] = {}
+    last: dict[str, Any] | None = None
     try:
-        if args.time_scale is None and args.prompt == "text":
-            args.time_scale = 2 * args.speedup / args.load  # ~2 sim tokens per trace token in text mode
-        urls = start_fleet(group, args, sim_extra=["--max-model-len", "262144"])
-        starters: dict[str, Callable[[], tuple[Proc, str]]] = {
-            "kvrouter": lambda: start_kvrouter(group, urls, "cache_aware", name="kvrouter"),
-            "kvrouter-rr": lambda: start_kvrouter(group, urls, "round_robin", name="kvrouter-rr"),
-            "sglang-router": lambda: start_sglang_router(group, urls, venv=venv),
-            "vllm-router": lambda: start_vllm_router(group, urls, venv=venv),
-        }
-        targets = []
         for name in wanted:
-            if name == "direct-r0":
-                targets.append(Target(name=name, url=urls[0]))
-                continue
-            if name not in starters:
-                log(f"unknown target {name!r} (known: {', '.join([*starters, 'direct-r0'])})")
-                return 2
             if name in ("sglang-router", "vllm-router") and peers_error:
                 continue
+            # A fresh fleet per target: cold caches, and no request a previous router left running
+            # upstream (a router need not abort upstream work when its client disconnects).
+            group = ProcGroup(out / "logs" / name)
             try:
-                _, url = starters[name]()
+                urls = start_fleet(group, args, sim_extra=sim_extra)
+                if name == "direct-r0":
+                    url = urls[0]
+                else:
+                    _, url = ROUTERS[name](group, urls, venv, kv_extra)
+                    log(f"{name} on {url}")
+                last = run_sync(replay(trace, [Target(name=name, url=url)], cfg, engine_urls=urls, progress=log))
             except (RuntimeError, TimeoutError, OSError) as exc:
-                notes.append(f"{name} did not start: {str(exc)[-1500:]}")
+                notes.append(f"{name} failed: {str(exc)[-1500:]}")
                 log(notes[-1])
                 continue
-            log(f"{name} on {url}")
-            targets.append(Target(name=name, url=url))
+            finally:
+                group.close()
+            runs[name] = last["runs"][name]
+            summaries[name] = last["summary"]["targets"][name]
+        if last is None:
+            log("no target ran")
+            return 1
         notes += [
-            f"{args.replicas} x `kvrouter sim --profile {args.profile} --time-scale {effective_time_scale(args):.3g}`, "
-            f"{args.kv_tokens:,} KV tokens per replica (block size {args.block_size}); prompts as {args.prompt}"
-            + (" (about 2 sim tokens per trace token, hence a time scale of 2 x speed-up / load)."
+            f"Each target on a fresh fleet: {args.replicas} x `kvrouter sim --profile {args.profile} "
+            f"--time-scale {effective_time_scale(args):.3g}`, {args.kv_tokens:,} KV tokens per replica "
+            f"(block size {args.block_size}); load {args.speedup / effective_time_scale(args):.2g}x the trace "
+            "on real H100s.",
+            f"Prompts as {args.prompt}"
+            + (": words of traces/synth.py, tokenized one token per word by a word-level tokenizer.json "
+               "given to the sim and to kvrouter (`--tokenizer`); the peers route on the raw text."
                if args.prompt == "text" else "."),
-            "Prefix caches reset (POST /reset_prefix_cache) on every replica before each target.",
             "Targets without an x-kvrouter-replica header get their load spread from the engines' "
             "vllm:request_success_total deltas.",
         ]
-        summary = run_replay(args, targets, urls, "kvrouter vs SGLang router vs vLLM router", notes)
+        result = {**last, "runs": runs, "summary": {**last["summary"], "targets": summaries}}
+        summary = report_result(args, trace, result, "kvrouter vs SGLang router vs vLLM router", notes)
         for name, s in summary["targets"].items():
             if s["errors"]:
                 log(f"note: {name} had {s['errors']} failed requests (see report.md, 'Errors')")
     except KeyboardInterrupt:
-        log("interrupted: stopping every process")
+        log("interrupted: every process stopped")
         return 130
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        log(f"compare failed: {exc}")
-        return 1
-    finally:
-        group.close()
     log(f"compare done in {time.monotonic() - t_start:.0f} s; logs in {out / 'logs'}")
     return 0
+
+
+def _kvrouter(policy: str) -> Callable[[ProcGroup, Sequence[str], Path, Sequence[str]], tuple[Proc, str]]:
+    def start(group: ProcGroup, urls: Sequence[str], venv: Path, extra: Sequence[str]) -> tuple[Proc, str]:
+        return start_kvrouter(group, urls, policy, name=f"kvrouter-{policy}", extra=extra)
+
+    return start
+
+
+ROUTERS: dict[str, Callable[[ProcGroup, Sequence[str], Path, Sequence[str]], tuple[Proc, str]]] = {
+    "kvrouter": _kvrouter("cache_aware"),
+    "kvrouter-rr": _kvrouter("round_robin"),
+    "sglang-router": lambda group, urls, venv, _extra: start_sglang_router(group, urls, venv=venv),
+    "vllm-router": lambda group, urls, venv, _extra: start_vllm_router(group, urls, venv=venv),
+}
 
 
 if __name__ == "__main__":

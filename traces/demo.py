@@ -102,12 +102,20 @@ def replay_config(args: argparse.Namespace) -> Any:
 def run_replay(args: argparse.Namespace, targets: Sequence[Any], urls: Sequence[str], title: str,
                notes: Sequence[str] = ()) -> dict[str, Any]:
     from .loaders import load_trace
-    from .replay import replay, run_sync, write_outputs
-    from .report import text_table
+    from .replay import replay, run_sync
 
     trace, _ = load_trace(args.trace)
     cfg = replay_config(args)
     result = run_sync(replay(trace, targets, cfg, engine_urls=urls, reset_between=True, progress=log))
+    return report_result(args, trace, result, title, notes)
+
+
+def report_result(args: argparse.Namespace, trace: Any, result: dict[str, Any], title: str,
+                  notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Write records + report into ``args.out`` and print the comparison table."""
+    from .replay import write_outputs
+    from .report import text_table
+
     files = write_outputs(args.out, trace, result, title=title, notes=notes, plots=not args.no_plots)
     summary: dict[str, Any] = result["summary"]
     print()

@@ -225,3 +225,32 @@ def start_vllm_router(group: ProcGroup, backends: Sequence[str], policy: str = "
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc, timeout=60)
     return proc, url
+
+
+def write_word_tokenizer(folder: Path) -> Path:
+    """A word-level ``tokenizer.json`` over ``traces.synth.WORDS``: one token per word, spaces split.
+
+    Text prompts from ``PromptSynth.text`` then have exactly the trace's token counts in the sim
+    (whose built-in tokenizer makes every space a token too, doubling them) and in a router given
+    the same file (``kvrouter serve --tokenizer``). Ids 0-5 are the sim's special tokens, as in
+    its built-in tokenizer. Needs the ``tokenizers`` package (the ``tokenizer`` extra)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from .synth import WORDS
+
+    try:
+        from engines.sim.tokenizer import SPECIAL_TOKENS
+    except ImportError:  # pragma: no cover - engines/ ships with traces/
+        SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|user|>", "<|assistant|>",
+                          "<|system|>")
+    vocab = {t: i for i, t in enumerate((*SPECIAL_TOKENS, *WORDS, "[UNK]"))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "add_bos_token": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder

@@ -431,6 +431,21 @@ async def reset_prefix_cache(session: aiohttp.ClientSession, urls: Sequence[str]
             await asyncio.sleep(0.1)
 
 
+async def wait_idle(session: aiohttp.ClientSession, urls: Sequence[str], timeout_s: float = 30.0) -> bool:
+    """Wait until no engine runs or queues a request (leftovers of the previous target: a router
+    may keep an upstream request going after its client gave up). False if still busy at the end."""
+    names = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        texts = await scrape(session, urls)
+        busy = sum(sum(parse_prometheus(t, names).values()) for t in texts.values())
+        if busy == 0:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.2)
+
+
 async def detect_model(session: aiohttp.ClientSession, url: str) -> str:
     async with session.get(url.rstrip("/") + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as r:
         body = await r.json(content_type=None)
@@ -471,6 +486,8 @@ async def replay(
         summaries: dict[str, Any] = {}
         fleet_tokens: int | None = None
         for tgt in targets:
+            if engine_urls and not await wait_idle(session, engine_urls) and progress is not None:
+                progress("  warning: engines still busy with the previous target's requests after 30 s")
             if reset_between and engine_urls:
                 await reset_prefix_cache(session, engine_urls)
             before = await scrape(session, engine_urls) if engine_urls else {}
