@@ -11,18 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from .errors import Overloaded
 
 
 class Admission:
-    def __init__(self, max_in_flight: int = 0, max_queue: int = 1024, queue_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        max_in_flight: int = 0,
+        max_queue: int = 1024,
+        queue_timeout_s: float = 30.0,
+        retry_after_s: int = 1,
+        on_reject: Callable[[], None] | None = None,
+    ) -> None:
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
+        self.retry_after_s = retry_after_s
+        self.on_reject = on_reject or (lambda: None)
         self.in_flight = 0
-        self.rejected = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
@@ -37,8 +45,8 @@ class Admission:
             self.in_flight += 1
             return
         if len(self._waiters) >= self.max_queue:
-            self.rejected += 1
-            raise Overloaded("The router is at capacity; retry later.", retry_after=1)
+            self.on_reject()
+            raise Overloaded("The router is at capacity; retry later.", retry_after=self.retry_after_s)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
@@ -52,8 +60,8 @@ class Admission:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
             if isinstance(exc, TimeoutError):
-                self.rejected += 1
-                raise Overloaded("Timed out waiting for a slot; retry later.", retry_after=1) from None
+                self.on_reject()
+                raise Overloaded("Timed out waiting for a slot; retry later.", retry_after=self.retry_after_s) from None
             raise
 
     def release(self) -> None:

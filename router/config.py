@@ -57,7 +57,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True):
     connect_timeout_s: Pos = 2.0
-    first_byte_timeout_s: Pos = 120.0  # headers + first body chunk (covers queueing + prefill)
+    first_byte_timeout_s: Pos = 120.0  # streams: headers + first chunk (queueing + prefill)
+    request_timeout_s: Pos = 900.0  # non-streaming: the whole answer (it arrives in one piece)
     idle_timeout_s: Pos = 60.0  # max gap between two chunks of a response
     max_retries: NonNegInt = 2  # extra replicas tried before the first byte reached the client
     api_key: str | None = None  # Bearer key the router presents to engines
@@ -69,7 +70,7 @@ class HealthConfig(msgspec.Struct, forbid_unknown_fields=True):
     probe_timeout_s: Pos = 1.0
     eject_after_failures: PosInt = 3  # consecutive failed requests or probes
     readmit_after_successes: PosInt = 1  # consecutive passing probes
-    metrics_interval_s: Pos = 0.25  # engine /metrics scrape (0 disables scraping)
+    metrics_interval_s: Pos = 0.25  # engine /metrics scrape (off: scrape_metrics false)
     scrape_metrics: bool = True
     models_interval_s: Pos = 30.0
 
@@ -144,6 +145,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.log_prompts", "log-prompts", "include prompts in debug logs", "bool"),
     Option("upstream.connect_timeout_s", "connect-timeout", "upstream connect timeout (s)", "float"),
     Option("upstream.first_byte_timeout_s", "first-byte-timeout", "upstream first-byte timeout (s)", "float"),
+    Option("upstream.request_timeout_s", "request-timeout", "budget of a non-streaming request (s)", "float"),
     Option("upstream.idle_timeout_s", "idle-timeout", "max gap between upstream chunks (s)", "float"),
     Option("upstream.max_retries", "max-retries", "other replicas tried before the first byte", "int"),
     Option("upstream.api_key", "upstream-api-key", "Bearer key sent to engines"),
@@ -243,6 +245,13 @@ def build_config(
         cfg = msgspec.convert(tree, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise _config_error(exc, tree) from None
+    if cfg.backends:
+        # --backend URLs are the static discovery source, whatever other sources run beside it.
+        static = [u.rstrip("/") for u in (*cfg.backends, *cfg.discovery.static)]
+        sources = cfg.discovery.sources
+        if sources and "static" not in sources:
+            sources = [*sources, "static"]
+        cfg.discovery = msgspec.structs.replace(cfg.discovery, static=static, sources=sources)
     validate(cfg)
     return cfg
 

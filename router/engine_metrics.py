@@ -89,6 +89,7 @@ def parse_labels(s: str) -> dict[str, str]:
 
 def parse_engine_metrics(text: str) -> EngineMetrics:
     m = EngineMetrics()
+    usage_samples = 0
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
@@ -115,9 +116,8 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
             continue
         prev = getattr(m, attr)
         setattr(m, attr, value if prev is None else prev + value)
-    if m.kv_usage is not None:
-        # several DP ranks were summed: report the mean usage instead
-        ranks = sum(1 for ln in text.splitlines() if ln.startswith("vllm:kv_cache_usage_perc"))
-        if ranks > 1:
-            m.kv_usage /= ranks
+        if attr == "kv_usage":
+            usage_samples += 1
+    if m.kv_usage is not None and usage_samples > 1:
+        m.kv_usage /= usage_samples  # a fraction per DP rank: report the mean, not the sum
     return m

@@ -129,6 +129,9 @@ class ReplicaManager:
             rep.consecutive_successes += 1
             if not rep.healthy and rep.consecutive_successes >= self.cfg.health.readmit_after_successes:
                 await self._on_admit(rep)
+                # _on_admit awaited I/O: the replica may have left or failed meanwhile
+                if self.registry.get(rep.id) is not rep or rep.healthy or rep.consecutive_successes == 0:
+                    return ok
                 rep.consecutive_failures = 0
                 self.registry.set_healthy(rep, True)
                 log.info("replica %s admitted", rep.id)

@@ -998,6 +998,11 @@ class KVEventManager:
         if sub.task is not None:
             sub.task.cancel()
         self.metrics.forget(replica_id)
+        # A later add() starts a fresh stream whose flag starts False and only pushes changes:
+        # clear the index's flag now, or the replica's prefix credit stays halved for good.
+        set_uncertain = getattr(self.index, "set_uncertain", None)
+        if set_uncertain is not None:
+            set_uncertain(replica_id, False)
 
     async def close(self) -> None:
         self._closed = True

@@ -29,7 +29,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import UpstreamConfig
-from .errors import NoReplicaAvailable, RouterError, UpstreamError, UpstreamTimeout, sse_error_event
+from .errors import NoReplicaAvailable, Overloaded, RouterError, UpstreamError, UpstreamTimeout, sse_error_event
 from .metrics import RouterMetrics
 from .replicas import Replica
 from .routing import Router, Ticket
@@ -76,7 +76,6 @@ class ForwardHooks:
 
     on_success: Callable[[Replica], None]
     on_failure: Callable[[Replica, str], None]
-    on_cached_tokens: Callable[[Ticket, int | None], None]
 
 
 def _connection_listed(headers: Mapping[str, str]) -> frozenset[str]:
@@ -159,9 +158,9 @@ class Forwarder:
                         log.debug("route %s", explain.log_line())
                 else:
                     replica = self._least_loaded(req.model, tried)
-            except NoReplicaAvailable:
+            except (NoReplicaAvailable, Overloaded):
                 if last is not None:
-                    break
+                    break  # report the upstream failure, not the lack of another candidate
                 raise
             ticket = self.router.dispatch(req, replica)
             try:
@@ -205,8 +204,11 @@ class Forwarder:
     ) -> web.StreamResponse:
         url = replica.url + path
         t0 = time.perf_counter()
+        # A non-streaming answer's first byte comes when generation is over: its budget is the
+        # whole request (request_timeout_s), not the time to a first token.
+        budget = self.cfg.first_byte_timeout_s if req.stream else self.cfg.request_timeout_s
         try:
-            async with asyncio.timeout(self.cfg.first_byte_timeout_s):
+            async with asyncio.timeout(budget):
                 up = await self.session.request(
                     request.method, url, data=body or None, headers=headers, params=request.rel_url.query
                 )
@@ -216,10 +218,10 @@ class Forwarder:
                     up.close()
                     raise
         except TimeoutError:
-            raise UpstreamFailure(
-                "first_byte_timeout",
-                UpstreamTimeout(f"Replica did not answer within {self.cfg.first_byte_timeout_s:g}s."),
-            ) from None
+            # Retried elsewhere (nothing reached the client), but not held against the replica:
+            # a slow answer is load or a long generation as often as a fault; probes judge health.
+            error = UpstreamTimeout(f"Replica did not answer within {budget:g}s.")
+            raise UpstreamFailure("first_byte_timeout", error, eject=False) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             raise UpstreamFailure(
                 "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "upstream_reset",
@@ -242,8 +244,8 @@ class Forwarder:
         length = up.headers.get("Content-Length")
         if length is not None and not is_sse:
             out.content_length = int(length)
-        else:
-            out.enable_chunked_encoding()
+        # else aiohttp picks chunked framing for HTTP/1.1 clients and close-delimited for
+        # HTTP/1.0 ones (forcing chunked made every HTTP/1.0 stream a 500).
         ok = False
         tail = first
         try:
@@ -278,7 +280,6 @@ class Forwarder:
                 self.metrics.count_request(replica.id, up.status)
             self.metrics.latency.observe(time.perf_counter() - started)
             cached = _cached_tokens(tail) if ok and up.status == 200 else None
-            self.hooks.on_cached_tokens(ticket, cached)
             self.router.finish(ticket, ok=ok and up.status < 400, cached_tokens=cached)
         return out
 
@@ -299,6 +300,7 @@ class Forwarder:
                     chunk = await up.content.readany()
                     if not chunk:
                         return True, prev + last
+                    idle.touch()  # the upstream delivered; time spent writing is the client's
                     try:
                         await out.write(chunk)
                     except ConnectionResetError:

@@ -34,6 +34,8 @@ log = logging.getLogger("kvrouter.routing")
 
 
 class Tokenizer(Protocol):
+    @property
+    def has_chat_template(self) -> bool: ...
     def encode_prompt(self, text: str) -> list[int]: ...
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
 
@@ -86,6 +88,8 @@ class Router:
         # the KV-event manager. Uncertain replicas get discounted cache credit.
         self.is_uncertain: Callable[[ReplicaId], bool] = index.is_uncertain
         self.max_in_flight_per_replica = 0  # admission cap per replica; 0 = none
+        self.retry_after_s = 1
+        self.on_overload: Callable[[], None] = lambda: None
 
     # ---- request keys ---------------------------------------------------------------------
 
@@ -113,7 +117,6 @@ class Router:
             # Simple policies never look at blocks: skip hashing entirely.
             req.prompt_tokens = prompt_tokens or _estimate_tokens(token_ids, text, messages, self.bytes_per_token)
             return req
-        seed = model_seed(model, cache_salt)
         if block_hashes is not None:
             req.block_hashes = list(block_hashes)
             req.prompt_tokens = prompt_tokens if prompt_tokens is not None else len(block_hashes) * bs
@@ -121,9 +124,11 @@ class Router:
             return req
         if token_ids is None and self.tokenizer is not None:
             if messages is not None:
-                token_ids = self.tokenizer.encode_chat(messages)
+                if self.tokenizer.has_chat_template:  # else: byte mode below, never a 500
+                    token_ids = self.tokenizer.encode_chat(messages)
             elif text is not None:
                 token_ids = self.tokenizer.encode_prompt(text)
+        seed = model_seed(model, cache_salt)
         if token_ids is not None:
             req.block_hashes = hash_token_blocks(token_ids, bs, seed, self.max_blocks)
             req.prompt_tokens = len(token_ids)
@@ -151,12 +156,19 @@ class Router:
         if cap:
             cands = [r for r in cands if r.in_flight < cap]
             if not cands:
-                raise Overloaded("Every replica is at its concurrency limit.", retry_after=1)
+                self.on_overload()
+                raise Overloaded("Every replica is at its concurrency limit.", retry_after=self.retry_after_s)
         return cands
 
     def select(
-        self, req: RequestInfo, exclude: Sequence[ReplicaId] = (), explain: Explanation | None = None
+        self,
+        req: RequestInfo,
+        exclude: Sequence[ReplicaId] = (),
+        explain: Explanation | None = None,
+        *,
+        record: bool = True,
     ) -> Replica:
+        """``record=False`` (``/debug/route``) leaves the decision-latency metric alone."""
         t0 = time.perf_counter()
         cands = self.candidates(req.model, exclude)
         if req.block_hashes and self.policy.needs_match:
@@ -167,7 +179,7 @@ class Router:
                 for s in self._prefix_scorers:
                     s.uncertain = uncertain
         replica = self.policy.select(req, cands, explain)
-        if self.observer is not None:
+        if record and self.observer is not None:
             self.observer.on_decision(replica, time.perf_counter() - t0, req)
         return replica
 

@@ -86,6 +86,7 @@ class AppState:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     sources: Sequence[DiscoverySource] | None = None
+    published: dict[str, list[ReplicaSpec]] = field(default_factory=dict)  # by discovery source
 
 
 STATE: web.AppKey[AppState] = web.AppKey("kvrouter_state", AppState)
@@ -118,7 +119,15 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         observer=parity,
     )
     router.max_in_flight_per_replica = cfg.admission.max_in_flight_per_replica
-    admission = Admission(cfg.admission.max_in_flight, cfg.admission.max_queue, cfg.admission.queue_timeout_s)
+    router.retry_after_s = cfg.admission.retry_after_s
+    router.on_overload = metrics.admission_rejected.labels("replica").inc
+    admission = Admission(
+        cfg.admission.max_in_flight,
+        cfg.admission.max_queue,
+        cfg.admission.queue_timeout_s,
+        cfg.admission.retry_after_s,
+        metrics.admission_rejected.labels("router").inc,
+    )
     metrics.add_state_collector(lambda: registry, index, parity.collect)
     return AppState(cfg, metrics, index, registry, router, parity, admission)
 
@@ -188,7 +197,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         st.router,
         cfg.upstream,
         st.metrics,
-        ForwardHooks(manager.record_success, manager.record_failure, lambda _t, _c: None),
+        ForwardHooks(manager.record_success, manager.record_failure),
         replica_header=cfg.server.replica_header,
     )
     sources = st.sources if st.sources is not None else _default_sources(cfg)
@@ -209,27 +218,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def _default_sources(cfg: Config) -> list[DiscoverySource]:
-    d = cfg.discovery
-    static = [u.rstrip("/") for u in (*cfg.backends, *d.static)]
-    d = msgspec.structs.replace(d, static=static)
-    return build_sources(d)
+    return build_sources(cfg.discovery)  # --backend URLs are in discovery.static (config.py)
 
 
 async def _run_source(st: AppState, src: DiscoverySource) -> None:
-    """Each source publishes its full set; the registry holds the union over sources."""
-    current: dict[str, list[ReplicaSpec]] = {}
+    """Each source publishes its full set; the registry holds the union over all sources."""
 
     def publish(specs: Sequence[ReplicaSpec]) -> None:
-        current[src.name] = list(specs)
+        st.published[src.name] = list(specs)
         merged: dict[str, ReplicaSpec] = {}
-        for rep in st.registry:
-            merged[rep.id] = rep.spec  # keep replicas other sources own
-        mine_before = {s.id for s in _published.get(src.name, [])}
-        for rid in mine_before:
-            merged.pop(rid, None)
-        for s in specs:
-            merged[s.id] = s
-        _published[src.name] = list(specs)
+        for source_specs in st.published.values():
+            for spec in source_specs:
+                merged.setdefault(spec.id, spec)
         added, removed = st.registry.sync(merged.values())
         for r in added:
             log.info("replica %s joined (%s)", r.id, src.name)
@@ -237,7 +237,6 @@ async def _run_source(st: AppState, src: DiscoverySource) -> None:
             st.parity.forget(r.id)
             log.info("replica %s left (%s)", r.id, src.name)
 
-    _published: dict[str, list[ReplicaSpec]] = {}
     await src.run(publish)
 
 
@@ -266,7 +265,9 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status >= 400:
             msg = exc.reason or "error"
             body = error_body(msg, "invalid_request_error" if exc.status < 500 else "internal_error")
-            return web.Response(status=exc.status, body=body, content_type="application/json")
+            # keep the exception's own headers (a 405 must say Allow), not its text content type
+            keep = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+            return web.Response(status=exc.status, body=body, content_type="application/json", headers=keep)
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         raise
@@ -446,7 +447,8 @@ def _new_explanation(st: AppState, req: RequestInfo) -> Explanation:
 
 
 async def _debug_route(request: web.Request) -> web.Response:
-    """The decision for a body, without forwarding it or recording anything."""
+    """The decision for a body, without forwarding it. Note: it draws from the policy's state like
+    a real request would (round-robin position, tie-break RNG), so it explains the *next* decision."""
     st = request.app[STATE]
     body = await _read_body(request)
     try:
@@ -457,7 +459,7 @@ async def _debug_route(request: web.Request) -> web.Response:
         raise BadRequest("Request body must be a JSON object.")
     req = _chat_info(st, body) if "messages" in probe else _completion_info(st, body)
     explain = _new_explanation(st, req)
-    st.router.select(req, explain=explain)
+    st.router.select(req, explain=explain, record=False)
     out = explain.as_dict()
     out["prompt_tokens"] = req.prompt_tokens
     out["key_mode"] = req.key_mode.value if req.key_mode is not KeyMode.NONE else "none"
@@ -526,7 +528,9 @@ async def serve(cfg: Config, *, ready: Callable[[int], None] | None = None, sock
     """Run until SIGTERM/SIGINT, then drain. Returns the exit code."""
     app = create_app(cfg)
     st = app[STATE]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=cfg.server.drain_timeout_s)
+    # drain() already gave in-flight requests drain_timeout_s; cleanup must not wait that long again
+    # (it would overrun the pod's terminationGracePeriodSeconds).
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     if cfg.server.max_connections > 0:
         if sock is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .errors import BadRequest
 
 
 class HFTokenizer:
@@ -50,25 +51,42 @@ class HFTokenizer:
             except ImportError:
                 raise ConfigError("routing.tokenizer", folder, "chat templates need 'jinja2' (kvrouter[tokenizer])") from None
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_exception  # what HF chat templates call
             self._template = env.from_string(template)
 
     def encode_prompt(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=True).ids)
 
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
     def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
         if self._template is None:
             raise ValueError("the tokenizer has no chat template")
-        return str(
-            self._template.render(
-                messages=list(messages),
-                add_generation_prompt=True,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
+        from jinja2 import TemplateError
+
+        try:
+            return str(
+                self._template.render(
+                    messages=list(messages),
+                    add_generation_prompt=True,
+                    bos_token=self.bos_token,
+                    eos_token=self.eos_token,
+                )
             )
-        )
+        except TemplateError as exc:
+            # e.g. Llama's "roles must alternate": the engine would refuse the same messages
+            raise BadRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from None
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         return list(self._tok.encode(self.render_chat(messages), add_special_tokens=False).ids)
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2 import TemplateError
+
+    raise TemplateError(message)
 
 
 def _token_text(tok: object) -> str:

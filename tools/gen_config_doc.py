@@ -59,7 +59,7 @@ def main() -> None:
         "routing:",
         "  policy: cache_aware",
         "  tokenizer: /models/llama-3.1-8b-instruct   # precise token-mode keys (optional)",
-        "  weights: {estimated-ttft: 3, prefix-cache: 1, queue-depth: 1, kv-usage: 0.5, tail-latency: 0.5}",
+        "  weights: {estimated-ttft: 3, prefix-cache: 1, queue-depth: 1, cache-churn: 1, kv-usage: 0.5, tail-latency: 0.5}",
         "  load_factor: 4.0",
         "admission: {max_in_flight: 2048, max_queue: 1024}",
         "```",

@@ -95,7 +95,8 @@ class Pipeline:
         self._count += 1
         timer = self.plugin_timer if self._count % TIMING_SAMPLE == 0 else None
         kept: Sequence[Replica] = candidates
-        if explain is None and self.max_candidates and len(candidates) > self.max_candidates:
+        # Sample under explain too: a debug-logged decision must be the decision that is taken.
+        if self.max_candidates and len(candidates) > self.max_candidates:
             kept = self._sample(req, candidates)
         for f in self.filters:
             t0 = time.perf_counter() if timer else 0.0

@@ -29,7 +29,7 @@ def pair(logs: Path) -> Iterator[tuple[Backend, Backend, RouterProc]]:
     b = Backend(logs, "b", chunk_delay=0.0)
     r = RouterProc(
         logs, [a.url, b.url], "--policy", "round_robin", "--kv-events", "off", "--scrape-metrics", "false",
-        "--first-byte-timeout", "1.0", "--max-body-bytes", "1048576", "--eject-after", "1000",
+        "--first-byte-timeout", "1.0", "--request-timeout", "1.0", "--max-body-bytes", "1048576", "--eject-after", "1000",
     )
     yield a, b, r
     for p in (r.proc, a.proc, b.proc):
@@ -342,3 +342,32 @@ def test_poison_request_does_not_eject_healthy_replicas(logs: Path) -> None:
     finally:
         for p in (r.proc, a.proc, b.proc):
             p.stop()
+
+
+def test_http10_client_gets_a_close_delimited_stream(pair: tuple[Backend, Backend, RouterProc]) -> None:
+    """Regression: forced chunked framing made every HTTP/1.0 stream (nginx's default upstream
+    protocol) a 500."""
+    import socket
+
+    _, _, r = pair
+    body = json.dumps({**COMPLETION, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", r.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    assert b"chunked" not in head.lower()
+    assert payload.endswith(b"data: [DONE]\n\n")
+
+
+def test_method_not_allowed_keeps_allow_header(pair: tuple[Backend, Backend, RouterProc]) -> None:
+    _, _, r = pair
+    code, headers, raw = http("PUT", r.url + "/v1/embeddings", {"model": "fake-model", "input": "x"})
+    assert code == 405
+    assert "Allow" in headers
+    assert json.loads(raw)["error"]["message"]

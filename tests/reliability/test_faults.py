@@ -47,7 +47,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimFleet, 
     logs = tmp_path_factory.mktemp("faults")
     sim = SimFleet(logs, 3, "--seed", "7")
     r = RouterProc(
-        logs, sim.urls, "--enable-debug", "--first-byte-timeout", "1.0", "--eject-after", "3",
+        logs, sim.urls, "--enable-debug", "--first-byte-timeout", "1.0", "--request-timeout", "1.0", "--eject-after", "3",
         "--max-retries", "2", "--seed", "1", "--log-level", "info", "--drain-grace", "0",
     )
     wait_for(lambda: all(row["healthy"] for row in debug_replicas(r.url)["replicas"]), 10, "all replicas admitted")

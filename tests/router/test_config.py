@@ -71,3 +71,12 @@ def test_cli_refuses_bad_config_at_startup(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "router", "serve"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "backends" in out.stderr
+
+
+def test_backends_join_explicit_discovery_sources() -> None:
+    """Regression: --backend with --discovery dns was silently dropped, with --discovery static refused."""
+    cfg = build_config({}, {}, {"backend": ["http://a:1"], "discovery": ["dns"], "dns-name": "vllm.svc"})
+    assert cfg.discovery.static == ["http://a:1"]
+    assert set(cfg.discovery.enabled_sources()) == {"dns", "static"}
+    cfg = build_config({}, {}, {"backend": ["http://a:1/"], "discovery": ["static"]})
+    assert cfg.discovery.static == ["http://a:1"]

@@ -73,3 +73,23 @@ def test_router_uses_token_mode_with_a_tokenizer(tmp_path: Path) -> None:
 def test_missing_tokenizer_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"routing\.tokenizer"):
         load_tokenizer(str(tmp_path))
+
+
+def test_template_errors_are_400s_and_no_template_means_byte_mode(tmp_path: Path) -> None:
+    from router.errors import BadRequest
+
+    folder = make_tokenizer(tmp_path)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('bad') }}{% endif %}x"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(str(folder))
+    with pytest.raises(BadRequest):
+        tok.encode_chat([{"role": "assistant", "content": "hi"}])
+    del cfg["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(str(folder))
+    assert not tok.has_chat_template
+    index = PrefixIndex(100)
+    router = Router(index, ReplicaRegistry(index), build_policy("cache_aware"), block_size=4, tokenizer=tok)
+    req = router.request_info("m", messages=[{"role": "user", "content": "alpha beta " * 40}])
+    assert req.key_mode is KeyMode.BYTES

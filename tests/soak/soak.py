@@ -198,7 +198,7 @@ def main() -> int:
     killable = KillableReplica(log_dir)
     urls = [*sim.urls, killable.url]
     router = RouterProc(
-        log_dir, urls, "--enable-debug", "--first-byte-timeout", "2", "--idle-timeout", "5",
+        log_dir, urls, "--enable-debug", "--first-byte-timeout", "2", "--request-timeout", "2", "--idle-timeout", "5",
         "--eject-after", "3", "--max-retries", "2", "--drain-grace", "0", "--max-in-flight", "64",
         "--log-level", "warning",
     )
