@@ -29,7 +29,14 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import UpstreamConfig
-from .errors import NoReplicaAvailable, Overloaded, RouterError, UpstreamError, UpstreamTimeout, sse_error_event
+from .errors import (
+    NoReplicaAvailable,
+    Overloaded,
+    RouterError,
+    UpstreamError,
+    UpstreamTimeout,
+    sse_error_event,
+)
 from .metrics import RouterMetrics
 from .replicas import Replica
 from .routing import Router, Ticket
