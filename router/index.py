@@ -121,14 +121,6 @@ class PrefixIndex:
         del self._by_slot[entry.slot]
         self._free_slots.append(entry.slot)
 
-    def slot_of(self, replica: ReplicaId) -> int:
-        return self._replicas[replica].slot
-
-    @property
-    def num_slots(self) -> int:
-        """Upper bound (exclusive) of slot numbers in use: the length of match() arrays."""
-        return self._next_slot
-
     def replicas(self) -> Iterator[ReplicaId]:
         return iter(self._replicas)
 

@@ -271,7 +271,7 @@ def decode_batch(payload: bytes, arrays_first: bool = False) -> DecodedBatch:
 
 
 class KVEventMetrics:
-    """``kvrouter_kv_events_*`` (names move to router/metrics.py later; the lead owns that)."""
+    """``kvrouter_kv_events_*``: the KV-event ingestion metrics (listed in docs/metrics.md)."""
 
     def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
         p = "kvrouter_kv_events_"

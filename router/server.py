@@ -671,8 +671,3 @@ def _bound_port(runner: web.AppRunner) -> int:
         if isinstance(addr, tuple) and len(addr) >= 2:
             return int(addr[1])
     return 0
-
-
-def describe(app: web.Application) -> dict[str, Any]:
-    st = app[STATE]
-    return {"policy": st.router.policy.name, "replicas": [r.id for r in st.registry]}

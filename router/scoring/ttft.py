@@ -7,8 +7,8 @@
 ``pending_prefill_r`` is the uncached prompt tokens this router dispatched to r that have not
 produced a first token yet: the prefill work queued ahead. ``rate_r`` is r's measured prefill rate
 (EWMA of uncached tokens / TTFT); until measured, the mean of the candidates' measured rates
-(``default_rate`` when none is). ``running_r`` (engine
-running, else router in-flight) costs ``step_s`` each: decode steps interleave with prefill
+(``default_rate`` when none is). ``running_r`` (the larger of engine running and router
+in-flight) costs ``step_s`` each: decode steps interleave with prefill
 chunks. This is the scorer that lets a long cache hit beat a short queue and a short queue beat a
 small hit. Category: affinity + distribution.
 """

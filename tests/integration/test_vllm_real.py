@@ -16,6 +16,7 @@ know where they are cached is the KV-event stream.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -67,6 +68,8 @@ def expected_hit(prompt_tokens: int) -> int:
 def vllm_env() -> tuple[Path, Path]:
     setup = vllm_setup_or_skip_reason()
     if isinstance(setup, str):
+        if os.environ.get("KVROUTER_REQUIRE_VLLM"):  # make test: a broken vLLM venv must fail CI
+            pytest.fail(setup)
         pytest.skip(setup)
     return setup
 

@@ -28,7 +28,7 @@ def capture_frames() -> list[tuple[bytes, bytes, bytes]]:
 
 
 class FakeIndex:
-    """The IndexSink part of PrefixIndex: per-(replica, hash, tier) refcounts, as the lead's
+    """The IndexSink part of PrefixIndex: per-(replica, hash, tier) refcounts, as PrefixIndex's
     index keeps them. Removing an absent entry is recorded, so tests can assert it never happens."""
 
     def __init__(self) -> None:

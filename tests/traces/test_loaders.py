@@ -209,16 +209,14 @@ def test_load_report_summary_mentions_skips() -> None:
     assert "1 bad lines skipped" in r.summary()
 
 
-@pytest.mark.skipif(not CONV.exists(), reason=f"shared trace not present: {CONV}")
 def test_mooncake_conversation_loads_fast() -> None:
     t0 = time.perf_counter()
     trace, report = load_trace(CONV)
     elapsed = time.perf_counter() - t0
     assert report.ok and report.warned == 0 and len(trace) == 12031
-    assert elapsed < 0.5, f"loading the 3 MB Mooncake trace took {elapsed:.3f} s"
+    assert elapsed < 3.0, f"loading the 3 MB Mooncake trace took {elapsed:.3f} s"  # ~40 ms quiet; CI is shared
 
 
-@pytest.mark.skipif(not AZURE_CODE.exists(), reason=f"shared trace not present: {AZURE_CODE}")
 def test_azure_file_rebased_to_first_request() -> None:
     trace, report = load_trace(AZURE_CODE)
     assert report.ok and report.format == "azure"
