@@ -18,6 +18,8 @@ from typing import Any
 
 import msgspec
 
+from .stats import percentile_nearest_rank
+
 
 class RequestRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     request_id: str
@@ -51,12 +53,8 @@ class SLO(msgspec.Struct, frozen=True):
 
 
 def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100); NaN for no data."""
-    if not values:
-        return math.nan
-    data = sorted(values)
-    k = max(1, math.ceil(p / 100 * len(data)))
-    return data[min(k, len(data)) - 1]
+    """Nearest-rank percentile (p in 0..100], the trace statistics' definition); NaN for no data."""
+    return percentile_nearest_rank(values, p) if values else math.nan
 
 
 def _mean(values: Sequence[float]) -> float:
