@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import pickle
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -246,6 +247,12 @@ class KVEventPublisher:
             await sock.send_multipart((client_id, b"", END_SEQ, b""))
 
 
+def _trim_oldest(d: dict[Any, Any], keep: int) -> None:
+    """Drop the oldest entries of ``d`` (insertion order) until ``keep`` remain: one scan."""
+    for k in list(itertools.islice(d, max(0, len(d) - keep))):
+        del d[k]
+
+
 class VllmBlockHasher:
     """The engine model's ``block_hasher`` that yields vLLM's event ints (sha256 chain).
 
@@ -263,17 +270,18 @@ class VllmBlockHasher:
             raise ValueError(f"memo_capacity must be >= 0 (current value: {memo_capacity})")
         self.capacity = capacity
         self.memo_capacity = memo_capacity
-        # OrderedDicts, not dicts: evicting the oldest of a plain dict (del d[next(iter(d))]) scans
-        # the dummy slots earlier deletions left at its front, O(capacity) per insert once full
-        # (54 us vs 0.3 us per op at 100k entries): a sim past its first ~100k blocks per replica
-        # spent a third of its CPU there.
-        self._digests: OrderedDict[int, bytes] = OrderedDict()
+        # Plain dicts (insertion order = age), trimmed in batches by _trim_oldest. Evicting one
+        # oldest key per insert (del d[next(iter(d))]) scans the dummy slots earlier deletions left
+        # at the front: O(capacity) per insert once full (54 us vs 0.3 us per op at 100k entries),
+        # a third of a loaded sim's CPU. OrderedDict.popitem is O(1) but an OrderedDict is never
+        # untracked by the cyclic GC, so every full collection walked its ~1.5M entries.
+        self._digests: dict[int, bytes] = {}
         # (parent int, block tokens) -> (int, digest) of recently hashed blocks. A conversation
         # re-sends its history every turn, so most prompt blocks were hashed before; a dict hit
         # costs a tenth of pickle + sha256 (which was ~13% of a loaded sim's CPU). Only chained
         # values (parent digest known) are stored, and a hit is used only while the parent digest
         # is still known, so results are exactly those of hashing again.
-        self._memo: OrderedDict[tuple[int | None, tuple[int, ...]], tuple[int, bytes]] = OrderedDict()
+        self._memo: dict[tuple[int | None, tuple[int, ...]], tuple[int, bytes]] = {}
         self.misses = 0
 
     def digest(self, h: int) -> bytes | None:
@@ -297,14 +305,16 @@ class VllmBlockHasher:
             if self.memo_capacity and (parent is None or parent in digests):
                 memo = self._memo
                 memo[key] = (h, d)
-                if len(memo) > self.memo_capacity:
-                    memo.popitem(last=False)  # oldest first: insertion order
+                if len(memo) > self.memo_capacity + (self.memo_capacity >> 3):
+                    _trim_oldest(memo, self.memo_capacity)
         if h in digests:
-            digests.move_to_end(h)  # refresh: oldest first out
+            digests[h] = digests.pop(h)  # refresh: dicts keep insertion order, oldest first
         else:
             digests[h] = d
-            if len(digests) > self.capacity:
-                digests.popitem(last=False)
+            # Up to 1/8 over capacity, then back to capacity in one pass: never fewer entries
+            # than a strict bound keeps, so every parent it would find is still found.
+            if len(digests) > self.capacity + (self.capacity >> 3):
+                _trim_oldest(digests, self.capacity)
         return h
 
     def to_bytes_events(self, events: list[KVEvent]) -> list[KVEvent]:
