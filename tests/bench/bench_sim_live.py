@@ -116,6 +116,14 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
 def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -295,6 +303,8 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
         "lag_p99_worst_interval": max((x for x in sampler.interval_p99 if not math.isnan(x)), default=math.nan),
         "gauge_max": max(sampler.gauges, default=math.nan),
         "gauge_p99": percentile(sampler.gauges, 99) if sampler.gauges else math.nan,
+        "cpu_s": sampler.cpu * (sampler.t1 - sampler.t0),
+        "rss_mb": rss_mb(sim.p.pid),
         "load_before": load_before,
         "load_after": load_avg(),
     }
@@ -312,7 +322,9 @@ def report(r: dict[str, Any], args: argparse.Namespace, step_s: float) -> bool:
     print(f"tokens streamed: {r['tokens']:,.0f} received = {r['tokens'] / r['wall_s']:,.0f} tok/s over the run; "
           f"sim generated {r['sim_tokens']:,.0f} = {r['sim_tokens'] / max(r['sample_s'], 1e-9):,.0f} tok/s")
     print(f"sim CPU: {r['cpu'] * 100:.1f}% of its core over {r['sample_s']:.0f} s "
-          f"(busiest {args.sample_interval:g} s interval {r['cpu_max_interval'] * 100:.1f}%)")
+          f"(busiest {args.sample_interval:g} s interval {r['cpu_max_interval'] * 100:.1f}%); "
+          f"{r['cpu_s'] / max(r['sim_tokens'], 1) * 1e6:.0f} us CPU per generated token, "
+          f"{r['cpu_s'] / max(r['sent'], 1) * 1e3:.1f} ms per request; RSS {r['rss_mb']:.0f} MB")
     print(f"step lag over {r['steps']:,.0f} steps: p50 {r['lag_p50'] * ms:.3f} ms  p99 {r['lag_p99'] * ms:.3f} ms  "
           f"p99.9 {r['lag_p999'] * ms:.3f} ms  max <= {r['lag_max_bound'] * ms:g} ms; "
           f"worst interval p99 {r['lag_p99_worst_interval'] * ms:.3f} ms")
