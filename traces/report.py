@@ -133,12 +133,17 @@ def why(targets: Mapping[str, Mapping[str, Any]], oracle_info: Mapping[str, Any]
         if not math.isnan(dh) and abs(dh) >= 0.005:
             more = "more" if dh > 0 else "fewer"
             reasons.append(
-                f"{best} found {_pct(abs(dh))} {more} of the prompt tokens in cache ({_pct(hit(b))} vs {_pct(hit(s))}; "
+                f"{best} found {100 * abs(dh):.1f} points {more} of the prompt tokens in cache "
+                f"({_pct(hit(b))} vs {_pct(hit(s))}; "
                 f"about {abs(saved):,.0f} {'fewer' if dh > 0 else 'more'} prefill tokens per request)"
             )
         if not (math.isnan(lb) or math.isnan(ls)) and abs(lb - ls) >= 0.05:
             even = "more evenly" if lb < ls else "less evenly"
             reasons.append(f"{best} spread requests {even} (busiest replica {lb:.2f}x the mean vs {ls:.2f}x)")
+        if s["errors"] > 0.05 * s["requests"]:
+            # Percentiles cover finished requests only: a target that lost many understates its tail.
+            reasons.append(f"{s['errors']} of {n}'s {s['requests']} requests failed or never finished, so its "
+                           "latencies cover only the rest (it fell behind the offered load)")
         if not reasons:
             reasons.append("hit ratio and load spread are about equal, so the gap is within run-to-run noise")
         out.append(
