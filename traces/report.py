@@ -48,7 +48,7 @@ def load_max_over_mean(s: Mapping[str, Any]) -> float:
     if spread.get("max_over_mean") is not None:
         return float(spread["max_over_mean"])
     per = ((s.get("engine") or {}).get("requests_per_replica") or {}).values()
-    counts = [c for c in per if c is not None]
+    counts = [float(c) for c in per if c is not None]
     if counts and sum(counts) > 0:
         return max(counts) / (sum(counts) / len(counts))
     return math.nan
