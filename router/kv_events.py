@@ -64,11 +64,11 @@ import zmq.asyncio
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from .hashing import hash_token_blocks, model_seed
+from .kv_wire import EngineHash
 from .types import BlockHash, ReplicaId, Tier
 
 log = logging.getLogger(__name__)
 
-EngineHash = int | bytes
 
 DEFAULT_CAPACITY = 1 << 18  # engine->router entries per replica; pass the index's per-replica capacity
 DEFAULT_RESTART_WINDOW = 10_000  # vLLM's default replay buffer_steps: no duplicate can be older

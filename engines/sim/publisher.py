@@ -73,7 +73,7 @@ def external_hash(digest: bytes, use_int: bool = True) -> EngineHash:
     return int.from_bytes(digest, "big") & 0xFFFF_FFFF_FFFF_FFFF if use_int else digest
 
 
-END_SEQ = (-1).to_bytes(8, "big", signed=True)
+END_SEQ = seq_bytes(-1)  # replay end marker
 DEFAULT_TOPIC = "kv-events"
 DEFAULT_BUFFER_STEPS = 10_000  # vLLM KVEventsConfig.buffer_steps
 DEFAULT_HWM = 100_000  # vLLM KVEventsConfig.hwm

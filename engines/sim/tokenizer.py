@@ -165,6 +165,7 @@ class HFTokenizer:
         self.chat_template: str | None = (
             cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
         )
+        self._template: Any = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # Special tokens written in the text are recognised by the tokenizer itself; only the BOS
@@ -179,20 +180,30 @@ class HFTokenizer:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        if self.chat_template is not None:
-            try:
-                import jinja2
-            except ImportError:  # pragma: no cover - optional extra
-                pass
-            else:
-                env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
-                return env.from_string(self.chat_template).render(
+        template = self._compiled_template()
+        if template is not None:
+            return str(
+                template.render(
                     messages=list(messages),
                     add_generation_prompt=add_generation_prompt,
                     bos_token=self.bos_token,
                     eos_token=self.eos_token,
                 )
+            )
         return render_simple_chat(messages, add_generation_prompt, bos=self.bos_token)
+
+    def _compiled_template(self) -> Any:
+        """The chat template, compiled once (it was recompiled per request on the server's path)."""
+        if self.chat_template is None:
+            return None
+        if self._template is None:
+            try:
+                import jinja2
+            except ImportError:  # pragma: no cover - optional extra
+                return None
+            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
+            self._template = env.from_string(self.chat_template)
+        return self._template
 
 
 def _token_str(v: Any) -> str | None:
