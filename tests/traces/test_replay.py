@@ -109,9 +109,9 @@ async def test_open_loop_sends_do_not_wait_for_responses(fake_factory) -> None: 
     assert len(run.records) == 10
     # Every send happened on the trace clock, long before the first response (0.5 s) came back.
     for rec, req in zip(run.records, trace.requests, strict=True):
-        assert abs(rec.send_s - req.timestamp_s) < 0.1
+        assert abs(rec.send_s - req.timestamp_s) < 0.15
     assert fake.arrivals[-1] - fake.arrivals[0] < 0.45
-    assert run.lateness_max_s < 0.1
+    assert run.lateness_max_s < 0.15
     for rec in run.records:
         assert rec.ok and rec.ttft_s is not None and rec.ttft_s >= 0.5
         assert rec.output_tokens == 4 and len(rec.itl_s) == 3
