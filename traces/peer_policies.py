@@ -27,7 +27,7 @@ from router.replicas import Replica
 from router.scoring.base import min_max_inverted
 from router.scoring.kv_usage import KVUsageScorer
 from router.scoring.pipeline import Explanation, Pipeline
-from router.scoring.policies import Policy
+from router.scoring.policies import Policy, PowerOfTwo
 from router.scoring.prefix import PrefixCacheScorer
 from router.types import ReplicaId, RequestInfo
 
@@ -193,27 +193,15 @@ class ConsistentHash:
         return choice
 
 
-class PowerOfTwoInFlight:
+class PowerOfTwoInFlight(PowerOfTwo):
     """vLLM router ``power_of_two`` (peers.md §3; policies/power_of_two.rs): two distinct random
     workers, the one with the lower load (ties to the first drawn). Load = router in-flight; the
-    optional cached ``/get_loads`` poll (every 5 s) is left out: vLLM engines do not serve it."""
+    optional cached ``/get_loads`` poll (every 5 s) is left out: vLLM engines do not serve it.
+    That is kvrouter's own ``power_of_two``, under the peer's name."""
 
-    needs_match = False
-
-    def __init__(self, rng: random.Random, clock: Callable[[], float], *, name: str = "vllm_power_of_two") -> None:
+    def __init__(self, rng: random.Random, clock: Callable[[], float] | None = None, *, name: str = "vllm_power_of_two") -> None:
+        super().__init__(rng)
         self.name = name
-        self.rng = rng
-
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
-        if len(candidates) == 1:
-            choice = candidates[0]
-        else:
-            a, b = self.rng.sample(range(len(candidates)), 2)
-            ra, rb = candidates[a], candidates[b]
-            choice = ra if ra.in_flight <= rb.in_flight else rb
-        if explain is not None:
-            explain.chosen = choice.id
-        return choice
 
 
 class WaitingQueueScorer:
