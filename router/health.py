@@ -238,11 +238,7 @@ class ReplicaManager:
             rep.num_gpu_blocks = m.num_gpu_blocks
             self.registry.index.set_capacity(rep.id, min(m.num_gpu_blocks, self.cfg.routing.index_capacity))
         if self.on_engine_metrics is not None:
-            self.on_engine_metrics(rep, m)
-        if m.prefix_hits is not None:
-            rep.prefix_hits_total = m.prefix_hits
-        if m.prefix_queries is not None:
-            rep.prefix_queries_total = m.prefix_queries
+            self.on_engine_metrics(rep, m)  # parity reads the prefix-cache counters there
 
     def _adopt_block_size(self, size: int, rep: Replica) -> None:
         """Token-mode keys must use the engines' block size or they never match KV events."""

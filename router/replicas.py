@@ -32,7 +32,6 @@ class Replica:
     draining: bool = False  # leaving: no new requests, in-flight ones finish
     consecutive_failures: int = 0
     consecutive_successes: int = 0
-    ejections: int = 0
     # Router-tracked load, updated at dispatch and completion.
     in_flight: int = 0
     pending_prefill_tokens: int = 0  # uncached prompt tokens dispatched, first token not seen yet
@@ -43,8 +42,6 @@ class Replica:
     kv_usage: float | None = None
     block_size: int | None = None
     num_gpu_blocks: int | None = None
-    prefix_queries_total: float = 0.0
-    prefix_hits_total: float = 0.0
     metrics_ok: bool = False
     has_kv_events: bool = False
     # Recent TTFTs (ring buffer) and a measured prefill rate (EWMA of uncached tokens / TTFT).
@@ -174,8 +171,6 @@ class ReplicaRegistry:
     def set_healthy(self, rep: Replica, healthy: bool) -> None:
         if rep.healthy != healthy:
             rep.healthy = healthy
-            if not healthy:
-                rep.ejections += 1
             self._notify("health", rep)
 
     def set_draining(self, rep: Replica, draining: bool) -> None:

@@ -87,6 +87,7 @@ class AppState:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     sources: Sequence[DiscoverySource] | None = None
     published: dict[str, list[ReplicaSpec]] = field(default_factory=dict)  # by discovery source
+    openapi: bytes | None = None  # GET /openapi.json body
 
 
 STATE: web.AppKey[AppState] = web.AppKey("kvrouter_state", AppState)
@@ -439,7 +440,10 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _openapi(request: web.Request) -> web.Response:
-    return web.Response(body=_json.encode(openapi_spec(request.app[STATE].cfg)), content_type="application/json")
+    st = request.app[STATE]
+    if st.openapi is None:  # depends only on the config: build it once
+        st.openapi = _json.encode(openapi_spec(st.cfg))
+    return web.Response(body=st.openapi, content_type="application/json")
 
 
 def _new_explanation(st: AppState, req: RequestInfo) -> Explanation:

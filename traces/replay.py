@@ -28,6 +28,8 @@ from typing import Any, Literal
 import aiohttp
 import msgspec
 
+from router.engine_metrics import parse_labels
+
 from .model import Trace, TraceRequest
 from .records import SLO, RequestRecord, percentile, summarize
 from .synth import PromptSynth
@@ -361,12 +363,7 @@ def parse_cache_config(text: str) -> dict[str, str]:
     """Labels of ``vllm:cache_config_info`` (block_size, num_gpu_blocks, ...); empty if absent."""
     for line in text.splitlines():
         if line.startswith("vllm:cache_config_info{"):
-            inner = line[line.index("{") + 1 : line.rindex("}")]
-            labels: dict[str, str] = {}
-            for part in inner.split('",'):
-                k, _, v = part.partition("=")
-                labels[k.strip()] = v.strip().strip('"')
-            return labels
+            return parse_labels(line[line.index("{") + 1 : line.rindex("}")])
     return {}
 
 
