@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -47,6 +47,7 @@ from .errors import (
 from .health import ReplicaManager
 from .index import IndexInvariantError, PrefixIndex
 from .kv_events import KVEventManager
+from .listener import ListenerSite, listening_socket
 from .metrics import RouterMetrics
 from .openapi import openapi_spec
 from .parity import ParityTracker
@@ -62,7 +63,16 @@ log = logging.getLogger("kvrouter.server")
 _proxy_log = logging.getLogger("kvrouter.proxy")
 
 # Paths forwarded as-is to a healthy replica (vLLM's OpenAI server surface minus admin/dev).
-PASSTHROUGH_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/classify", "/version")
+PASSTHROUGH_PREFIXES = (
+    "/v1/",
+    "/tokenize",
+    "/detokenize",
+    "/pooling",
+    "/score",
+    "/rerank",
+    "/classify",
+    "/version",
+)
 _PUBLIC = frozenset(("/health", "/ready", "/metrics", "/openapi.json"))
 _json = msgspec.json.Encoder()
 
@@ -147,7 +157,10 @@ def create_app(
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
         middlewares=[_error_middleware, _auth_middleware],
-        handler_args={"max_field_size": cfg.server.max_header_bytes, "max_line_size": cfg.server.max_header_bytes},
+        handler_args={
+            "max_field_size": cfg.server.max_header_bytes,
+            "max_line_size": cfg.server.max_header_bytes,
+        },
     )
     state = build_state(cfg, tokenizer)
     state.sources = sources
@@ -187,10 +200,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent",),
     )
     if cfg.kv_events.mode != "off":
-        st.kv_events = KVEventManager(st.index, capacity=cfg.routing.index_capacity, registry=st.metrics.registry)
+        st.kv_events = KVEventManager(
+            st.index, capacity=cfg.routing.index_capacity, registry=st.metrics.registry
+        )
         st.router.is_uncertain = st.kv_events.is_uncertain
     st.manager = ReplicaManager(
-        cfg, st.registry, st.router, st.session, st.metrics, st.kv_events, on_engine_metrics=st.parity.on_engine_metrics
+        cfg,
+        st.registry,
+        st.router,
+        st.session,
+        st.metrics,
+        st.kv_events,
+        on_engine_metrics=st.parity.on_engine_metrics,
     )
     manager = st.manager
     st.forwarder = Forwarder(
@@ -203,7 +224,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     sources = st.sources if st.sources is not None else _default_sources(cfg)
     for src in sources:
-        st.tasks.append(asyncio.get_running_loop().create_task(_run_source(st, src), name=f"discovery:{src.name}"))
+        st.tasks.append(
+            asyncio.get_running_loop().create_task(_run_source(st, src), name=f"discovery:{src.name}")
+        )
     try:
         yield
     finally:
@@ -247,7 +270,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json_error(err: RouterError) -> web.Response:
-    return web.Response(status=err.status, body=err.body(), content_type="application/json", headers=err.headers())
+    return web.Response(
+        status=err.status, body=err.body(), content_type="application/json", headers=err.headers()
+    )
 
 
 @web.middleware
@@ -267,7 +292,9 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
             msg = exc.reason or "error"
             body = error_body(msg, "invalid_request_error" if exc.status < 500 else "internal_error")
             # keep the exception's own headers (a 405 must say Allow), not its text content type
-            keep = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+            keep = {
+                k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
+            }
             return web.Response(status=exc.status, body=body, content_type="application/json", headers=keep)
         raise
     except (asyncio.CancelledError, ConnectionResetError):
@@ -282,7 +309,9 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return web.Response(
-            status=500, body=error_body("Internal router error.", "internal_error"), content_type="application/json"
+            status=500,
+            body=error_body("Internal router error.", "internal_error"),
+            content_type="application/json",
         )
 
 
@@ -342,7 +371,9 @@ async def _read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"Request body exceeds {request.app[STATE].cfg.server.max_body_bytes} bytes.") from None
+        raise PayloadTooLarge(
+            f"Request body exceeds {request.app[STATE].cfg.server.max_body_bytes} bytes."
+        ) from None
 
 
 def _completion_info(st: AppState, body: bytes) -> RequestInfo:
@@ -374,7 +405,9 @@ def _chat_info(st: AppState, body: bytes) -> RequestInfo:
     )
 
 
-async def _generate(request: web.Request, info: Callable[[AppState, bytes], RequestInfo]) -> web.StreamResponse:
+async def _generate(
+    request: web.Request, info: Callable[[AppState, bytes], RequestInfo]
+) -> web.StreamResponse:
     st = request.app[STATE]
     with _Active(st):
         body = await _read_body(request)
@@ -418,7 +451,8 @@ async def _models(request: web.Request) -> web.Response:
     st = request.app[STATE]
     assert st.manager is not None
     return web.Response(
-        body=_json.encode({"object": "list", "data": st.manager.model_cards()}), content_type="application/json"
+        body=_json.encode({"object": "list", "data": st.manager.model_cards()}),
+        content_type="application/json",
     )
 
 
@@ -430,7 +464,9 @@ async def _ready(request: web.Request) -> web.Response:
     st = request.app[STATE]
     routable = len(st.registry.routable())
     ready = routable > 0 and not st.draining
-    body = _json.encode({"ready": ready, "routable_replicas": routable, "replicas": len(st.registry), "draining": st.draining})
+    body = _json.encode(
+        {"ready": ready, "routable_replicas": routable, "replicas": len(st.registry), "draining": st.draining}
+    )
     return web.Response(status=200 if ready else 503, body=body, content_type="application/json")
 
 
@@ -528,7 +564,9 @@ def _kv_stats(st: AppState, rid: ReplicaId) -> dict[str, Any] | None:
 # ---- running ---------------------------------------------------------------------------------
 
 
-async def serve(cfg: Config, *, ready: Callable[[int], None] | None = None, sock: socket.socket | None = None) -> int:
+async def serve(
+    cfg: Config, *, ready: Callable[[int], None] | None = None, sock: socket.socket | None = None
+) -> int:
     """Run until SIGTERM/SIGINT, then drain. Returns the exit code."""
     app = create_app(cfg)
     st = app[STATE]
@@ -536,20 +574,23 @@ async def serve(cfg: Config, *, ready: Callable[[int], None] | None = None, sock
     # (it would overrun the pod's terminationGracePeriodSeconds).
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    if cfg.server.max_connections > 0:
-        if sock is None:
-            sock = socket.create_server(
-                (cfg.server.host, cfg.server.port), backlog=1024, reuse_port=cfg.server.workers > 1
-            )
-        refused = st.metrics.client_errors.labels("connection_cap")
-        site: web.BaseSite = CappedSockSite(runner, sock, cfg.server.max_connections, refused.inc)
-    elif sock is not None:
-        site = web.SockSite(runner, sock)
-    else:
-        site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_port=cfg.server.workers > 1, backlog=1024)
+    if sock is None:
+        sock = listening_socket(cfg.server.host, cfg.server.port, reuse_port=cfg.server.workers > 1)
+    site = ListenerSite(
+        runner,
+        sock,
+        max_connections=cfg.server.max_connections,
+        on_refuse=st.metrics.client_errors.labels("connection_cap").inc,
+    )
     await site.start()
     port = _bound_port(runner)
-    log.info("kvrouter listening on %s:%d (policy=%s, pid=%d)", cfg.server.host, port, cfg.routing.policy, os.getpid())
+    log.info(
+        "kvrouter listening on %s:%d (policy=%s, pid=%d)",
+        cfg.server.host,
+        port,
+        cfg.routing.policy,
+        os.getpid(),
+    )
     if ready is not None:
         ready(port)
     stop = asyncio.Event()
@@ -576,98 +617,6 @@ async def drain(st: AppState, site: web.BaseSite) -> None:
         log.info("drained in %.2fs", time.monotonic() - t0)
     except TimeoutError:
         log.warning("drain timeout: %d request(s) still in flight are cut", st.active)
-
-
-_REFUSAL_BODY = error_body(
-    "The router has too many open connections; retry later.", "service_unavailable", None, "too_many_connections"
-)
-_REFUSAL = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-    b"Connection: close\r\nContent-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY
-)
-
-
-class _Counted(asyncio.Protocol):
-    """Delegates to aiohttp's RequestHandler and counts it until its connection is lost; exact,
-    where aiohttp's own ``Server.connections`` lags behind a burst of accepts."""
-
-    __slots__ = ("inner", "site")
-
-    def __init__(self, inner: asyncio.Protocol, site: CappedSockSite) -> None:
-        self.inner = inner
-        self.site = site
-        site.open += 1
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.site.open -= 1
-        self.inner.connection_lost(exc)
-
-
-class _Refuse(asyncio.Protocol):
-    """A connection over the cap: a canned 503, then close. The client's request bytes are read and
-    dropped until it closes (or 1 s), because closing with unread input makes the kernel send RST,
-    which can destroy the 503 before the client reads it."""
-
-    def __init__(self) -> None:
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-        transport.write(_REFUSAL)
-        if transport.can_write_eof():
-            transport.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(1.0, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False  # the transport closes itself
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-
-class CappedSockSite(web.SockSite):
-    """``--max-connections``: beyond ``limit`` open connections, new ones are answered 503 and
-    closed, so an idle-connection flood costs a socket for at most a second each, not a handler,
-    parser and buffers that live until the keep-alive timeout."""
-
-    def __init__(self, runner: web.AppRunner, sock: socket.socket, limit: int, on_refuse: Callable[[], None]) -> None:
-        super().__init__(runner, sock, backlog=1024)
-        self.limit = limit
-        self.open = 0
-        self._on_refuse = on_refuse
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers with the runner; SockSite.start would serve uncapped
-        server = self._runner.server
-        assert server is not None
-
-        def factory() -> asyncio.Protocol:
-            if self.open >= self.limit:
-                self._on_refuse()
-                return _Refuse()
-            return _Counted(server(), self)
-
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(factory, sock=self._sock, backlog=self._backlog)
 
 
 def _bound_port(runner: web.AppRunner) -> int:
