@@ -1,9 +1,11 @@
-"""Start and stop simulated fleets and routers as subprocesses, for the demo and the comparison.
+"""Start and stop simulated fleets and routers as subprocesses, for the demo, the comparison and
+the multi-process tests (tests/integration/procs.py, tests/reliability/harness.py build on this).
 
 Every process gets its own session (process group) and log file and is stopped with SIGTERM,
-then SIGKILL, by ``ProcGroup.close()``, which the demo calls in ``finally`` (also on Ctrl-C).
-Ports are picked free on loopback. This mirrors tests/integration/procs.py, which traces/ must not
-import.
+then SIGKILL, by ``Proc.stop()`` or ``ProcGroup.close()``, which the demo calls in ``finally``
+(also on Ctrl-C). Ports are picked free on loopback; ``kvrouter sim`` binds port 0 itself and
+announces what it got (``replica NAME url=URL events=ENDPOINT ...`` lines, then ``ready``), which
+``wait_sim_ready`` parses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 PY = sys.executable
@@ -56,24 +59,29 @@ class Proc:
             start_new_session=True,  # Ctrl-C in the terminal reaches us only; we stop the group
         )
 
-    def log(self, tail: int = 3000) -> str:
+    def log(self, tail: int | None = 3000) -> str:
+        """The last ``tail`` characters of the log (for error messages); ``None``: all of it."""
         try:
-            return self.log_path.read_text(errors="replace")[-tail:]
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+        return text if tail is None else text[-tail:]
 
     def alive(self) -> bool:
         return self.p.poll() is None
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the whole process group (the process and anything it started)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.p.pid, sig)
+
     def stop(self, timeout: float = 5.0) -> int | None:
         if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.p.pid, signal.SIGTERM)
+            self.signal(signal.SIGTERM)
             try:
                 self.p.wait(timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.p.pid, signal.SIGKILL)
+                self.signal(signal.SIGKILL)
                 self.p.wait(5)
         if not self._log.closed:
             self._log.close()
@@ -96,8 +104,7 @@ class ProcGroup:
         # SIGTERM everything first, then wait: stopping in parallel keeps Ctrl-C snappy.
         for p in reversed(self.procs):
             if p.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.p.pid, signal.SIGTERM)
+                p.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for p in reversed(self.procs):
             p.stop(timeout=max(deadline - time.monotonic(), 0.1))
@@ -110,11 +117,13 @@ class ProcGroup:
         self.close()
 
 
-def wait_http(url: str, proc: Proc, timeout: float = 30.0, ok: Sequence[int] = (200,)) -> None:
+def wait_http(url: str, proc: Proc | None = None, timeout: float = 30.0, ok: Sequence[int] = (200,),
+              interval: float = 0.05) -> None:
+    """Poll ``GET url`` until it answers one of ``ok``; fails early if ``proc`` exits meanwhile."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
-        if not proc.alive():
+        if proc is not None and not proc.alive():
             raise RuntimeError(f"{proc.name} exited with {proc.p.returncode}:\n{proc.log()}")
         try:
             code = http_get(url, timeout=1.0)
@@ -123,11 +132,74 @@ def wait_http(url: str, proc: Proc, timeout: float = 30.0, ok: Sequence[int] = (
             last = code
         except (OSError, urllib.error.URLError) as exc:
             last = exc
-        time.sleep(0.1)
-    raise TimeoutError(f"{proc.name}: {url} not ready after {timeout:.0f} s (last: {last})\n{proc.log()}")
+        time.sleep(interval)
+    where = f"{proc.name}: " if proc is not None else ""
+    raise TimeoutError(f"{where}{url} not {'/'.join(map(str, ok))} after {timeout:g} s (last: {last})"
+                       + (f"\n{proc.log()}" if proc is not None else ""))
 
 
-_REPLICA = re.compile(r"^replica (\S+) url=(\S+)")
+_REPLICA = re.compile(r"^replica (\S+) url=(\S+) events=(\S+)", re.M)
+_READY = re.compile(r"^ready$", re.M)
+
+
+@dataclass(frozen=True)
+class SimReplica:
+    """One replica as ``kvrouter sim`` announces it."""
+
+    name: str
+    url: str
+    events: str  # its KV-event ZMQ endpoint ("None" with --no-events)
+
+
+def sim_command(
+    replicas: int,
+    *,
+    profile: str,
+    model: str | None = None,
+    time_scale: float | None = None,
+    num_gpu_blocks: int | None = None,
+    block_size: int | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``kvrouter sim`` on port 0 for HTTP and KV events (the sim binds free ports itself, so tests
+    running side by side never race for a port range); ``extra`` comes last and so wins."""
+    args = [PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0", "--events-port", "0",
+            "--profile", profile]
+    if time_scale is not None:
+        args += ["--time-scale", str(time_scale)]
+    if model:
+        args += ["--model", model]
+    if num_gpu_blocks is not None:
+        args += ["--num-gpu-blocks", str(num_gpu_blocks)]
+    if block_size is not None:
+        args += ["--block-size", str(block_size)]
+    return [*args, *extra]
+
+
+def wait_sim_ready(proc: Proc, replicas: int, timeout: float = 30.0) -> list[SimReplica]:
+    """The replicas a ``kvrouter sim`` process announced, once it printed ``ready``.
+
+    On any failure (the process exited, ``timeout`` passed, the wrong number of replica lines) the
+    process is stopped, SIGKILL if need be, before the error is raised: nothing outlives a failed start.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        text = proc.log(tail=None)
+        if _READY.search(text):
+            found = [SimReplica(*m.groups()) for m in _REPLICA.finditer(text)]
+            if len(found) == replicas:
+                return found
+            error: Exception = RuntimeError(
+                f"{proc.name} printed {len(found)} replica lines, expected {replicas}:\n{text[-3000:]}")
+        elif not proc.alive():
+            error = RuntimeError(f"{proc.name} exited with {proc.p.returncode}:\n{text[-3000:]}")
+        elif time.monotonic() > deadline:
+            error = TimeoutError(f"{proc.name} not ready after {timeout:g} s:\n{text[-3000:]}")
+        else:
+            time.sleep(0.05)
+            continue
+        proc.stop()
+        raise error
 
 
 def start_sim(
@@ -143,27 +215,10 @@ def start_sim(
     timeout: float = 30.0,
 ) -> tuple[Proc, list[str]]:
     """``kvrouter sim`` on free ports; returns the process and the replica URLs once it says ``ready``."""
-    args = [PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0", "--events-port", "0",
-            "--profile", profile, "--time-scale", str(time_scale)]
-    if model:
-        args += ["--model", model]
-    if num_gpu_blocks is not None:
-        args += ["--num-gpu-blocks", str(num_gpu_blocks)]
-    if block_size is not None:
-        args += ["--block-size", str(block_size)]
-    proc = group.start([*args, *extra], "sim")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = proc.log(tail=1 << 20)
-        if re.search(r"^ready$", text, re.M):
-            urls = [m.group(2) for line in text.splitlines() if (m := _REPLICA.match(line))]
-            if len(urls) != replicas:
-                raise RuntimeError(f"sim printed {len(urls)} replica lines, expected {replicas}:\n{text[-2000:]}")
-            return proc, urls
-        if not proc.alive():
-            raise RuntimeError(f"sim exited with {proc.p.returncode}:\n{proc.log()}")
-        time.sleep(0.1)
-    raise TimeoutError(f"sim not ready after {timeout:.0f} s:\n{proc.log()}")
+    args = sim_command(replicas, profile=profile, model=model, time_scale=time_scale,
+                       num_gpu_blocks=num_gpu_blocks, block_size=block_size, extra=extra)
+    proc = group.start(args, "sim")
+    return proc, [r.url for r in wait_sim_ready(proc, replicas, timeout)]
 
 
 def start_kvrouter(group: ProcGroup, backends: Sequence[str], policy: str, name: str,

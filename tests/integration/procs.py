@@ -1,27 +1,26 @@
 """Start real processes on loopback for integration tests: fake backends, sim fleets, routers.
 
-Every process gets a free port, a log file, and is killed (process group) at teardown.
+Every process gets a free port, a log file, and is killed (process group) at teardown. Processes,
+HTTP readiness and the sim launcher are traces/fleetproc.py's, the ones the demo uses.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from traces.fleetproc import free_port
+from traces.fleetproc import PY, ROOT, Proc, SimReplica, free_port, sim_command, wait_http, wait_sim_ready
 
-ROOT = Path(__file__).resolve().parents[2]
-PY = sys.executable
+__all__ = ["PY", "ROOT", "Backend", "Proc", "RouterProc", "SimFleet", "SimReplica", "free_port", "http", "stopping",
+           "wait_for", "wait_http"]
+
+T = TypeVar("T")
 
 
 def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 10.0
@@ -35,53 +34,27 @@ def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None
         return e.code, dict(e.headers), e.read()
 
 
-class Proc:
-    def __init__(self, args: Sequence[str], name: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.p = subprocess.Popen(
-            list(args), cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.p.pid, sig)
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        if self.alive():
-            self.signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.p.wait(5)
-        self._log.close()
-        return self.p.returncode
-
-
-def wait_http(url: str, timeout: float = 20.0, status: int = 200, proc: Proc | None = None) -> None:
+def wait_for(pred: Callable[[], T], timeout: float = 10.0, what: str = "condition", interval: float = 0.05) -> T:
+    """Poll ``pred`` until it returns something truthy and return that; AssertionError naming
+    ``what`` and the last value after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
-        try:
-            code, _, _ = http("GET", url, timeout=1.0)
-            if code == status:
-                return
-            last = code
-        except (OSError, urllib.error.URLError) as exc:
-            last = exc
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not {status} after {timeout}s (last: {last})" + (f"\n{proc.log()[-3000:]}" if proc else ""))
+    while True:
+        last = pred()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+def _ready(proc: Proc, *urls: str) -> None:
+    """Wait until every URL answers 200; a process that does not get there is stopped, not leaked."""
+    try:
+        for url in urls:
+            wait_http(url, proc)
+    except BaseException:
+        proc.stop()
+        raise
 
 
 class Backend:
@@ -93,7 +66,7 @@ class Backend:
              "--chunks", str(chunks), "--chunk-delay", str(chunk_delay)],
             name, log_dir,
         )
-        wait_http(self.url + "/health", proc=self.proc)
+        _ready(self.proc, self.url + "/health")
 
     def control(self, **kw: Any) -> None:
         http("POST", self.url + "/_control", kw)
@@ -111,9 +84,7 @@ class RouterProc:
         for b in backends:
             args += ["--backend", b]
         self.proc = Proc([*args, *extra], name, log_dir, env)
-        wait_http(self.url + "/health", proc=self.proc)
-        if wait_ready:
-            wait_http(self.url + "/ready", proc=self.proc)
+        _ready(self.proc, self.url + "/health", *([self.url + "/ready"] if wait_ready else []))
 
     def metrics(self) -> str:
         return http("GET", self.url + "/metrics")[2].decode()
@@ -129,26 +100,14 @@ def stopping(*procs: Proc) -> Iterator[None]:
 
 
 class SimFleet:
-    """`kvrouter sim` in a subprocess: N simulated vLLM replicas with KV events."""
+    """`kvrouter sim` in a subprocess: N simulated vLLM replicas with KV events, on free ports."""
 
-    def __init__(self, log_dir: Path, replicas: int = 2, *extra: str, profile: str = "tiny", name: str = "sim") -> None:
-        # Port 0 everywhere: the sim binds free ports itself and prints them (no races between
-        # consecutive port ranges of parallel tests).
-        args = [PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0",
-                "--profile", profile, "--events-port", "0", *extra]
-        self.proc = Proc(args, name, log_dir)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            text = self.proc.log()
-            if "ready" in text.split():
-                break
-            if not self.proc.alive():
-                self.proc.stop()
-                raise RuntimeError(f"sim exited:\n{text[-3000:]}")
-            time.sleep(0.05)
-        else:
-            raise TimeoutError(f"sim not ready:\n{self.proc.log()[-3000:]}")
-        self.urls = [tok.split("=", 1)[1] for tok in self.proc.log().split() if tok.startswith("url=")]
-        assert len(self.urls) == replicas, self.proc.log()
-        for u in self.urls:
-            wait_http(u + "/health", proc=self.proc)
+    def __init__(self, log_dir: Path, replicas: int = 2, *extra: str, profile: str = "tiny", name: str = "sim",
+                 timeout: float = 30.0) -> None:
+        self.proc = Proc(sim_command(replicas, profile=profile, extra=extra), name, log_dir)
+        self.replicas: list[SimReplica] = wait_sim_ready(self.proc, replicas, timeout)
+        _ready(self.proc, *(u + "/health" for u in self.urls))
+
+    @property
+    def urls(self) -> list[str]:
+        return [r.url for r in self.replicas]

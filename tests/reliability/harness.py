@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +23,17 @@ from typing import Any
 
 import aiohttp
 
-from tests.integration.procs import PY, Proc, http
+from tests.integration import procs
+from tests.integration.procs import http, wait_for
+from traces import fleetproc
 
-_REPLICA_RE = re.compile(r"replica (\S+) url=(\S+) events=(\S+)")
+__all__ = ["Outcome", "SimFleet", "SimReplica", "call", "classify_sse", "debug_replicas", "proc_stats", "wait_for"]
+
+_REPLICA_RE = fleetproc._REPLICA  # tests/soak/soak.py parses the lines of a sim it starts itself
 
 
-@dataclass
-class SimReplica:
-    name: str
-    url: str
-    events: str
+class SimReplica(fleetproc.SimReplica):
+    """A replica announced by ``kvrouter sim``, with its fault knobs (``/sim/faults``)."""
 
     def faults(self, **kw: Any) -> dict[str, Any]:
         if kw.get("refuse_connections"):
@@ -59,29 +59,14 @@ class SimReplica:
         return dict(json.loads(http("GET", self.url + "/sim/faults", timeout=5)[2])["injected"])
 
 
-class SimFleet:
+class SimFleet(procs.SimFleet):
     """``kvrouter sim`` with ``n`` replicas on free ports (HTTP, KV events, replay)."""
 
-    def __init__(self, log_dir: Path, n: int, *extra: str, name: str = "sim", timeout: float = 20.0) -> None:
-        args = [PY, "-m", "router", "sim", "--replicas", str(n), "--port", "0", "--events-port", "0",
-                "--profile", "tiny", *extra]
-        self.proc = Proc(args, name, log_dir)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.proc.log()
-            if "\nready" in text or text.startswith("ready"):
-                break
-            if not self.proc.alive():
-                raise RuntimeError(f"sim exited:\n{text[-3000:]}")
-            time.sleep(0.05)
-        else:
-            raise TimeoutError(f"sim not ready after {timeout}s:\n{self.proc.log()[-3000:]}")
-        self.replicas = [SimReplica(*m.groups()) for m in _REPLICA_RE.finditer(self.proc.log())]
-        assert len(self.replicas) == n, self.proc.log()
+    replicas: list[SimReplica]  # type: ignore[assignment]
 
-    @property
-    def urls(self) -> list[str]:
-        return [r.url for r in self.replicas]
+    def __init__(self, log_dir: Path, n: int, *extra: str, name: str = "sim", timeout: float = 20.0) -> None:
+        super().__init__(log_dir, n, *extra, name=name, timeout=timeout)
+        self.replicas = [SimReplica(r.name, r.url, r.events) for r in self.replicas]
 
     def clear_faults(self) -> None:
         for r in self.replicas:
@@ -161,17 +146,6 @@ def debug_replicas(router_url: str, headers: dict[str, str] | None = None) -> di
     code, _, body = http("GET", router_url + "/debug/replicas", headers=headers)
     assert code == 200, body
     return dict(json.loads(body))
-
-
-def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def proc_stats(pid: int) -> tuple[float, int]:

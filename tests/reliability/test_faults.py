@@ -56,7 +56,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimFleet, 
         # the router survived every fault: alive, live, no unhandled error in its log
         assert r.proc.alive()
         assert http("GET", r.url + "/health")[0] == 200
-        log = r.proc.log()
+        log = r.proc.log(tail=None)
         assert "unhandled error" not in log and "Traceback" not in log, log[-3000:]
     finally:
         r.proc.stop()

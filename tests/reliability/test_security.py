@@ -57,7 +57,7 @@ def test_router_keys_are_separate_from_the_upstream_key(logs: Path, backend: Bac
             auth = {k.lower(): v for k, v in seen.items()}["authorization"]
             assert auth == "Bearer upstream-secret"  # the engine never sees the client's key
             assert "upstream-secret" not in json.dumps(headers) + raw.decode()
-        assert "upstream-secret" not in r.proc.log() and "client-key-1" not in r.proc.log()
+        assert "upstream-secret" not in r.proc.log(tail=None) and "client-key-1" not in r.proc.log(tail=None)
     finally:
         r.proc.stop()
 
@@ -136,8 +136,8 @@ def test_prompts_stay_out_of_debug_logs_unless_asked(logs: Path, backend: Backen
         time.sleep(0.2)
     finally:
         r.proc.stop()
-    assert "DEBUG" in r.proc.log()  # debug logging was on
-    assert (canary in r.proc.log()) is log_prompts
+    assert "DEBUG" in r.proc.log(tail=None)  # debug logging was on
+    assert (canary in r.proc.log(tail=None)) is log_prompts
 
 
 class Canary:
