@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.procs import RouterProc, SimFleet, http
+from tests.integration.procs import RouterProc, SimFleet, http, wait_for
 
 MODEL = "tiny"
 
@@ -30,23 +29,14 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def _wait(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimFleet, RouterProc]]:
     logs = tmp_path_factory.mktemp("cache-aware")
     # 3 replicas, block size 32 (the router starts at 16 and must learn 32), 200 blocks each
     fleet = SimFleet(logs, 3, "--block-size", "32", "--num-gpu-blocks", "200", "--max-model-len", "4096")
     router = RouterProc(logs, fleet.urls, "--enable-debug", "--policy", "cache_aware", "--block-size", "16")
-    _wait(lambda: _replicas(router)["_block_size"] == 32 and all(
-        row["has_kv_events"] for k, row in _replicas(router).items() if k != "_block_size"))
+    wait_for(lambda: _replicas(router)["_block_size"] == 32 and all(
+        row["has_kv_events"] for k, row in _replicas(router).items() if k != "_block_size"), 10, "block size 32 and KV events")
     yield fleet, router
     router.proc.stop()
     fleet.proc.stop()
@@ -67,7 +57,7 @@ def test_repeated_prompt_goes_where_it_is_cached_and_parity_agrees(setup: tuple[
     assert code == 200
     first = h1["x-kvrouter-replica"]
     # the engine's BlockStored events confirm the prefix in the router's index
-    _wait(lambda: _replicas(r)[first]["index_confirmed"][0] >= 31)
+    wait_for(lambda: _replicas(r)[first]["index_confirmed"][0] >= 31, 10, "31 confirmed blocks")
     explain = json.loads(http("POST", r.url + "/debug/route", {"model": MODEL, "prompt": prompt})[2])
     rows = {row["replica"]: row for row in explain["replicas"]}
     assert explain["chosen"] == first
@@ -105,7 +95,8 @@ def test_evictions_remove_index_entries(setup: tuple[SimFleet, RouterProc]) -> N
         prompt = [5 + i] + [1000 + i * 1000 + j for j in range(999)]
         assert http("POST", target + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1})[0] == 200
     text = http("GET", r.url + "/metrics")[2].decode()
-    _wait(lambda: _metric(http("GET", r.url + "/metrics")[2].decode(), "kvrouter_kv_events_blocks_removed_total") > 0)
+    wait_for(lambda: _metric(http("GET", r.url + "/metrics")[2].decode(), "kvrouter_kv_events_blocks_removed_total") > 0,
+             10, "BlockRemoved in the index")
     row = _replicas(r)[target]
     assert row["index_confirmed"][0] <= 200  # never more than the engine can hold
     assert _metric(text, "kvrouter_kv_events_decode_errors_total") == 0

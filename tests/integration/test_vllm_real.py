@@ -28,7 +28,7 @@ import pytest
 import zmq
 
 from router.kv_wire import BlockRemoved, BlockStored, KVEventBatch
-from tests.integration.procs import SimFleet
+from tests.integration.procs import SimFleet, wait_for
 from tests.integration.vllm_fixtures import (
     BLOCK_SIZE,
     CACHE_BLOCKS,
@@ -48,7 +48,6 @@ from tests.integration.vllm_fixtures import (
     token_prompt,
     vllm_replicas,
     vllm_setup_or_skip_reason,
-    wait_for,
 )
 
 pytestmark = pytest.mark.vllm
@@ -316,7 +315,7 @@ def test_simulator_matches_real_vllm_prefix_cache(replicas: list[Replica], tmp_p
     reset_prefix_cache(real.url)
     sim = SimFleet(tmp_path, 1, "--block-size", str(BLOCK_SIZE), "--num-gpu-blocks", str(CACHE_BLOCKS),
                    "--max-model-len", "2048", "--model", "tiny", name="sim-fidelity")
-    sim_events = next(t.split("=", 1)[1] for t in sim.proc.log().split() if t.startswith("events="))
+    sim_events = sim.replicas[0].events
     logs = {"vllm": _OpLog(real.events_endpoint), "sim": _OpLog(sim_events)}
     try:
         time.sleep(1.0)  # slow joiner

@@ -17,7 +17,7 @@ import random
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,14 +190,6 @@ def metric_samples(base_url: str, sample_name: str) -> list[tuple[dict[str, str]
 def metric_totals(base_url: str, prefix: str) -> list[tuple[str, float]]:
     """(sample name, value) of every sample whose name starts with `prefix`."""
     return [(name, v) for name, _, v in scrape(base_url) if name.startswith(prefix)]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- prompts ---------------------------------------------------------------------------------------
