@@ -64,7 +64,7 @@ import zmq.asyncio
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from .hashing import hash_token_blocks, model_seed
-from .kv_wire import EngineHash
+from .kv_wire import EngineHash, publisher_binds
 from .types import BlockHash, ReplicaId, Tier
 
 log = logging.getLogger(__name__)
@@ -812,9 +812,11 @@ def resolve_event_source(replica_url: str, kv_event_sources_json: str | bytes | 
     Accepts vLLM 0.32's ``{"0": {"endpoint", "replay_endpoint", "topic", ...}}`` (one entry per
     DP rank, already port-offset), the bare list ``[{"data_parallel_rank": 0, "endpoint": ...}]``
     of newer vLLM, or one such object, as JSON text or already parsed. vLLM binds its PUB when
-    the endpoint is a wildcard (``*``, ``::``, ``0.0.0.0``) or ipc/inproc: we connect to the
-    replica's host. A concrete host means vLLM connects to us: we bind that endpoint. The replay
-    ROUTER always binds on the engine, so we connect to it. Ordered by DP rank; inproc skipped.
+    the endpoint contains ``*`` or ``::`` or is ipc/inproc (``kv_wire.publisher_binds``): we
+    connect, to the replica's host in place of a wildcard. Otherwise (a concrete host, and also
+    ``0.0.0.0``) vLLM connects to that address: we bind it. The replay ROUTER always binds on the
+    engine, so we connect to it (wildcards, ``0.0.0.0`` included, become the replica's host).
+    Ordered by DP rank; inproc skipped.
     """
     data: object = kv_event_sources_json
     if isinstance(data, str | bytes):
@@ -849,9 +851,10 @@ def resolve_event_source(replica_url: str, kv_event_sources_json: str | bytes | 
         replay_ep = _swap_host(replay, host) if isinstance(replay, str) and replay else None
         topic = e.get("topic")
         topic = topic if isinstance(topic, str) else ""
-        addr = ep[len("tcp://") :].rpartition(":")[0] if ep.startswith("tcp://") else "*"
-        engine_binds = not ep.startswith("tcp://") or _is_wildcard(addr)
-        out.append(EventSource(_swap_host(ep, host), replay_ep, topic, not engine_binds))
+        if publisher_binds(ep):  # the engine binds: connect to it on the replica's host
+            out.append(EventSource(_swap_host(ep, host), replay_ep, topic, False))
+        else:  # the engine connects to this address: bind it as given
+            out.append(EventSource(ep, replay_ep, topic, True))
     return out
 
 

@@ -123,3 +123,20 @@ def encode_batch(
 def seq_bytes(seq: int) -> bytes:
     """The second ZMQ frame: sequence number as 8-byte big-endian (signed: -1 ends a replay)."""
     return seq.to_bytes(8, "big", signed=True)
+
+
+def publisher_binds(endpoint: str) -> bool:
+    """Whether a vLLM KV-event PUB socket configured with ``endpoint`` binds (True) or connects.
+
+    vLLM's rule (``ZmqEventPublisher._socket_setup`` in vllm/distributed/kv_events.py): bind when
+    the endpoint contains ``*`` or ``::`` or is ``ipc://``/``inproc://``, connect otherwise. So
+    ``tcp://0.0.0.0:5557`` *connects* (to 0.0.0.0, i.e. this host), and so does any concrete
+    host: the subscriber must bind. The one copy of the rule: the simulated engine
+    (engines/sim/publisher.py) and the router's discovery (router/kv_events.py) both use it.
+    """
+    return (
+        "*" in endpoint
+        or "::" in endpoint
+        or endpoint.startswith("ipc://")
+        or endpoint.startswith("inproc://")
+    )

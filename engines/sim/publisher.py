@@ -4,9 +4,9 @@ Wire (pinned to vllm/distributed/kv_events.py, ``ZmqEventPublisher``):
 
 * PUB multipart ``[topic utf-8, seq 8-byte big-endian, msgpack KVEventBatch]``; ``seq`` counts
   batches from 0 per publisher (a restart starts again at 0).
-* Bind or connect exactly like vLLM: bind when the endpoint contains ``*`` or ``::`` or is
-  ``ipc://``/``inproc://``, otherwise connect (so a router SUB that binds can collect from many
-  engines). ``bind=True`` overrides this for a loopback-only fixed port, which vLLM cannot express.
+* Bind or connect exactly like vLLM (``router.kv_wire.publisher_binds``): bind when the endpoint
+  contains ``*`` or ``::`` or is ``ipc://``/``inproc://``, otherwise connect (so a router SUB that
+  binds can collect from many engines; ``tcp://0.0.0.0:P`` connects too). ``bind=True`` overrides this for a loopback-only fixed port, which vLLM cannot express.
 * Replay: a ROUTER socket, always bound. A DEALER sends ``[b"", start_seq 8-byte BE]`` and gets
   ``[b"", seq8, payload]`` for every buffered batch with ``seq >= start`` then the end marker
   ``[b"", (-1 as signed 8 bytes), b""]``. vLLM's replay frames carry **no topic**; requests of any
@@ -34,7 +34,15 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from router.kv_wire import BlockRemoved, BlockStored, EngineHash, KVEvent, encode_batch, seq_bytes
+from router.kv_wire import (
+    BlockRemoved,
+    BlockStored,
+    EngineHash,
+    KVEvent,
+    encode_batch,
+    publisher_binds,
+    seq_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +92,6 @@ DEFAULT_MEMO_BLOCKS = 1 << 15
 _REPLAY_POLL_MS = 200
 
 
-def vllm_binds(endpoint: str) -> bool:
-    """vLLM's heuristic: wildcard hosts and local transports bind, concrete hosts connect."""
-    return (
-        "*" in endpoint
-        or "::" in endpoint
-        or endpoint.startswith("ipc://")
-        or endpoint.startswith("inproc://")
-    )
-
-
 def public_endpoint(endpoint: str, host: str = "127.0.0.1") -> str:
     """Where a subscriber should connect to reach a bound endpoint (``*`` / ``0.0.0.0`` -> host)."""
     if endpoint.startswith("tcp://"):
@@ -139,7 +137,7 @@ class KVEventPublisher:
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = 0
         self.configured_endpoint = endpoint
-        self.binds = vllm_binds(endpoint) if bind is None else bind
+        self.binds = publisher_binds(endpoint) if bind is None else bind
 
         self._pub: zmq.asyncio.Socket = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, hwm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -13,14 +14,15 @@ from engines.sim.publisher import (
     block_hash_chain,
     external_hash,
     public_endpoint,
-    vllm_binds,
 )
+from router.kv_events import resolve_event_source
 from router.kv_wire import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     KVEventBatch,
     LegacyKVEventBatch,
+    publisher_binds,
 )
 
 _raw = msgspec.msgpack.Decoder()
@@ -56,11 +58,27 @@ def test_sha256_chain_matches_vllm_test_vector() -> None:
 
 
 def test_bind_heuristic_is_vllms() -> None:
-    assert vllm_binds("tcp://*:5557") and vllm_binds("tcp://[::]:5557") and vllm_binds("ipc:///tmp/x")
-    assert vllm_binds("inproc://kv")
-    assert not vllm_binds("tcp://127.0.0.1:5557")
+    # vLLM ZmqEventPublisher._socket_setup: bind iff "*" or "::" in the endpoint, or ipc/inproc.
+    for ep in ("tcp://*:5557", "tcp://[::]:5557", "tcp://[::1]:5557", "ipc:///tmp/x", "inproc://kv"):
+        assert publisher_binds(ep), ep
+    for ep in ("tcp://127.0.0.1:5557", "tcp://0.0.0.0:5557", "tcp://10.0.0.5:5557", "tcp://host:1"):
+        assert not publisher_binds(ep), ep
     assert public_endpoint("tcp://*:5557") == "tcp://127.0.0.1:5557"
     assert public_endpoint("tcp://0.0.0.0:1") == "tcp://127.0.0.1:1"
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["tcp://*:5557", "tcp://[::]:5557", "tcp://0.0.0.0:5557", "tcp://10.0.0.5:5557", "ipc:///tmp/kv"],
+)
+def test_router_and_sim_agree_on_bind(endpoint: str) -> None:
+    """The router binds its SUB exactly when the engine (sim or vLLM) connects its PUB."""
+    (src,) = resolve_event_source("http://10.1.2.3:8000", {"0": {"endpoint": endpoint}})
+    assert src.bind == (not publisher_binds(endpoint))
+    if not src.bind:
+        assert src.endpoint == endpoint.replace("*", "10.1.2.3").replace("[::]", "10.1.2.3")
+    else:
+        assert src.endpoint == endpoint  # bound as the engine will connect to it
 
 
 def _stored(tokens: list[int]) -> BlockStored:

@@ -477,9 +477,9 @@ def test_late_join_asks_for_backfill_from_zero() -> None:
                 },
                 {"data_parallel_rank": 0, "endpoint": "tcp://[::]:5557", "topic": None},
             ],
-            [
+            [  # 0.0.0.0 has no "*" or "::": vLLM connects to it, so the router binds it
                 EventSource("tcp://10.1.2.3:5557", None, "", False),
-                EventSource("tcp://10.1.2.3:5558", None, "", False),
+                EventSource("tcp://0.0.0.0:5558", None, "", True),
             ],
         ),
         (
