@@ -15,20 +15,24 @@ A piece is a run of word characters, one punctuation character, or a run of whit
 harmless for a simulator: only determinism and prefix stability matter. ``decode`` renders ids as
 pronounceable pseudo-words, so generated text is readable and stable too.
 
-With ``tokenizers`` installed, ``HFTokenizer`` loads a real ``tokenizer.json`` (and the chat
-template from ``tokenizer_config.json`` when jinja2 is installed), so the sim tokenizes exactly like
-an engine serving that model.
+With ``tokenizers`` installed, ``HFTokenizer`` loads a real ``tokenizer.json`` and its chat template
+through the router's own tokenizer (router/tokenizer.py: BOS from the tokenizer's post-processor,
+the template's BOS never doubled, ``chat_template.jinja`` and named templates, as vLLM does), so the
+sim and a router given the same folder produce the same token ids. A model without a chat template
+falls back to the tiny model's template above.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import xxhash
+
+if TYPE_CHECKING:
+    from router.tokenizer import HFTokenizer as RouterHFTokenizer
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|begin_of_text|>",
@@ -139,79 +143,27 @@ class SimTokenizer:
 
 
 class HFTokenizer:
-    """A real tokenizer from ``tokenizer.json`` (file or model folder), via the ``tokenizers`` package."""
+    """A real tokenizer from ``tokenizer.json`` (file or model folder): the router's, so both tokenize
+    alike, plus the built-in chat rendering for models without a template."""
 
     def __init__(self, path: str | Path) -> None:
-        try:
-            from tokenizers import Tokenizer as _HF
-        except ImportError as exc:  # pragma: no cover - optional extra
-            raise RuntimeError(
-                "HFTokenizer needs the 'tokenizers' package (pip install kvrouter[tokenizer])"
-            ) from exc
-        p = Path(path)
-        folder = p if p.is_dir() else p.parent
-        file = p / "tokenizer.json" if p.is_dir() else p
-        self._tok = _HF.from_file(str(file))
-        self.name = str(p)
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        cfg: dict[str, Any] = {}
-        cfg_file = folder / "tokenizer_config.json"
-        if cfg_file.exists():
-            cfg = json.loads(cfg_file.read_text())
-        self.bos_token = _token_str(cfg.get("bos_token")) or SPECIAL_TOKENS[0]
-        self.eos_token = _token_str(cfg.get("eos_token")) or SPECIAL_TOKENS[1]
-        self.eos_token_id = self._tok.token_to_id(self.eos_token)
-        self.add_bos = bool(cfg.get("add_bos_token", False))
-        self.chat_template: str | None = (
-            cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
-        )
-        self._template: Any = None
+        from router.tokenizer import HFTokenizer as _RouterHF  # late: needs the optional 'tokenizers'
+
+        self.hf: RouterHFTokenizer = _RouterHF(str(path), field="sim.tokenizer")
+        self.name = str(path)
+        self.vocab_size = self.hf.vocab_size
+        self.eos_token_id = self.hf.eos_token_id
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        # Special tokens written in the text are recognised by the tokenizer itself; only the BOS
-        # prefix depends on the model's add_bos_token, as in transformers' fast tokenizers.
-        ids: list[int] = list(self._tok.encode(text, add_special_tokens=False).ids)
-        bos_id = self._tok.token_to_id(self.bos_token)
-        if add_special_tokens and self.add_bos and bos_id is not None:
-            ids.insert(0, bos_id)
-        return ids
+        return self.hf.encode(text, add_special_tokens)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=True))
+        return self.hf.decode(ids)
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        template = self._compiled_template()
-        if template is not None:
-            return str(
-                template.render(
-                    messages=list(messages),
-                    add_generation_prompt=add_generation_prompt,
-                    bos_token=self.bos_token,
-                    eos_token=self.eos_token,
-                )
-            )
-        return render_simple_chat(messages, add_generation_prompt, bos=self.bos_token)
-
-    def _compiled_template(self) -> Any:
-        """The chat template, compiled once (it was recompiled per request on the server's path)."""
-        if self.chat_template is None:
-            return None
-        if self._template is None:
-            try:
-                import jinja2
-            except ImportError:  # pragma: no cover - optional extra
-                return None
-            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
-            self._template = env.from_string(self.chat_template)
-        return self._template
-
-
-def _token_str(v: Any) -> str | None:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, Mapping) and isinstance(v.get("content"), str):
-        return str(v["content"])
-    return None
+        if self.hf.has_chat_template:
+            return self.hf.render_chat(messages, add_generation_prompt)
+        return render_simple_chat(messages, add_generation_prompt, bos=self.hf.bos_token or SPECIAL_TOKENS[0])
 
 
 def load_tokenizer(spec: str | None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:

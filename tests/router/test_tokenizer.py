@@ -22,8 +22,12 @@ TEMPLATE = (
 )
 
 
-def make_tokenizer(folder: Path) -> Path:
+def make_tokenizer(folder: Path, *, post_bos: bool = False, **config: object) -> Path:
+    """A small BPE ``tokenizer.json`` (ids: BOS 0, <|user|> 1, <|assistant|> 2, <|system|> 3) and its
+    ``tokenizer_config.json`` with TEMPLATE; ``post_bos``: a post-processor that prepends BOS, as
+    Llama 3's does; ``config`` overrides config keys (None deletes one)."""
     tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = tokenizers.trainers.BpeTrainer(
@@ -32,10 +36,14 @@ def make_tokenizer(folder: Path) -> Path:
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "router", "cache", "prefix", "token"]
     tok.train_from_iterator([" ".join(rng.choices(words, k=12)) for _ in range(200)], trainer)
+    if post_bos:
+        tok.post_processor = tokenizers.processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+        )
+    folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<unk>", "chat_template": TEMPLATE})
-    )
+    cfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<unk>", "chat_template": TEMPLATE, **config}
+    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
     return folder
 
 
@@ -93,3 +101,42 @@ def test_template_errors_are_400s_and_no_template_means_byte_mode(tmp_path: Path
     router = Router(index, ReplicaRegistry(index), build_policy("cache_aware"), block_size=4, tokenizer=tok)
     req = router.request_info("m", messages=[{"role": "user", "content": "alpha beta " * 40}])
     assert req.key_mode is KeyMode.BYTES
+
+
+@pytest.mark.parametrize(
+    ("post_bos", "add_bos_token", "bos"),
+    [(True, None, True), (True, False, True), (False, True, False), (False, None, False)],
+)
+def test_completion_bos_comes_from_the_post_processor_not_add_bos_token(
+    tmp_path: Path, post_bos: bool, add_bos_token: bool | None, bos: bool
+) -> None:
+    # transformers (and so vLLM) drops add_bos_token when a tokenizer.json exists: the file's
+    # post-processor decides (Llama 3 has one and no add_bos_token)
+    tok = load_tokenizer(str(make_tokenizer(tmp_path, post_bos=post_bos, add_bos_token=add_bos_token)))
+    ids = tok.encode_prompt("alpha beta")
+    assert (ids[0] == 0) is bos
+    assert ids[int(bos):] == tok.encode("alpha beta", add_special_tokens=False)
+    # chat: the template's BOS only, whatever the post-processor does
+    chat = tok.encode_chat([{"role": "user", "content": "gamma"}])
+    assert chat[0] == 0 and chat.count(0) == 1
+
+
+def test_chat_template_jinja_file_wins_and_named_templates_use_default(tmp_path: Path) -> None:
+    named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "named {{ messages[0].content }}"}]
+    tok = load_tokenizer(str(make_tokenizer(tmp_path / "named", chat_template=named)))
+    assert tok.render_chat([{"role": "user", "content": "x"}]) == "named x"
+    folder = make_tokenizer(tmp_path / "jinja")
+    (folder / "chat_template.jinja").write_text("file {{ messages[0].content }}")
+    assert load_tokenizer(str(folder)).render_chat([{"role": "user", "content": "x"}]) == "file x"
+
+
+def test_template_extras_match_transformers(tmp_path: Path) -> None:
+    template = (
+        "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
+        "{{ add_generation_prompt }}"
+    )
+    tok = load_tokenizer(str(make_tokenizer(tmp_path, chat_template=template)))
+    msgs = [{"role": "user", "content": "<b> & 'é'"}, {"role": "user", "content": "second"}]
+    # tojson is json.dumps (no HTML escaping, no ASCII escaping); {% break %} works
+    assert tok.render_chat(msgs) == json.dumps(msgs[0], ensure_ascii=False) + "True"
+    assert tok.render_chat(msgs, add_generation_prompt=False).endswith("False")
