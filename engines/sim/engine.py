@@ -403,11 +403,15 @@ class EngineModel:
         if hashes is None:
             if req.token_ids is None:
                 raise ValueError(f"invalid request {req.request_id!r}: needs block_hashes or token_ids")
-            hashes = []
-            parent: int | None = None
-            for j in range(prompt_len // bs):
-                parent = self.block_hasher(parent, req.token_ids[j * bs : (j + 1) * bs])
-                hashes.append(parent)
+            chain = getattr(self.block_hasher, "chain", None)
+            if chain is not None:  # the same values, one call (VllmBlockHasher)
+                hashes = chain(None, req.token_ids, bs)
+            else:
+                hashes = []
+                parent: int | None = None
+                for j in range(prompt_len // bs):
+                    parent = self.block_hasher(parent, req.token_ids[j * bs : (j + 1) * bs])
+                    hashes.append(parent)
         elif len(hashes) != prompt_len // bs:
             raise ValueError(
                 f"invalid block_hashes: {len(hashes)} hashes for {prompt_len} tokens "
