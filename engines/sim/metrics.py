@@ -7,15 +7,26 @@ replicas in one process and each must serve only its own numbers. Like vLLM, eve
 ``engine="0"`` and ``model_name``, counters come from prometheus_client (so ``_total`` and
 ``_created`` samples appear as in vLLM's page), and token counters count **tokens**, not requests.
 
+``render()`` does not go through ``generate_latest`` on every scrape: the page's shape is fixed once
+every series exists, so it is split once into static text and value slots, and a scrape only
+formats the current values (``_PageTemplate``). The result is byte-for-byte ``generate_latest``'s
+(checked at construction, with a fallback, and by tests/engines/test_sim_metrics.py); it costs
+about a tenth. A router scraping 16 replicas every 0.25 s made this ~12% of a loaded sim's CPU.
+
 ``kvrouter_sim_lag_seconds`` is ours: how late the engine loop woke up against its step deadline
 (a busy host makes the sim slower than its model; this says by how much).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.utils import floatToGoString
+
+log = logging.getLogger(__name__)
 
 # Bucket sets copied from the golden capture (they are vLLM's, per metric).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -152,6 +163,8 @@ class SimMetrics:
         self.lag_hist = hist(
             "kvrouter_sim_step_lag_seconds", "Distribution of engine-loop wake-up lag per step.", LAG_BUCKETS
         ).labels(**lv)
+        # Every series exists now (no label is created later), so the page's shape is fixed.
+        self._page = _PageTemplate.build(self.registry)
 
     # -- hooks -----------------------------------------------------------------------------------
     def on_step(
@@ -208,7 +221,87 @@ class SimMetrics:
         self.decode_time.observe(decode_s)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._page is None:
+            return generate_latest(self.registry)
+        return self._page.render()
+
+
+def _value_getters(wrapper: Any) -> tuple[list[Callable[[], float]], list[Callable[[], float]]]:
+    """Getters of one metric's sample values in ``collect()`` order: (main samples, ``_created``
+    samples). prometheus_client lists a family's ``_created`` samples after all its others."""
+    main: list[Callable[[], float]] = []
+    created: list[Callable[[], float]] = []
+    for child in wrapper._metrics.values():
+        if isinstance(child, Histogram):
+            buckets = child._buckets
+            cum: list[float] = [0.0]
+
+            def bucket(i: int, buckets: Any = buckets, cum: list[float] = cum) -> Callable[[], float]:
+                def get() -> float:
+                    # Cumulative, as collect() computes it; bucket 0 restarts the running sum.
+                    v = buckets[i]._value + (cum[0] if i else 0.0)
+                    cum[0] = v
+                    return v
+
+                return get
+
+            main.extend(bucket(i) for i in range(len(buckets)))
+            main.append(lambda cum=cum: cum[0])  # _count: the +Inf bucket, just computed
+            main.append(lambda child=child: child._sum._value)
+            created.append(lambda child=child: child._created)
+        elif isinstance(child, Counter):
+            main.append(lambda child=child: child._value._value)
+            created.append(lambda child=child: child._created)
+        elif isinstance(child, Gauge):
+            main.append(lambda child=child: child._value._value)
+        else:  # pragma: no cover - SimMetrics has only these three
+            raise TypeError(f"no fast path for {type(child).__name__}")
+    return main, created
+
+
+class _PageTemplate:
+    """``generate_latest(registry)`` with the text split into fixed parts and value slots."""
+
+    def __init__(self, parts: list[str], getters: list[Callable[[], float]]) -> None:
+        self._parts = parts  # len(getters) + 1 pieces of static text
+        self._getters = getters
+
+    @classmethod
+    def build(cls, registry: CollectorRegistry) -> _PageTemplate | None:
+        """The template, or None (render with generate_latest) if the page is not the expected
+        shape, e.g. another value backend (multiprocess mode)."""
+        try:
+            getters: list[Callable[[], float]] = []
+            for wrapper in list(registry._collector_to_names):
+                main, created = _value_getters(wrapper)
+                getters += main + created
+            text = generate_latest(registry).decode("utf-8")
+            parts: list[str] = []
+            static: list[str] = []
+            for line in text.splitlines(keepends=True):
+                if line.startswith("#"):
+                    static.append(line)
+                    continue
+                prefix = line[: line.rindex(" ") + 1]
+                static.append(prefix)
+                parts.append("".join(static))
+                static = ["\n"]
+            parts.append("".join(static))
+            page = cls(parts, getters)
+            if len(parts) != len(getters) + 1 or page.render() != generate_latest(registry):
+                raise ValueError("template does not reproduce generate_latest")
+            return page
+        except (AttributeError, TypeError, ValueError) as exc:
+            log.warning("sim metrics: rendering with generate_latest (%s)", exc)
+            return None
+
+    def render(self) -> bytes:
+        parts = self._parts
+        out = [parts[0]]
+        for i, get in enumerate(self._getters, 1):
+            out.append(floatToGoString(get()))
+            out.append(parts[i])
+        return "".join(out).encode("utf-8")
 
 
 def cache_config_labels(

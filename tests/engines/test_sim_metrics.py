@@ -128,3 +128,28 @@ def test_replicas_have_separate_registries() -> None:
     a.on_tokens(5)
     assert b'vllm:generation_tokens_total{engine="0",model_name="m"} 0.0' in b.render()
     assert b'vllm:generation_tokens_total{engine="0",model_name="m"} 5.0' in a.render()
+
+
+def test_render_is_byte_identical_to_generate_latest() -> None:
+    """render() formats values into a template made once; it must equal prometheus_client's page."""
+    import random
+
+    from prometheus_client import generate_latest
+
+    m = SimMetrics("tiny", cache_config_labels(block_size=16, num_gpu_blocks=1000))
+    assert m._page is not None  # the fast path is in use
+    assert m.render() == generate_latest(m.registry)
+    rng = random.Random(0)
+    for i in range(300):
+        m.on_step(rng.randrange(50), rng.randrange(50), rng.random(), rng.randrange(9000), rng.random() / 100)
+        m.on_inter_token(rng.random() / 10)
+        m.on_first_token(rng.random() * 3)
+        m.on_scheduled(rng.randrange(12000), rng.randrange(12000), rng.randrange(100), rng.randrange(100))
+        m.on_tokens(rng.randrange(3))
+        m.on_preemption()
+        if i % 7 == 0:
+            reason = rng.choice(["length", "stop", "abort", "unknown"])
+            m.on_finished(reason, 100, 5, e2e_s=1e6 * rng.random(), queue_s=0.1, prefill_s=0.2, decode_s=0.3)
+        if i % 25 == 0:
+            assert m.render() == generate_latest(m.registry), i
+    assert m.render() == generate_latest(m.registry)
