@@ -109,13 +109,46 @@ class _Delta:
 _CUT = object()  # queued to a stream when the replica restarts or stops: cut the connection
 
 
+class _Chan:
+    """What the engine loop hands one HTTP request: a list it appends to and a waiter it wakes.
+
+    Cheaper than an ``asyncio.Queue`` (no getter deque, no per-item wake-up), and ``take()``
+    returns everything queued so far, so a handler that fell behind writes several steps'
+    chunks at once instead of waking once per step.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def take(self) -> list[Any]:
+        """Every item queued so far (waits for at least one), oldest first."""
+        while not self._items:
+            w = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await w
+            finally:
+                self._waiter = None
+        items = self._items
+        self._items = []
+        return items
+
+
 @dataclass(slots=True)
 class _Track:
     """Server-side state of one engine request (one prompt of an HTTP request)."""
 
     rid: str
     index: int
-    queue: asyncio.Queue[Any]
+    queue: _Chan
     prompt_len: int
     arrival: float
     scheduled: float | None = None
@@ -302,7 +335,7 @@ class Replica:
         self._tracks.clear()
 
     # -- engine loop -----------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], max_tokens: int, queue: asyncio.Queue[Any], index: int) -> _Track:
+    def submit(self, prompt_ids: list[int], max_tokens: int, queue: _Chan, index: int) -> _Track:
         """Queue one prompt in the engine. The engine never samples EOS: every request runs to
         ``max_tokens`` (vLLM with ``ignore_eos``). Raises HTTPError if it cannot ever fit."""
         rid = f"req-{uuid.uuid4().hex}"
@@ -610,7 +643,7 @@ class Replica:
         if self.faults.should_fail():
             return error_response(500, "Injected fault: internal server error", "InternalServerError")
         await self.faults.stall()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue = _Chan()
         max_tokens, stream, include_usage = params
         tracks: list[_Track] = []
         fmt = _Formatter(self.config.model, chat, len(prompts), self.tokenizer)
@@ -660,16 +693,16 @@ class Replica:
         return mt, bool(body.get("stream", False)), include_usage
 
     async def _unary(
-        self, request: web.Request, tracks: list[_Track], queue: asyncio.Queue[Any], fmt: _Formatter
+        self, request: web.Request, tracks: list[_Track], queue: _Chan, fmt: _Formatter
     ) -> web.StreamResponse:
         pending = len(tracks)
         while pending:
-            item = await queue.get()
-            if item is _CUT:
-                return _cut(request)
-            fmt.add(item)
-            if item.finish_reason is not None:
-                pending -= 1
+            for item in await queue.take():
+                if item is _CUT:
+                    return _cut(request)
+                fmt.add(item)
+                if item.finish_reason is not None:
+                    pending -= 1
         if self.faults.die_after() is not None:
             self.faults.count("die")
             return _cut(request)
@@ -679,34 +712,59 @@ class Replica:
         self,
         request: web.Request,
         tracks: list[_Track],
-        queue: asyncio.Queue[Any],
+        queue: _Chan,
         fmt: _Formatter,
         include_usage: bool,
     ) -> web.StreamResponse:
+        """SSE events, byte for byte as before: one ``data: {chunk}\\n\\n`` per chunk. Chunks
+        that are ready together (one step's, or several steps' when this handler ran late) go
+        out in one write; the end (usage chunk, ``[DONE]``) goes with the last step's chunks."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         die_after = self.faults.die_after()
         sent = 0
         pending = len(tracks)
         started = False
         while pending:
-            item = await queue.get()
-            if item is _CUT:
-                return _cut(request, resp if started else None)
-            if not started:
-                await resp.prepare(request)
+            items = await queue.take()
+            if not started and items[0] is not _CUT:
+                await resp.prepare(request)  # as soon as there is something to send
                 started = True
-            for chunk in fmt.chunks(item, include_usage):
-                if die_after is not None and sent >= die_after:
-                    self.faults.count("die")
-                    return _cut(request, resp)
-                await resp.write(b"data: " + _json.encode(chunk) + b"\n\n")
-                sent += 1
-            if item.finish_reason is not None:
-                pending -= 1
+            out: list[bytes] = []
+            cut = False
+            for item in items:
+                if item is _CUT:
+                    cut = True
+                    break
+                for chunk in fmt.sse_chunks(item, include_usage):
+                    if die_after is not None and sent >= die_after:
+                        self.faults.count("die")
+                        cut = True
+                        break
+                    out.append(chunk)
+                    sent += 1
+                if cut:
+                    break
+                if item.finish_reason is not None:
+                    pending -= 1
+                    if not pending:
+                        break  # the response is complete; nothing after this is read
+            if out:
+                if not pending and not cut:  # the end goes in the same write
+                    if include_usage:
+                        out.append(b"data: " + _json.encode(fmt.usage_chunk(tracks)) + b"\n\n")
+                    out.append(b"data: [DONE]\n\n")
+                    await resp.write_eof(b"".join(out))
+                    return resp
+                await resp.write(b"".join(out))
+            if cut:
+                return _cut(request, resp if started else None)
+        # Only reached if the last chunks were cut by die_after_chunks... which returns above; kept
+        # so the function ends the stream properly whatever the loop above does.
+        if not started:
+            await resp.prepare(request)
         if include_usage:
             await resp.write(b"data: " + _json.encode(fmt.usage_chunk(tracks)) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        await resp.write_eof(b"data: [DONE]\n\n")
         return resp
 
 
@@ -750,6 +808,11 @@ def _messages(raw: Any) -> list[Mapping[str, Any]]:
     return raw
 
 
+# Stands for the text in a chunk template; no real text contains NULs.
+_TEXT_SLOT = "\x00kvrouter-sim-text\x00"
+_TEXT_SLOT_JSON = _json.encode(_TEXT_SLOT)
+
+
 class _Formatter:
     """OpenAI response/chunk shapes of vLLM 0.32 for one HTTP request (all its prompts)."""
 
@@ -762,6 +825,7 @@ class _Formatter:
         self.ids: list[list[int]] = [[] for _ in range(n_prompts)]
         self.reasons: list[str | None] = [None] * n_prompts
         self.role_sent = [False] * n_prompts
+        self._templates: dict[tuple[int, str | None, bool], tuple[bytes, bytes]] = {}
 
     def add(self, d: _Delta) -> None:
         self.ids[d.index].extend(d.token_ids)
@@ -773,27 +837,33 @@ class _Formatter:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def chunks(self, d: _Delta, include_usage: bool) -> list[dict[str, Any]]:
+        """The chunk objects for one delta (the reference shape; ``sse_chunks`` sends them)."""
         self.add(d)
-        text = self.tok.decode(d.token_ids)
+        role = self.chat and not self.role_sent[d.index]
+        self.role_sent[d.index] = True
+        return self._chunk_dicts(d.index, self.tok.decode(d.token_ids), d.finish_reason, include_usage, role)
+
+    def _chunk_dicts(
+        self, index: int, text: str, finish_reason: str | None, include_usage: bool, role: bool
+    ) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         if self.chat:
-            if not self.role_sent[d.index]:
-                self.role_sent[d.index] = True
+            if role:
                 first = self._base()
                 first["choices"] = [
-                    {"index": d.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
                 ]  # fmt: skip
                 out.append(first)
             choice: dict[str, Any] = {
-                "index": d.index,
+                "index": index,
                 "delta": {"content": text},
                 "logprobs": None,
-                "finish_reason": d.finish_reason,
+                "finish_reason": finish_reason,
             }
         else:
-            choice = {"index": d.index, "text": text, "logprobs": None, "finish_reason": d.finish_reason}
-        if d.finish_reason is not None:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        if finish_reason is not None:
             choice["stop_reason"] = None
         c = self._base()
         c["choices"] = [choice]
@@ -801,6 +871,26 @@ class _Formatter:
         if include_usage:
             for chunk in out:
                 chunk["usage"] = None
+        return out
+
+    def sse_chunks(self, d: _Delta, include_usage: bool) -> list[bytes]:
+        """``chunks(d)`` as SSE events (``data: <json>\\n\\n``), byte for byte, from templates:
+        per (index, finish_reason, include_usage) the JSON around the text is encoded once, so
+        a token costs one string encode instead of building and encoding four dicts."""
+        self.add(d)
+        text = self.tok.decode(d.token_ids)
+        out: list[bytes] = []
+        if self.chat and not self.role_sent[d.index]:
+            self.role_sent[d.index] = True
+            role = self._chunk_dicts(d.index, "", None, include_usage, True)[0]
+            out.append(b"data: " + _json.encode(role) + b"\n\n")
+        key = (d.index, d.finish_reason, include_usage)
+        tpl = self._templates.get(key)
+        if tpl is None:
+            (c,) = self._chunk_dicts(d.index, _TEXT_SLOT, d.finish_reason, include_usage, False)
+            head, tail = _json.encode(c).split(_TEXT_SLOT_JSON)
+            tpl = self._templates[key] = (b"data: " + head, tail + b"\n\n")
+        out.append(tpl[0] + _json.encode(text) + tpl[1])
         return out
 
     def usage(self, tracks: Sequence[_Track]) -> dict[str, Any]:

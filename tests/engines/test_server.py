@@ -353,3 +353,23 @@ async def test_deeply_nested_json_is_a_400_not_a_500() -> None:
         body = b'{"model":"tiny","prompt":' + b"[" * 5000 + b"]" * 5000 + b"}"
         async with aiohttp.ClientSession() as s, s.post(fleet.replicas[0].url + "/v1/completions", data=body) as r:
             assert r.status == 400
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_sse_templates_equal_encoded_chunks(chat: bool, include_usage: bool) -> None:
+    """sse_chunks (pre-encoded templates) sends exactly the encoded chunk objects."""
+    import random
+
+    from engines.sim.server import _Delta, _Formatter, _json
+    from engines.sim.tokenizer import SimTokenizer
+
+    tok = SimTokenizer()
+    rng = random.Random(0)
+    ref, fast = _Formatter('m"odel', chat, 3, tok), _Formatter('m"odel', chat, 3, tok)
+    fast.id, fast.created = ref.id, ref.created
+    for _ in range(200):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 3))]
+        d = _Delta(rng.randrange(3), ids, rng.choice([None, None, "length"]))
+        want = [b"data: " + _json.encode(c) + b"\n\n" for c in ref.chunks(d, include_usage)]
+        assert fast.sse_chunks(d, include_usage) == want
