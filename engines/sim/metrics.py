@@ -178,6 +178,14 @@ class SimMetrics:
         self.lag.set(lag_s)
         self.lag_hist.observe(max(0.0, lag_s))
 
+    def on_idle(self, kv_usage: float) -> None:
+        """Nothing to run: gauges to idle. Not a step, so no lag observation (an idle replica
+        used to add a 0 to the per-step lag histogram each time it went idle)."""
+        self.running.set(0)
+        self.waiting.set(0)
+        self.kv_usage.set(kv_usage)
+        self.lag.set(0.0)
+
     def on_scheduled(
         self, prompt_tokens: int, local_hit_tokens: int, external_queried: int, external_hit_tokens: int
     ) -> None:

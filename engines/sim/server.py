@@ -57,6 +57,12 @@ VLLM_VERSION = "0.32.0"
 # not turn into a burst of zero-length steps.
 MAX_CATCHUP_S = 0.05
 DEFAULT_CHAT_MAX_TOKENS = 256
+# The engine's clock: arrivals, step deadlines, lag, token times. Not loop.time(): uvloop's clock
+# is libuv's millisecond uv_now, so lag measured with it was rounded to whole milliseconds (and
+# a wake-up up to ~1 ms late could read as on time) while the target is sub-millisecond.
+# time.monotonic() is the same CLOCK_MONOTONIC at full resolution. (Sleeps still go through the
+# loop's timers, which libuv rounds to the millisecond; the lag metric shows what that costs.)
+_clock = time.monotonic
 
 
 class HTTPError(Exception):
@@ -339,7 +345,7 @@ class Replica:
         """Queue one prompt in the engine. The engine never samples EOS: every request runs to
         ``max_tokens`` (vLLM with ``ignore_eos``). Raises HTTPError if it cannot ever fit."""
         rid = f"req-{uuid.uuid4().hex}"
-        now = asyncio.get_running_loop().time()
+        now = _clock()
         try:
             self.model.add_request(
                 SimRequest(request_id=rid, max_tokens=max_tokens, token_ids=prompt_ids, arrival=now), now
@@ -358,19 +364,19 @@ class Replica:
             self._wake.set()
 
     async def _engine_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time()
+        clock = _clock
+        deadline = clock()
         while not self._stopping:
             model = self.model
             if not model.has_unfinished_requests() and not model.has_pending_events():
                 self._flush_held_batch()
-                self.metrics.on_step(0, 0, model.kv_cache_usage, 0, 0.0)
+                self.metrics.on_idle(model.kv_cache_usage)
                 self._wake.clear()
                 await self._wake.wait()
-                deadline = loop.time()
+                deadline = clock()
                 continue
             epoch = self._epoch
-            start = loop.time()
+            start = clock()
             deadline = max(deadline, start - MAX_CATCHUP_S)
             out = model.step(max(deadline, model.now))
             self.steps += 1
@@ -379,18 +385,18 @@ class Replica:
                 # load to finish or for a new request, whichever is first.
                 nxt = model.next_event_time()
                 self._wake.clear()
-                timeout = None if nxt is None else max(0.0, nxt - loop.time())
+                timeout = None if nxt is None else max(0.0, nxt - clock())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                deadline = loop.time()
+                deadline = clock()
                 continue
             deadline += out.duration
             # Always yields once, so HTTP handlers run even when steps take no time.
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
-            lag = loop.time() - deadline
+            await asyncio.sleep(max(0.0, deadline - clock()))
+            lag = clock() - deadline
             if epoch != self._epoch:  # restarted while this step "ran": it never happened
                 continue
-            self._deliver(out, loop.time())
+            self._deliver(out, clock())
             self._publish(out)
             self.metrics.on_step(
                 model.num_running, model.num_waiting, model.kv_cache_usage, out.num_scheduled_tokens, lag
