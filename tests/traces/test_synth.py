@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from router.hashing import hash_token_blocks
@@ -84,18 +82,20 @@ def test_cache_is_bounded() -> None:
     assert len(s._tokens) == 3
 
 
-def test_twelve_k_token_prompt_is_fast() -> None:
-    s = PromptSynth(512)
-    reqs = [_req(str(i), tuple(range(i * 24, i * 24 + 24)), 12_000) for i in range(50)]
-    t0 = time.perf_counter()
-    for r in reqs:  # cold: every block generated
-        s.token_ids(r)
-    cold = (time.perf_counter() - t0) / len(reqs)
-    t0 = time.perf_counter()
-    for r in reqs:
-        s.token_ids(r)
-    warm = (time.perf_counter() - t0) / len(reqs)
-    assert cold < 1e-3 and warm < 1e-3, (cold, warm)
+def test_twelve_k_token_prompts_reuse_cached_blocks_within_the_bound() -> None:
+    # Speed is a benchmark matter (docs/traces.md); here: blocks are built once, served from the
+    # memo afterwards, identical either way, and the memo never exceeds its bound.
+    made: list[int] = []
+    s = PromptSynth(512, cache_blocks=64)
+    make = s._tokens.make
+    s._tokens.make = lambda key: (made.append(key), make(key))[1]
+    reqs = [_req(str(i), tuple(range(i * 24, i * 24 + 24)), 12_000) for i in range(2)]
+    cold = [s.token_ids(r) for r in reqs]
+    assert len(made) == 48 and all(len(ids) == 12_000 for ids in cold)
+    assert [s.token_ids(r) for r in reqs] == cold and len(made) == 48  # warm: no block rebuilt
+    for i in range(2, 10):
+        s.token_ids(_req(str(i), tuple(range(i * 24, i * 24 + 24)), 12_000))
+    assert len(s._tokens) == 64
 
 
 def test_chained_ids() -> None:
