@@ -46,6 +46,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     # idle sockets cannot grow memory without bound (0 = no cap; the OS fd limit still applies).
     max_connections: NonNegInt = 0
     replica_header: bool = True  # add x-kvrouter-replica to every proxied response
+    fast_path: bool = True  # raw HTTP/1.1 serving of the two generate endpoints (router/fastpath.py)
     api_keys: list[str] = msgspec.field(default_factory=list)  # router's own Bearer keys
     enable_debug: bool = False  # POST /debug/route, GET /debug/replicas
     admin_token: str | None = None  # required for debug endpoints when set
@@ -136,6 +137,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.max_header_bytes", "max-header-bytes", "longest accepted request line / header field", "int"),
     Option("server.max_connections", "max-connections", "open client connections before 503 + close (0 = no cap)", "int"),
     Option("server.replica_header", "replica-header", "add x-kvrouter-replica to responses", "bool"),
+    Option("server.fast_path", "fast-path", "serve the generate endpoints on the raw HTTP/1.1 fast path", "bool"),
     Option("server.api_keys", "api-key", "accepted client Bearer key (repeatable)", "list"),
     Option("server.enable_debug", "enable-debug", "enable POST /debug/route", "bool"),
     Option("server.admin_token", "admin-token", "Bearer token required by debug endpoints"),

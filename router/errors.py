@@ -62,6 +62,18 @@ class PayloadTooLarge(RouterError):
     code = "request_too_large"
 
 
+class UriTooLong(RouterError):
+    status = 414
+    type = "invalid_request_error"
+    code = "request_line_too_long"
+
+
+class HeaderTooLarge(RouterError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_too_large"
+
+
 class Overloaded(RouterError):
     status = 429
     type = "rate_limit_error"

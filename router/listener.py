@@ -144,7 +144,8 @@ class ListenerSite(web.BaseSite):
     """Serves the runner's aiohttp handler on ``sock`` with an accept loop of its own.
 
     ``max_connections`` > 0 caps open client connections (``on_refuse`` is called for each one
-    turned away). ``batch`` bounds the accepts per wake-up so a connection storm cannot hold the
+    turned away). ``protocol_factory`` replaces the runner's handler factory (the generate fast
+    path, which hands other requests to aiohttp itself). ``batch`` bounds the accepts per wake-up so a connection storm cannot hold the
     loop for long either."""
 
     def __init__(
@@ -154,6 +155,7 @@ class ListenerSite(web.BaseSite):
         *,
         max_connections: int = 0,
         on_refuse: Callable[[], None] | None = None,
+        protocol_factory: Callable[[], asyncio.Protocol] | None = None,
         batch: int = 128,
     ) -> None:
         super().__init__(runner)
@@ -163,6 +165,7 @@ class ListenerSite(web.BaseSite):
         self.open = 0
         self._on_refuse = on_refuse
         self._batch = batch
+        self._protocol_factory = protocol_factory
         self._tasks: set[asyncio.Task[object]] = set()
         host, port = sock.getsockname()[:2]
         self._name = f"http://{host}:{port}"
@@ -178,7 +181,7 @@ class ListenerSite(web.BaseSite):
         loop.add_reader(self._sock.fileno(), self._accept_ready, server)
 
     def _factory(self) -> asyncio.Protocol:
-        handler = self._runner.server
+        handler = self._protocol_factory or self._runner.server
         assert handler is not None
         if self.limit <= 0:
             return handler()

@@ -1,4 +1,4 @@
-"""Forwarding: one shared ClientSession, retries before the first byte, byte-exact relay.
+"""Forwarding: pooled upstream connections, retries before the first byte, byte-exact relay.
 
 Rules (STYLE.md 7):
 
@@ -6,13 +6,17 @@ Rules (STYLE.md 7):
   the upstream's status line *and* its first body chunk before answering, so a replica that
   refuses, resets, returns 5xx or stalls past the first-byte timeout is retried elsewhere
   (bounded by ``max_retries``), invisibly to the client.
-* After the first byte we relay ``content.iter_any()`` chunks as they arrive: no buffering, no
-  re-encoding (the session does not decompress), TCP_NODELAY on both sides.
+* After the first byte we relay body pieces as they arrive (router/upstream.py): no buffering, no
+  re-encoding (Content-Encoding passes through), TCP_NODELAY on both sides.
 * If the upstream breaks mid-stream, an SSE client gets an error event and ``[DONE]`` and the
   stream is closed; a non-SSE client gets a closed connection. Never a hang: every upstream
   read has the idle timeout.
-* If the client goes away, the handler is cancelled (``handler_cancellation``), which closes the
-  upstream connection, so the engine aborts the request and frees its KV blocks.
+* If the client goes away, the handler is cancelled, which closes the upstream connection, so the
+  engine aborts the request and frees its KV blocks.
+
+The response goes to a ``ResponseSink``: aiohttp's StreamResponse for requests the aiohttp server
+handles, or the raw HTTP/1.1 writer of the generate fast path (router/fastpath.py). Headers move
+as raw byte pairs on both sides.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from .config import UpstreamConfig
 from .errors import (
@@ -42,12 +46,13 @@ from .replicas import Replica
 from .routing import Router, Ticket
 from .scoring.pipeline import Explanation
 from .types import ReplicaId, RequestInfo
+from .upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("kvrouter.proxy")
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the ones the proxy owns (Host, lengths, auth).
 HOP_BY_HOP = frozenset(
-    h.lower()
+    h.lower().encode()
     for h in (
         "Connection",
         "Keep-Alive",
@@ -60,11 +65,13 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
     )
 )
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "expect"}
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"expect"}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server", b"date"}
 RETRYABLE_STATUS = frozenset((500, 502, 503, 504))
 REPLICA_HEADER = "x-kvrouter-replica"
+_REPLICA_HEADER_B = REPLICA_HEADER.encode()
 _CACHED_RE = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
+Headers = list[tuple[bytes, bytes]]
 
 
 class UpstreamFailure(Exception):
@@ -85,51 +92,93 @@ class ForwardHooks:
     on_failure: Callable[[Replica, str], None]
 
 
-def _connection_listed(headers: Mapping[str, str]) -> frozenset[str]:
+def _connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """RFC 9110 7.6.1: every header named in ``Connection`` is hop-by-hop too, so a client (or an
     engine) cannot smuggle per-connection headers through the proxy by listing them there."""
-    if isinstance(headers, CIMultiDictProxy | CIMultiDict):
-        values = headers.getall("Connection", [])
-    else:
-        values = [v for k, v in headers.items() if k.lower() == "connection"]
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+    return frozenset(
+        t.strip().lower() for k, v in headers if k.lower() == b"connection" for t in v.split(b",") if t.strip()
+    )
 
 
-def request_headers(headers: Mapping[str, str], upstream_key: str | None) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
+def request_header_lines(headers: Iterable[tuple[bytes, bytes]], upstream_key: str | None) -> bytes:
+    """The client's end-to-end headers as ``Name: value\\r\\n`` lines for the engine (Host,
+    Content-Length and the client's Authorization are the proxy's own)."""
+    headers = list(headers)
     listed = _connection_listed(headers)
-    for k, v in headers.items():
-        low = k.lower()
-        if low not in _REQUEST_DROP and low not in listed:
-            out.add(k, v)
+    out = [k + b": " + v + b"\r\n" for k, v in headers if k.lower() not in _REQUEST_DROP and k.lower() not in listed]
     if upstream_key:
-        out["Authorization"] = f"Bearer {upstream_key}"
-    return out
+        out.append(b"Authorization: Bearer " + upstream_key.encode() + b"\r\n")
+    return b"".join(out)
 
 
-def response_headers(headers: CIMultiDictProxy[str], replica: Replica | None) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
+def response_header_pairs(headers: Headers, replica: Replica | None) -> Headers:
+    """The engine's end-to-end headers for the client, plus ``x-kvrouter-replica``."""
     listed = _connection_listed(headers)
-    for k, v in headers.items():
-        low = k.lower()
-        if low not in _RESPONSE_DROP and low not in listed:
-            out.add(k, v)
+    out = [(k, v) for k, v in headers if k.lower() not in _RESPONSE_DROP and k.lower() not in listed]
     if replica is not None:
-        out[REPLICA_HEADER] = replica.id
+        out.append((_REPLICA_HEADER_B, replica.id.encode()))
     return out
+
+
+class ResponseSink(Protocol):
+    """Where a proxied response goes. ``write`` raises ConnectionResetError once the client left."""
+
+    async def start(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    def abort(self) -> None:
+        """Drop the client connection: a non-SSE body cut short must not look complete."""
+
+
+class AiohttpSink:
+    """A response through aiohttp's server (``response`` is what the handler returns)."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    async def start(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
+        out = web.StreamResponse(
+            status=status,
+            reason=reason.decode("latin-1") or None,
+            headers=CIMultiDict((k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in headers),
+        )
+        if length is not None:
+            out.content_length = length
+        # else aiohttp picks chunked framing for HTTP/1.1 clients and close-delimited for
+        # HTTP/1.0 ones (forcing chunked made every HTTP/1.0 stream a 500).
+        self.response = out
+        await out.prepare(self.request)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def finish(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.close()
 
 
 class Forwarder:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         router: Router,
         cfg: UpstreamConfig,
         metrics: RouterMetrics,
         hooks: ForwardHooks,
         replica_header: bool = True,
     ) -> None:
-        self.session = session
+        self.pool = pool
         self.router = router
         self.cfg = cfg
         self.metrics = metrics
@@ -138,18 +187,21 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.Request,
-        path: str,
+        sink: ResponseSink,
+        method: str,
+        target: bytes,
+        headers: bytes,
         body: bytes,
         req: RequestInfo,
         *,
         routed: bool = True,
         explain: Explanation | None = None,
-    ) -> web.StreamResponse:
-        """Pick a replica (policy when ``routed``, else least in-flight), send, relay.
+    ) -> None:
+        """Pick a replica (policy when ``routed``, else least in-flight), send, relay to ``sink``.
 
-        ``explain`` is filled by the first selection (debug logging of the real decision)."""
-        headers = request_headers(request.headers, self.cfg.api_key)
+        ``target`` is the request target (path and query) as the client sent it; ``headers``
+        the lines for the engine (``request_header_lines``). ``explain`` is filled by the first
+        selection (debug logging of the real decision)."""
         tried: list[ReplicaId] = []
         last: UpstreamFailure | None = None
         # Replicas that answered 5xx: blamed only once another replica served the same request.
@@ -171,10 +223,10 @@ class Forwarder:
                 raise
             ticket = self.router.dispatch(req, replica)
             try:
-                response = await self._attempt(request, replica, ticket, path, body, headers, req, started)
+                await self._attempt(sink, replica, ticket, method, target, headers, body, req, started)
                 for rep in suspects:
                     self.hooks.on_failure(rep, "status_5xx")
-                return response
+                return
             except UpstreamFailure as fail:
                 self.router.finish(ticket, ok=False)
                 if fail.reason.startswith("status_"):
@@ -200,27 +252,25 @@ class Forwarder:
 
     async def _attempt(
         self,
-        request: web.Request,
+        sink: ResponseSink,
         replica: Replica,
         ticket: Ticket,
-        path: str,
+        method: str,
+        target: bytes,
+        headers: bytes,
         body: bytes,
-        headers: CIMultiDict[str],
         req: RequestInfo,
         started: float,
-    ) -> web.StreamResponse:
-        url = replica.url + path
+    ) -> None:
         t0 = time.perf_counter()
         # A non-streaming answer's first byte comes when generation is over: its budget is the
         # whole request (request_timeout_s), not the time to a first token.
         budget = self.cfg.first_byte_timeout_s if req.stream else self.cfg.request_timeout_s
         try:
             async with asyncio.timeout(budget):
-                up = await self.session.request(
-                    request.method, url, data=body or None, headers=headers, params=request.rel_url.query
-                )
+                up = await self.pool.request(replica.url, method, target, headers, body)
                 try:
-                    first = await up.content.readany()
+                    first = await up.read()
                 except BaseException:
                     up.close()
                     raise
@@ -229,71 +279,64 @@ class Forwarder:
             # a slow answer is load or a long generation as often as a fault; probes judge health.
             error = UpstreamTimeout(f"Replica did not answer within {budget:g}s.")
             raise UpstreamFailure("first_byte_timeout", error, eject=False) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+        except (UpstreamBroken, OSError) as exc:
             raise UpstreamFailure(
-                "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "upstream_reset",
+                "connect" if isinstance(exc, UpstreamConnectError) else "upstream_reset",
                 UpstreamError(f"Replica connection failed: {type(exc).__name__}"),
             ) from None
 
         ttfb = time.perf_counter() - t0
-        if up.status in RETRYABLE_STATUS:
+        status = up.status
+        if status in RETRYABLE_STATUS:
             up.close()
-            raise UpstreamFailure(f"status_{up.status}", UpstreamError(f"Replica answered HTTP {up.status}."))
+            raise UpstreamFailure(f"status_{status}", UpstreamError(f"Replica answered HTTP {status}."))
         self.metrics.observe_ttfb(replica.id, ttfb)
-        is_sse = up.headers.get("Content-Type", "").startswith("text/event-stream")
+        is_sse = up.content_type.startswith(b"text/event-stream")
         if is_sse:
             self.router.first_token(ticket, ttfb)
-        out = web.StreamResponse(
-            status=up.status,
-            reason=up.reason,
-            headers=response_headers(up.headers, replica if self.replica_header else None),
-        )
-        length = up.headers.get("Content-Length")
-        if length is not None and not is_sse:
-            out.content_length = int(length)
-        # else aiohttp picks chunked framing for HTTP/1.1 clients and close-delimited for
-        # HTTP/1.0 ones (forcing chunked made every HTTP/1.0 stream a 500).
         ok = False
         tail = first
         try:
             try:
-                await out.prepare(request)
+                await sink.start(
+                    status,
+                    up.reason,
+                    response_header_pairs(up.headers, replica if self.replica_header else None),
+                    None if is_sse else up.content_length,
+                )
                 if first:
-                    await out.write(first)
+                    await sink.write(first)
             except ConnectionResetError:
                 # The client left while the upstream was answering. Handled like a cancelled
-                # handler: let through, aiohttp logs a traceback and tries to write a 500 to the
-                # closed transport for each one, which after a burst of disconnects (a load
-                # balancer or client pool closing) kept the loop busy long enough to stall the
-                # next connections for over a second (bench-proxy, c=256).
+                # handler: aiohttp would log a traceback and try to write a 500 to the closed
+                # transport for each one, which after a burst of disconnects kept the loop busy.
                 self.metrics.stream_aborts.labels("client").inc()
                 raise asyncio.CancelledError from None
-            if up.content.at_eof():
+            if up.at_eof():
                 # The whole body came with the first read (a typical non-streaming answer): no
                 # relay loop, no idle timer to arm and cancel.
                 ok = True
             else:
-                ok, tail = await self._relay(up, out, first, is_sse, replica)
+                ok, tail = await self._relay(up, sink, first, is_sse, replica)
             if ok:
-                await out.write_eof()
-            elif not is_sse and request.transport is not None:
+                await sink.finish()
+            elif not is_sse:
                 # A non-SSE body cut short must not look complete (a final empty chunk or a
                 # short Content-Length body followed by keep-alive): drop the connection.
-                request.transport.close()
+                sink.abort()
         finally:
             up.close()
             if ok:
                 self.hooks.on_success(replica)
-                self.metrics.count_request(replica.id, up.status)
+                self.metrics.count_request(replica.id, status)
             self.metrics.latency.observe(time.perf_counter() - started)
-            cached = _cached_tokens(tail) if ok and up.status == 200 else None
-            self.router.finish(ticket, ok=ok and up.status < 400, cached_tokens=cached)
-        return out
+            cached = _cached_tokens(tail) if ok and status == 200 else None
+            self.router.finish(ticket, ok=ok and status < 400, cached_tokens=cached)
 
     async def _relay(
         self,
-        up: aiohttp.ClientResponse,
-        out: web.StreamResponse,
+        up: UpstreamResponse,
+        sink: ResponseSink,
         first: bytes,
         is_sse: bool,
         replica: Replica,
@@ -304,19 +347,19 @@ class Forwarder:
         try:
             with _IdleTimer(self.cfg.idle_timeout_s) as idle:
                 while True:
-                    chunk = await up.content.readany()
+                    chunk = await up.read()
                     if not chunk:
                         return True, prev + last
                     idle.touch()  # the upstream delivered; time spent writing is the client's
                     try:
-                        await out.write(chunk)
+                        await sink.write(chunk)
                     except ConnectionResetError:
                         # The client left between two chunks: same as a cancelled handler.
                         self.metrics.stream_aborts.labels("client").inc()
                         raise asyncio.CancelledError from None
                     prev, last = last, chunk
                     idle.touch()
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        except (TimeoutError, UpstreamBroken) as exc:
             reason = "idle_timeout" if isinstance(exc, TimeoutError) else "upstream_disconnected"
             self.metrics.stream_aborts.labels("upstream").inc()
             self.metrics.count_request(replica.id, reason)
@@ -324,8 +367,8 @@ class Forwarder:
             log.warning("stream from %s broke after first byte: %s", replica.id, reason)
             if is_sse:
                 try:
-                    await out.write(sse_error_event(f"Upstream replica failed mid-stream ({reason}).", code=reason))
-                    await out.write_eof()
+                    await sink.write(sse_error_event(f"Upstream replica failed mid-stream ({reason}).", code=reason))
+                    await sink.finish()
                 except (ConnectionResetError, RuntimeError):
                     pass
             return False, b""

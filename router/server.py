@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import random
@@ -36,13 +35,23 @@ from .config import Config
 from .discovery import DiscoverySource, build_sources
 from .errors import (
     BadRequest,
-    Draining,
     Forbidden,
     NotFound,
     PayloadTooLarge,
     RouterError,
-    Unauthorized,
     error_body,
+)
+from .fastpath import FastPath
+from .generate import (
+    GENERATE_PATHS,
+    Active,
+    bearer_ok,
+    chat_info,
+    check_api_key,
+    completion_info,
+    count_error,
+    generate,
+    new_explanation,
 )
 from .health import ReplicaManager
 from .index import IndexInvariantError, PrefixIndex
@@ -51,13 +60,13 @@ from .listener import ListenerSite, listening_socket
 from .metrics import RouterMetrics
 from .openapi import openapi_spec
 from .parity import ParityTracker
-from .proxy import Forwarder, ForwardHooks
+from .proxy import AiohttpSink, Forwarder, ForwardHooks, request_header_lines
 from .replicas import ReplicaRegistry
-from .requests import messages_of, parse_chat, parse_completion, parse_model, routing_prompt
+from .requests import parse_model
 from .routing import Router, Tokenizer
-from .scoring.pipeline import Explanation
 from .scoring.policies import build_policy
 from .types import KeyMode, ReplicaId, ReplicaSpec, RequestInfo
+from .upstream import UpstreamPool
 
 log = logging.getLogger("kvrouter.server")
 _proxy_log = logging.getLogger("kvrouter.proxy")
@@ -90,6 +99,7 @@ class AppState:
     kv_events: KVEventManager | None = None
     manager: ReplicaManager | None = None
     forwarder: Forwarder | None = None
+    pool: UpstreamPool | None = None
     draining: bool = False  # readiness false; still serving during the grace window
     refusing: bool = False  # past the grace window: new requests get 503
     active: int = 0  # requests being handled (drain waits for 0)
@@ -166,8 +176,8 @@ def create_app(
     state.sources = sources
     app[STATE] = state
     app.cleanup_ctx.append(_lifecycle)
-    app.router.add_post("/v1/completions", _completions)
-    app.router.add_post("/v1/chat/completions", _chat)
+    for path in GENERATE_PATHS:
+        app.router.add_post(path, _generate)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
@@ -214,8 +224,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         on_engine_metrics=st.parity.on_engine_metrics,
     )
     manager = st.manager
+    st.pool = UpstreamPool(
+        connect_timeout_s=cfg.upstream.connect_timeout_s, max_idle_per_origin=cfg.upstream.pool_per_replica
+    )
     st.forwarder = Forwarder(
-        st.session,
+        st.pool,
         st.router,
         cfg.upstream,
         st.metrics,
@@ -239,6 +252,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         if st.kv_events is not None:
             await st.kv_events.close()
         await st.session.close()
+        if st.pool is not None:
+            st.pool.close()
 
 
 def _default_sources(cfg: Config) -> list[DiscoverySource]:
@@ -281,8 +296,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except RouterError as err:
-        if err.status < 500 or err.status == 503:
-            st.metrics.client_errors.labels(str(err.status)).inc()
+        count_error(st, err)
         return _json_error(err)
     except web.HTTPRequestEntityTooLarge:
         st.metrics.client_errors.labels("413").inc()
@@ -322,49 +336,14 @@ async def _auth_middleware(request: web.Request, handler: Handler) -> web.Stream
     if path in _PUBLIC:
         return await handler(request)
     if path.startswith("/debug/"):
-        if cfg.admin_token and not _bearer_ok(request, (cfg.admin_token,)):
+        if cfg.admin_token and not bearer_ok(request.headers.get("Authorization", ""), (cfg.admin_token,)):
             raise Forbidden("Debug endpoints need the admin token.")
         return await handler(request)
-    if cfg.api_keys and not _bearer_ok(request, cfg.api_keys):
-        raise Unauthorized("Missing or invalid API key (Authorization: Bearer ...).")
+    check_api_key(request.app[STATE], request.headers.get("Authorization", ""))
     return await handler(request)
 
 
-def _bearer_ok(request: web.Request, keys: Sequence[str]) -> bool:
-    auth = request.headers.get("Authorization", "")
-    if not auth.startswith("Bearer "):
-        return False
-    given = auth[7:].strip().encode()
-    # compare against every key in constant time
-    ok = False
-    for k in keys:
-        ok |= hmac.compare_digest(given, k.encode())
-    return ok
-
-
 # ---- handlers --------------------------------------------------------------------------------
-
-
-class _Active:
-    """Counts handled requests so the drain knows when the last one finished."""
-
-    __slots__ = ("st",)
-
-    def __init__(self, st: AppState) -> None:
-        self.st = st
-
-    def __enter__(self) -> None:
-        st = self.st
-        if st.refusing:
-            raise Draining()
-        st.active += 1
-        st.idle.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        st = self.st
-        st.active -= 1
-        if st.active == 0:
-            st.idle.set()
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -376,57 +355,17 @@ async def _read_body(request: web.Request) -> bytes:
         ) from None
 
 
-def _completion_info(st: AppState, body: bytes) -> RequestInfo:
-    view = parse_completion(body)
-    token_ids, text = routing_prompt(view)
-    try:
-        return st.router.request_info(
-            view.model,
-            token_ids=token_ids,
-            text=text,
-            cache_salt=view.cache_salt,
-            max_tokens=view.max_tokens or 0,
-            stream=view.stream,
-        )
-    except OverflowError:
-        # hashing packs token ids as uint32; a negative or huge id is the client's mistake (400,
-        # not 500), caught here rather than checked per token on the hot path
-        raise BadRequest("Prompt token ids must be integers in [0, 2**32).", param="prompt") from None
-
-
-def _chat_info(st: AppState, body: bytes) -> RequestInfo:
-    view = parse_chat(body)
-    return st.router.request_info(
-        view.model,
-        messages=messages_of(view),
-        cache_salt=view.cache_salt,
-        max_tokens=view.max_completion_tokens or view.max_tokens or 0,
-        stream=view.stream,
-    )
-
-
-async def _generate(
-    request: web.Request, info: Callable[[AppState, bytes], RequestInfo]
-) -> web.StreamResponse:
+async def _generate(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
-    with _Active(st):
+    info = GENERATE_PATHS[request.path]
+    with Active(st):
         body = await _read_body(request)
-        req = info(st, body)
-        if st.cfg.server.log_prompts and log.isEnabledFor(logging.DEBUG):
-            # Opt-in only: prompts are user data and never reach a log otherwise (docs/security.md).
-            log.debug("prompt %s: %s", request.path, body[:2048].decode("utf-8", "replace"))
-        explain = _new_explanation(st, req) if _proxy_log.isEnabledFor(logging.DEBUG) else None
-        async with st.admission.slot():
-            assert st.forwarder is not None
-            return await st.forwarder.forward(request, request.path, body, req, explain=explain)
-
-
-async def _completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, _completion_info)
-
-
-async def _chat(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, _chat_info)
+        sink = AiohttpSink(request)
+        headers = request_header_lines(request.raw_headers, st.cfg.upstream.api_key)
+        target = request.raw_path.encode("utf-8", "surrogateescape")
+        await generate(st, request.path, info, sink, target, headers, body)
+        assert sink.response is not None
+        return sink.response
 
 
 async def _passthrough(request: web.Request) -> web.StreamResponse:
@@ -437,14 +376,19 @@ async def _passthrough(request: web.Request) -> web.StreamResponse:
         # vLLM's API uses only these; TRACE and friends would let an engine that echoes requests
         # reflect the upstream Authorization header (the engines' key) back to the client.
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
-    with _Active(st):
+    with Active(st):
         body = await _read_body(request)
         model = parse_model(body)
         req = RequestInfo(model=model or "", prompt_tokens=0, block_size=st.router.block_size)
         if model is None:
             req.model = None  # type: ignore[assignment]  # any replica
         assert st.forwarder is not None
-        return await st.forwarder.forward(request, request.path, body, req, routed=False)
+        sink = AiohttpSink(request)
+        headers = request_header_lines(request.raw_headers, st.cfg.upstream.api_key)
+        target = request.raw_path.encode("utf-8", "surrogateescape")
+        await st.forwarder.forward(sink, request.method, target, headers, body, req, routed=False)
+        assert sink.response is not None
+        return sink.response
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -482,10 +426,6 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.Response(body=st.openapi, content_type="application/json")
 
 
-def _new_explanation(st: AppState, req: RequestInfo) -> Explanation:
-    return Explanation(st.router.policy.name, len(req.block_hashes), req.block_size, req.key_mode.value)
-
-
 async def _debug_route(request: web.Request) -> web.Response:
     """The decision for a body, without forwarding it. Note: it draws from the policy's state like
     a real request would (round-robin position, tie-break RNG), so it explains the *next* decision."""
@@ -497,8 +437,8 @@ async def _debug_route(request: web.Request) -> web.Response:
         raise BadRequest(f"Request body is not valid JSON: {exc}") from None
     if not isinstance(probe, dict):
         raise BadRequest("Request body must be a JSON object.")
-    req = _chat_info(st, body) if "messages" in probe else _completion_info(st, body)
-    explain = _new_explanation(st, req)
+    req = chat_info(st, body) if "messages" in probe else completion_info(st, body)
+    explain = new_explanation(st, req)
     st.router.select(req, explain=explain, record=False)
     out = explain.as_dict()
     out["prompt_tokens"] = req.prompt_tokens
@@ -576,11 +516,14 @@ async def serve(
     await runner.setup()
     if sock is None:
         sock = listening_socket(cfg.server.host, cfg.server.port, reuse_port=cfg.server.workers > 1)
+    aiohttp_handler = runner.server
+    assert aiohttp_handler is not None
     site = ListenerSite(
         runner,
         sock,
         max_connections=cfg.server.max_connections,
         on_refuse=st.metrics.client_errors.labels("connection_cap").inc,
+        protocol_factory=(lambda: FastPath(st, aiohttp_handler)) if cfg.server.fast_path else None,
     )
     await site.start()
     port = _bound_port(runner)

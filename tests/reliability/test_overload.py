@@ -103,15 +103,27 @@ async def test_per_replica_cap_is_429(logs: Path, backend: Backend) -> None:
         r.proc.stop()
 
 
-def test_oversized_headers_and_request_line_get_a_clean_400(logs: Path, backend: Backend) -> None:
+def test_oversized_headers_and_request_line_get_openai_json_errors(logs: Path, backend: Backend) -> None:
     r = _router(logs, [backend.url], "--max-header-bytes", "8192", name="r-headers")
     try:
-        code, _, _ = http("GET", r.url + "/v1/models", headers={"X-Big": "a" * 20000})
-        assert code == 400  # aiohttp's parser answers before any handler runs, and closes
-        code, _, _ = http("GET", r.url + "/v1/models?q=" + "b" * 20000)
-        assert code == 400
-        many = {f"X-H{i}": "v" for i in range(200)}  # more than aiohttp's 128 header fields
-        assert http("GET", r.url + "/v1/models", headers=many)[0] == 400
+        code, headers, body = http("GET", r.url + "/v1/models", headers={"X-Big": "a" * 20000})
+        assert code == 431 and json.loads(body)["error"]["code"] == "request_header_too_large"
+        assert {k.lower(): v for k, v in headers.items()}.get("connection") == "close"
+        code, _, body = http("GET", r.url + "/v1/models?q=" + "b" * 20000)
+        assert code == 414 and json.loads(body)["error"]["code"] == "request_line_too_long"
+        many = {f"X-H{i}": "v" for i in range(200)}  # more than 128 header fields (aiohttp's limit too)
+        code, _, body = http("POST", r.url + "/v1/completions", COMPLETION, headers=many)
+        assert code == 431 and json.loads(body)["error"]["type"] == "invalid_request_error"
+        assert http("POST", r.url + "/v1/completions", COMPLETION)[0] == 200
+        assert 'kvrouter_client_errors_total{status="431"} 2.0' in r.metrics()
+    finally:
+        r.proc.stop()
+
+
+def test_without_the_fast_path_aiohttp_still_refuses_oversized_heads(logs: Path, backend: Backend) -> None:
+    r = _router(logs, [backend.url], "--max-header-bytes", "8192", "--fast-path", "false", name="r-headers-nofast")
+    try:
+        assert http("GET", r.url + "/v1/models", headers={"X-Big": "a" * 20000})[0] == 400  # plain text
         assert http("POST", r.url + "/v1/completions", COMPLETION)[0] == 200
     finally:
         r.proc.stop()

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
 
-from router.proxy import request_headers, response_headers
+from router.proxy import request_header_lines, response_header_pairs
 from tests.integration.procs import Backend, RouterProc, http
 
 COMPLETION = {"model": "fake-model", "prompt": "hello", "max_tokens": 2}
@@ -90,15 +89,16 @@ def test_hop_by_hop_and_connection_listed_headers_are_stripped_towards_the_engin
 
 
 def test_hop_by_hop_headers_are_stripped_towards_the_client() -> None:
-    up = CIMultiDict(
-        [("Content-Type", "application/json"), ("Connection", "close, X-Engine-Internal"), ("X-Engine-Internal", "1"),
-         ("Keep-Alive", "timeout=5"), ("Transfer-Encoding", "chunked"), ("Upgrade", "h2c"), ("Trailer", "x"),
-         ("Proxy-Authenticate", "Basic"), ("X-Request-Id", "abc"), ("Server", "engine"), ("Content-Length", "3")]
-    )
-    out = {k.lower() for k in response_headers(CIMultiDictProxy(up), None)}
-    assert out == {"content-type", "x-request-id"}
-    req = request_headers(CIMultiDictProxy(CIMultiDict([("Authorization", "Bearer client"), ("Host", "evil")])), None)
-    assert "authorization" not in {k.lower() for k in req} and "host" not in {k.lower() for k in req}
+    up = [
+        (b"Content-Type", b"application/json"), (b"Connection", b"close, X-Engine-Internal"),
+        (b"X-Engine-Internal", b"1"), (b"Keep-Alive", b"timeout=5"), (b"Transfer-Encoding", b"chunked"),
+        (b"Upgrade", b"h2c"), (b"Trailer", b"x"), (b"Proxy-Authenticate", b"Basic"), (b"X-Request-Id", b"abc"),
+        (b"Server", b"engine"), (b"Content-Length", b"3"),
+    ]
+    out = {k.lower() for k, _ in response_header_pairs(up, None)}
+    assert out == {b"content-type", b"x-request-id"}
+    req = request_header_lines([(b"Authorization", b"Bearer client"), (b"Host", b"evil")], None).lower()
+    assert b"authorization" not in req and b"host" not in req
 
 
 def test_debug_endpoints_are_off_unless_enabled(logs: Path, backend: Backend) -> None:

@@ -1,0 +1,396 @@
+"""Raw HTTP/1.1 serving of ``POST /v1/completions`` and ``POST /v1/chat/completions``.
+
+Why: per proxied request aiohttp's server builds a BaseRequest, multidicts, a payload stream, a
+StreamResponse and its writer, and runs the middleware chain; together with its client that was
+about 60% of the router's CPU at concurrency 32 (bench-proxy profile). This protocol reads the
+request head with a small strict parser, the body by Content-Length, and writes the response head
+and body straight to the transport, while everything that decides *what* to answer (auth,
+validation, drain, admission, routing, retries, relay) is the same code as on the aiohttp path
+(router/generate.py, router/proxy.py).
+
+Anything else goes to aiohttp, unchanged: the first request on a connection that is not a plain
+generate POST (another path or method, HTTP/1.0, chunked request bodies, ``Expect``, ``Upgrade``,
+an oversized or unusual head) hands the connection over to aiohttp's RequestHandler for good, with
+the bytes read so far, so aiohttp's llhttp parser and error handling judge every request this
+parser does not fully understand. ``--no-fast-path`` turns the fast path off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from .errors import BadRequest, HeaderTooLarge, PayloadTooLarge, RouterError, UriTooLong
+from .generate import GENERATE_PATHS, Active, InfoParser, check_api_key, count_error, generate
+from .proxy import Headers, request_header_lines
+
+if TYPE_CHECKING:
+    from .server import AppState
+
+log = logging.getLogger("kvrouter.server")
+
+KEEPALIVE_S = 75.0  # idle client connections are closed after this long (aiohttp's default)
+MAX_FIELDS = 128  # header fields per request (aiohttp's limit)
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_PATHS: dict[bytes, tuple[str, InfoParser]] = {p.encode(): (p, info) for p, info in GENERATE_PATHS.items()}
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+
+
+class _Head:
+    __slots__ = ("auth", "headers", "info", "keep_alive", "length", "path", "target")
+
+    def __init__(
+        self, path: str, info: InfoParser, target: bytes, headers: Headers, length: int, keep_alive: bool, auth: str
+    ) -> None:
+        self.path = path
+        self.info = info
+        self.target = target
+        self.headers = headers
+        self.length = length
+        self.keep_alive = keep_alive
+        self.auth = auth
+
+
+def head_limit_error(raw: bytes, max_line: int) -> RouterError | None:
+    """Which size limit a request head breaks, if any: the same limits aiohttp's parser applies
+    (``--max-header-bytes`` per line, 128 fields), answered as OpenAI JSON instead of its
+    plain-text 400."""
+    lines = raw.split(b"\r\n")
+    if len(lines[0]) > max_line:
+        return UriTooLong(f"Request line exceeds {max_line} bytes.")
+    if len(lines) - 1 > MAX_FIELDS:
+        return HeaderTooLarge(f"More than {MAX_FIELDS} header fields.")
+    if any(len(line) > max_line for line in lines):
+        return HeaderTooLarge(f"A header field exceeds {max_line} bytes.")
+    return None
+
+
+def parse_head(raw: bytes, max_line: int) -> _Head | None:
+    """A generate request head (without the final CRLF CRLF), or None when the fast path should
+    not serve it. Strict on purpose: whatever is unusual is left to aiohttp."""
+    if b"\x00" in raw or raw.count(b"\r") != raw.count(b"\r\n") or raw.count(b"\n") != raw.count(b"\r\n"):
+        return None  # bare CR / LF / NUL: request-smuggling territory
+    lines = raw.split(b"\r\n")
+    if len(lines) - 1 > MAX_FIELDS or len(lines[0]) > max_line:
+        return None
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
+        return None
+    target = parts[1]
+    route = _PATHS.get(target.partition(b"?")[0])
+    if route is None:
+        return None
+    headers: Headers = []
+    length: int | None = None
+    keep_alive = True
+    auth = ""
+    for line in lines[1:]:
+        if len(line) > max_line:
+            return None
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            return None  # no colon, whitespace before it, obs-fold
+        value = value.strip(b" \t")
+        low = name.lower()
+        if low == b"content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+        elif low in (b"transfer-encoding", b"expect", b"upgrade"):
+            return None
+        elif low == b"connection":
+            if b"close" in value.lower():
+                keep_alive = False
+        elif low == b"authorization":
+            auth = value.decode("latin-1")
+        headers.append((name, value))
+    if length is None:
+        return None
+    return _Head(route[0], route[1], target, headers, length, keep_alive, auth)
+
+
+class FastPath(asyncio.Protocol):
+    """One client connection. Serves generate requests one at a time (pipelined requests wait
+    in the buffer), or delegates the whole connection to ``fallback()`` (aiohttp)."""
+
+    def __init__(self, st: AppState, fallback: Callable[[], asyncio.Protocol]) -> None:
+        self.st = st
+        self.fallback = fallback
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.delegate: asyncio.Protocol | None = None
+        self.buf = bytearray()
+        self.head: _Head | None = None
+        self.head_end = 0
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.discarding = False  # an error was answered; the rest of the input is dropped
+        self.paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.last_active = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+        cfg = st.cfg.server
+        self.max_line = cfg.max_header_bytes
+        self.max_head = 8 * cfg.max_header_bytes
+        self.max_body = cfg.max_body_bytes
+
+    # ---- asyncio.Protocol ----
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.last_active = self.loop.time()
+        self.idle_timer = self.loop.call_at(self.last_active + KEEPALIVE_S, self._idle_check)
+
+    def data_received(self, data: bytes) -> None:
+        if self.delegate is not None:
+            self.delegate.data_received(data)
+            return
+        if self.discarding:
+            return
+        self.buf += data
+        self.last_active = self.loop.time()
+        if self.task is None:
+            self._next()
+        elif len(self.buf) > self.max_head + self.max_body:
+            self._close()  # a pipelining flood while a request is being served
+
+    def eof_received(self) -> bool | None:
+        if self.delegate is not None:
+            return self.delegate.eof_received()
+        if self.task is None:
+            self._close()
+        return False  # no half-open connections: a served request's answer goes out first
+
+    def pause_writing(self) -> None:
+        if self.delegate is not None:
+            self.delegate.pause_writing()
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        if self.delegate is not None:
+            self.delegate.resume_writing()
+        self.paused = False
+        self._wake_drain()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.delegate is not None:
+            self.delegate.connection_lost(exc)
+            return
+        if self.task is not None:
+            self.task.cancel()  # the client left: the upstream request is closed, the engine aborts
+        self._wake_drain()
+
+    # ---- request framing ----
+
+    def _next(self) -> None:
+        buf = self.buf
+        if self.head is None:
+            if not buf:
+                return
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self.max_head:
+                    self._reply_error(HeaderTooLarge(f"Request head exceeds {self.max_head} bytes."), close=True)
+                return  # the whole head first, also for requests aiohttp will serve: size limits
+            raw = bytes(buf[:end])
+            head = parse_head(raw, self.max_line) if buf.startswith(b"POST ") else None
+            if head is None:
+                err = head_limit_error(raw, self.max_line)
+                if err is not None:
+                    count_error(self.st, err)
+                    self._reply_error(err, close=True)
+                else:
+                    self._hand_off()  # GET /metrics, /health, other paths, unusual heads: aiohttp
+                return
+            if head.length > self.max_body:
+                err = PayloadTooLarge(f"Request body exceeds {self.max_body} bytes.")
+                count_error(self.st, err)
+                self._reply_error(err, close=True)
+                return
+            self.head = head
+            self.head_end = end + 4
+        head = self.head
+        total = self.head_end + head.length
+        if len(buf) < total:
+            return
+        body = bytes(buf[self.head_end : total])
+        del buf[:total]
+        self.head = None
+        self.task = self.loop.create_task(self._serve(head, body))
+
+    def _hand_off(self) -> None:
+        assert self.transport is not None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()  # aiohttp keeps its own keep-alive timer
+        proto = self.delegate = self.fallback()
+        proto.connection_made(self.transport)
+        if self.paused:
+            proto.pause_writing()
+        data = bytes(self.buf)
+        self.buf = bytearray()
+        if data:
+            proto.data_received(data)
+
+    # ---- serving ----
+
+    async def _serve(self, head: _Head, body: bytes) -> None:
+        st = self.st
+        sink = RawSink(self, head.keep_alive)
+        try:
+            with Active(st):
+                check_api_key(st, head.auth)
+                headers = request_header_lines(head.headers, st.cfg.upstream.api_key)
+                await generate(st, head.path, head.info, sink, head.target, headers, body)
+        except RouterError as err:
+            self._answer_error(sink, err)
+        except (UnicodeError, RecursionError) as exc:
+            # msgspec raises these for invalid UTF-8, lone surrogates, nesting past its limit
+            what = "is nested too deeply" if isinstance(exc, RecursionError) else "is not valid UTF-8 / Unicode"
+            self._answer_error(sink, BadRequest(f"Request body {what}."))
+        except asyncio.CancelledError:
+            self._close()  # client gone (or shutdown): nothing more to say on this connection
+            return
+        except Exception:
+            log.exception("unhandled error on POST %s", head.path)
+            self._answer_error(sink, RouterError("Internal router error."))
+        finally:
+            self.task = None
+        if not head.keep_alive or not sink.complete:
+            self._close()
+        elif self.buf and not self.closing():
+            self._next()  # a pipelined request waited in the buffer
+
+    def _answer_error(self, sink: RawSink, err: RouterError) -> None:
+        if sink.started:
+            self._close()  # the answer had begun: all that is left is to cut it
+            return
+        count_error(self.st, err)
+        self._reply_error(err, close=not sink.keep_alive)
+        sink.complete = True
+
+    def _reply_error(self, err: RouterError, *, close: bool) -> None:
+        body = err.body()
+        head = [b"HTTP/1.1 %d %s\r\n" % (err.status, _REASONS.get(err.status, b"Error"))]
+        head.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))
+        for k, v in err.headers().items():
+            head.append(b"%s: %s\r\n" % (k.encode(), v.encode()))
+        if close:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        self.write(b"".join(head) + body)
+        if close:
+            self._linger_close()
+
+    # ---- writing ----
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("client connection closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if not self.paused:
+            return
+        if self.closed:
+            raise ConnectionResetError("client connection closed")
+        self.drain_waiter = self.loop.create_future()
+        try:
+            await self.drain_waiter
+        finally:
+            self.drain_waiter = None
+        if self.closed:
+            raise ConnectionResetError("client connection closed")
+
+    def closing(self) -> bool:
+        return self.closed or self.transport is None or self.transport.is_closing()
+
+    def _wake_drain(self) -> None:
+        w = self.drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _linger_close(self) -> None:
+        """Close after an error answered before the request was read to its end: send FIN, then
+        drop whatever the client still sends until it closes (or 1 s), because closing with
+        unread input makes the kernel send RST, which can destroy the answer in flight."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        self.discarding = True
+        self.buf = bytearray()
+        if t.can_write_eof():
+            t.write_eof()
+        self.loop.call_later(1.0, self._close)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _idle_check(self) -> None:
+        self.idle_timer = None
+        if self.closed or self.delegate is not None:
+            return
+        due = self.last_active + KEEPALIVE_S
+        if self.task is None and self.loop.time() >= due:
+            self._close()
+            return
+        self.idle_timer = self.loop.call_at(max(due, self.loop.time() + 1.0), self._idle_check)
+
+
+class RawSink:
+    """The proxied response on a FastPath connection: head and body written to the transport as
+    they come (the head goes out with the first body bytes: one write, one segment)."""
+
+    __slots__ = ("chunked", "complete", "keep_alive", "pending_head", "proto", "started")
+
+    def __init__(self, proto: FastPath, keep_alive: bool) -> None:
+        self.proto = proto
+        self.keep_alive = keep_alive
+        self.started = False
+        self.complete = False
+        self.chunked = False
+        self.pending_head = b""
+
+    async def start(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _REASONS.get(status, b"Unknown"))]
+        parts.extend(k + b": " + v + b"\r\n" for k, v in headers)
+        if length is not None:
+            parts.append(b"Content-Length: %d\r\n" % length)
+        else:
+            self.chunked = True
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if not self.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        self.pending_head = b"".join(parts)
+        self.started = True
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if self.pending_head:
+            data = self.pending_head + data
+            self.pending_head = b""
+        proto = self.proto
+        proto.write(data)
+        if proto.paused:
+            await proto.drain()
+
+    async def finish(self) -> None:
+        out = self.pending_head + (b"0\r\n\r\n" if self.chunked else b"")
+        self.pending_head = b""
+        if out:
+            self.proto.write(out)
+        self.complete = True
+
+    def abort(self) -> None:
+        self.proto._close()
