@@ -79,6 +79,16 @@ class RouterMetrics:
         )
         self._requests_children: dict[tuple[str, str], Any] = {}
         self._ttfb_children: dict[str, Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: prometheus_client's labels() validates and joins
+        on every call, which the request path cannot afford per request."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
 
     def count_request(self, replica: str, status: int | str) -> None:
         key = (replica, str(status))

@@ -75,15 +75,16 @@ class ParityTracker:
         rid = ticket.replica.id
         w = self._window(rid)
         if ok:
-            self.metrics.prompt_tokens.labels(rid).inc(ticket.prompt_tokens)
+            m = self.metrics
+            m.child(m.prompt_tokens, rid).inc(ticket.prompt_tokens)
             if ticket.predicted_cached_tokens:
-                self.metrics.predicted_cached.labels(rid).inc(ticket.predicted_cached_tokens)
+                m.child(m.predicted_cached, rid).inc(ticket.predicted_cached_tokens)
             w.predicted += ticket.predicted_cached_tokens
         if cached_tokens is not None:
             w.usage_seen = True
             w.actual += cached_tokens
             if cached_tokens:
-                self.metrics.actual_cached.labels(rid, "usage").inc(cached_tokens)
+                self.metrics.child(self.metrics.actual_cached, rid, "usage").inc(cached_tokens)
 
     def on_engine_metrics(self, rep: Replica, m: EngineMetrics) -> None:
         if m.prefix_hits is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -526,6 +527,7 @@ async def serve(
         protocol_factory=(lambda: FastPath(st, aiohttp_handler)) if cfg.server.fast_path else None,
     )
     await site.start()
+    _tune_gc()
     port = _bound_port(runner)
     log.info(
         "kvrouter listening on %s:%d (policy=%s, pid=%d)",
@@ -544,6 +546,19 @@ async def serve(
     await drain(st, site)
     await runner.cleanup()
     return 0
+
+
+GC_GEN0_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """Start-up objects (modules, config, metrics, the app) never become garbage: freeze them out
+    of the collector's view, and run young collections less often. The request path makes few
+    reference cycles, and each collection walked every container alive; with CPython's default
+    threshold (700) they were a visible share of the CPU and of the c=32 p99 in bench-proxy."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def drain(st: AppState, site: web.BaseSite) -> None:
