@@ -126,7 +126,11 @@ class FastPath(asyncio.Protocol):
         self.buf = bytearray()
         self.head: _Head | None = None
         self.head_end = 0
+        # One task per connection, started by its first request, serves its requests in turn.
         self.task: asyncio.Task[None] | None = None
+        self.serving = False  # a request is being answered: later bytes wait in the buffer
+        self.ready: tuple[_Head, bytes] | None = None  # the next request, read in full
+        self.waiter: asyncio.Future[None] | None = None  # the task waiting for ``ready``
         self.closed = False
         self.discarding = False  # an error was answered; the rest of the input is dropped
         self.paused = False
@@ -153,7 +157,7 @@ class FastPath(asyncio.Protocol):
             return
         self.buf += data
         self.last_active = self.loop.time()
-        if self.task is None:
+        if not self.serving:
             self._next()
         elif len(self.buf) > self.max_head + self.max_body:
             self._close()  # a pipelining flood while a request is being served
@@ -161,7 +165,7 @@ class FastPath(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.delegate is not None:
             return self.delegate.eof_received()
-        if self.task is None:
+        if not self.serving:
             self._close()
         return False  # no half-open connections: a served request's answer goes out first
 
@@ -184,7 +188,7 @@ class FastPath(asyncio.Protocol):
             self.delegate.connection_lost(exc)
             return
         if self.task is not None:
-            self.task.cancel()  # the client left: the upstream request is closed, the engine aborts
+            self.task.cancel()  # the client left: an upstream request is closed, the engine aborts
         self._wake_drain()
 
     # ---- request framing ----
@@ -223,7 +227,12 @@ class FastPath(asyncio.Protocol):
         body = bytes(buf[self.head_end : total])
         del buf[:total]
         self.head = None
-        self.task = self.loop.create_task(self._serve(head, body))
+        self.ready = (head, body)
+        self.serving = True
+        if self.task is None:
+            self.task = self.loop.create_task(self._run())
+        elif self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def _hand_off(self) -> None:
         assert self.transport is not None
@@ -240,7 +249,28 @@ class FastPath(asyncio.Protocol):
 
     # ---- serving ----
 
-    async def _serve(self, head: _Head, body: bytes) -> None:
+    async def _run(self) -> None:
+        try:
+            while not self.closed:
+                ready = self.ready
+                if ready is None:
+                    self.waiter = self.loop.create_future()
+                    await self.waiter
+                    self.waiter = None
+                    continue
+                self.ready = None
+                keep = await self._serve(*ready)
+                self.serving = False
+                if not keep or self.closing():
+                    self._close()
+                    return
+                if self.buf:
+                    self._next()  # a pipelined request waited in the buffer
+        except asyncio.CancelledError:
+            self._close()  # client gone (or shutdown): nothing more to say on this connection
+
+    async def _serve(self, head: _Head, body: bytes) -> bool:
+        """Answer one request; True when the connection can serve the next one."""
         st = self.st
         sink = RawSink(self, head.keep_alive)
         try:
@@ -254,18 +284,10 @@ class FastPath(asyncio.Protocol):
             # msgspec raises these for invalid UTF-8, lone surrogates, nesting past its limit
             what = "is nested too deeply" if isinstance(exc, RecursionError) else "is not valid UTF-8 / Unicode"
             self._answer_error(sink, BadRequest(f"Request body {what}."))
-        except asyncio.CancelledError:
-            self._close()  # client gone (or shutdown): nothing more to say on this connection
-            return
         except Exception:
             log.exception("unhandled error on POST %s", head.path)
             self._answer_error(sink, RouterError("Internal router error."))
-        finally:
-            self.task = None
-        if not head.keep_alive or not sink.complete:
-            self._close()
-        elif self.buf and not self.closing():
-            self._next()  # a pipelined request waited in the buffer
+        return head.keep_alive and sink.complete
 
     def _answer_error(self, sink: RawSink, err: RouterError) -> None:
         if sink.started:
@@ -338,7 +360,7 @@ class FastPath(asyncio.Protocol):
         if self.closed or self.delegate is not None:
             return
         due = self.last_active + KEEPALIVE_S
-        if self.task is None and self.loop.time() >= due:
+        if not self.serving and self.loop.time() >= due:
             self._close()
             return
         self.idle_timer = self.loop.call_at(max(due, self.loop.time() + 1.0), self._idle_check)
