@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from .errors import Overloaded
 
@@ -37,12 +37,16 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free without waiting (the request path's common case, without
+        a coroutine); else the caller awaits ``acquire``."""
+        if self.max_in_flight == 0 or (self.in_flight < self.max_in_flight and not self._waiters):
+            self.in_flight += 1
+            return True
+        return False
+
     async def acquire(self) -> None:
-        if self.max_in_flight == 0:
-            self.in_flight += 1
-            return
-        if self.in_flight < self.max_in_flight and not self._waiters:
-            self.in_flight += 1
+        if self.try_acquire():
             return
         if len(self._waiters) >= self.max_queue:
             self.on_reject()
@@ -71,11 +75,3 @@ class Admission:
                 fut.set_result(None)  # the slot passes to the next waiter
                 return
         self.in_flight -= 1
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self.acquire()
-        try:
-            yield
-        finally:
-            self.release()

@@ -118,6 +118,11 @@ async def generate(
         # Opt-in only: prompts are user data and never reach a log otherwise (docs/security.md).
         log.debug("prompt %s: %s", path, body[:2048].decode("utf-8", "replace"))
     explain = new_explanation(st, req) if _proxy_log.isEnabledFor(logging.DEBUG) else None
-    async with st.admission.slot():
+    admission = st.admission
+    if not admission.try_acquire():
+        await admission.acquire()  # queued (FIFO, bounded) or refused with 429
+    try:
         assert st.forwarder is not None
         await st.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain)
+    finally:
+        admission.release()
