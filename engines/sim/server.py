@@ -46,7 +46,7 @@ from .publisher import (
     KVEventPublisher,
     VllmBlockHasher,
 )
-from .tokenizer import SPECIAL_TOKENS, Tokenizer, content_text
+from .tokenizer import SPECIAL_TOKENS, ChatTemplateError, Tokenizer, content_text
 
 log = logging.getLogger(__name__)
 
@@ -587,10 +587,7 @@ class Replica:
         try:
             body = await self._read_json(request)
             if "messages" in body:
-                text = self.tokenizer.render_chat(
-                    _messages(body["messages"]), bool(body.get("add_generation_prompt", True))
-                )
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                ids = self._chat_ids(body)
             elif "prompt" in body and isinstance(body["prompt"], str):
                 ids = self.tokenizer.encode(body["prompt"], bool(body.get("add_special_tokens", True)))
             else:
@@ -617,22 +614,33 @@ class Replica:
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=True)
 
-    def _prompts(self, body: Mapping[str, Any], chat: bool) -> list[list[int]]:
+    def _chat_ids(self, body: Mapping[str, Any]) -> list[int]:
+        """vLLM's chat prompt: the chat template, then the text encoded with the request's
+        ``add_special_tokens`` (default False: the template adds BOS). A template that refuses
+        the messages is the client's error (400 with the template's reason), as in vLLM."""
         tok = self.tokenizer
-        if chat:
+        try:
             text = tok.render_chat(
                 _messages(body.get("messages")), bool(body.get("add_generation_prompt", True))
             )
-            return [tok.encode(text, add_special_tokens=False)]
+        except ChatTemplateError as exc:
+            raise HTTPError(400, str(exc)) from exc
+        return tok.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
+
+    def _prompts(self, body: Mapping[str, Any], chat: bool) -> list[list[int]]:
+        tok = self.tokenizer
+        if chat:
+            return [self._chat_ids(body)]
         prompt = body.get("prompt")
+        special = bool(body.get("add_special_tokens", True))
         if isinstance(prompt, str):
-            return [tok.encode(prompt)]
+            return [tok.encode(prompt, special)]
         if isinstance(prompt, list) and prompt:
             ids = _token_ids(prompt)
             if ids is not None:
                 return [ids]
             if all(isinstance(p, str) for p in prompt):
-                return [tok.encode(p) for p in prompt]
+                return [tok.encode(p, special) for p in prompt]
             if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
                 return [list(p) for p in prompt]
         raise HTTPError(

@@ -52,6 +52,25 @@ _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea")
 
 
+class ChatTemplateError(ValueError):
+    """The model's chat template refused the messages (e.g. Llama's "roles must alternate").
+    vLLM 0.32 answers 400 ``BadRequestError`` with the template's own reason as the message
+    (``safe_apply_chat_template`` raises ``VLLMValidationError(_template_error_reason(e))``)."""
+
+
+def template_error_reason(exc: BaseException) -> str:
+    """vLLM's ``_template_error_reason``: the message of the first ``jinja2.TemplateError`` in the
+    exception's cause/context chain, else the exception's own message."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if any(c.__name__ == "TemplateError" for c in type(cur).__mro__):
+            return str(cur)
+        cur = cur.__cause__ or cur.__context__
+    return str(exc)
+
+
 class Tokenizer(Protocol):
     name: str
     vocab_size: int
@@ -161,8 +180,13 @@ class HFTokenizer:
         return self.hf.decode(ids)
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Raises ChatTemplateError when the template refuses the messages: like vLLM, any
+        exception the template raises is the client's problem (400), not the server's."""
         if self.hf.has_chat_template:
-            return self.hf.render_chat(messages, add_generation_prompt)
+            try:
+                return self.hf.render_chat(messages, add_generation_prompt)
+            except Exception as exc:
+                raise ChatTemplateError(template_error_reason(exc)) from exc
         return render_simple_chat(messages, add_generation_prompt, bos=self.hf.bos_token or SPECIAL_TOKENS[0])
 
 

@@ -73,16 +73,20 @@ def test_sim_hf_tokenizer_is_the_routers(tmp_path: Path, post_bos: bool) -> None
 
 def test_sim_without_a_chat_template_falls_back_to_the_built_in_one(tmp_path: Path) -> None:
     sim = HFTokenizer(make_tokenizer(tmp_path, chat_template=None))
-    assert sim.render_chat([{"role": "user", "content": "hi"}]) == "<|begin_of_text|><|user|>\nhi\n<|assistant|>\n"
+    assert (
+        sim.render_chat([{"role": "user", "content": "hi"}])
+        == "<|begin_of_text|><|user|>\nhi\n<|assistant|>\n"
+    )
 
 
 async def test_sim_tokenize_endpoint_matches_the_router() -> None:
     folder = tiny_model()
     router = load_router_tokenizer(str(folder))
     msgs = CONVERSATIONS[1]
-    async with start_fleet(1, "tiny", tokenizer=str(folder), events_port=None) as fleet, aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=10)
-    ) as http:
+    async with (
+        start_fleet(1, "tiny", tokenizer=str(folder), events_port=None) as fleet,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+    ):
         url = fleet.replicas[0].url + "/tokenize"
 
         async def tokens(body: dict[str, Any]) -> list[int]:
@@ -122,12 +126,65 @@ def test_tiny_model_ids_match_transformers_as_vllm_uses_it(tmp_path: Path) -> No
         if os.environ.get("KVROUTER_REQUIRE_VLLM"):
             pytest.fail(f"KVROUTER_VLLM_VENV={venv!r} has no python")
         pytest.skip("KVROUTER_VLLM_VENV is not set (make vllm-env)")
-    folders = [tiny_model(), make_tokenizer(tmp_path / "post-bos", post_bos=True, tokenizer_class="PreTrainedTokenizerFast")]
+    folders = [
+        tiny_model(),
+        make_tokenizer(tmp_path / "post-bos", post_bos=True, tokenizer_class="PreTrainedTokenizerFast"),
+    ]
     for folder in folders:
         arg = json.dumps([str(folder), CONVERSATIONS, PROMPTS])
-        out = subprocess.run([str(python), "-c", _HF_SCRIPT, arg], capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [str(python), "-c", _HF_SCRIPT, arg], capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         want = json.loads(out.stdout.strip().splitlines()[-1])
         sim = HFTokenizer(folder)
         assert [sim_chat_ids(sim, m) for m in CONVERSATIONS] == want["chats"], folder
         assert [sim.encode(p) for p in PROMPTS] == want["prompts"], folder
+
+
+async def test_sim_honours_add_special_tokens_and_refused_templates_are_400(tmp_path: Path) -> None:
+    """vLLM 0.32: /tokenize and chat completions honour ``add_special_tokens`` (default False for
+    chat: the template adds BOS), and a chat template that raises is a 400 BadRequestError with the
+    template's reason (``safe_apply_chat_template``), not a 500."""
+    good = make_tokenizer(tmp_path / "good", post_bos=True)
+    router = load_router_tokenizer(str(good))
+    msgs = [{"role": "user", "content": "alpha beta"}]
+    text = router.render_chat(msgs)
+    refuse = make_tokenizer(
+        tmp_path / "refuse",
+        chat_template="{% if messages|length < 2 %}{{ raise_exception('Conversation roles must alternate') }}"
+        "{% endif %}{{ bos_token }}",
+    )
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with start_fleet(1, "tiny", tokenizer=str(good), events_port=None) as fleet:
+            url = fleet.replicas[0].url
+            for special, want in ((None, router.encode(text, False)), (True, router.encode(text, True))):
+                body: dict[str, Any] = {"messages": msgs}
+                if special is not None:
+                    body["add_special_tokens"] = special
+                async with http.post(url + "/tokenize", json=body) as r:
+                    assert (await r.json())["tokens"] == want
+                async with http.post(url + "/v1/chat/completions", json={**body, "max_tokens": 1}) as r:
+                    assert (await r.json())["usage"]["prompt_tokens"] == len(want)
+            assert router.encode(text, True) != router.encode(text, False)  # the post-processor's BOS
+            async with http.post(url + "/v1/completions", json={"prompt": "alpha", "max_tokens": 1}) as r:
+                assert (await r.json())["usage"]["prompt_tokens"] == len(router.encode("alpha", True))
+            body = {"prompt": "alpha", "max_tokens": 1, "add_special_tokens": False}
+            async with http.post(url + "/v1/completions", json=body) as r:
+                assert (await r.json())["usage"]["prompt_tokens"] == len(router.encode("alpha", False))
+        async with start_fleet(1, "tiny", tokenizer=str(refuse), events_port=None) as fleet:
+            url = fleet.replicas[0].url
+            for path, body in (
+                ("/tokenize", {"messages": msgs}),
+                ("/v1/chat/completions", {"messages": msgs}),
+            ):
+                async with http.post(url + path, json=body) as r:
+                    assert r.status == 400
+                    assert await r.json() == {
+                        "error": {
+                            "message": "Conversation roles must alternate",
+                            "type": "BadRequestError",
+                            "param": None,
+                            "code": 400,
+                        }
+                    }
