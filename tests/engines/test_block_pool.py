@@ -134,3 +134,111 @@ def test_no_events_when_disabled() -> None:
     a = pool.get_new_blocks(1)
     pool.cache_full_blocks(a, [5], 0, 1)
     assert pool.take_events() == []
+
+
+class _NaivePool:
+    """The pool's rules written the slow, obvious way (a Python list as the free queue), to
+    check the inlined loops and the chunked lookup of BlockPool against."""
+
+    def __init__(self, n: int) -> None:
+        self.queue = list(range(1, n))
+        self.rc = [1] + [0] * (n - 1)
+        self.hash: list[int | None] = [None] * n
+        self.cached: dict[int, list[int]] = {}
+
+    def hit(self, hashes: list[int], max_blocks: int) -> list[int]:
+        out: list[int] = []
+        for h in hashes[:max_blocks]:
+            if h not in self.cached:
+                break
+            out.append(self.cached[h][0])
+        return out
+
+    def touch(self, ids: list[int]) -> None:
+        for b in ids:
+            if self.rc[b] == 0:
+                self.queue.remove(b)
+            self.rc[b] += 1
+
+    def new(self, n: int) -> list[int]:
+        out = self.queue[:n]
+        del self.queue[:n]
+        for b in out:
+            h = self.hash[b]
+            if h is not None:
+                self.hash[b] = None
+                self.cached[h].remove(b)
+                if not self.cached[h]:
+                    del self.cached[h]
+            self.rc[b] = 1
+        return out
+
+    def store(self, ids: list[int], hashes: list[int]) -> None:
+        for b, h in zip(ids, hashes, strict=True):
+            self.hash[b] = h
+            self.cached.setdefault(h, []).append(b)
+
+    def free(self, ids: list[int]) -> None:
+        first = []
+        for b in ids:
+            self.rc[b] -= 1
+            if self.rc[b] == 0:
+                if self.hash[b] is None:
+                    first.append(b)
+                else:
+                    self.queue.append(b)
+        self.queue[:0] = first
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pool_matches_a_naive_model_under_random_requests(seed: int) -> None:
+    """Random requests over a small hash space (hits, duplicates, evictions, partial blocks):
+    the same hits, the same free-queue order, the same evictable counts, step after step."""
+    import random
+
+    rng = random.Random(seed)
+    n = 64
+    pool, ref = BlockPool(n, 4, enable_caching=True, emit_events=False), _NaivePool(n)
+    live: list[tuple[list[int], list[int]]] = []
+    for _ in range(400):
+        if live and (rng.random() < 0.45 or pool.num_free < 12):
+            blocks, _ = live.pop(rng.randrange(len(live)))
+            pool.free_blocks(reversed(blocks))
+            ref.free(list(reversed(blocks)))
+        else:
+            # a chain over few distinct prefixes, so hits and concurrent duplicates happen
+            root = rng.randrange(4)
+            hashes = [root * 1000 + j for j in range(rng.randrange(1, 10))]
+            max_blocks = rng.randrange(0, 12)
+            hit = pool.find_longest_cache_hit(hashes, max_blocks)
+            assert hit == ref.hit(hashes, max_blocks)
+            assert pool.num_evictable(hit) == sum(1 for b in hit if ref.rc[b] == 0)
+            if rng.random() < 0.3:
+                hit = []  # computed again although cached: a duplicate
+            need = len(hashes) - len(hit) + rng.randrange(2)  # maybe a partial last block
+            if need + pool.num_evictable(hit) > pool.num_free:
+                continue
+            pool.touch(hit)
+            ref.touch(hit)
+            new = pool.get_new_blocks(need)
+            assert new == ref.new(need)
+            blocks = hit + new
+            pool.cache_full_blocks(blocks, hashes, len(hit), len(hashes))
+            ref.store(blocks[len(hit) : len(hashes)], hashes[len(hit) :])
+            live.append((blocks, hashes))
+        assert pool.free_queue() == ref.queue
+        assert pool.num_free == len(ref.queue)
+        assert pool.ref_cnt == ref.rc
+    pool.check_invariants()
+
+
+def test_long_lookup_crosses_chunks_and_stops_at_the_first_miss() -> None:
+    pool = BlockPool(2000, 4, enable_caching=True)
+    blocks = pool.get_new_blocks(1000)
+    hashes = list(range(10_000, 11_000))
+    pool.cache_full_blocks(blocks, hashes, 0, 1000)
+    assert pool.find_longest_cache_hit(hashes, 1000) == blocks
+    assert pool.find_longest_cache_hit(hashes, 700) == blocks[:700]
+    assert pool.find_longest_cache_hit([*hashes[:600], 1, *hashes[601:]], 1000) == blocks[:600]
+    assert pool.find_longest_cache_hit([*hashes[:256], 5], 1000) == blocks[:256]
+    assert pool.find_longest_cache_hit([], 10) == [] and pool.find_longest_cache_hit(hashes, 0) == []
