@@ -11,6 +11,7 @@ from engines.sim.publisher import (
     END_SEQ,
     NONE_HASH,
     KVEventPublisher,
+    VllmBlockHasher,
     block_hash_chain,
     external_hash,
     public_endpoint,
@@ -212,3 +213,38 @@ async def test_reset_restarts_sequence_and_empties_buffer(zctx: zmq.asyncio.Cont
         assert int.from_bytes((await recv_frames(sub, WAIT_S))[1], "big") == 0
     finally:
         await pub.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hasher_memo_is_invisible(seed: int) -> None:
+    """The memo (bytes keys) only saves work: a memoised hasher and one without a memo give the
+    same ints for any sequence of chains and single blocks, including parents that fell out of a
+    small digest table, block sizes that differ, and ids beyond int32 and int64."""
+    import random
+
+    rng = random.Random(seed)
+    memo, plain = VllmBlockHasher(300, memo_capacity=64), VllmBlockHasher(300, memo_capacity=0)
+    prefixes = [[rng.randrange(0, 50) for _ in range(64)] for _ in range(3)]
+    recent: list[int] = []
+    for _ in range(300):
+        bs = rng.choice([4, 4, 4, 8, 2])
+        ids = rng.choice(prefixes)[: rng.randrange(0, 64)] + [
+            rng.randrange(0, 50) for _ in range(rng.randrange(9))
+        ]
+        if rng.random() < 0.1:
+            ids.append(rng.choice([1 << 31, -(1 << 40), 1 << 63, 1 << 70]))
+        parent = rng.choice([None, None, *recent[-5:], 12345])
+        n = len(ids) // bs
+        k = rng.randrange(n + 1)
+        a = memo.chain(parent, ids, bs, k) + memo.chain(
+            memo.chain(parent, ids, bs, k)[-1] if k else parent, ids, bs, n - k, k
+        )
+        b = plain.chain(parent, ids, bs, k) + plain.chain(
+            plain.chain(parent, ids, bs, k)[-1] if k else parent, ids, bs, n - k, k
+        )
+        assert a == b
+        if a:
+            recent.append(a[-1])
+            blk = [rng.randrange(50) for _ in range(bs)]
+            assert memo(a[-1], blk) == plain(a[-1], blk)
+    assert memo._memo and all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in memo._memo.items())
