@@ -153,3 +153,59 @@ def test_render_is_byte_identical_to_generate_latest() -> None:
         if i % 25 == 0:
             assert m.render() == generate_latest(m.registry), i
     assert m.render() == generate_latest(m.registry)
+
+
+def test_hot_hooks_kept_aside_give_the_same_page_as_direct_updates() -> None:
+    """on_step / on_tokens / on_inter_token keep their updates in plain Python until a scrape; the
+    page equals one where every update went to prometheus_client at once (values, buckets, sums
+    to the last bit), whenever it is scraped, idle in between or not."""
+    import random
+
+    from prometheus_client import generate_latest
+
+    labels = cache_config_labels(
+        block_size=16, num_gpu_blocks=100, num_cpu_blocks=None, enable_prefix_caching=True
+    )
+    fast, ref = SimMetrics("m", labels), SimMetrics("m", labels)
+    rng = random.Random(5)
+
+    def page(m: SimMetrics) -> list[str]:
+        text = m.render().decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    for i in range(3000):
+        op = rng.random()
+        if op < 0.5:
+            args = (
+                rng.randrange(9),
+                rng.randrange(5),
+                rng.random(),
+                rng.choice([0, 1, 17, 8192]),
+                rng.random() / 50,
+            )
+            fast.on_step(*args)
+            running, waiting, kv, sched, lag = args
+            ref.running.set(running)
+            ref.waiting.set(waiting)
+            ref.kv_usage.set(kv)
+            if sched > 0:
+                ref.iteration_tokens.observe(sched)
+            ref.lag.set(lag)
+            ref.lag_hist.observe(max(0.0, lag))
+        elif op < 0.75:
+            n = rng.randrange(1, 4)
+            fast.on_tokens(n)
+            ref.generation_tokens.inc(n)
+            gap = rng.choice([0.0, rng.random() / 10, 0.025])
+            fast.on_inter_token(gap)
+            ref.itl.observe(gap)
+        elif op < 0.8:
+            kv = rng.random()
+            fast.on_idle(kv)
+            ref.on_idle(kv)
+        if i % 97 == 0 or op > 0.99:
+            assert page(fast) == page(ref)
+    assert page(fast) == page(ref)
+    assert [x for x in generate_latest(fast.registry).decode().splitlines() if "_created" not in x] == page(
+        ref
+    )
