@@ -114,6 +114,10 @@ class Faults:
             self.count("reorder_event")
         return hit
 
+    def stalls(self) -> bool:
+        """Whether ``stall()`` would wait now."""
+        return self.config.stall_forever or self.config.stall_s > 0
+
     async def stall(self) -> None:
         """Hold the response before its first byte, as configured (bounded unless stall_forever)."""
         cfg = self.config

@@ -28,7 +28,8 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,16 @@ DEFAULT_CHAT_MAX_TOKENS = 256
 # time.monotonic() is the same CLOCK_MONOTONIC at full resolution. (Sleeps still go through the
 # loop's timers, which libuv rounds to the millisecond; the lag metric shows what that costs.)
 _clock = time.monotonic
+# A request's own CPU work (decoding a token-id prompt, its block-hash chain) is done in slices of
+# about this much CPU, yielding to the loop in between: one 126k-token prompt is ~30 ms of work
+# (cold hashes), and all replicas share one loop. See Replica._serve for why this changes nothing
+# the engine sees.
+SLICE_S = 0.0005
+# While this replica's next step waits for the request (see Replica._serve), slices are longer:
+# the other replicas still get the loop every ~2 ms, and the waiting one is not left behind them.
+WAIT_SLICE_S = 0.002
+_DECODE_SLICE_BYTES = 32 * 1024  # ~5.5k ids, ~0.3 ms to decode
+_HASH_SLICE_BLOCKS = 32  # ~0.15 ms cold, ~0.03 ms memoised; the slice ends after SLICE_S
 
 
 class HTTPError(Exception):
@@ -165,6 +176,16 @@ class _Track:
     finished: bool = False
 
 
+@dataclass(slots=True, eq=False)
+class _Ticket:
+    """A place in a replica's arrival order: a request being prepared, or the engine loop's next
+    step. Admission is first come, first served: a ticket's ``turn`` is set when every ticket
+    before it has left."""
+
+    seq: int
+    turn: asyncio.Future[None]
+
+
 class Replica:
     """A simulated vLLM replica: HTTP server + engine loop + KV-event publisher + metrics + faults."""
 
@@ -189,6 +210,11 @@ class Replica:
         self.metrics = self._new_metrics()
         self.publisher: KVEventPublisher | None = None
         self._tracks: dict[str, _Track] = {}
+        self._tickets: deque[_Ticket] = deque()  # arrival order (see _serve)
+        self._ticket_seq = 0
+        # True while the engine loop's next step waits behind a ticket: requests being prepared
+        # then work in longer slices (WAIT_SLICE_S).
+        self._engine_waits = False
         self._wake = asyncio.Event()
         self._epoch = 0  # bumped by restart: a step computed before it is discarded
         self._held_batch: tuple[int, bytes] | None = None  # reorder fault: batch sent after the next
@@ -341,21 +367,80 @@ class Replica:
         self._tracks.clear()
 
     # -- engine loop -----------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], max_tokens: int, queue: _Chan, index: int) -> _Track:
-        """Queue one prompt in the engine. The engine never samples EOS: every request runs to
-        ``max_tokens`` (vLLM with ``ignore_eos``). Raises HTTPError if it cannot ever fit."""
+    def submit(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        queue: _Chan,
+        index: int,
+        *,
+        arrival: float | None = None,
+        block_hashes: list[int] | None = None,
+    ) -> _Track:
+        """Queue one prompt in the engine, arrived at ``arrival`` (default: now), with its
+        ``block_hashes`` if already computed (``hash_prompt``). The engine never samples EOS:
+        every request runs to ``max_tokens`` (vLLM with ``ignore_eos``). Raises HTTPError if it
+        cannot ever fit."""
         rid = f"req-{uuid.uuid4().hex}"
-        now = _clock()
+        now = _clock() if arrival is None else arrival
         try:
             self.model.add_request(
-                SimRequest(request_id=rid, max_tokens=max_tokens, token_ids=prompt_ids, arrival=now), now
-            )
+                SimRequest(
+                    request_id=rid, max_tokens=max_tokens, token_ids=prompt_ids, block_hashes=block_hashes,
+                    arrival=now,
+                ),
+                now,
+            )  # fmt: skip
         except ValueError as exc:
             raise HTTPError(400, str(exc), param="max_tokens") from exc
         tr = _Track(rid=rid, index=index, queue=queue, prompt_len=len(prompt_ids), arrival=now)
         self._tracks[rid] = tr
         self._wake.set()
         return tr
+
+    def _arrive(self) -> _Ticket:
+        """Take the next place in arrival order."""
+        seq = self._ticket_seq = self._ticket_seq + 1
+        t = _Ticket(seq, asyncio.get_running_loop().create_future())
+        if not self._tickets:
+            t.turn.set_result(None)
+        self._tickets.append(t)
+        return t
+
+    def _leave(self, t: _Ticket) -> None:
+        """Give up a place (idempotent); the next ticket's turn comes when the head leaves."""
+        q = self._tickets
+        if q and q[0] is t:
+            q.popleft()
+            if q and not q[0].turn.done():
+                q[0].turn.set_result(None)
+        else:
+            with contextlib.suppress(ValueError):
+                q.remove(t)
+        if not t.turn.done():
+            t.turn.cancel()
+
+    def _slice_s(self) -> float:
+        return WAIT_SLICE_S if self._engine_waits else SLICE_S
+
+    async def hash_prompt(self, ids: list[int]) -> list[int]:
+        """The prompt's block-hash chain, exactly what ``EngineModel.add_request`` computes
+        (``self.hasher.chain``), in slices of about ``SLICE_S`` (``WAIT_SLICE_S`` while this
+        replica's next step waits for it) that yield to the loop."""
+        bs = self.engine_config.block_size
+        n = len(ids) // bs
+        chain = self.hasher.chain
+        out: list[int] = []
+        parent: int | None = None
+        t0 = time.perf_counter()
+        for j in range(0, n, _HASH_SLICE_BLOCKS):
+            part = chain(parent, ids, bs, min(_HASH_SLICE_BLOCKS, n - j), j)
+            out += part
+            parent = part[-1]
+            if j + _HASH_SLICE_BLOCKS < n and time.perf_counter() - t0 > self._slice_s():
+                await asyncio.sleep(0)
+                t0 = time.perf_counter()
+        return out
 
     def abort(self, tr: _Track) -> None:
         if self._tracks.pop(tr.rid, None) is not None and not tr.finished:
@@ -367,17 +452,37 @@ class Replica:
         clock = _clock
         deadline = clock()
         while not self._stopping:
+            if self._tickets:
+                # Requests that arrived before this step are still being prepared (decoded,
+                # hashed in slices): the step takes its place in arrival order after them, so it
+                # sees exactly the requests it saw when their preparation held the whole loop.
+                # Leaving at once is safe: nothing yields between here and model.step, so a
+                # request queued behind the marker cannot be admitted before the step.
+                marker = self._arrive()
+                self._engine_waits = True
+                try:
+                    await marker.turn
+                finally:
+                    self._engine_waits = False
+                    self._leave(marker)
             model = self.model
             if not model.has_unfinished_requests() and not model.has_pending_events():
                 self._flush_held_batch()
                 self.metrics.on_idle(model.kv_cache_usage)
                 self._wake.clear()
                 await self._wake.wait()
-                deadline = clock()
+                # The first step starts when the request arrived (model.now: its arrival, or the
+                # last step's end if it arrived before that), not when its preparation ended, so
+                # slicing the preparation changes no simulated time (up to the catch-up limit).
+                now = clock()
+                arrived = self.model.now if self.model.has_unfinished_requests() else now
+                deadline = max(min(arrived, now), now - MAX_CATCHUP_S)
                 continue
             epoch = self._epoch
             start = clock()
-            deadline = max(deadline, start - MAX_CATCHUP_S)
+            if deadline < start - MAX_CATCHUP_S:  # too late to pay back: skip simulated time
+                self.metrics.on_dropped(start - MAX_CATCHUP_S - deadline)
+                deadline = start - MAX_CATCHUP_S
             out = model.step(max(deadline, model.now))
             self.steps += 1
             if out.duration == 0.0 and not out.new_tokens and not out.events:
@@ -570,12 +675,9 @@ class Replica:
         return web.json_response({"config": msgspec.to_builtins(self.faults.config)})
 
     async def _read_json(self, request: web.Request) -> dict[str, Any]:
-        try:
-            body = _json_any.decode(await request.read())
-        except msgspec.DecodeError as exc:
-            raise HTTPError(400, f"Invalid JSON body: {exc}") from exc
-        except RecursionError:  # msgspec's nesting limit: a client mistake, not a server fault
-            raise HTTPError(400, "Invalid JSON body: nested too deeply") from None
+        return self._check_body(_decode_json(await request.read()))
+
+    def _check_body(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise HTTPError(400, "Request body must be a JSON object")
         model = body.get("model")
@@ -627,18 +729,22 @@ class Replica:
             raise HTTPError(400, str(exc)) from exc
         return tok.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
 
-    def _prompts(self, body: Mapping[str, Any], chat: bool) -> list[list[int]]:
+    def _prompts(self, body: Mapping[str, Any], chat: bool, ids: list[int] | None = None) -> list[list[int]]:
+        """The request's prompts as token ids. ``ids``: the ``prompt`` already decoded and
+        checked as token ids (``decode_json_sliced``)."""
         tok = self.tokenizer
         if chat:
             return [self._chat_ids(body)]
+        if ids:
+            return [ids]
         prompt = body.get("prompt")
         special = bool(body.get("add_special_tokens", True))
         if isinstance(prompt, str):
             return [tok.encode(prompt, special)]
         if isinstance(prompt, list) and prompt:
-            ids = _token_ids(prompt)
-            if ids is not None:
-                return [ids]
+            tids = _token_ids(prompt)
+            if tids is not None:
+                return [tids]
             if all(isinstance(p, str) for p in prompt):
                 return [tok.encode(p, special) for p in prompt]
             if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
@@ -648,25 +754,61 @@ class Replica:
         )
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        try:
-            body = await self._read_json(request)
-            prompts = self._prompts(body, chat)
-            params = self._params(body, chat, prompts)
-        except HTTPError as exc:
-            return exc.response()
-        if self.faults.should_fail():
-            return error_response(500, "Injected fault: internal server error", "InternalServerError")
-        await self.faults.stall()
-        queue = _Chan()
-        max_tokens, stream, include_usage = params
-        tracks: list[_Track] = []
-        fmt = _Formatter(self.config.model, chat, len(prompts), self.tokenizer)
+        """One completion request. Everything from the body being read to the prompts being in
+        the engine's waiting queue used to run as one callback, so a 126k-token prompt (JSON
+        decode, token-id check, vLLM's sha256 chain: ~30 ms cold) held every replica's engine
+        loop. It now runs in slices (``decode_json_sliced``, ``hash_prompt``) and what the
+        engine sees is kept exactly:
+
+        * the request takes a ticket in this replica's arrival order as soon as its body has
+          been read, and its arrival time is stamped then (it used to be stamped after the
+          decode, in the same callback; with a stall fault, when the stall ends, as before);
+        * prompts enter the engine in ticket order, and the engine loop takes a ticket before
+          computing each step, so a step includes exactly the requests that arrived before it
+          and none that arrived after, as when their preparation was atomic;
+        * preparation takes no simulated time: a busy engine's next step keeps its deadline
+          (if the preparation outlasts it, that is lag, paid back on later steps up to
+          ``MAX_CATCHUP_S``), and an idle engine's first step starts at the arrival time;
+        * so only this replica can be late because of its own request's preparation, and the
+          other replicas wait at most one slice (~0.5 ms; ~2 ms while this replica's next step
+          waits for the request).
+        """
+        data = await request.read()
+        ticket = self._arrive()
+        arrival = _clock()
         try:
             try:
-                for i, p in enumerate(prompts):
-                    tracks.append(self.submit(p, max_tokens, queue, i))
+                body, ids = await decode_json_sliced(data, self._slice_s)
+                body = self._check_body(body)
+                prompts = self._prompts(body, chat, ids)
+                params = self._params(body, chat, prompts)
             except HTTPError as exc:
                 return exc.response()
+            if self.faults.should_fail():
+                return error_response(500, "Injected fault: internal server error", "InternalServerError")
+            if self.faults.stalls():
+                self._leave(ticket)
+                await self.faults.stall()
+                ticket = self._arrive()
+                arrival = _clock()
+            hashes = [await self.hash_prompt(p) for p in prompts]
+            await ticket.turn
+            queue = _Chan()
+            max_tokens, stream, include_usage = params
+            tracks: list[_Track] = []
+            fmt = _Formatter(self.config.model, chat, len(prompts), self.tokenizer)
+            try:
+                for i, p in enumerate(prompts):
+                    tracks.append(
+                        self.submit(p, max_tokens, queue, i, arrival=arrival, block_hashes=hashes[i])
+                    )
+            except HTTPError as exc:
+                for tr in tracks:
+                    self.abort(tr)
+                return exc.response()
+        finally:
+            self._leave(ticket)
+        try:
             if stream:
                 return await self._stream(request, tracks, queue, fmt, include_usage)
             return await self._unary(request, tracks, queue, fmt)
@@ -792,6 +934,81 @@ def _cut(request: web.Request, resp: web.StreamResponse | None = None) -> web.St
 
 
 _INT_LIST = list[int]
+_ints = msgspec.json.Decoder(list[int])
+# Stands for a long token-id prompt while the rest of the body is decoded. Used only for bodies
+# without any \u0000 escape, so no string the client sent can equal it (JSON has no raw NULs).
+_IDS_SLOT = b'"\\u0000kvrouter-sim-ids\\u0000"'
+_IDS_SLOT_VALUE = "\x00kvrouter-sim-ids\x00"
+
+
+def _decode_json(data: bytes) -> Any:
+    try:
+        return _json_any.decode(data)
+    except msgspec.DecodeError as exc:
+        raise HTTPError(400, f"Invalid JSON body: {exc}") from exc
+    except RecursionError:  # msgspec's nesting limit: a client mistake, not a server fault
+        raise HTTPError(400, "Invalid JSON body: nested too deeply") from None
+
+
+async def decode_json_sliced(
+    data: bytes, slice_s: Callable[[], float] = lambda: SLICE_S
+) -> tuple[Any, list[int] | None]:
+    """``(body, ids)``: the body exactly as ``_decode_json(data)`` gives it (same value, same
+    errors), and its top-level ``prompt`` as a list of ints if it is a non-empty array of JSON
+    integers, else None. A long id array is decoded in slices of ~32 KB that yield to the loop
+    (decoding 126k ids at once is ~7 ms), yielding after ``slice_s()`` of work; anything
+    unusual takes the one-shot path.
+
+    How: the first ``"prompt"`` key is followed by ``[``; up to the first ``]`` there must be
+    integers only, decoded slice by slice (cut at commas, each slice as ``list[int]``: a string,
+    a float, a bool or a nested array fails, and the one-shot path decides). The rest of the body
+    is decoded with a placeholder string in the array's place, and the fast result is used only
+    if the placeholder came back as the top-level ``prompt`` (the key was not nested, not
+    repeated). Then the whole body is valid JSON and decodes to the same value."""
+    if len(data) <= _DECODE_SLICE_BYTES:
+        return _decode_json(data), None
+    key = data.find(b'"prompt"')
+    if key < 0 or data.find(b"\\u0000") >= 0:
+        return _decode_json(data), None
+    i = key + 8
+    n = len(data)
+    while i < n and data[i] in b" \t\r\n":
+        i += 1
+    if i >= n or data[i] != 0x3A:  # ':'
+        return _decode_json(data), None
+    i += 1
+    while i < n and data[i] in b" \t\r\n":
+        i += 1
+    end = data.find(b"]", i)
+    if i >= n or data[i] != 0x5B or end < 0:  # '['
+        return _decode_json(data), None
+    ids: list[int] = []
+    pos = i + 1
+    t0 = time.perf_counter()
+    try:
+        while True:
+            cut = data.find(b",", pos + _DECODE_SLICE_BYTES, end) if pos + _DECODE_SLICE_BYTES < end else -1
+            stop = end if cut < 0 else cut
+            part = _ints.decode(b"[" + data[pos:stop] + b"]")
+            if not part and (cut >= 0 or pos != i + 1):  # "[1,]", "[1, ]": invalid JSON
+                return _decode_json(data), None
+            ids += part
+            if cut < 0:
+                break
+            pos = cut + 1
+            if time.perf_counter() - t0 > slice_s():
+                await asyncio.sleep(0)
+                t0 = time.perf_counter()
+    except msgspec.DecodeError:  # not all integers (ValidationError), or not valid JSON
+        return _decode_json(data), None
+    try:
+        rest = _json_any.decode(data[:i] + _IDS_SLOT + data[end + 1 :])
+    except (msgspec.DecodeError, RecursionError):
+        return _decode_json(data), None
+    if not isinstance(rest, dict) or rest.get("prompt") != _IDS_SLOT_VALUE:
+        return _decode_json(data), None
+    rest["prompt"] = ids
+    return rest, (ids or None)
 
 
 def _token_ids(prompt: list[Any]) -> list[int] | None:

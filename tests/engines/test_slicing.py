@@ -1,0 +1,158 @@
+"""A long prompt's own work (JSON decode, token-id check, block-hash chain) runs in slices that
+yield to the loop, and nothing the engine sees changes: the same body value and errors, the same
+hashes, the same admission order, no step computed while an earlier arrival is being prepared."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from engines.sim.fleet import start_fleet
+from engines.sim.publisher import VllmBlockHasher, block_hash_chain, external_hash
+from engines.sim.server import HTTPError, _decode_json, decode_json_sliced
+
+WAIT = aiohttp.ClientTimeout(total=20)
+
+
+def _one_shot(data: bytes) -> Any:
+    try:
+        return ("ok", _decode_json(data))
+    except HTTPError as exc:
+        return ("error", exc.status, str(exc))
+
+
+async def _sliced(data: bytes) -> Any:
+    try:
+        body, ids = await decode_json_sliced(data)
+    except HTTPError as exc:
+        return ("error", exc.status, str(exc))
+    if ids is not None:
+        assert body["prompt"] is ids
+    return ("ok", body)
+
+
+def _bodies() -> list[bytes]:
+    rng = random.Random(7)
+    ids = [rng.randrange(0, 130_000) for _ in range(20_000)]
+    arr = msgspec.json.encode(ids)
+    spaced = b"[ " + b" ,\n ".join(str(i).encode() for i in ids) + b" ]"
+    big = b"[" + b",".join(str(1 << 70 if i % 997 == 0 else -i).encode() for i in ids) + b"]"
+    long_text = msgspec.json.encode(" ".join(["word"] * 20_000))
+    out = [
+        b'{"model":"tiny","prompt":' + arr + b',"max_tokens":3,"stream":true}',
+        b'{"prompt" :\n ' + spaced + b"}",
+        b'{"max_tokens":3,"prompt":' + big + b"}",
+        b'{"prompt":' + arr[:-1] + b",]}",  # trailing comma: invalid JSON
+        b'{"prompt":' + arr[:-1] + b", ]}",
+        b'{"prompt":' + arr[:-1] + b",true]}",  # a bool
+        b'{"prompt":' + arr[:-1] + b",1.0]}",  # a float
+        b'{"prompt":' + arr[:-1] + b',"x"]}',  # a string
+        b'{"prompt":[' + arr + b"," + arr + b"]}",  # a batch of id lists
+        b'{"prompt":' + msgspec.json.encode([str(i) for i in ids[:5000]]) + b"}",  # a batch of strings
+        b'{"opts":{"prompt":[1,2]},"prompt":' + arr + b"}",  # the first "prompt" is nested
+        b'{"prompt":' + arr + b',"prompt":[5]}',  # repeated key: the last one wins
+        b'{"prompt":[5],"prompt":' + arr + b"}",
+        b'{"prompt":' + arr + b',"x":"\\u0000"}',
+        b'{"prompt":' + arr + b',"max_tokens":}',  # invalid after the array
+        b'{"prompt":' + arr,  # truncated
+        b'["prompt",' + arr + b"]",  # not an object
+        b'{"prompt":' + long_text + b"}",
+        b'{"prompt":' + b"[" * 40_000 + b"]" * 40_000 + b"}",  # nested past msgspec's limit
+        b'{"prompt":[],"pad":"' + b"x" * 40_000 + b'"}',
+        b'{"pad":"' + b"x" * 40_000 + b'","prompt"  :  ' + arr + b"}",
+    ]
+    return out
+
+
+@pytest.mark.parametrize("i", range(len(_bodies())))
+async def test_sliced_decode_gives_exactly_the_one_shot_result(i: int) -> None:
+    data = _bodies()[i]
+    assert len(data) > 32 * 1024
+    assert await _sliced(data) == _one_shot(data)
+
+
+async def test_sliced_decode_returns_the_ids_of_a_plain_id_prompt() -> None:
+    ids = list(range(50_000))
+    body, got = await decode_json_sliced(msgspec.json.encode({"prompt": ids, "max_tokens": 1}))
+    assert got == ids and body == {"prompt": ids, "max_tokens": 1}
+    _, none = await decode_json_sliced(msgspec.json.encode({"prompt": [], "pad": "x" * 40_000}))
+    assert none is None
+
+
+@pytest.mark.parametrize("n_tokens", [0, 15, 16, 31 * 16 + 3, 32 * 16, 33 * 16, 5000 * 16 + 7])
+async def test_hash_prompt_in_slices_equals_the_chain(n_tokens: int) -> None:
+    rng = random.Random(n_tokens)
+    ids = [rng.randrange(32000) for _ in range(n_tokens)]
+    async with start_fleet(1, "tiny", events_port=None) as fleet:
+        rep = fleet[0]
+        got = await rep.hash_prompt(ids)
+    assert got == VllmBlockHasher().chain(None, ids, 16)
+    assert got == [external_hash(d) for d in block_hash_chain(ids, 16)]
+
+
+async def test_admission_is_in_arrival_order_behind_a_request_being_prepared() -> None:
+    """A ticket held (a request still being prepared) keeps later arrivals out of the engine
+    until it leaves; then they are admitted in order."""
+    async with (
+        start_fleet(1, "tiny", time_scale=0.5, events_port=None) as fleet,
+        aiohttp.ClientSession(timeout=WAIT) as http,
+    ):
+        rep = fleet[0]
+        held = rep._arrive()
+        post = asyncio.create_task(
+            http.post(rep.url + "/v1/completions", json={"prompt": [7] * 40, "max_tokens": 2})
+        )
+        await asyncio.sleep(0.2)
+        assert not post.done() and not rep.model.has_unfinished_requests()
+        rep._leave(held)
+        async with await post as r:
+            assert r.status == 200
+            assert (await r.json())["usage"]["completion_tokens"] == 2
+        assert not rep._tickets
+
+
+async def test_no_step_is_computed_while_an_earlier_arrival_is_prepared() -> None:
+    async with (
+        start_fleet(1, "tiny", time_scale=0.5, events_port=None) as fleet,
+        aiohttp.ClientSession(timeout=WAIT) as http,
+    ):
+        rep = fleet[0]
+        post = asyncio.create_task(
+            http.post(rep.url + "/v1/completions", json={"prompt": [7] * 40, "max_tokens": 400})
+        )
+        while rep.steps < 5:
+            await asyncio.sleep(0.001)
+        held = rep._arrive()
+        await asyncio.sleep(0.02)  # the step in flight ends; the next one waits behind `held`
+        steps = rep.steps
+        await asyncio.sleep(0.2)
+        assert rep.steps == steps
+        rep._leave(held)
+        async with await post as r:
+            assert r.status == 200
+        assert rep.steps > steps
+
+
+async def test_long_id_prompt_end_to_end_same_hashes_and_cache_hit() -> None:
+    """A 40k-token id prompt (decoded and hashed in slices) is cached under vLLM's hashes and
+    hits on repeat, exactly as the one-shot path did."""
+    rng = random.Random(3)
+    ids = [rng.randrange(256, 32000) for _ in range(40_000)]
+    async with (
+        start_fleet(1, "h100-llama3-8b", time_scale=1000.0, events_port=None) as fleet,
+        aiohttp.ClientSession(timeout=WAIT) as http,
+    ):
+        rep = fleet[0]
+        for want_cached in (0, (len(ids) - 1) // 16 * 16):
+            async with http.post(rep.url + "/v1/completions", json={"prompt": ids, "max_tokens": 2}) as r:
+                assert r.status == 200, await r.text()
+                usage = (await r.json())["usage"]
+            assert usage["prompt_tokens"] == len(ids)
+            assert usage["prompt_tokens_details"]["cached_tokens"] == want_cached
+        want = [external_hash(d) for d in block_hash_chain(ids, 16)]
+        assert [rep.model.pool.get_cached_block(h) is not None for h in want] == [True] * len(want)
