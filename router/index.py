@@ -183,16 +183,24 @@ class PrefixIndex:
         if speculative:
             deadline = now_ms + int(1000 * (self.speculative_ttl_s if ttl_s is None else ttl_s))
             neg = -deadline
+            fresh: list[int] = []
             for h in reversed(hashes):  # tail first: the head ends up most recent
                 state = lru.pop(h, None)
                 if state is None:
                     lru[h] = neg
                     mask[h] = mask.get(h, 0) | bit
+                    fresh.append(h)
                 elif state > 0:
                     lru[h] = state
                 else:
                     lru[h] = min(state, neg)  # keep the later deadline
-            heapq.heappush(self._spec_heap, (deadline, next(self._spec_seq), entry.slot, int(tier), hashes))
+            # Only blocks that just became speculative get an expiry entry. A block already
+            # speculative keeps its entry, which re-schedules itself when it fires early
+            # (_expire): one entry per speculative block at most, not one per request, so a
+            # hot prefix re-sent thousands of times a second costs no memory per request.
+            if fresh:
+                keep = hashes if len(fresh) == len(hashes) else fresh  # the caller's list when all new
+                heapq.heappush(self._spec_heap, (deadline, next(self._spec_seq), entry.slot, int(tier), keep))
         else:
             for h in reversed(hashes):
                 state = lru.pop(h, None)
@@ -347,20 +355,29 @@ class PrefixIndex:
     def _expire(self, now_ms: int) -> None:
         heap = self._spec_heap
         while heap and heap[0][0] <= now_ms:
-            deadline, _seq, slot, tier, hashes = heapq.heappop(heap)
+            _deadline, _seq, slot, tier, hashes = heapq.heappop(heap)
             rid = self._by_slot.get(slot)
             if rid is None:
                 continue
             entry = self._replicas[rid]
             lru = entry.lru[tier]
+            later: dict[int, list[int]] | None = None
             for h in hashes:
                 state = lru.get(h)
-                # Still speculative and not re-speculated to a later deadline: it was never
-                # confirmed by the engine, forget it.
-                if state is not None and state < 0 and -state <= deadline:
+                if state is None or state > 0:
+                    continue  # gone, or confirmed by the engine: nothing to expire
+                if -state <= now_ms:
+                    # Still speculative at its deadline: never confirmed by the engine, forget it.
                     del lru[h]
                     self._unset(h, tier, entry.bit)
                     self.expirations += 1
+                else:  # re-speculated since: follow it to its later deadline
+                    if later is None:
+                        later = {}
+                    later.setdefault(-state, []).append(h)
+            if later:
+                for when, hs in later.items():
+                    heapq.heappush(heap, (when, next(self._spec_seq), slot, tier, hs))
 
 
 def _bits_below(n: int) -> int:

@@ -89,6 +89,25 @@ def test_respeculation_extends_deadline() -> None:
     assert idx.match(hs(1))[0][0] == 0
 
 
+def test_a_hot_prefix_re_speculated_many_times_keeps_one_expiry_entry() -> None:
+    # Regression: one expiry entry per routing decision kept every request's hash list alive for
+    # the TTL (300 s without KV events): ~425 B per request, 890 MB at 7k req/s.
+    idx, clock = make(ttl=5.0)
+    for _ in range(1000):
+        idx.store(A, hs(1, 2, 3), speculative=True)
+        clock.t += 0.001
+    assert len(idx._spec_heap) == 1
+    idx.store(A, hs(1, 2, 3, 4), speculative=True)  # one new block: one entry, for it alone
+    assert len(idx._spec_heap) == 2 and list(idx._spec_heap[-1][4]) == [4]
+    clock.t += 4.99  # the first entry fires early and follows the blocks to their deadline
+    assert idx.match(hs(1, 2, 3, 4))[0][0] == 4
+    assert len(idx._spec_heap) <= 2
+    clock.t += 0.02
+    assert idx.match(hs(1, 2, 3, 4))[0][0] == 0
+    assert idx.expirations == 4 and not idx._spec_heap
+    idx.check_invariants()
+
+
 def test_lru_evicts_tail_before_head_and_oldest_first() -> None:
     idx, _ = make(capacity=4)
     idx.store(A, hs(1, 2, 3))  # stored tail first: LRU order 3, 2, 1
