@@ -15,6 +15,7 @@ connect, which is not what a stand-alone fleet wants).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ async def start_fleet(
     tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else load_tokenizer(tokenizer)
     ctx = zmq.asyncio.Context()
     replicas: list[Replica] = []
+    prep_lock = asyncio.Lock()  # one long request preparation at a time, fleet-wide
     try:
         for i in range(n):
             ec = engine_config(
@@ -127,7 +129,7 @@ async def start_fleet(
                 faults=faults or FaultConfig(),
                 seed=seed + i,
             )
-            rep = Replica(cfg, ec, tok, name=f"r{i}", zmq_ctx=ctx)
+            rep = Replica(cfg, ec, tok, name=f"r{i}", zmq_ctx=ctx, prep_lock=prep_lock)
             replicas.append(rep)
             await rep.start()
         yield Fleet(replicas)

@@ -69,10 +69,14 @@ _clock = time.monotonic
 # (cold hashes), and all replicas share one loop. See Replica._serve for why this changes nothing
 # the engine sees.
 SLICE_S = 0.0005
-# While this replica's next step waits for the request (see Replica._serve), slices are longer:
-# the other replicas still get the loop every ~2 ms, and the waiting one is not left behind them.
+# While this replica's engine waits for the request (idle, or its next step is due; see
+# Replica._serve), slices are longer: the other replicas still get the loop every ~2 ms, and the
+# waiting one is not left far behind them.
 WAIT_SLICE_S = 0.002
+# A late engine loop runs due steps back to back for at most this long before it yields.
+BURST_S = 0.001
 _DECODE_SLICE_BYTES = 32 * 1024  # ~5.5k ids, ~0.3 ms to decode
+_LONG_PREP_TOKENS = 4096  # prompts hashed under the fleet's preparation lock (see Replica)
 _HASH_SLICE_BLOCKS = 32  # ~0.15 ms cold, ~0.03 ms memoised; the slice ends after SLICE_S
 
 
@@ -197,6 +201,7 @@ class Replica:
         *,
         name: str = "r0",
         zmq_ctx: Any = None,
+        prep_lock: asyncio.Lock | None = None,
     ) -> None:
         self.config = config
         self.engine_config = engine_config
@@ -212,9 +217,13 @@ class Replica:
         self._tracks: dict[str, _Track] = {}
         self._tickets: deque[_Ticket] = deque()  # arrival order (see _serve)
         self._ticket_seq = 0
-        # True while the engine loop's next step waits behind a ticket: requests being prepared
-        # then work in longer slices (WAIT_SLICE_S).
+        # True while the engine loop waits for arrivals (idle, or its next step behind a ticket):
+        # requests being prepared then work in longer slices (WAIT_SLICE_S).
         self._engine_waits = False
+        # Long preparations run one at a time, in arrival order, across the replicas sharing this
+        # lock (a fleet shares one): several long prompts arriving together (the trace's arrivals
+        # come in bursts) would otherwise be sliced round robin and all finish last.
+        self._prep_lock = prep_lock if prep_lock is not None else asyncio.Lock()
         self._wake = asyncio.Event()
         self._epoch = 0  # bumped by restart: a step computed before it is discarded
         self._held_batch: tuple[int, bytes] | None = None  # reorder fault: batch sent after the next
@@ -450,7 +459,7 @@ class Replica:
 
     async def _engine_loop(self) -> None:
         clock = _clock
-        deadline = clock()
+        deadline = awake_since = clock()
         while not self._stopping:
             if self._tickets:
                 # Requests that arrived before this step are still being prepared (decoded,
@@ -470,7 +479,12 @@ class Replica:
                 self._flush_held_batch()
                 self.metrics.on_idle(model.kv_cache_usage)
                 self._wake.clear()
-                await self._wake.wait()
+                self._engine_waits = True  # a request being prepared is what it waits for
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._engine_waits = False
+                awake_since = clock()
                 # The first step starts when the request arrived (model.now: its arrival, or the
                 # last step's end if it arrived before that), not when its preparation ended, so
                 # slicing the preparation changes no simulated time (up to the catch-up limit).
@@ -493,11 +507,16 @@ class Replica:
                 timeout = None if nxt is None else max(0.0, nxt - clock())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                deadline = clock()
+                deadline = awake_since = clock()
                 continue
             deadline += out.duration
-            # Always yields once, so HTTP handlers run even when steps take no time.
-            await asyncio.sleep(max(0.0, deadline - clock()))
+            delay = deadline - clock()
+            if delay > 0 or clock() - awake_since > BURST_S:
+                await asyncio.sleep(max(0.0, delay))
+                awake_since = clock()
+            # else: a late loop runs the next due step at once, without a turn of the loop in
+            # between, for up to BURST_S: streams then get several steps' tokens per wake-up and
+            # write them at once (same SSE events), instead of one wake-up and write per step.
             lag = clock() - deadline
             if epoch != self._epoch:  # restarted while this step "ran": it never happened
                 continue
@@ -770,15 +789,22 @@ class Replica:
           (if the preparation outlasts it, that is lag, paid back on later steps up to
           ``MAX_CATCHUP_S``), and an idle engine's first step starts at the arrival time;
         * so only this replica can be late because of its own request's preparation, and the
-          other replicas wait at most one slice (~0.5 ms; ~2 ms while this replica's next step
-          waits for the request).
+          other replicas wait at most one slice (~0.5 ms; ~2 ms while this replica's engine
+          waits for the request);
+        * long preparations (> 4k tokens, or a body over 32 KB) take the fleet's preparation
+          lock, one at a time in arrival order: the trace's arrivals come in bursts, and
+          several long prompts sliced round robin would all finish last.
         """
         data = await request.read()
         ticket = self._arrive()
         arrival = _clock()
         try:
             try:
-                body, ids = await decode_json_sliced(data, self._slice_s)
+                if len(data) > _DECODE_SLICE_BYTES:
+                    async with self._prep_lock:
+                        body, ids = await decode_json_sliced(data, self._slice_s)
+                else:
+                    body, ids = await decode_json_sliced(data, self._slice_s)
                 body = self._check_body(body)
                 prompts = self._prompts(body, chat, ids)
                 params = self._params(body, chat, prompts)
@@ -791,7 +817,11 @@ class Replica:
                 await self.faults.stall()
                 ticket = self._arrive()
                 arrival = _clock()
-            hashes = [await self.hash_prompt(p) for p in prompts]
+            if sum(len(p) for p in prompts) > _LONG_PREP_TOKENS:
+                async with self._prep_lock:
+                    hashes = [await self.hash_prompt(p) for p in prompts]
+            else:
+                hashes = [await self.hash_prompt(p) for p in prompts]
             await ticket.turn
             queue = _Chan()
             max_tokens, stream, include_usage = params
