@@ -16,14 +16,22 @@ During the run every replica's ``/metrics`` is sampled every ``--sample-interval
 deadline, on ``time.monotonic()``: uvloop's ``loop.time()`` is whole milliseconds; going idle is
 not a step). libuv timers are millisecond timers, so even an idle sim shows ~0.5 ms median lag. The sim's CPU comes from ``/proc/<pid>/stat`` (utime + stime) at the same instants.
 
-"Did not fall behind" (the PASS line) means both:
+Two verdicts are printed (docs/sim.md, "Live simulator capacity", explains both):
 
-* p99 per-step lag over every step of every replica < one decode step at this time scale (the
-  shortest step the profile has: batch 1, empty context). Below it, token timings are off by less
-  than one step, so inter-token latencies keep their shape;
-* max per-step lag <= ``MAX_CATCHUP_S`` of engines/sim/server.py: the engine pays back lateness up
-  to that much on later steps, so the simulated clock stays on the wall clock; beyond it simulated
-  time is dropped, i.e. the fleet has fallen behind.
+* **strict** (the first reading of the issue, kept for comparison): p99 per-step lag < one decode
+  step at this time scale (batch 1, empty context: 0.644 ms) and max per-step lag <=
+  ``MAX_CATCHUP_S``. Unreachable by design: the loop sleeps on libuv timers of 1 ms resolution,
+  so even an idle sim wakes 0-1 ms late (median ~0.5 ms).
+* **not falling behind** (the PASS line, and the exit status), all three of:
+  1. no simulated time dropped (``kvrouter_sim_dropped_seconds_total`` stays 0: every lateness was
+     within ``MAX_CATCHUP_S`` and paid back, so the simulated clock kept up with the wall clock);
+  2. lag does not grow: the p99 step lag of the last third of the send window is at most
+     1.5x that of the first third plus 1 ms (a sim that cannot keep up accumulates a backlog and
+     its lag climbs to the catch-up limit);
+  3. p99 step lag x time scale <= ``--lag-bound-trace-ms`` (50 ms of trace time, i.e. 5 ms wall
+     at x10): the error lag puts on 99% of the token times the replay measures, in the trace's
+     time, is well under the TTFTs and the TTFT differences between routing policies that the
+     simulator is used to compare (hundreds of ms).
 
 ``--target direct`` replays straight to the replicas (round robin, no router), ``both`` runs
 router then direct on fresh sims, to separate the router's cost from the sim's.
@@ -71,6 +79,7 @@ PROFILE = "h100-llama3-8b"
 LAG_GAUGE = "kvrouter_sim_lag_seconds"
 LAG_BUCKET = "kvrouter_sim_step_lag_seconds_bucket"
 GEN_TOKENS = "vllm:generation_tokens_total"
+DROPPED = "kvrouter_sim_dropped_seconds_total"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _LE = re.compile(r'le="([^"]+)"')
 _REPLICA = re.compile(r"^replica (\S+) url=(\S+)")
@@ -130,12 +139,17 @@ def load_avg() -> str:
 
 
 # -- metrics ----------------------------------------------------------------------------------------
-def parse_lag(text: str) -> tuple[float | None, dict[float, float], float]:
-    """(last-step lag gauge, cumulative per-step lag buckets {le: count}, generated tokens)."""
+def parse_lag(text: str) -> tuple[float | None, dict[float, float], float, float]:
+    """(last-step lag gauge, cumulative per-step lag buckets {le: count}, generated tokens,
+    dropped simulated seconds)."""
     gauge: float | None = None
     buckets: dict[float, float] = {}
     gen = 0.0
+    dropped = 0.0
     for line in text.splitlines():
+        if line.startswith(DROPPED):
+            dropped += float(line.rsplit(" ", 1)[1])
+            continue
         if line.startswith(LAG_BUCKET):
             m = _LE.search(line)
             if m:
@@ -144,7 +158,7 @@ def parse_lag(text: str) -> tuple[float | None, dict[float, float], float]:
             gauge = float(line.rsplit(" ", 1)[1])
         elif line.startswith(GEN_TOKENS):
             gen += float(line.rsplit(" ", 1)[1])
-    return gauge, buckets, gen
+    return gauge, buckets, gen, dropped
 
 
 def sub(a: dict[float, float], b: dict[float, float]) -> dict[float, float]:
@@ -193,9 +207,11 @@ class Sampler:
         self.gauges: list[float] = []  # every (sample, replica) last-step lag
         self.interval_p99: list[float] = []  # fleet-wide p99 of the steps in each interval
         self.interval_cpu: list[float] = []  # sim CPU share of its core in each interval
+        self.intervals: list[tuple[float, dict[float, float]]] = []  # (end, that interval's steps)
         self.first: dict[float, float] = {}
         self.last: dict[float, float] = {}
         self.gen0 = self.gen1 = 0.0
+        self.dropped0 = self.dropped1 = 0.0
         self.t0 = self.t1 = 0.0
         self.ticks0 = self.ticks1 = 0
 
@@ -203,16 +219,20 @@ class Sampler:
         pages = await scrape(session, self.urls)
         total: dict[float, float] = {}
         gen = 0.0
+        dropped = 0.0
         for text in pages.values():
-            g, b, n = parse_lag(text)
+            g, b, n, d = parse_lag(text)
             if g is not None:
                 self.gauges.append(g)
             total = add(total, b)
             gen += n
+            dropped += d
+        self.dropped1 = dropped
         return total, gen
 
     async def baseline(self, session: aiohttp.ClientSession) -> None:
         self.first, self.gen0 = await self.snapshot(session)
+        self.dropped0 = self.dropped1
         self.gauges.clear()  # idle before the run
         self.last, self.gen1 = self.first, self.gen0
         self.t0 = self.t1 = time.monotonic()
@@ -224,13 +244,26 @@ class Sampler:
                 await asyncio.wait_for(stop.wait(), self.interval)
             now, ticks = time.monotonic(), cpu_ticks(self.pid)
             cur, gen = await self.snapshot(session)
-            self.interval_p99.append(hist_quantile(0.99, sub(cur, self.last)))
+            self.intervals.append((now, sub(cur, self.last)))
+            self.interval_p99.append(hist_quantile(0.99, self.intervals[-1][1]))
             self.interval_cpu.append((ticks - self.ticks1) / CLK_TCK / max(now - self.t1, 1e-9))
             self.last, self.gen1, self.t1, self.ticks1 = cur, gen, now, ticks
 
     @property
     def steps(self) -> dict[float, float]:
         return sub(self.last, self.first)
+
+    def thirds_p99(self, window_end: float) -> tuple[float, float]:
+        """p99 step lag over the first and the last third of the intervals inside the send window."""
+        inside = [b for t, b in self.intervals if t <= window_end + self.interval / 2]
+        k = max(1, len(inside) // 3)
+        first: dict[float, float] = {}
+        last: dict[float, float] = {}
+        for b in inside[:k]:
+            first = add(first, b)
+        for b in inside[-k:]:
+            last = add(last, b)
+        return hist_quantile(0.99, first), hist_quantile(0.99, last)
 
     @property
     def cpu(self) -> float:
@@ -268,6 +301,7 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
         await sampler.baseline(session)
         sampling = asyncio.create_task(sampler.run(session, stop))
         load_before = load_avg()
+        send_start = time.monotonic()
         if mode == "router":
             assert router_url is not None
             run = await run_target(Target(name="router", url=router_url), planned, cfg, session=session)
@@ -279,6 +313,7 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
     ok = [r for r in recs if r.ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     steps = sampler.steps
+    third_first, third_last = sampler.thirds_p99(send_start + args.duration)
     return {
         "mode": mode,
         "planned": len(planned),
@@ -301,7 +336,11 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
         "lag_p99": hist_quantile(0.99, steps),
         "lag_p999": hist_quantile(0.999, steps),
         "lag_max_bound": max_bound(steps),
+        "steps_over_catchup": max(steps.values(), default=0.0) - steps.get(MAX_CATCHUP_S, 0.0),
         "lag_p99_worst_interval": max((x for x in sampler.interval_p99 if not math.isnan(x)), default=math.nan),
+        "lag_p99_first_third": third_first,
+        "lag_p99_last_third": third_last,
+        "dropped_s": sampler.dropped1 - sampler.dropped0,
         "gauge_max": max(sampler.gauges, default=math.nan),
         "gauge_p99": percentile(sampler.gauges, 99) if sampler.gauges else math.nan,
         "cpu_s": sampler.cpu * (sampler.t1 - sampler.t0),
@@ -328,13 +367,26 @@ def report(r: dict[str, Any], args: argparse.Namespace, step_s: float) -> bool:
           f"{r['cpu_s'] / max(r['sent'], 1) * 1e3:.1f} ms per request; RSS {r['rss_mb']:.0f} MB")
     print(f"step lag over {r['steps']:,.0f} steps: p50 {r['lag_p50'] * ms:.3f} ms  p99 {r['lag_p99'] * ms:.3f} ms  "
           f"p99.9 {r['lag_p999'] * ms:.3f} ms  max <= {r['lag_max_bound'] * ms:g} ms; "
-          f"worst interval p99 {r['lag_p99_worst_interval'] * ms:.3f} ms")
+          f"worst interval p99 {r['lag_p99_worst_interval'] * ms:.3f} ms; "
+          f"{r['steps_over_catchup']:,.0f} steps woke over {MAX_CATCHUP_S * ms:g} ms late")
     print(f"lag gauge (last step, sampled every {args.sample_interval:g} s x {args.replicas} replicas): "
           f"p99 {r['gauge_p99'] * ms:.3f} ms  max {r['gauge_max'] * ms:.3f} ms")
-    ok = r["lag_p99"] < step_s and r["lag_max_bound"] <= MAX_CATCHUP_S and r["steps"] > 0
-    print(f"{'PASS' if ok else 'FAIL'} did not fall behind: step lag p99 {r['lag_p99'] * ms:.3f} ms < one decode "
+    strict = r["lag_p99"] < step_s and r["lag_max_bound"] <= MAX_CATCHUP_S and r["steps"] > 0
+    print(f"{'PASS' if strict else 'FAIL'} strict: step lag p99 {r['lag_p99'] * ms:.3f} ms < one decode "
           f"step {step_s * ms:.3f} ms, and max <= {r['lag_max_bound'] * ms:g} ms <= catch-up limit "
-          f"{MAX_CATCHUP_S * ms:g} ms")
+          f"{MAX_CATCHUP_S * ms:g} ms (unreachable with 1 ms timers: docs/sim.md)")
+    bound_s = args.lag_bound_trace_ms / 1000.0 / args.time_scale
+    first, last = r["lag_p99_first_third"], r["lag_p99_last_third"]
+    no_drop = r["dropped_s"] == 0.0
+    steady = last <= 1.5 * first + 0.001
+    small = r["lag_p99"] <= bound_s
+    ok = no_drop and steady and small and r["steps"] > 0
+    print(f"{'PASS' if ok else 'FAIL'} not falling behind: "
+          f"[{'ok' if no_drop else 'FAIL'}] simulated time dropped {r['dropped_s'] * ms:.3f} ms (must be 0); "
+          f"[{'ok' if steady else 'FAIL'}] lag p99 first third {first * ms:.3f} ms -> last third "
+          f"{last * ms:.3f} ms (must be <= 1.5x + 1 ms); "
+          f"[{'ok' if small else 'FAIL'}] p99 {r['lag_p99'] * ms:.3f} ms <= {bound_s * ms:g} ms "
+          f"(= {args.lag_bound_trace_ms:g} ms of trace time at x{args.time_scale:g})")
     return ok
 
 
@@ -349,6 +401,8 @@ def main() -> int:
     p.add_argument("--sim-cpu", default="1", help="core of the sim process (taskset -c)")
     p.add_argument("--client-cpu", default="0", help="core of the router and this client")
     p.add_argument("--sample-interval", type=float, default=2.0, help="metrics sampling period, s")
+    p.add_argument("--lag-bound-trace-ms", type=float, default=50.0,
+                   help="p99 step lag bound in trace time (lag x time scale), ms (default 50)")
     p.add_argument("--grace", type=float, default=30.0, help="after the last send, wait for streams, s")
     p.add_argument("--py-spy", type=Path, default=None, metavar="FILE",
                    help="also sample the sim with py-spy (collapsed stacks to FILE; on the client cpu)")
