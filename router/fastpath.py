@@ -123,7 +123,9 @@ class FastPath(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.delegate: asyncio.Protocol | None = None
-        self.buf = bytearray()
+        # Bytes not consumed yet. Usually a whole request arrives in one read and is parsed from
+        # that ``bytes`` object as is; a bytearray only when pieces must be joined.
+        self.buf: bytes | bytearray = b""
         self.head: _Head | None = None
         self.head_end = 0
         # One task per connection, started by its first request, serves its requests in turn.
@@ -155,7 +157,12 @@ class FastPath(asyncio.Protocol):
             return
         if self.discarding:
             return
-        self.buf += data
+        if not self.buf:
+            self.buf = data
+        elif isinstance(self.buf, bytearray):
+            self.buf += data
+        else:
+            self.buf = bytearray(self.buf) + data
         self.last_active = self.loop.time()
         if not self.serving:
             self._next()
@@ -225,7 +232,7 @@ class FastPath(asyncio.Protocol):
         if len(buf) < total:
             return
         body = bytes(buf[self.head_end : total])
-        del buf[:total]
+        self.buf = buf[total:]
         self.head = None
         self.ready = (head, body)
         self.serving = True
@@ -243,7 +250,7 @@ class FastPath(asyncio.Protocol):
         if self.paused:
             proto.pause_writing()
         data = bytes(self.buf)
-        self.buf = bytearray()
+        self.buf = b""
         if data:
             proto.data_received(data)
 
@@ -346,7 +353,7 @@ class FastPath(asyncio.Protocol):
         if t is None or t.is_closing():
             return
         self.discarding = True
-        self.buf = bytearray()
+        self.buf = b""
         if t.can_write_eof():
             t.write_eof()
         self.loop.call_later(1.0, self._close)

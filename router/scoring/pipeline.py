@@ -112,10 +112,12 @@ class Pipeline:
                 timer(scorer.type_name, time.perf_counter() - t0)
             if explain is not None:
                 per_scorer.append((scorer.type_name, values))  # raw: shows a misbehaving scorer
-            if min(values) < 0.0 or max(values) > 1.0:
-                # enforce the [0, 1] contract here, once, rather than trusting every scorer
-                values = [0.0 if v < 0.0 else 1.0 if v > 1.0 else v for v in values]
-            totals = [t + weight * v for t, v in zip(totals, values, strict=True)]
+            if len(values) != len(totals):
+                raise ValueError(f"scorer {scorer.type_name} returned {len(values)} scores for {len(totals)} replicas")
+            # Clamp to the [0, 1] contract here, once, rather than trusting every scorer. One
+            # in-place pass: this loop runs per scorer per request.
+            for i, v in enumerate(values):
+                totals[i] += weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
         choice = kept[self.picker.pick(totals, kept, self.rng)]
         if explain is not None:
             self._explain(explain, req, candidates, kept, per_scorer, totals, choice)

@@ -23,13 +23,17 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("proxy-logs")
 
 
-@pytest.fixture(scope="module")
-def pair(logs: Path) -> Iterator[tuple[Backend, Backend, RouterProc]]:
-    a = Backend(logs, "a", chunk_delay=0.0)
-    b = Backend(logs, "b", chunk_delay=0.0)
+@pytest.fixture(scope="module", params=["fast-path", "aiohttp"])
+def pair(logs: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Backend, Backend, RouterProc]]:
+    """Every test on this fixture runs against both servers of the generate endpoints: the raw
+    fast path (default) and aiohttp (``--fast-path false``, and any connection it hands over)."""
+    a = Backend(logs, f"a-{request.param}", chunk_delay=0.0)
+    b = Backend(logs, f"b-{request.param}", chunk_delay=0.0)
+    server = ("--fast-path", "false") if request.param == "aiohttp" else ()
     r = RouterProc(
         logs, [a.url, b.url], "--policy", "round_robin", "--kv-events", "off", "--scrape-metrics", "false",
         "--first-byte-timeout", "1.0", "--request-timeout", "1.0", "--max-body-bytes", "1048576", "--eject-after", "1000",
+        *server, name=f"router-{request.param}",
     )
     yield a, b, r
     for p in (r.proc, a.proc, b.proc):
