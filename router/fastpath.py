@@ -174,7 +174,7 @@ class FastPath(asyncio.Protocol):
             return self.delegate.eof_received()
         if not self.serving:
             self._close()
-        return False  # no half-open connections: a served request's answer goes out first
+        return False  # close, as aiohttp does: a client that half-closes has gone
 
     def pause_writing(self) -> None:
         if self.delegate is not None:
@@ -208,22 +208,24 @@ class FastPath(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > self.max_head:
-                    self._reply_error(HeaderTooLarge(f"Request head exceeds {self.max_head} bytes."), close=True)
+                    err: RouterError = HeaderTooLarge(f"Request head exceeds {self.max_head} bytes.")
+                    count_error(self.st, err)
+                    self._reply_error(err, close=True)
                 return  # the whole head first, also for requests aiohttp will serve: size limits
             raw = bytes(buf[:end])
             head = parse_head(raw, self.max_line) if buf.startswith(b"POST ") else None
             if head is None:
-                err = head_limit_error(raw, self.max_line)
-                if err is not None:
-                    count_error(self.st, err)
-                    self._reply_error(err, close=True)
+                limit = head_limit_error(raw, self.max_line)
+                if limit is not None:
+                    count_error(self.st, limit)
+                    self._reply_error(limit, close=True)
                 else:
                     self._hand_off()  # GET /metrics, /health, other paths, unusual heads: aiohttp
                 return
             if head.length > self.max_body:
-                err = PayloadTooLarge(f"Request body exceeds {self.max_body} bytes.")
-                count_error(self.st, err)
-                self._reply_error(err, close=True)
+                too_big = PayloadTooLarge(f"Request body exceeds {self.max_body} bytes.")
+                count_error(self.st, too_big)
+                self._reply_error(too_big, close=True)
                 return
             self.head = head
             self.head_end = end + 4
@@ -297,6 +299,8 @@ class FastPath(asyncio.Protocol):
         return head.keep_alive and sink.complete
 
     def _answer_error(self, sink: RawSink, err: RouterError) -> None:
+        if self.closing():
+            return  # the client is gone: nobody to answer
         if sink.started:
             self._close()  # the answer had begun: all that is left is to cut it
             return
