@@ -77,8 +77,6 @@ class RouterMetrics:
         self.prompt_tokens = Counter(
             "kvrouter_prompt_tokens", "Prompt tokens routed per replica", ["replica"], registry=r
         )
-        self._requests_children: dict[tuple[str, str], Any] = {}
-        self._ttfb_children: dict[str, Any] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -91,22 +89,13 @@ class RouterMetrics:
         return c
 
     def count_request(self, replica: str, status: int | str) -> None:
-        key = (replica, str(status))
-        child = self._requests_children.get(key)
-        if child is None:
-            child = self.requests.labels(replica, key[1])
-            self._requests_children[key] = child
-        child.inc()
+        self.child(self.requests, replica, str(status)).inc()
 
     def observe_ttfb(self, replica: str, seconds: float) -> None:
-        child = self._ttfb_children.get(replica)
-        if child is None:
-            child = self.ttfb.labels(replica)
-            self._ttfb_children[replica] = child
-        child.observe(seconds)
+        self.child(self.ttfb, replica).observe(seconds)
 
     def plugin_timer(self, plugin: str, seconds: float) -> None:
-        self.plugin_seconds.labels(plugin).observe(seconds)
+        self.child(self.plugin_seconds, plugin).observe(seconds)
 
     def add_state_collector(
         self, replicas: Callable[[], Iterable[Replica]], index: PrefixIndex, extra: Callable[[], Iterable[Any]] | None = None
