@@ -6,7 +6,11 @@ boundary (proxy.py); everything below raises.
 
 from __future__ import annotations
 
+import http
+
 import msgspec
+
+REASON_PHRASES = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
 
 class RouterError(Exception):
@@ -25,6 +29,18 @@ class RouterError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+    def http_response(self, *, close: bool) -> bytes:
+        """The whole HTTP/1.1 answer, for the places that write to a transport themselves (the
+        generate fast path, the connection cap)."""
+        body = self.body()
+        head = [b"HTTP/1.1 %d %s\r\n" % (self.status, REASON_PHRASES.get(self.status, b"Error"))]
+        head.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))
+        head.extend(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in self.headers().items())
+        if close:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        return b"".join(head) + body
 
 
 class BadRequest(RouterError):
@@ -101,6 +117,12 @@ class Draining(NoReplicaAvailable):
 
     def __init__(self) -> None:
         RouterError.__init__(self, "The router is shutting down.", retry_after=1)
+
+
+class TooManyConnections(RouterError):
+    status = 503
+    type = "service_unavailable"
+    code = "too_many_connections"
 
 
 class UpstreamTimeout(RouterError):

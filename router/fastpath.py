@@ -18,13 +18,12 @@ parser does not fully understand. ``--no-fast-path`` turns the fast path off.
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from .errors import BadRequest, HeaderTooLarge, PayloadTooLarge, RouterError, UriTooLong
+from .errors import REASON_PHRASES, BadRequest, HeaderTooLarge, PayloadTooLarge, RouterError, UriTooLong
 from .generate import GENERATE_PATHS, Active, InfoParser, check_api_key, count_error, generate
 from .proxy import Headers, request_header_lines
 
@@ -37,7 +36,6 @@ KEEPALIVE_S = 75.0  # idle client connections are closed after this long (aiohtt
 MAX_FIELDS = 128  # header fields per request (aiohttp's limit)
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PATHS: dict[bytes, tuple[str, InfoParser]] = {p.encode(): (p, info) for p, info in GENERATE_PATHS.items()}
-_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
 
 class _Head:
@@ -309,15 +307,7 @@ class FastPath(asyncio.Protocol):
         sink.complete = True
 
     def _reply_error(self, err: RouterError, *, close: bool) -> None:
-        body = err.body()
-        head = [b"HTTP/1.1 %d %s\r\n" % (err.status, _REASONS.get(err.status, b"Error"))]
-        head.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))
-        for k, v in err.headers().items():
-            head.append(b"%s: %s\r\n" % (k.encode(), v.encode()))
-        if close:
-            head.append(b"Connection: close\r\n")
-        head.append(b"\r\n")
-        self.write(b"".join(head) + body)
+        self.write(err.http_response(close=close))
         if close:
             self._linger_close()
 
@@ -392,7 +382,7 @@ class RawSink:
         self.pending_head = b""
 
     async def start(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _REASONS.get(status, b"Unknown"))]
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASON_PHRASES.get(status, b"Unknown"))]
         parts.extend(k + b": " + v + b"\r\n" for k, v in headers)
         if length is not None:
             parts.append(b"Content-Length: %d\r\n" % length)

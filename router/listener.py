@@ -26,7 +26,7 @@ from typing import cast
 
 from aiohttp import web
 
-from .errors import error_body
+from .errors import TooManyConnections
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,9 @@ log = logging.getLogger(__name__)
 _RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_RETRY_DELAY_S = 1.0
 
-_REFUSAL_BODY = error_body(
-    "The router has too many open connections; retry later.",
-    "service_unavailable",
-    None,
-    "too_many_connections",
-)
-_REFUSAL = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-    b"Connection: close\r\nContent-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY
-)
+_REFUSAL = TooManyConnections(
+    "The router has too many open connections; retry later.", retry_after=1
+).http_response(close=True)
 
 
 class _Counted(asyncio.Protocol):
