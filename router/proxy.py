@@ -105,7 +105,8 @@ def request_header_lines(headers: Iterable[tuple[bytes, bytes]], upstream_key: s
     Content-Length and the client's Authorization are the proxy's own)."""
     headers = list(headers)
     listed = _connection_listed(headers)
-    out = [k + b": " + v + b"\r\n" for k, v in headers if k.lower() not in _REQUEST_DROP and k.lower() not in listed]
+    drop = _REQUEST_DROP | listed if listed else _REQUEST_DROP  # one lower() per header
+    out = [k + b": " + v + b"\r\n" for k, v in headers if k.lower() not in drop]
     if upstream_key:
         out.append(b"Authorization: Bearer " + upstream_key.encode() + b"\r\n")
     return b"".join(out)
@@ -114,7 +115,8 @@ def request_header_lines(headers: Iterable[tuple[bytes, bytes]], upstream_key: s
 def response_header_pairs(headers: Headers, replica: Replica | None) -> Headers:
     """The engine's end-to-end headers for the client, plus ``x-kvrouter-replica``."""
     listed = _connection_listed(headers)
-    out = [(k, v) for k, v in headers if k.lower() not in _RESPONSE_DROP and k.lower() not in listed]
+    drop = _RESPONSE_DROP | listed if listed else _RESPONSE_DROP
+    out = [(k, v) for k, v in headers if k.lower() not in drop]
     if replica is not None:
         out.append((_REPLICA_HEADER_B, replica.id.encode()))
     return out

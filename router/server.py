@@ -361,12 +361,17 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     info = GENERATE_PATHS[request.path]
     with Active(st):
         body = await _read_body(request)
-        sink = AiohttpSink(request)
-        headers = request_header_lines(request.raw_headers, st.cfg.upstream.api_key)
-        target = request.raw_path.encode("utf-8", "surrogateescape")
+        sink, target, headers = _upstream_parts(st, request)
         await generate(st, request.path, info, sink, target, headers, body)
         assert sink.response is not None
         return sink.response
+
+
+def _upstream_parts(st: AppState, request: web.Request) -> tuple[AiohttpSink, bytes, bytes]:
+    """The sink for the answer, the request target as the client sent it, and the header lines
+    for the engine: what the Forwarder needs from an aiohttp request."""
+    headers = request_header_lines(request.raw_headers, st.cfg.upstream.api_key)
+    return AiohttpSink(request), request.raw_path.encode("utf-8", "surrogateescape"), headers
 
 
 async def _passthrough(request: web.Request) -> web.StreamResponse:
@@ -384,9 +389,7 @@ async def _passthrough(request: web.Request) -> web.StreamResponse:
         if model is None:
             req.model = None  # type: ignore[assignment]  # any replica
         assert st.forwarder is not None
-        sink = AiohttpSink(request)
-        headers = request_header_lines(request.raw_headers, st.cfg.upstream.api_key)
-        target = request.raw_path.encode("utf-8", "surrogateescape")
+        sink, target, headers = _upstream_parts(st, request)
         await st.forwarder.forward(sink, request.method, target, headers, body, req, routed=False)
         assert sink.response is not None
         return sink.response
