@@ -104,7 +104,6 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.busy = False
-        self.used = 0  # requests sent on this connection
         self.idle_since = 0.0
         self._reset()
 
@@ -190,7 +189,6 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._reset()
         self.busy = True
-        self.used += 1
         self.head_waiter = self.loop.create_future()
         self.transport.write(data)
         return self.head_waiter
