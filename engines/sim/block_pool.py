@@ -36,6 +36,7 @@ _LOOKUP_CHUNK = 256  # hashes looked up per map() in find_longest_cache_hit
 class BlockPool:
     __slots__ = (
         "_cached",
+        "_dups",
         "_events",
         "_head",
         "_next",
@@ -71,8 +72,13 @@ class BlockPool:
         self.medium = medium
         self.ref_cnt: list[int] = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
-        # hash -> block id, or list of block ids when the same block was computed twice
-        self._cached: dict[int, int | list[int]] = {}
+        # hash -> the first block cached under it; ``_dups``: hash -> the later ones, when the
+        # same block was computed twice (rare). Two dicts, not one with int-or-list values: a
+        # dict holding only ints is invisible to the cyclic GC, while a single list value makes
+        # CPython track the whole dict (26k entries per replica), and every collection then
+        # walked all of it (16 replicas: 10-25 ms pauses, i.e. step lag for every replica).
+        self._cached: dict[int, int] = {}
+        self._dups: dict[int, list[int]] = {}
         self._events: list[KVEvent] = []
         self._head = num_blocks
         self._tail = num_blocks + 1
@@ -120,10 +126,7 @@ class BlockPool:
 
     # -- prefix cache ---------------------------------------------------------------------
     def get_cached_block(self, block_hash: int) -> int | None:
-        v = self._cached.get(block_hash)
-        if v is None or isinstance(v, int):
-            return v
-        return v[0]
+        return self._cached.get(block_hash)
 
     def find_longest_cache_hit(self, block_hashes: Sequence[int], max_blocks: int) -> list[int]:
         """Block ids of the longest cached prefix of ``block_hashes``, at most ``max_blocks``.
@@ -142,8 +145,6 @@ class BlockPool:
                 miss = -1
             else:
                 del vals[miss:]
-            if list in set(map(type, vals)):  # a hash cached by two blocks: the first one
-                vals = [v if type(v) is int else v[0] for v in vals]
             hit += vals
             if miss >= 0:
                 break
@@ -195,16 +196,20 @@ class BlockPool:
         v = self._cached.get(h)
         if v is None:
             return
-        if isinstance(v, int):
-            if v != b:
-                return
-            del self._cached[h]
+        dups = self._dups.get(h)
+        if v == b:  # the first copy goes: the next one (if any) is what a hit returns now
+            if dups is None:
+                del self._cached[h]
+            else:
+                self._cached[h] = dups.pop(0)
+                if not dups:
+                    del self._dups[h]
         else:
-            if b not in v:
+            if dups is None or b not in dups:
                 return
-            v.remove(b)
-            if len(v) == 1:
-                self._cached[h] = v[0]
+            dups.remove(b)
+            if not dups:
+                del self._dups[h]
         if self.emit_events:
             self._events.append(BlockRemoved(block_hashes=[h], medium=self.medium, group_idx=0))
 
@@ -227,13 +232,8 @@ class BlockPool:
         for b, h in zip(block_ids[num_cached:num_full], new_hashes, strict=True):
             assert hashes[b] is None, "block cached twice"
             hashes[b] = h
-            v = cached.get(h)
-            if v is None:
-                cached[h] = b
-            elif isinstance(v, int):
-                cached[h] = [v, b]
-            else:
-                v.append(b)
+            if cached.setdefault(h, b) != b:
+                self._dups.setdefault(h, []).append(b)
         if self.emit_events:
             bs = self.block_size
             n = num_full - num_cached
@@ -300,7 +300,9 @@ class BlockPool:
         if self.num_free != self.num_blocks - 1:
             return False
         self._cached.clear()
-        self.block_hash = [None] * self.num_blocks
+        self._dups.clear()
+        # In place: the list keeps its place in the GC's frozen generation (docs/sim.md)
+        self.block_hash[:] = [None] * self.num_blocks
         if self.emit_events:
             self._events.append(AllBlocksCleared())
         return True
@@ -313,7 +315,7 @@ class BlockPool:
 
     @property
     def num_cached_blocks(self) -> int:
-        return sum(1 if isinstance(v, int) else len(v) for v in self._cached.values())
+        return len(self._cached) + sum(map(len, self._dups.values()))
 
     def take_events(self) -> list[KVEvent]:
         ev = self._events
@@ -334,6 +336,5 @@ class BlockPool:
             if h is None:
                 continue
             n_hashed += 1
-            v = self._cached.get(h)
-            assert v == b if isinstance(v, int) else (v is not None and b in v), f"block {b} map"
+            assert self._cached.get(h) == b or b in self._dups.get(h, ()), f"block {b} map"
         assert n_hashed == self.num_cached_blocks
