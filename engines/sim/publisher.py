@@ -22,11 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import logging
 import pickle
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,9 +84,6 @@ END_SEQ = seq_bytes(-1)  # replay end marker
 DEFAULT_TOPIC = "kv-events"
 DEFAULT_BUFFER_STEPS = 10_000  # vLLM KVEventsConfig.buffer_steps
 DEFAULT_HWM = 100_000  # vLLM KVEventsConfig.hwm
-# Memoised block hashes per replica (VllmBlockHasher): at about 0.4 KB an entry, 32k entries are
-# ~13 MB, enough for a replica's recent conversation prefixes.
-DEFAULT_MEMO_BLOCKS = 1 << 15
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 # The replay task wakes at least this often to notice close(); it never spins.
 _REPLAY_POLL_MS = 200
@@ -254,147 +249,111 @@ class KVEventPublisher:
             await sock.send_multipart((client_id, b"", END_SEQ, b""))
 
 
-def _pack_ids(ids: Sequence[int]) -> tuple[bytes, bytes] | None:
-    """Token ids as int32 (or int64) machine bytes for memo keys, and the tag byte that starts
-    every key made from them (b"i" or b"q"; a key is tag + block, or tag + parent's 8 bytes +
-    block, so a key's bytes and length tell its width, parent and block size: no collisions);
-    None beyond int64."""
-    for code in ("i", "q"):
-        try:
-            return code.encode(), array(code, ids).tobytes()
-        except OverflowError:
-            continue
-    return None
+class VllmEventHashes:
+    """Engine block hashes -> vLLM's in KV events, so a subscriber sees exactly the hashes a real
+    vLLM 0.32 (``--prefix-caching-hash-algo sha256``) publishes for the same tokens.
 
+    Why the engine does not simply hash with sha256: its prefix cache only needs *a* chained
+    identity per block, and the engine's xxh3 chain (``engine.XxhBlockHasher``) costs ~0.3 us a
+    block against ~2 us for pickle + sha256. Every prompt block is hashed when its request arrives
+    (a Mooncake burst is ~100k tokens), but only *stored* blocks reach an event, and they are
+    hashed here, when the step that stored them publishes.
 
-def _trim_oldest(d: dict[Any, Any], keep: int) -> None:
-    """Drop the oldest entries of ``d`` (insertion order) until ``keep`` remain: one scan."""
-    for k in list(itertools.islice(d, max(0, len(d) - keep))):
-        del d[k]
-
-
-class VllmBlockHasher:
-    """The engine model's ``block_hasher`` that yields vLLM's event ints (sha256 chain).
-
-    The engine model chains 64-bit ints, vLLM chains full digests, so this keeps int -> digest
-    for recent blocks to continue a chain exactly. Bound: ``capacity`` entries, oldest first out;
-    a parent that fell out (a request older than ``capacity`` newer blocks) is chained from its
-    int's bytes instead: still deterministic, no longer vLLM's value. Size it a few times the
-    KV pool so that never happens to a request still running.
+    How it stays exact: a ``BlockStored`` carries its blocks' tokens, and its parent is a block
+    this replica caches (the request holds it) or one stored in the same event, so every digest
+    is ``sha256((parent digest, block tokens, None))`` from digests already known. State: digest
+    and a count of cached copies per engine hash, for exactly the blocks some tier of this replica
+    caches: +1 per ``BlockStored`` (GPU copies in the low 32 bits, CPU-tier copies above), -1 per
+    ``BlockRemoved``, GPU copies dropped on ``AllBlocksCleared``, everything on ``clear`` (a
+    restart). So it is bounded by what the engine caches, and it
+    never forgets a block that a later event can name. Both dicts hold only ints and bytes: the
+    cyclic GC never walks them. A hash it does not know (none in practice; counted in
+    ``misses``) is published as the sha256 of its int's bytes: deterministic, not vLLM's value.
     """
 
-    def __init__(self, capacity: int = 1 << 18, memo_capacity: int = DEFAULT_MEMO_BLOCKS) -> None:
-        if capacity <= 0:
-            raise ValueError(f"capacity must be positive (current value: {capacity})")
-        if memo_capacity < 0:
-            raise ValueError(f"memo_capacity must be >= 0 (current value: {memo_capacity})")
-        self.capacity = capacity
-        self.memo_capacity = memo_capacity
-        # Plain dicts (insertion order = age), trimmed in batches by _trim_oldest. Evicting one
-        # oldest key per insert (del d[next(iter(d))]) scans the dummy slots earlier deletions left
-        # at the front: O(capacity) per insert once full (54 us vs 0.3 us per op at 100k entries),
-        # a third of a loaded sim's CPU. OrderedDict.popitem is O(1) but an OrderedDict is never
-        # untracked by the cyclic GC, so every full collection walked its ~1.5M entries.
-        self._digests: dict[int, bytes] = {}
-        # (parent int, block tokens) -> digest, for recently hashed blocks, as bytes: the
-        # parent's 8 bytes (none for the first block) + the tokens packed as int32 (int64 when
-        # they do not fit; no memo beyond that). A conversation re-sends its history every turn,
-        # so most prompt blocks were hashed before; a dict hit costs a tenth of pickle + sha256
-        # (which was ~13% of a loaded sim's CPU). Only chained values (parent digest known) are
-        # stored, and a hit is used only while the parent digest is still known, so results are
-        # exactly those of hashing again. Bytes keys and values, not tuples: a dict of bytes is
-        # invisible to the cyclic GC, while tuple keys made every hashed block three young
-        # containers (gen-0 collections of 3-12 ms after a long prompt) and the memo a ~1.5M-slot
-        # walk in each full collection.
-        self._memo: dict[bytes, bytes] = {}
+    _CPU = 1 << 32
+
+    def __init__(self, *, as_bytes: bool = False) -> None:
+        self.as_bytes = as_bytes
+        self._digest: dict[int, bytes] = {}
+        self._copies: dict[int, int] = {}
         self.misses = 0
 
+    def __len__(self) -> int:
+        return len(self._digest)
+
     def digest(self, h: int) -> bytes | None:
-        return self._digests.get(h)
+        return self._digest.get(h)
 
-    def __call__(self, parent: int | None, tokens: Sequence[int]) -> int:
-        return self.chain(parent, tokens, len(tokens) or 1, 1)[0]
+    def clear(self) -> None:
+        """A process restart: nothing is cached."""
+        self._digest.clear()
+        self._copies.clear()
 
-    def chain(
-        self,
-        parent: int | None,
-        tokens: Sequence[int],
-        block_size: int,
-        n: int | None = None,
-        first: int = 0,
-    ) -> list[int]:
-        """Hashes of the full blocks of ``tokens`` chained from ``parent``: exactly
-        ``[h1 := self(parent, block first), self(h1, block first + 1), ...]`` (``n`` blocks;
-        default: every full block from ``first`` on), in one loop: a 750-block prompt costs one
-        call instead of 750 calls and slices. ``chain(p, t, bs, k, 0) + chain(last, t, bs, m, k)``
-        equals ``chain(p, t, bs, k + m)``, so a caller can hash a long prompt in slices.
-        Memo keys are bytes (see __init__): about as fast as tuple keys, and no GC work."""
-        if n is None:
-            n = len(tokens) // block_size - first
-        digests = self._digests
-        memo = self._memo
-        memo_cap = self.memo_capacity
-        cap = self.capacity
-        packed = _pack_ids(tokens[first * block_size : (first + n) * block_size]) if memo_cap and n else None
-        if packed is not None:
-            tag, raw = packed
-            w = len(raw) // n  # bytes per block
-            poff = tag[0] << 64  # the parent's 8 bytes behind the same tag byte
-        out: list[int] = []
-        for i in range(n):
-            key: bytes | None = None
-            if parent is None:
-                pd: bytes | None = NONE_HASH
-                if packed is not None:
-                    key = tag + raw[i * w : (i + 1) * w]
+    def _drop_gpu_copies(self) -> None:
+        copies, digest = self._copies, self._digest
+        for h, c in list(copies.items()):
+            c &= ~(self._CPU - 1)
+            if c:
+                copies[h] = c
             else:
-                pd = digests.get(parent)
-                if pd is None:  # not chained: hashed from the int's bytes, never memoised
-                    self.misses += 1
-                    pd = parent.to_bytes(32, "big")
-                elif packed is not None:
-                    key = (parent + poff).to_bytes(9, "big") + raw[i * w : (i + 1) * w]
-            d = memo.get(key) if key is not None else None
-            if d is None:
-                j = first + i
-                d = sha256_hash((pd, tuple(tokens[j * block_size : (j + 1) * block_size]), None))
-                if key is not None:
-                    memo[key] = d
-                    if len(memo) > memo_cap + (memo_cap >> 3):
-                        _trim_oldest(memo, memo_cap)
-            h = int.from_bytes(d[24:], "big")  # the low 64 bits: external_hash(d)
-            if h in digests:
-                digests[h] = digests.pop(h)  # refresh: dicts keep insertion order, oldest first
-            else:
-                digests[h] = d
-                # Up to 1/8 over capacity, then back to capacity in one pass: never fewer entries
-                # than a strict bound keeps, so every parent it would find is still found.
-                if len(digests) > cap + (cap >> 3):
-                    _trim_oldest(digests, cap)
-            out.append(h)
-            parent = h
-        return out
+                del copies[h]
+                digest.pop(h, None)
 
-    def to_bytes_events(self, events: list[KVEvent]) -> list[KVEvent]:
-        """The same events with raw digests instead of ints (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0)."""
+    def _external(self, d: bytes) -> EngineHash:
+        return d if self.as_bytes else int.from_bytes(d[24:], "big")
 
-        def conv(h: EngineHash | None) -> EngineHash | None:
-            if isinstance(h, int):
-                return self._digests.get(h) or h.to_bytes(32, "big")
-            return h
+    def _known(self, h: int) -> bytes:
+        d = self._digest.get(h)
+        if d is None:
+            self.misses += 1
+            d = hashlib.sha256(h.to_bytes(8, "big")).digest()
+        return d
 
+    def translate(self, events: Sequence[KVEvent]) -> list[KVEvent]:
+        """The same events, in order, with vLLM's hashes; updates the cached-copies count."""
         out: list[KVEvent] = []
+        digest, copies = self._digest, self._copies
+        ext = self._external
         for ev in events:
             if isinstance(ev, BlockStored):
+                inc = self._CPU if ev.medium == "CPU" else 1
+                parent = ev.parent_block_hash
+                pd = NONE_HASH if parent is None else self._known(parent)  # type: ignore[arg-type]
+                toks = ev.token_ids
+                bs = ev.block_size
+                hashes: list[EngineHash] = []
+                for i, h in enumerate(ev.block_hashes):
+                    d = digest.get(h)  # type: ignore[call-overload]
+                    if d is None:
+                        if len(toks) >= (i + 1) * bs:
+                            d = sha256_hash((pd, tuple(toks[i * bs : (i + 1) * bs]), None))
+                        else:  # no tokens (a CPU-tier store) and never seen on the GPU
+                            d = self._known(h)  # type: ignore[arg-type]
+                        digest[h] = d  # type: ignore[index]
+                    copies[h] = copies.get(h, 0) + inc  # type: ignore[call-overload, index]
+                    hashes.append(ext(d))
+                    pd = d
                 out.append(
                     msgspec.structs.replace(
                         ev,
-                        block_hashes=[conv(h) for h in ev.block_hashes],
-                        parent_block_hash=conv(ev.parent_block_hash),
+                        block_hashes=hashes,
+                        parent_block_hash=None if parent is None else ext(self._known(parent)),  # type: ignore[arg-type]
                     )
                 )
             elif isinstance(ev, BlockRemoved):
-                out.append(msgspec.structs.replace(ev, block_hashes=[conv(h) for h in ev.block_hashes]))
-            else:
+                dec = self._CPU if ev.medium == "CPU" else 1
+                hashes = []
+                for h in ev.block_hashes:
+                    hashes.append(ext(self._known(h)))  # type: ignore[arg-type]
+                    c = copies.get(h, 0) - dec  # type: ignore[call-overload]
+                    if c > 0:
+                        copies[h] = c  # type: ignore[index]
+                    else:
+                        copies.pop(h, None)  # type: ignore[call-overload]
+                        digest.pop(h, None)  # type: ignore[call-overload]
+                out.append(msgspec.structs.replace(ev, block_hashes=hashes))
+            else:  # AllBlocksCleared: the GPU prefix cache was reset
+                self._drop_gpu_copies()
                 out.append(ev)
         return out

@@ -37,7 +37,7 @@ import msgspec
 import xxhash
 from aiohttp import web
 
-from .engine import EngineConfig, EngineModel, SimRequest, StepOutput
+from .engine import EngineConfig, EngineModel, SimRequest, StepOutput, XxhBlockHasher, compact_ints
 from .faults import FaultConfig, Faults, parse_faults
 from .metrics import CONTENT_TYPE, SimMetrics, cache_config_labels
 from .publisher import (
@@ -45,7 +45,7 @@ from .publisher import (
     DEFAULT_HWM,
     DEFAULT_TOPIC,
     KVEventPublisher,
-    VllmBlockHasher,
+    VllmEventHashes,
 )
 from .tokenizer import SPECIAL_TOKENS, ChatTemplateError, Tokenizer, content_text
 
@@ -77,7 +77,7 @@ WAIT_SLICE_S = 0.002
 BURST_S = 0.001
 _DECODE_SLICE_BYTES = 32 * 1024  # ~5.5k ids, ~0.3 ms to decode
 _LONG_PREP_TOKENS = 4096  # prompts hashed under the fleet's preparation lock (see Replica)
-_HASH_SLICE_BLOCKS = 32  # ~0.15 ms cold, ~0.03 ms memoised; the slice ends after SLICE_S
+_HASH_SLICE_BLOCKS = 256  # ~0.08 ms; the slice ends after SLICE_S
 
 
 class HTTPError(Exception):
@@ -208,8 +208,10 @@ class Replica:
         self.tokenizer = tokenizer
         self.name = name
         self._zmq_ctx = zmq_ctx
-        # vLLM's sha256 chain, so event hashes equal a real engine's for the same tokens.
-        self.hasher = VllmBlockHasher(max(1 << 16, 4 * engine_config.num_gpu_blocks))
+        # The engine's own (cheap) block identity; KV events get vLLM's sha256 values from
+        # event_hashes, so they equal a real engine's for the same tokens.
+        self.hasher = XxhBlockHasher()
+        self.event_hashes = VllmEventHashes(as_bytes=not config.int_block_hashes)
         self.model: EngineModel = self._new_model()
         self.faults = Faults(config.faults, seed=config.seed)
         self.metrics = self._new_metrics()
@@ -364,6 +366,7 @@ class Replica:
         self._epoch += 1
         self._cut_all()
         self.model = self._new_model()
+        self.event_hashes.clear()
         self.metrics = self._new_metrics()
         self._held_batch = None
         if self.publisher is not None:
@@ -378,7 +381,7 @@ class Replica:
     # -- engine loop -----------------------------------------------------------------------------
     def submit(
         self,
-        prompt_ids: list[int],
+        prompt_ids: Sequence[int],
         max_tokens: int,
         queue: _Chan,
         index: int,
@@ -432,7 +435,7 @@ class Replica:
     def _slice_s(self) -> float:
         return WAIT_SLICE_S if self._engine_waits else SLICE_S
 
-    async def hash_prompt(self, ids: list[int]) -> list[int]:
+    async def hash_prompt(self, ids: Sequence[int]) -> list[int]:
         """The prompt's block-hash chain, exactly what ``EngineModel.add_request`` computes
         (``self.hasher.chain``), in slices of about ``SLICE_S`` (``WAIT_SLICE_S`` while this
         replica's next step waits for it) that yield to the loop."""
@@ -587,7 +590,7 @@ class Replica:
         pub = self.publisher
         if pub is None or not out.events:
             return
-        events = out.events if self.config.int_block_hashes else self.hasher.to_bytes_events(out.events)
+        events = self.event_hashes.translate(out.events)
         payload = pub.encode(events)
         if self.faults.malformed_event():
             # 0xc1 is the one byte msgpack never uses: the batch cannot be decoded.
@@ -775,7 +778,7 @@ class Replica:
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         """One completion request. Everything from the body being read to the prompts being in
         the engine's waiting queue used to run as one callback, so a 126k-token prompt (JSON
-        decode, token-id check, vLLM's sha256 chain: ~30 ms cold) held every replica's engine
+        decode, token-id check, then vLLM's sha256 chain: ~30 ms cold) held every replica's engine
         loop. It now runs in slices (``decode_json_sliced``, ``hash_prompt``) and what the
         engine sees is kept exactly:
 
@@ -810,6 +813,10 @@ class Replica:
                 params = self._params(body, chat, prompts)
             except HTTPError as exc:
                 return exc.response()
+            # The prompts as flat arrays, and no reference left to the decoded lists: this frame
+            # lives as long as the response streams (compact_ints says why that matters).
+            prompts = [compact_ints(p, "I") for p in prompts]
+            del body, ids
             if self.faults.should_fail():
                 return error_response(500, "Injected fault: internal server error", "InternalServerError")
             if self.faults.stalls():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import pytest
 import zmq
@@ -11,7 +13,7 @@ from engines.sim.publisher import (
     END_SEQ,
     NONE_HASH,
     KVEventPublisher,
-    VllmBlockHasher,
+    VllmEventHashes,
     block_hash_chain,
     external_hash,
     public_endpoint,
@@ -21,6 +23,7 @@ from router.kv_wire import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    EngineHash,
     KVEventBatch,
     LegacyKVEventBatch,
     publisher_binds,
@@ -215,36 +218,104 @@ async def test_reset_restarts_sequence_and_empties_buffer(zctx: zmq.asyncio.Cont
         await pub.close()
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_hasher_memo_is_invisible(seed: int) -> None:
-    """The memo (bytes keys) only saves work: a memoised hasher and one without a memo give the
-    same ints for any sequence of chains and single blocks, including parents that fell out of a
-    small digest table, block sizes that differ, and ids beyond int32 and int64."""
+def _vllm_chain_check(events: list[object], stored: dict[EngineHash, bytes]) -> None:
+    """Every translated BlockStored equals vLLM's sha256 chain of its tokens from its parent's
+    digest; every BlockRemoved names a hash stored before."""
+    for ev in events:
+        if isinstance(ev, BlockStored):
+            parent = None if ev.parent_block_hash is None else stored[ev.parent_block_hash]
+            if ev.token_ids:
+                digests = block_hash_chain(ev.token_ids, ev.block_size, parent=parent)
+                assert ev.block_hashes == [external_hash(d) for d in digests]
+                stored.update(zip(ev.block_hashes, digests, strict=True))
+            else:  # a CPU-tier store: blocks the GPU stored (and the events named) before
+                assert all(h in stored for h in ev.block_hashes)
+        elif isinstance(ev, BlockRemoved):
+            assert all(h in stored for h in ev.block_hashes)
+
+
+def _after(model: Any, out: Any) -> float:
+    """The next step's start: the step's end, or (nothing schedulable while requests load from
+    the CPU tier) the next load's completion, as the server waits for it."""
+    if out.duration == 0.0 and not out.new_tokens and not out.events:
+        nxt = model.next_event_time()
+        return out.end if nxt is None else max(out.end, nxt)
+    return float(out.end)
+
+
+@pytest.mark.parametrize("cpu_tier", [False, True])
+def test_event_hashes_are_vllms_for_engine_events(cpu_tier: bool) -> None:
+    """The engine hashes with xxh3; its events, translated, carry exactly vLLM's sha256 values
+    (prompt and generated blocks, hits, evictions, duplicates, the CPU tier), no hash is ever
+    unknown, and the translator holds exactly the hashes some tier caches."""
     import random
 
-    rng = random.Random(seed)
-    memo, plain = VllmBlockHasher(300, memo_capacity=64), VllmBlockHasher(300, memo_capacity=0)
-    prefixes = [[rng.randrange(0, 50) for _ in range(64)] for _ in range(3)]
-    recent: list[int] = []
-    for _ in range(300):
-        bs = rng.choice([4, 4, 4, 8, 2])
-        ids = rng.choice(prefixes)[: rng.randrange(0, 64)] + [
-            rng.randrange(0, 50) for _ in range(rng.randrange(9))
+    from engines.sim.engine import EngineConfig, EngineModel, SimRequest
+
+    rng = random.Random(7)
+    cfg = EngineConfig(
+        num_gpu_blocks=64, block_size=4, max_num_batched_tokens=64, emit_events=True,
+        cpu_tier_tokens=96 if cpu_tier else 0, cpu_chunk_tokens=8, emit_cpu_events=cpu_tier,
+    )  # fmt: skip
+    model = EngineModel(cfg, output_token=lambda rid, i: 900 + (hash(rid) + i) % 7)
+    tr = VllmEventHashes()
+    stored: dict[EngineHash, bytes] = {}
+    prefixes = [[rng.randrange(50) for _ in range(40)] for _ in range(3)]
+    t = 0.0
+    n_events = 0
+    for i in range(60):
+        ids = rng.choice(prefixes)[: rng.randrange(4, 40)] + [
+            rng.randrange(50) for _ in range(rng.randrange(9))
         ]
-        if rng.random() < 0.1:
-            ids.append(rng.choice([1 << 31, -(1 << 40), 1 << 63, 1 << 70]))
-        parent = rng.choice([None, None, *recent[-5:], 12345])
-        n = len(ids) // bs
-        k = rng.randrange(n + 1)
-        a = memo.chain(parent, ids, bs, k) + memo.chain(
-            memo.chain(parent, ids, bs, k)[-1] if k else parent, ids, bs, n - k, k
-        )
-        b = plain.chain(parent, ids, bs, k) + plain.chain(
-            plain.chain(parent, ids, bs, k)[-1] if k else parent, ids, bs, n - k, k
-        )
-        assert a == b
-        if a:
-            recent.append(a[-1])
-            blk = [rng.randrange(50) for _ in range(bs)]
-            assert memo(a[-1], blk) == plain(a[-1], blk)
-    assert memo._memo and all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in memo._memo.items())
+        model.add_request(SimRequest(request_id=f"r{i}", max_tokens=rng.randrange(1, 12), token_ids=ids), t)
+        while model.has_work() and rng.random() < 0.7:
+            out = model.step(t)
+            t = _after(model, out)
+            events = tr.translate(out.events)
+            n_events += len(events)
+            _vllm_chain_check(events, stored)
+        if i == 30:  # let everything finish once: blocks go free, later ones are evicted
+            while model.has_work():
+                out = model.step(t)
+                t = _after(model, out)
+                _vllm_chain_check(tr.translate(out.events), stored)
+    while model.has_work() or model.has_pending_events():
+        out = model.step(t)
+        t = _after(model, out)
+        _vllm_chain_check(tr.translate(out.events), stored)
+    assert n_events > 100 and tr.misses == 0
+    cached = {model.pool.block_hash[b] for b in range(cfg.num_gpu_blocks)} - {None}
+    if model.cpu is not None:
+        for _, hashes, _ in model.cpu._chunks.values():
+            cached.update(hashes)
+    assert set(tr._digest) == cached == set(tr._copies)
+    # A reset of the GPU cache (AllBlocksCleared) leaves only the CPU tier's hashes.
+    cpu_only: set[int] = set()
+    if model.cpu is not None:
+        cpu_only = {h for _, hashes, _ in model.cpu._chunks.values() for h in hashes}
+    assert model.reset_prefix_cache()
+    tr.translate(model.step(t).events)
+    assert set(tr._digest) == cpu_only
+
+
+def test_event_hashes_bytes_and_unknown() -> None:
+    """Bytes mode publishes the raw digests; a hash never stored is published deterministically
+    (sha256 of its int) and counted as a miss."""
+    tr = VllmEventHashes(as_bytes=True)
+    ev = BlockStored(
+        block_hashes=[11, 12],
+        parent_block_hash=None,
+        token_ids=list(range(8)),
+        block_size=4,
+        lora_id=None,
+        medium="GPU",
+        lora_name=None,
+    )
+    (out,) = tr.translate([ev])
+    assert isinstance(out, BlockStored)
+    assert out.block_hashes == block_hash_chain(list(range(8)), 4) and out.parent_block_hash is None
+    (rm,) = tr.translate([BlockRemoved(block_hashes=[12, 99], medium="GPU")])
+    assert isinstance(rm, BlockRemoved) and rm.block_hashes[0] == out.block_hashes[1]
+    assert tr.misses == 1 and len(tr) == 1
+    (again,) = tr.translate([BlockRemoved(block_hashes=[99], medium="GPU")])
+    assert isinstance(again, BlockRemoved) and again.block_hashes == rm.block_hashes[1:]

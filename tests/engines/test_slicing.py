@@ -12,8 +12,8 @@ import aiohttp
 import msgspec
 import pytest
 
+from engines.sim.engine import XxhBlockHasher
 from engines.sim.fleet import start_fleet
-from engines.sim.publisher import VllmBlockHasher, block_hash_chain, external_hash
 from engines.sim.server import HTTPError, _decode_json, decode_json_sliced
 
 WAIT = aiohttp.ClientTimeout(total=20)
@@ -91,8 +91,7 @@ async def test_hash_prompt_in_slices_equals_the_chain(n_tokens: int) -> None:
     async with start_fleet(1, "tiny", events_port=None) as fleet:
         rep = fleet[0]
         got = await rep.hash_prompt(ids)
-    assert got == VllmBlockHasher().chain(None, ids, 16)
-    assert got == [external_hash(d) for d in block_hash_chain(ids, 16)]
+    assert got == XxhBlockHasher().chain(None, ids, 16)
 
 
 async def test_admission_is_in_arrival_order_behind_a_request_being_prepared() -> None:
@@ -154,5 +153,5 @@ async def test_long_id_prompt_end_to_end_same_hashes_and_cache_hit() -> None:
                 usage = (await r.json())["usage"]
             assert usage["prompt_tokens"] == len(ids)
             assert usage["prompt_tokens_details"]["cached_tokens"] == want_cached
-        want = [external_hash(d) for d in block_hash_chain(ids, 16)]
+        want = XxhBlockHasher().chain(None, ids, 16)
         assert [rep.model.pool.get_cached_block(h) is not None for h in want] == [True] * len(want)
