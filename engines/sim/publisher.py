@@ -27,7 +27,7 @@ import pickle
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import zmq
@@ -318,40 +318,41 @@ class VllmEventHashes:
         for ev in events:
             if isinstance(ev, BlockStored):
                 inc = self._CPU if ev.medium == "CPU" else 1
-                parent = ev.parent_block_hash
-                pd = NONE_HASH if parent is None else self._known(parent)  # type: ignore[arg-type]
+                # The engine's events carry its int hashes (EngineHash only widens the wire type)
+                parent = cast("int | None", ev.parent_block_hash)
+                pd = NONE_HASH if parent is None else self._known(parent)
                 toks = ev.token_ids
                 bs = ev.block_size
                 hashes: list[EngineHash] = []
-                for i, h in enumerate(ev.block_hashes):
-                    d = digest.get(h)  # type: ignore[call-overload]
+                for i, h in enumerate(cast("list[int]", ev.block_hashes)):
+                    d = digest.get(h)
                     if d is None:
                         if len(toks) >= (i + 1) * bs:
                             d = sha256_hash((pd, tuple(toks[i * bs : (i + 1) * bs]), None))
                         else:  # no tokens (a CPU-tier store) and never seen on the GPU
-                            d = self._known(h)  # type: ignore[arg-type]
-                        digest[h] = d  # type: ignore[index]
-                    copies[h] = copies.get(h, 0) + inc  # type: ignore[call-overload, index]
+                            d = self._known(h)
+                        digest[h] = d
+                    copies[h] = copies.get(h, 0) + inc
                     hashes.append(ext(d))
                     pd = d
                 out.append(
                     msgspec.structs.replace(
                         ev,
                         block_hashes=hashes,
-                        parent_block_hash=None if parent is None else ext(self._known(parent)),  # type: ignore[arg-type]
+                        parent_block_hash=None if parent is None else ext(self._known(parent)),
                     )
                 )
             elif isinstance(ev, BlockRemoved):
                 dec = self._CPU if ev.medium == "CPU" else 1
                 hashes = []
-                for h in ev.block_hashes:
-                    hashes.append(ext(self._known(h)))  # type: ignore[arg-type]
-                    c = copies.get(h, 0) - dec  # type: ignore[call-overload]
+                for h in cast("list[int]", ev.block_hashes):
+                    hashes.append(ext(self._known(h)))
+                    c = copies.get(h, 0) - dec
                     if c > 0:
-                        copies[h] = c  # type: ignore[index]
+                        copies[h] = c
                     else:
-                        copies.pop(h, None)  # type: ignore[call-overload]
-                        digest.pop(h, None)  # type: ignore[call-overload]
+                        copies.pop(h, None)
+                        digest.pop(h, None)
                 out.append(msgspec.structs.replace(ev, block_hashes=hashes))
             else:  # AllBlocksCleared: the GPU prefix cache was reset
                 self._drop_gpu_copies()

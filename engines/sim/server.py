@@ -815,8 +815,8 @@ class Replica:
                 return exc.response()
             # The prompts as flat arrays, and no reference left to the decoded lists: this frame
             # lives as long as the response streams (compact_ints says why that matters).
-            prompts = [compact_ints(p, "I") for p in prompts]
-            del body, ids
+            prompt_ids = [compact_ints(p, "I") for p in prompts]
+            del body, ids, prompts
             if self.faults.should_fail():
                 return error_response(500, "Injected fault: internal server error", "InternalServerError")
             if self.faults.stalls():
@@ -824,18 +824,18 @@ class Replica:
                 await self.faults.stall()
                 ticket = self._arrive()
                 arrival = _clock()
-            if sum(len(p) for p in prompts) > _LONG_PREP_TOKENS:
+            if sum(len(p) for p in prompt_ids) > _LONG_PREP_TOKENS:
                 async with self._prep_lock:
-                    hashes = [await self.hash_prompt(p) for p in prompts]
+                    hashes = [await self.hash_prompt(p) for p in prompt_ids]
             else:
-                hashes = [await self.hash_prompt(p) for p in prompts]
+                hashes = [await self.hash_prompt(p) for p in prompt_ids]
             await ticket.turn
             queue = _Chan()
             max_tokens, stream, include_usage = params
             tracks: list[_Track] = []
-            fmt = _Formatter(self.config.model, chat, len(prompts), self.tokenizer)
+            fmt = _Formatter(self.config.model, chat, len(prompt_ids), self.tokenizer)
             try:
-                for i, p in enumerate(prompts):
+                for i, p in enumerate(prompt_ids):
                     tracks.append(
                         self.submit(p, max_tokens, queue, i, arrival=arrival, block_hashes=hashes[i])
                     )
