@@ -106,18 +106,26 @@ def default_output_token(request_id: str, i: int) -> int:
     return _xxh3(request_id.encode(), seed=i) % 32000
 
 
-def _block_bytes(tokens: Sequence[int]) -> bytes | memoryview:
-    """A block's tokens as the bytes the engine hashes: uint32 machine ints; wider ids (never
-    from a real vocabulary) in a tagged int64 or text form that cannot collide with those."""
+def _uint32_bytes(tokens: Sequence[int]) -> bytes | memoryview | None:
+    """``tokens`` as uint32 machine bytes (no copy from an ``array('I')``); None if they do not fit."""
     if isinstance(tokens, array) and tokens.typecode == "I":
-        return memoryview(tokens)
+        return memoryview(tokens).cast("B")
     try:
         return array("I", tokens).tobytes()
     except (OverflowError, TypeError):
-        try:
-            return b"\xffq" + array("q", tokens).tobytes()
-        except (OverflowError, TypeError):
-            return b"\xffr" + ",".join(map(str, tokens)).encode()
+        return None
+
+
+def _block_bytes(tokens: Sequence[int]) -> bytes | memoryview:
+    """A block's tokens as the bytes the engine hashes: uint32 machine ints; wider ids (never
+    from a real vocabulary) in a tagged int64 or text form that cannot collide with those."""
+    raw = _uint32_bytes(tokens)
+    if raw is not None:
+        return raw
+    try:
+        return b"\xffq" + array("q", tokens).tobytes()
+    except (OverflowError, TypeError):
+        return b"\xffr" + ",".join(map(str, tokens)).encode()
 
 
 class XxhBlockHasher:
@@ -139,22 +147,16 @@ class XxhBlockHasher:
         in one loop over one packed buffer."""
         if n is None:
             n = len(tokens) // block_size - first
-        lo, hi = first * block_size, (first + n) * block_size
-        if isinstance(tokens, array) and tokens.typecode == "I":
-            raw: bytes | memoryview = memoryview(tokens)[lo:hi].cast("B")
-        else:
-            try:
-                raw = array("I", tokens[lo:hi]).tobytes()
-            except (OverflowError, TypeError):  # wide ids: block by block, same values
-                out = []
-                for j in range(first, first + n):
-                    parent = self(parent, tokens[j * block_size : (j + 1) * block_size])
-                    out.append(parent)
-                return out
+        raw = _uint32_bytes(tokens[first * block_size : (first + n) * block_size])
+        out: list[int] = []
+        if raw is None:  # wide ids: block by block, same values
+            for j in range(first, first + n):
+                parent = self(parent, tokens[j * block_size : (j + 1) * block_size])
+                out.append(parent)
+            return out
         w = 4 * block_size
         h = 0 if parent is None else parent
         xxh = _xxh3
-        out = []
         for i in range(0, n * w, w):
             h = xxh(raw[i : i + w], h)
             out.append(h)

@@ -321,6 +321,7 @@ class VllmEventHashes:
                 # The engine's events carry its int hashes (EngineHash only widens the wire type)
                 parent = cast("int | None", ev.parent_block_hash)
                 pd = NONE_HASH if parent is None else self._known(parent)
+                ext_parent = None if parent is None else ext(pd)
                 toks = ev.token_ids
                 bs = ev.block_size
                 hashes: list[EngineHash] = []
@@ -339,7 +340,7 @@ class VllmEventHashes:
                     msgspec.structs.replace(
                         ev,
                         block_hashes=hashes,
-                        parent_block_hash=None if parent is None else ext(self._known(parent)),
+                        parent_block_hash=ext_parent,
                     )
                 )
             elif isinstance(ev, BlockRemoved):
