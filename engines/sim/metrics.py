@@ -16,7 +16,9 @@ about a tenth. A router scraping 16 replicas every 0.25 s made this ~12% of a lo
 ``kvrouter_sim_lag_seconds`` (last step), ``kvrouter_sim_step_lag_seconds`` (per step) and
 ``kvrouter_sim_dropped_seconds_total`` are ours: how late the engine loop woke up against its step
 deadline (a busy host makes the sim slower than its model; this says by how much), and how much
-simulated time it skipped because it was later than the catch-up limit.
+simulated time it skipped because it was later than the catch-up limit. So is
+``kvrouter_sim_prepare_seconds``: how long a request spent on the API-server side (decode, checks,
+block hashes) before it entered the engine's queue.
 """
 
 from __future__ import annotations
@@ -163,6 +165,12 @@ class SimMetrics:
         self.lag_hist = hist(
             "kvrouter_sim_step_lag_seconds", "Distribution of engine-loop wake-up lag per step.", LAG_BUCKETS
         ).labels(**lv)
+        self.prepare_hist = hist(
+            "kvrouter_sim_prepare_seconds",
+            "Wall time from a request's body being read to its prompts entering the engine's queue "
+            "(JSON decode, checks, block hashes: vLLM's API-server side).",
+            LAG_BUCKETS,
+        ).labels(**lv)
         self.dropped = Counter(
             "kvrouter_sim_dropped_seconds",
             "Simulated time dropped: lateness beyond the catch-up limit, never paid back.",
@@ -204,6 +212,10 @@ class SimMetrics:
         if self._gen_tokens:
             self.generation_tokens.inc(self._gen_tokens)
             self._gen_tokens = 0
+
+    def on_prepared(self, seconds: float) -> None:
+        """A request's preparation (its API-server side) took ``seconds`` of wall time."""
+        self.prepare_hist.observe(seconds)
 
     def on_dropped(self, seconds: float) -> None:
         """The loop was later than the catch-up limit: this much simulated time is skipped."""

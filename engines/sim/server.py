@@ -9,8 +9,11 @@ The engine loop is one asyncio task per replica, in wall-clock time::
         deliver out's tokens to request streams     # tokens appear when the step *ends*, as in vLLM
         publish out's KV events as one batch        # one ZMQ batch per step that produced events
 
-Requests that arrive during a step join the next one, as with vLLM's busy loop. A client that
-goes away (handler cancelled, or a failed write) aborts its request in the engine.
+Requests that arrive during a step join the next one, as with vLLM's busy loop. A request
+arrives at the engine when its API-server side is done (body decoded, checked, block hashes: in
+vLLM a separate process from the engine core, which never waits for it), so one replica's long
+prompt never holds any engine's steps (``Replica._serve``). A client that goes away (handler
+cancelled, or a failed write) aborts its request in the engine.
 
 HTTP (vLLM 0.32 OpenAI server shapes): ``/v1/completions``, ``/v1/chat/completions`` (SSE with
 ``data: {...}\\n\\n`` and ``data: [DONE]\\n\\n``, ``stream_options.include_usage``), ``/v1/models``,
@@ -28,8 +31,7 @@ import logging
 import socket
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,14 +67,9 @@ DEFAULT_CHAT_MAX_TOKENS = 256
 # loop's timers, which libuv rounds to the millisecond; the lag metric shows what that costs.)
 _clock = time.monotonic
 # A request's own CPU work (decoding a token-id prompt, its block-hash chain) is done in slices of
-# about this much CPU, yielding to the loop in between: one 126k-token prompt is ~30 ms of work
-# (cold hashes), and all replicas share one loop. See Replica._serve for why this changes nothing
-# the engine sees.
+# about this much CPU, yielding to the loop in between: a 126k-token prompt is several ms of work,
+# and all replicas' engine loops share one event loop. See Replica._serve.
 SLICE_S = 0.0005
-# While this replica's engine waits for the request (idle, or its next step is due; see
-# Replica._serve), slices are longer: the other replicas still get the loop every ~2 ms, and the
-# waiting one is not left far behind them.
-WAIT_SLICE_S = 0.002
 # A late engine loop runs due steps back to back for at most this long before it yields.
 BURST_S = 0.001
 _DECODE_SLICE_BYTES = 32 * 1024  # ~5.5k ids, ~0.3 ms to decode
@@ -180,16 +177,6 @@ class _Track:
     finished: bool = False
 
 
-@dataclass(slots=True, eq=False)
-class _Ticket:
-    """A place in a replica's arrival order: a request being prepared, or the engine loop's next
-    step. Admission is first come, first served: a ticket's ``turn`` is set when every ticket
-    before it has left."""
-
-    seq: int
-    turn: asyncio.Future[None]
-
-
 class Replica:
     """A simulated vLLM replica: HTTP server + engine loop + KV-event publisher + metrics + faults."""
 
@@ -217,11 +204,9 @@ class Replica:
         self.metrics = self._new_metrics()
         self.publisher: KVEventPublisher | None = None
         self._tracks: dict[str, _Track] = {}
-        self._tickets: deque[_Ticket] = deque()  # arrival order (see _serve)
-        self._ticket_seq = 0
-        # True while the engine loop waits for arrivals (idle, or its next step behind a ticket):
-        # requests being prepared then work in longer slices (WAIT_SLICE_S).
-        self._engine_waits = False
+        # When the engine's next step starts, on the engine's clock (None: idle). A request that
+        # arrives while the loop is late joins that step, so its arrival is stamped no later.
+        self._next_step_at: float | None = None
         # Long preparations run one at a time, in arrival order, across the replicas sharing this
         # lock (a fleet shares one): several long prompts arriving together (the trace's arrivals
         # come in bursts) would otherwise be sliced round robin and all finish last.
@@ -366,6 +351,7 @@ class Replica:
         self._epoch += 1
         self._cut_all()
         self.model = self._new_model()
+        self._next_step_at = None
         self.event_hashes.clear()
         self.metrics = self._new_metrics()
         self._held_batch = None
@@ -389,12 +375,12 @@ class Replica:
         arrival: float | None = None,
         block_hashes: list[int] | None = None,
     ) -> _Track:
-        """Queue one prompt in the engine, arrived at ``arrival`` (default: now), with its
+        """Queue one prompt in the engine, arrived at ``arrival`` (default: ``engine_now()``), with its
         ``block_hashes`` if already computed (``hash_prompt``). The engine never samples EOS:
         every request runs to ``max_tokens`` (vLLM with ``ignore_eos``). Raises HTTPError if it
         cannot ever fit."""
         rid = f"req-{uuid.uuid4().hex}"
-        now = _clock() if arrival is None else arrival
+        now = self.engine_now() if arrival is None else arrival
         try:
             self.model.add_request(
                 SimRequest(
@@ -410,35 +396,17 @@ class Replica:
         self._wake.set()
         return tr
 
-    def _arrive(self) -> _Ticket:
-        """Take the next place in arrival order."""
-        seq = self._ticket_seq = self._ticket_seq + 1
-        t = _Ticket(seq, asyncio.get_running_loop().create_future())
-        if not self._tickets:
-            t.turn.set_result(None)
-        self._tickets.append(t)
-        return t
-
-    def _leave(self, t: _Ticket) -> None:
-        """Give up a place (idempotent); the next ticket's turn comes when the head leaves."""
-        q = self._tickets
-        if q and q[0] is t:
-            q.popleft()
-            if q and not q[0].turn.done():
-                q[0].turn.set_result(None)
-        else:
-            with contextlib.suppress(ValueError):
-                q.remove(t)
-        if not t.turn.done():
-            t.turn.cancel()
-
-    def _slice_s(self) -> float:
-        return WAIT_SLICE_S if self._engine_waits else SLICE_S
+    def engine_now(self) -> float:
+        """Now on the engine's clock: the wall clock, except while the loop is late, when it is
+        the start of the step the loop is about to compute (a request arriving now joins that
+        step, as in vLLM; stamping it later would push the engine's clock past the loop's)."""
+        now = _clock()
+        nxt = self._next_step_at
+        return now if nxt is None or nxt > now else nxt
 
     async def hash_prompt(self, ids: Sequence[int]) -> list[int]:
         """The prompt's block-hash chain, exactly what ``EngineModel.add_request`` computes
-        (``self.hasher.chain``), in slices of about ``SLICE_S`` (``WAIT_SLICE_S`` while this
-        replica's next step waits for it) that yield to the loop."""
+        (``self.hasher.chain``), in slices of about ``SLICE_S`` that yield to the loop."""
         bs = self.engine_config.block_size
         n = len(ids) // bs
         chain = self.hasher.chain
@@ -449,7 +417,7 @@ class Replica:
             part = chain(parent, ids, bs, min(_HASH_SLICE_BLOCKS, n - j), j)
             out += part
             parent = part[-1]
-            if j + _HASH_SLICE_BLOCKS < n and time.perf_counter() - t0 > self._slice_s():
+            if j + _HASH_SLICE_BLOCKS < n and time.perf_counter() - t0 > SLICE_S:
                 await asyncio.sleep(0)
                 t0 = time.perf_counter()
         return out
@@ -464,33 +432,16 @@ class Replica:
         clock = _clock
         deadline = awake_since = clock()
         while not self._stopping:
-            if self._tickets:
-                # Requests that arrived before this step are still being prepared (decoded,
-                # hashed in slices): the step takes its place in arrival order after them, so it
-                # sees exactly the requests it saw when their preparation held the whole loop.
-                # Leaving at once is safe: nothing yields between here and model.step, so a
-                # request queued behind the marker cannot be admitted before the step.
-                marker = self._arrive()
-                self._engine_waits = True
-                try:
-                    await marker.turn
-                finally:
-                    self._engine_waits = False
-                    self._leave(marker)
             model = self.model
             if not model.has_unfinished_requests() and not model.has_pending_events():
                 self._flush_held_batch()
                 self.metrics.on_idle(model.kv_cache_usage)
+                self._next_step_at = None
                 self._wake.clear()
-                self._engine_waits = True  # a request being prepared is what it waits for
-                try:
-                    await self._wake.wait()
-                finally:
-                    self._engine_waits = False
+                await self._wake.wait()
                 awake_since = clock()
                 # The first step starts when the request arrived (model.now: its arrival, or the
-                # last step's end if it arrived before that), not when its preparation ended, so
-                # slicing the preparation changes no simulated time (up to the catch-up limit).
+                # last step's end if it arrived before that), not when this loop woke up.
                 now = clock()
                 arrived = self.model.now if self.model.has_unfinished_requests() else now
                 deadline = max(min(arrived, now), now - MAX_CATCHUP_S)
@@ -508,11 +459,13 @@ class Replica:
                 nxt = model.next_event_time()
                 self._wake.clear()
                 timeout = None if nxt is None else max(0.0, nxt - clock())
+                self._next_step_at = None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 deadline = awake_since = clock()
                 continue
             deadline += out.duration
+            self._next_step_at = deadline
             delay = deadline - clock()
             if delay > 0 or clock() - awake_since > BURST_S:
                 await asyncio.sleep(max(0.0, delay))
@@ -776,75 +729,61 @@ class Replica:
         )
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        """One completion request. Everything from the body being read to the prompts being in
-        the engine's waiting queue used to run as one callback, so a 126k-token prompt (JSON
-        decode, token-id check, then vLLM's sha256 chain: ~30 ms cold) held every replica's engine
-        loop. It now runs in slices (``decode_json_sliced``, ``hash_prompt``) and what the
-        engine sees is kept exactly:
+        """One completion request: its API-server side (JSON decode, checks, block-hash chain),
+        then its prompts in the engine's queue, then the response as the engine loop delivers.
 
-        * the request takes a ticket in this replica's arrival order as soon as its body has
-          been read, and its arrival time is stamped then (it used to be stamped after the
-          decode, in the same callback; with a stall fault, when the stall ends, as before);
-        * prompts enter the engine in ticket order, and the engine loop takes a ticket before
-          computing each step, so a step includes exactly the requests that arrived before it
-          and none that arrived after, as when their preparation was atomic;
-        * preparation takes no simulated time: a busy engine's next step keeps its deadline
-          (if the preparation outlasts it, that is lag, paid back on later steps up to
-          ``MAX_CATCHUP_S``), and an idle engine's first step starts at the arrival time;
-        * so only this replica can be late because of its own request's preparation, and the
-          other replicas wait at most one slice (~0.5 ms; ~2 ms while this replica's engine
-          waits for the request);
-        * long preparations (> 4k tokens, or a body over 32 KB) take the fleet's preparation
-          lock, one at a time in arrival order: the trace's arrivals come in bursts, and
-          several long prompts sliced round robin would all finish last.
+        The API-server side runs in slices of ~``SLICE_S`` (``decode_json_sliced``,
+        ``hash_prompt``) that yield to the event loop, and no engine loop waits for it: as in
+        vLLM, where the API server is a separate process from the engine core, the engine keeps
+        stepping while a request is prepared, and the request arrives at the engine (its arrival
+        time, ``engine_now()``) when it is ready. That wall time, counted from the body being
+        read, is ``kvrouter_sim_prepare_seconds``; a client's TTFT includes it, as with vLLM.
+        All replicas share one event loop, so this is what keeps one replica's 126k-token
+        prompt (several ms of CPU) from making every other replica's steps late: they wait at
+        most one slice. Long preparations (> 4k tokens, or a body over 32 KB) take the fleet's
+        preparation lock, one at a time in arrival order: the trace's arrivals come in bursts,
+        and several long prompts sliced round robin would all finish last.
         """
         data = await request.read()
-        ticket = self._arrive()
-        arrival = _clock()
+        read_at = _clock()
         try:
-            try:
-                if len(data) > _DECODE_SLICE_BYTES:
-                    async with self._prep_lock:
-                        body, ids = await decode_json_sliced(data, self._slice_s)
-                else:
-                    body, ids = await decode_json_sliced(data, self._slice_s)
-                body = self._check_body(body)
-                prompts = self._prompts(body, chat, ids)
-                params = self._params(body, chat, prompts)
-            except HTTPError as exc:
-                return exc.response()
-            # The prompts as flat arrays, and no reference left to the decoded lists: this frame
-            # lives as long as the response streams (compact_ints says why that matters).
-            prompt_ids = [compact_ints(p, "I") for p in prompts]
-            del body, ids, prompts
-            if self.faults.should_fail():
-                return error_response(500, "Injected fault: internal server error", "InternalServerError")
-            if self.faults.stalls():
-                self._leave(ticket)
-                await self.faults.stall()
-                ticket = self._arrive()
-                arrival = _clock()
-            if sum(len(p) for p in prompt_ids) > _LONG_PREP_TOKENS:
+            if len(data) > _DECODE_SLICE_BYTES:
                 async with self._prep_lock:
-                    hashes = [await self.hash_prompt(p) for p in prompt_ids]
+                    body, ids = await decode_json_sliced(data)
             else:
+                body, ids = await decode_json_sliced(data)
+            body = self._check_body(body)
+            prompts = self._prompts(body, chat, ids)
+            params = self._params(body, chat, prompts)
+        except HTTPError as exc:
+            return exc.response()
+        # The prompts as flat arrays, and no reference left to the decoded lists: this frame
+        # lives as long as the response streams (compact_ints says why that matters).
+        prompt_ids = [compact_ints(p, "I") for p in prompts]
+        del body, ids, prompts, data
+        if self.faults.should_fail():
+            return error_response(500, "Injected fault: internal server error", "InternalServerError")
+        if self.faults.stalls():
+            await self.faults.stall()
+            read_at = _clock()
+        if sum(len(p) for p in prompt_ids) > _LONG_PREP_TOKENS:
+            async with self._prep_lock:
                 hashes = [await self.hash_prompt(p) for p in prompt_ids]
-            await ticket.turn
-            queue = _Chan()
-            max_tokens, stream, include_usage = params
-            tracks: list[_Track] = []
-            fmt = _Formatter(self.config.model, chat, len(prompt_ids), self.tokenizer)
-            try:
-                for i, p in enumerate(prompt_ids):
-                    tracks.append(
-                        self.submit(p, max_tokens, queue, i, arrival=arrival, block_hashes=hashes[i])
-                    )
-            except HTTPError as exc:
-                for tr in tracks:
-                    self.abort(tr)
-                return exc.response()
-        finally:
-            self._leave(ticket)
+        else:
+            hashes = [await self.hash_prompt(p) for p in prompt_ids]
+        queue = _Chan()
+        max_tokens, stream, include_usage = params
+        tracks: list[_Track] = []
+        fmt = _Formatter(self.config.model, chat, len(prompt_ids), self.tokenizer)
+        arrival = self.engine_now()
+        self.metrics.on_prepared(_clock() - read_at)
+        try:
+            for i, p in enumerate(prompt_ids):
+                tracks.append(self.submit(p, max_tokens, queue, i, arrival=arrival, block_hashes=hashes[i]))
+        except HTTPError as exc:
+            for tr in tracks:
+                self.abort(tr)
+            return exc.response()
         try:
             if stream:
                 return await self._stream(request, tracks, queue, fmt, include_usage)
@@ -987,13 +926,11 @@ def _decode_json(data: bytes) -> Any:
         raise HTTPError(400, "Invalid JSON body: nested too deeply") from None
 
 
-async def decode_json_sliced(
-    data: bytes, slice_s: Callable[[], float] = lambda: SLICE_S
-) -> tuple[Any, list[int] | None]:
+async def decode_json_sliced(data: bytes, slice_s: float = SLICE_S) -> tuple[Any, list[int] | None]:
     """``(body, ids)``: the body exactly as ``_decode_json(data)`` gives it (same value, same
     errors), and its top-level ``prompt`` as a list of ints if it is a non-empty array of JSON
     integers, else None. A long id array is decoded in slices of ~32 KB that yield to the loop
-    (decoding 126k ids at once is ~7 ms), yielding after ``slice_s()`` of work; anything
+    (decoding 126k ids at once is ~7 ms), yielding after ``slice_s`` of work; anything
     unusual takes the one-shot path.
 
     How: the first ``"prompt"`` key is followed by ``[``; up to the first ``]`` there must be
@@ -1033,7 +970,7 @@ async def decode_json_sliced(
             if cut < 0:
                 break
             pos = cut + 1
-            if time.perf_counter() - t0 > slice_s():
+            if time.perf_counter() - t0 > slice_s:
                 await asyncio.sleep(0)
                 t0 = time.perf_counter()
     except msgspec.DecodeError:  # not all integers (ValidationError), or not valid JSON

@@ -1,11 +1,12 @@
 """A long prompt's own work (JSON decode, token-id check, block-hash chain) runs in slices that
-yield to the loop, and nothing the engine sees changes: the same body value and errors, the same
-hashes, the same admission order, no step computed while an earlier arrival is being prepared."""
+yield to the loop, with the same body value and errors and the same hashes as one-shot, and no
+engine loop waits for it: the engine keeps stepping and the request arrives when it is ready."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import aiohttp
@@ -94,47 +95,58 @@ async def test_hash_prompt_in_slices_equals_the_chain(n_tokens: int) -> None:
     assert got == XxhBlockHasher().chain(None, ids, 16)
 
 
-async def test_admission_is_in_arrival_order_behind_a_request_being_prepared() -> None:
-    """A ticket held (a request still being prepared) keeps later arrivals out of the engine
-    until it leaves; then they are admitted in order."""
+async def test_the_engine_keeps_stepping_while_a_request_is_prepared() -> None:
+    """A request's API-server side (here held behind the fleet's preparation lock) never stops
+    the engine loop: the running request keeps getting steps, and the held one enters the
+    engine when its preparation ends, with that wait in kvrouter_sim_prepare_seconds."""
     async with (
-        start_fleet(1, "tiny", time_scale=0.5, events_port=None) as fleet,
+        start_fleet(1, "tiny", time_scale=0.005, events_port=None) as fleet,  # 400 steps: ~1.7 s
         aiohttp.ClientSession(timeout=WAIT) as http,
     ):
         rep = fleet[0]
-        held = rep._arrive()
-        post = asyncio.create_task(
-            http.post(rep.url + "/v1/completions", json={"prompt": [7] * 40, "max_tokens": 2})
-        )
-        await asyncio.sleep(0.2)
-        assert not post.done() and not rep.model.has_unfinished_requests()
-        rep._leave(held)
-        async with await post as r:
-            assert r.status == 200
-            assert (await r.json())["usage"]["completion_tokens"] == 2
-        assert not rep._tickets
-
-
-async def test_no_step_is_computed_while_an_earlier_arrival_is_prepared() -> None:
-    async with (
-        start_fleet(1, "tiny", time_scale=0.5, events_port=None) as fleet,
-        aiohttp.ClientSession(timeout=WAIT) as http,
-    ):
-        rep = fleet[0]
-        post = asyncio.create_task(
+        running = asyncio.create_task(
             http.post(rep.url + "/v1/completions", json={"prompt": [7] * 40, "max_tokens": 400})
         )
         while rep.steps < 5:
             await asyncio.sleep(0.001)
-        held = rep._arrive()
-        await asyncio.sleep(0.02)  # the step in flight ends; the next one waits behind `held`
-        steps = rep.steps
-        await asyncio.sleep(0.2)
-        assert rep.steps == steps
-        rep._leave(held)
-        async with await post as r:
+        # over 32 KB of body: its decode takes the fleet's preparation lock
+        body = {"prompt": list(range(256, 256 + 1500)), "max_tokens": 2, "user": "u" * 40_000}
+        async with rep._prep_lock:
+            held = asyncio.create_task(http.post(rep.url + "/v1/completions", json=body))
+            await asyncio.sleep(0.05)
+            steps = rep.steps
+            await asyncio.sleep(0.2)
+            assert not held.done()
+            assert rep.steps > steps  # stepping on while the request waits
+            assert rep.model.num_waiting + rep.model.num_running == 1  # only the running one
+        async with await held as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["usage"]["prompt_tokens"] == 1500
+        async with await running as r:
             assert r.status == 200
-        assert rep.steps > steps
+        prep = {
+            s.name: s.value
+            for m in rep.metrics.registry.collect()
+            for s in m.samples
+            if s.name.startswith("kvrouter_sim_prepare_seconds")
+        }
+        assert prep["kvrouter_sim_prepare_seconds_count"] == 2
+        assert prep["kvrouter_sim_prepare_seconds_sum"] >= 0.2  # the held one waited ~0.25 s
+
+
+async def test_a_request_arriving_while_the_loop_is_late_joins_its_next_step() -> None:
+    """Arrivals are stamped on the engine's clock: while the loop is late, that is the start of
+    the step it is about to compute, so an arrival never pushes the engine's clock past it."""
+    async with start_fleet(1, "tiny", events_port=None) as fleet:
+        rep = fleet[0]
+        assert rep._next_step_at is None  # idle: the wall clock
+        before = time.monotonic()
+        assert before <= rep.engine_now() <= time.monotonic()
+        rep._next_step_at = before - 0.02  # a step due 20 ms ago, not computed yet
+        assert rep.engine_now() == before - 0.02
+        rep._next_step_at = time.monotonic() + 1.0  # on time: the step ends in the future
+        assert rep.engine_now() <= time.monotonic()
+        rep._next_step_at = None
 
 
 async def test_long_id_prompt_end_to_end_same_hashes_and_cache_hit() -> None:
