@@ -54,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-events", action="store_true", help="do not publish KV events")
     p.add_argument("--legacy-events", action="store_true", help="legacy positional-array event shape")
     p.add_argument("--bytes-block-hashes", action="store_true", help="32-byte digests instead of int hashes")
+    p.add_argument(
+        "--kv-event-hashes",
+        choices=("vllm", "engine"),  # server.KV_EVENT_HASHES (not imported: `--help` stays fast)
+        default="vllm",
+        help="block hashes in KV events: vllm = vLLM's sha256 values (default); engine = the sim's "
+        "xxh3 ids, enough for routers that re-hash token_ids (kvrouter), ~1/4 less CPU under load",
+    )
     p.add_argument("--topic", default="kv-events", help="KV-event topic")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or model folder (default: built-in)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (replica i: seed+i)")
@@ -119,6 +126,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         cpu_tier_tokens=args.cpu_tier_tokens,
         legacy_events=args.legacy_events,
         int_block_hashes=not args.bytes_block_hashes,
+        kv_event_hashes=args.kv_event_hashes,
         topic=args.topic,
         max_model_len=args.max_model_len,
         tokenizer=args.tokenizer,

@@ -46,6 +46,7 @@ from .publisher import (
     DEFAULT_BUFFER_STEPS,
     DEFAULT_HWM,
     DEFAULT_TOPIC,
+    EngineEventHashes,
     KVEventPublisher,
     VllmEventHashes,
 )
@@ -73,6 +74,7 @@ SLICE_S = 0.0005
 # A late engine loop runs due steps back to back for at most this long before it yields.
 BURST_S = 0.001
 _DECODE_SLICE_BYTES = 32 * 1024  # ~5.5k ids, ~0.3 ms to decode
+KV_EVENT_HASHES = ("vllm", "engine")
 _LONG_PREP_TOKENS = 4096  # prompts hashed under the fleet's preparation lock (see Replica)
 _HASH_SLICE_BLOCKS = 256  # ~0.08 ms; the slice ends after SLICE_S
 
@@ -111,6 +113,9 @@ class ReplicaConfig:
     hwm: int = DEFAULT_HWM
     legacy_events: bool = False
     int_block_hashes: bool = True  # False: raw 32-byte digests (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0)
+    # Block hashes in KV events: "vllm" = vLLM's sha256 values for the same tokens; "engine" = the
+    # engine's own xxh3 identity (publisher.EngineEventHashes says when that is enough, and why).
+    kv_event_hashes: str = "vllm"
     max_model_len: int = 2048
     default_chat_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
     faults: FaultConfig = field(default_factory=FaultConfig)
@@ -195,10 +200,16 @@ class Replica:
         self.tokenizer = tokenizer
         self.name = name
         self._zmq_ctx = zmq_ctx
-        # The engine's own (cheap) block identity; KV events get vLLM's sha256 values from
-        # event_hashes, so they equal a real engine's for the same tokens.
+        # The engine's own (cheap) block identity; with kv_event_hashes="vllm" KV events get
+        # vLLM's sha256 values from event_hashes, so they equal a real engine's for the same tokens.
         self.hasher = XxhBlockHasher()
-        self.event_hashes = VllmEventHashes(as_bytes=not config.int_block_hashes)
+        if config.kv_event_hashes not in KV_EVENT_HASHES:
+            raise ValueError(f"invalid kv_event_hashes {config.kv_event_hashes!r}: one of {KV_EVENT_HASHES}")
+        self.event_hashes: VllmEventHashes | EngineEventHashes = (
+            VllmEventHashes(as_bytes=not config.int_block_hashes)
+            if config.kv_event_hashes == "vllm"
+            else EngineEventHashes(as_bytes=not config.int_block_hashes)
+        )
         self.model: EngineModel = self._new_model()
         self.faults = Faults(config.faults, seed=config.seed)
         self.metrics = self._new_metrics()
@@ -256,6 +267,9 @@ class Replica:
             num_gpu_blocks=ec.num_gpu_blocks,
             num_cpu_blocks=(ec.cpu_tier_tokens // ec.block_size) or None,
             enable_prefix_caching=ec.enable_prefix_caching,
+            # vLLM's label value when the events carry its hashes; else none of vLLM's values,
+            # so a router that reads it knows it cannot recompute them.
+            hash_algo="sha256" if self.config.kv_event_hashes == "vllm" else "kvrouter-xxh3",
         )
         return SimMetrics(self.config.model, labels)
 

@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from engines.sim.engine import XxhBlockHasher
 from engines.sim.faults import FaultConfig
 from engines.sim.fleet import Fleet, start_fleet
 from engines.sim.publisher import END_SEQ, block_hash_chain, external_hash
@@ -220,6 +221,35 @@ async def test_legacy_and_bytes_hash_events(http: aiohttp.ClientSession) -> None
             assert ev.block_hashes[0] == block_hash_chain(ev.token_ids[:16], 16)[0]  # raw digest
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("int_hashes", [True, False])
+async def test_engine_hash_events(http: aiohttp.ClientSession, int_hashes: bool) -> None:
+    """--kv-event-hashes engine: the events carry the engine's xxh3 chain (ints, or their 8
+    bytes), chained like vLLM's, and /metrics says the hash is none of vLLM's."""
+    ctx = zmq.asyncio.Context()
+    try:
+        async with start_fleet(1, "tiny", kv_event_hashes="engine", int_block_hashes=int_hashes) as f:
+            sub = await _sub(ctx, f[0].events_endpoint or "")
+            for _ in range(2):  # the repeat is a cache hit: no second BlockStored for the prompt
+                body = {"prompt": PROMPT, "max_tokens": 1}
+                async with http.post(f[0].url + "/v1/completions", json=body) as r:
+                    assert r.status == 200
+            frames = await _frames(sub)
+            async with http.get(f[0].url + "/metrics") as r:
+                page = await r.text()
+        (batch,) = [msgspec.msgpack.Decoder(KVEventBatch).decode(fr[2]) for fr in frames]
+        (ev,) = batch.events
+        assert isinstance(ev, BlockStored) and ev.parent_block_hash is None
+        want = XxhBlockHasher().chain(None, ev.token_ids, 16)
+        assert len(want) == len(ev.token_ids) // 16 >= 2
+        assert ev.block_hashes == (want if int_hashes else [h.to_bytes(8, "big") for h in want])
+        assert 'prefix_caching_hash_algo="kvrouter-xxh3"' in page
+    finally:
+        ctx.destroy(linger=0)
+    with pytest.raises(ValueError, match="kv_event_hashes"):
+        async with start_fleet(1, "tiny", kv_event_hashes="md5"):
+            pass
 
 
 async def test_fault_error_rate_and_control_endpoint(fleet: Fleet, http: aiohttp.ClientSession) -> None:
