@@ -347,6 +347,10 @@ class _PageTemplate:
     def __init__(self, parts: list[str], getters: list[Callable[[], float]]) -> None:
         self._parts = parts  # len(getters) + 1 pieces of static text
         self._getters = getters
+        # Each slot's last value and its text: most values (idle series, bucket counts) do not
+        # change between two scrapes, and formatting a float was half of a render.
+        self._last: list[float | None] = [None] * len(getters)
+        self._text: list[str] = [""] * len(getters)
 
     @classmethod
     def build(cls, registry: CollectorRegistry) -> _PageTemplate | None:
@@ -378,11 +382,16 @@ class _PageTemplate:
             return None
 
     def render(self) -> bytes:
-        parts = self._parts
+        parts, last, text = self._parts, self._last, self._text
         out = [parts[0]]
-        for i, get in enumerate(self._getters, 1):
-            out.append(floatToGoString(get()))
-            out.append(parts[i])
+        for i, get in enumerate(self._getters):
+            v = get()
+            # 0.0 is always formatted: -0.0 equals it but prints differently.
+            if v != last[i] or v == 0.0:
+                last[i] = v
+                text[i] = floatToGoString(v)
+            out.append(text[i])
+            out.append(parts[i + 1])
         return "".join(out).encode("utf-8")
 
 
