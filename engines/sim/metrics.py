@@ -165,6 +165,12 @@ class SimMetrics:
         self.lag_hist = hist(
             "kvrouter_sim_step_lag_seconds", "Distribution of engine-loop wake-up lag per step.", LAG_BUCKETS
         ).labels(**lv)
+        self.delivery_lag_hist = hist(
+            "kvrouter_sim_delivery_lag_seconds",
+            "How late a stream write left the sim against the end of the step that produced its "
+            "first token (engine-loop lag plus the stream's own turn on the loop).",
+            LAG_BUCKETS,
+        ).labels(**lv)
         self.prepare_hist = hist(
             "kvrouter_sim_prepare_seconds",
             "Wall time from a request's body being read to its prompts entering the engine's queue "
@@ -184,6 +190,7 @@ class SimMetrics:
         self._step_gauges: tuple[float, float, float, float] | None = None
         self._iteration_tokens = _PendingHist(self.iteration_tokens)
         self._lag_hist = _PendingHist(self.lag_hist)
+        self._delivery_lag = _PendingHist(self.delivery_lag_hist)
         self._itl = _PendingHist(self.itl)
         self._gen_tokens = 0
 
@@ -208,10 +215,15 @@ class SimMetrics:
             self.lag.set(g[3])
         self._iteration_tokens.flush()
         self._lag_hist.flush()
+        self._delivery_lag.flush()
         self._itl.flush()
         if self._gen_tokens:
             self.generation_tokens.inc(self._gen_tokens)
             self._gen_tokens = 0
+
+    def on_delivered(self, lag_s: float) -> None:
+        """A stream write left ``lag_s`` after its step's deadline."""
+        self._delivery_lag.observe(max(0.0, lag_s))
 
     def on_prepared(self, seconds: float) -> None:
         """A request's preparation (its API-server side) took ``seconds`` of wall time."""

@@ -127,6 +127,7 @@ class _Delta:
     index: int
     token_ids: list[int]
     finish_reason: str | None
+    due: float = 0.0  # when the step that produced these tokens ended (its deadline), on _clock
 
 
 _CUT = object()  # queued to a stream when the replica restarts or stops: cut the connection
@@ -490,7 +491,7 @@ class Replica:
             lag = clock() - deadline
             if epoch != self._epoch:  # restarted while this step "ran": it never happened
                 continue
-            self._deliver(out, clock())
+            self._deliver(out, clock(), deadline)
             self._publish(out)
             self.metrics.on_step(
                 model.num_running, model.num_waiting, model.kv_cache_usage, out.num_scheduled_tokens, lag
@@ -498,7 +499,7 @@ class Replica:
             if out.num_preemptions:
                 self.metrics.on_preemption(out.num_preemptions)
 
-    def _deliver(self, out: StepOutput, now: float) -> None:
+    def _deliver(self, out: StepOutput, now: float, due: float) -> None:
         metrics = self.metrics
         for rid, hit in out.cached_tokens.items():
             tr = self._tracks.get(rid)
@@ -529,13 +530,13 @@ class Replica:
             tr.last_token = now
             tr.generated += n
             reason = out.finished.get(rid)
-            tr.queue.put_nowait(_Delta(tr.index, list(ids), reason))
+            tr.queue.put_nowait(_Delta(tr.index, list(ids), reason, due))
             if reason is not None:
                 self._finish(tr, reason, now)
         for rid, reason in out.finished.items():
             tr = self._tracks.get(rid)
             if tr is not None and not tr.finished:  # finished without a token this step
-                tr.queue.put_nowait(_Delta(tr.index, [], reason))
+                tr.queue.put_nowait(_Delta(tr.index, [], reason, due))
                 self._finish(tr, reason, now)
 
     def _finish(self, tr: _Track, reason: str, now: float) -> None:
@@ -877,6 +878,7 @@ class Replica:
                 started = True
             out: list[bytes] = []
             cut = False
+            due = min((item.due for item in items if item is not _CUT), default=None)
             for item in items:
                 if item is _CUT:
                     cut = True
@@ -900,8 +902,12 @@ class Replica:
                         out.append(b"data: " + _json.encode(fmt.usage_chunk(tracks)) + b"\n\n")
                     out.append(b"data: [DONE]\n\n")
                     await resp.write_eof(b"".join(out))
+                    if due is not None:
+                        self.metrics.on_delivered(_clock() - due)
                     return resp
                 await resp.write(b"".join(out))
+                if due is not None:
+                    self.metrics.on_delivered(_clock() - due)
             if cut:
                 return _cut(request, resp if started else None)
         # Only reached if the last chunks were cut by die_after_chunks... which returns above; kept

@@ -403,3 +403,35 @@ def test_sse_templates_equal_encoded_chunks(chat: bool, include_usage: bool) -> 
         d = _Delta(rng.randrange(3), ids, rng.choice([None, None, "length"]))
         want = [b"data: " + _json.encode(c) + b"\n\n" for c in ref.chunks(d, include_usage)]
         assert fast.sse_chunks(d, include_usage) == want
+
+
+async def test_cpu_tier_hit_waits_for_its_load_then_streams(http: aiohttp.ClientSession) -> None:
+    """A prompt evicted from the GPU but kept by the CPU tier is loaded, not recomputed: the
+    engine loop waits for the load (no step can run meanwhile) and then serves it."""
+    async with start_fleet(1, "tiny", num_gpu_blocks=1 + 10, cpu_tier_tokens=4096, events_port=None) as f:
+        url = f[0].url + "/v1/completions"
+        a = [300 + i for i in range(160)]  # 10 blocks: the whole GPU pool
+        b = [900 + i for i in range(160)]  # evicts a from the GPU; the CPU tier keeps it
+        cached = []
+        for prompt in (a, b, a):
+            async with http.post(url, json={"prompt": prompt, "max_tokens": 1}) as r:
+                assert r.status == 200, await r.text()
+                cached.append((await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"])
+        assert cached == [0, 0, 159]
+        assert f[0].model.snapshot().external_prefix_cache_hits == 159
+        assert not f[0].model.has_unfinished_requests()
+
+
+async def test_delivery_lag_is_observed_per_stream_write(http: aiohttp.ClientSession) -> None:
+    """kvrouter_sim_delivery_lag_seconds: one observation per SSE write, none for a unary reply."""
+    async with start_fleet(1, "tiny", time_scale=0.5, events_port=None) as f:
+        url = f[0].url + "/v1/completions"
+        async with http.post(url, json={"prompt": [5] * 40, "max_tokens": 2}) as r:
+            assert r.status == 200
+        async with http.post(url, json={"prompt": [5] * 40, "max_tokens": 6, "stream": True}) as r:
+            assert r.status == 200 and (await r.text()).endswith("data: [DONE]\n\n")
+        async with http.get(f[0].url + "/metrics") as r:
+            fams = {fam.name: fam for fam in text_string_to_metric_families(await r.text())}
+    samples = {s.name: s.value for s in fams["kvrouter_sim_delivery_lag_seconds"].samples}
+    assert 1 <= samples["kvrouter_sim_delivery_lag_seconds_count"] <= 6
+    assert 0.0 <= samples["kvrouter_sim_delivery_lag_seconds_sum"] < 5.0

@@ -147,12 +147,18 @@ def test_render_is_byte_identical_to_generate_latest() -> None:
         m.on_scheduled(rng.randrange(12000), rng.randrange(12000), rng.randrange(100), rng.randrange(100))
         m.on_tokens(rng.randrange(3))
         m.on_preemption()
+        m.on_delivered(rng.random() / 100)
+        m.on_prepared(rng.random() / 10)
         if i % 7 == 0:
             reason = rng.choice(["length", "stop", "abort", "unknown"])
             m.on_finished(reason, 100, 5, e2e_s=1e6 * rng.random(), queue_s=0.1, prefill_s=0.2, decode_s=0.3)
         if i % 25 == 0:
             assert m.render() == generate_latest(m.registry), i
     assert m.render() == generate_latest(m.registry)
+    # render() reuses a slot's text while its value is unchanged; -0.0 equals 0.0 but prints apart.
+    for lag in (0.0, -0.0, 0.0):
+        m.on_step(1, 0, 0.0, 1, lag)
+        assert m.render() == generate_latest(m.registry)
 
 
 def test_hot_hooks_kept_aside_give_the_same_page_as_direct_updates() -> None:
