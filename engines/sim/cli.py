@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=("vllm", "engine"),  # server.KV_EVENT_HASHES (not imported: `--help` stays fast)
         default="vllm",
         help="block hashes in KV events: vllm = vLLM's sha256 values (default); engine = the sim's "
-        "xxh3 ids, enough for routers that re-hash token_ids (kvrouter), ~1/4 less CPU under load",
+        "xxh3 ids, enough for routers that re-hash token_ids (kvrouter), ~1/6 less CPU under load",
     )
     p.add_argument("--topic", default="kv-events", help="KV-event topic")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or model folder (default: built-in)")

@@ -3,8 +3,10 @@ replicas under a real-time replay of the Mooncake conversation trace at ``--time
 
 Setup, measured on loopback:
 
-* ``kvrouter sim --replicas 16 --profile h100-llama3-8b --time-scale 10`` pinned to ``--sim-cpu``
-  (``taskset``), alone on that core;
+* ``kvrouter sim --replicas 16 --profile h100-llama3-8b --time-scale 10 --kv-event-hashes engine``
+  pinned to ``--sim-cpu`` (``taskset``), alone on that core (the router in front re-hashes each
+  ``BlockStored``'s ``token_ids``, so the engine's own block ids are all it needs; ``--kv-event-hashes
+  vllm`` measures the sim publishing vLLM's sha256 values, ~1/6 more CPU);
 * ``kvrouter serve --policy cache_aware`` in front of it, and this process (the open-loop replay
   client of ``traces/replay.py`` plus a metrics sampler) on ``--client-cpu``;
 * the trace's arrivals at ``--speedup 10`` (the sim runs 10x faster than real time, so the load
@@ -25,9 +27,10 @@ Two verdicts are printed (docs/sim.md, "Live simulator capacity", explains both)
 * **not falling behind** (the PASS line, and the exit status), all three of:
   1. no simulated time dropped (``kvrouter_sim_dropped_seconds_total`` stays 0: every lateness was
      within ``MAX_CATCHUP_S`` and paid back, so the simulated clock kept up with the wall clock);
-  2. lag does not grow: the p99 step lag of the last third of the send window is at most
-     1.5x that of the first third plus 1 ms (a sim that cannot keep up accumulates a backlog and
-     its lag climbs to the catch-up limit);
+  2. nothing grows: the p99 step lag of the last third of the send window is at most 1.5x that
+     of the first third plus 1 ms (a sim that cannot keep up accumulates a backlog and its lag
+     climbs to the catch-up limit), and so is the p99 of ``kvrouter_sim_prepare_seconds`` (the
+     requests' API-server side, which no engine loop waits for: a backlog would show there);
   3. p99 step lag x time scale <= ``--lag-bound-trace-ms`` (50 ms of trace time, i.e. 5 ms wall
      at x10): the error lag puts on 99% of the token times the replay measures, in the trace's
      time, is well under the TTFTs and the TTFT differences between routing policies that the
@@ -80,6 +83,8 @@ LAG_GAUGE = "kvrouter_sim_lag_seconds"
 LAG_BUCKET = "kvrouter_sim_step_lag_seconds_bucket"
 GEN_TOKENS = "vllm:generation_tokens_total"
 DROPPED = "kvrouter_sim_dropped_seconds_total"
+PREP_BUCKET = "kvrouter_sim_prepare_seconds_bucket"
+DELIVERY_BUCKET = "kvrouter_sim_delivery_lag_seconds_bucket"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _LE = re.compile(r'le="([^"]+)"')
 _REPLICA = re.compile(r"^replica (\S+) url=(\S+)")
@@ -91,9 +96,11 @@ def pinned(cmd: list[str], cpu: str | None) -> list[str]:
 
 
 def start_sim(group: ProcGroup, replicas: int, time_scale: float, cpu: str | None,
-              timeout: float = 60.0) -> tuple[Proc, list[str]]:
+              kv_event_hashes: str = "vllm", timeout: float = 60.0) -> tuple[Proc, list[str]]:
     args = [PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0", "--events-port", "0",
             "--profile", PROFILE, "--time-scale", str(time_scale)]
+    if kv_event_hashes != "vllm":  # an older sim (A/B baselines) has no such flag
+        args += ["--kv-event-hashes", kv_event_hashes]
     proc = group.start(pinned(args, cpu), "sim")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -139,26 +146,31 @@ def load_avg() -> str:
 
 
 # -- metrics ----------------------------------------------------------------------------------------
-def parse_lag(text: str) -> tuple[float | None, dict[float, float], float, float]:
+def parse_lag(text: str) -> tuple[float | None, dict[float, float], float, float, dict[float, float],
+                                  dict[float, float]]:
     """(last-step lag gauge, cumulative per-step lag buckets {le: count}, generated tokens,
-    dropped simulated seconds)."""
+    dropped simulated seconds, cumulative preparation-time buckets, cumulative delivery-lag
+    buckets)."""
     gauge: float | None = None
     buckets: dict[float, float] = {}
+    prep: dict[float, float] = {}
+    delivery: dict[float, float] = {}
     gen = 0.0
     dropped = 0.0
     for line in text.splitlines():
         if line.startswith(DROPPED):
             dropped += float(line.rsplit(" ", 1)[1])
             continue
-        if line.startswith(LAG_BUCKET):
+        if line.startswith(LAG_BUCKET) or line.startswith(PREP_BUCKET) or line.startswith(DELIVERY_BUCKET):
             m = _LE.search(line)
             if m:
-                buckets[float(m.group(1))] = float(line.rsplit(" ", 1)[1])
+                into = buckets if line.startswith(LAG_BUCKET) else prep if line.startswith(PREP_BUCKET) else delivery
+                into[float(m.group(1))] = float(line.rsplit(" ", 1)[1])
         elif line.startswith(LAG_GAUGE + "{") or line.startswith(LAG_GAUGE + " "):
             gauge = float(line.rsplit(" ", 1)[1])
         elif line.startswith(GEN_TOKENS):
             gen += float(line.rsplit(" ", 1)[1])
-    return gauge, buckets, gen, dropped
+    return gauge, buckets, gen, dropped, prep, delivery
 
 
 def sub(a: dict[float, float], b: dict[float, float]) -> dict[float, float]:
@@ -208,8 +220,14 @@ class Sampler:
         self.interval_p99: list[float] = []  # fleet-wide p99 of the steps in each interval
         self.interval_cpu: list[float] = []  # sim CPU share of its core in each interval
         self.intervals: list[tuple[float, dict[float, float]]] = []  # (end, that interval's steps)
+        self.prep_intervals: list[tuple[float, dict[float, float]]] = []  # (end, its preparations)
         self.first: dict[float, float] = {}
         self.last: dict[float, float] = {}
+        self.prep_first: dict[float, float] = {}
+        self.prep_last: dict[float, float] = {}
+        self.prep_now: dict[float, float] = {}  # the latest snapshot's preparation buckets
+        self.delivery_first: dict[float, float] = {}
+        self.delivery_now: dict[float, float] = {}
         self.gen0 = self.gen1 = 0.0
         self.dropped0 = self.dropped1 = 0.0
         self.t0 = self.t1 = 0.0
@@ -218,20 +236,28 @@ class Sampler:
     async def snapshot(self, session: aiohttp.ClientSession) -> tuple[dict[float, float], float]:
         pages = await scrape(session, self.urls)
         total: dict[float, float] = {}
+        prep: dict[float, float] = {}
+        delivery: dict[float, float] = {}
         gen = 0.0
         dropped = 0.0
         for text in pages.values():
-            g, b, n, d = parse_lag(text)
+            g, b, n, d, pb, db = parse_lag(text)
+            delivery = add(delivery, db)
             if g is not None:
                 self.gauges.append(g)
             total = add(total, b)
+            prep = add(prep, pb)
             gen += n
             dropped += d
         self.dropped1 = dropped
+        self.prep_now = prep
+        self.delivery_now = delivery
         return total, gen
 
     async def baseline(self, session: aiohttp.ClientSession) -> None:
         self.first, self.gen0 = await self.snapshot(session)
+        self.prep_first = self.prep_last = self.prep_now
+        self.delivery_first = self.delivery_now
         self.dropped0 = self.dropped1
         self.gauges.clear()  # idle before the run
         self.last, self.gen1 = self.first, self.gen0
@@ -245,6 +271,8 @@ class Sampler:
             now, ticks = time.monotonic(), cpu_ticks(self.pid)
             cur, gen = await self.snapshot(session)
             self.intervals.append((now, sub(cur, self.last)))
+            self.prep_intervals.append((now, sub(self.prep_now, self.prep_last)))
+            self.prep_last = self.prep_now
             self.interval_p99.append(hist_quantile(0.99, self.intervals[-1][1]))
             self.interval_cpu.append((ticks - self.ticks1) / CLK_TCK / max(now - self.t1, 1e-9))
             self.last, self.gen1, self.t1, self.ticks1 = cur, gen, now, ticks
@@ -253,9 +281,15 @@ class Sampler:
     def steps(self) -> dict[float, float]:
         return sub(self.last, self.first)
 
-    def thirds_p99(self, window_end: float) -> tuple[float, float]:
-        """p99 step lag over the first and the last third of the intervals inside the send window."""
-        inside = [b for t, b in self.intervals if t <= window_end + self.interval / 2]
+    @property
+    def preparations(self) -> dict[float, float]:
+        return sub(self.prep_last, self.prep_first)
+
+    def thirds_p99(self, window_end: float, prep: bool = False) -> tuple[float, float]:
+        """p99 step lag (or preparation time) over the first and the last third of the intervals
+        inside the send window."""
+        intervals = self.prep_intervals if prep else self.intervals
+        inside = [b for t, b in intervals if t <= window_end + self.interval / 2]
         k = max(1, len(inside) // 3)
         first: dict[float, float] = {}
         last: dict[float, float] = {}
@@ -314,6 +348,9 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     steps = sampler.steps
     third_first, third_last = sampler.thirds_p99(send_start + args.duration)
+    prep_first, prep_last = sampler.thirds_p99(send_start + args.duration, prep=True)
+    delivery = sub(sampler.delivery_now, sampler.delivery_first)
+    preps = sampler.preparations
     return {
         "mode": mode,
         "planned": len(planned),
@@ -340,6 +377,16 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
         "lag_p99_worst_interval": max((x for x in sampler.interval_p99 if not math.isnan(x)), default=math.nan),
         "lag_p99_first_third": third_first,
         "lag_p99_last_third": third_last,
+        "writes": max(delivery.values(), default=0.0),
+        "delivery_p50": hist_quantile(0.50, delivery),
+        "delivery_p99": hist_quantile(0.99, delivery),
+        "delivery_p999": hist_quantile(0.999, delivery),
+        "preparations": max(preps.values(), default=0.0),
+        "prep_p50": hist_quantile(0.50, preps),
+        "prep_p99": hist_quantile(0.99, preps),
+        "prep_max_bound": max_bound(preps),
+        "prep_p99_first_third": prep_first,
+        "prep_p99_last_third": prep_last,
         "dropped_s": sampler.dropped1 - sampler.dropped0,
         "gauge_max": max(sampler.gauges, default=math.nan),
         "gauge_p99": percentile(sampler.gauges, 99) if sampler.gauges else math.nan,
@@ -369,6 +416,13 @@ def report(r: dict[str, Any], args: argparse.Namespace, step_s: float) -> bool:
           f"p99.9 {r['lag_p999'] * ms:.3f} ms  max <= {r['lag_max_bound'] * ms:g} ms; "
           f"worst interval p99 {r['lag_p99_worst_interval'] * ms:.3f} ms; "
           f"{r['steps_over_catchup']:,.0f} steps woke over {MAX_CATCHUP_S * ms:g} ms late")
+    if r["writes"]:
+        print(f"delivery lag (stream write vs its step's deadline: step lag + the stream's turn) over "
+              f"{r['writes']:,.0f} writes: p50 {r['delivery_p50'] * ms:.3f} ms  p99 {r['delivery_p99'] * ms:.3f} ms  "
+              f"p99.9 {r['delivery_p999'] * ms:.3f} ms")
+    if r["preparations"]:
+        print(f"preparation (body read -> in the engine's queue) of {r['preparations']:,.0f} requests: "
+              f"p50 {r['prep_p50'] * ms:.3f} ms  p99 {r['prep_p99'] * ms:.3f} ms  max <= {r['prep_max_bound'] * ms:g} ms")
     print(f"lag gauge (last step, sampled every {args.sample_interval:g} s x {args.replicas} replicas): "
           f"p99 {r['gauge_p99'] * ms:.3f} ms  max {r['gauge_max'] * ms:.3f} ms")
     strict = r["lag_p99"] < step_s and r["lag_max_bound"] <= MAX_CATCHUP_S and r["steps"] > 0
@@ -379,12 +433,17 @@ def report(r: dict[str, Any], args: argparse.Namespace, step_s: float) -> bool:
     first, last = r["lag_p99_first_third"], r["lag_p99_last_third"]
     no_drop = r["dropped_s"] == 0.0
     steady = last <= 1.5 * first + 0.001
+    pfirst, plast = r["prep_p99_first_third"], r["prep_p99_last_third"]
+    # A sim without the preparation histogram (older code) has nothing to judge here.
+    prep_steady = not r["preparations"] or plast <= 1.5 * pfirst + 0.001
     small = r["lag_p99"] <= bound_s
-    ok = no_drop and steady and small and r["steps"] > 0
+    ok = no_drop and steady and prep_steady and small and r["steps"] > 0
     print(f"{'PASS' if ok else 'FAIL'} not falling behind: "
           f"[{'ok' if no_drop else 'FAIL'}] simulated time dropped {r['dropped_s'] * ms:.3f} ms (must be 0); "
           f"[{'ok' if steady else 'FAIL'}] lag p99 first third {first * ms:.3f} ms -> last third "
           f"{last * ms:.3f} ms (must be <= 1.5x + 1 ms); "
+          f"[{'ok' if prep_steady else 'FAIL'}] preparation p99 first third {pfirst * ms:.3f} ms -> last "
+          f"third {plast * ms:.3f} ms (must be <= 1.5x + 1 ms); "
           f"[{'ok' if small else 'FAIL'}] p99 {r['lag_p99'] * ms:.3f} ms <= {bound_s * ms:g} ms "
           f"(= {args.lag_bound_trace_ms:g} ms of trace time at x{args.time_scale:g})")
     return ok
@@ -398,6 +457,9 @@ def main() -> int:
     p.add_argument("--speedup", type=float, default=10.0, help="trace arrivals sped up by X")
     p.add_argument("--trace", type=Path, default=TRACE)
     p.add_argument("--target", choices=["router", "direct", "both"], default="router")
+    p.add_argument("--kv-event-hashes", choices=["vllm", "engine"], default="engine",
+                   help="the sim's KV-event block hashes (default engine: kvrouter re-hashes each "
+                        "BlockStored's token_ids, so it needs no more; vllm: vLLM's sha256 values)")
     p.add_argument("--sim-cpu", default="1", help="core of the sim process (taskset -c)")
     p.add_argument("--client-cpu", default="0", help="core of the router and this client")
     p.add_argument("--sample-interval", type=float, default=2.0, help="metrics sampling period, s")
@@ -413,7 +475,8 @@ def main() -> int:
     step = get_profile(PROFILE).step
     # The shortest decode step: batch 1, empty context. Lag under it keeps token timing within a step.
     step_s = step.step_ms(0, 0.0, 1, 0) / 1000.0 / args.time_scale
-    print(f"sim: {args.replicas} x {PROFILE} at time scale {args.time_scale:g} on cpu {args.sim_cpu}; "
+    print(f"sim: {args.replicas} x {PROFILE} at time scale {args.time_scale:g} on cpu {args.sim_cpu}, "
+          f"KV-event hashes {args.kv_event_hashes}; "
           f"router + client on cpu {args.client_cpu}; trace {args.trace.name} at speedup {args.speedup:g}; "
           f"{os.cpu_count()} cpus, load avg {load_avg()}")
     modes = ["router", "direct"] if args.target == "both" else [args.target]
@@ -426,7 +489,7 @@ def main() -> int:
         run_async = asyncio.run
     for mode in modes:
         with ProcGroup(args.log_dir / mode) as group:
-            sim, urls = start_sim(group, args.replicas, args.time_scale, args.sim_cpu)
+            sim, urls = start_sim(group, args.replicas, args.time_scale, args.sim_cpu, args.kv_event_hashes)
             router_url = None
             spy_proc: Proc | None = None
             if mode == "router":
