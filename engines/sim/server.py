@@ -390,11 +390,13 @@ class Replica:
         arrival: float | None = None,
         block_hashes: list[int] | None = None,
     ) -> _Track:
-        """Queue one prompt in the engine, arrived at ``arrival`` (default: ``engine_now()``), with its
+        """Queue one prompt in the engine, arrived at ``arrival`` on the engine's clock (default:
+        ``engine_now()``; the server's TTFT and e2e count from the wall clock now), with its
         ``block_hashes`` if already computed (``hash_prompt``). The engine never samples EOS:
         every request runs to ``max_tokens`` (vLLM with ``ignore_eos``). Raises HTTPError if it
         cannot ever fit."""
         rid = f"req-{uuid.uuid4().hex}"
+        wall = _clock()  # the server's latency metrics (TTFT, e2e) count from here, as a client would
         now = self.engine_now() if arrival is None else arrival
         try:
             self.model.add_request(
@@ -406,7 +408,7 @@ class Replica:
             )  # fmt: skip
         except ValueError as exc:
             raise HTTPError(400, str(exc), param="max_tokens") from exc
-        tr = _Track(rid=rid, index=index, queue=queue, prompt_len=len(prompt_ids), arrival=now)
+        tr = _Track(rid=rid, index=index, queue=queue, prompt_len=len(prompt_ids), arrival=wall)
         self._tracks[rid] = tr
         self._wake.set()
         return tr
@@ -414,10 +416,11 @@ class Replica:
     def engine_now(self) -> float:
         """Now on the engine's clock: the wall clock, except while the loop is late, when it is
         the start of the step the loop is about to compute (a request arriving now joins that
-        step, as in vLLM; stamping it later would push the engine's clock past the loop's)."""
+        step, as in vLLM; stamping it later would push the engine's clock past the loop's), but
+        never more than the catch-up limit back: the loop drops lateness beyond that."""
         now = _clock()
         nxt = self._next_step_at
-        return now if nxt is None or nxt > now else nxt
+        return now if nxt is None or nxt > now else max(nxt, now - MAX_CATCHUP_S)
 
     async def hash_prompt(self, ids: Sequence[int]) -> list[int]:
         """The prompt's block-hash chain, exactly what ``EngineModel.add_request`` computes
@@ -549,8 +552,9 @@ class Replica:
             prompt_tokens=tr.prompt_len,
             generation_tokens=tr.generated,
             e2e_s=now - tr.arrival,
-            queue_s=sched - tr.arrival,
-            prefill_s=first - sched,
+            # sched is on the engine's clock, which a late loop keeps behind the wall clock
+            queue_s=max(0.0, sched - tr.arrival),
+            prefill_s=max(0.0, first - max(sched, tr.arrival)),
             decode_s=now - first,
         )
 
@@ -791,7 +795,6 @@ class Replica:
         tracks: list[_Track] = []
         fmt = _Formatter(self.config.model, chat, len(prompt_ids), self.tokenizer)
         arrival = self.engine_now()
-        self.metrics.on_prepared(_clock() - read_at)
         try:
             for i, p in enumerate(prompt_ids):
                 tracks.append(self.submit(p, max_tokens, queue, i, arrival=arrival, block_hashes=hashes[i]))
@@ -799,6 +802,7 @@ class Replica:
             for tr in tracks:
                 self.abort(tr)
             return exc.response()
+        self.metrics.on_prepared(_clock() - read_at)
         try:
             if stream:
                 return await self._stream(request, tracks, queue, fmt, include_usage)
@@ -901,13 +905,13 @@ class Replica:
                     if include_usage:
                         out.append(b"data: " + _json.encode(fmt.usage_chunk(tracks)) + b"\n\n")
                     out.append(b"data: [DONE]\n\n")
-                    await resp.write_eof(b"".join(out))
-                    if due is not None:
+                    if due is not None:  # as the bytes leave (a drain wait is the client's)
                         self.metrics.on_delivered(_clock() - due)
+                    await resp.write_eof(b"".join(out))
                     return resp
-                await resp.write(b"".join(out))
                 if due is not None:
                     self.metrics.on_delivered(_clock() - due)
+                await resp.write(b"".join(out))
             if cut:
                 return _cut(request, resp if started else None)
         # Only reached if the last chunks were cut by die_after_chunks... which returns above; kept

@@ -15,7 +15,7 @@ import pytest
 
 from engines.sim.engine import XxhBlockHasher
 from engines.sim.fleet import start_fleet
-from engines.sim.server import HTTPError, _decode_json, decode_json_sliced
+from engines.sim.server import HTTPError, _Chan, _decode_json, decode_json_sliced
 
 WAIT = aiohttp.ClientTimeout(total=20)
 
@@ -146,6 +146,12 @@ async def test_a_request_arriving_while_the_loop_is_late_joins_its_next_step() -
         assert rep.engine_now() == before - 0.02
         rep._next_step_at = time.monotonic() + 1.0  # on time: the step ends in the future
         assert rep.engine_now() <= time.monotonic()
+        rep._next_step_at = time.monotonic() - 0.3  # a 300 ms stall: the loop drops all but 50 ms
+        assert time.monotonic() - 0.05 - 0.01 <= rep.engine_now() <= time.monotonic() - 0.05
+        # The engine gets the stamp; the server's latency metrics count from the wall clock.
+        tr = rep.submit([7] * 40, 2, _Chan(), 0)
+        assert time.monotonic() - tr.arrival < 0.01
+        assert rep.model._reqs[tr.rid].arrival <= tr.arrival - 0.04
         rep._next_step_at = None
 
 
