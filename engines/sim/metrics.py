@@ -16,9 +16,10 @@ about a tenth. A router scraping 16 replicas every 0.25 s made this ~12% of a lo
 ``kvrouter_sim_lag_seconds`` (last step), ``kvrouter_sim_step_lag_seconds`` (per step) and
 ``kvrouter_sim_dropped_seconds_total`` are ours: how late the engine loop woke up against its step
 deadline (a busy host makes the sim slower than its model; this says by how much), and how much
-simulated time it skipped because it was later than the catch-up limit. So is
-``kvrouter_sim_prepare_seconds``: how long a request spent on the API-server side (decode, checks,
-block hashes) before it entered the engine's queue.
+simulated time it skipped because it was later than the catch-up limit. So are
+``kvrouter_sim_delivery_lag_seconds`` (how late each stream write leaves against its step's
+deadline) and ``kvrouter_sim_prepare_seconds`` (how long a request spent on the API-server side:
+decode, checks, block hashes, before it entered the engine's queue).
 """
 
 from __future__ import annotations

@@ -257,7 +257,7 @@ class EngineEventHashes:
     does) sees no difference. What it saves is ``VllmEventHashes``' pickle + sha256 per stored
     block: about a sixth of a loaded 16-replica sim's CPU (71 -> 59-61 us per token; docs/sim.md, round 4)."""
 
-    misses = 0
+    algo = "kvrouter-xxh3"  # vllm:cache_config_info's prefix_caching_hash_algo: none of vLLM's
 
     def __init__(self, *, as_bytes: bool = False) -> None:
         self.as_bytes = as_bytes
@@ -275,16 +275,21 @@ class EngineEventHashes:
                 out.append(
                     msgspec.structs.replace(
                         ev,
-                        block_hashes=[h.to_bytes(8, "big") for h in cast("list[int]", ev.block_hashes)],
+                        block_hashes=_u64_bytes(cast("list[int]", ev.block_hashes)),
                         parent_block_hash=None if parent is None else parent.to_bytes(8, "big"),
                     )
                 )
             elif isinstance(ev, BlockRemoved):
-                hashes = [h.to_bytes(8, "big") for h in cast("list[int]", ev.block_hashes)]
-                out.append(msgspec.structs.replace(ev, block_hashes=hashes))
+                out.append(
+                    msgspec.structs.replace(ev, block_hashes=_u64_bytes(cast("list[int]", ev.block_hashes)))
+                )
             else:
                 out.append(ev)
         return out
+
+
+def _u64_bytes(hashes: list[int]) -> list[EngineHash]:
+    return [h.to_bytes(8, "big") for h in hashes]
 
 
 class VllmEventHashes:
@@ -310,6 +315,7 @@ class VllmEventHashes:
     """
 
     _CPU = 1 << 32
+    algo = "sha256"  # vllm:cache_config_info's prefix_caching_hash_algo, as vLLM reports it
 
     def __init__(self, *, as_bytes: bool = False) -> None:
         self.as_bytes = as_bytes

@@ -268,9 +268,9 @@ class Replica:
             num_gpu_blocks=ec.num_gpu_blocks,
             num_cpu_blocks=(ec.cpu_tier_tokens // ec.block_size) or None,
             enable_prefix_caching=ec.enable_prefix_caching,
-            # vLLM's label value when the events carry its hashes; else none of vLLM's values,
-            # so a router that reads it knows it cannot recompute them.
-            hash_algo="sha256" if self.config.kv_event_hashes == "vllm" else "kvrouter-xxh3",
+            # vLLM's value when the events carry its hashes; else none of vLLM's, so a router
+            # that reads it knows it cannot recompute them.
+            hash_algo=self.event_hashes.algo,
         )
         return SimMetrics(self.config.model, labels)
 
@@ -747,6 +747,10 @@ class Replica:
             400, "'prompt' must be a string, a list of token ids, or a batch of either", param="prompt"
         )
 
+    def _prep_guard(self, long: bool) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The fleet's preparation lock for a long preparation; nothing for a short one."""
+        return self._prep_lock if long else contextlib.nullcontext()
+
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         """One completion request: its API-server side (JSON decode, checks, block-hash chain),
         then its prompts in the engine's queue, then the response as the engine loop delivers.
@@ -766,10 +770,7 @@ class Replica:
         data = await request.read()
         read_at = _clock()
         try:
-            if len(data) > _DECODE_SLICE_BYTES:
-                async with self._prep_lock:
-                    body, ids = await decode_json_sliced(data)
-            else:
+            async with self._prep_guard(len(data) > _DECODE_SLICE_BYTES):
                 body, ids = await decode_json_sliced(data)
             body = self._check_body(body)
             prompts = self._prompts(body, chat, ids)
@@ -785,10 +786,7 @@ class Replica:
         if self.faults.stalls():
             await self.faults.stall()
             read_at = _clock()
-        if sum(len(p) for p in prompt_ids) > _LONG_PREP_TOKENS:
-            async with self._prep_lock:
-                hashes = [await self.hash_prompt(p) for p in prompt_ids]
-        else:
+        async with self._prep_guard(sum(len(p) for p in prompt_ids) > _LONG_PREP_TOKENS):
             hashes = [await self.hash_prompt(p) for p in prompt_ids]
         queue = _Chan()
         max_tokens, stream, include_usage = params
