@@ -63,6 +63,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--topic", default="kv-events", help="KV-event topic")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or model folder (default: built-in)")
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        metavar="N",
+        help="as vLLM's: a stream sends its first token at once, then every N tokens (default 1)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (replica i: seed+i)")
     f = p.add_argument_group("faults (see docs/sim.md; change live with POST /sim/faults)")
     f.add_argument("--fault-refuse-connections", action="store_true", help="do not listen")
@@ -132,6 +139,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         tokenizer=args.tokenizer,
         faults=faults_from_args(args),
         seed=args.seed,
+        stream_interval=args.stream_interval,
         **kw,
     ) as fleet:
         # Every replica's block pool, hasher and server objects exist now and live as long as the
@@ -152,6 +160,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be at least 1, got {args.stream_interval}")
         faults_from_args(args)
     except ValueError as exc:
         print(f"kvrouter sim: {exc}", file=sys.stderr)

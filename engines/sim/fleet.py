@@ -95,11 +95,14 @@ async def start_fleet(
     tokenizer: str | Tokenizer | None = None,
     faults: FaultConfig | None = None,
     seed: int = 0,
+    stream_interval: int = 1,
 ) -> AsyncIterator[Fleet]:
     """Run ``n`` replicas until the block exits. ``events_port=None`` disables KV events;
     ``replay_port=None`` disables the replay socket. Replica ``i`` uses seed ``seed + i``."""
     if n < 1:
         raise ValueError(f"invalid n: must be >= 1 (current value: {n})")
+    if stream_interval < 1:
+        raise ValueError(f"invalid stream_interval: must be >= 1 (current value: {stream_interval})")
     tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else load_tokenizer(tokenizer)
     ctx = zmq.asyncio.Context()
     replicas: list[Replica] = []
@@ -130,6 +133,7 @@ async def start_fleet(
                 max_model_len=max_model_len or MAX_MODEL_LEN.get(profile, 2048),
                 faults=faults or FaultConfig(),
                 seed=seed + i,
+                stream_interval=stream_interval,
             )
             rep = Replica(cfg, ec, tok, name=f"r{i}", zmq_ctx=ctx, prep_lock=prep_lock)
             replicas.append(rep)

@@ -118,6 +118,9 @@ class ReplicaConfig:
     kv_event_hashes: str = "vllm"
     max_model_len: int = 2048
     default_chat_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
+    # vLLM's --stream-interval: a stream sends its first token at once, then every this many
+    # tokens, and the last ones when it finishes. A request's "stream_interval" can raise it.
+    stream_interval: int = 1
     faults: FaultConfig = field(default_factory=FaultConfig)
     seed: int = 0
 
@@ -181,6 +184,8 @@ class _Track:
     cached_tokens: int = 0
     generated: int = 0
     finished: bool = False
+    stream_interval: int = 1
+    held: list[int] | None = None  # tokens generated but not yet handed to the stream (interval)
 
 
 class Replica:
@@ -389,11 +394,13 @@ class Replica:
         *,
         arrival: float | None = None,
         block_hashes: list[int] | None = None,
+        stream_interval: int = 1,
     ) -> _Track:
         """Queue one prompt in the engine, arrived at ``arrival`` on the engine's clock (default:
         ``engine_now()``; the server's TTFT and e2e count from the wall clock now), with its
         ``block_hashes`` if already computed (``hash_prompt``). The engine never samples EOS:
-        every request runs to ``max_tokens`` (vLLM with ``ignore_eos``). Raises HTTPError if it
+        every request runs to ``max_tokens`` (vLLM with ``ignore_eos``). Tokens reach ``queue``
+        every ``stream_interval`` tokens (the first and the last at once). Raises HTTPError if it
         cannot ever fit."""
         rid = f"req-{uuid.uuid4().hex}"
         wall = _clock()  # the server's latency metrics (TTFT, e2e) count from here, as a client would
@@ -408,7 +415,10 @@ class Replica:
             )  # fmt: skip
         except ValueError as exc:
             raise HTTPError(400, str(exc), param="max_tokens") from exc
-        tr = _Track(rid=rid, index=index, queue=queue, prompt_len=len(prompt_ids), arrival=wall)
+        tr = _Track(
+            rid=rid, index=index, queue=queue, prompt_len=len(prompt_ids), arrival=wall,
+            stream_interval=stream_interval,
+        )  # fmt: skip
         self._tracks[rid] = tr
         self._wake.set()
         return tr
@@ -530,16 +540,29 @@ class Replica:
                 gap = (now - tr.last_token) / n
                 for _ in range(n):
                     metrics.on_inter_token(gap)
+            first = tr.generated == 0
             tr.last_token = now
             tr.generated += n
             reason = out.finished.get(rid)
-            tr.queue.put_nowait(_Delta(tr.index, list(ids), reason, due))
+            if tr.stream_interval == 1:
+                tr.queue.put_nowait(_Delta(tr.index, list(ids), reason, due))
+            else:
+                held = tr.held
+                if held is None:
+                    held = tr.held = []
+                held += ids
+                # vLLM's OutputProcessor: the first output at once, then every stream_interval
+                # tokens, and whatever is left when the request finishes.
+                if first or reason is not None or len(held) >= tr.stream_interval:
+                    tr.held = None
+                    tr.queue.put_nowait(_Delta(tr.index, held, reason, due))
             if reason is not None:
                 self._finish(tr, reason, now)
         for rid, reason in out.finished.items():
             tr = self._tracks.get(rid)
             if tr is not None and not tr.finished:  # finished without a token this step
-                tr.queue.put_nowait(_Delta(tr.index, [], reason, due))
+                held, tr.held = tr.held or [], None
+                tr.queue.put_nowait(_Delta(tr.index, held, reason, due))
                 self._finish(tr, reason, now)
 
     def _finish(self, tr: _Track, reason: str, now: float) -> None:
@@ -789,13 +812,23 @@ class Replica:
         async with self._prep_guard(sum(len(p) for p in prompt_ids) > _LONG_PREP_TOKENS):
             hashes = [await self.hash_prompt(p) for p in prompt_ids]
         queue = _Chan()
-        max_tokens, stream, include_usage = params
+        max_tokens, stream, include_usage, interval = params
         tracks: list[_Track] = []
         fmt = _Formatter(self.config.model, chat, len(prompt_ids), self.tokenizer)
         arrival = self.engine_now()
         try:
             for i, p in enumerate(prompt_ids):
-                tracks.append(self.submit(p, max_tokens, queue, i, arrival=arrival, block_hashes=hashes[i]))
+                tracks.append(
+                    self.submit(
+                        p,
+                        max_tokens,
+                        queue,
+                        i,
+                        arrival=arrival,
+                        block_hashes=hashes[i],
+                        stream_interval=interval,
+                    )
+                )
         except HTTPError as exc:
             for tr in tracks:
                 self.abort(tr)
@@ -811,7 +844,7 @@ class Replica:
 
     def _params(
         self, body: Mapping[str, Any], chat: bool, prompts: Sequence[list[int]]
-    ) -> tuple[int, bool, bool]:
+    ) -> tuple[int, bool, bool, int]:
         mt = body.get("max_completion_tokens") if chat else None
         if mt is None:
             mt = body.get("max_tokens")
@@ -838,8 +871,17 @@ class Replica:
             )
         opts = body.get("stream_options") or {}
         include_usage = bool(opts.get("include_usage", False)) if isinstance(opts, dict) else False
+        interval = body.get("stream_interval")
+        if interval is not None and (
+            not isinstance(interval, int) or isinstance(interval, bool) or interval < 1
+        ):
+            raise HTTPError(
+                400, f"stream_interval must be at least 1, got {interval}.", param="stream_interval"
+            )
+        # As vLLM: a request can raise the server's --stream-interval, never lower it.
+        interval = max(interval or 1, self.config.stream_interval)
         # ignore_eos is accepted and moot: the sim never samples EOS.
-        return mt, bool(body.get("stream", False)), include_usage
+        return mt, bool(body.get("stream", False)), include_usage, interval
 
     async def _unary(
         self, request: web.Request, tracks: list[_Track], queue: _Chan, fmt: _Formatter

@@ -132,6 +132,47 @@ async def test_stream_spacing_follows_step_time(http: aiohttp.ClientSession) -> 
         assert t[-1] - t[3] > 3 * step * 0.5  # spread out, not one burst
 
 
+async def _stream_texts(http: aiohttp.ClientSession, url: str, body: dict[str, object]) -> tuple[list[str], int]:
+    """The text of each content chunk of a streamed completion, and its usage's completion_tokens."""
+    texts: list[str] = []
+    usage = -1
+    async with http.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        for event in _sse(await r.text())[:-1]:
+            obj = json.loads(event)
+            if obj["choices"]:
+                texts.append(obj["choices"][0]["text"])
+            if obj.get("usage"):
+                usage = obj["usage"]["completion_tokens"]
+    return texts, usage
+
+
+async def test_stream_interval_batches_tokens_as_vllm(http: aiohttp.ClientSession) -> None:
+    # vLLM 0.32 (OutputProcessor with --stream-interval N): the first token goes at once, then one
+    # chunk per N new tokens, then whatever is left when the request finishes.
+    async with start_fleet(1, "tiny", time_scale=0.01, events_port=None, stream_interval=4) as f:
+        url = f[0].url
+        body: dict[str, object] = {
+            "prompt": "hi there", "max_tokens": 10, "stream": True, "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        texts, usage = await _stream_texts(http, url, body)
+        words = [len(t.split()) for t in texts]
+        assert usage == 10 and words == [1, 4, 4, 1], words
+        # A request may raise the server's interval, never lower it.
+        texts, _ = await _stream_texts(http, url, {**body, "stream_interval": 6})
+        assert [len(t.split()) for t in texts] == [1, 6, 3]
+        texts, _ = await _stream_texts(http, url, {**body, "stream_interval": 2})
+        assert [len(t.split()) for t in texts] == [1, 4, 4, 1]
+        # Non-streamed responses are whole either way.
+        async with http.post(url + "/v1/completions", json={**body, "stream": False}) as r:
+            assert len((await r.json())["choices"][0]["text"].split()) == 10
+        for bad in (0, -1, "2", 1.5, True):
+            async with http.post(url + "/v1/completions", json={**body, "stream_interval": bad}) as r:
+                assert r.status == 400
+                err = (await r.json())["error"]
+                assert err["param"] == "stream_interval" and "stream_interval" in err["message"]
+
+
 async def test_errors_are_openai_shaped(fleet: Fleet, http: aiohttp.ClientSession) -> None:
     url = fleet[0].url
     for body, status in (
