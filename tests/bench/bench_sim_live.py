@@ -34,7 +34,9 @@ Two verdicts are printed (docs/sim.md, "Live simulator capacity", explains both)
   3. p99 step lag x time scale <= ``--lag-bound-trace-ms`` (50 ms of trace time, i.e. 5 ms wall
      at x10): the error lag puts on 99% of the token times the replay measures, in the trace's
      time, is well under the TTFTs and the TTFT differences between routing policies that the
-     simulator is used to compare (hundreds of ms).
+     simulator is used to compare (hundreds of ms). Judged on the histogram's counts: at least
+     99% of steps in the buckets up to the bound, which is exact because the sim's lag buckets
+     have an edge at 5 ms (an interpolated p99 only says which bucket the quantile is in).
 
 ``--target direct`` replays straight to the replicas (round robin, no router), ``both`` runs
 router then direct on fresh sims, to separate the router's cost from the sim's.
@@ -96,11 +98,14 @@ def pinned(cmd: list[str], cpu: str | None) -> list[str]:
 
 
 def start_sim(group: ProcGroup, replicas: int, time_scale: float, cpu: str | None,
-              kv_event_hashes: str = "vllm", timeout: float = 60.0) -> tuple[Proc, list[str]]:
+              kv_event_hashes: str = "vllm", stream_interval: int = 1,
+              timeout: float = 60.0) -> tuple[Proc, list[str]]:
     args = [PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0", "--events-port", "0",
             "--profile", PROFILE, "--time-scale", str(time_scale)]
     if kv_event_hashes != "vllm":  # an older sim (A/B baselines) has no such flag
         args += ["--kv-event-hashes", kv_event_hashes]
+    if stream_interval != 1:
+        args += ["--stream-interval", str(stream_interval)]
     proc = group.start(pinned(args, cpu), "sim")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -197,6 +202,26 @@ def hist_quantile(q: float, buckets: dict[float, float]) -> float:
             return prev_le + (le - prev_le) * (rank - prev_c) / max(c - prev_c, 1e-12)
         prev_le, prev_c = le, c
     return les[-1]
+
+
+def fraction_within(bound: float, buckets: dict[float, float]) -> float:
+    """Fraction of observations <= ``bound``: exact when ``bound`` is a bucket edge (the sim's lag
+    buckets have one at the default 5 ms bound), else interpolated like ``hist_quantile``."""
+    les = sorted(buckets)
+    total = buckets[les[-1]] if les else 0.0
+    if total <= 0:
+        return math.nan
+    prev_le, prev_c = 0.0, 0.0
+    for le in les:
+        c = buckets[le]
+        if math.isclose(le, bound, rel_tol=1e-9):
+            return c / total
+        if le > bound:
+            if math.isinf(le):
+                return prev_c / total
+            return (prev_c + (c - prev_c) * (bound - prev_le) / (le - prev_le)) / total
+        prev_le, prev_c = le, c
+    return 1.0
 
 
 def max_bound(buckets: dict[float, float]) -> float:
@@ -373,6 +398,7 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
         "lag_p99": hist_quantile(0.99, steps),
         "lag_p999": hist_quantile(0.999, steps),
         "lag_max_bound": max_bound(steps),
+        "lag_within_bound": fraction_within(args.lag_bound_trace_ms / 1000.0 / args.time_scale, steps),
         "steps_over_catchup": max(steps.values(), default=0.0) - steps.get(MAX_CATCHUP_S, 0.0),
         "lag_p99_worst_interval": max((x for x in sampler.interval_p99 if not math.isnan(x)), default=math.nan),
         "lag_p99_first_third": third_first,
@@ -436,7 +462,8 @@ def report(r: dict[str, Any], args: argparse.Namespace, step_s: float) -> bool:
     pfirst, plast = r["prep_p99_first_third"], r["prep_p99_last_third"]
     # A sim without the preparation histogram (older code) has nothing to judge here.
     prep_steady = not r["preparations"] or plast <= 1.5 * pfirst + 0.001
-    small = r["lag_p99"] <= bound_s
+    # Judged on the bucket counts (exact at a bucket edge), not on the interpolated p99.
+    small = r["lag_within_bound"] >= 0.99
     ok = no_drop and steady and prep_steady and small and r["steps"] > 0
     print(f"{'PASS' if ok else 'FAIL'} not falling behind: "
           f"[{'ok' if no_drop else 'FAIL'}] simulated time dropped {r['dropped_s'] * ms:.3f} ms (must be 0); "
@@ -444,8 +471,9 @@ def report(r: dict[str, Any], args: argparse.Namespace, step_s: float) -> bool:
           f"{last * ms:.3f} ms (must be <= 1.5x + 1 ms); "
           f"[{'ok' if prep_steady else 'FAIL'}] preparation p99 first third {pfirst * ms:.3f} ms -> last "
           f"third {plast * ms:.3f} ms (must be <= 1.5x + 1 ms); "
-          f"[{'ok' if small else 'FAIL'}] p99 {r['lag_p99'] * ms:.3f} ms <= {bound_s * ms:g} ms "
-          f"(= {args.lag_bound_trace_ms:g} ms of trace time at x{args.time_scale:g})")
+          f"[{'ok' if small else 'FAIL'}] p99 <= {bound_s * ms:g} ms "
+          f"(= {args.lag_bound_trace_ms:g} ms of trace time at x{args.time_scale:g}): "
+          f"{r['lag_within_bound']:.2%} of steps within it (must be >= 99%)")
     return ok
 
 
@@ -460,6 +488,8 @@ def main() -> int:
     p.add_argument("--kv-event-hashes", choices=["vllm", "engine"], default="engine",
                    help="the sim's KV-event block hashes (default engine: kvrouter re-hashes each "
                         "BlockStored's token_ids, so it needs no more; vllm: vLLM's sha256 values)")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="the sim's --stream-interval (vLLM's: first token at once, then every N; default 1)")
     p.add_argument("--sim-cpu", default="1", help="core of the sim process (taskset -c)")
     p.add_argument("--client-cpu", default="0", help="core of the router and this client")
     p.add_argument("--sample-interval", type=float, default=2.0, help="metrics sampling period, s")
@@ -476,7 +506,7 @@ def main() -> int:
     # The shortest decode step: batch 1, empty context. Lag under it keeps token timing within a step.
     step_s = step.step_ms(0, 0.0, 1, 0) / 1000.0 / args.time_scale
     print(f"sim: {args.replicas} x {PROFILE} at time scale {args.time_scale:g} on cpu {args.sim_cpu}, "
-          f"KV-event hashes {args.kv_event_hashes}; "
+          f"KV-event hashes {args.kv_event_hashes}, stream interval {args.stream_interval}; "
           f"router + client on cpu {args.client_cpu}; trace {args.trace.name} at speedup {args.speedup:g}; "
           f"{os.cpu_count()} cpus, load avg {load_avg()}")
     modes = ["router", "direct"] if args.target == "both" else [args.target]
@@ -489,7 +519,8 @@ def main() -> int:
         run_async = asyncio.run
     for mode in modes:
         with ProcGroup(args.log_dir / mode) as group:
-            sim, urls = start_sim(group, args.replicas, args.time_scale, args.sim_cpu, args.kv_event_hashes)
+            sim, urls = start_sim(group, args.replicas, args.time_scale, args.sim_cpu, args.kv_event_hashes,
+                                  args.stream_interval)
             router_url = None
             spy_proc: Proc | None = None
             if mode == "router":
