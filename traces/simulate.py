@@ -408,7 +408,7 @@ class _Fleet:
             rec.replica = replica.id
             try:
                 engines[i].add_request(
-                    SimRequest(r.request_id, max(1, r.output_length), prompt_len=n, block_hashes=full), now=t  # type: ignore[arg-type]
+                    SimRequest(r.request_id, max(1, r.output_length), prompt_len=n, block_hashes=full), now=t
                 )
             except ValueError as exc:
                 rec.error = str(exc)

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from router.kv_wire import BlockRemoved, BlockStored, KVEvent
+from router.kv_wire import BlockRemoved, BlockStored, EngineHash, KVEvent
 
 
 class CpuTier:
@@ -55,8 +55,9 @@ class CpuTier:
         self.chunk_blocks = max(1, chunk_tokens // block_size)
         self.emit_events = emit_events
         self.used_tokens = 0
-        # key (hash of the chunk's last block) -> (number of blocks, block hashes, parent hash)
-        self._chunks: OrderedDict[int, tuple[int, list[int], int | None]] = OrderedDict()
+        # key (hash of the chunk's last block) -> (number of blocks, block hashes, parent hash); the
+        # hashes are kept only for the chunk's events, so they are typed as the events' lists.
+        self._chunks: OrderedDict[int, tuple[int, list[EngineHash], int | None]] = OrderedDict()
         self._events: list[KVEvent] = []
 
     def __len__(self) -> int:

@@ -27,14 +27,17 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.utils import floatToGoString
+from prometheus_client import utils as _prom_utils
 
 from .engine import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS
 
 log = logging.getLogger(__name__)
+
+# prometheus_client.utils leaves floatToGoString unannotated: bound here with its signature.
+floatToGoString: Callable[[float], str] = _prom_utils.floatToGoString
 
 # Bucket sets of the golden capture (vLLM's, per metric). The latency sets are the engine model's
 # own histograms (engines/sim/engine.py), exported here as they are.
@@ -327,17 +330,36 @@ class _PendingHist:
         self.sum = None
 
 
+class _Value(Protocol):
+    """prometheus_client's value holder (``values.ValueClass``, picked at import time, so the library
+    leaves it untyped): the float that ``collect()`` reads."""
+
+    _value: float
+
+
+class _WithValue(Protocol):  # a Counter or Gauge child
+    _value: _Value
+
+
+class _WithSum(Protocol):  # a Histogram child
+    _sum: _Value
+
+
 def _value_getters(wrapper: Any) -> tuple[list[Callable[[], float]], list[Callable[[], float]]]:
     """Getters of one metric's sample values in ``collect()`` order: (main samples, ``_created``
     samples). prometheus_client lists a family's ``_created`` samples after all its others."""
     main: list[Callable[[], float]] = []
     created: list[Callable[[], float]] = []
+    # The getters are functions with their state bound as default arguments (what lambdas with
+    # defaults would be, but typed: mypy cannot infer a lambda with defaults as Callable[[], float]).
     for child in wrapper._metrics.values():
         if isinstance(child, Histogram):
-            buckets = child._buckets
+            buckets: list[_Value] = child._buckets
             cum: list[float] = [0.0]
 
-            def bucket(i: int, buckets: Any = buckets, cum: list[float] = cum) -> Callable[[], float]:
+            def bucket(
+                i: int, buckets: list[_Value] = buckets, cum: list[float] = cum
+            ) -> Callable[[], float]:
                 def get() -> float:
                     # Cumulative, as collect() computes it; bucket 0 restarts the running sum.
                     v = buckets[i]._value + (cum[0] if i else 0.0)
@@ -346,15 +368,35 @@ def _value_getters(wrapper: Any) -> tuple[list[Callable[[], float]], list[Callab
 
                 return get
 
+            def count(cum: list[float] = cum) -> float:
+                return cum[0]  # _count: the +Inf bucket, just computed
+
+            def hist_sum(child: _WithSum = child) -> float:
+                return child._sum._value
+
+            def hist_created(child: Histogram = child) -> float:
+                return child._created
+
             main.extend(bucket(i) for i in range(len(buckets)))
-            main.append(lambda cum=cum: cum[0])  # _count: the +Inf bucket, just computed
-            main.append(lambda child=child: child._sum._value)
-            created.append(lambda child=child: child._created)
+            main.append(count)
+            main.append(hist_sum)
+            created.append(hist_created)
         elif isinstance(child, Counter):
-            main.append(lambda child=child: child._value._value)
-            created.append(lambda child=child: child._created)
+
+            def counter_value(child: _WithValue = child) -> float:
+                return child._value._value
+
+            def counter_created(child: Counter = child) -> float:
+                return child._created
+
+            main.append(counter_value)
+            created.append(counter_created)
         elif isinstance(child, Gauge):
-            main.append(lambda child=child: child._value._value)
+
+            def gauge_value(child: _WithValue = child) -> float:
+                return child._value._value
+
+            main.append(gauge_value)
         else:  # pragma: no cover - SimMetrics has only these three
             raise TypeError(f"no fast path for {type(child).__name__}")
     return main, created

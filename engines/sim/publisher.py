@@ -142,7 +142,7 @@ class KVEventPublisher:
         # Publishing goes through a plain (synchronous) view of the same socket: a PUB send never
         # blocks (it drops at the HWM), so the asyncio wrapper's per-send Future and poller
         # bookkeeping bought nothing and cost about half of each send (3 frames, NOBLOCK).
-        self._pub_sync = zmq.Socket.shadow(self._pub.underlying)
+        self._pub_sync: zmq.SyncSocket = zmq.Socket.shadow(self._pub.underlying)
         if self.binds:
             self._pub.bind(endpoint)
             self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -235,7 +235,8 @@ class KVEventPublisher:
         sock = self._replay
         assert sock is not None
         while not self._closed:
-            if not await sock.poll(_REPLAY_POLL_MS, zmq.POLLIN):
+            # flags default to POLLIN (pyzmq's _future.pyi declares only the timeout of this poll)
+            if not await sock.poll(_REPLAY_POLL_MS):
                 continue
             frames: list[Any] = await sock.recv_multipart()
             if len(frames) != 3:

@@ -54,10 +54,12 @@ def solve(a: list[list[float]], y: list[float]) -> list[float]:
 
 
 def main(path: str) -> None:
-    rows = []
+    rows: list[tuple[str, int, int, int, int, float]] = []
     with open(path) as fh:
-        for r in csv.DictReader(fh):
-            rows.append((r["kind"], int(r["n"]), int(r["p"]), int(r["d"]), int(r["ctx"]), float(r["ms"])))
+        for rec in csv.DictReader(fh):
+            rows.append(
+                (rec["kind"], int(rec["n"]), int(rec["p"]), int(rec["d"]), int(rec["ctx"]), float(rec["ms"]))
+            )
     a = [features(*r[:5]) for r in rows]
     y = [r[5] for r in rows]
     # Relative least squares: a 6 ms decode step and a 10 s prefill weigh the same in percent.
