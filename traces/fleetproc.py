@@ -160,11 +160,13 @@ def sim_command(
     num_gpu_blocks: int | None = None,
     block_size: int | None = None,
     extra: Sequence[str] = (),
+    prefix: Sequence[str] = (),
 ) -> list[str]:
     """``kvrouter sim`` on port 0 for HTTP and KV events (the sim binds free ports itself, so tests
-    running side by side never race for a port range); ``extra`` comes last and so wins."""
-    args = [PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0", "--events-port", "0",
-            "--profile", profile]
+    running side by side never race for a port range); ``extra`` comes last and so wins.
+    ``prefix`` goes before the interpreter: a launcher such as ``taskset -c 1``."""
+    args = [*prefix, PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0",
+            "--events-port", "0", "--profile", profile]
     if time_scale is not None:
         args += ["--time-scale", str(time_scale)]
     if model:
@@ -213,10 +215,12 @@ def start_sim(
     block_size: int | None = None,
     extra: Sequence[str] = (),
     timeout: float = 30.0,
+    prefix: Sequence[str] = (),
 ) -> tuple[Proc, list[str]]:
-    """``kvrouter sim`` on free ports; returns the process and the replica URLs once it says ``ready``."""
+    """``kvrouter sim`` on free ports; returns the process and the replica URLs once it says ``ready``.
+    ``extra`` and ``prefix`` as in ``sim_command``."""
     args = sim_command(replicas, profile=profile, model=model, time_scale=time_scale,
-                       num_gpu_blocks=num_gpu_blocks, block_size=block_size, extra=extra)
+                       num_gpu_blocks=num_gpu_blocks, block_size=block_size, extra=extra, prefix=prefix)
     proc = group.start(args, "sim")
     return proc, [r.url for r in wait_sim_ready(proc, replicas, timeout)]
 
