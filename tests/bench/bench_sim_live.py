@@ -65,6 +65,7 @@ sys.path.insert(0, str(ROOT))
 from engines.sim.profiles import get_profile  # noqa: E402
 from engines.sim.server import MAX_CATCHUP_S  # noqa: E402
 from traces.fleetproc import PY, Proc, ProcGroup, free_port, wait_http  # noqa: E402
+from traces.fleetproc import start_sim as start_fleet_sim  # noqa: E402
 from traces.loaders import load_trace  # noqa: E402
 from traces.records import percentile  # noqa: E402
 from traces.replay import (  # noqa: E402
@@ -89,7 +90,6 @@ PREP_BUCKET = "kvrouter_sim_prepare_seconds_bucket"
 DELIVERY_BUCKET = "kvrouter_sim_delivery_lag_seconds_bucket"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _LE = re.compile(r'le="([^"]+)"')
-_REPLICA = re.compile(r"^replica (\S+) url=(\S+)")
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -100,23 +100,14 @@ def pinned(cmd: list[str], cpu: str | None) -> list[str]:
 def start_sim(group: ProcGroup, replicas: int, time_scale: float, cpu: str | None,
               kv_event_hashes: str = "vllm", stream_interval: int = 1,
               timeout: float = 60.0) -> tuple[Proc, list[str]]:
-    args = [PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0", "--events-port", "0",
-            "--profile", PROFILE, "--time-scale", str(time_scale)]
+    """The bench's sim, pinned to ``cpu``; launched and awaited by ``traces.fleetproc.start_sim``."""
+    extra: list[str] = []
     if kv_event_hashes != "vllm":  # an older sim (A/B baselines) has no such flag
-        args += ["--kv-event-hashes", kv_event_hashes]
+        extra += ["--kv-event-hashes", kv_event_hashes]
     if stream_interval != 1:
-        args += ["--stream-interval", str(stream_interval)]
-    proc = group.start(pinned(args, cpu), "sim")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = proc.log(tail=1 << 20)
-        if re.search(r"^ready$", text, re.M):
-            urls = [m.group(2) for line in text.splitlines() if (m := _REPLICA.match(line))]
-            return proc, urls
-        if not proc.alive():
-            raise RuntimeError(f"sim exited with {proc.p.returncode}:\n{proc.log()}")
-        time.sleep(0.1)
-    raise TimeoutError(f"sim not ready after {timeout:.0f} s:\n{proc.log()}")
+        extra += ["--stream-interval", str(stream_interval)]
+    return start_fleet_sim(group, replicas=replicas, profile=PROFILE, time_scale=time_scale, extra=extra,
+                           timeout=timeout, prefix=pinned([], cpu))
 
 
 def start_router(group: ProcGroup, backends: Sequence[str], cpu: str | None) -> tuple[Proc, str]:
