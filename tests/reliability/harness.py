@@ -29,9 +29,6 @@ from traces import fleetproc
 
 __all__ = ["Outcome", "SimFleet", "SimReplica", "call", "classify_sse", "debug_replicas", "proc_stats", "wait_for"]
 
-_REPLICA_RE = fleetproc._REPLICA  # tests/soak/soak.py parses the lines of a sim it starts itself
-
-
 class SimReplica(fleetproc.SimReplica):
     """A replica announced by ``kvrouter sim``, with its fault knobs (``/sim/faults``)."""
 

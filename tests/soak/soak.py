@@ -33,12 +33,10 @@ if str(ROOT) not in sys.path:  # run as a script: make the tests package importa
 
 import aiohttp  # noqa: E402
 
-from tests.integration.procs import PY, Proc, RouterProc, free_port, http  # noqa: E402
+from tests.integration.procs import RouterProc, free_port, http  # noqa: E402
 from tests.reliability.harness import (  # noqa: E402
-    _REPLICA_RE,
     Outcome,
     SimFleet,
-    SimReplica,
     call,
     debug_replicas,
     proc_stats,
@@ -70,11 +68,12 @@ class KillableReplica:
 
     def _start(self) -> SimFleet:
         self.starts += 1
+        # SimFleet's command asks for free ports; these come after it in the command line, so they win.
         args = ("--port", str(self.port), "--events-port", str(self.events_port),
                 "--replay-port", str(self.replay_port), "--seed", str(100 + self.starts))
         for attempt in range(20):  # the ports may linger a moment after a SIGKILL
             try:
-                return _sim_on(self.log_dir, args, f"sim-killable-{self.starts}-{attempt}")
+                return SimFleet(self.log_dir, 1, *args, name=f"sim-killable-{self.starts}-{attempt}", timeout=20)
             except (RuntimeError, TimeoutError, AssertionError):
                 time.sleep(0.25)
         raise RuntimeError("killable replica did not come back")
@@ -85,24 +84,6 @@ class KillableReplica:
 
     def restart(self) -> None:
         self.fleet = self._start()
-
-
-def _sim_on(log_dir: Path, args: tuple[str, ...], name: str) -> SimFleet:
-    """A one-replica `kvrouter sim` on fixed ports (SimFleet always takes free ones)."""
-    fleet = SimFleet.__new__(SimFleet)
-    fleet.proc = Proc([PY, "-m", "router", "sim", "--replicas", "1", "--profile", "tiny", *args], name, log_dir)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        text = fleet.proc.log()
-        if "\nready" in text:
-            fleet.replicas = [SimReplica(*m.groups()) for m in _REPLICA_RE.finditer(text)]
-            return fleet
-        if not fleet.proc.alive():
-            fleet.proc.stop()
-            raise RuntimeError(text[-2000:])
-        time.sleep(0.05)
-    fleet.proc.stop()
-    raise TimeoutError("sim not ready")
 
 
 async def post_faults(session: aiohttp.ClientSession, url: str, **kw: object) -> None:
