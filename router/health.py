@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import xxhash
 
 from .config import Config
 from .engine_metrics import EngineMetrics, parse_engine_metrics
@@ -223,6 +224,10 @@ class ReplicaManager:
     async def _scrape_loop(self, rep: Replica) -> None:
         interval = self.cfg.health.metrics_interval_s
         timeout = max(interval * 4, self.cfg.health.probe_timeout_s)
+        # Admission already scraped once. Replicas found together would otherwise be scraped
+        # together every interval, for good: a burst of renders on the engines (one core for a
+        # whole simulated fleet) and of parses here. Each replica gets its own phase instead.
+        await asyncio.sleep(scrape_phase(rep.id, interval))
         while True:
             if rep.healthy:
                 await self._scrape_once(rep, timeout)
@@ -269,3 +274,9 @@ def _explicit_event_endpoints(pairs: list[str]) -> dict[str, str]:
         url, _, endpoint = pair.partition("=")
         out[url.rstrip("/")] = endpoint
     return out
+
+
+def scrape_phase(replica_id: str, interval_s: float) -> float:
+    """A replica's scrape offset in ``[0, interval_s)``: stable for its id (so a restart of the
+    router keeps the spread) and uniform over ids, as Prometheus spreads its targets' scrapes."""
+    return xxhash.xxh3_64_intdigest(replica_id.encode()) / 2**64 * interval_s
