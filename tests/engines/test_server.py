@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -479,3 +481,22 @@ async def test_delivery_lag_is_observed_per_stream_write(http: aiohttp.ClientSes
         async with http.post(url, json={"prompt": [5] * 40, "max_tokens": 6, "stream": True}) as r:
             assert r.status == 200 and (await r.text()).endswith("data: [DONE]\n\n")
         assert 1 <= await count() <= 6
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux per-thread nice levels")
+async def test_zmq_threads_run_below_the_engine_loop() -> None:
+    # The fleet lowers its ZMQ I/O thread so a KV-event send does not preempt the engine loop.
+    def nice_of(tid: str) -> int:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19: nice
+
+    def comm(tid: str) -> str:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+
+    before = set(os.listdir("/proc/self/task"))
+    async with start_fleet(1, "tiny", events_port=0) as f:
+        assert f[0].events_endpoint
+        own = nice_of(str(threading.get_native_id()))
+        new = [t for t in set(os.listdir("/proc/self/task")) - before if comm(t).startswith("ZMQbg/IO")]
+        assert new and all(nice_of(t) == min(19, own + 10) for t in new)
