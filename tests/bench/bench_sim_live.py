@@ -250,7 +250,11 @@ class Sampler:
         self.ticks0 = self.ticks1 = 0
 
     async def snapshot(self, session: aiohttp.ClientSession) -> tuple[dict[float, float], float]:
-        pages = await scrape(session, self.urls)
+        # One replica at a time: 16 concurrent scrapes were 16 renders (~0.1-0.2 ms each) in one
+        # turn of the sim's loop every interval, a lag burst of the measurement's own making.
+        pages: dict[str, str] = {}
+        for u in self.urls:
+            pages.update(await scrape(session, [u]))
         total: dict[float, float] = {}
         prep: dict[float, float] = {}
         delivery: dict[float, float] = {}
