@@ -22,7 +22,9 @@ Prompts are **text** by default: the SGLang router's ``/v1/completions`` accepts
 of strings only (token-id prompts get HTTP 422), and every target gets the same bytes. A
 word-level ``tokenizer.json`` over traces/synth.py's 256 words (one token per word) is written to
 ``--out/tokenizer`` and given to the sim and to kvrouter, so prompts keep the trace's exact token
-counts; the peers route on characters, as they do in production.
+counts. The SGLang router routes on the raw text; vllm-router 0.1.17's cache_aware asks every
+replica to tokenize each text prompt (``/v1/completions/render``, else ``/tokenize``) and routes on
+the token ids, which loads the single-process sim (docs/results.md, the vllm-router bullet).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "on real H100s.",
             f"Prompts as {args.prompt}"
             + (": words of traces/synth.py, tokenized one token per word by a word-level tokenizer.json "
-               "given to the sim and to kvrouter (`--tokenizer`); the peers route on the raw text."
+               "given to the sim and to kvrouter (`--tokenizer`); the SGLang router routes on the raw text, "
+               "vllm-router on token ids from every replica's `/tokenize` (one call per replica per request)."
                if args.prompt == "text" else "."),
             "Targets without an x-kvrouter-replica header get their load spread from the engines' "
             "vllm:request_success_total deltas.",

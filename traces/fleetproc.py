@@ -276,7 +276,11 @@ def start_sglang_router(group: ProcGroup, backends: Sequence[str], policy: str =
 
 def start_vllm_router(group: ProcGroup, backends: Sequence[str], policy: str = "cache_aware",
                       venv: Path = PEERS_VENV, name: str = "vllm-router") -> tuple[Proc, str]:
-    """vLLM router (pip ``vllm-router``, a fork of the SGLang router) with its approximate cache_aware policy."""
+    """vLLM router (pip ``vllm-router``, a fork of the SGLang router) with its cache_aware policy.
+
+    In 0.1.17 cache_aware routes on token ids: before each text-prompt request it POSTs the body to
+    ``/v1/completions/render`` on every worker, then ``/tokenize`` where that is 404 (the sim),
+    with a 1 s budget; no flag turns this off. Token-id prompts skip it."""
     port = free_port()
     args = [str(venv / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
             "--worker-urls", *backends, "--prometheus-port", str(free_port()), "--log-level", "warning"]
