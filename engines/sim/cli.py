@@ -120,28 +120,35 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    async with start_fleet(
-        args.replicas,
-        args.profile,
-        host=args.host,
-        port=args.port,
-        events_port=events_port,
-        replay_port=replay_port,
-        time_scale=args.time_scale,
-        block_size=args.block_size,
-        num_gpu_blocks=args.num_gpu_blocks,
-        cpu_tier_tokens=args.cpu_tier_tokens,
-        legacy_events=args.legacy_events,
-        int_block_hashes=not args.bytes_block_hashes,
-        kv_event_hashes=args.kv_event_hashes,
-        topic=args.topic,
-        max_model_len=args.max_model_len,
-        tokenizer=args.tokenizer,
-        faults=faults_from_args(args),
-        seed=args.seed,
-        stream_interval=args.stream_interval,
-        **kw,
-    ) as fleet:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            fleet = await stack.enter_async_context(
+                start_fleet(
+                    args.replicas,
+                    args.profile,
+                    host=args.host,
+                    port=args.port,
+                    events_port=events_port,
+                    replay_port=replay_port,
+                    time_scale=args.time_scale,
+                    block_size=args.block_size,
+                    num_gpu_blocks=args.num_gpu_blocks,
+                    cpu_tier_tokens=args.cpu_tier_tokens,
+                    legacy_events=args.legacy_events,
+                    int_block_hashes=not args.bytes_block_hashes,
+                    kv_event_hashes=args.kv_event_hashes,
+                    topic=args.topic,
+                    max_model_len=args.max_model_len,
+                    tokenizer=args.tokenizer,
+                    faults=faults_from_args(args),
+                    seed=args.seed,
+                    stream_interval=args.stream_interval,
+                    **kw,
+                )
+            )
+        except ValueError as exc:  # a value start_fleet rejects: --replicas 0, --time-scale 0, ...
+            print(f"kvrouter sim: {exc}", file=sys.stderr)
+            return 2
         # Every replica's block pool, hasher and server objects exist now and live as long as the
         # process: freeze them out of the cyclic GC, which otherwise walked millions of their list
         # slots on every full collection (140-280 ms pauses = step lag, 10-20% of a loaded sim's
@@ -159,13 +166,6 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.stream_interval < 1:
-            raise ValueError(f"--stream-interval must be at least 1, got {args.stream_interval}")
-        faults_from_args(args)
-    except ValueError as exc:
-        print(f"kvrouter sim: {exc}", file=sys.stderr)
-        return 2
     try:
         import uvloop
 

@@ -6,6 +6,8 @@ import asyncio
 import itertools
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -500,3 +502,23 @@ async def test_zmq_threads_run_below_the_engine_loop() -> None:
         own = nice_of(str(threading.get_native_id()))
         new = [t for t in set(os.listdir("/proc/self/task")) - before if comm(t).startswith("ZMQbg/IO")]
         assert new and all(nice_of(t) == min(19, own + 10) for t in new)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--replicas", "0"], "invalid n"),
+        (["--stream-interval", "0"], "invalid stream_interval"),
+        (["--time-scale", "0"], "invalid time_scale"),
+        (["--fault-error-rate", "2"], "invalid fault error_rate"),
+    ],
+)
+def test_sim_cli_refuses_bad_values_cleanly(flags: list[str], message: str) -> None:
+    # One message and exit status 2, no traceback, whichever layer rejects the value.
+    out = subprocess.run(
+        [sys.executable, "-m", "router", "sim", "--port", "0", "--events-port", "0", *flags],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("kvrouter sim: ") and message in out.stderr
+    assert "Traceback" not in out.stderr
