@@ -151,16 +151,17 @@ def parse_lag(text: str) -> tuple[float | None, dict[float, float], float, float
     buckets: dict[float, float] = {}
     prep: dict[float, float] = {}
     delivery: dict[float, float] = {}
+    histograms = ((LAG_BUCKET, buckets), (PREP_BUCKET, prep), (DELIVERY_BUCKET, delivery))
     gen = 0.0
     dropped = 0.0
     for line in text.splitlines():
         if line.startswith(DROPPED):
             dropped += float(line.rsplit(" ", 1)[1])
             continue
-        if line.startswith(LAG_BUCKET) or line.startswith(PREP_BUCKET) or line.startswith(DELIVERY_BUCKET):
+        into = next((h for name, h in histograms if line.startswith(name)), None)
+        if into is not None:
             m = _LE.search(line)
             if m:
-                into = buckets if line.startswith(LAG_BUCKET) else prep if line.startswith(PREP_BUCKET) else delivery
                 into[float(m.group(1))] = float(line.rsplit(" ", 1)[1])
         elif line.startswith(LAG_GAUGE + "{") or line.startswith(LAG_GAUGE + " "):
             gauge = float(line.rsplit(" ", 1)[1])
