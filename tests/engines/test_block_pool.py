@@ -242,3 +242,22 @@ def test_long_lookup_crosses_chunks_and_stops_at_the_first_miss() -> None:
     assert pool.find_longest_cache_hit([*hashes[:600], 1, *hashes[601:]], 1000) == blocks[:600]
     assert pool.find_longest_cache_hit([*hashes[:256], 5], 1000) == blocks[:256]
     assert pool.find_longest_cache_hit([], 10) == [] and pool.find_longest_cache_hit(hashes, 0) == []
+
+
+def test_any_int_hash_is_cached_found_and_evicted() -> None:
+    # The map is split by the hash's low bits: hashes that share them, negative ones and full
+    # 64-bit ones must all behave as in one dict.
+    hashes = [0, 64, -64, -1, 63, 2**64 - 1, 2**63, 128]
+    pool = BlockPool(len(hashes) + 1, 4, enable_caching=True, emit_events=True)
+    blocks = pool.get_new_blocks(len(hashes))
+    pool.cache_full_blocks(blocks, hashes, 0, len(hashes))
+    assert pool.find_longest_cache_hit(hashes, len(hashes)) == blocks
+    assert [pool.get_cached_block(h) for h in hashes] == blocks
+    assert pool.num_cached_blocks == len(hashes)
+    pool.free_blocks(reversed(blocks))
+    pool.take_events()
+    pool.get_new_blocks(len(hashes))  # evicts them all, tail first
+    removed = [e.block_hashes[0] for e in pool.take_events() if isinstance(e, BlockRemoved)]
+    assert removed == hashes[::-1]
+    assert pool.num_cached_blocks == 0 and pool.find_longest_cache_hit(hashes, 8) == []
+    pool.check_invariants()
