@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -111,7 +112,6 @@ async def start_fleet(
     if stream_interval < 1:
         raise ValueError(f"invalid stream_interval: must be >= 1 (current value: {stream_interval})")
     tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else load_tokenizer(tokenizer)
-    threads_before = _thread_ids()
     ctx = zmq.asyncio.Context()  # its I/O threads start with its first socket
     replicas: list[Replica] = []
     prep_lock = asyncio.Lock()  # one long request preparation at a time, fleet-wide
@@ -146,7 +146,7 @@ async def start_fleet(
             rep = Replica(cfg, ec, tok, name=f"r{i}", zmq_ctx=ctx, prep_lock=prep_lock)
             replicas.append(rep)
             await rep.start()
-        lower_zmq_threads(ZMQ_THREAD_NICE, exclude=threads_before)
+        lower_zmq_threads(ZMQ_THREAD_NICE)
         yield Fleet(replicas)
     finally:
         for rep in replicas:
@@ -161,11 +161,13 @@ def _thread_ids() -> set[str]:
         return set()
 
 
-def lower_zmq_threads(nice: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[int]:
-    """Run this process's ZMQ background threads (the I/O thread sends every KV-event batch),
-    except those in ``exclude`` (thread ids: another context's, started before the fleet's), at
-    ``nice`` levels below their current priority; returns the thread ids changed (Linux only,
-    nothing elsewhere).
+def lower_zmq_threads(nice: int) -> list[int]:
+    """Run this process's ZMQ background threads (the I/O thread sends every KV-event batch)
+    ``nice`` levels below the calling thread (the event loop's); returns the thread ids set
+    (Linux only, nothing elsewhere). Idempotent: the level is relative to the caller, not to the
+    thread's current one, so a second fleet in the same process (tests) does not lower the
+    first one's threads again, and no list of threads "from before" is needed (a thread id
+    can be reused as soon as its thread ends).
 
     Why: the fleet's replicas share one core (``kvrouter sim`` is pinned to one in the capacity
     bench), and at the same priority every ZMQ send woke the I/O thread, which preempted the
@@ -175,14 +177,15 @@ def lower_zmq_threads(nice: int, exclude: set[str] | frozenset[str] = frozenset(
     in four interleaved pairs, 94.7-97.5% of steps within 5 ms against 92.4-95.6%.
     """
     changed: list[int] = []
-    for name in _thread_ids() - exclude:
+    level = min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice)
+    for name in _thread_ids():
         try:
             with open(f"/proc/self/task/{name}/comm") as f:
                 comm = f.read().strip()
             if not comm.startswith("ZMQbg/"):
                 continue
             tid = int(name)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+            os.setpriority(os.PRIO_PROCESS, tid, level)
             changed.append(tid)
         except (OSError, ValueError) as exc:  # the thread ended, or no permission: leave it
             log.debug("could not lower ZMQ thread %s: %s", name, exc)

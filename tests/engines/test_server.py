@@ -496,12 +496,13 @@ async def test_zmq_threads_run_below_the_engine_loop() -> None:
         with open(f"/proc/self/task/{tid}/comm") as f:
             return f.read().strip()
 
-    before = set(os.listdir("/proc/self/task"))
-    async with start_fleet(1, "tiny", events_port=0) as f:
-        assert f[0].events_endpoint
+    async with start_fleet(1, "tiny", events_port=0) as f, start_fleet(1, "tiny", events_port=0) as g:
+        assert f[0].events_endpoint and g[0].events_endpoint
         own = nice_of(str(threading.get_native_id()))
-        new = [t for t in set(os.listdir("/proc/self/task")) - before if comm(t).startswith("ZMQbg/IO")]
-        assert new and all(nice_of(t) == min(19, own + 10) for t in new)
+        levels = [nice_of(t) for t in os.listdir("/proc/self/task") if comm(t).startswith("ZMQbg/IO")]
+        # Both fleets' I/O threads (other tests' contexts may have more), each lowered once:
+        # the second fleet does not push the first one's further down.
+        assert levels.count(min(19, own + 10)) >= 2 and max(levels) <= min(19, own + 10)
 
 
 @pytest.mark.parametrize(
