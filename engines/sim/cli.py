@@ -71,6 +71,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="as vLLM's: a stream sends its first token at once, then every N tokens (default 1)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (replica i: seed+i)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="P",
+        help="split the replicas over P worker processes, one event loop each, as separate vLLM "
+        "replicas are (same ports, names and output; default 1)",
+    )
+    p.add_argument("--first-replica", type=int, default=0, help=argparse.SUPPRESS)  # a worker's range
     f = p.add_argument_group("faults (see docs/sim.md; change live with POST /sim/faults)")
     f.add_argument("--fault-refuse-connections", action="store_true", help="do not listen")
     f.add_argument(
@@ -143,6 +152,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
                     faults=faults_from_args(args),
                     seed=args.seed,
                     stream_interval=args.stream_interval,
+                    first_index=args.first_replica,
                     **kw,
                 )
             )
@@ -166,6 +176,10 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.processes != 1:
+        from .workers import run_workers
+
+        return run_workers(args, run)
     try:
         import uvloop
 

@@ -104,9 +104,11 @@ async def start_fleet(
     faults: FaultConfig | None = None,
     seed: int = 0,
     stream_interval: int = 1,
+    first_index: int = 0,
 ) -> AsyncIterator[Fleet]:
     """Run ``n`` replicas until the block exits. ``events_port=None`` disables KV events;
-    ``replay_port=None`` disables the replay socket. Replica ``i`` uses seed ``seed + i``."""
+    ``replay_port=None`` disables the replay socket. Replica ``i`` uses seed ``seed + i``.
+    ``first_index``: the replicas are named ``r{first_index}``... (one worker of several)."""
     if n < 1:
         raise ValueError(f"invalid n: must be >= 1 (current value: {n})")
     if stream_interval < 1:
@@ -143,7 +145,7 @@ async def start_fleet(
                 seed=seed + i,
                 stream_interval=stream_interval,
             )
-            rep = Replica(cfg, ec, tok, name=f"r{i}", zmq_ctx=ctx, prep_lock=prep_lock)
+            rep = Replica(cfg, ec, tok, name=f"r{first_index + i}", zmq_ctx=ctx, prep_lock=prep_lock)
             replicas.append(rep)
             await rep.start()
         lower_zmq_threads(ZMQ_THREAD_NICE)

@@ -98,10 +98,12 @@ def pinned(cmd: list[str], cpu: str | None) -> list[str]:
 
 
 def start_sim(group: ProcGroup, replicas: int, time_scale: float, cpu: str | None,
-              kv_event_hashes: str = "vllm", stream_interval: int = 1,
+              kv_event_hashes: str = "vllm", stream_interval: int = 1, processes: int = 1,
               timeout: float = 60.0) -> tuple[Proc, list[str]]:
     """The bench's sim, pinned to ``cpu``; launched and awaited by ``traces.fleetproc.start_sim``."""
     extra: list[str] = []
+    if processes != 1:  # an older sim (A/B baselines) has no such flag
+        extra += ["--processes", str(processes)]
     if kv_event_hashes != "vllm":  # an older sim (A/B baselines) has no such flag
         extra += ["--kv-event-hashes", kv_event_hashes]
     if stream_interval != 1:
@@ -122,19 +124,34 @@ def start_router(group: ProcGroup, backends: Sequence[str], cpu: str | None) -> 
     return proc, url
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (``kvrouter sim --processes P``: the parent and its P workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *map(int, f.read().split())]
+    except OSError:
+        return [pid]
+
+
 def cpu_ticks(pid: int) -> int:
-    """utime + stime of one process (the sim is one process: every replica on one event loop)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    """utime + stime of the sim: its process and, with --sim-processes, its workers."""
+    ticks = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return math.nan
+    """Resident MB of the sim's processes (each worker's own pages, shared ones counted in each)."""
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+    return total or math.nan
 
 
 def load_avg() -> str:
@@ -486,6 +503,8 @@ def main() -> int:
                         "BlockStored's token_ids, so it needs no more; vllm: vLLM's sha256 values)")
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
                    help="the sim's --stream-interval (vLLM's: first token at once, then every N; default 1)")
+    p.add_argument("--sim-processes", type=int, default=1, metavar="P",
+                   help="the sim's --processes: its replicas over P worker processes, all on --sim-cpu")
     p.add_argument("--sim-cpu", default="1", help="core of the sim process (taskset -c)")
     p.add_argument("--client-cpu", default="0", help="core of the router and this client")
     p.add_argument("--sample-interval", type=float, default=2.0, help="metrics sampling period, s")
@@ -501,7 +520,8 @@ def main() -> int:
     step = get_profile(PROFILE).step
     # The shortest decode step: batch 1, empty context. Lag under it keeps token timing within a step.
     step_s = step.step_ms(0, 0.0, 1, 0) / 1000.0 / args.time_scale
-    print(f"sim: {args.replicas} x {PROFILE} at time scale {args.time_scale:g} on cpu {args.sim_cpu}, "
+    print(f"sim: {args.replicas} x {PROFILE} at time scale {args.time_scale:g} on cpu {args.sim_cpu} "
+          f"in {args.sim_processes} process{'es' if args.sim_processes != 1 else ''}, "
           f"KV-event hashes {args.kv_event_hashes}, stream interval {args.stream_interval}; "
           f"router + client on cpu {args.client_cpu}; trace {args.trace.name} at speedup {args.speedup:g}; "
           f"{os.cpu_count()} cpus, load avg {load_avg()}")
@@ -516,7 +536,7 @@ def main() -> int:
     for mode in modes:
         with ProcGroup(args.log_dir / mode) as group:
             sim, urls = start_sim(group, args.replicas, args.time_scale, args.sim_cpu, args.kv_event_hashes,
-                                  args.stream_interval)
+                                  args.stream_interval, args.sim_processes)
             router_url = None
             spy_proc: Proc | None = None
             if mode == "router":
@@ -527,6 +547,8 @@ def main() -> int:
                 # Its own --duration (the send window), so it writes its file before the group stops.
                 spy = [exe, "record", "--format", "raw", "--rate", "200", "--nonblocking", "--output", str(out),
                        "--duration", str(max(1, int(args.duration))), "--pid", str(sim.p.pid)]
+                if args.sim_processes != 1:
+                    spy.append("--subprocesses")
                 spy_proc = group.start(pinned(spy, args.client_cpu), "py-spy")
             result = run_async(measure(mode, urls, router_url, sim, args))
             if spy_proc is not None:
