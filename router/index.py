@@ -8,9 +8,13 @@ Identifiers (after Dynamo's indexer README):
 
 Structures:
 
-* ``_masks[tier]: dict[BlockHash, int]``: hash -> bitmask of the slots holding the block on that tier.
-  ``match()`` is then one pass over the request's hashes with two dict lookups and a few integer ops
-  per block, stopping at the first block that no replica holds.
+* ``_masks[tier][h & _SHARD_MASK]: dict[BlockHash, int]``: hash -> bitmask of the slots holding the
+  block on that tier, split over ``_SHARDS`` dicts by the hash's low bits. ``match()`` is then one
+  pass over the request's hashes with two dict lookups and a few integer ops per block, stopping at
+  the first block that no replica holds. Why split: CPython rebuilds a dict whose keys churn each
+  time its append-only entry table fills, all at once; one dict of 16 replicas x 26k blocks was a
+  30-38 ms stall of the router's event loop (every request in flight waits) about every million
+  block stores; 256 dicts rebuild a few hundred microseconds at a time.
 * ``_lru[slot][tier]: OrderedDict[BlockHash, int]``: per replica and tier, in LRU order (oldest
   first), the *state* of each block it holds:
 
@@ -47,6 +51,8 @@ from dataclasses import dataclass
 from .types import BlockHash, ReplicaId, Tier
 
 _TIERS = (Tier.GPU, Tier.CPU)
+_SHARDS = 256  # see the module docstring: _masks is split by the hash's low 8 bits
+_SHARD_MASK = _SHARDS - 1
 
 
 @dataclass(slots=True)
@@ -78,7 +84,14 @@ class PrefixIndex:
         self.speculative_ttl_s = speculative_ttl_s
         self.max_replicas = max_replicas
         self._clock = clock
-        self._masks: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self._masks: tuple[list[dict[int, int]], list[dict[int, int]]] = (
+            [{} for _ in range(_SHARDS)],
+            [{} for _ in range(_SHARDS)],
+        )
+        # Per tier, each shard's bound ``get`` (match() calls one per block), and whether the
+        # tier ever held a block (match() skips the CPU lookups of a fleet without that tier).
+        self._gets = tuple([d.get for d in shards] for shards in self._masks)
+        self._tier_used = [False, False]
         self._replicas: dict[ReplicaId, _ReplicaEntry] = {}
         self._by_slot: dict[int, ReplicaId] = {}
         self._free_slots: list[int] = []
@@ -153,7 +166,7 @@ class PrefixIndex:
 
     def __len__(self) -> int:
         """Number of distinct (hash, tier) keys indexed."""
-        return len(self._masks[0]) + len(self._masks[1])
+        return sum(map(len, self._masks[0])) + sum(map(len, self._masks[1]))
 
     # ---- updates --------------------------------------------------------------------------
 
@@ -178,7 +191,9 @@ class PrefixIndex:
         now_ms = self._now_ms()
         self._expire(now_ms)
         lru = entry.lru[tier]
-        mask = self._masks[tier]
+        shards = self._masks[tier]
+        m = _SHARD_MASK
+        self._tier_used[tier] = True
         bit = entry.bit
         if speculative:
             deadline = now_ms + int(1000 * (self.speculative_ttl_s if ttl_s is None else ttl_s))
@@ -188,6 +203,7 @@ class PrefixIndex:
                 state = lru.pop(h, None)
                 if state is None:
                     lru[h] = neg
+                    mask = shards[h & m]
                     mask[h] = mask.get(h, 0) | bit
                     fresh.append(h)
                 elif state > 0:
@@ -206,6 +222,7 @@ class PrefixIndex:
                 state = lru.pop(h, None)
                 if state is None:
                     lru[h] = 1
+                    mask = shards[h & m]
                     mask[h] = mask.get(h, 0) | bit
                 else:
                     lru[h] = state + 1 if state > 0 else 1
@@ -218,6 +235,7 @@ class PrefixIndex:
         if entry is None:
             return
         lru = entry.lru[tier]
+        shards, m, keep = self._masks[tier], _SHARD_MASK, ~entry.bit
         for h in hashes:
             state = lru.get(h)
             if state is None:
@@ -226,7 +244,12 @@ class PrefixIndex:
                 lru[h] = state - 1
             else:
                 del lru[h]
-                self._unset(h, tier, entry.bit)
+                mask = shards[h & m]  # _unset, inlined: one call per block is most of this loop
+                left = mask.get(h, 0) & keep
+                if left:
+                    mask[h] = left
+                else:
+                    mask.pop(h, None)
 
     def clear(self, replica: ReplicaId, tier: Tier | None = None) -> None:
         entry = self._replicas.get(replica)
@@ -257,17 +280,17 @@ class PrefixIndex:
         if not hashes or not self._replicas:
             return gpu_len, any_len
         self._expire(self._now_ms())
-        gmask, cmask = self._masks
-        gget = gmask.get
-        cget = cmask.get if cmask else None
+        ggets, cgets_all = self._gets
+        cgets = cgets_all if self._tier_used[Tier.CPU] else None
+        m = _SHARD_MASK
         below = _bits_below(n_slots)
         g_alive = -1  # slots whose GPU prefix is still unbroken (all bits)
         a_alive = -1
         g_prev = a_prev = -2  # masks of the previous block (-2: none yet)
         i = 0
         for i, h in enumerate(hashes):
-            g = gget(h, 0)
-            a = g | cget(h, 0) if cget is not None else g
+            g = ggets[h & m](h, 0)
+            a = g | cgets[h & m](h, 0) if cgets is not None else g
             if g == g_prev and a == a_prev:
                 continue  # same holders as the block before: nothing ends here (common case)
             g_prev, a_prev = g, a
@@ -322,8 +345,13 @@ class PrefixIndex:
                     if state == 0:
                         raise IndexInvariantError(f"{rid}: block {h} with state 0")
                     expected[h] = expected.get(h, 0) | entry.bit
-            if expected != self._masks[tier]:
-                extra = set(self._masks[tier]) ^ set(expected)
+            masks: dict[int, int] = {}
+            for shard_no, shard in enumerate(self._masks[tier]):
+                if any(h & _SHARD_MASK != shard_no for h in shard):
+                    raise IndexInvariantError(f"tier {tier.name}: a hash in the wrong shard")
+                masks.update(shard)
+            if expected != masks:
+                extra = set(masks) ^ set(expected)
                 raise IndexInvariantError(f"tier {tier.name}: mask mismatch on {len(extra)} keys")
         slots = {e.slot for e in self._replicas.values()}
         if len(slots) != len(self._replicas) or slots & set(self._free_slots):
@@ -335,7 +363,7 @@ class PrefixIndex:
         return int(self._clock() * 1000)
 
     def _unset(self, h: int, tier: int, bit: int) -> None:
-        mask = self._masks[tier]
+        mask = self._masks[tier][h & _SHARD_MASK]
         m = mask.get(h, 0) & ~bit
         if m:
             mask[h] = m

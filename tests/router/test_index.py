@@ -148,7 +148,10 @@ def test_set_capacity_shrinks_bound() -> None:
 # ---- stateful check against a naive model ------------------------------------------------------
 
 REPLICAS = [A, B, C]
-HASHES = st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=6)
+# 13 values, as before, but spread so that several share the index's shard (the low 8 bits) and
+# some are full 64-bit: the split map must behave as one dict.
+KEYS = [0, 1, 2, 256, 512, 768, 257, 255, 511, 2**64 - 1, 2**64 - 256, 2**63, 2**63 + 1]
+HASHES = st.lists(st.sampled_from(KEYS), min_size=1, max_size=6)
 
 
 class NaiveIndex:
