@@ -36,6 +36,8 @@ _PR_SET_PDEATHSIG = 1
 def partition(n: int, processes: int) -> list[tuple[int, int]]:
     """``(first, count)`` of each worker: ``n`` replicas in ``processes`` contiguous ranges whose
     sizes differ by at most one."""
+    if n < 1:
+        raise ValueError(f"invalid n: must be >= 1 (current value: {n})")  # start_fleet's words
     if processes < 1:
         raise ValueError(f"invalid processes: must be >= 1 (current value: {processes})")
     if n < processes:

@@ -28,8 +28,10 @@ def test_partition_is_contiguous_and_balanced() -> None:
     assert partition(3, 3) == [(0, 1), (1, 1), (2, 1)]
     with pytest.raises(ValueError, match="more than the 2 replicas"):
         partition(2, 3)
-    with pytest.raises(ValueError, match="must be >= 1"):
+    with pytest.raises(ValueError, match="invalid processes: must be >= 1"):
         partition(2, 0)
+    with pytest.raises(ValueError, match="invalid n: must be >= 1"):  # as without --processes
+        partition(0, 2)
 
 
 def _args(**kw: object) -> argparse.Namespace:
