@@ -235,7 +235,6 @@ class PrefixIndex:
         if entry is None:
             return
         lru = entry.lru[tier]
-        shards, m, keep = self._masks[tier], _SHARD_MASK, ~entry.bit
         for h in hashes:
             state = lru.get(h)
             if state is None:
@@ -244,12 +243,7 @@ class PrefixIndex:
                 lru[h] = state - 1
             else:
                 del lru[h]
-                mask = shards[h & m]  # _unset, inlined: one call per block is most of this loop
-                left = mask.get(h, 0) & keep
-                if left:
-                    mask[h] = left
-                else:
-                    mask.pop(h, None)
+                self._unset(h, tier, entry.bit)
 
     def clear(self, replica: ReplicaId, tier: Tier | None = None) -> None:
         entry = self._replicas.get(replica)
