@@ -160,20 +160,24 @@ async def start_fleet(
         ctx.destroy(linger=0)
 
 
-def _thread_ids() -> set[str]:
+def _zmq_threads() -> dict[int, str]:
+    """This process's ZMQ background threads: thread id -> name (``ZMQbg/IO/0``, ``ZMQbg/Reaper``);
+    empty where threads are not listed (not Linux), or before a thread has named itself."""
     try:
-        return set(os.listdir("/proc/self/task"))
+        names = os.listdir("/proc/self/task")
     except OSError:  # not Linux
-        return set()
+        return {}
+    out: dict[int, str] = {}
+    for name in names:
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{name}/comm") as f:
+            comm = f.read().strip()
+            if comm.startswith("ZMQbg/"):
+                out[int(name)] = comm
+    return out
 
 
 def _zmq_io_threads() -> int:
-    """How many of this process's threads are ZMQ I/O threads (0 where threads are not listed)."""
-    n = 0
-    for name in _thread_ids():
-        with contextlib.suppress(OSError), open(f"/proc/self/task/{name}/comm") as f:
-            n += f.read().startswith("ZMQbg/IO")
-    return n
+    return sum(comm.startswith("ZMQbg/IO") for comm in _zmq_threads().values())
 
 
 async def _zmq_io_thread_started(before: int, timeout: float = 1.0) -> None:
@@ -181,7 +185,7 @@ async def _zmq_io_thread_started(before: int, timeout: float = 1.0) -> None:
     starts a context's I/O thread with its first socket, and the thread names itself only when
     it first runs, so on a busy core ``lower_zmq_threads`` could otherwise miss it (it did: a
     flaky test under CI load). Counted, not listed by id, since a thread id can be reused."""
-    if not _thread_ids():  # not Linux: nothing to wait for, nothing lowered
+    if not os.path.isdir("/proc/self/task"):  # not Linux: nothing to wait for, nothing lowered
         return
     deadline = time.monotonic() + timeout
     while _zmq_io_threads() <= before and time.monotonic() < deadline:
@@ -204,19 +208,14 @@ def lower_zmq_threads(nice: int) -> list[int]:
     in four interleaved pairs, 94.7-97.5% of steps within 5 ms against 92.4-95.6%.
     """
     changed: list[int] = []
-    threads = _thread_ids()
-    if not threads:  # not Linux: no per-thread nice levels
+    threads = _zmq_threads()
+    if not threads:  # none yet, or not Linux (no per-thread nice levels)
         return changed
     level = min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice)
-    for name in threads:
+    for tid in threads:
         try:
-            with open(f"/proc/self/task/{name}/comm") as f:
-                comm = f.read().strip()
-            if not comm.startswith("ZMQbg/"):
-                continue
-            tid = int(name)
             os.setpriority(os.PRIO_PROCESS, tid, level)
             changed.append(tid)
-        except (OSError, ValueError) as exc:  # the thread ended, or no permission: leave it
-            log.debug("could not lower ZMQ thread %s: %s", name, exc)
+        except OSError as exc:  # the thread ended, or no permission: leave it
+            log.debug("could not lower ZMQ thread %s: %s", tid, exc)
     return changed
