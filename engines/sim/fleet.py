@@ -150,7 +150,7 @@ async def start_fleet(
             rep = Replica(cfg, ec, tok, name=f"r{first_index + i}", zmq_ctx=ctx, prep_lock=prep_lock)
             replicas.append(rep)
             await rep.start()
-        if events_port is not None or replay_port is not None:
+        if events_port is not None:  # the publishers' sockets start the context's I/O thread
             await _zmq_io_thread_started(io_before)
         lower_zmq_threads(ZMQ_THREAD_NICE)
         yield Fleet(replicas)
