@@ -1,10 +1,10 @@
 """``kvrouter sim --processes P``: the replicas split over P worker processes, one event loop each.
 
-Why: real vLLM replicas are separate processes, and the OS preempts one for another. With every
-replica on one event loop, one replica's burst (a prompt's decode and hashing, its prefill chunks
-and their KV events) delays every other replica's due step, since a loop runs ready work in
-FIFO order; split over processes, even on one core, the scheduler interleaves them at sub-ms
-granularity, and a burst delays only the replicas of its own process (docs/sim.md, round 6).
+Why: a fleet on one event loop can use one core, and a large simulated fleet needs more (real
+vLLM replicas are separate processes too). On one core it does not help: measured with 16
+replicas (docs/sim.md, round 6), 2 processes gave the same step lag as 1, and 4 processes cost
+15 more points of CPU and more lag; the loops, ZMQ threads and context switches cost more than
+the OS's interleaving saves.
 
 How: the parent forks the workers before any event loop or thread exists (nothing to copy but
 imported modules). Worker ``k`` runs the ordinary one-process ``serve`` for a contiguous range
