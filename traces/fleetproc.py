@@ -304,7 +304,7 @@ def write_word_tokenizer(folder: Path) -> Path:
     from .synth import WORDS
 
     try:
-        from engines.sim.tokenizer import SPECIAL_TOKENS
+        from engines.sim.replica.tokenizer import SPECIAL_TOKENS
     except ImportError:  # pragma: no cover - engines/ ships with traces/
         SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|user|>", "<|assistant|>",
                           "<|system|>")

@@ -1,7 +1,7 @@
 """Offline simulation: kvrouter's real ``Router`` and policies over the real engine model, in virtual time.
 
 No sockets, no threads, no wall clock. One discrete-event loop drives a fleet of
-``engines.sim.engine.EngineModel`` replicas and one ``router.routing.Router``:
+``engines.sim.model.engine.EngineModel`` replicas and one ``router.routing.Router``:
 
 * **Arrivals** at ``timestamp_s / speedup``. Before a request is routed at time ``t`` every busy
   engine is advanced to ``t`` (``run_until(t)``: decode-only stretches are fast-forwarded in
@@ -48,8 +48,8 @@ from typing import Any
 
 import msgspec
 
-from engines.sim.engine import ITL_BUCKETS, EngineConfig, EngineModel, Histogram, SimRequest
-from engines.sim.profiles import EngineProfile, get_profile
+from engines.sim.model.engine import ITL_BUCKETS, EngineConfig, EngineModel, Histogram, SimRequest
+from engines.sim.model.profiles import EngineProfile, get_profile
 from router.index import PrefixIndex
 from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from router.replicas import Replica, ReplicaRegistry

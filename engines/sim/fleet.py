@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import zmq.asyncio
 
-from .engine import EngineConfig
-from .faults import FaultConfig
-from .profiles import get_profile
-from .server import Replica, ReplicaConfig
-from .tokenizer import Tokenizer, load_tokenizer
+from .model.engine import EngineConfig
+from .replica.faults import FaultConfig
+from .model.profiles import get_profile
+from .replica.runtime import Replica, ReplicaConfig
+from .replica.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -62,8 +62,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from engines.sim.profiles import get_profile  # noqa: E402
-from engines.sim.server import MAX_CATCHUP_S  # noqa: E402
+from engines.sim.model.profiles import get_profile  # noqa: E402
+from engines.sim.replica.runtime import MAX_CATCHUP_S  # noqa: E402
 from traces.fleetproc import PY, Proc, ProcGroup, free_port, wait_http  # noqa: E402
 from traces.fleetproc import start_sim as start_fleet_sim  # noqa: E402
 from traces.loaders import load_trace  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines.sim.block_pool import BlockPool
+from engines.sim.model.block_pool import BlockPool
 from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored
 
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from engines.sim.engine import EngineConfig, EngineModel, SimRequest, StepOutput
-from engines.sim.profiles import H100_LLAMA3_8B, TINY
+from engines.sim.model.engine import EngineConfig, EngineModel, SimRequest, StepOutput
+from engines.sim.model.profiles import H100_LLAMA3_8B, TINY
 from router.kv_wire import AllBlocksCleared, BlockStored
 
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engines.sim.faults import FaultConfig, Faults, parse_faults
-from engines.sim.tokenizer import EOS_ID, SimTokenizer, render_simple_chat
+from engines.sim.replica.faults import FaultConfig, Faults, parse_faults
+from engines.sim.replica.tokenizer import EOS_ID, SimTokenizer, render_simple_chat
 
 
 def test_parse_and_validate() -> None:

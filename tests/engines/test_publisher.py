@@ -9,7 +9,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from engines.sim.publisher import (
+from engines.sim.replica.publisher import (
     END_SEQ,
     NONE_HASH,
     KVEventPublisher,
@@ -250,7 +250,7 @@ def test_event_hashes_are_vllms_for_engine_events(cpu_tier: bool) -> None:
     unknown, and the translator holds exactly the hashes some tier caches."""
     import random
 
-    from engines.sim.engine import EngineConfig, EngineModel, SimRequest
+    from engines.sim.model.engine import EngineConfig, EngineModel, SimRequest
 
     rng = random.Random(7)
     cfg = EngineConfig(

@@ -19,10 +19,10 @@ import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from engines.sim.engine import XxhBlockHasher
-from engines.sim.faults import FaultConfig
+from engines.sim.model.engine import XxhBlockHasher
+from engines.sim.replica.faults import FaultConfig
 from engines.sim.fleet import Fleet, start_fleet
-from engines.sim.publisher import END_SEQ, block_hash_chain, external_hash
+from engines.sim.replica.publisher import END_SEQ, block_hash_chain, external_hash
 from router.kv_wire import BlockStored, KVEventBatch, LegacyKVEventBatch
 
 WAIT = aiohttp.ClientTimeout(total=5)
@@ -436,8 +436,8 @@ def test_sse_templates_equal_encoded_chunks(chat: bool, include_usage: bool) -> 
     """sse_chunks (pre-encoded templates) sends exactly the encoded chunk objects."""
     import random
 
-    from engines.sim.server import _Delta, _Formatter, _json
-    from engines.sim.tokenizer import SimTokenizer
+    from engines.sim.replica.runtime import _Delta, _Formatter, _json
+    from engines.sim.replica.tokenizer import SimTokenizer
 
     tok = SimTokenizer()
     rng = random.Random(0)

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from engines.sim.metrics import SimMetrics, cache_config_labels
+from engines.sim.replica.metrics import SimMetrics, cache_config_labels
 
 GOLDEN = Path(__file__).resolve().parents[1] / "router" / "golden" / "vllm-0.32-metrics.txt"
 

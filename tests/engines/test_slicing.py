@@ -13,9 +13,9 @@ import aiohttp
 import msgspec
 import pytest
 
-from engines.sim.engine import XxhBlockHasher
+from engines.sim.model.engine import XxhBlockHasher
 from engines.sim.fleet import start_fleet
-from engines.sim.server import HTTPError, _Chan, _decode_json, decode_json_sliced
+from engines.sim.replica.runtime import HTTPError, _Chan, _decode_json, decode_json_sliced
 
 WAIT = aiohttp.ClientTimeout(total=20)
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from engines.sim.fleet import start_fleet
-from engines.sim.tokenizer import BOS_ID, SPECIAL_TOKENS, HFTokenizer, load_tokenizer
+from engines.sim.replica.tokenizer import BOS_ID, SPECIAL_TOKENS, HFTokenizer, load_tokenizer
 from router.tokenizer import load_tokenizer as load_router_tokenizer
 from tests.router.test_tokenizer import make_tokenizer
 

@@ -33,7 +33,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from router.kv_wire import (
+from ..wire import (
     BlockRemoved,
     BlockStored,
     EngineHash,

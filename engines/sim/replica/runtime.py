@@ -39,7 +39,7 @@ import msgspec
 import xxhash
 from aiohttp import web
 
-from .engine import EngineConfig, EngineModel, SimRequest, StepOutput, XxhBlockHasher, compact_ints
+from ..model.engine import EngineConfig, EngineModel, SimRequest, StepOutput, XxhBlockHasher, compact_ints
 from .faults import FaultConfig, Faults, parse_faults
 from .metrics import CONTENT_TYPE, SimMetrics, cache_config_labels
 from .publisher import (

@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 import msgspec
 import xxhash
 
-from router.kv_wire import KVEvent
+from ..wire import KVEvent
 
 from .block_pool import BlockPool
 from .cpu_tier import CpuTier

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from ..wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 NULL_BLOCK = 0
 _LOOKUP_CHUNK = 256  # hashes looked up per list comprehension in find_longest_cache_hit

@@ -5,7 +5,7 @@ trace's hash unit), driven like the offline simulator drives a replica: ``run_un
 then ``add_request``. Prompts share a head block and come in multi-turn chains so that the
 prefix cache, eviction and chunked prefill are all exercised.
 
-    .venv/bin/python tests/engines/bench_engine.py [num_requests] [rate_per_s]
+    .venv/bin/python tests/bench/bench_engine.py [num_requests] [rate_per_s]
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import random
 import sys
 import time
 
-from engines.sim.engine import EngineConfig, EngineModel, SimRequest
-from engines.sim.profiles import H100_LLAMA3_8B
+from engines.sim.model.engine import EngineConfig, EngineModel, SimRequest
+from engines.sim.model.profiles import H100_LLAMA3_8B
 
 
 def workload(n: int, rate: float, seed: int = 0) -> list[SimRequest]:
