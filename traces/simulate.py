@@ -48,8 +48,10 @@ from typing import Any
 
 import msgspec
 
-from engines.sim.model.engine import ITL_BUCKETS, EngineConfig, EngineModel, Histogram, SimRequest
+from engines.sim.model.engine import EngineModel
 from engines.sim.model.profiles import EngineProfile, get_profile
+from engines.sim.model.stats import ITL_BUCKETS, Histogram
+from engines.sim.model.structs import EngineConfig, SimRequest
 from router.index import PrefixIndex
 from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from router.replicas import Replica, ReplicaRegistry

@@ -17,8 +17,8 @@ import signal
 import sys
 from typing import Any
 
-from .replica.faults import FaultConfig
 from .model.profiles import PROFILES
+from .replica.faults import FaultConfig
 
 GC_GEN0_THRESHOLD = 20_000  # see serve(): allocations between young collections
 REPLAY_PORT_OFFSET = 100  # default replay range: events port + 100 (vLLM docs use 5557 / 5657)

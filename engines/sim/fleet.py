@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import zmq.asyncio
 
-from .model.engine import EngineConfig
-from .replica.faults import FaultConfig
 from .model.profiles import get_profile
+from .model.structs import EngineConfig
+from .replica.faults import FaultConfig
 from .replica.runtime import Replica, ReplicaConfig
 from .replica.tokenizer import Tokenizer, load_tokenizer
 

@@ -15,8 +15,9 @@ import random
 import sys
 import time
 
-from engines.sim.model.engine import EngineConfig, EngineModel, SimRequest
+from engines.sim.model.engine import EngineModel
 from engines.sim.model.profiles import H100_LLAMA3_8B
+from engines.sim.model.structs import EngineConfig, SimRequest
 
 
 def workload(n: int, rate: float, seed: int = 0) -> list[SimRequest]:

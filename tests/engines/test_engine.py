@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from engines.sim.model.engine import EngineConfig, EngineModel, SimRequest, StepOutput
+from engines.sim.model.engine import EngineModel
 from engines.sim.model.profiles import H100_LLAMA3_8B, TINY
+from engines.sim.model.structs import EngineConfig, SimRequest, StepOutput
 from router.kv_wire import AllBlocksCleared, BlockStored
 
 

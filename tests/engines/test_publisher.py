@@ -250,7 +250,8 @@ def test_event_hashes_are_vllms_for_engine_events(cpu_tier: bool) -> None:
     unknown, and the translator holds exactly the hashes some tier caches."""
     import random
 
-    from engines.sim.model.engine import EngineConfig, EngineModel, SimRequest
+    from engines.sim.model.engine import EngineModel
+    from engines.sim.model.structs import EngineConfig, SimRequest
 
     rng = random.Random(7)
     cfg = EngineConfig(

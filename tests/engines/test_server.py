@@ -19,9 +19,9 @@ import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from engines.sim.model.engine import XxhBlockHasher
-from engines.sim.replica.faults import FaultConfig
 from engines.sim.fleet import Fleet, start_fleet
+from engines.sim.model.block_hash import XxhBlockHasher
+from engines.sim.replica.faults import FaultConfig
 from engines.sim.replica.publisher import END_SEQ, block_hash_chain, external_hash
 from router.kv_wire import BlockStored, KVEventBatch, LegacyKVEventBatch
 

@@ -13,8 +13,8 @@ import aiohttp
 import msgspec
 import pytest
 
-from engines.sim.model.engine import XxhBlockHasher
 from engines.sim.fleet import start_fleet
+from engines.sim.model.block_hash import XxhBlockHasher
 from engines.sim.replica.runtime import HTTPError, _Chan, _decode_json, decode_json_sliced
 
 WAIT = aiohttp.ClientTimeout(total=20)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engines.sim.model.engine import Histogram
 from engines.sim.model.profiles import H100_LLAMA3_8B, TINY, get_profile
+from engines.sim.model.stats import Histogram
 from engines.sim.model.step_time import StepTimeModel, chunk_attn_pairs, series_bucket_counts
 
 M = H100_LLAMA3_8B.step

@@ -1,9 +1,11 @@
 """The pure engine model behind the simulated vLLM engine: one model, two clocks.
 
+(Over 500 lines: one scheduler, whose step, schedule and fast-forward share its private state.)
+
 Nothing here does I/O, sleeps, reads a clock or touches asyncio. Time is a float in seconds that
 the caller passes in:
 
-* **Wall clock** (``engines/sim/server.py``): the server calls ``step(now)``, gets a
+* **Wall clock** (``engines/sim/replica/runtime.py``): the server calls ``step(now)``, gets a
   ``StepOutput`` whose ``end = now + duration``, sleeps until ``end``, then delivers the
   step's tokens, finished requests and KV-event batch, and calls ``step(end)`` again while
   ``has_work()``. When a step schedules nothing (``duration == 0``; e.g. every request is
@@ -30,7 +32,7 @@ API (all times in seconds, on the caller's clock)::
     .next_event_time() -> float | None ; .now -> float (engine busy until)
     .num_running, .num_waiting (incl. CPU loads), .kv_cache_usage -> gauges
     .reset_prefix_cache(reset_cpu: bool = False) -> bool
-    .metrics: EngineMetrics (counters + histograms) ; .snapshot() -> MetricsSnapshot
+    .metrics: EngineStats (counters + histograms) ; .snapshot() -> MetricsSnapshot
     .check_invariants() -> None
 
 Scheduling (vllm/v1/core/sched/scheduler.py ``schedule``): a per-step token budget
@@ -67,291 +69,37 @@ KV events are ``router.kv_wire`` structs (the pinned vLLM 0.32 wire shape), read
 
 from __future__ import annotations
 
-from array import array
-from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, MutableSequence, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
-import msgspec
 import xxhash
 
 from ..wire import KVEvent
-
+from .block_hash import BlockHasher, default_block_hasher, synthetic_block_hash
 from .block_pool import BlockPool
 from .cpu_tier import CpuTier
 from .profiles import EngineProfile, get_profile
-from .step_time import chunk_attn_pairs, series_bucket_counts
+from .stats import EngineStats, MetricsSnapshot
+from .step_time import chunk_attn_pairs
+from .structs import (
+    AdvanceOutput,
+    CachedTokens,
+    EngineConfig,
+    FinishedRequest,
+    SimRequest,
+    StepOutput,
+    compact_ints,
+)
 
-BlockHasher = Callable[[int | None, Sequence[int]], int]
 OutputToken = Callable[[str, int], int]
 
 _xxh3 = xxhash.xxh3_64_intdigest
-_MASK64 = (1 << 64) - 1
-
-
-def compact_ints(values: Iterable[int], code: str) -> MutableSequence[int]:
-    """``values`` as an ``array(code)`` ('I': token ids, 'Q': 64-bit hashes), or a list when they
-    do not fit. Why: a list of n ints is n int objects that the cyclic GC visits one by one
-    whenever a collection sees the list (a 100k-token prompt: a few ms of cache misses per
-    collection, per copy); an array is one flat buffer the GC never looks at."""
-    try:
-        return array(code, values)
-    except (OverflowError, TypeError):
-        return list(values)
 
 
 def default_output_token(request_id: str, i: int) -> int:
     """Deterministic output token ids (a 32k vocabulary), so replays are reproducible."""
     return _xxh3(request_id.encode(), seed=i) % 32000
 
-
-def _uint32_bytes(tokens: Sequence[int]) -> bytes | memoryview | None:
-    """``tokens`` as uint32 machine bytes (no copy from an ``array('I')``); None if they do not fit."""
-    if isinstance(tokens, array) and tokens.typecode == "I":
-        return memoryview(tokens).cast("B")
-    try:
-        return array("I", tokens).tobytes()
-    except (OverflowError, TypeError):
-        return None
-
-
-def _block_bytes(tokens: Sequence[int]) -> bytes | memoryview:
-    """A block's tokens as the bytes the engine hashes: uint32 machine ints; wider ids (never
-    from a real vocabulary) in a tagged int64 or text form that cannot collide with those."""
-    raw = _uint32_bytes(tokens)
-    if raw is not None:
-        return raw
-    try:
-        return b"\xffq" + array("q", tokens).tobytes()
-    except (OverflowError, TypeError):
-        return b"\xffr" + ",".join(map(str, tokens)).encode()
-
-
-class XxhBlockHasher:
-    """The engine's block identity: xxh3-64 of a block's token ids, seeded with its parent's
-    hash (0 for the first block), so one hash names the whole prefix, like vLLM's chain.
-
-    The engine needs nothing more for its prefix cache, and at ~0.3 us a block it is ~7x cheaper
-    than vLLM's pickle + sha256: every prompt block is hashed when its request arrives. vLLM's
-    own values, where they are visible (KV events), come from ``publisher.VllmEventHashes``."""
-
-    def __call__(self, parent: int | None, tokens: Sequence[int]) -> int:
-        return _xxh3(_block_bytes(tokens), seed=0 if parent is None else parent)
-
-    def chain(
-        self, parent: int | None, tokens: Sequence[int], block_size: int, n: int | None = None, first: int = 0
-    ) -> list[int]:
-        """Hashes of ``n`` full blocks of ``tokens`` from block ``first`` on (default: all the
-        rest), chained from ``parent``: exactly ``[h1 := self(parent, block first), ...]``,
-        in one loop over one packed buffer."""
-        if n is None:
-            n = len(tokens) // block_size - first
-        raw = _uint32_bytes(tokens[first * block_size : (first + n) * block_size])
-        out: list[int] = []
-        if raw is None:  # wide ids: block by block, same values
-            for j in range(first, first + n):
-                parent = self(parent, tokens[j * block_size : (j + 1) * block_size])
-                out.append(parent)
-            return out
-        w = 4 * block_size
-        h = 0 if parent is None else parent
-        xxh = _xxh3
-        for i in range(0, n * w, w):
-            h = xxh(raw[i : i + w], h)
-            out.append(h)
-        return out
-
-
-default_block_hasher = XxhBlockHasher()
-
-
-def _synthetic_block_hash(parent: int | None, request_id: str, index: int) -> int:
-    seed = ((0 if parent is None else parent) ^ (index * 0x9E3779B97F4A7C15)) & _MASK64
-    return _xxh3(b"gen\0" + request_id.encode(), seed=seed)
-
-
-# -- public structs -----------------------------------------------------------------------------
-class EngineConfig(msgspec.Struct, frozen=True):
-    """Engine limits. ``num_gpu_blocks`` counts vLLM's null block (usable = num_gpu_blocks - 1)."""
-
-    num_gpu_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    cpu_tier_tokens: int = 0  # 0 disables the CPU tier
-    cpu_chunk_tokens: int = 256
-    enable_prefix_caching: bool = True
-    emit_events: bool = True
-    emit_cpu_events: bool = False  # CPU-tier BlockStored/BlockRemoved with medium "CPU"
-    profile: str = "tiny"  # step-time profile name (profiles.py), used when none is passed
-    time_scale: float = 1.0  # step durations are divided by this
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_chunk_tokens"):
-            v = getattr(self, name)
-            if v <= 0:
-                raise ValueError(f"invalid {name}: {v} (must be > 0)")
-        if self.num_gpu_blocks < 2:
-            raise ValueError(f"invalid num_gpu_blocks: {self.num_gpu_blocks} (must be >= 2)")
-        if self.time_scale <= 0:
-            raise ValueError(f"invalid time_scale: {self.time_scale} (must be > 0)")
-        if self.cpu_tier_tokens < 0:
-            raise ValueError(f"invalid cpu_tier_tokens: {self.cpu_tier_tokens} (must be >= 0)")
-
-    @classmethod
-    def from_profile(
-        cls, profile: EngineProfile, block_size: int | None = None, **overrides: object
-    ) -> EngineConfig:
-        """The profile's capacity and limits, with the KV pool re-counted for ``block_size``.
-        Overrides that are None keep the profile's value; unknown names are ignored."""
-        bs = block_size or profile.block_size
-        base: dict[str, object] = {
-            "num_gpu_blocks": profile.num_gpu_blocks(bs),
-            "block_size": bs,
-            "max_num_seqs": profile.max_num_seqs,
-            "max_num_batched_tokens": profile.max_num_batched_tokens,
-            "profile": profile.name,
-        }
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return msgspec.convert(base, cls)
-
-
-class SimRequest(msgspec.Struct):
-    """One request as the engine sees it.
-
-    Give either ``token_ids`` (the server: real prompt ids; the engine then tracks output ids,
-    fills ``BlockStored.token_ids`` and, when ``block_hashes`` is None, hashes the prompt's full
-    blocks itself with ``block_hasher``) or ``prompt_len`` plus ``block_hashes`` (the simulator:
-    engine hashes of the prompt's ``prompt_len // block_size`` full blocks, chained). No EOS is
-    ever sampled: a request always runs to ``max_tokens`` (vLLM with ``ignore_eos``)."""
-
-    request_id: str
-    max_tokens: int
-    prompt_len: int = 0  # 0: len(token_ids)
-    block_hashes: Sequence[int] | None = None
-    token_ids: Sequence[int] | None = None
-    arrival: float = 0.0
-
-
-class CachedTokens(msgspec.Struct, frozen=True, gc=False):
-    """Prefix-cache result of a request's first scheduling, in tokens (vLLM's accounting)."""
-
-    local: int  # GPU prefix-cache hit: whole blocks, at most num_tokens - 1
-    external: int  # loaded from the CPU tier beyond the GPU hit
-    external_queried: int  # tokens asked of the CPU tier (num_tokens - local); 0 without one
-
-
-class FinishedRequest(msgspec.Struct, frozen=True, gc=False):
-    request_id: str
-    finish_reason: str  # "length" (max_tokens reached) or "abort"
-    arrival: float
-    first_scheduled: float | None
-    first_token_time: float | None
-    finish_time: float
-    prompt_tokens: int
-    output_tokens: int
-    cached_tokens: int  # -1 when aborted before being scheduled
-    num_preemptions: int
-
-
-class StepOutput(msgspec.Struct, gc=False):
-    """What one step did. Everything in it takes effect at ``end = start + duration``."""
-
-    start: float
-    end: float
-    duration: float  # seconds, already divided by time_scale
-    new_tokens: dict[str, list[int]]  # request id -> the one token it produced (not for partial prefills)
-    finished: dict[str, str]  # request id -> finish reason ("length"); aborts are not reported here
-    finished_requests: list[FinishedRequest]
-    cached_tokens: dict[str, CachedTokens]  # requests scheduled for compute for the first time
-    events: list[KVEvent]  # this step's batch (vLLM publishes one per step), in order
-    num_scheduled_tokens: int
-    num_preemptions: int
-
-
-class AdvanceOutput(msgspec.Struct, gc=False):
-    now: float  # the engine is busy until here (>= the last step start, may exceed ``t``)
-    steps: int
-    finished: list[FinishedRequest]
-    event_batches: list[tuple[float, list[KVEvent]]]
-
-
-class MetricsSnapshot(msgspec.Struct, frozen=True, gc=False):
-    """Gauges and counters under vLLM's meaning (``vllm:`` metric names without the prefix)."""
-
-    num_requests_running: int
-    num_requests_waiting: int
-    kv_cache_usage_perc: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    external_prefix_cache_queries: int
-    external_prefix_cache_hits: int
-    num_preemptions: int
-    prompt_tokens: int
-    prompt_tokens_cached: int
-    generation_tokens: int
-    request_success: int
-    cpu_cache_usage_perc: float
-
-
-# vLLM's bucket boundaries (vllm/v1/metrics/loggers.py)
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-               20.0, 40.0, 80.0)  # fmt: skip
-REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                           60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
-
-
-@dataclass(slots=True)
-class Histogram:
-    """Prometheus-style histogram: ``counts[i]`` observations in (bounds[i-1], bounds[i]], the
-    last slot is +Inf. Not cumulative; the exporter accumulates."""
-
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    sum: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.bounds) + 1)
-
-    def observe(self, v: float) -> None:
-        self.counts[bisect_left(self.bounds, v)] += 1
-        self.sum += v
-        self.count += 1
-
-    def observe_series(self, first: float, step: float, n: int) -> None:
-        """Observe ``first + j*step`` for j in [0, n) in O(buckets)."""
-        if n <= 0:
-            return
-        cum = series_bucket_counts(first, step, n, self.bounds)
-        prev = 0
-        for i, c in enumerate(cum):
-            self.counts[i] += c - prev
-            prev = c
-        self.counts[-1] += n - prev
-        self.sum += n * first + step * n * (n - 1) / 2
-        self.count += n
-
-
-@dataclass(slots=True)
-class EngineMetrics:
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    external_prefix_cache_queries: int = 0
-    external_prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    prompt_tokens_cached: int = 0
-    generation_tokens: int = 0
-    request_success: int = 0
-    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
-    itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
-    e2e: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
-    queue_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
 
 
 # -- internal request state ---------------------------------------------------------------------
@@ -440,7 +188,7 @@ class EngineModel:
             if config.cpu_tier_tokens > 0
             else None
         )
-        self.metrics = EngineMetrics()
+        self.metrics = EngineStats()
         self.waiting: deque[_Req] = deque()
         self.running: list[_Req] = []
         self.loading: list[_Req] = []
@@ -833,7 +581,7 @@ class EngineModel:
         if r.tokens is not None:
             r.hashes.append(self.block_hasher(parent, r.tokens[j * bs : (j + 1) * bs]))
         else:
-            r.hashes.append(_synthetic_block_hash(parent, r.id, j))
+            r.hashes.append(synthetic_block_hash(parent, r.id, j))
 
     def _finish(self, r: _Req, t: float, reason: str) -> FinishedRequest:
         self._free(r)

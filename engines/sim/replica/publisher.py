@@ -294,7 +294,7 @@ class VllmEventHashes:
     vLLM 0.32 (``--prefix-caching-hash-algo sha256``) publishes for the same tokens.
 
     Why the engine does not simply hash with sha256: its prefix cache only needs *a* chained
-    identity per block, and the engine's xxh3 chain (``engine.XxhBlockHasher``) costs ~0.3 us a
+    identity per block, and the engine's xxh3 chain (``model.block_hash.XxhBlockHasher``) costs ~0.3 us a
     block against ~2 us for pickle + sha256. Every prompt block is hashed when its request arrives
     (a Mooncake burst is ~100k tokens), but only *stored* blocks reach an event, and they are
     hashed here, when the step that stored them publishes.

@@ -39,7 +39,9 @@ import msgspec
 import xxhash
 from aiohttp import web
 
-from ..model.engine import EngineConfig, EngineModel, SimRequest, StepOutput, XxhBlockHasher, compact_ints
+from ..model.block_hash import XxhBlockHasher
+from ..model.engine import EngineModel
+from ..model.structs import EngineConfig, SimRequest, StepOutput, compact_ints
 from .faults import FaultConfig, Faults, parse_faults
 from .metrics import CONTENT_TYPE, SimMetrics, cache_config_labels
 from .publisher import (
