@@ -112,7 +112,7 @@ def faults_from_args(args: argparse.Namespace) -> FaultConfig:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
-    from .fleet import start_fleet  # imported late: `kvrouter --help` stays fast
+    from .fleet import FleetConfig, start_fleet  # imported late: `kvrouter --help` stays fast
 
     events_port: int | None = None if args.no_events else args.events_port
     replay_port: int | None = None
@@ -133,27 +133,29 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         try:
             fleet = await stack.enter_async_context(
                 start_fleet(
-                    args.replicas,
-                    args.profile,
-                    host=args.host,
-                    port=args.port,
-                    events_port=events_port,
-                    replay_port=replay_port,
-                    time_scale=args.time_scale,
-                    block_size=args.block_size,
-                    num_gpu_blocks=args.num_gpu_blocks,
-                    cpu_tier_tokens=args.cpu_tier_tokens,
-                    legacy_events=args.legacy_events,
-                    int_block_hashes=not args.bytes_block_hashes,
-                    kv_event_hashes=args.kv_event_hashes,
-                    topic=args.topic,
-                    max_model_len=args.max_model_len,
-                    tokenizer=args.tokenizer,
-                    faults=faults_from_args(args),
-                    seed=args.seed,
-                    stream_interval=args.stream_interval,
-                    first_index=args.first_replica,
-                    **kw,
+                    FleetConfig(
+                        n=args.replicas,
+                        profile=args.profile,
+                        host=args.host,
+                        port=args.port,
+                        events_port=events_port,
+                        replay_port=replay_port,
+                        time_scale=args.time_scale,
+                        block_size=args.block_size,
+                        num_gpu_blocks=args.num_gpu_blocks,
+                        cpu_tier_tokens=args.cpu_tier_tokens,
+                        legacy_events=args.legacy_events,
+                        int_block_hashes=not args.bytes_block_hashes,
+                        kv_event_hashes=args.kv_event_hashes,
+                        topic=args.topic,
+                        max_model_len=args.max_model_len,
+                        tokenizer=args.tokenizer,
+                        faults=faults_from_args(args),
+                        seed=args.seed,
+                        stream_interval=args.stream_interval,
+                        first_index=args.first_replica,
+                        **kw,
+                    )
                 )
             )
         except ValueError as exc:  # a value start_fleet rejects: --replicas 0, --time-scale 0, ...

@@ -1,6 +1,6 @@
 """Start N simulated vLLM replicas in one process and one event loop (tests, demo, ``kvrouter sim``).
 
-    async with start_fleet(2, profile="tiny") as fleet:
+    async with start_fleet(FleetConfig(n=2, profile="tiny")) as fleet:
         fleet.replicas[0].url                 # http://127.0.0.1:PORT
         fleet.replicas[0].events_endpoint     # where a SUB connects (the PUB binds)
         fleet.replicas[0].replay_endpoint     # ROUTER for replay
@@ -28,8 +28,9 @@ import zmq.asyncio
 
 from .model.profiles import get_profile
 from .model.structs import EngineConfig
+from .replica.config import ReplicaConfig
 from .replica.faults import FaultConfig
-from .replica.runtime import Replica, ReplicaConfig
+from .replica.runtime import ReplicaRuntime
 from .replica.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ ZMQ_THREAD_NICE = 10
 
 @dataclass
 class Fleet:
-    replicas: list[Replica]
+    replicas: list[ReplicaRuntime]
 
     @property
     def urls(self) -> list[str]:
@@ -49,7 +50,7 @@ class Fleet:
     def __len__(self) -> int:
         return len(self.replicas)
 
-    def __getitem__(self, i: int) -> Replica:
+    def __getitem__(self, i: int) -> ReplicaRuntime:
         return self.replicas[i]
 
 
@@ -81,76 +82,92 @@ def _port(base: int | None, i: int) -> int:
     return 0 if not base else base + i
 
 
+@dataclass(frozen=True)
+class FleetConfig:
+    """What ``start_fleet`` runs: ``n`` replicas of one engine profile, and their settings.
+
+    ``events_port=None`` disables KV events; ``replay_port=None`` disables the replay socket.
+    Replica ``i`` uses seed ``seed + i``. ``first_index``: the replicas are named
+    ``r{first_index}``... (one worker of several). ``max_model_len`` None: the profile's
+    (``MAX_MODEL_LEN``). ``tokenizer``: a loaded one, a path, or None for the built-in one."""
+
+    n: int = 1
+    profile: str = "tiny"
+    model: str = "tiny"
+    host: str = "127.0.0.1"
+    port: int = 0
+    events_port: int | None = 0
+    replay_port: int | None = 0
+    time_scale: float = 1.0
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    cpu_tier_tokens: int | None = None
+    legacy_events: bool = False
+    int_block_hashes: bool = True
+    kv_event_hashes: str = "vllm"
+    topic: str = "kv-events"
+    buffer_steps: int = 10_000
+    max_model_len: int | None = None
+    tokenizer: str | Tokenizer | None = None
+    faults: FaultConfig | None = None
+    seed: int = 0
+    stream_interval: int = 1
+    first_index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"invalid n: must be >= 1 (current value: {self.n})")
+        if self.stream_interval < 1:
+            raise ValueError(f"invalid stream_interval: must be >= 1 (current value: {self.stream_interval})")
+
+    def replica_config(self, i: int) -> ReplicaConfig:
+        """Replica ``i``'s settings: its ports, its seed, the rest shared."""
+        host = self.host
+        ev = None if self.events_port is None else f"tcp://{host}:{_port(self.events_port, i) or '*'}"
+        rp = None if self.replay_port is None else f"tcp://{host}:{_port(self.replay_port, i) or '*'}"
+        return ReplicaConfig(
+            model=self.model,
+            host=host,
+            port=_port(self.port, i),
+            events_endpoint=ev,
+            events_bind=True,
+            replay_endpoint=rp,
+            topic=self.topic,
+            buffer_steps=self.buffer_steps,
+            legacy_events=self.legacy_events,
+            int_block_hashes=self.int_block_hashes,
+            kv_event_hashes=self.kv_event_hashes,
+            max_model_len=self.max_model_len or MAX_MODEL_LEN.get(self.profile, 2048),
+            faults=self.faults or FaultConfig(),
+            seed=self.seed + i,
+            stream_interval=self.stream_interval,
+        )
+
+
 @contextlib.asynccontextmanager
-async def start_fleet(
-    n: int = 1,
-    profile: str = "tiny",
-    *,
-    model: str = "tiny",
-    host: str = "127.0.0.1",
-    port: int = 0,
-    events_port: int | None = 0,
-    replay_port: int | None = 0,
-    time_scale: float = 1.0,
-    block_size: int | None = None,
-    num_gpu_blocks: int | None = None,
-    cpu_tier_tokens: int | None = None,
-    legacy_events: bool = False,
-    int_block_hashes: bool = True,
-    kv_event_hashes: str = "vllm",
-    topic: str = "kv-events",
-    buffer_steps: int = 10_000,
-    max_model_len: int | None = None,
-    tokenizer: str | Tokenizer | None = None,
-    faults: FaultConfig | None = None,
-    seed: int = 0,
-    stream_interval: int = 1,
-    first_index: int = 0,
-) -> AsyncIterator[Fleet]:
-    """Run ``n`` replicas until the block exits. ``events_port=None`` disables KV events;
-    ``replay_port=None`` disables the replay socket. Replica ``i`` uses seed ``seed + i``.
-    ``first_index``: the replicas are named ``r{first_index}``... (one worker of several)."""
-    if n < 1:
-        raise ValueError(f"invalid n: must be >= 1 (current value: {n})")
-    if stream_interval < 1:
-        raise ValueError(f"invalid stream_interval: must be >= 1 (current value: {stream_interval})")
-    tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else load_tokenizer(tokenizer)
+async def start_fleet(config: FleetConfig) -> AsyncIterator[Fleet]:
+    """Run ``config.n`` replicas until the block exits."""
+    c = config
+    tok = c.tokenizer if c.tokenizer is not None and not isinstance(c.tokenizer, str) else load_tokenizer(c.tokenizer)
     io_before = _zmq_io_threads()
     ctx = zmq.asyncio.Context()  # its I/O threads start with its first socket
-    replicas: list[Replica] = []
+    replicas: list[ReplicaRuntime] = []
     prep_lock = asyncio.Lock()  # one long request preparation at a time, fleet-wide
     try:
-        for i in range(n):
+        for i in range(c.n):
             ec = engine_config(
-                profile,
-                time_scale=time_scale,
-                block_size=block_size,
-                num_gpu_blocks=num_gpu_blocks,
-                cpu_tier_tokens=cpu_tier_tokens,
+                c.profile,
+                time_scale=c.time_scale,
+                block_size=c.block_size,
+                num_gpu_blocks=c.num_gpu_blocks,
+                cpu_tier_tokens=c.cpu_tier_tokens,
             )
-            ev = None if events_port is None else f"tcp://{host}:{_port(events_port, i) or '*'}"
-            rp = None if replay_port is None else f"tcp://{host}:{_port(replay_port, i) or '*'}"
-            cfg = ReplicaConfig(
-                model=model,
-                host=host,
-                port=_port(port, i),
-                events_endpoint=ev,
-                events_bind=True,
-                replay_endpoint=rp,
-                topic=topic,
-                buffer_steps=buffer_steps,
-                legacy_events=legacy_events,
-                int_block_hashes=int_block_hashes,
-                kv_event_hashes=kv_event_hashes,
-                max_model_len=max_model_len or MAX_MODEL_LEN.get(profile, 2048),
-                faults=faults or FaultConfig(),
-                seed=seed + i,
-                stream_interval=stream_interval,
+            rep = ReplicaRuntime(
+                c.replica_config(i), ec, tok, name=f"r{c.first_index + i}", zmq_ctx=ctx, prep_lock=prep_lock
             )
-            rep = Replica(cfg, ec, tok, name=f"r{first_index + i}", zmq_ctx=ctx, prep_lock=prep_lock)
             replicas.append(rep)
             await rep.start()
-        if events_port is not None:  # the publishers' sockets start the context's I/O thread
+        if c.events_port is not None:  # the publishers' sockets start the context's I/O thread
             await _zmq_io_thread_started(io_before)
         lower_zmq_threads(ZMQ_THREAD_NICE)
         yield Fleet(replicas)

@@ -9,15 +9,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from engines.sim.replica.publisher import (
-    END_SEQ,
-    NONE_HASH,
-    KVEventPublisher,
-    VllmEventHashes,
-    block_hash_chain,
-    external_hash,
-    public_endpoint,
-)
+from engines.sim.replica.publisher import END_SEQ, KVEventPublisher, public_endpoint
+from engines.sim.replica.vllm_hashes import NONE_HASH, VllmEventHashes, block_hash_chain, external_hash
 from router.kv_events import resolve_event_source
 from router.kv_wire import (
     AllBlocksCleared,

@@ -19,10 +19,11 @@ import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from engines.sim.fleet import Fleet, start_fleet
+from engines.sim.fleet import Fleet, FleetConfig, start_fleet
 from engines.sim.model.block_hash import XxhBlockHasher
 from engines.sim.replica.faults import FaultConfig
-from engines.sim.replica.publisher import END_SEQ, block_hash_chain, external_hash
+from engines.sim.replica.publisher import END_SEQ
+from engines.sim.replica.vllm_hashes import block_hash_chain, external_hash
 from router.kv_wire import BlockStored, KVEventBatch, LegacyKVEventBatch
 
 WAIT = aiohttp.ClientTimeout(total=5)
@@ -31,7 +32,7 @@ PROMPT = "the quick brown fox jumps over the lazy dog " * 12  # 108 tokens with 
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[Fleet]:
-    async with start_fleet(1, "tiny", time_scale=0.5, seed=3) as f:
+    async with start_fleet(FleetConfig(1, "tiny", time_scale=0.5, seed=3)) as f:
         yield f
 
 
@@ -118,7 +119,7 @@ async def test_chat_stream_timing_and_usage(fleet: Fleet, http: aiohttp.ClientSe
 
 async def test_stream_spacing_follows_step_time(http: aiohttp.ClientSession) -> None:
     # time_scale 0.01: each tiny decode step takes ~2-3 ms of wall time.
-    async with start_fleet(1, "tiny", time_scale=0.01, events_port=None) as f:
+    async with start_fleet(FleetConfig(1, "tiny", time_scale=0.01, events_port=None)) as f:
         body = {"prompt": "hi there", "max_tokens": 8, "stream": True}
         t: list[float] = []
         t0 = time.monotonic()
@@ -154,7 +155,7 @@ async def _stream_texts(http: aiohttp.ClientSession, url: str, body: dict[str, o
 async def test_stream_interval_batches_tokens_as_vllm(http: aiohttp.ClientSession) -> None:
     # vLLM 0.32 (OutputProcessor with --stream-interval N): the first token goes at once, then one
     # chunk per N new tokens, then whatever is left when the request finishes.
-    async with start_fleet(1, "tiny", time_scale=0.01, events_port=None, stream_interval=4) as f:
+    async with start_fleet(FleetConfig(1, "tiny", time_scale=0.01, events_port=None, stream_interval=4)) as f:
         url = f[0].url
         body: dict[str, object] = {
             "prompt": "hi there", "max_tokens": 10, "stream": True, "stream_options": {"include_usage": True},
@@ -255,7 +256,7 @@ async def test_kv_events_match_vllm_hashes_and_replay(fleet: Fleet, http: aiohtt
 async def test_legacy_and_bytes_hash_events(http: aiohttp.ClientSession) -> None:
     ctx = zmq.asyncio.Context()
     try:
-        async with start_fleet(1, "tiny", legacy_events=True, int_block_hashes=False) as f:
+        async with start_fleet(FleetConfig(1, "tiny", legacy_events=True, int_block_hashes=False)) as f:
             sub = await _sub(ctx, f[0].events_endpoint or "")
             async with http.post(f[0].url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}) as r:
                 assert r.status == 200
@@ -274,7 +275,7 @@ async def test_engine_hash_events(http: aiohttp.ClientSession, int_hashes: bool)
     bytes), chained like vLLM's, and /metrics says the hash is none of vLLM's."""
     ctx = zmq.asyncio.Context()
     try:
-        async with start_fleet(1, "tiny", kv_event_hashes="engine", int_block_hashes=int_hashes) as f:
+        async with start_fleet(FleetConfig(1, "tiny", kv_event_hashes="engine", int_block_hashes=int_hashes)) as f:
             sub = await _sub(ctx, f[0].events_endpoint or "")
             for _ in range(2):  # the repeat is a cache hit: no second BlockStored for the prompt
                 body = {"prompt": PROMPT, "max_tokens": 1}
@@ -293,7 +294,7 @@ async def test_engine_hash_events(http: aiohttp.ClientSession, int_hashes: bool)
     finally:
         ctx.destroy(linger=0)
     with pytest.raises(ValueError, match="kv_event_hashes"):
-        async with start_fleet(1, "tiny", kv_event_hashes="md5"):
+        async with start_fleet(FleetConfig(1, "tiny", kv_event_hashes="md5")):
             pass
 
 
@@ -388,7 +389,7 @@ async def test_fault_restart_resets_seq_and_cache(fleet: Fleet, http: aiohttp.Cl
 async def test_fault_malformed_and_reordered_events(http: aiohttp.ClientSession) -> None:
     ctx = zmq.asyncio.Context()
     try:
-        async with start_fleet(1, "tiny", faults=FaultConfig(reorder_event_rate=1.0)) as f:
+        async with start_fleet(FleetConfig(1, "tiny", faults=FaultConfig(reorder_event_rate=1.0))) as f:
             sub = await _sub(ctx, f[0].events_endpoint or "")
             for i in range(2):
                 async with http.post(f[0].url + "/v1/completions", json={"prompt": f"{i} {PROMPT}"}) as r:
@@ -408,7 +409,7 @@ async def test_fault_malformed_and_reordered_events(http: aiohttp.ClientSession)
 
 
 async def test_client_disconnect_aborts_in_engine(http: aiohttp.ClientSession) -> None:
-    async with start_fleet(1, "tiny", time_scale=0.01, events_port=None) as f:
+    async with start_fleet(FleetConfig(1, "tiny", time_scale=0.01, events_port=None)) as f:
         with pytest.raises(asyncio.TimeoutError):
             async with http.post(
                 f[0].url + "/v1/completions",
@@ -424,7 +425,7 @@ async def test_client_disconnect_aborts_in_engine(http: aiohttp.ClientSession) -
 
 async def test_deeply_nested_json_is_a_400_not_a_500() -> None:
     """Regression: a body nested past msgspec's depth limit raised RecursionError -> HTTP 500."""
-    async with start_fleet(1, "tiny", events_port=None) as fleet:
+    async with start_fleet(FleetConfig(1, "tiny", events_port=None)) as fleet:
         body = b'{"model":"tiny","prompt":' + b"[" * 5000 + b"]" * 5000 + b"}"
         async with aiohttp.ClientSession() as s, s.post(fleet.replicas[0].url + "/v1/completions", data=body) as r:
             assert r.status == 400
@@ -436,24 +437,25 @@ def test_sse_templates_equal_encoded_chunks(chat: bool, include_usage: bool) -> 
     """sse_chunks (pre-encoded templates) sends exactly the encoded chunk objects."""
     import random
 
-    from engines.sim.replica.runtime import _Delta, _Formatter, _json
+    from engines.sim.replica.openai_format import ResponseFormatter, json_encoder
+    from engines.sim.replica.streams import Delta
     from engines.sim.replica.tokenizer import SimTokenizer
 
     tok = SimTokenizer()
     rng = random.Random(0)
-    ref, fast = _Formatter('m"odel', chat, 3, tok), _Formatter('m"odel', chat, 3, tok)
+    ref, fast = ResponseFormatter('m"odel', chat, 3, tok), ResponseFormatter('m"odel', chat, 3, tok)
     fast.id, fast.created = ref.id, ref.created
     for _ in range(200):
         ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 3))]
-        d = _Delta(rng.randrange(3), ids, rng.choice([None, None, "length"]))
-        want = [b"data: " + _json.encode(c) + b"\n\n" for c in ref.chunks(d, include_usage)]
+        d = Delta(rng.randrange(3), ids, rng.choice([None, None, "length"]))
+        want = [b"data: " + json_encoder.encode(c) + b"\n\n" for c in ref.chunks(d, include_usage)]
         assert fast.sse_chunks(d, include_usage) == want
 
 
 async def test_cpu_tier_hit_waits_for_its_load_then_streams(http: aiohttp.ClientSession) -> None:
     """A prompt evicted from the GPU but kept by the CPU tier is loaded, not recomputed: the
     engine loop waits for the load (no step can run meanwhile) and then serves it."""
-    async with start_fleet(1, "tiny", num_gpu_blocks=1 + 10, cpu_tier_tokens=4096, events_port=None) as f:
+    async with start_fleet(FleetConfig(1, "tiny", num_gpu_blocks=1 + 10, cpu_tier_tokens=4096, events_port=None)) as f:
         url = f[0].url + "/v1/completions"
         a = [300 + i for i in range(160)]  # 10 blocks: the whole GPU pool
         b = [900 + i for i in range(160)]  # evicts a from the GPU; the CPU tier keeps it
@@ -469,7 +471,7 @@ async def test_cpu_tier_hit_waits_for_its_load_then_streams(http: aiohttp.Client
 
 async def test_delivery_lag_is_observed_per_stream_write(http: aiohttp.ClientSession) -> None:
     """kvrouter_sim_delivery_lag_seconds: one observation per SSE write, none for a unary reply."""
-    async with start_fleet(1, "tiny", time_scale=0.5, events_port=None) as f:
+    async with start_fleet(FleetConfig(1, "tiny", time_scale=0.5, events_port=None)) as f:
         url = f[0].url + "/v1/completions"
         async def count() -> float:
             async with http.get(f[0].url + "/metrics") as r:
@@ -496,7 +498,7 @@ async def test_zmq_threads_run_below_the_engine_loop() -> None:
         with open(f"/proc/self/task/{tid}/comm") as f:
             return f.read().strip()
 
-    async with start_fleet(1, "tiny", events_port=0) as f, start_fleet(1, "tiny", events_port=0) as g:
+    async with start_fleet(FleetConfig(1, "tiny", events_port=0)) as f, start_fleet(FleetConfig(1, "tiny", events_port=0)) as g:
         assert f[0].events_endpoint and g[0].events_endpoint
         own = nice_of(str(threading.get_native_id()))
         levels = [nice_of(t) for t in os.listdir("/proc/self/task") if comm(t).startswith("ZMQbg/IO")]

@@ -13,16 +13,18 @@ import aiohttp
 import msgspec
 import pytest
 
-from engines.sim.fleet import start_fleet
+from engines.sim.fleet import FleetConfig, start_fleet
 from engines.sim.model.block_hash import XxhBlockHasher
-from engines.sim.replica.runtime import HTTPError, _Chan, _decode_json, decode_json_sliced
+from engines.sim.replica.openai_format import HTTPError
+from engines.sim.replica.prep import decode_json, decode_json_sliced
+from engines.sim.replica.streams import Chan
 
 WAIT = aiohttp.ClientTimeout(total=20)
 
 
 def _one_shot(data: bytes) -> Any:
     try:
-        return ("ok", _decode_json(data))
+        return ("ok", decode_json(data))
     except HTTPError as exc:
         return ("error", exc.status, str(exc))
 
@@ -89,7 +91,7 @@ async def test_sliced_decode_returns_the_ids_of_a_plain_id_prompt() -> None:
 async def test_hash_prompt_in_slices_equals_the_chain(n_tokens: int) -> None:
     rng = random.Random(n_tokens)
     ids = [rng.randrange(32000) for _ in range(n_tokens)]
-    async with start_fleet(1, "tiny", events_port=None) as fleet:
+    async with start_fleet(FleetConfig(1, "tiny", events_port=None)) as fleet:
         rep = fleet[0]
         got = await rep.hash_prompt(ids)
     assert got == XxhBlockHasher().chain(None, ids, 16)
@@ -100,7 +102,7 @@ async def test_the_engine_keeps_stepping_while_a_request_is_prepared() -> None:
     the engine loop: the running request keeps getting steps, and the held one enters the
     engine when its preparation ends, with that wait in kvrouter_sim_prepare_seconds."""
     async with (
-        start_fleet(1, "tiny", time_scale=0.005, events_port=None) as fleet,  # 400 steps: ~1.7 s
+        start_fleet(FleetConfig(1, "tiny", time_scale=0.005, events_port=None)) as fleet,  # 400 steps: ~1.7 s
         aiohttp.ClientSession(timeout=WAIT) as http,
     ):
         rep = fleet[0]
@@ -111,7 +113,7 @@ async def test_the_engine_keeps_stepping_while_a_request_is_prepared() -> None:
             await asyncio.sleep(0.001)
         # over 32 KB of body: its decode takes the fleet's preparation lock
         body = {"prompt": list(range(256, 256 + 1500)), "max_tokens": 2, "user": "u" * 40_000}
-        async with rep._prep_lock:
+        async with rep.prep_lock:
             held = asyncio.create_task(http.post(rep.url + "/v1/completions", json=body))
             await asyncio.sleep(0.05)
             steps = rep.steps
@@ -137,7 +139,7 @@ async def test_the_engine_keeps_stepping_while_a_request_is_prepared() -> None:
 async def test_a_request_arriving_while_the_loop_is_late_joins_its_next_step() -> None:
     """Arrivals are stamped on the engine's clock: while the loop is late, that is the start of
     the step it is about to compute, so an arrival never pushes the engine's clock past it."""
-    async with start_fleet(1, "tiny", events_port=None) as fleet:
+    async with start_fleet(FleetConfig(1, "tiny", events_port=None)) as fleet:
         rep = fleet[0]
         assert rep._next_step_at is None  # idle: the wall clock
         before = time.monotonic()
@@ -149,7 +151,7 @@ async def test_a_request_arriving_while_the_loop_is_late_joins_its_next_step() -
         rep._next_step_at = time.monotonic() - 0.3  # a 300 ms stall: the loop drops all but 50 ms
         assert time.monotonic() - 0.05 - 0.01 <= rep.engine_now() <= time.monotonic() - 0.05
         # The engine gets the stamp; the server's latency metrics count from the wall clock.
-        tr = rep.submit([7] * 40, 2, _Chan(), 0)
+        tr = rep.submit([7] * 40, 2, Chan(), 0)
         assert time.monotonic() - tr.arrival < 0.01
         assert rep.model._reqs[tr.rid].arrival <= tr.arrival - 0.04
         rep._next_step_at = None
@@ -161,7 +163,7 @@ async def test_long_id_prompt_end_to_end_same_hashes_and_cache_hit() -> None:
     rng = random.Random(3)
     ids = [rng.randrange(256, 32000) for _ in range(40_000)]
     async with (
-        start_fleet(1, "h100-llama3-8b", time_scale=1000.0, events_port=None) as fleet,
+        start_fleet(FleetConfig(1, "h100-llama3-8b", time_scale=1000.0, events_port=None)) as fleet,
         aiohttp.ClientSession(timeout=WAIT) as http,
     ):
         rep = fleet[0]

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from engines.sim.fleet import start_fleet
+from engines.sim.fleet import FleetConfig, start_fleet
 from engines.sim.replica.tokenizer import BOS_ID, SPECIAL_TOKENS, HFTokenizer, load_tokenizer
 from router.tokenizer import load_tokenizer as load_router_tokenizer
 from tests.router.test_tokenizer import make_tokenizer
@@ -84,7 +84,7 @@ async def test_sim_tokenize_endpoint_matches_the_router() -> None:
     router = load_router_tokenizer(str(folder))
     msgs = CONVERSATIONS[1]
     async with (
-        start_fleet(1, "tiny", tokenizer=str(folder), events_port=None) as fleet,
+        start_fleet(FleetConfig(1, "tiny", tokenizer=str(folder), events_port=None)) as fleet,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
     ):
         url = fleet.replicas[0].url + "/tokenize"
@@ -156,7 +156,7 @@ async def test_sim_honours_add_special_tokens_and_refused_templates_are_400(tmp_
         "{% endif %}{{ bos_token }}",
     )
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-        async with start_fleet(1, "tiny", tokenizer=str(good), events_port=None) as fleet:
+        async with start_fleet(FleetConfig(1, "tiny", tokenizer=str(good), events_port=None)) as fleet:
             url = fleet.replicas[0].url
             for special, want in ((None, router.encode(text, False)), (True, router.encode(text, True))):
                 body: dict[str, Any] = {"messages": msgs}
@@ -172,7 +172,7 @@ async def test_sim_honours_add_special_tokens_and_refused_templates_are_400(tmp_
             body = {"prompt": "alpha", "max_tokens": 1, "add_special_tokens": False}
             async with http.post(url + "/v1/completions", json=body) as r:
                 assert (await r.json())["usage"]["prompt_tokens"] == len(router.encode("alpha", False))
-        async with start_fleet(1, "tiny", tokenizer=str(refuse), events_port=None) as fleet:
+        async with start_fleet(FleetConfig(1, "tiny", tokenizer=str(refuse), events_port=None)) as fleet:
             url = fleet.replicas[0].url
             for path, body in (
                 ("/tokenize", {"messages": msgs}),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from engines.sim.fleet import start_fleet
+from engines.sim.fleet import FleetConfig, start_fleet
 from traces.model import Trace, TraceRequest
 from traces.records import read_records
 from traces.replay import (
@@ -209,7 +209,7 @@ def test_prometheus_parsing_and_deltas() -> None:
 
 async def test_replay_against_sim_fleet_counts_cache_hits(tmp_path) -> None:  # type: ignore[no-untyped-def]
     trace = _trace(12, gap_s=0.01, out_len=3)
-    async with start_fleet(2, "tiny", events_port=None, replay_port=None) as fleet:
+    async with start_fleet(FleetConfig(2, "tiny", events_port=None, replay_port=None)) as fleet:
         urls = [r.url for r in fleet.replicas]
         targets = [Target("r0", urls[0]), Target("r1", urls[1])]
         cfg = ReplayConfig(speedup=2.0, grace_s=10)  # model detected from /v1/models
