@@ -148,7 +148,11 @@ class FleetConfig:
 async def start_fleet(config: FleetConfig) -> AsyncIterator[Fleet]:
     """Run ``config.n`` replicas until the block exits."""
     c = config
-    tok = c.tokenizer if c.tokenizer is not None and not isinstance(c.tokenizer, str) else load_tokenizer(c.tokenizer)
+    tok = (
+        c.tokenizer
+        if c.tokenizer is not None and not isinstance(c.tokenizer, str)
+        else load_tokenizer(c.tokenizer)
+    )
     io_before = _zmq_io_threads()
     ctx = zmq.asyncio.Context()  # its I/O threads start with its first socket
     replicas: list[ReplicaRuntime] = []

@@ -82,4 +82,3 @@ default_block_hasher = XxhBlockHasher()
 def synthetic_block_hash(parent: int | None, request_id: str, index: int) -> int:
     seed = ((0 if parent is None else parent) ^ (index * 0x9E3779B97F4A7C15)) & _MASK64
     return _xxh3(b"gen\0" + request_id.encode(), seed=seed)
-

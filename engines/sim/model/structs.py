@@ -22,7 +22,6 @@ def compact_ints(values: Iterable[int], code: str) -> MutableSequence[int]:
         return list(values)
 
 
-
 class EngineConfig(msgspec.Struct, frozen=True):
     """Engine limits. ``num_gpu_blocks`` counts vLLM's null block (usable = num_gpu_blocks - 1)."""
 
@@ -126,4 +125,3 @@ class AdvanceOutput(msgspec.Struct, gc=False):
     steps: int
     finished: list[FinishedRequest]
     event_batches: list[tuple[float, list[KVEvent]]]
-

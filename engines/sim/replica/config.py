@@ -28,7 +28,7 @@ class ReplicaConfig:
     legacy_events: bool = False
     int_block_hashes: bool = True  # False: raw 32-byte digests (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0)
     # Block hashes in KV events: "vllm" = vLLM's sha256 values for the same tokens; "engine" = the
-    # engine's own xxh3 identity (publisher.EngineEventHashes says when that is enough, and why).
+    # engine's own xxh3 identity (vllm_hashes.EngineEventHashes says when that is enough, and why).
     kv_event_hashes: str = "vllm"
     max_model_len: int = 2048
     default_chat_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS

@@ -116,7 +116,10 @@ class ReplicaAPI:
         return web.Response(status=200)
 
     async def _get_faults(self, request: web.Request) -> web.Response:
-        body = {"config": msgspec.to_builtins(self.replica.faults.config), "injected": self.replica.faults.injected}
+        body = {
+            "config": msgspec.to_builtins(self.replica.faults.config),
+            "injected": self.replica.faults.injected,
+        }
         return web.json_response(body)
 
     async def _post_faults(self, request: web.Request) -> web.Response:
@@ -136,13 +139,20 @@ class ReplicaAPI:
             if "messages" in body:
                 ids = prep.chat_ids(body, self.replica.tokenizer)
             elif "prompt" in body and isinstance(body["prompt"], str):
-                ids = self.replica.tokenizer.encode(body["prompt"], bool(body.get("add_special_tokens", True)))
+                ids = self.replica.tokenizer.encode(
+                    body["prompt"], bool(body.get("add_special_tokens", True))
+                )
             else:
                 raise HTTPError(400, "Either 'prompt' (string) or 'messages' is required", param="prompt")
         except HTTPError as exc:
             return exc.response()
         return web.json_response(
-            {"count": len(ids), "max_model_len": self.replica.config.max_model_len, "tokens": ids, "token_strs": None}
+            {
+                "count": len(ids),
+                "max_model_len": self.replica.config.max_model_len,
+                "tokens": ids,
+                "token_strs": None,
+            }
         )
 
     async def _detokenize(self, request: web.Request) -> web.Response:

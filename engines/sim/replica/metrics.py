@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 floatToGoString: Callable[[float], str] = _prom_utils.floatToGoString
 
 # Bucket sets of the golden capture (vLLM's, per metric). The latency sets are the engine model's
-# own histograms (engines/sim/engine.py), exported here as they are.
+# own histograms (engines/sim/model/stats.py), exported here as they are.
 TOKEN_COUNT_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
 ITERATION_TOKENS_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
                             8192.0, 16384.0)  # fmt: skip

@@ -22,10 +22,11 @@ from .tokenizer import ChatTemplateError, Tokenizer, content_text
 
 _json_any = msgspec.json.Decoder()
 # A request's own CPU work (decoding a token-id prompt, its block-hash chain) is done in slices of
-# about this much CPU, yielding to the loop in between (_yield_behind_due_steps): a 126k-token
+# about this much CPU, yielding to the loop in between (yield_behind_due_steps): a 126k-token
 # prompt is several ms of work, and all replicas' engine loops share one event loop. A due step
 # waits for at most the rest of one slice. 0.2 ms, not 0.5: in six interleaved pairs of the live
-# bench, 99.37% of steps within 5 ms against 99.02% (docs/sim.md, round 6). See Replica._serve.
+# bench (tests/bench/bench_sim_live.py), 99.37% of steps within 5 ms against 99.02%.
+# See http_api.ReplicaAPI._serve.
 SLICE_S = 0.0002
 DECODE_SLICE_BYTES = 16 * 1024  # ~2.7k ids, ~0.15 ms to decode
 LONG_PREP_TOKENS = 4096  # prompts hashed under the fleet's preparation lock (see ReplicaRuntime)
@@ -157,9 +158,7 @@ def chat_ids(body: Mapping[str, Any], tok: Tokenizer) -> list[int]:
     ``add_special_tokens`` (default False: the template adds BOS). A template that refuses
     the messages is the client's error (400 with the template's reason), as in vLLM."""
     try:
-        text = tok.render_chat(
-            messages(body.get("messages")), bool(body.get("add_generation_prompt", True))
-        )
+        text = tok.render_chat(messages(body.get("messages")), bool(body.get("add_generation_prompt", True)))
     except ChatTemplateError as exc:
         raise HTTPError(400, str(exc)) from exc
     return tok.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
@@ -200,11 +199,7 @@ def params(
         mt = body.get("max_tokens")
     longest = max(len(p) for p in prompts)
     if mt is None:
-        mt = (
-            16
-            if not chat
-            else min(config.default_chat_max_tokens, config.max_model_len - longest)
-        )
+        mt = 16 if not chat else min(config.default_chat_max_tokens, config.max_model_len - longest)
     if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
         raise HTTPError(400, f"max_tokens must be at least 1, got {mt}.", param="max_tokens")
     if int(body.get("n", 1) or 1) != 1:
@@ -222,12 +217,8 @@ def params(
     opts = body.get("stream_options") or {}
     include_usage = bool(opts.get("include_usage", False)) if isinstance(opts, dict) else False
     interval = body.get("stream_interval")
-    if interval is not None and (
-        not isinstance(interval, int) or isinstance(interval, bool) or interval < 1
-    ):
-        raise HTTPError(
-            400, f"stream_interval must be at least 1, got {interval}.", param="stream_interval"
-        )
+    if interval is not None and (not isinstance(interval, int) or isinstance(interval, bool) or interval < 1):
+        raise HTTPError(400, f"stream_interval must be at least 1, got {interval}.", param="stream_interval")
     # As vLLM: a request can raise the server's --stream-interval, never lower it.
     interval = max(interval or 1, config.stream_interval)
     # ignore_eos is accepted and moot: the sim never samples EOS.
