@@ -30,6 +30,7 @@ from .model.profiles import get_profile
 from .model.structs import EngineConfig
 from .replica.config import ReplicaConfig
 from .replica.faults import FaultConfig
+from .replica.http_api import build_app
 from .replica.runtime import ReplicaRuntime
 from .replica.tokenizer import Tokenizer, load_tokenizer
 
@@ -170,7 +171,7 @@ async def start_fleet(config: FleetConfig) -> AsyncIterator[Fleet]:
                 c.replica_config(i), ec, tok, name=f"r{c.first_index + i}", zmq_ctx=ctx, prep_lock=prep_lock
             )
             replicas.append(rep)
-            await rep.start()
+            await rep.start(build_app(rep))
         if c.events_port is not None:  # the publishers' sockets start the context's I/O thread
             await _zmq_io_thread_started(io_before)
         lower_zmq_threads(ZMQ_THREAD_NICE)

@@ -49,3 +49,7 @@ def test_the_model_is_pure() -> None:
             assert not mod.startswith(("engines.sim.replica", "engines.sim.fleet", "engines.sim.cli")), (
                 f"model/{path.name} imports {mod}"
             )
+
+
+def test_the_runtime_does_not_import_its_http_api() -> None:
+    assert "engines.sim.replica.http_api" not in _imports(SIM / "replica" / "runtime.py")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -25,10 +25,8 @@ from . import prep
 from .faults import parse_faults
 from .metrics import CONTENT_TYPE
 from .openai_format import HTTPError, ResponseFormatter, error_response, json_encoder
+from .runtime import ReplicaRuntime
 from .streams import CUT, Chan, Track, clock
-
-if TYPE_CHECKING:  # the runtime builds this API; the API only calls the runtime
-    from .runtime import ReplicaRuntime
 
 VLLM_VERSION = "0.32.0"
 

@@ -1,5 +1,6 @@
 """One simulated vLLM replica: the engine model run in wall-clock time, its KV-event publisher,
-metrics and faults, behind vLLM's HTTP API (``http_api``).
+metrics and faults. vLLM's HTTP API in front of it is ``http_api`` (which imports this module,
+never the other way round); ``start`` serves the app it builds.
 
 The engine loop is one asyncio task per replica, in wall-clock time::
 
@@ -38,7 +39,6 @@ from ..model.engine import EngineModel
 from ..model.structs import EngineConfig, SimRequest, StepOutput
 from .config import KV_EVENT_HASHES, ReplicaConfig
 from .faults import FaultConfig, Faults
-from .http_api import build_app
 from .metrics import SimMetrics, cache_config_labels
 from .openai_format import HTTPError
 from .prep import SLICE_S, yield_behind_due_steps
@@ -157,7 +157,8 @@ class ReplicaRuntime:
         return SimMetrics(self.config.model, labels)
 
     # -- lifecycle -------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, app: web.Application) -> None:
+        """Serve ``app`` (``http_api.build_app(self)``), start the publisher and the engine loop."""
         cfg = self.config
         if cfg.events_endpoint is not None:
             self.publisher = KVEventPublisher(
@@ -171,7 +172,7 @@ class ReplicaRuntime:
                 ctx=self._zmq_ctx,
             )
             self.publisher.start()
-        self._runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         await self._listen()
         self._loop_task = asyncio.get_running_loop().create_task(
