@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from engines.sim.profiles import get_profile  # noqa: E402
 from engines.sim.server import MAX_CATCHUP_S  # noqa: E402
+from tests.support.proc_stats import cpu_ticks, rss_mb  # noqa: E402
 from traces.fleetproc import PY, Proc, ProcGroup, free_port, wait_http  # noqa: E402
 from traces.fleetproc import start_sim as start_fleet_sim  # noqa: E402
 from traces.loaders import load_trace  # noqa: E402
@@ -122,36 +123,6 @@ def start_router(group: ProcGroup, backends: Sequence[str], cpu: str | None) -> 
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", proc, timeout=60)
     return proc, url
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its children (``kvrouter sim --processes P``: the parent and its P workers)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [pid, *map(int, f.read().split())]
-    except OSError:
-        return [pid]
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of the sim: its process and, with --sim-processes, its workers."""
-    ticks = 0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError), open(f"/proc/{p}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks
-
-
-def rss_mb(pid: int) -> float:
-    """Resident MB of the sim's processes (each worker's own pages, shared ones counted in each)."""
-    total = 0.0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-    return total or math.nan
 
 
 def load_avg() -> str:
@@ -430,7 +401,7 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
         "gauge_max": max(sampler.gauges, default=math.nan),
         "gauge_p99": percentile(sampler.gauges, 99) if sampler.gauges else math.nan,
         "cpu_s": sampler.cpu * (sampler.t1 - sampler.t0),
-        "rss_mb": rss_mb(sim.p.pid),
+        "rss_mb": rss_mb(sim.p.pid) or math.nan,
         "load_before": load_before,
         "load_after": load_avg(),
     }

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.procs import RouterProc, SimFleet, http, wait_for
+from tests.support.procs import RouterProc, SimFleet, http, wait_for
 
 MODEL = "tiny"
 

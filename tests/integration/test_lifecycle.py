@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.procs import Backend, RouterProc, http
+from tests.support.procs import Backend, RouterProc, http
 
 BODY = {"model": "fake-model", "prompt": "drain me", "stream": True}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.procs import Backend, RouterProc, free_port, http, wait_http
+from tests.support.procs import Backend, RouterProc, free_port, http, wait_http
 
 COMPLETION = {"model": "fake-model", "prompt": "hello there, a prompt", "max_tokens": 4}
 

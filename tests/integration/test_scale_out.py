@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.integration.procs import RouterProc, SimFleet, http
+from tests.support.procs import RouterProc, SimFleet, http
 
 
 def _confirmed(router: RouterProc) -> dict[str, list[int]]:

@@ -28,7 +28,6 @@ import pytest
 import zmq
 
 from router.kv_wire import BlockRemoved, BlockStored, KVEventBatch
-from tests.integration.procs import SimFleet, wait_for
 from tests.integration.vllm_fixtures import (
     BLOCK_SIZE,
     CACHE_BLOCKS,
@@ -49,6 +48,7 @@ from tests.integration.vllm_fixtures import (
     vllm_replicas,
     vllm_setup_or_skip_reason,
 )
+from tests.support.procs import SimFleet, wait_for
 
 pytestmark = pytest.mark.vllm
 
