@@ -256,7 +256,7 @@ class EngineEventHashes:
     Consistent per block and chained like vLLM's, so "the same sequence of hashes modulo the hash
     function" holds, and a subscriber that re-hashes each ``BlockStored``'s ``token_ids`` (kvrouter
     does) sees no difference. What it saves is ``VllmEventHashes``' pickle + sha256 per stored
-    block: about a sixth of a loaded 16-replica sim's CPU (71 -> 59-61 us per token; docs/sim.md, round 4)."""
+    block: about a sixth of a loaded 16-replica sim's CPU (71 -> 59-61 us per token; docs/notes/2026-11-sim-live-capacity.md, round 4)."""
 
     algo = "kvrouter-xxh3"  # vllm:cache_config_info's prefix_caching_hash_algo: none of vLLM's
 

@@ -71,7 +71,7 @@ _clock = time.monotonic
 # about this much CPU, yielding to the loop in between (_yield_behind_due_steps): a 126k-token
 # prompt is several ms of work, and all replicas' engine loops share one event loop. A due step
 # waits for at most the rest of one slice. 0.2 ms, not 0.5: in six interleaved pairs of the live
-# bench, 99.37% of steps within 5 ms against 99.02% (docs/sim.md, round 6). See Replica._serve.
+# bench, 99.37% of steps within 5 ms against 99.02% (docs/notes/2026-11-sim-live-capacity.md, round 6). See Replica._serve.
 SLICE_S = 0.0002
 # A late engine loop runs due steps back to back for at most this long before it yields.
 BURST_S = 0.001

@@ -2,7 +2,7 @@
 
 Why: a fleet on one event loop can use one core, and a large simulated fleet needs more (real
 vLLM replicas are separate processes too). On one core it does not help: measured with 16
-replicas (docs/sim.md, round 6), 2 processes gave the same step lag as 1, and 4 processes cost
+replicas (docs/notes/2026-11-sim-live-capacity.md, round 6), 2 processes gave the same step lag as 1, and 4 processes cost
 15 more points of CPU and more lag; the loops, ZMQ threads and context switches cost more than
 the OS's interleaving saves.
 

@@ -18,7 +18,7 @@ During the run every replica's ``/metrics`` is sampled every ``--sample-interval
 deadline, on ``time.monotonic()``: uvloop's ``loop.time()`` is whole milliseconds; going idle is
 not a step). libuv timers are millisecond timers, so even an idle sim shows ~0.5 ms median lag. The sim's CPU comes from ``/proc/<pid>/stat`` (utime + stime) at the same instants.
 
-Two verdicts are printed (docs/sim.md, "Live simulator capacity", explains both):
+Two verdicts are printed (docs/engine-sim.md, "Live capacity", explains both):
 
 * **strict** (the first reading of the issue, kept for comparison): p99 per-step lag < one decode
   step at this time scale (batch 1, empty context: 0.644 ms) and max per-step lag <=
@@ -438,7 +438,7 @@ def report(r: dict[str, Any], args: argparse.Namespace, step_s: float) -> bool:
     strict = r["lag_p99"] < step_s and r["lag_max_bound"] <= MAX_CATCHUP_S and r["steps"] > 0
     print(f"{'PASS' if strict else 'FAIL'} strict: step lag p99 {r['lag_p99'] * ms:.3f} ms < one decode "
           f"step {step_s * ms:.3f} ms, and max <= {r['lag_max_bound'] * ms:g} ms <= catch-up limit "
-          f"{MAX_CATCHUP_S * ms:g} ms (unreachable with 1 ms timers: docs/sim.md)")
+          f"{MAX_CATCHUP_S * ms:g} ms (unreachable with 1 ms timers: docs/engine-sim.md)")
     bound_s = args.lag_bound_trace_ms / 1000.0 / args.time_scale
     first, last = r["lag_p99_first_third"], r["lag_p99_last_third"]
     no_drop = r["dropped_s"] == 0.0
