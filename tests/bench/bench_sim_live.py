@@ -1,4 +1,4 @@
-"""Live simulator capacity (issue 3, ``make bench-sim-live``): can ONE core run 16 simulated H100
+"""Live simulator capacity (``make bench-sim-live``): can ONE core run 16 simulated H100
 replicas under a real-time replay of the Mooncake conversation trace at ``--time-scale 10``?
 
 Setup, measured on loopback:
@@ -20,7 +20,7 @@ not a step). libuv timers are millisecond timers, so even an idle sim shows ~0.5
 
 Two verdicts are printed (docs/engine-sim.md, "Live capacity", explains both):
 
-* **strict** (the first reading of the issue, kept for comparison): p99 per-step lag < one decode
+* **strict** (kept for comparison): p99 per-step lag < one decode
   step at this time scale (batch 1, empty context: 0.644 ms) and max per-step lag <=
   ``MAX_CATCHUP_S``. Unreachable by design: the loop sleeps on libuv timers of 1 ms resolution,
   so even an idle sim wakes 0-1 ms late (median ~0.5 ms).

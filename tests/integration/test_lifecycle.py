@@ -1,4 +1,4 @@
-"""Issue 7 lifecycle: SIGTERM drains with a live stream in flight, then exits 0."""
+"""Lifecycle: SIGTERM drains with a live stream in flight, then exits 0."""
 
 from __future__ import annotations
 

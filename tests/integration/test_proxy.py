@@ -1,4 +1,4 @@
-"""Issue 2 failure behaviour, each against real processes on loopback: a `kvrouter serve`
+"""Failure behaviour, each against real processes on loopback: a `kvrouter serve`
 subprocess in front of fake OpenAI backend subprocesses."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 7 scale-out: router processes that follow the same engines' KV events agree on the index,
+"""Scale-out: router processes that follow the same engines' KV events agree on the index,
 including one that joins late (it backfills from the engines' replay sockets)."""
 
 from __future__ import annotations
