@@ -1,6 +1,7 @@
 # kvrouter: every target sets itself up (virtualenv + install) on a fresh machine with Python 3.11.
 #   make demo    simulated fleet, round robin vs cache-aware over a real trace slice (~2 min)
 #   make test    lint, type-check and the whole test suite incl. real vLLM CPU replicas (what CI runs)
+#   make lint    ruff check + ruff format --check + import rules + mypy; `make fmt` formats
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -8,10 +9,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint demo compare bench-proxy bench-index bench-sim bench-sim-live soak clean
+.PHONY: help venv test test-fast lint fmt typecheck import-rules demo compare bench-proxy bench-index bench-sim bench-sim-live soak clean
 
 help:
-	@echo "make demo | test | test-fast | lint | compare | bench-proxy | bench-index | bench-sim | bench-sim-live | soak | test-vllm"
+	@echo "make demo | test | test-fast | lint | fmt | typecheck | import-rules | compare | bench-proxy | bench-index | bench-sim | bench-sim-live | soak | test-vllm"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +22,25 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# What ruff checks and formats. tests/test_lint_rules.py proves that lint fails on a formatting error
+# and on a forbidden import.
+SRC := router engines traces tests tools
+
 lint: $(STAMP)
-	$(PY) -m ruff check router engines traces tests tools
+	$(PY) -m ruff check $(SRC)
+	$(PY) -m ruff format --check $(SRC)
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
+
+fmt: $(STAMP)
+	$(PY) -m ruff format $(SRC)
+	$(PY) -m ruff check --fix --select I $(SRC)
+
+# The dependency rules of DESIGN.md, as import-linter contracts in pyproject.toml.
+import-rules: $(STAMP)
+	$(VENV)/bin/lint-imports
+
+typecheck: $(STAMP)
 	$(PY) -m mypy
 
 # The suite CI runs: unit, property and multi-process integration tests on loopback, including

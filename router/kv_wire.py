@@ -132,7 +132,7 @@ def publisher_binds(endpoint: str) -> bool:
     the endpoint contains ``*`` or ``::`` or is ``ipc://``/``inproc://``, connect otherwise. So
     ``tcp://0.0.0.0:5557`` *connects* (to 0.0.0.0, i.e. this host), and so does any concrete
     host: the subscriber must bind. The one copy of the rule: the simulated engine
-    (engines/sim/publisher.py) and the router's discovery (router/kv_events.py) both use it.
+    (engines/sim/replica/publisher.py) and the router's discovery (router/kv_events.py) both use it.
     """
     return (
         "*" in endpoint

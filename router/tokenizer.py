@@ -15,7 +15,7 @@ and tokenizes as vLLM does through transformers (checked against transformers 5.
   not HTML-escape, ``{% break %}``/``{% continue %}``).
 
 If the router's tokens differ from the engine's, predicted hits never materialise: the parity check
-(parity.py) reports it. engines/sim/tokenizer.py wraps this class, so the simulator tokenizes a
+(parity.py) reports it. engines/sim/replica/tokenizer.py wraps this class, so the simulator tokenizes a
 real model's files exactly as the router does.
 
 Optional dependency: ``pip install 'kvrouter[tokenizer]'`` (tokenizers, jinja2).

@@ -156,7 +156,7 @@ def register_simulate(sub: Any) -> None:
         "simulate",
         help="offline virtual-time simulation: the real router policies over simulated engines",
         description="Play a trace against N simulated replicas in virtual time, once per policy; "
-        "see docs/simulation.md.",
+        "see docs/offline-simulator.md.",
     )
     p.add_argument("--trace", required=True, help="trace file with block ids (Mooncake JSONL, kvrouter JSONL)")
     p.add_argument("--replicas", type=int, default=8, help="simulated replicas (default 8)")

@@ -1,5 +1,5 @@
 """Start and stop simulated fleets and routers as subprocesses, for the demo, the comparison and
-the multi-process tests (tests/integration/procs.py, tests/reliability/harness.py build on this).
+the multi-process tests (tests/support/procs.py, tests/support/harness.py build on this).
 
 Every process gets its own session (process group) and log file and is stopped with SIGTERM,
 then SIGKILL, by ``Proc.stop()`` or ``ProcGroup.close()``, which the demo calls in ``finally``

@@ -3,8 +3,8 @@
 Each class implements kvrouter's ``Policy`` protocol (``name``, ``needs_match``,
 ``select(req, candidates, explain=None)``) so ``kvrouter simulate --policy sglang_cache_aware``
 runs it against the same fleet, trace and engine model as our own policies. The sources are the
-sections of /work/shared/reference/peers.md named in each docstring; the limits of each emulation
-are stated there and in docs/simulation.md.
+sections of docs/reference/peers.md named in each docstring; the limits of each emulation
+are stated there and in docs/offline-simulator.md.
 
 Common stand-in: peers that match on raw characters (SGLang, vLLM router ``cache_aware``) match
 here on the request's *block ids*, one id standing for one 512-token (trace) block, and the match

@@ -4,7 +4,7 @@ One ``RequestRecord`` per request sent. Times are seconds; ``send_s`` is relativ
 the run. ``ttft_s``/``e2e_s`` are ``None`` for failed requests. ``cached_tokens`` comes from the
 engine (``usage.prompt_tokens_details.cached_tokens``) when it reports it.
 
-``summarize`` turns records into the numbers the issue asks for: throughput, goodput under a
+``summarize`` turns records into the numbers a replay reports: throughput, goodput under a
 TTFT/TPOT SLO, TTFT mean/p50/p90/p99, TPOT, end-to-end, prefix hit ratio, load spread.
 Percentiles are nearest-rank (like traces/stats.py), so reports and trace stats agree.
 """

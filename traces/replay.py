@@ -143,7 +143,7 @@ def _read_usage(rec: RequestRecord, usage: dict[str, Any]) -> None:
 _chunk_dec = msgspec.json.Decoder(_Chunk)
 
 
-async def _send_one(
+async def _send_one(  # noqa: C901 -- one SSE read loop: status, framing, usage and timing in order
     session: aiohttp.ClientSession,
     target: Target,
     cfg: ReplayConfig,
@@ -240,7 +240,7 @@ def new_session(limit: int = 0) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
 
 
-async def run_target(
+async def run_target(  # noqa: C901 -- the open-loop send schedule and its settle/cancel ends together
     target: Target,
     planned: Sequence[Planned],
     cfg: ReplayConfig,

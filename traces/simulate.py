@@ -33,7 +33,7 @@ replica's callbacks are always delivered in order.
 
 Complexity per request: one router decision (O(replicas) scorers + one index match), one engine
 ``add_request``, plus one ``run_until`` per busy replica per arrival. At 256 replicas the latter
-dominates; see docs/simulation.md for measured rates.
+dominates; see docs/offline-simulator.md for measured rates.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Trace statistics: arrivals, lengths, and single-cache prefix-hit upper bounds.
 
-The definitions are those of /work/shared/traces/README.md ("How the metrics are defined"); the
-tests reproduce that README's tables number for number:
+The definitions are those of the statistics published with the traces (docs/traces.md); the
+tests reproduce those tables number for number:
 
 - Requests are processed in ``(timestamp, file order)`` (the order ``Trace.requests`` has).
   Duration is last minus first arrival; percentiles use the nearest-rank method.

@@ -80,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "replicas are (same ports, names and output; default 1)",
     )
     p.add_argument("--first-replica", type=int, default=0, help=argparse.SUPPRESS)  # a worker's range
-    f = p.add_argument_group("faults (see docs/sim.md; change live with POST /sim/faults)")
+    f = p.add_argument_group("faults (see docs/engine-sim.md; change live with POST /sim/faults)")
     f.add_argument("--fault-refuse-connections", action="store_true", help="do not listen")
     f.add_argument(
         "--fault-refuse-for", type=float, default=0.0, metavar="S", help="...then listen after S s"

@@ -3,7 +3,7 @@
 Builds an index of 1M blocks spread over 8 and over 64 replicas (chains of shared-prefix prompts,
 like a fleet serving many conversations), then measures, for prompts of 1k / 8k / 32k tokens at
 block size 16 with a realistic partial hit: hashing time, ``Router.select`` time (index match +
-cache_aware scoring + pick) and both together, p50/p99 over many requests. Targets (issue 4):
+cache_aware scoring + pick) and both together, p50/p99 over many requests. Targets:
 p99 select < 200 us for an 8k prompt at 64 replicas, <= 200 bytes per indexed block, ingest
 >= 200k blocks/s (KV-event decode + apply is measured by bench_kv_events.py, also run here).
 """

@@ -44,6 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script: make the tests package importable
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.proc_stats import cpu_ticks, process_tree  # noqa: E402
+
 PEERS_VENV = ROOT / ".venv-peers"
 PEERS_LOCK = ROOT / ".venv-peers.lock"
 MODEL = "fake-model"
@@ -293,44 +298,11 @@ def _pinned(cmd: list[str], cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus, *cmd] if cpus and shutil.which("taskset") else cmd
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and all its descendants (forked workers, helper processes)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def cpu_ticks(pid: int) -> int:
-    total = 0
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return total
-
-
 def memory_bytes(pid: int) -> tuple[int, int]:
     """(RSS, PSS) summed over the tree. RSS double-counts pages forked workers share with their
     supervisor; PSS splits shared pages between their users, so it sums honestly."""
     rss = pss = 0
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/statm", "rb") as f:
                 rss += int(f.read().split()[1]) * PAGE

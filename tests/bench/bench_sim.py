@@ -3,7 +3,7 @@
 Default: requests/s of wall time for 16 and 256 simulated H100 replicas on the full Mooncake
 conversation trace (12,031 requests; per-replica load held equal to 8 replicas at speedup 1, so
 16 replicas run at speedup 2 and 256 at speedup 32), for round robin and cache_aware, plus the
-full-trace time per policy. Targets (issue 5): < 60 s per policy at 16 replicas, >= 5,000 req/s.
+full-trace time per policy. Targets: < 60 s per policy at 16 replicas, >= 5,000 req/s.
 
 ``--sweep``: the measurement behind DEFAULT_WEIGHTS (docs/policy-tuning.md). Each variant of the
 cache_aware weights / load_factor runs on every scenario (trace x load); the table reports hit
@@ -25,7 +25,8 @@ from traces.loaders import load_trace
 from traces.model import Trace
 from traces.simulate import SimConfig, oracle, run_policy
 
-SHARED = os.environ.get("KVROUTER_SHARED_TRACES", "/work/shared/traces")
+# The bundled copies (traces/data/README.md); KVROUTER_SHARED_TRACES points elsewhere.
+SHARED = os.environ.get("KVROUTER_SHARED_TRACES", os.path.join(os.path.dirname(__file__), "..", "..", "traces", "data"))
 CONV = os.path.join(SHARED, "mooncake", "conversation_trace.jsonl")
 SYNTH = os.path.join(SHARED, "mooncake", "synthetic_trace.jsonl")
 

@@ -1,4 +1,4 @@
-"""Live simulator capacity (issue 3, ``make bench-sim-live``): can ONE core run 16 simulated H100
+"""Live simulator capacity (``make bench-sim-live``): can ONE core run 16 simulated H100
 replicas under a real-time replay of the Mooncake conversation trace at ``--time-scale 10``?
 
 Setup, measured on loopback:
@@ -18,9 +18,9 @@ During the run every replica's ``/metrics`` is sampled every ``--sample-interval
 deadline, on ``time.monotonic()``: uvloop's ``loop.time()`` is whole milliseconds; going idle is
 not a step). libuv timers are millisecond timers, so even an idle sim shows ~0.5 ms median lag. The sim's CPU comes from ``/proc/<pid>/stat`` (utime + stime) at the same instants.
 
-Two verdicts are printed (docs/sim.md, "Live simulator capacity", explains both):
+Two verdicts are printed (docs/engine-sim.md, "Live capacity", explains both):
 
-* **strict** (the first reading of the issue, kept for comparison): p99 per-step lag < one decode
+* **strict** (kept for comparison): p99 per-step lag < one decode
   step at this time scale (batch 1, empty context: 0.644 ms) and max per-step lag <=
   ``MAX_CATCHUP_S``. Unreachable by design: the loop sleeps on libuv timers of 1 ms resolution,
   so even an idle sim wakes 0-1 ms late (median ~0.5 ms).
@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from engines.sim.model.profiles import get_profile  # noqa: E402
 from engines.sim.replica.runtime import MAX_CATCHUP_S  # noqa: E402
+from tests.support.proc_stats import cpu_ticks, rss_mb  # noqa: E402
 from traces.fleetproc import PY, Proc, ProcGroup, free_port, wait_http  # noqa: E402
 from traces.fleetproc import start_sim as start_fleet_sim  # noqa: E402
 from traces.loaders import load_trace  # noqa: E402
@@ -122,36 +123,6 @@ def start_router(group: ProcGroup, backends: Sequence[str], cpu: str | None) -> 
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", proc, timeout=60)
     return proc, url
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its children (``kvrouter sim --processes P``: the parent and its P workers)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [pid, *map(int, f.read().split())]
-    except OSError:
-        return [pid]
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of the sim: its process and, with --sim-processes, its workers."""
-    ticks = 0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError), open(f"/proc/{p}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks
-
-
-def rss_mb(pid: int) -> float:
-    """Resident MB of the sim's processes (each worker's own pages, shared ones counted in each)."""
-    total = 0.0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-    return total or math.nan
 
 
 def load_avg() -> str:
@@ -430,7 +401,7 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
         "gauge_max": max(sampler.gauges, default=math.nan),
         "gauge_p99": percentile(sampler.gauges, 99) if sampler.gauges else math.nan,
         "cpu_s": sampler.cpu * (sampler.t1 - sampler.t0),
-        "rss_mb": rss_mb(sim.p.pid),
+        "rss_mb": rss_mb(sim.p.pid) or math.nan,
         "load_before": load_before,
         "load_after": load_avg(),
     }
@@ -467,7 +438,7 @@ def report(r: dict[str, Any], args: argparse.Namespace, step_s: float) -> bool:
     strict = r["lag_p99"] < step_s and r["lag_max_bound"] <= MAX_CATCHUP_S and r["steps"] > 0
     print(f"{'PASS' if strict else 'FAIL'} strict: step lag p99 {r['lag_p99'] * ms:.3f} ms < one decode "
           f"step {step_s * ms:.3f} ms, and max <= {r['lag_max_bound'] * ms:g} ms <= catch-up limit "
-          f"{MAX_CATCHUP_S * ms:g} ms (unreachable with 1 ms timers: docs/sim.md)")
+          f"{MAX_CATCHUP_S * ms:g} ms (unreachable with 1 ms timers: docs/engine-sim.md)")
     bound_s = args.lag_bound_trace_ms / 1000.0 / args.time_scale
     first, last = r["lag_p99_first_third"], r["lag_p99_last_third"]
     no_drop = r["dropped_s"] == 0.0

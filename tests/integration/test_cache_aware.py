@@ -1,4 +1,4 @@
-"""Issue 4 against real processes: kvrouter (cache_aware, KV events) in front of simulated vLLM
+"""Against real processes: kvrouter (cache_aware, KV events) in front of simulated vLLM
 replicas that speak vLLM's HTTP API, /metrics and KV-event wire format."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.procs import RouterProc, SimFleet, http, wait_for
+from tests.support.procs import RouterProc, SimFleet, http, wait_for
 
 MODEL = "tiny"
 

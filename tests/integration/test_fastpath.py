@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.procs import Backend, RouterProc
+from tests.support.procs import Backend, RouterProc
 
 BODY = json.dumps({"model": "fake-model", "prompt": "hello there", "max_tokens": 4}).encode()
 

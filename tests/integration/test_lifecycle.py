@@ -1,4 +1,4 @@
-"""Issue 7 lifecycle: SIGTERM drains with a live stream in flight, then exits 0."""
+"""Lifecycle: SIGTERM drains with a live stream in flight, then exits 0."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.procs import Backend, RouterProc, http
+from tests.support.procs import Backend, RouterProc, http
 
 BODY = {"model": "fake-model", "prompt": "drain me", "stream": True}
 

@@ -1,4 +1,4 @@
-"""Issue 2 failure behaviour, each against real processes on loopback: a `kvrouter serve`
+"""Failure behaviour, each against real processes on loopback: a `kvrouter serve`
 subprocess in front of fake OpenAI backend subprocesses."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.procs import Backend, RouterProc, free_port, http, wait_http
+from tests.support.procs import Backend, RouterProc, free_port, http, wait_http
 
 COMPLETION = {"model": "fake-model", "prompt": "hello there, a prompt", "max_tokens": 4}
 

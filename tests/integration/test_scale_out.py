@@ -1,4 +1,4 @@
-"""Issue 7 scale-out: router processes that follow the same engines' KV events agree on the index,
+"""Scale-out: router processes that follow the same engines' KV events agree on the index,
 including one that joins late (it backfills from the engines' replay sockets)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.integration.procs import RouterProc, SimFleet, http
+from tests.support.procs import RouterProc, SimFleet, http
 
 
 def _confirmed(router: RouterProc) -> dict[str, list[int]]:

@@ -1,4 +1,4 @@
-"""The router against two real vLLM 0.32 CPU replicas (issue 4).
+"""The router against two real vLLM 0.32 CPU replicas.
 
     make vllm-env tiny-model test-vllm        # or: KVROUTER_VLLM_VENV=.venv-vllm pytest -m vllm tests/integration
 
@@ -28,7 +28,6 @@ import pytest
 import zmq
 
 from router.kv_wire import BlockRemoved, BlockStored, KVEventBatch
-from tests.integration.procs import SimFleet, wait_for
 from tests.integration.vllm_fixtures import (
     BLOCK_SIZE,
     CACHE_BLOCKS,
@@ -49,6 +48,7 @@ from tests.integration.vllm_fixtures import (
     vllm_replicas,
     vllm_setup_or_skip_reason,
 )
+from tests.support.procs import SimFleet, wait_for
 
 pytestmark = pytest.mark.vllm
 
@@ -309,7 +309,7 @@ def _normalised(ops: list[tuple[str, object]]) -> list[tuple[str, int]]:
 
 
 def test_simulator_matches_real_vllm_prefix_cache(replicas: list[Replica], tmp_path: Path) -> None:
-    """Issue 3 fidelity: the same token-id request sequence, the same number of blocks and block
+    """Fidelity: the same token-id request sequence, the same number of blocks and block
     size -> the same prefix-cache hit tokens and the same BlockStored/BlockRemoved sequence."""
     real = replicas[1]
     reset_prefix_cache(real.url)

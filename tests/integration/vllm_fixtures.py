@@ -28,8 +28,8 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from tests.integration import procs
-from tests.integration.procs import free_port
+from tests.support import procs
+from tests.support.procs import free_port
 
 REPO = procs.ROOT
 SERVE = REPO / "engines" / "vllm" / "serve_cpu.sh"

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from router.config import build_config
 from router.openapi import openapi_spec
-from tests.integration.procs import RouterProc, http
-from tests.reliability.harness import SimFleet, debug_replicas, wait_for
+from tests.support.harness import SimFleet, debug_replicas, wait_for
+from tests.support.procs import RouterProc, http
 
 
 class Live:

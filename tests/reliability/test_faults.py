@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.procs import RouterProc, http
-from tests.reliability.harness import Outcome, SimFleet, call, debug_replicas, wait_for
+from tests.support.harness import Outcome, SimFleet, call, debug_replicas, wait_for
+from tests.support.procs import RouterProc, http
 
 PROMPT = "the quick brown fox jumps over the lazy dog and keeps running through the field " * 4
 

@@ -16,8 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.procs import Backend, RouterProc, http
-from tests.reliability.harness import SimFleet, call, debug_replicas, proc_stats, wait_for
+from tests.support.harness import SimFleet, call, debug_replicas, wait_for
+from tests.support.proc_stats import proc_stats
+from tests.support.procs import Backend, RouterProc, http, quiet_router
 
 COMPLETION = {"model": "fake-model", "prompt": "hello", "max_tokens": 2}
 
@@ -34,13 +35,8 @@ def backend(logs: Path) -> Iterator[Backend]:
     b.proc.stop()
 
 
-def _router(logs: Path, backends: list[str], *extra: str, name: str) -> RouterProc:
-    return RouterProc(logs, backends, "--kv-events", "off", "--scrape-metrics", "false", "--drain-grace", "0",
-                      *extra, name=name)
-
-
 async def test_queue_full_is_429_with_retry_after(logs: Path, backend: Backend) -> None:
-    r = _router(logs, [backend.url], "--max-in-flight", "2", "--max-queue", "2", name="r-429")
+    r = quiet_router(logs, [backend.url], "--max-in-flight", "2", "--max-queue", "2", name="r-429")
     try:
         async with aiohttp.ClientSession() as s:
             outs = await asyncio.gather(
@@ -72,7 +68,7 @@ def _saturated_429(url: str) -> tuple[int, dict[str, str], bytes]:
 
 
 async def test_streaming_and_unary_are_admitted_in_arrival_order(logs: Path, backend: Backend) -> None:
-    r = _router(logs, [backend.url], "--max-in-flight", "1", "--max-queue", "16", name="r-fifo")
+    r = quiet_router(logs, [backend.url], "--max-in-flight", "1", "--max-queue", "16", name="r-fifo")
     try:
         done: list[int] = []
         async with aiohttp.ClientSession() as s:
@@ -91,7 +87,7 @@ async def test_streaming_and_unary_are_admitted_in_arrival_order(logs: Path, bac
 
 
 async def test_per_replica_cap_is_429(logs: Path, backend: Backend) -> None:
-    r = _router(logs, [backend.url], "--max-in-flight-per-replica", "1", name="r-per-replica")
+    r = quiet_router(logs, [backend.url], "--max-in-flight-per-replica", "1", name="r-per-replica")
     try:
         async with aiohttp.ClientSession() as s:
             outs = await asyncio.gather(
@@ -104,7 +100,7 @@ async def test_per_replica_cap_is_429(logs: Path, backend: Backend) -> None:
 
 
 def test_oversized_headers_and_request_line_get_openai_json_errors(logs: Path, backend: Backend) -> None:
-    r = _router(logs, [backend.url], "--max-header-bytes", "8192", name="r-headers")
+    r = quiet_router(logs, [backend.url], "--max-header-bytes", "8192", name="r-headers")
     try:
         code, headers, body = http("GET", r.url + "/v1/models", headers={"X-Big": "a" * 20000})
         assert code == 431 and json.loads(body)["error"]["code"] == "request_header_too_large"
@@ -121,7 +117,7 @@ def test_oversized_headers_and_request_line_get_openai_json_errors(logs: Path, b
 
 
 def test_without_the_fast_path_aiohttp_still_refuses_oversized_heads(logs: Path, backend: Backend) -> None:
-    r = _router(logs, [backend.url], "--max-header-bytes", "8192", "--fast-path", "false", name="r-headers-nofast")
+    r = quiet_router(logs, [backend.url], "--max-header-bytes", "8192", "--fast-path", "false", name="r-headers-nofast")
     try:
         assert http("GET", r.url + "/v1/models", headers={"X-Big": "a" * 20000})[0] == 400  # plain text
         assert http("POST", r.url + "/v1/completions", COMPLETION)[0] == 200
@@ -130,7 +126,7 @@ def test_without_the_fast_path_aiohttp_still_refuses_oversized_heads(logs: Path,
 
 
 def test_connection_flood_is_capped_and_memory_bounded(logs: Path, backend: Backend) -> None:
-    r = _router(logs, [backend.url], "--max-connections", "32", name="r-conns")
+    r = quiet_router(logs, [backend.url], "--max-connections", "32", name="r-conns")
     try:
         assert http("POST", r.url + "/v1/completions", COMPLETION)[0] == 200  # warm
         rss0, fds0 = proc_stats(r.proc.p.pid)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from router.proxy import request_header_lines, response_header_pairs
-from tests.integration.procs import Backend, RouterProc, http
+from tests.support.procs import Backend, http, quiet_router
 
 COMPLETION = {"model": "fake-model", "prompt": "hello", "max_tokens": 2}
 
@@ -32,13 +32,8 @@ def backend(logs: Path) -> Iterator[Backend]:
     b.proc.stop()
 
 
-def _router(logs: Path, backend: Backend, *extra: str, name: str) -> RouterProc:
-    return RouterProc(logs, [backend.url], "--kv-events", "off", "--scrape-metrics", "false", "--drain-grace", "0",
-                      *extra, name=name)
-
-
 def test_router_keys_are_separate_from_the_upstream_key(logs: Path, backend: Backend) -> None:
-    r = _router(logs, backend, "--api-key", "client-key-1", "--api-key", "client-key-2",
+    r = quiet_router(logs, [backend.url], "--api-key", "client-key-1", "--api-key", "client-key-2",
                 "--upstream-api-key", "upstream-secret", name="r-keys")
     try:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "client-key-1"},
@@ -62,7 +57,7 @@ def test_router_keys_are_separate_from_the_upstream_key(logs: Path, backend: Bac
 
 
 def test_hop_by_hop_and_connection_listed_headers_are_stripped_towards_the_engine(logs: Path, backend: Backend) -> None:
-    r = _router(logs, backend, name="r-hop")
+    r = quiet_router(logs, [backend.url], name="r-hop")
     try:
         sent = {
             "Connection": "keep-alive, X-Hop-Secret, x-other-hop",
@@ -102,7 +97,7 @@ def test_hop_by_hop_headers_are_stripped_towards_the_client() -> None:
 
 
 def test_debug_endpoints_are_off_unless_enabled(logs: Path, backend: Backend) -> None:
-    r = _router(logs, backend, name="r-nodebug")
+    r = quiet_router(logs, [backend.url], name="r-nodebug")
     try:
         assert http("GET", r.url + "/debug/replicas")[0] == 404
         assert http("POST", r.url + "/debug/route", COMPLETION)[0] == 404
@@ -112,7 +107,7 @@ def test_debug_endpoints_are_off_unless_enabled(logs: Path, backend: Backend) ->
 
 
 def test_debug_endpoints_need_the_admin_token(logs: Path, backend: Backend) -> None:
-    r = _router(logs, backend, "--enable-debug", "--admin-token", "adm1n", "--api-key", "ck", name="r-admin")
+    r = quiet_router(logs, [backend.url], "--enable-debug", "--admin-token", "adm1n", "--api-key", "ck", name="r-admin")
     try:
         for headers in ({}, {"Authorization": "Bearer ck"}, {"Authorization": "Bearer wrong"}):
             code, _, raw = http("GET", r.url + "/debug/replicas", headers=headers)
@@ -126,7 +121,7 @@ def test_debug_endpoints_need_the_admin_token(logs: Path, backend: Backend) -> N
 @pytest.mark.parametrize("log_prompts", [False, True])
 def test_prompts_stay_out_of_debug_logs_unless_asked(logs: Path, backend: Backend, log_prompts: bool) -> None:
     extra = ("--log-prompts",) if log_prompts else ()
-    r = _router(logs, backend, "--log-level", "debug", *extra, name=f"r-log-{log_prompts}")
+    r = quiet_router(logs, [backend.url], "--log-level", "debug", *extra, name=f"r-log-{log_prompts}")
     canary = f"CANARY-PROMPT-{time.monotonic_ns()}"
     try:
         http("POST", r.url + "/v1/completions", {**COMPLETION, "prompt": f"say {canary}"})
@@ -182,7 +177,7 @@ def _raw(port: int, data: bytes) -> bytes:
 
 def test_requests_cannot_point_the_router_at_another_address(logs: Path, backend: Backend) -> None:
     canary = Canary()
-    r = _router(logs, backend, name="r-ssrf")
+    r = quiet_router(logs, [backend.url], name="r-ssrf")
     evil = f"127.0.0.1:{canary.port}"
     body = json.dumps(COMPLETION).encode()
     post = (b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode()

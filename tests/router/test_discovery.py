@@ -1,5 +1,5 @@
 """Discovery sources: config validation, static, DNS (patched resolver + a UDP SRV responder), and the
-Kubernetes list/watch protocol against a fake API server (k8s_fake.py) on 127.0.0.1."""
+Kubernetes list/watch protocol against a fake API server (tests/support/k8s_fake.py) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from router.discovery import (
     resolve_host,
 )
 from router.types import ReplicaSpec
-from tests.router.k8s_fake import FakeApiServer, endpoint_slice, pod
+from tests.support.k8s_fake import FakeApiServer, endpoint_slice, pod
 
 WAIT_S = 5.0
 

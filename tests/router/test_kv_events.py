@@ -25,7 +25,7 @@ from router.kv_events import (
     resolve_event_source,
 )
 from router.types import ReplicaId, Tier
-from tests.router.conftest_kv import (
+from tests.support.kv_fixtures import (
     FakeIndex,
     LoopbackPublisher,
     capture_frames,
@@ -508,13 +508,6 @@ def test_resolve_event_source_ipv6_host_and_errors() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # ZMQ on loopback
-
-
-@pytest.fixture
-async def zctx():  # type: ignore[no-untyped-def]
-    ctx = zmq.asyncio.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 async def test_end_to_end_pub_to_manager_with_golden_frames(zctx: zmq.asyncio.Context) -> None:

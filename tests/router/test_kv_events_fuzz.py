@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from router.kv_events import DecodeError, KVEventMetrics, ReplicaEvents, decode_batch
 from router.types import ReplicaId
-from tests.router.conftest_kv import FakeIndex, capture_frames, check_consistent, seq8
+from tests.support.kv_fixtures import FakeIndex, capture_frames, check_consistent, seq8
 
 GOLDEN = [f[2] for f in capture_frames()]
 FUZZ = settings(

@@ -10,7 +10,7 @@ restarts (KV-event seq reset), malformed and reordered KV-event batches, refused
 Load: ``SOAK_CONCURRENCY`` (default 6) closed-loop clients, half streaming, prompts drawn from a few
 shared prefixes (so the cache-aware path and the index are exercised).
 
-Outcomes (tests/reliability/harness.py): ok, failed_clean (OpenAI error body, or an SSE error event
+Outcomes (tests/support/harness.py): ok, failed_clean (OpenAI error body, or an SSE error event
 then [DONE]), lost (hang past the client timeout, malformed body, reset without an error). The
 last line is ``soak: sent=N ok=N failed_clean=N lost=N p99_ms=X rss_mb=A->B fds=C->D``; the exit
 status is 1 if anything was lost or the router died.
@@ -33,15 +33,15 @@ if str(ROOT) not in sys.path:  # run as a script: make the tests package importa
 
 import aiohttp  # noqa: E402
 
-from tests.integration.procs import RouterProc, free_port, http  # noqa: E402
-from tests.reliability.harness import (  # noqa: E402
+from tests.support.harness import (  # noqa: E402
     Outcome,
     SimFleet,
     call,
     debug_replicas,
-    proc_stats,
     wait_for,
 )
+from tests.support.proc_stats import proc_stats  # noqa: E402
+from tests.support.procs import RouterProc, free_port, http  # noqa: E402
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "6"))

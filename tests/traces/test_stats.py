@@ -130,7 +130,7 @@ def test_no_prefix_info_has_no_cache_stats() -> None:
         oracle_hit_ratio(t, 10)
 
 
-# --- /work/shared/traces/README.md tables, number for number ------------------------------------
+# --- the traces' published statistics tables, number for number ------------------------------------
 
 README_MAIN = {
     # trace: requests, duration, req/s, in mean/p50/p99, out mean/p50/p99, block size,

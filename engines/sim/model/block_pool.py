@@ -311,7 +311,7 @@ class BlockPool:
         for shard in self._cached:
             shard.clear()
         self._dups.clear()
-        # In place: the list keeps its place in the GC's frozen generation (docs/sim.md)
+        # In place: the list keeps its place in the GC's frozen generation (docs/notes/2026-11-sim-live-capacity.md)
         self.block_hash[:] = [None] * self.num_blocks
         if self.emit_events:
             self._events.append(AllBlocksCleared())

@@ -17,7 +17,7 @@ from router import kv_wire
 from router.kv_events import ReplicaEvents
 from router.types import BlockHash, ReplicaId, Tier
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).parent.parent / "router" / "golden"
 CAPTURE = GOLDEN / "vllm-0.32-kv-events.json"
 
 

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from traces.fleetproc import PY, ROOT, Proc, SimReplica, free_port, sim_command, wait_http, wait_sim_ready
 
-__all__ = ["PY", "ROOT", "Backend", "Proc", "RouterProc", "SimFleet", "SimReplica", "free_port", "http", "stopping",
-           "wait_for", "wait_http"]
+__all__ = ["PY", "ROOT", "Backend", "Proc", "RouterProc", "SimFleet", "SimReplica", "free_port", "http",
+           "quiet_router", "stopping", "wait_for", "wait_http"]
 
 T = TypeVar("T")
 
@@ -88,6 +88,13 @@ class RouterProc:
 
     def metrics(self) -> str:
         return http("GET", self.url + "/metrics")[2].decode()
+
+
+def quiet_router(log_dir: Path, backends: Sequence[str], *extra: str, name: str) -> RouterProc:
+    """A router for tests of the request path alone: no KV events, no metric scrapes, no drain grace
+    (so a stop is immediate)."""
+    return RouterProc(log_dir, backends, "--kv-events", "off", "--scrape-metrics", "false", "--drain-grace", "0",
+                      *extra, name=name)
 
 
 @contextlib.contextmanager

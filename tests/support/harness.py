@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,11 @@ from typing import Any
 
 import aiohttp
 
-from tests.integration import procs
-from tests.integration.procs import http, wait_for
+from tests.support import procs
+from tests.support.procs import http, wait_for
 from traces import fleetproc
 
-__all__ = ["Outcome", "SimFleet", "SimReplica", "call", "classify_sse", "debug_replicas", "proc_stats", "wait_for"]
+__all__ = ["Outcome", "SimFleet", "SimReplica", "call", "classify_sse", "debug_replicas", "wait_for"]
 
 class SimReplica(fleetproc.SimReplica):
     """A replica announced by ``kvrouter sim``, with its fault knobs (``/sim/faults``)."""
@@ -144,12 +143,3 @@ def debug_replicas(router_url: str, headers: dict[str, str] | None = None) -> di
     assert code == 200, body
     return dict(json.loads(body))
 
-
-def proc_stats(pid: int) -> tuple[float, int]:
-    """(RSS in MiB, open fds) of a process, from /proc."""
-    rss_kb = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss_kb = int(line.split()[1])
-    return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
