@@ -330,3 +330,13 @@ def generate(kind: str, **params: Any) -> Trace:
     except KeyError:
         raise ValueError(f"unknown generator {kind!r}; expected one of {', '.join(GENERATORS)}") from None
     return fn(msgspec.convert(params, cls))
+
+
+def _register_agentic() -> None:
+    # traces/agentic.py builds on this module's helpers, so it registers itself after them.
+    from .agentic import AgenticParams, agentic_sessions
+
+    GENERATORS["agentic"] = (AgenticParams, agentic_sessions)
+
+
+_register_agentic()
