@@ -47,7 +47,7 @@ from typing import Annotated
 
 import msgspec
 
-from .generators import GenParams, Segment, Zipf, _Builder, geometric, lognormal_tokens
+from .generators import GENERATORS, GenParams, Segment, Zipf, _Builder, geometric, lognormal_tokens
 from .model import MOONCAKE_BLOCK_TOKENS, Trace
 
 Pos = Annotated[int, msgspec.Meta(gt=0)]
@@ -97,7 +97,9 @@ class AgenticParams(GenParams, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.pause not in PAUSE_PRESETS:
-            raise ValueError(f"unknown pause preset {self.pause!r}; expected one of {', '.join(PAUSE_PRESETS)}")
+            raise ValueError(
+                f"unknown pause preset {self.pause!r}; expected one of {', '.join(PAUSE_PRESETS)}"
+            )
 
     @property
     def pause_law(self) -> tuple[float, float]:
@@ -195,7 +197,9 @@ def agentic_sessions(p: AgenticParams) -> Trace:
         for s in range(p.sessions):
             start = heapq.heappop(slots)
             end = g.root(s, start)
-            heapq.heappush(slots, end + (rng.expovariate(1 / p.restart_gap_s) if p.restart_gap_s > 0 else 0.0))
+            heapq.heappush(
+                slots, end + (rng.expovariate(1 / p.restart_gap_s) if p.restart_gap_s > 0 else 0.0)
+            )
     else:
         t = 0.0
         for s in range(p.sessions):
@@ -206,6 +210,9 @@ def agentic_sessions(p: AgenticParams) -> Trace:
     meta = dict(trace.meta)
     meta.update({"pause_median_s": median, "pause_sigma": sigma})
     return msgspec.structs.replace(trace, meta=meta)
+
+
+GENERATORS["agentic"] = (AgenticParams, agentic_sessions)
 
 
 def session_prefix_reuse(trace: Trace) -> float:
@@ -221,7 +228,9 @@ def session_prefix_reuse(trace: Trace) -> float:
         if par is None:
             continue
         n = 0
-        for a, b in zip(r.hash_ids[: r.input_length // bt], par.hash_ids[: par.input_length // bt], strict=False):
+        for a, b in zip(
+            r.hash_ids[: r.input_length // bt], par.hash_ids[: par.input_length // bt], strict=False
+        ):
             if a != b:
                 break
             n += 1

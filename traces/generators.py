@@ -332,11 +332,6 @@ def generate(kind: str, **params: Any) -> Trace:
     return fn(msgspec.convert(params, cls))
 
 
-def _register_agentic() -> None:
-    # traces/agentic.py builds on this module's helpers, so it registers itself after them.
-    from .agentic import AgenticParams, agentic_sessions
-
-    GENERATORS["agentic"] = (AgenticParams, agentic_sessions)
-
-
-_register_agentic()
+# traces/agentic.py builds on this module's helpers and adds itself to GENERATORS when imported;
+# importing it here makes ``generate("agentic", ...)`` and the CLI see it whichever loads first.
+from . import agentic as _agentic  # noqa: E402,F401
