@@ -19,7 +19,7 @@ from aiohttp import web
 from router.cli import main
 from router.index import PrefixIndex
 from router.replicas import Replica, ReplicaRegistry
-from router.types import ReplicaSpec, RequestInfo
+from router.types import BlockHash, ReplicaSpec, RequestInfo
 from traces.agentic import (
     PAUSE_PRESETS,
     AgenticParams,
@@ -108,7 +108,9 @@ def test_trace_pauses_follow_the_law_and_overrides_apply() -> None:
     assert statistics.median(gaps) == pytest.approx(30.0, rel=0.15)
     # Pause presets change timing only: same seed, same prompts.
     short, long = _trace(seed=9, pause="short"), _trace(seed=9, pause="long")
-    key = lambda tr: sorted((r.request_id, r.hash_ids, r.output_length) for r in tr.requests)  # noqa: E731
+    def key(tr: Trace) -> list[tuple[str, tuple[int, ...], int]]:
+        return sorted((r.request_id, r.hash_ids, r.output_length) for r in tr.requests)
+
     assert key(short) == key(long)
     assert long.duration_s > 10 * short.duration_s
 
@@ -294,7 +296,7 @@ def _fleet(n: int) -> list[Replica]:
 
 
 def _req(blocks: tuple[int, ...] = (1, 2, 3)) -> RequestInfo:
-    return RequestInfo(model="m", prompt_tokens=16 * len(blocks), block_size=16, block_hashes=list(blocks))
+    return RequestInfo(model="m", prompt_tokens=16 * len(blocks), block_size=16, block_hashes=[BlockHash(b) for b in blocks])
 
 
 def test_sticky_least_loaded_rule() -> None:
