@@ -17,6 +17,7 @@ from typing import Any
 
 from traces.agentic import PAUSE_PRESETS
 from traces.generators import generate
+from traces.loaders import dump_mooncake, parse_trace
 from traces.model import Trace
 from traces.simulate import SimConfig, simulate
 
@@ -42,8 +43,8 @@ def sessions_alive(trace: Trace) -> float:
 
 def table(cells: list[dict[str, Any]]) -> str:
     out = [
-        "| load | pauses | requests (span) | sessions alive (mean) | policy | hit | TTFT mean s | TTFT p99 s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| load | pauses | requests (span) | sessions alive (mean) | policy | hit | TTFT mean s | TTFT p99 s | preemptions |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         pols = c["report"]["policies"]
@@ -64,7 +65,16 @@ def table(cells: list[dict[str, Any]]) -> str:
                 mean = f"**{mean}**"
             out.append(
                 "| "
-                + " | ".join([*head, name, f"{p['hit_ratio']:.1%}", mean, f"{p['ttft_p99_s']:.2f}"])
+                + " | ".join(
+                    [
+                        *head,
+                        name,
+                        f"{p['hit_ratio']:.1%}",
+                        mean,
+                        f"{p['ttft_p99_s']:.2f}",
+                        str(p["preemptions"]),
+                    ]
+                )
                 + " |"
             )
     return "\n".join(out)
@@ -79,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     cells: list[dict[str, Any]] = []
     for load, (rate, sessions) in LOADS.items():
         for pause in PAUSE_PRESETS:
-            trace = generate("agentic", sessions=sessions, rate=rate, pause=pause, seed=args.seed)
+            # Through Mooncake JSONL (ms timestamps), exactly as the CLI commands in the docs see it.
+            trace, _ = parse_trace(
+                dump_mooncake(generate("agentic", sessions=sessions, rate=rate, pause=pause, seed=args.seed))
+            )
             report = simulate(trace, SimConfig(replicas=args.replicas), POLICIES)
             cells.append(
                 {
