@@ -29,7 +29,8 @@ trace):
   request at the branch point.
 - **Arrivals**: root sessions start as a Poisson process at ``rate`` per second, or, with
   ``concurrency > 0``, as a closed population: ``concurrency`` sessions run at once and a new one
-  starts (after an exponential gap of mean ``restart_gap_s``) whenever one ends.
+  starts (after an exponential gap of mean ``restart_gap_s``) whenever one ends; the first
+  ``concurrency`` start uniformly over ``[0, restart_gap_s * concurrency]``.
 
 A turn's next request is scheduled at its arrival + its decode time at ``decode_tps`` + the
 pause; service time is unknown when the trace is written (open-loop replay), as in the other
