@@ -26,7 +26,11 @@ def _int_list(text: str) -> list[int]:
 
 
 def _base_type(tp: Any) -> Any:
-    """``Annotated[int, Meta(...)]`` -> ``int`` for argparse (msgspec validates the constraint)."""
+    """``Annotated[int, Meta(...)]`` -> ``int`` for argparse (msgspec validates the constraint);
+    ``X | None`` -> ``X`` (the flag's absence is the ``None``)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is not typing.Annotated and len(args) == 1 and len(typing.get_args(tp)) == 2:
+        tp = args[0]
     return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
 
 
@@ -55,7 +59,14 @@ def register_trace(sub: Any) -> None:
     gsub.required = True
     for kind, (params_cls, _fn) in GENERATORS.items():
         g = gsub.add_parser(kind, help=(params_cls.__doc__ or kind).strip().splitlines()[0])
-        g.add_argument("--out", required=True, help="output file (kvrouter JSONL)")
+        g.add_argument("--out", required=True, help="output file")
+        g.add_argument(
+            "--format",
+            dest="out_format",
+            choices=["kvrouter", "mooncake"],
+            default="kvrouter",
+            help="kvrouter JSONL (default) or Mooncake JSONL with session_id/turn (needs --block-tokens 512)",
+        )
         # One flag per parameter field, typed and defaulted from the struct, so the CLI can
         # never drift from the generator's documented parameters.
         for f in msgspec.structs.fields(params_cls):
@@ -96,7 +107,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generators import generate
-    from .loaders import write_trace
+    from .loaders import write_mooncake, write_trace
     from .stats import format_stats, trace_stats
 
     names = [f.name for f in msgspec.structs.fields(args.params_cls)]
@@ -105,7 +116,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, msgspec.ValidationError) as exc:
         print(f"kvrouter trace generate {args.kind}: {exc}", file=sys.stderr)
         return 2
-    write_trace(trace, args.out)
+    try:
+        if args.out_format == "mooncake":
+            write_mooncake(trace, args.out)
+        else:
+            write_trace(trace, args.out)
+    except ValueError as exc:
+        print(f"kvrouter trace generate {args.kind}: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {len(trace)} requests to {args.out}", file=sys.stderr)
     print(format_stats(trace_stats(trace, lru_sizes=())), file=sys.stderr)
     return 0

@@ -330,3 +330,8 @@ def generate(kind: str, **params: Any) -> Trace:
     except KeyError:
         raise ValueError(f"unknown generator {kind!r}; expected one of {', '.join(GENERATORS)}") from None
     return fn(msgspec.convert(params, cls))
+
+
+# traces/agentic.py builds on this module's helpers and adds itself to GENERATORS when imported;
+# importing it here makes ``generate("agentic", ...)`` and the CLI see it whichever loads first.
+from . import agentic as _agentic  # noqa: E402,F401

@@ -6,7 +6,9 @@
   followed by one ``TraceRequest`` per line (field names as in ``traces.model``).
 - ``qwen``: a JSON object with ``chat_id`` (Alibaba Qwen Bailian traces): ``timestamp`` in
   seconds, ``parent_chat_id`` (-1 for a root), ``turn``, ``type``, ``hash_ids`` of 16-token blocks.
-- ``mooncake``: a JSON object with ``hash_ids`` and ``timestamp`` in milliseconds, 512-token blocks.
+- ``mooncake``: a JSON object with ``hash_ids`` and ``timestamp`` in milliseconds, 512-token blocks;
+  optional ``session_id`` (string or integer) and ``turn`` fields (kvrouter's agentic traces) are
+  kept, so plain Mooncake files and session-tagged ones load alike.
 - ``azure``: a CSV header naming ``TIMESTAMP`` and ``ContextTokens`` (Splitwise / Azure LLM
   inference 2023): absolute datetimes with 7 fractional digits, no prefix information.
 
@@ -94,6 +96,12 @@ class _MooncakeLine(msgspec.Struct, frozen=True):
     input_length: NonNeg
     output_length: NonNeg
     hash_ids: tuple[int, ...]
+    # Extensions (absent in the published Mooncake traces): which agent/chat session a request
+    # belongs to and its 1-based turn, so replay can send x-session-id and routers can stick.
+    session_id: str | int | None = None
+    turn: int | None = None
+    request_id: str | None = None
+    parent_id: str | None = None
 
 
 class _QwenLine(msgspec.Struct, frozen=True):
@@ -322,7 +330,10 @@ def _load_mooncake(data: bytes, path: str, name: str, sink: _Sink) -> Trace:
                 input_length=row.input_length,
                 output_length=row.output_length,
                 hash_ids=row.hash_ids,
-                request_id=str(lineno),
+                request_id=row.request_id if row.request_id is not None else str(lineno),
+                session_id=None if row.session_id is None else str(row.session_id),
+                parent_id=row.parent_id,
+                turn=row.turn,
             )
         )
     return _finish(reqs, path, name, B, sink.report)
@@ -473,3 +484,46 @@ def dump_trace(trace: Trace) -> bytes:
 def write_trace(trace: Trace, path: str | os.PathLike[str]) -> None:
     with open(path, "wb") as f:
         f.write(dump_trace(trace))
+
+
+class _MooncakeOut(msgspec.Struct, omit_defaults=True):
+    timestamp: int  # milliseconds, as the published traces
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+    session_id: str | None = None
+    turn: int | None = None
+    request_id: str | None = None
+    parent_id: str | None = None
+
+
+def dump_mooncake(trace: Trace) -> bytes:
+    """The trace as Mooncake JSONL, with ``session_id`` / ``turn`` / ``request_id`` / ``parent_id``
+    on the lines that have them. Mooncake ids cover 512 tokens, so only a trace with
+    ``block_tokens == 512`` can be written; timestamps are rounded to whole milliseconds."""
+    if trace.block_tokens != MOONCAKE_BLOCK_TOKENS:
+        raise ValueError(
+            f"Mooncake JSONL needs {MOONCAKE_BLOCK_TOKENS}-token blocks; this trace has {trace.block_tokens} "
+            "(write kvrouter JSONL instead)"
+        )
+    buf = bytearray()
+    for r in trace.requests:
+        line = _MooncakeOut(
+            timestamp=round(r.timestamp_s * 1000.0),
+            input_length=r.input_length,
+            output_length=r.output_length,
+            hash_ids=r.hash_ids,
+            session_id=r.session_id,
+            turn=r.turn,
+            request_id=r.request_id if r.session_id is not None else None,
+            parent_id=r.parent_id,
+        )
+        _encoder.encode_into(line, buf, len(buf))
+        buf += b"\n"
+    return bytes(buf)
+
+
+def write_mooncake(trace: Trace, path: str | os.PathLike[str]) -> None:
+    data = dump_mooncake(trace)
+    with open(path, "wb") as f:
+        f.write(data)

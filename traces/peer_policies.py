@@ -226,6 +226,238 @@ def llmd_default(rng: random.Random, clock: Callable[[], float]) -> Policy:
     )
 
 
+# --- session features (issue 19; pd-agentic-failures.md §2) ---------------------------------------
+#
+# The simulator calls ``set_session(trace_request.session_id)`` right before each ``select`` on a
+# policy that has the method (traces/simulate.py ``run_policy``), which stands for the session key
+# the peer would read from ``x-session-id`` / ``x-smg-routing-key`` / the echoed ``x-session-token``.
+
+
+def _rendezvous(key: str, url: str) -> int:
+    return xxhash.xxh3_64_intdigest(f"{key}:{url}".encode())
+
+
+class StickyLeastLoaded:
+    """vllm-router ``sticky_least_loaded`` (vllm-project/router src/policies/sticky_least_loaded.rs).
+
+    Per request, with S(r) = number of *active sessions* assigned to replica r::
+
+        session known and its replica healthy -> that replica (last access refreshed)
+        otherwise (new session, or home gone)  -> a replica with the fewest active sessions,
+                                                  ties by rendezvous hash of (session id, url),
+                                                  and the session is recorded there
+        no session id                          -> fewest active sessions, not recorded
+
+    Sessions expire ``session_ttl_s`` after their last request (default 7200 s,
+    ``VLLM_ROUTER_SLL_SESSION_EXPIRATION_IN_S``); the sweep runs at most every 60 s. No load term
+    other than the session count: in-flight requests, queues and KV are never read, and a home is
+    never left while it is healthy. ``finish_session`` exists upstream but no client in a trace
+    calls it, so sessions end by expiry only. Limits: the tie-break hash is xxh3 instead of the
+    router's ``fbi_hash`` (same rule, different placement); a stateless request's tie-break key is
+    a hash of its block ids instead of its body text.
+    """
+
+    needs_match = False
+    SWEEP_INTERVAL_S = 60.0
+
+    def __init__(
+        self,
+        rng: random.Random,
+        clock: Callable[[], float],
+        *,
+        name: str = "vllm_sticky_least_loaded",
+        session_ttl_s: float = 7200.0,
+    ) -> None:
+        self.name = name
+        self.clock = clock
+        self.session_ttl_s = session_ttl_s
+        self._session: str | None = None
+        self.sessions: dict[str, tuple[str, float]] = {}  # session -> (replica url, last access)
+        self.active: dict[str, int] = {}  # replica url -> active sessions
+        self._last_sweep = clock()
+
+    def set_session(self, session_id: str | None) -> None:
+        self._session = session_id
+
+    def _uncount(self, url: str) -> None:
+        n = self.active.get(url, 0) - 1
+        if n > 0:
+            self.active[url] = n
+        else:
+            self.active.pop(url, None)
+
+    def _sweep(self, now: float) -> None:
+        if now - self._last_sweep < self.SWEEP_INTERVAL_S:
+            return
+        for key, (url, last) in list(self.sessions.items()):
+            if now - last >= self.session_ttl_s:
+                del self.sessions[key]
+                self._uncount(url)
+        self._last_sweep = now
+
+    def _least_loaded(self, candidates: Sequence[Replica], key: str) -> Replica:
+        low = min(self.active.get(r.url, 0) for r in candidates)
+        return max(
+            (r for r in candidates if self.active.get(r.url, 0) == low), key=lambda r: _rendezvous(key, r.url)
+        )
+
+    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+        now = self.clock()
+        self._sweep(now)
+        key = self._session
+        if key is None:
+            choice = self._least_loaded(candidates, str(hash(tuple(req.block_hashes))))
+        else:
+            entry = self.sessions.get(key)
+            home = None
+            if entry is not None:
+                home = next((r for r in candidates if r.url == entry[0]), None)
+                if home is None:  # assigned replica gone: drop the mapping and re-place
+                    del self.sessions[key]
+                    self._uncount(entry[0])
+            if home is not None:
+                choice = home
+            else:
+                choice = self._least_loaded(candidates, key)
+                self.active[choice.url] = self.active.get(choice.url, 0) + 1
+            self.sessions[key] = (choice.url, now)
+        if explain is not None:
+            explain.chosen = choice.id
+        return choice
+
+
+class StickyRoutingKey:
+    """SGLang Model Gateway sticky sessions (``--sticky-sessions`` = routing-key override; smg
+    main.rs / RoutingKeyOverrideConfig, pd-agentic-failures.md §2).
+
+    The routing key is the session (body ``rid`` with turn/retry suffixes stripped, else the
+    ``x-smg-routing-key`` header; here the trace's ``session_id``). With the default assignment
+    mode ``delegate``, a first-seen key is routed by the underlying policy (the gateway's default
+    ``cache_aware``, emulated by ``ApproxTreeCacheAware``) and then pinned: every later request
+    with that key goes to the pinned worker without consulting the policy, whatever its load, until
+    the key has been idle ``max_idle_s`` (14,400 s; swept every ``eviction_interval_s``) or the
+    worker leaves. Requests without a key go to the underlying policy. Limit: pinned requests do
+    not update the underlying approximate tree (the override answers before the policy runs), which
+    is our reading of the override path.
+    """
+
+    needs_match = False
+
+    def __init__(
+        self,
+        rng: random.Random,
+        clock: Callable[[], float],
+        *,
+        name: str = "sglang_sticky",
+        inner: Policy | None = None,
+        max_idle_s: float = 14_400.0,
+        eviction_interval_s: float = 60.0,
+    ) -> None:
+        self.name = name
+        self.clock = clock
+        self.inner: Policy = inner if inner is not None else ApproxTreeCacheAware(rng, clock)
+        self.needs_match = bool(self.inner.needs_match)
+        self.max_idle_s = max_idle_s
+        self.eviction_interval_s = eviction_interval_s
+        self._session: str | None = None
+        self.pins: dict[str, tuple[str, float]] = {}  # key -> (replica url, last seen)
+        self._next_eviction = clock() + eviction_interval_s
+        self.decisions = {"pinned": 0, "delegated": 0}
+
+    def set_session(self, session_id: str | None) -> None:
+        self._session = session_id
+
+    def _evict(self, now: float) -> None:
+        if now < self._next_eviction:
+            return
+        self._next_eviction = now + self.eviction_interval_s
+        for key, (_url, last) in list(self.pins.items()):
+            if now - last >= self.max_idle_s:
+                del self.pins[key]
+
+    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+        now = self.clock()
+        self._evict(now)
+        key = self._session
+        pin = self.pins.get(key) if key is not None else None
+        choice = next((r for r in candidates if r.url == pin[0]), None) if pin is not None else None
+        if choice is None:
+            choice = self.inner.select(req, candidates, None)
+            self.decisions["delegated"] += 1
+        else:
+            self.decisions["pinned"] += 1
+        if key is not None:
+            self.pins[key] = (choice.url, now)
+        if explain is not None:
+            explain.chosen = choice.id
+        return choice
+
+
+class SessionAffinityScorer:
+    """llm-d ``session-affinity-scorer`` (scorer/sessionaffinity/session_affinity.go): the pod named
+    by the request's ``x-session-token`` (which the previous response set to the pod that served
+    it, and the client echoes) scores 1.0, every other pod 0. ``token`` is that echoed value, set
+    by ``LlmdSessionAffinity`` per request."""
+
+    type_name: ClassVar[str] = "llmd-session-affinity"
+
+    def __init__(self) -> None:
+        self.token: str | None = None
+
+    def score(self, req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:
+        tok = self.token
+        return [1.0 if r.url == tok else 0.0 for r in replicas]
+
+
+class LlmdSessionAffinity:
+    """llm-d's default scheduling profile (prefix-cache 3, queue 2, kv-cache-utilization 2; see
+    ``llmd_default``) plus the ``session-affinity-scorer`` at ``affinity_weight``.
+
+    The session token is the pod that answered the session's previous request, so a session follows
+    its last placement; with a weight of 3 (equal to the prefix scorer; llm-d ships no default
+    weight for it) the affinity outweighs neither a full prefix hit elsewhere plus an idle queue
+    nor a saturated home. Limits: the token is kept here per session id instead of round-tripping
+    through response headers (same effect for a client that echoes it); tokens never expire
+    (llm-d's are stateless, so neither do theirs).
+    """
+
+    needs_match = True
+
+    def __init__(
+        self,
+        rng: random.Random,
+        clock: Callable[[], float],
+        *,
+        name: str = "llmd_session_affinity",
+        affinity_weight: float = 3.0,
+    ) -> None:
+        self.name = name
+        self.affinity = SessionAffinityScorer()
+        self.pipeline = Pipeline(
+            name,
+            [
+                (PrefixCacheScorer(), 3.0),
+                (WaitingQueueScorer(), 2.0),
+                (KVUsageScorer(), 2.0),
+                (self.affinity, affinity_weight),
+            ],
+            rng=rng,
+        )
+        self._session: str | None = None
+        self.tokens: dict[str, str] = {}  # session -> url of the pod that served its last request
+
+    def set_session(self, session_id: str | None) -> None:
+        self._session = session_id
+
+    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+        key = self._session
+        self.affinity.token = self.tokens.get(key) if key is not None else None
+        choice = self.pipeline.select(req, candidates, explain)
+        if key is not None:
+            self.tokens[key] = choice.url
+        return choice
+
+
 def _sglang(rng: random.Random, clock: Callable[[], float]) -> Policy:
     return ApproxTreeCacheAware(rng, clock)
 
@@ -250,4 +482,7 @@ PEER_POLICIES: dict[str, Callable[[random.Random, Callable[[], float]], Policy]]
     "vllm_consistent_hash": _vllm_consistent_hash,
     "vllm_power_of_two": _vllm_power_of_two,
     "llmd_default": llmd_default,
+    "vllm_sticky_least_loaded": lambda rng, clock: StickyLeastLoaded(rng, clock),
+    "sglang_sticky": lambda rng, clock: StickyRoutingKey(rng, clock),
+    "llmd_session_affinity": lambda rng, clock: LlmdSessionAffinity(rng, clock),
 }

@@ -35,6 +35,8 @@ from .records import SLO, RequestRecord, percentile, summarize
 from .synth import PromptSynth
 
 REPLICA_HEADER = "x-kvrouter-replica"
+SESSION_HEADER = "x-session-id"  # the trace's session_id, the header vllm-router and kvrouter read
+_BASE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 PromptMode = Literal["tokens", "text"]
 
 
@@ -143,6 +145,10 @@ def _read_usage(rec: RequestRecord, usage: dict[str, Any]) -> None:
 _chunk_dec = msgspec.json.Decoder(_Chunk)
 
 
+def _headers(r: TraceRequest) -> dict[str, str]:
+    return _BASE_HEADERS if r.session_id is None else {**_BASE_HEADERS, SESSION_HEADER: r.session_id}
+
+
 async def _send_one(  # noqa: C901 -- one SSE read loop: status, framing, usage and timing in order
     session: aiohttp.ClientSession,
     target: Target,
@@ -160,7 +166,7 @@ async def _send_one(  # noqa: C901 -- one SSE read loop: status, framing, usage 
         async with session.post(
             target.url + cfg.endpoint,
             data=p.body,
-            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+            headers=_headers(p.req),
         ) as resp:
             rec.status = resp.status
             rec.replica = resp.headers.get(REPLICA_HEADER)
