@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from .hashing import hash_byte_blocks, hash_token_blocks, model_seed, render_messages
 from .index import PrefixIndex
-from .replicas import Replica, ReplicaRegistry
+from .replicas.registry import Replica, ReplicaRegistry
 from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy

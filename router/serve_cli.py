@@ -94,7 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_one(cfg: Config) -> int:
-    from .server import serve
+    from .http.app import serve
 
     try:
         import uvloop

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import aiohttp
 import msgspec
 
-from router.engine_metrics import parse_labels
+from router.replicas.engine_metrics import parse_labels
 
 from .model import Trace, TraceRequest
 from .records import SLO, RequestRecord, percentile, summarize

@@ -51,8 +51,8 @@ import msgspec
 from engines.sim.engine import ITL_BUCKETS, EngineConfig, EngineModel, Histogram, SimRequest
 from engines.sim.profiles import EngineProfile, get_profile
 from router.index import PrefixIndex
-from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from router.replicas import Replica, ReplicaRegistry
+from router.kv.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, Ticket
 from router.scoring.policies import POLICIES, Policy, build_policy
 from router.types import BlockHash, ReplicaId, ReplicaSpec, Tier

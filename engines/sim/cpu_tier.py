@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from router.kv_wire import BlockRemoved, BlockStored, EngineHash, KVEvent
+from router.kv.wire import BlockRemoved, BlockStored, EngineHash, KVEvent
 
 
 class CpuTier:

@@ -62,7 +62,7 @@ output tokens come from ``output_token(request_id, i)`` and the block hash from
 ``block_hasher(parent, tokens)``; without them (the simulator) a generated block gets a
 per-request synthetic hash that never collides with a prompt hash in practice.
 
-KV events are ``router.kv_wire`` structs (the pinned vLLM 0.32 wire shape), ready to encode.
+KV events are ``router.kv.wire`` structs (the pinned vLLM 0.32 wire shape), ready to encode.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 import msgspec
 import xxhash
 
-from router.kv_wire import KVEvent
+from router.kv.wire import KVEvent
 
 from .block_pool import BlockPool
 from .cpu_tier import CpuTier

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..replicas import Replica
+from ..replicas.registry import Replica
 from ..types import RequestInfo
 from .base import Filter, Picker, Scorer
 from .picker import MaxScorePicker

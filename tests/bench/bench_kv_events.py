@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from router import kv_wire
 from router.index import PrefixIndex
-from router.kv_events import IndexSink, KVEventMetrics, ReplicaEvents
+from router.kv import wire as kv_wire
+from router.kv.subscriber import IndexSink, KVEventMetrics, ReplicaEvents
 from router.types import BlockHash, ReplicaId, Tier
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from engines.sim.engine import EngineConfig, EngineModel, SimRequest, StepOutput
 from engines.sim.profiles import H100_LLAMA3_8B, TINY
-from router.kv_wire import AllBlocksCleared, BlockStored
+from router.kv.wire import AllBlocksCleared, BlockStored
 
 
 def tokens(n: int, base: int = 0) -> list[int]:

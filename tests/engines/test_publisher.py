@@ -18,8 +18,8 @@ from engines.sim.publisher import (
     external_hash,
     public_endpoint,
 )
-from router.kv_events import resolve_event_source
-from router.kv_wire import (
+from router.kv.subscriber import resolve_event_source
+from router.kv.wire import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,

@@ -23,7 +23,7 @@ from engines.sim.engine import XxhBlockHasher
 from engines.sim.faults import FaultConfig
 from engines.sim.fleet import Fleet, start_fleet
 from engines.sim.publisher import END_SEQ, block_hash_chain, external_hash
-from router.kv_wire import BlockStored, KVEventBatch, LegacyKVEventBatch
+from router.kv.wire import BlockStored, KVEventBatch, LegacyKVEventBatch
 
 WAIT = aiohttp.ClientTimeout(total=5)
 PROMPT = "the quick brown fox jumps over the lazy dog " * 12  # 108 tokens with the sim tokenizer

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.config import build_config
-from router.openapi import openapi_spec
+from router.http.openapi import openapi_spec
 from tests.integration.procs import RouterProc, http
 from tests.reliability.harness import SimFleet, debug_replicas, wait_for
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from router.discovery import (
+from router.discovery.kubernetes import (
     DiscoveryConfig,
     DnsSource,
     KubernetesSource,

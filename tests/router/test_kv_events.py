@@ -10,9 +10,9 @@ import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry
 
-from router import kv_wire
 from router.hashing import hash_token_blocks, model_seed
-from router.kv_events import (
+from router.kv import wire as kv_wire
+from router.kv.subscriber import (
     AllBlocksClearedView,
     BlockRemovedView,
     BlockStoredView,

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from router.kv_events import DecodeError, KVEventMetrics, ReplicaEvents, decode_batch
+from router.kv.subscriber import DecodeError, KVEventMetrics, ReplicaEvents, decode_batch
 from router.types import ReplicaId
 from tests.router.conftest_kv import FakeIndex, capture_frames, check_consistent, seq8
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 
-from router.kv_wire import BlockStored, KVEventBatch, LegacyKVEventBatch, encode_batch, seq_bytes
+from router.kv.wire import BlockStored, KVEventBatch, LegacyKVEventBatch, encode_batch, seq_bytes
 
 GOLDEN = Path(__file__).parent / "golden" / "vllm-0.32-kv-events.json"
 

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from router import listener
-from router.listener import ListenerSite, listening_socket
+from router.http import listener
+from router.http.listener import ListenerSite, listening_socket
 
 
 async def _ok(request: web.Request) -> web.Response:

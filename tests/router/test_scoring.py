@@ -7,7 +7,7 @@ import random
 import pytest
 
 from router.index import PrefixIndex
-from router.replicas import Replica, ReplicaRegistry
+from router.replicas.registry import Replica, ReplicaRegistry
 from router.scoring.guard import BoundedLoadFilter
 from router.scoring.kv_usage import KVUsageScorer
 from router.scoring.latency import TailLatencyScorer

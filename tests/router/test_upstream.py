@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from router.upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool
+from router.http.upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool
 
 Answer = Callable[[bytes], list[bytes] | None]  # request head+body -> writes (None: close at once)
 

@@ -31,10 +31,10 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from .admission import Admission
-from .config import Config
-from .discovery import DiscoverySource, build_sources
-from .errors import (
+from router.admission import Admission
+from router.config import Config
+from router.discovery.kubernetes import DiscoverySource, build_sources
+from router.errors import (
     BadRequest,
     Forbidden,
     NotFound,
@@ -42,8 +42,8 @@ from .errors import (
     RouterError,
     error_body,
 )
-from .fastpath import FastPath
-from .generate import (
+from router.http.fastpath import FastPath
+from router.http.generate import (
     GENERATE_PATHS,
     Active,
     bearer_ok,
@@ -54,20 +54,20 @@ from .generate import (
     generate,
     new_explanation,
 )
-from .health import ReplicaManager
-from .index import IndexInvariantError, PrefixIndex
-from .kv_events import KVEventManager
-from .listener import ListenerSite, listening_socket
-from .metrics import RouterMetrics
-from .openapi import openapi_spec
-from .parity import ParityTracker
-from .proxy import AiohttpSink, Forwarder, ForwardHooks, request_header_lines
-from .replicas import ReplicaRegistry
-from .requests import parse_model
-from .routing import Router, Tokenizer
-from .scoring.policies import build_policy
-from .types import KeyMode, ReplicaId, ReplicaSpec, RequestInfo
-from .upstream import UpstreamPool
+from router.http.listener import ListenerSite, listening_socket
+from router.http.openapi import openapi_spec
+from router.http.proxy import AiohttpSink, Forwarder, ForwardHooks, request_header_lines
+from router.http.requests import parse_model
+from router.http.upstream import UpstreamPool
+from router.index import IndexInvariantError, PrefixIndex
+from router.kv.subscriber import KVEventManager
+from router.metrics import RouterMetrics
+from router.parity import ParityTracker
+from router.replicas.monitor import ReplicaManager
+from router.replicas.registry import ReplicaRegistry
+from router.routing import Router, Tokenizer
+from router.scoring.policies import build_policy
+from router.types import KeyMode, ReplicaId, ReplicaSpec, RequestInfo
 
 log = logging.getLogger("kvrouter.server")
 _proxy_log = logging.getLogger("kvrouter.proxy")
@@ -162,7 +162,7 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application. ``sources`` overrides discovery (tests); default from config."""
     if tokenizer is None and cfg.routing.tokenizer:
-        from .tokenizer import load_tokenizer
+        from router.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.routing.tokenizer)
     app = web.Application(

@@ -32,8 +32,8 @@ from typing import Protocol
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .config import UpstreamConfig
-from .errors import (
+from router.config import UpstreamConfig
+from router.errors import (
     NoReplicaAvailable,
     Overloaded,
     RouterError,
@@ -41,12 +41,12 @@ from .errors import (
     UpstreamTimeout,
     sse_error_event,
 )
-from .metrics import RouterMetrics
-from .replicas import Replica
-from .routing import Router, Ticket
-from .scoring.pipeline import Explanation
-from .types import ReplicaId, RequestInfo
-from .upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse
+from router.http.upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse
+from router.metrics import RouterMetrics
+from router.replicas.registry import Replica
+from router.routing import Router, Ticket
+from router.scoring.pipeline import Explanation
+from router.types import ReplicaId, RequestInfo
 
 log = logging.getLogger("kvrouter.proxy")
 

@@ -63,9 +63,9 @@ import zmq
 import zmq.asyncio
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from .hashing import hash_token_blocks, model_seed
-from .kv_wire import EngineHash, publisher_binds
-from .types import BlockHash, ReplicaId, Tier
+from router.hashing import hash_token_blocks, model_seed
+from router.kv.wire import EngineHash, publisher_binds
+from router.types import BlockHash, ReplicaId, Tier
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import BadRequest
+from router.errors import BadRequest
 
 
 class CompletionView(msgspec.Struct):

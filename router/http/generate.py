@@ -10,14 +10,14 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .errors import BadRequest, Draining, RouterError, Unauthorized
-from .proxy import ResponseSink
-from .requests import messages_of, parse_chat, parse_completion, routing_prompt
-from .scoring.pipeline import Explanation
-from .types import RequestInfo
+from router.errors import BadRequest, Draining, RouterError, Unauthorized
+from router.http.proxy import ResponseSink
+from router.http.requests import messages_of, parse_chat, parse_completion, routing_prompt
+from router.scoring.pipeline import Explanation
+from router.types import RequestInfo
 
 if TYPE_CHECKING:
-    from .server import AppState
+    from router.http.app import AppState
 
 log = logging.getLogger("kvrouter.server")
 _proxy_log = logging.getLogger("kvrouter.proxy")

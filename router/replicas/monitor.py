@@ -30,13 +30,13 @@ import aiohttp
 import msgspec
 import xxhash
 
-from .config import Config
-from .engine_metrics import EngineMetrics, parse_engine_metrics
-from .kv_events import KVEventManager, resolve_event_source
-from .metrics import RouterMetrics
-from .replicas import Replica, ReplicaRegistry
-from .routing import Router
-from .types import ReplicaId
+from router.config import Config
+from router.kv.subscriber import KVEventManager, resolve_event_source
+from router.metrics import RouterMetrics
+from router.replicas.engine_metrics import EngineMetrics, parse_engine_metrics
+from router.replicas.registry import Replica, ReplicaRegistry
+from router.routing import Router
+from router.types import ReplicaId
 
 log = logging.getLogger("kvrouter.health")
 

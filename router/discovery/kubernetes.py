@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from .types import ReplicaSpec
+from router.types import ReplicaSpec
 
 log = logging.getLogger("kvrouter.discovery")
 

@@ -23,12 +23,12 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from .errors import REASON_PHRASES, BadRequest, HeaderTooLarge, PayloadTooLarge, RouterError, UriTooLong
-from .generate import GENERATE_PATHS, Active, InfoParser, check_api_key, count_error, generate
-from .proxy import Headers, request_header_lines
+from router.errors import REASON_PHRASES, BadRequest, HeaderTooLarge, PayloadTooLarge, RouterError, UriTooLong
+from router.http.generate import GENERATE_PATHS, Active, InfoParser, check_api_key, count_error, generate
+from router.http.proxy import Headers, request_header_lines
 
 if TYPE_CHECKING:
-    from .server import AppState
+    from router.http.app import AppState
 
 log = logging.getLogger("kvrouter.server")
 
