@@ -31,7 +31,8 @@ import msgspec
 import xxhash
 
 from router.config import Config
-from router.kv.subscriber import KVEventManager, resolve_event_source
+from router.kv.sources import resolve_event_source
+from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.replicas.engine_metrics import EngineMetrics, parse_engine_metrics
 from router.replicas.registry import Replica, ReplicaRegistry

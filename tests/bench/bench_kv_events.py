@@ -18,7 +18,9 @@ from prometheus_client import CollectorRegistry
 
 from router.index import PrefixIndex
 from router.kv import wire as kv_wire
-from router.kv.subscriber import IndexSink, KVEventMetrics, ReplicaEvents
+from router.kv.apply import IndexSink
+from router.kv.metrics import KVEventMetrics
+from router.kv.stream import ReplicaEvents
 from router.types import BlockHash, ReplicaId, Tier
 
 

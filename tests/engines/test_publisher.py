@@ -18,7 +18,7 @@ from engines.sim.publisher import (
     external_hash,
     public_endpoint,
 )
-from router.kv.subscriber import resolve_event_source
+from router.kv.sources import resolve_event_source
 from router.kv.wire import (
     AllBlocksCleared,
     BlockRemoved,

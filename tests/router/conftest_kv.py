@@ -14,7 +14,7 @@ import zmq
 import zmq.asyncio
 
 from router.kv import wire as kv_wire
-from router.kv.subscriber import ReplicaEvents
+from router.kv.stream import ReplicaEvents
 from router.types import BlockHash, ReplicaId, Tier
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -12,18 +12,17 @@ from prometheus_client import CollectorRegistry
 
 from router.hashing import hash_token_blocks, model_seed
 from router.kv import wire as kv_wire
-from router.kv.subscriber import (
+from router.kv.decode import (
     AllBlocksClearedView,
     BlockRemovedView,
     BlockStoredView,
     DecodeError,
-    EventSource,
-    KVEventManager,
-    KVEventMetrics,
-    ReplicaEvents,
     decode_batch,
-    resolve_event_source,
 )
+from router.kv.metrics import KVEventMetrics
+from router.kv.sources import EventSource, resolve_event_source
+from router.kv.stream import ReplicaEvents
+from router.kv.subscriber import KVEventManager
 from router.types import ReplicaId, Tier
 from tests.router.conftest_kv import (
     FakeIndex,
