@@ -14,12 +14,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 
-from .discovery.kubernetes import DiscoveryConfig
+from .discovery.base import DiscoveryConfig, http_url_problem
 
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 Pos = Annotated[float, msgspec.Meta(gt=0)]
@@ -312,13 +311,9 @@ def validate(cfg: Config) -> None:
 
 
 def check_backend_url(field: str, url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(field, url, "expected an http(s)://host[:port] URL")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ConfigError(field, url, "invalid port") from None
+    problem = http_url_problem(url)
+    if problem:
+        raise ConfigError(field, url, problem)
 
 
 def config_to_yaml(cfg: Config) -> str:

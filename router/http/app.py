@@ -33,7 +33,7 @@ from aiohttp import web
 
 from router.admission import Admission
 from router.config import Config
-from router.discovery.kubernetes import DiscoverySource, build_sources
+from router.discovery import DiscoverySource, build_sources
 from router.errors import (
     BadRequest,
     Forbidden,

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from router.discovery.kubernetes import (
+from router.discovery import (
     DiscoveryConfig,
     DnsSource,
     KubernetesSource,
