@@ -65,7 +65,7 @@ from router.metrics import RouterMetrics
 from router.parity import ParityTracker
 from router.replicas.monitor import ReplicaManager
 from router.replicas.registry import ReplicaRegistry
-from router.routing import Router, Tokenizer
+from router.routing import Router, RouterLimits, Tokenizer
 from router.scoring.policies import build_policy
 from router.types import KeyMode, ReplicaId, ReplicaSpec, RequestInfo
 
@@ -139,10 +139,9 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         approximate_ttl_s=cfg.routing.approximate_ttl_s,
         tokenizer=tokenizer,
         observer=parity,
+        limits=RouterLimits(cfg.admission.max_in_flight_per_replica, cfg.admission.retry_after_s),
+        on_overload=metrics.admission_rejected.labels("replica").inc,
     )
-    router.max_in_flight_per_replica = cfg.admission.max_in_flight_per_replica
-    router.retry_after_s = cfg.admission.retry_after_s
-    router.on_overload = metrics.admission_rejected.labels("replica").inc
     admission = Admission(
         cfg.admission.max_in_flight,
         cfg.admission.max_queue,
@@ -214,7 +213,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         st.kv_events = KVEventManager(
             st.index, capacity=cfg.routing.index_capacity, registry=st.metrics.registry
         )
-        st.router.is_uncertain = st.kv_events.is_uncertain
     st.manager = ReplicaManager(
         cfg,
         st.registry,
@@ -472,7 +470,7 @@ async def _debug_replicas(request: web.Request) -> web.Response:
                 "has_kv_events": r.has_kv_events,
                 "index_blocks": st.index.replica_blocks(r.id),
                 "index_confirmed": list(st.index.confirmed_digest(r.id)),
-                "uncertain": st.router.is_uncertain(r.id),
+                "uncertain": st.index.is_uncertain(r.id),
                 "ttft_p90_s": r.tail_ttft(),
                 "parity_ratio": st.parity.ratio(r.id),
                 "kv_events": _kv_stats(st, r.id),
