@@ -1,6 +1,6 @@
 """The generate endpoints (``/v1/completions``, ``/v1/chat/completions``), independent of the HTTP
-server that carried the request: aiohttp (router/server.py) or the raw fast path
-(router/fastpath.py). Both call ``generate`` with a ``ResponseSink``, so validation, auth, drain
+server that carried the request: aiohttp (endpoints.py) or the raw fast path (fastpath.py). Both
+call ``generate`` with a ``RequestPath`` and a ``ResponseSink``, so validation, auth, drain
 accounting, admission, routing and forwarding are one code path."""
 
 from __future__ import annotations
@@ -8,28 +8,27 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
-from router.errors import BadRequest, Draining, RouterError, Unauthorized
+from router.errors import BadRequest, RouterError, Unauthorized
 from router.http.proxy import ResponseSink
 from router.http.requests import messages_of, parse_chat, parse_completion, routing_prompt
+from router.http.state import RequestPath
+from router.metrics import RouterMetrics
+from router.routing import Router
 from router.scoring.pipeline import Explanation
 from router.types import RequestInfo
-
-if TYPE_CHECKING:
-    from router.http.app import AppState
 
 log = logging.getLogger("kvrouter.server")
 _proxy_log = logging.getLogger("kvrouter.proxy")
 
-InfoParser = Callable[["AppState", bytes], RequestInfo]
+InfoParser = Callable[[Router, bytes], RequestInfo]
 
 
-def completion_info(st: AppState, body: bytes) -> RequestInfo:
+def completion_info(router: Router, body: bytes) -> RequestInfo:
     view = parse_completion(body)
     token_ids, text = routing_prompt(view)
     try:
-        return st.router.request_info(
+        return router.request_info(
             view.model,
             token_ids=token_ids,
             text=text,
@@ -43,9 +42,9 @@ def completion_info(st: AppState, body: bytes) -> RequestInfo:
         raise BadRequest("Prompt token ids must be integers in [0, 2**32).", param="prompt") from None
 
 
-def chat_info(st: AppState, body: bytes) -> RequestInfo:
+def chat_info(router: Router, body: bytes) -> RequestInfo:
     view = parse_chat(body)
-    return st.router.request_info(
+    return router.request_info(
         view.model,
         messages=messages_of(view),
         cache_salt=view.cache_salt,
@@ -55,29 +54,6 @@ def chat_info(st: AppState, body: bytes) -> RequestInfo:
 
 
 GENERATE_PATHS: dict[str, InfoParser] = {"/v1/completions": completion_info, "/v1/chat/completions": chat_info}
-
-
-class Active:
-    """Counts handled requests so the drain knows when the last one finished; refuses new ones
-    (503 + Retry-After) once the drain's grace window is over."""
-
-    __slots__ = ("st",)
-
-    def __init__(self, st: AppState) -> None:
-        self.st = st
-
-    def __enter__(self) -> None:
-        st = self.st
-        if st.refusing:
-            raise Draining()
-        st.active += 1
-        st.idle.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        st = self.st
-        st.active -= 1
-        if st.active == 0:
-            st.idle.set()
 
 
 def bearer_ok(authorization: str, keys: Sequence[str]) -> bool:
@@ -91,38 +67,36 @@ def bearer_ok(authorization: str, keys: Sequence[str]) -> bool:
     return ok
 
 
-def check_api_key(st: AppState, authorization: str) -> None:
-    keys = st.cfg.server.api_keys
+def check_api_key(keys: Sequence[str], authorization: str) -> None:
     if keys and not bearer_ok(authorization, keys):
         raise Unauthorized("Missing or invalid API key (Authorization: Bearer ...).")
 
 
-def count_error(st: AppState, err: RouterError) -> None:
+def count_error(metrics: RouterMetrics, err: RouterError) -> None:
     """Client mistakes and refusals (4xx, 503) are counted by status; upstream failures (502, 504)
     are counted per replica by the proxy."""
     if err.status < 500 or err.status == 503:
-        st.metrics.client_errors.labels(str(err.status)).inc()
+        metrics.client_errors.labels(str(err.status)).inc()
 
 
-def new_explanation(st: AppState, req: RequestInfo) -> Explanation:
-    return Explanation(st.router.policy.name, len(req.block_hashes), req.block_size, req.key_mode.value)
+def new_explanation(router: Router, req: RequestInfo) -> Explanation:
+    return Explanation(router.policy.name, len(req.block_hashes), req.block_size, req.key_mode.value)
 
 
 async def generate(
-    st: AppState, path: str, info: InfoParser, sink: ResponseSink, target: bytes, headers: bytes, body: bytes
+    rp: RequestPath, path: str, info: InfoParser, sink: ResponseSink, target: bytes, headers: bytes, body: bytes
 ) -> None:
-    """Parse, admit, route and forward one generate request (the caller holds ``Active`` and has
-    checked the API key). Raises RouterError for answers that never reached the sink."""
-    req = info(st, body)
-    if st.cfg.server.log_prompts and log.isEnabledFor(logging.DEBUG):
+    """Parse, admit, route and forward one generate request (the caller holds the drain guard and
+    has checked the API key). Raises RouterError for answers that never reached the sink."""
+    req = info(rp.router, body)
+    if rp.cfg.server.log_prompts and log.isEnabledFor(logging.DEBUG):
         # Opt-in only: prompts are user data and never reach a log otherwise (docs/security.md).
         log.debug("prompt %s: %s", path, body[:2048].decode("utf-8", "replace"))
-    explain = new_explanation(st, req) if _proxy_log.isEnabledFor(logging.DEBUG) else None
-    admission = st.admission
+    explain = new_explanation(rp.router, req) if _proxy_log.isEnabledFor(logging.DEBUG) else None
+    admission = rp.admission
     if not admission.try_acquire():
         await admission.acquire()  # queued (FIFO, bounded) or refused with 429
     try:
-        assert st.forwarder is not None
-        await st.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain)
+        await rp.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain)
     finally:
         admission.release()
