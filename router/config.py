@@ -191,6 +191,17 @@ def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def parse_bool(raw: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off``, any case: the one reading of a boolean string
+    (environment values and ``--flag VALUE``). Raises ValueError otherwise."""
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false")
+
+
 def _parse_scalar(opt: Option, raw: str) -> Any:
     """Environment strings -> typed values; the Struct validation then checks ranges."""
     try:
@@ -199,12 +210,7 @@ def _parse_scalar(opt: Option, raw: str) -> Any:
         if opt.kind == "float":
             return float(raw)
         if opt.kind == "bool":
-            low = raw.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true/false")
+            return parse_bool(raw)
         if opt.kind == "list":
             return [x.strip() for x in raw.split(",") if x.strip()]
     except ValueError as exc:
