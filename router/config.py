@@ -45,7 +45,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     # idle sockets cannot grow memory without bound (0 = no cap; the OS fd limit still applies).
     max_connections: NonNegInt = 0
     replica_header: bool = True  # add x-kvrouter-replica to every proxied response
-    fast_path: bool = True  # raw HTTP/1.1 serving of the two generate endpoints (router/fastpath.py)
+    fast_path: bool = True  # raw HTTP/1.1 serving of the two generate endpoints (router/http/fastpath.py)
     api_keys: list[str] = msgspec.field(default_factory=list)  # router's own Bearer keys
     enable_debug: bool = False  # POST /debug/route, GET /debug/replicas
     admin_token: str | None = None  # required for debug endpoints when set

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import NewType
 
 # A block hash in the router's own chain (hashing.py): an unsigned 64-bit int. Engine hashes
-# (vLLM's) are a different space; kv_events.py maps engine hash -> BlockHash per replica.
+# (vLLM's) are a different space; kv/stream.py maps engine hash -> BlockHash per replica.
 BlockHash = NewType("BlockHash", int)
 # A replica's stable name: its base URL unless discovery gives it another name.
 ReplicaId = NewType("ReplicaId", str)

@@ -1,6 +1,6 @@
 """Bad input against a real `kvrouter serve` (in front of one sim replica): random JSON (types,
 unicode, huge numbers, deep nesting) with hypothesis, and schemathesis cases generated from the
-router's own OpenAPI document (router/openapi.py). A client mistake never gets a 500, never
+router's own OpenAPI document (router/http/openapi.py). A client mistake never gets a 500, never
 crashes the router, and always gets an OpenAI-style error body."""
 
 from __future__ import annotations

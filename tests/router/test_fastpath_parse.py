@@ -1,4 +1,4 @@
-"""router/fastpath.py parse_head: serves plain generate POSTs, leaves everything unusual to aiohttp."""
+"""router/http/fastpath.py parse_head: serves plain generate POSTs, leaves everything unusual to aiohttp."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""kv_wire.py pins vLLM 0.32's KV-event bytes: re-encoding the golden capture must be byte-exact."""
+"""router/kv/wire.py pins vLLM 0.32's KV-event bytes: re-encoding the golden capture must be byte-exact."""
 
 from __future__ import annotations
 

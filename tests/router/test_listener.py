@@ -1,4 +1,4 @@
-"""router/listener.py: one wake-up drains the accept queue; the cap turns extra connections away
+"""router/http/listener.py: one wake-up drains the accept queue; the cap turns extra connections away
 with a JSON 503; descriptor exhaustion pauses accepting instead of spinning."""
 
 from __future__ import annotations

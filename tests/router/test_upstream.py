@@ -1,4 +1,4 @@
-"""router/upstream.py against an in-process raw HTTP/1.1 server on loopback: framing, keep-alive
+"""router/http/upstream.py against an in-process raw HTTP/1.1 server on loopback: framing, keep-alive
 reuse, the idle-close race, mid-body failures."""
 
 from __future__ import annotations
