@@ -51,8 +51,11 @@ def build_sources(config: DiscoveryConfig, environ: Mapping[str, str] | None = N
         else:
             api_url = config.k8s_api_url or in_cluster_api_url(env)
             if not api_url:
-                bad_setting("k8s_api_url", config.k8s_api_url,
-                     "not set and KUBERNETES_SERVICE_HOST is not in the environment (not in a pod?)")
+                bad_setting(
+                    "k8s_api_url",
+                    config.k8s_api_url,
+                    "not set and KUBERNETES_SERVICE_HOST is not in the environment (not in a pod?)",
+                )
             namespace = config.k8s_namespace or _read_namespace(config.k8s_namespace_path)
             sources.append(KubernetesSource(config, api_url=api_url, namespace=namespace))
     return sources

@@ -116,7 +116,11 @@ class DiscoveryConfig(msgspec.Struct, frozen=True, kw_only=True):
         if not self.backoff_initial_s > 0:
             bad_setting("backoff_initial_s", self.backoff_initial_s, "must be > 0")
         if self.backoff_max_s < self.backoff_initial_s:
-            bad_setting("backoff_max_s", self.backoff_max_s, f"must be >= backoff_initial_s ({self.backoff_initial_s})")
+            bad_setting(
+                "backoff_max_s",
+                self.backoff_max_s,
+                f"must be >= backoff_initial_s ({self.backoff_initial_s})",
+            )
         kinds = self.enabled_sources()
         if "static" in kinds and not self.static:
             bad_setting("static", self.static, "the static source needs at least one URL")
@@ -124,7 +128,9 @@ class DiscoveryConfig(msgspec.Struct, frozen=True, kw_only=True):
             bad_setting("dns_name", self.dns_name, "the dns source needs a name to resolve")
         if "k8s" in kinds:
             if self.k8s_resource == "pods" and not self.k8s_label_selector:
-                bad_setting("k8s_label_selector", self.k8s_label_selector, "k8s_resource=pods needs a label selector")
+                bad_setting(
+                    "k8s_label_selector", self.k8s_label_selector, "k8s_resource=pods needs a label selector"
+                )
             if not (self.k8s_service_name or self.k8s_label_selector):
                 bad_setting("k8s_service_name", self.k8s_service_name, "set it or k8s_label_selector")
             if self.k8s_api_url and urlsplit(self.k8s_api_url).scheme not in ("http", "https"):
@@ -210,12 +216,12 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def replica_spec(host: str, port: int, events_port: int | None, replay_port: int | None = None,
-          name: str | None = None) -> ReplicaSpec:
+def replica_spec(
+    host: str, port: int, events_port: int | None, replay_port: int | None = None, name: str | None = None
+) -> ReplicaSpec:
     return ReplicaSpec(
         url=f"http://{host_port(host, port)}",
         name=name,
         kv_events=f"tcp://{host_port(host, events_port)}" if events_port else None,
         kv_replay=f"tcp://{host_port(host, replay_port)}" if replay_port else None,
     )
-

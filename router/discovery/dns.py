@@ -41,9 +41,7 @@ class AiodnsSrvResolver:
     def __init__(self, nameservers: Sequence[str] = (), timeout_s: float = 2.0) -> None:
         import aiodns
 
-        self._resolver = aiodns.DNSResolver(
-            nameservers=list(nameservers) or None, timeout=timeout_s, tries=2
-        )
+        self._resolver = aiodns.DNSResolver(nameservers=list(nameservers) or None, timeout=timeout_s, tries=2)
 
     async def __call__(self, name: str) -> list[tuple[str, int]]:
         import aiodns
@@ -90,8 +88,9 @@ class DnsSource:
         self.stats = DiscoveryStats()
         self._resolver = resolver
         self._srv_resolver = srv_resolver
-        self._backoff = Backoff(cfg.backoff_initial_s, max(cfg.backoff_max_s, cfg.dns_interval_s),
-                                rng or random.Random())
+        self._backoff = Backoff(
+            cfg.backoff_initial_s, max(cfg.backoff_max_s, cfg.dns_interval_s), rng or random.Random()
+        )
 
     async def resolve_once(self) -> list[ReplicaSpec]:
         cfg = self.cfg
@@ -125,8 +124,11 @@ class DnsSource:
                     # and one failed round is transient by contract. CancelledError is not an
                     # Exception, so cancellation still stops the loop.
                     self.stats.error("resolve")
-                    log.warning("dns discovery: resolving %s failed (%s); keeping the last set",
-                                self.cfg.dns_name, exc)
+                    log.warning(
+                        "dns discovery: resolving %s failed (%s); keeping the last set",
+                        self.cfg.dns_name,
+                        exc,
+                    )
                     changes.offer_initial_empty()
                     delay = min(delay, self._backoff.next_delay())
                 await asyncio.sleep(delay)
@@ -134,4 +136,3 @@ class DnsSource:
             if owned is not None:
                 self._srv_resolver = None
                 await owned.close()
-

@@ -28,4 +28,3 @@ class StaticSource:
     async def run(self, publish: Publish) -> None:
         Changes(publish, self.stats).offer(self.specs)
         await asyncio.Event().wait()
-

@@ -98,7 +98,9 @@ def event_tier(medium: str | None) -> Tier:
     return Tier.GPU if medium is None or medium.upper() == "GPU" else Tier.CPU
 
 
-def apply_batch(index: IndexSink, replica: ReplicaId, events: Iterable[AnyEvent], keys: BlockKeys) -> BatchCounts:
+def apply_batch(
+    index: IndexSink, replica: ReplicaId, events: Iterable[AnyEvent], keys: BlockKeys
+) -> BatchCounts:
     """Apply ``events`` in order. vLLM sends one BlockRemoved event per evicted block, so
     per-event costs dominate a busy stream: a run of removals on one tier becomes one index
     call (no store or clear runs in between, so the order the index sees holds)."""

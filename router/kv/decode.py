@@ -209,4 +209,3 @@ def decode_batch(payload: bytes, arrays_first: bool = False) -> DecodedBatch:
         else:
             events.append(ev)
     return DecodedBatch(rb.ts, events, unknown, arrays_first)
-

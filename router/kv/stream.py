@@ -54,7 +54,6 @@ DEFAULT_CAPACITY = 1 << 18  # engine->router entries per replica; pass the index
 DEFAULT_RESTART_WINDOW = 10_000  # vLLM's default replay buffer_steps: no duplicate can be older
 
 
-
 class ReplayRequest(NamedTuple):
     start: int  # first seq to ask the replay endpoint for
     seq: int  # the live batch that triggered it, applied after the replay
@@ -467,4 +466,3 @@ def _extra(keys: Any, lora_name: str | None, first: bool) -> tuple[bool, str | N
     if first and len(items) == 1 and isinstance(items[0], str):
         return True, items[0]
     return False, None
-

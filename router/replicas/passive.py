@@ -24,7 +24,9 @@ class PassiveHealth:
         rep.consecutive_successes = 0
         rep.consecutive_failures += 1
         if rep.healthy and rep.consecutive_failures >= self.eject_after_failures:
-            log.warning("ejecting %s after %d consecutive failures (%s)", rep.id, rep.consecutive_failures, reason)
+            log.warning(
+                "ejecting %s after %d consecutive failures (%s)", rep.id, rep.consecutive_failures, reason
+            )
             self.registry.set_healthy(rep, False)
             self.metrics.ejections.labels(rep.id).inc()
 
