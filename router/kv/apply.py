@@ -103,38 +103,40 @@ def apply_batch(
 ) -> BatchCounts:
     """Apply ``events`` in order. vLLM sends one BlockRemoved event per evicted block, so
     per-event costs dominate a busy stream: a run of removals on one tier becomes one index
-    call (no store or clear runs in between, so the order the index sees holds)."""
-    n = BatchCounts()
+    call (no store or clear runs in between, so the order the index sees holds), and counts
+    stay in locals until the end."""
+    n_stored = n_removed = n_cleared = blocks_stored = blocks_removed = unknown = 0
     pending: list[BlockHash] = []
     pending_tier = Tier.GPU
+    removed = keys.removed
     for ev in events:
         if isinstance(ev, _REMOVED):
-            n.removed_events += 1
+            n_removed += 1
             tier = event_tier(ev.medium)
             if pending and tier is not pending_tier:
                 index.remove(replica, pending, pending_tier)
-                n.blocks_removed += len(pending)
+                blocks_removed += len(pending)
                 pending = []
             pending_tier = tier
-            n.unknown_removals += keys.removed(ev.block_hashes, tier, pending)
+            unknown += removed(ev.block_hashes, tier, pending)
             continue
         if pending:
             index.remove(replica, pending, pending_tier)
-            n.blocks_removed += len(pending)
+            blocks_removed += len(pending)
             pending = []
         if isinstance(ev, _STORED):
-            n.stored_events += 1
+            n_stored += 1
             tier = event_tier(ev.medium)
             stored = keys.stored(ev, tier)
             if stored:
                 index.store(replica, stored, tier)
-                n.blocks_stored += len(stored)
+                blocks_stored += len(stored)
                 keys.bound()
         else:
-            n.cleared_events += 1
+            n_cleared += 1
             index.clear(replica)
             keys.cleared()
     if pending:
         index.remove(replica, pending, pending_tier)
-        n.blocks_removed += len(pending)
-    return n
+        blocks_removed += len(pending)
+    return BatchCounts(n_stored, n_removed, n_cleared, blocks_stored, blocks_removed, unknown)

@@ -25,7 +25,6 @@ Sequence rules (one stream per replica; seq counts from 0 per publisher process)
 * A payload that does not decode is counted and dropped; its seq is consumed and the replica is
   uncertain (the lost batch may have held removals).
 
-
 Everything here is synchronous and I/O-free (subscriber.py does the sockets); the index is
 changed only through ``apply_batch`` (apply.py) and on restart/eviction.
 """
@@ -427,24 +426,16 @@ class ReplicaEvents:
 
 
 class _LiveKeys:
-    """``BlockKeys`` for the live stream: the applier's view of one ``ReplicaEvents``' map."""
+    """``BlockKeys`` for the live stream: one ``ReplicaEvents``' map, as bound methods (one call
+    per event on the hot path, not two)."""
 
-    __slots__ = ("_ev",)
+    __slots__ = ("bound", "cleared", "removed", "stored")
 
     def __init__(self, ev: ReplicaEvents) -> None:
-        self._ev = ev
-
-    def stored(self, ev: StoredEvent, tier: Tier) -> Sequence[BlockHash]:
-        return self._ev._stored_keys(ev, tier)
-
-    def removed(self, engine_hashes: Sequence[EngineHash], tier: Tier, out: list[BlockHash]) -> int:
-        return self._ev._removed(engine_hashes, tier, out)
-
-    def cleared(self) -> None:
-        self._ev._cleared()
-
-    def bound(self) -> None:
-        self._ev._bound()
+        self.stored: Callable[[StoredEvent, Tier], Sequence[BlockHash]] = ev._stored_keys
+        self.removed: Callable[[Sequence[EngineHash], Tier, list[BlockHash]], int] = ev._removed
+        self.cleared: Callable[[], None] = ev._cleared
+        self.bound: Callable[[], None] = ev._bound
 
 
 def _extra(keys: Any, lora_name: str | None, first: bool) -> tuple[bool, str | None]:
