@@ -14,12 +14,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 
-from .discovery import DiscoveryConfig
+from .discovery.base import DiscoveryConfig, http_url_problem
 
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 Pos = Annotated[float, msgspec.Meta(gt=0)]
@@ -46,7 +45,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     # idle sockets cannot grow memory without bound (0 = no cap; the OS fd limit still applies).
     max_connections: NonNegInt = 0
     replica_header: bool = True  # add x-kvrouter-replica to every proxied response
-    fast_path: bool = True  # raw HTTP/1.1 serving of the two generate endpoints (router/fastpath.py)
+    fast_path: bool = True  # raw HTTP/1.1 serving of the two generate endpoints (router/http/fastpath.py)
     api_keys: list[str] = msgspec.field(default_factory=list)  # router's own Bearer keys
     enable_debug: bool = False  # POST /debug/route, GET /debug/replicas
     admin_token: str | None = None  # required for debug endpoints when set
@@ -192,6 +191,17 @@ def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def parse_bool(raw: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off``, any case: the one reading of a boolean string
+    (environment values and ``--flag VALUE``). Raises ValueError otherwise."""
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false")
+
+
 def _parse_scalar(opt: Option, raw: str) -> Any:
     """Environment strings -> typed values; the Struct validation then checks ranges."""
     try:
@@ -200,12 +210,7 @@ def _parse_scalar(opt: Option, raw: str) -> Any:
         if opt.kind == "float":
             return float(raw)
         if opt.kind == "bool":
-            low = raw.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true/false")
+            return parse_bool(raw)
         if opt.kind == "list":
             return [x.strip() for x in raw.split(",") if x.strip()]
     except ValueError as exc:
@@ -312,13 +317,9 @@ def validate(cfg: Config) -> None:
 
 
 def check_backend_url(field: str, url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(field, url, "expected an http(s)://host[:port] URL")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ConfigError(field, url, "invalid port") from None
+    problem = http_url_problem(url)
+    if problem:
+        raise ConfigError(field, url, problem)
 
 
 def config_to_yaml(cfg: Config) -> str:

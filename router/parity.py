@@ -25,9 +25,9 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 
-from .engine_metrics import EngineMetrics
 from .metrics import RouterMetrics
-from .replicas import Replica
+from .replicas.engine_metrics import EngineMetrics
+from .replicas.registry import Replica
 from .routing import Ticket
 from .types import RequestInfo
 

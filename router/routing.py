@@ -23,11 +23,10 @@ from typing import Any, Protocol
 from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from .hashing import hash_byte_blocks, hash_token_blocks, model_seed, render_messages
 from .index import PrefixIndex
-from .replicas import Replica, ReplicaRegistry
+from .replicas.registry import Replica, ReplicaRegistry
 from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
-from .scoring.prefix import PrefixCacheScorer
 from .types import BlockHash, KeyMode, ReplicaId, RequestInfo
 
 log = logging.getLogger("kvrouter.routing")
@@ -56,6 +55,15 @@ class Ticket:
     done: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class RouterLimits:
+    """Per-replica admission: ``Overloaded`` (429, ``Retry-After: retry_after_s``) once every
+    candidate holds ``max_in_flight_per_replica`` requests (0: no cap)."""
+
+    max_in_flight_per_replica: int = 0
+    retry_after_s: int = 1
+
+
 class Router:
     def __init__(
         self,
@@ -71,6 +79,8 @@ class Router:
         tokenizer: Tokenizer | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: RoutingObserver | None = None,
+        limits: RouterLimits = RouterLimits(),
+        on_overload: Callable[[], None] = lambda: None,
     ) -> None:
         self.index = index
         self.registry = registry
@@ -83,13 +93,8 @@ class Router:
         self.tokenizer = tokenizer
         self.clock = clock
         self.observer = observer
-        self._prefix_scorers = _find_prefix_scorers(policy)
-        # Whether a replica's index view is stale (missed KV events); the server points this at
-        # the KV-event manager. Uncertain replicas get discounted cache credit.
-        self.is_uncertain: Callable[[ReplicaId], bool] = index.is_uncertain
-        self.max_in_flight_per_replica = 0  # admission cap per replica; 0 = none
-        self.retry_after_s = 1
-        self.on_overload: Callable[[], None] = lambda: None
+        self.limits = limits
+        self.on_overload = on_overload
 
     # ---- request keys ---------------------------------------------------------------------
 
@@ -152,12 +157,12 @@ class Router:
             cands = [r for r in cands if r.id not in exclude]
             if not cands:
                 raise NoReplicaAvailable(model)
-        cap = self.max_in_flight_per_replica
+        cap = self.limits.max_in_flight_per_replica
         if cap:
             cands = [r for r in cands if r.in_flight < cap]
             if not cands:
                 self.on_overload()
-                raise Overloaded("Every replica is at its concurrency limit.", retry_after=self.retry_after_s)
+                raise Overloaded("Every replica is at its concurrency limit.", retry_after=self.limits.retry_after_s)
         return cands
 
     def select(
@@ -172,12 +177,9 @@ class Router:
         t0 = time.perf_counter()
         cands = self.candidates(req.model, exclude)
         if req.block_hashes and self.policy.needs_match:
-            req.gpu_blocks, req.cpu_blocks = self.index.match(req.block_hashes)
-            if self._prefix_scorers:
-                # maintained by the KV-event layer through index.set_uncertain: O(1) here
-                uncertain = self.index.uncertain_slots
-                for s in self._prefix_scorers:
-                    s.uncertain = uncertain
+            req.gpu_blocks, req.any_tier_blocks = self.index.match(req.block_hashes)
+            # maintained by the KV-event layer through index.set_uncertain: O(1) here
+            req.uncertain_slots = self.index.uncertain_slots
         replica = self.policy.select(req, cands, explain)
         if record and self.observer is not None:
             self.observer.on_decision(replica, time.perf_counter() - t0, req)
@@ -246,8 +248,3 @@ def _estimate_tokens(
     if messages is not None:
         return max(1, len(render_messages(messages)) // bytes_per_token)
     return 0
-
-
-def _find_prefix_scorers(policy: Policy) -> list[PrefixCacheScorer]:
-    scorers = getattr(policy, "scorers", ())
-    return [s for s, _w in scorers if isinstance(s, PrefixCacheScorer)]

@@ -18,16 +18,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .config import OPTIONS, Config, ConfigError, build_config, load_yaml
+from .config import OPTIONS, Config, ConfigError, build_config, load_yaml, parse_bool
 
 
 def _bool(value: str) -> bool:
-    low = value.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+    try:
+        return parse_bool(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, got {value!r}") from None
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -94,7 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_one(cfg: Config) -> int:
-    from .server import serve
+    from .http.app import serve
 
     try:
         import uvloop

@@ -8,11 +8,12 @@ routing view that the pipeline fills once and scorers only read.
 from __future__ import annotations
 
 import enum
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NewType
 
 # A block hash in the router's own chain (hashing.py): an unsigned 64-bit int. Engine hashes
-# (vLLM's) are a different space; kv_events.py maps engine hash -> BlockHash per replica.
+# (vLLM's) are a different space; kv/stream.py maps engine hash -> BlockHash per replica.
 BlockHash = NewType("BlockHash", int)
 # A replica's stable name: its base URL unless discovery gives it another name.
 ReplicaId = NewType("ReplicaId", str)
@@ -36,8 +37,8 @@ class RequestInfo:
     """What the pipeline knows about one request when it selects a replica.
 
     Filled once per request by the router (hashing + one index pass); scorers read it and never
-    touch the index. ``gpu_blocks`` / ``cpu_blocks`` are indexed by replica *slot* (see
-    replicas.py), not by position in the candidate list, so the same arrays serve every scorer.
+    touch the index. ``gpu_blocks`` / ``any_tier_blocks`` are indexed by replica *slot*
+    (see replicas/registry.py), not by position in the candidate list, so the same arrays serve every scorer.
     """
 
     model: str
@@ -49,7 +50,9 @@ class RequestInfo:
     stream: bool = False
     now: float = 0.0  # router clock when the request arrived (scorers never read clocks)
     gpu_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU
-    cpu_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU or CPU
+    any_tier_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU or CPU
+    # Slots whose index view missed KV events (PrefixIndex.uncertain_slots at selection time).
+    uncertain_slots: AbstractSet[int] = frozenset()
 
     @property
     def total_blocks(self) -> int:

@@ -23,7 +23,7 @@ from typing import ClassVar
 import xxhash
 
 from router.index import PrefixIndex
-from router.replicas import Replica
+from router.replicas.registry import Replica
 from router.scoring.base import min_max_inverted
 from router.scoring.kv_usage import KVUsageScorer
 from router.scoring.pipeline import Explanation, Pipeline

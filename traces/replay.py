@@ -28,7 +28,7 @@ from typing import Any, Literal
 import aiohttp
 import msgspec
 
-from router.engine_metrics import parse_labels
+from router.replicas.engine_metrics import parse_labels, samples
 
 from .model import Trace, TraceRequest
 from .records import SLO, RequestRecord, percentile, summarize
@@ -347,21 +347,9 @@ def engine_base(url: str) -> str:
 
 def parse_prometheus(text: str, names: Sequence[str] = ENGINE_COUNTERS) -> dict[str, float]:
     """Sum each named sample over its label sets (one engine per replica; DP ranks add up)."""
-    want = set(names)
     out = dict.fromkeys(names, 0.0)
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        brace = line.find("{")
-        space = line.find(" ")
-        name = line[: brace if 0 <= brace < space else space]
-        if name in want:
-            # `name{labels} value [timestamp]`: the value follows the labels (which may hold spaces).
-            rest = line.rsplit("}", 1)[1] if 0 <= brace < space else line[space:]
-            try:
-                out[name] += float(rest.split()[0])
-            except (ValueError, IndexError):
-                continue
+    for name, _labels, value in samples(text, names=out):
+        out[name] += value
     return out
 
 

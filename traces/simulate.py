@@ -53,11 +53,12 @@ from engines.sim.model.profiles import EngineProfile, get_profile
 from engines.sim.model.stats import ITL_BUCKETS, Histogram
 from engines.sim.model.structs import EngineConfig, SimRequest
 from router.index import PrefixIndex
-from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from router.replicas import Replica, ReplicaRegistry
+from router.kv.apply import IDENTITY_KEYS, apply_batch
+from router.kv.wire import KVEvent
+from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, Ticket
 from router.scoring.policies import POLICIES, Policy, build_policy
-from router.types import BlockHash, ReplicaId, ReplicaSpec, Tier
+from router.types import BlockHash, ReplicaId, ReplicaSpec
 
 from .model import Trace, TraceRequest
 from .records import RequestRecord, summarize
@@ -333,24 +334,8 @@ class _Fleet:
         clock.t = saved if saved > ts else ts
 
     def _apply_events(self, rid: ReplicaId, events: Sequence[KVEvent]) -> None:
-        index = self.index
-        removed: list[BlockHash] = []  # a run of GPU BlockRemoved, applied as one index call
-        for ev in events:
-            if isinstance(ev, BlockRemoved) and ev.medium != "CPU":
-                removed.extend(_as_hashes(ev.block_hashes))
-                continue
-            if removed:
-                index.remove(rid, removed)
-                removed = []
-            if isinstance(ev, BlockStored):
-                tier = Tier.CPU if ev.medium == "CPU" else Tier.GPU
-                index.store(rid, _as_hashes(ev.block_hashes), tier)
-            elif isinstance(ev, BlockRemoved):
-                index.remove(rid, _as_hashes(ev.block_hashes), Tier.CPU)
-            elif isinstance(ev, AllBlocksCleared):
-                index.clear(rid)
-        if removed:
-            index.remove(rid, removed)
+        # The live router's applier; the simulated engines publish router keys already.
+        apply_batch(self.index, rid, events, IDENTITY_KEYS)
         self.kv_events_applied += len(events)
 
     def advance_all(self, t: float) -> None:
@@ -423,10 +408,6 @@ class _Fleet:
         for i in list(self.busy):
             self.advance(i, math.inf)
         self.deliver_until(math.inf)
-
-
-def _as_hashes(ids: Sequence[Any]) -> list[BlockHash]:
-    return ids if isinstance(ids, list) else list(ids)
 
 
 def run_policy(

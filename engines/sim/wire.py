@@ -4,7 +4,7 @@ The dependency rule is "engines import only router's wire schemas"; every sim mo
 names from here, so a move of the router module is a one-line change.
 """
 
-from router.kv_wire import (
+from router.kv.wire import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,

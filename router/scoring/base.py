@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from typing import ClassVar, Protocol
 
-from ..replicas import Replica
+from ..replicas.registry import Replica
 from ..types import RequestInfo
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from ..replicas import Replica
+from ..replicas.registry import Replica
 from ..types import RequestInfo
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from ..replicas import Replica
+from ..replicas.registry import Replica
 
 TIE_EPSILON = 1e-9
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..replicas import Replica
+from ..replicas.registry import Replica
 from ..types import RequestInfo
 from .base import Filter, Picker, Scorer
 from .picker import MaxScorePicker
@@ -24,7 +24,7 @@ TIMING_SAMPLE = 16  # time the plugins on one request in 16: cheap enough for th
 class ReplicaExplanation:
     replica: str
     gpu_blocks: int
-    cpu_blocks: int
+    any_tier_blocks: int
     filtered_out: bool
     scores: dict[str, float] = field(default_factory=dict)
     total: float = 0.0
@@ -50,7 +50,7 @@ class Explanation:
                 {
                     "replica": r.replica,
                     "gpu_blocks": r.gpu_blocks,
-                    "cpu_blocks": r.cpu_blocks,
+                    "cpu_blocks": r.any_tier_blocks,  # the /debug/route key, kept for its readers
                     "filtered_out": r.filtered_out,
                     "scores": r.scores,
                     "total": r.total,
@@ -64,7 +64,7 @@ class Explanation:
         for r in self.replicas:
             sc = " ".join(f"{k}={v:.3f}" for k, v in r.scores.items())
             mark = " filtered" if r.filtered_out else ""
-            parts.append(f"[{r.replica} gpu={r.gpu_blocks} cpu={r.cpu_blocks} {sc} total={r.total:.3f}{mark}]")
+            parts.append(f"[{r.replica} gpu={r.gpu_blocks} cpu={r.any_tier_blocks} {sc} total={r.total:.3f}{mark}]")
         return " ".join(parts)
 
 
@@ -130,7 +130,7 @@ class Pipeline:
         brings in the idle replicas that load balancing needs (Mitzenmacher's power of d choices).
         """
         k = self.max_candidates
-        anyt = req.cpu_blocks
+        anyt = req.any_tier_blocks
         n = len(anyt)
         matched = [r for r in candidates if r.slot < n and anyt[r.slot] > 0]
         if len(matched) > k // 2:
@@ -159,7 +159,7 @@ class Pipeline:
             row = ReplicaExplanation(
                 replica=r.id,
                 gpu_blocks=req.gpu_blocks[s] if s < len(req.gpu_blocks) else 0,
-                cpu_blocks=req.cpu_blocks[s] if s < len(req.cpu_blocks) else 0,
+                any_tier_blocks=req.any_tier_blocks[s] if s < len(req.any_tier_blocks) else 0,
                 filtered_out=i is None,
             )
             if i is not None:

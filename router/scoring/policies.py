@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from ..replicas import Replica
+from ..replicas.registry import Replica
 from ..types import RequestInfo
 from .base import Scorer
 from .churn import CacheChurnScorer

@@ -4,7 +4,7 @@
 
 ``gpu_r`` is the replica's contiguous cached prefix on GPU in blocks, ``any_r`` on GPU or CPU
 (LMCache) tier: a CPU block still has to be loaded, so it earns partial credit. A replica whose
-index is *uncertain* (missed KV events, not yet rebuilt) keeps only half its credit, so a stale
+index is *uncertain* (``RequestInfo.uncertain_slots``) (missed KV events, not yet rebuilt) keeps only half its credit, so a stale
 view cannot hold traffic on it. Neutral (all 1.0) when the request has no blocks.
 Category: affinity.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from ..replicas import Replica
+from ..replicas.registry import Replica
 from ..types import RequestInfo
 
 
@@ -24,14 +24,14 @@ class PrefixCacheScorer:
     def __init__(self, cpu_credit: float = 0.8, uncertain_discount: float = 0.5) -> None:
         self.cpu_credit = cpu_credit
         self.uncertain_discount = uncertain_discount
-        self.uncertain: frozenset[int] | set[int] = frozenset()  # slots; set by the router
 
     def score(self, req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:
         total = len(req.block_hashes)
         if total == 0:
             return [1.0] * len(replicas)
         gpu = req.gpu_blocks
-        anyt = req.cpu_blocks
+        anyt = req.any_tier_blocks
+        uncertain = req.uncertain_slots
         ng = len(gpu)
         credit = self.cpu_credit
         out = []
@@ -43,7 +43,7 @@ class PrefixCacheScorer:
             else:
                 g = a = 0
             v = (g + credit * (a - g)) / total
-            if s in self.uncertain:
+            if s in uncertain:
                 v *= self.uncertain_discount
             out.append(v)
         return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from ..replicas import Replica
+from ..replicas.registry import Replica
 from ..types import RequestInfo
 
 
@@ -34,7 +34,7 @@ class EstimatedTTFTScorer:
         bs = req.block_size
         n = req.prompt_tokens
         gpu = req.gpu_blocks
-        anyt = req.cpu_blocks
+        anyt = req.any_tier_blocks
         ng = len(gpu)
         credit = self.cpu_credit
         # A replica whose rate is not measured yet borrows the mean of the measured ones: with a

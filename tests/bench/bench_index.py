@@ -21,7 +21,7 @@ from pathlib import Path
 
 from router.hashing import hash_token_blocks, model_seed
 from router.index import PrefixIndex
-from router.replicas import ReplicaRegistry
+from router.replicas.registry import ReplicaRegistry
 from router.routing import Router
 from router.scoring.policies import build_policy
 from router.types import ReplicaSpec

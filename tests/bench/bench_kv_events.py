@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/bench/bench_kv_events.py [--blocks 400000] [--block-size 16]
 
-Streams are pre-encoded with router/kv_wire.py exactly as vLLM 0.32 sends them (and in the legacy
+Streams are pre-encoded with router/kv/wire.py exactly as vLLM 0.32 sends them (and in the legacy
 array shape), so only the router's side is timed. Two sinks: a no-op (decode, re-hash and map alone)
 and the router's PrefixIndex. Target: >= 200k blocks/s.
 """
@@ -16,9 +16,11 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from router import kv_wire
 from router.index import PrefixIndex
-from router.kv_events import IndexSink, KVEventMetrics, ReplicaEvents
+from router.kv import wire as kv_wire
+from router.kv.apply import IndexSink
+from router.kv.metrics import KVEventMetrics
+from router.kv.stream import ReplicaEvents
 from router.types import BlockHash, ReplicaId, Tier
 
 

@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -64,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from engines.sim.model.profiles import get_profile  # noqa: E402
 from engines.sim.replica.runtime import MAX_CATCHUP_S  # noqa: E402
+from router.replicas.engine_metrics import parse_labels, samples  # noqa: E402
 from tests.support.proc_stats import cpu_ticks, rss_mb  # noqa: E402
 from traces.fleetproc import PY, Proc, ProcGroup, free_port, wait_http  # noqa: E402
 from traces.fleetproc import start_sim as start_fleet_sim  # noqa: E402
@@ -90,7 +90,6 @@ DROPPED = "kvrouter_sim_dropped_seconds_total"
 PREP_BUCKET = "kvrouter_sim_prepare_seconds_bucket"
 DELIVERY_BUCKET = "kvrouter_sim_delivery_lag_seconds_bucket"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-_LE = re.compile(r'le="([^"]+)"')
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -142,19 +141,18 @@ def parse_lag(text: str) -> tuple[float | None, dict[float, float], float, float
     histograms = ((LAG_BUCKET, buckets), (PREP_BUCKET, prep), (DELIVERY_BUCKET, delivery))
     gen = 0.0
     dropped = 0.0
-    for line in text.splitlines():
-        if line.startswith(DROPPED):
-            dropped += float(line.rsplit(" ", 1)[1])
-            continue
-        into = next((h for name, h in histograms if line.startswith(name)), None)
-        if into is not None:
-            m = _LE.search(line)
-            if m:
-                into[float(m.group(1))] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith(LAG_GAUGE + "{") or line.startswith(LAG_GAUGE + " "):
-            gauge = float(line.rsplit(" ", 1)[1])
-        elif line.startswith(GEN_TOKENS):
-            gen += float(line.rsplit(" ", 1)[1])
+    wanted = {DROPPED, LAG_GAUGE, GEN_TOKENS, *(name for name, _h in histograms)}
+    for name, labels, value in samples(text, names=wanted):
+        if name == DROPPED:
+            dropped += value
+        elif name == LAG_GAUGE:
+            gauge = value
+        elif name == GEN_TOKENS:
+            gen += value
+        else:
+            le = parse_labels(labels).get("le")
+            if le is not None:
+                next(h for n, h in histograms if n == name)[float(le)] = value
     return gauge, buckets, gen, dropped, prep, delivery
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from engines.sim.model.block_pool import BlockPool
-from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored
+from router.kv.wire import AllBlocksCleared, BlockRemoved, BlockStored
 
 
 def make_pool(n: int = 10, events: bool = True) -> BlockPool:

@@ -10,7 +10,7 @@ import pytest
 from engines.sim.model.engine import EngineModel
 from engines.sim.model.profiles import H100_LLAMA3_8B, TINY
 from engines.sim.model.structs import EngineConfig, SimRequest, StepOutput
-from router.kv_wire import AllBlocksCleared, BlockStored
+from router.kv.wire import AllBlocksCleared, BlockStored
 
 
 def tokens(n: int, base: int = 0) -> list[int]:

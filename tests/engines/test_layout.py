@@ -8,10 +8,10 @@ from pathlib import Path
 
 SIM = Path(__file__).resolve().parents[2] / "engines" / "sim"
 
-# The one sim module that imports router.kv_wire, and the one lazy exception: the HF tokenizer
+# The one sim module that imports router.kv.wire, and the one lazy exception: the HF tokenizer
 # is the router's, so the sim and the router tokenize alike (optional 'tokenizers' dependency).
 ROUTER_IMPORTS = {
-    "wire.py": {"router.kv_wire"},
+    "wire.py": {"router.kv.wire"},
     "replica/tokenizer.py": {"router.tokenizer"},
 }
 # What the pure model may not touch: I/O, clocks, asyncio, and the replica runtime around it.

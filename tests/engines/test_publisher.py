@@ -11,8 +11,8 @@ import zmq.asyncio
 
 from engines.sim.replica.publisher import END_SEQ, KVEventPublisher, public_endpoint
 from engines.sim.replica.vllm_hashes import NONE_HASH, VllmEventHashes, block_hash_chain, external_hash
-from router.kv_events import resolve_event_source
-from router.kv_wire import (
+from router.kv.sources import resolve_event_source
+from router.kv.wire import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,

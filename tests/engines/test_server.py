@@ -24,7 +24,7 @@ from engines.sim.model.block_hash import XxhBlockHasher
 from engines.sim.replica.faults import FaultConfig
 from engines.sim.replica.publisher import END_SEQ
 from engines.sim.replica.vllm_hashes import block_hash_chain, external_hash
-from router.kv_wire import BlockStored, KVEventBatch, LegacyKVEventBatch
+from router.kv.wire import BlockStored, KVEventBatch, LegacyKVEventBatch
 
 WAIT = aiohttp.ClientTimeout(total=5)
 PROMPT = "the quick brown fox jumps over the lazy dog " * 12  # 108 tokens with the sim tokenizer

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from router.replicas.engine_metrics import parse_labels, samples
 from tests.support.procs import RouterProc, SimFleet, http, wait_for
 
 MODEL = "tiny"
@@ -21,11 +22,10 @@ def _replicas(r: RouterProc) -> dict[str, dict]:  # type: ignore[type-arg]
 
 def _metric(text: str, name: str, **labels: str) -> float:
     total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
+    for _name, raw, value in samples(text, names={name}):
+        have = parse_labels(raw)
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += value
     return total
 
 

@@ -1,4 +1,4 @@
-"""The raw HTTP/1.1 generate fast path (router/fastpath.py) over real sockets: a `kvrouter serve`
+"""The raw HTTP/1.1 generate fast path (router/http/fastpath.py) over real sockets: a `kvrouter serve`
 subprocess in front of a fake OpenAI backend. Which server answered is visible in the response:
 aiohttp adds a ``Server`` header, the fast path does not."""
 

@@ -27,7 +27,7 @@ import msgspec
 import pytest
 import zmq
 
-from router.kv_wire import BlockRemoved, BlockStored, KVEventBatch
+from router.kv.wire import BlockRemoved, BlockStored, KVEventBatch
 from tests.integration.vllm_fixtures import (
     BLOCK_SIZE,
     CACHE_BLOCKS,

@@ -27,7 +27,7 @@ import msgspec
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from router.kv.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from tests.support import procs
 from tests.support.procs import free_port
 

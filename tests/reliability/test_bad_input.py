@@ -1,6 +1,6 @@
 """Bad input against a real `kvrouter serve` (in front of one sim replica): random JSON (types,
 unicode, huge numbers, deep nesting) with hypothesis, and schemathesis cases generated from the
-router's own OpenAPI document (router/openapi.py). A client mistake never gets a 500, never
+router's own OpenAPI document (router/http/openapi.py). A client mistake never gets a 500, never
 crashes the router, and always gets an OpenAI-style error body."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.config import build_config
-from router.openapi import openapi_spec
+from router.http.openapi import openapi_spec
 from tests.support.harness import SimFleet, debug_replicas, wait_for
 from tests.support.procs import RouterProc, http
 

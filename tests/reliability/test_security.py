@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from router.proxy import request_header_lines, response_header_pairs
+from router.http.proxy import request_header_lines, response_header_pairs
 from tests.support.procs import Backend, http, quiet_router
 
 COMPLETION = {"model": "fake-model", "prompt": "hello", "max_tokens": 2}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.engine_metrics import parse_engine_metrics, parse_labels
+from router.replicas.engine_metrics import parse_engine_metrics, parse_labels
 
 GOLDEN = Path(__file__).parent / "golden" / "vllm-0.32-metrics.txt"
 

@@ -1,10 +1,10 @@
-"""router/fastpath.py parse_head: serves plain generate POSTs, leaves everything unusual to aiohttp."""
+"""router/http/fastpath.py parse_head: serves plain generate POSTs, leaves everything unusual to aiohttp."""
 
 from __future__ import annotations
 
 import pytest
 
-from router.fastpath import parse_head
+from router.http.fastpath import parse_head
 
 OK = b"POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\nContent-Length: 12"
 

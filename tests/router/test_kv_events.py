@@ -10,20 +10,19 @@ import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry
 
-from router import kv_wire
 from router.hashing import hash_token_blocks, model_seed
-from router.kv_events import (
+from router.kv import wire as kv_wire
+from router.kv.decode import (
     AllBlocksClearedView,
     BlockRemovedView,
     BlockStoredView,
     DecodeError,
-    EventSource,
-    KVEventManager,
-    KVEventMetrics,
-    ReplicaEvents,
     decode_batch,
-    resolve_event_source,
 )
+from router.kv.metrics import KVEventMetrics
+from router.kv.sources import EventSource, resolve_event_source
+from router.kv.stream import ReplicaEvents
+from router.kv.subscriber import KVEventManager
 from router.types import ReplicaId, Tier
 from tests.support.kv_fixtures import (
     FakeIndex,

@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from router.kv_events import DecodeError, KVEventMetrics, ReplicaEvents, decode_batch
+from router.kv.decode import DecodeError, decode_batch
+from router.kv.metrics import KVEventMetrics
+from router.kv.stream import ReplicaEvents
 from router.types import ReplicaId
 from tests.support.kv_fixtures import FakeIndex, capture_frames, check_consistent, seq8
 

@@ -1,4 +1,4 @@
-"""kv_wire.py pins vLLM 0.32's KV-event bytes: re-encoding the golden capture must be byte-exact."""
+"""router/kv/wire.py pins vLLM 0.32's KV-event bytes: re-encoding the golden capture must be byte-exact."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 
-from router.kv_wire import BlockStored, KVEventBatch, LegacyKVEventBatch, encode_batch, seq_bytes
+from router.kv.wire import BlockStored, KVEventBatch, LegacyKVEventBatch, encode_batch, seq_bytes
 
 GOLDEN = Path(__file__).parent / "golden" / "vllm-0.32-kv-events.json"
 

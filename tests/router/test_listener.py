@@ -1,4 +1,4 @@
-"""router/listener.py: one wake-up drains the accept queue; the cap turns extra connections away
+"""router/http/listener.py: one wake-up drains the accept queue; the cap turns extra connections away
 with a JSON 503; descriptor exhaustion pauses accepting instead of spinning."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from router import listener
-from router.listener import ListenerSite, listening_socket
+from router.http import listener
+from router.http.listener import ListenerSite, listening_socket
 
 
 async def _ok(request: web.Request) -> web.Response:

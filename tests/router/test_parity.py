@@ -6,11 +6,11 @@ import logging
 
 import pytest
 
-from router.engine_metrics import EngineMetrics
 from router.index import PrefixIndex
 from router.metrics import RouterMetrics
 from router.parity import ALARM_RATIO, MIN_PREDICTED, WINDOW_S, ParityTracker
-from router.replicas import ReplicaRegistry
+from router.replicas.engine_metrics import EngineMetrics
+from router.replicas.registry import ReplicaRegistry
 from router.routing import Ticket
 from router.types import ReplicaSpec
 

@@ -1,4 +1,4 @@
-"""router.proxy._IdleTimer: the lazy idle timeout the relay loop uses instead of rescheduling an
+"""router.http.proxy._IdleTimer: the lazy idle timeout the relay loop uses instead of rescheduling an
 asyncio.timeout after every chunk. Same contract: fires only after ``idle`` without a touch, turns
 its own cancellation into TimeoutError, leaves an outside cancellation a CancelledError."""
 
@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from router.proxy import _IdleTimer
+from router.http.proxy import _IdleTimer
 
 # Long enough that a loaded CI machine's scheduling delays (tens of ms) cannot fake an idle period.
 IDLE = 0.3

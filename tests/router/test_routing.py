@@ -9,8 +9,8 @@ import pytest
 from router.errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from router.hashing import hash_token_blocks, model_seed
 from router.index import PrefixIndex
-from router.replicas import ReplicaRegistry
-from router.routing import Router
+from router.replicas.registry import ReplicaRegistry
+from router.routing import Router, RouterLimits
 from router.scoring.policies import build_policy
 from router.types import KeyMode, ReplicaId, ReplicaSpec
 
@@ -22,13 +22,15 @@ class Clock:
         return self.t
 
 
-def make(policy: str = "cache_aware", n: int = 2) -> tuple[Router, Clock]:
+def make(policy: str = "cache_aware", n: int = 2, limits: RouterLimits = RouterLimits()) -> tuple[Router, Clock]:
     clock = Clock()
     index = PrefixIndex(1000, speculative_ttl_s=10, clock=clock)
     reg = ReplicaRegistry(index)
     for i in range(n):
         reg.add(ReplicaSpec(url=f"http://r{i}", name=f"r{i}", models=("m",)))
-    router = Router(index, reg, build_policy(policy, rng=random.Random(0)), block_size=16, clock=clock)
+    router = Router(
+        index, reg, build_policy(policy, rng=random.Random(0)), block_size=16, clock=clock, limits=limits
+    )
     return router, clock
 
 
@@ -92,12 +94,11 @@ def test_simple_policies_skip_hashing() -> None:
 
 
 def test_candidates_errors() -> None:
-    router, _ = make()
+    router, _ = make(limits=RouterLimits(max_in_flight_per_replica=1))
     with pytest.raises(ModelNotFound):
         router.candidates("other")
     with pytest.raises(NoReplicaAvailable):
         router.candidates("m", exclude=[ReplicaId("r0"), ReplicaId("r1")])
-    router.max_in_flight_per_replica = 1
     for r in router.registry:
         r.in_flight = 1
     with pytest.raises(Overloaded):

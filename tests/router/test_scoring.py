@@ -7,7 +7,7 @@ import random
 import pytest
 
 from router.index import PrefixIndex
-from router.replicas import Replica, ReplicaRegistry
+from router.replicas.registry import Replica, ReplicaRegistry
 from router.scoring.guard import BoundedLoadFilter
 from router.scoring.kv_usage import KVUsageScorer
 from router.scoring.latency import TailLatencyScorer
@@ -28,7 +28,7 @@ def req(blocks: int = 4, gpu: list[int] | None = None, cpu: list[int] | None = N
     r = RequestInfo(model="m", prompt_tokens=blocks * bs, block_size=bs, key_mode=KeyMode.TOKENS)
     r.block_hashes = [BlockHash(i) for i in range(blocks)]
     r.gpu_blocks = gpu or []
-    r.cpu_blocks = cpu or (gpu or [])
+    r.any_tier_blocks = cpu or (gpu or [])
     return r
 
 
@@ -49,8 +49,9 @@ def test_prefix_cache_neutral_without_blocks_and_uncertain_discount() -> None:
     reps = replicas(2)
     assert PrefixCacheScorer().score(req(0), reps) == [1.0, 1.0]
     s = PrefixCacheScorer()
-    s.uncertain = frozenset({0})
-    assert s.score(req(4, [4, 4]), reps) == [0.5, 1.0]
+    uncertain = req(4, [4, 4])
+    uncertain.uncertain_slots = frozenset({0})
+    assert s.score(uncertain, reps) == [0.5, 1.0]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.health import scrape_phase
+from router.replicas.monitor import scrape_phase
 
 
 def test_phase_is_stable_in_range_and_spread() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from router.config import ConfigError
 from router.index import PrefixIndex
-from router.replicas import ReplicaRegistry
+from router.replicas.registry import ReplicaRegistry
 from router.routing import Router
 from router.scoring.policies import build_policy
 from router.tokenizer import load_tokenizer

@@ -1,4 +1,4 @@
-"""router/upstream.py against an in-process raw HTTP/1.1 server on loopback: framing, keep-alive
+"""router/http/upstream.py against an in-process raw HTTP/1.1 server on loopback: framing, keep-alive
 reuse, the idle-close race, mid-body failures."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from router.upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool
+from router.http.upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool
 
 Answer = Callable[[bytes], list[bytes] | None]  # request head+body -> writes (None: close at once)
 

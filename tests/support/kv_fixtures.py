@@ -13,8 +13,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from router import kv_wire
-from router.kv_events import ReplicaEvents
+from router.kv import wire as kv_wire
+from router.kv.stream import ReplicaEvents
 from router.types import BlockHash, ReplicaId, Tier
 
 GOLDEN = Path(__file__).parent.parent / "router" / "golden"

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from router.cli import main
 from router.index import PrefixIndex
-from router.replicas import Replica, ReplicaRegistry
+from router.replicas.registry import Replica, ReplicaRegistry
 from router.types import BlockHash, ReplicaSpec, RequestInfo
 from traces.agentic import (
     PAUSE_PRESETS,

@@ -13,7 +13,7 @@ import pytest
 
 from router.cli import main
 from router.index import PrefixIndex
-from router.replicas import ReplicaRegistry
+from router.replicas.registry import ReplicaRegistry
 from router.types import BlockHash, ReplicaSpec, RequestInfo
 from traces.generators import generate
 from traces.loaders import load_trace

@@ -18,7 +18,7 @@ The free queue is an intrusive doubly linked list over two int arrays with senti
 (vLLM uses fake head/tail blocks "to reduce branching"): O(1) pop, append and removal from the
 middle, no per-operation allocation. Ids, not objects, keep the hot path to list indexing.
 
-Events are ``router.kv_wire`` structs, accumulated until ``take_events()`` (vLLM publishes one
+Events are ``router.kv.wire`` structs, accumulated until ``take_events()`` (vLLM publishes one
 batch per engine step).
 """
 

@@ -64,7 +64,7 @@ output tokens come from ``output_token(request_id, i)`` and the block hash from
 ``block_hasher(parent, tokens)``; without them (the simulator) a generated block gets a
 per-request synthetic hash that never collides with a prompt hash in practice.
 
-KV events are ``router.kv_wire`` structs (the pinned vLLM 0.32 wire shape), ready to encode.
+KV events are ``router.kv.wire`` structs (the pinned vLLM 0.32 wire shape), ready to encode.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Wire (pinned to vllm/distributed/kv_events.py, ``ZmqEventPublisher``):
 
 * PUB multipart ``[topic utf-8, seq 8-byte big-endian, msgpack KVEventBatch]``; ``seq`` counts
   batches from 0 per publisher (a restart starts again at 0).
-* Bind or connect exactly like vLLM (``router.kv_wire.publisher_binds``): bind when the endpoint
+* Bind or connect exactly like vLLM (``router.kv.wire.publisher_binds``): bind when the endpoint
   contains ``*`` or ``::`` or is ``ipc://``/``inproc://``, otherwise connect (so a router SUB that
   binds can collect from many engines; ``tcp://0.0.0.0:P`` connects too). ``bind=True`` overrides this for a loopback-only fixed port, which vLLM cannot express.
 * Replay: a ROUTER socket, always bound. A DEALER sends ``[b"", start_seq 8-byte BE]`` and gets

@@ -6,7 +6,7 @@ about 60% of the router's CPU at concurrency 32 (bench-proxy profile). This prot
 request head with a small strict parser, the body by Content-Length, and writes the response head
 and body straight to the transport, while everything that decides *what* to answer (auth,
 validation, drain, admission, routing, retries, relay) is the same code as on the aiohttp path
-(router/generate.py, router/proxy.py).
+(generate.py, proxy.py).
 
 Anything else goes to aiohttp, unchanged: the first request on a connection that is not a plain
 generate POST (another path or method, HTTP/1.0, chunked request bodies, ``Expect``, ``Upgrade``,
@@ -21,14 +21,13 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
-from .errors import REASON_PHRASES, BadRequest, HeaderTooLarge, PayloadTooLarge, RouterError, UriTooLong
-from .generate import GENERATE_PATHS, Active, InfoParser, check_api_key, count_error, generate
-from .proxy import Headers, request_header_lines
-
-if TYPE_CHECKING:
-    from .server import AppState
+from router.errors import REASON_PHRASES, HeaderTooLarge, PayloadTooLarge, RouterError, UriTooLong
+from router.http.generate import GENERATE_PATHS, InfoParser, check_api_key, count_error, generate
+from router.http.proxy import Headers, request_header_lines
+from router.http.requests import BAD_BODY_ERRORS, bad_body_error
+from router.http.state import RequestPath
 
 log = logging.getLogger("kvrouter.server")
 
@@ -115,8 +114,8 @@ class FastPath(asyncio.Protocol):
     """One client connection. Serves generate requests one at a time (pipelined requests wait
     in the buffer), or delegates the whole connection to ``fallback()`` (aiohttp)."""
 
-    def __init__(self, st: AppState, fallback: Callable[[], asyncio.Protocol]) -> None:
-        self.st = st
+    def __init__(self, rp: RequestPath, fallback: Callable[[], asyncio.Protocol]) -> None:
+        self.rp = rp
         self.fallback = fallback
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -137,7 +136,7 @@ class FastPath(asyncio.Protocol):
         self.drain_waiter: asyncio.Future[None] | None = None
         self.last_active = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
-        cfg = st.cfg.server
+        cfg = rp.cfg.server
         self.max_line = cfg.max_header_bytes
         self.max_head = 8 * cfg.max_header_bytes
         self.max_body = cfg.max_body_bytes
@@ -207,7 +206,7 @@ class FastPath(asyncio.Protocol):
             if end < 0:
                 if len(buf) > self.max_head:
                     err: RouterError = HeaderTooLarge(f"Request head exceeds {self.max_head} bytes.")
-                    count_error(self.st, err)
+                    count_error(self.rp.metrics, err)
                     self._reply_error(err, close=True)
                 return  # the whole head first, also for requests aiohttp will serve: size limits
             raw = bytes(buf[:end])
@@ -215,14 +214,14 @@ class FastPath(asyncio.Protocol):
             if head is None:
                 limit = head_limit_error(raw, self.max_line)
                 if limit is not None:
-                    count_error(self.st, limit)
+                    count_error(self.rp.metrics, limit)
                     self._reply_error(limit, close=True)
                 else:
                     self._hand_off()  # GET /metrics, /health, other paths, unusual heads: aiohttp
                 return
             if head.length > self.max_body:
                 too_big = PayloadTooLarge(f"Request body exceeds {self.max_body} bytes.")
-                count_error(self.st, too_big)
+                count_error(self.rp.metrics, too_big)
                 self._reply_error(too_big, close=True)
                 return
             self.head = head
@@ -278,19 +277,17 @@ class FastPath(asyncio.Protocol):
 
     async def _serve(self, head: _Head, body: bytes) -> bool:
         """Answer one request; True when the connection can serve the next one."""
-        st = self.st
+        rp = self.rp
         sink = RawSink(self, head.keep_alive)
         try:
-            with Active(st):
-                check_api_key(st, head.auth)
-                headers = request_header_lines(head.headers, st.cfg.upstream.api_key)
-                await generate(st, head.path, head.info, sink, head.target, headers, body)
+            with rp.drain:
+                check_api_key(rp.cfg.server.api_keys, head.auth)
+                headers = request_header_lines(head.headers, rp.cfg.upstream.api_key)
+                await generate(rp, head.path, head.info, sink, head.target, headers, body)
         except RouterError as err:
             self._answer_error(sink, err)
-        except (UnicodeError, RecursionError) as exc:
-            # msgspec raises these for invalid UTF-8, lone surrogates, nesting past its limit
-            what = "is nested too deeply" if isinstance(exc, RecursionError) else "is not valid UTF-8 / Unicode"
-            self._answer_error(sink, BadRequest(f"Request body {what}."))
+        except BAD_BODY_ERRORS as exc:
+            self._answer_error(sink, bad_body_error(exc))
         except Exception:
             log.exception("unhandled error on POST %s", head.path)
             self._answer_error(sink, RouterError("Internal router error."))
@@ -302,7 +299,7 @@ class FastPath(asyncio.Protocol):
         if sink.started:
             self._close()  # the answer had begun: all that is left is to cut it
             return
-        count_error(self.st, err)
+        count_error(self.rp.metrics, err)
         self._reply_error(err, close=not sink.keep_alive)
         sink.complete = True
 

@@ -1,4 +1,4 @@
-"""Parse the few vLLM /metrics series routing needs, fast, from Prometheus text.
+"""Parse the few vLLM /metrics series routing needs, fast, from Prometheus text (``samples``).
 
 A vLLM /metrics page is ~50 KB (histograms dominate); the router scrapes it several times a
 second per replica, so a full text parser is too slow for the event loop. We scan lines and only
@@ -14,6 +14,7 @@ Names (vLLM 0.32; see docs/kv-events.md and reference captures):
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 
 _ALIASES = {
@@ -87,33 +88,54 @@ def parse_labels(s: str) -> dict[str, str]:
     return out
 
 
-def parse_engine_metrics(text: str) -> EngineMetrics:
-    m = EngineMetrics()
-    usage_samples = 0
+def samples(
+    text: str, prefix: str = "", names: Container[str] | None = None
+) -> Iterator[tuple[str, str, float]]:
+    """``(name, raw labels, value)`` per sample line of Prometheus text: the one parser of that
+    format in the repository. Only lines starting with ``prefix`` and, when given, names in
+    ``names`` are parsed (a vLLM page is mostly histogram buckets nobody asked for). Comments,
+    blank and malformed lines are skipped; the value follows the last ``}`` (labels may hold
+    spaces); ``parse_labels`` reads the raw labels."""
     for line in text.splitlines():
-        if not line.startswith("vllm:"):
+        if not line or line[0] == "#" or not line.startswith(prefix):
             continue
         brace = line.find("{")
         space = line.find(" ")
         if brace != -1 and (space == -1 or brace < space):
             name = line[:brace]
+            if names is not None and name not in names:
+                continue
             close = line.rfind("}")
             labels = line[brace + 1 : close]
             rest = line[close + 1 :].split()
-        else:
+        elif space != -1:
             name = line[:space]
+            if names is not None and name not in names:
+                continue
             labels = ""
             rest = line[space + 1 :].split()
-        if name == _INFO:
-            m.cache_config = parse_labels(labels)
+        else:
             continue
-        attr = _ALIASES.get(name)
-        if attr is None or not rest:
+        if not rest:
             continue
         try:
             value = float(rest[0])
         except ValueError:
             continue
+        yield name, labels, value
+
+
+_WANTED = frozenset(_ALIASES) | {_INFO}
+
+
+def parse_engine_metrics(text: str) -> EngineMetrics:
+    m = EngineMetrics()
+    usage_samples = 0
+    for name, labels, value in samples(text, "vllm:", _WANTED):
+        if name == _INFO:
+            m.cache_config = parse_labels(labels)
+            continue
+        attr = _ALIASES[name]
         prev = getattr(m, attr)
         setattr(m, attr, value if prev is None else prev + value)
         if attr == "kv_usage":

@@ -15,8 +15,8 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .index import PrefixIndex
-from .types import ReplicaId, ReplicaSpec
+from router.index import PrefixIndex
+from router.types import ReplicaId, ReplicaSpec
 
 TTFT_WINDOW = 64  # recent TTFTs kept per replica for the tail-latency scorer
 

@@ -9,11 +9,11 @@ Two shapes exist in the wild (see docs/kv-events.md):
   ``["BlockStored", f1, f2, ...]`` inside the same array batch.
 
 A main-branch snapshot also defines the batch without ``array_like`` (a map), so the decoder in
-kv_events.py accepts a batch as array or map and each event as array or map.
+router/kv/decode.py accepts a batch as array or map and each event as array or map.
 
 These Structs *encode* the exact bytes vLLM sends (tests/router/test_kv_wire.py re-encodes the
 golden capture byte for byte); the simulated engine publishes with them. Decoding tolerant of
-both shapes and of unknown extra fields lives in kv_events.py.
+both shapes and of unknown extra fields lives in decode.py.
 
 A block hash is an unsigned 64-bit int (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1``, the default)
 or the raw digest bytes (``=0``).
@@ -132,7 +132,7 @@ def publisher_binds(endpoint: str) -> bool:
     the endpoint contains ``*`` or ``::`` or is ``ipc://``/``inproc://``, connect otherwise. So
     ``tcp://0.0.0.0:5557`` *connects* (to 0.0.0.0, i.e. this host), and so does any concrete
     host: the subscriber must bind. The one copy of the rule: the simulated engine
-    (engines/sim/replica/publisher.py) and the router's discovery (router/kv_events.py) both use it.
+    (engines/sim/replica/publisher.py) and the router's discovery (router/kv/sources.py) both use it.
     """
     return (
         "*" in endpoint

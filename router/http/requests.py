@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import BadRequest
+from router.errors import BadRequest
 
 
 class CompletionView(msgspec.Struct):
@@ -119,3 +119,15 @@ def routing_prompt(view: CompletionView) -> tuple[list[int] | None, str | None]:
 
 def messages_of(view: ChatView) -> list[Mapping[str, Any]]:
     return view.messages  # type: ignore[return-value]
+
+
+# msgspec raises these, not DecodeError, for invalid UTF-8 in a body, a lone surrogate (\ud800)
+# that later fails to encode for hashing, or nesting past its depth limit (5000 '['): client
+# mistakes, so 400, not 500 (tests/reliability/test_bad_input.py).
+BAD_BODY_ERRORS = (UnicodeError, RecursionError)
+
+
+def bad_body_error(exc: UnicodeError | RecursionError) -> BadRequest:
+    """The one 400 for a body that fails below msgspec's own error types (``BAD_BODY_ERRORS``)."""
+    what = "is nested too deeply" if isinstance(exc, RecursionError) else "is not valid UTF-8 / Unicode"
+    return BadRequest(f"Request body {what}.")

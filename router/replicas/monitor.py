@@ -1,15 +1,15 @@
-"""Replica manager: everything the router learns about a replica over the network.
+"""Replica monitor: everything the router learns about a replica by asking it over the network.
 
 Per replica, one task runs three clocks:
 
 * **probe** ``GET /health`` every ``probe_interval_s``: ``eject_after_failures`` consecutive
-  failures (probes or proxied requests, see ``record_failure``) eject it from routing; passing
+  failures (probes or proxied requests, see passive.py) eject it from routing; passing
   probes re-admit it. New replicas start ejected and join on their first passing probe, so
   readiness means "at least one replica answered".
 * **scrape** ``GET /metrics`` every ``metrics_interval_s``: engine running/waiting/KV usage,
   prefix-cache counters (parity fallback), ``vllm:cache_config_info`` (block size and KV
   capacity: the router adopts the engines' block size and bounds each replica's index to its
-  ``num_gpu_blocks``).
+  ``num_gpu_blocks``; block_size.py).
 * **models** ``GET /v1/models`` at start, on re-admission and every ``models_interval_s``.
 
 KV events: once a replica answers, its event source is taken from configuration, else (mode
@@ -30,18 +30,23 @@ import aiohttp
 import msgspec
 import xxhash
 
-from .config import Config
-from .engine_metrics import EngineMetrics, parse_engine_metrics
-from .kv_events import KVEventManager, resolve_event_source
-from .metrics import RouterMetrics
-from .replicas import Replica, ReplicaRegistry
-from .routing import Router
-from .types import ReplicaId
+from router.config import Config
+from router.kv.sources import resolve_event_source
+from router.kv.subscriber import KVEventManager
+from router.metrics import RouterMetrics
+from router.replicas.block_size import BlockSizeAdoption
+from router.replicas.engine_metrics import EngineMetrics, parse_engine_metrics
+from router.replicas.passive import PassiveHealth
+from router.replicas.registry import Replica, ReplicaRegistry
+from router.routing import Router
+from router.types import ReplicaId
 
 log = logging.getLogger("kvrouter.health")
 
 
-class ReplicaManager:
+class ReplicaMonitor:
+    """Probes, scrapes and model lists per replica; follows its KV events once admitted."""
+
     def __init__(
         self,
         cfg: Config,
@@ -50,6 +55,7 @@ class ReplicaManager:
         session: aiohttp.ClientSession,
         metrics: RouterMetrics,
         kv_events: KVEventManager | None,
+        passive: PassiveHealth,
         on_engine_metrics: Callable[[Replica, EngineMetrics], None] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -58,11 +64,12 @@ class ReplicaManager:
         self.session = session
         self.metrics = metrics
         self.kv_events = kv_events
+        self.passive = passive
+        self.block_size = BlockSizeAdoption(router, kv_events)
         self.on_engine_metrics = on_engine_metrics
         self._tasks: dict[ReplicaId, list[asyncio.Task[None]]] = {}
         self._model_cards: dict[ReplicaId, list[dict[str, Any]]] = {}
         self._explicit_events = _explicit_event_endpoints(cfg.kv_events.endpoints)
-        self._block_size_locked = False
         registry.on_change(self._on_registry_change)
 
     # ---- registry wiring ------------------------------------------------------------------
@@ -96,19 +103,6 @@ class ReplicaManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
-    # ---- passive health (called by the proxy) --------------------------------------------
-
-    def record_failure(self, rep: Replica, reason: str) -> None:
-        rep.consecutive_successes = 0
-        rep.consecutive_failures += 1
-        if rep.healthy and rep.consecutive_failures >= self.cfg.health.eject_after_failures:
-            log.warning("ejecting %s after %d consecutive failures (%s)", rep.id, rep.consecutive_failures, reason)
-            self.registry.set_healthy(rep, False)
-            self.metrics.ejections.labels(rep.id).inc()
-
-    def record_success(self, rep: Replica) -> None:
-        rep.consecutive_failures = 0
-
     # ---- active loops ---------------------------------------------------------------------
 
     async def _get(self, rep: Replica, path: str, timeout: float) -> tuple[int, bytes]:
@@ -137,7 +131,7 @@ class ReplicaManager:
                 self.registry.set_healthy(rep, True)
                 log.info("replica %s admitted", rep.id)
         else:
-            self.record_failure(rep, "probe")
+            self.passive.record_failure(rep, "probe")
         return ok
 
     async def _probe_loop(self, rep: Replica) -> None:
@@ -238,34 +232,12 @@ class ReplicaManager:
         rep.metrics_ok = True
         if m.block_size and m.block_size != rep.block_size:
             rep.block_size = m.block_size
-            self._adopt_block_size(m.block_size, rep)
+            self.block_size.observe(m.block_size, rep)
         if m.num_gpu_blocks and m.num_gpu_blocks != rep.num_gpu_blocks:
             rep.num_gpu_blocks = m.num_gpu_blocks
             self.registry.index.set_capacity(rep.id, min(m.num_gpu_blocks, self.cfg.routing.index_capacity))
         if self.on_engine_metrics is not None:
             self.on_engine_metrics(rep, m)  # parity reads the prefix-cache counters there
-
-    def _adopt_block_size(self, size: int, rep: Replica) -> None:
-        """Token-mode keys must use the engines' block size or they never match KV events."""
-        if size == self.router.block_size:
-            self._block_size_locked = True
-            return
-        if self._block_size_locked:
-            log.warning(
-                "replica %s reports block_size=%d but the fleet uses %d; its prefix matches will be 0",
-                rep.id,
-                size,
-                self.router.block_size,
-            )
-            return
-        log.info("adopting engine block_size=%d (was %d)", size, self.router.block_size)
-        self.router.block_size = size
-        self._block_size_locked = True
-        if self.kv_events is not None:
-            for rid in self.kv_events.replicas():
-                events = self.kv_events.events_of(rid)
-                if events is not None:
-                    events.block_size = size
 
 
 def _explicit_event_endpoints(pairs: list[str]) -> dict[str, str]:

@@ -26,7 +26,7 @@ from typing import cast
 
 from aiohttp import web
 
-from .errors import TooManyConnections
+from router.errors import TooManyConnections
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Config
+from router.config import Config
 
 _ERROR = {
     "type": "object",

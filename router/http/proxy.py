@@ -6,7 +6,7 @@ Rules (STYLE.md 7):
   the upstream's status line *and* its first body chunk before answering, so a replica that
   refuses, resets, returns 5xx or stalls past the first-byte timeout is retried elsewhere
   (bounded by ``max_retries``), invisibly to the client.
-* After the first byte we relay body pieces as they arrive (router/upstream.py): no buffering, no
+* After the first byte we relay body pieces as they arrive (upstream.py): no buffering, no
   re-encoding (Content-Encoding passes through), TCP_NODELAY on both sides.
 * If the upstream breaks mid-stream, an SSE client gets an error event and ``[DONE]`` and the
   stream is closed; a non-SSE client gets a closed connection. Never a hang: every upstream
@@ -15,7 +15,7 @@ Rules (STYLE.md 7):
   engine aborts the request and frees its KV blocks.
 
 The response goes to a ``ResponseSink``: aiohttp's StreamResponse for requests the aiohttp server
-handles, or the raw HTTP/1.1 writer of the generate fast path (router/fastpath.py). Headers move
+handles, or the raw HTTP/1.1 writer of the generate fast path (fastpath.py). Headers move
 as raw byte pairs on both sides.
 """
 
@@ -32,8 +32,8 @@ from typing import Protocol
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .config import UpstreamConfig
-from .errors import (
+from router.config import UpstreamConfig
+from router.errors import (
     NoReplicaAvailable,
     Overloaded,
     RouterError,
@@ -41,12 +41,12 @@ from .errors import (
     UpstreamTimeout,
     sse_error_event,
 )
-from .metrics import RouterMetrics
-from .replicas import Replica
-from .routing import Router, Ticket
-from .scoring.pipeline import Explanation
-from .types import ReplicaId, RequestInfo
-from .upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse
+from router.http.upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse
+from router.metrics import RouterMetrics
+from router.replicas.registry import Replica
+from router.routing import Router, Ticket
+from router.scoring.pipeline import Explanation
+from router.types import ReplicaId, RequestInfo
 
 log = logging.getLogger("kvrouter.proxy")
 

@@ -1,0 +1,102 @@
+"""The generate endpoints (``/v1/completions``, ``/v1/chat/completions``), independent of the HTTP
+server that carried the request: aiohttp (endpoints.py) or the raw fast path (fastpath.py). Both
+call ``generate`` with a ``RequestPath`` and a ``ResponseSink``, so validation, auth, drain
+accounting, admission, routing and forwarding are one code path."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+
+from router.errors import BadRequest, RouterError, Unauthorized
+from router.http.proxy import ResponseSink
+from router.http.requests import messages_of, parse_chat, parse_completion, routing_prompt
+from router.http.state import RequestPath
+from router.metrics import RouterMetrics
+from router.routing import Router
+from router.scoring.pipeline import Explanation
+from router.types import RequestInfo
+
+log = logging.getLogger("kvrouter.server")
+_proxy_log = logging.getLogger("kvrouter.proxy")
+
+InfoParser = Callable[[Router, bytes], RequestInfo]
+
+
+def completion_info(router: Router, body: bytes) -> RequestInfo:
+    view = parse_completion(body)
+    token_ids, text = routing_prompt(view)
+    try:
+        return router.request_info(
+            view.model,
+            token_ids=token_ids,
+            text=text,
+            cache_salt=view.cache_salt,
+            max_tokens=view.max_tokens or 0,
+            stream=view.stream,
+        )
+    except OverflowError:
+        # hashing packs token ids as uint32; a negative or huge id is the client's mistake (400,
+        # not 500), caught here rather than checked per token on the hot path
+        raise BadRequest("Prompt token ids must be integers in [0, 2**32).", param="prompt") from None
+
+
+def chat_info(router: Router, body: bytes) -> RequestInfo:
+    view = parse_chat(body)
+    return router.request_info(
+        view.model,
+        messages=messages_of(view),
+        cache_salt=view.cache_salt,
+        max_tokens=view.max_completion_tokens or view.max_tokens or 0,
+        stream=view.stream,
+    )
+
+
+GENERATE_PATHS: dict[str, InfoParser] = {"/v1/completions": completion_info, "/v1/chat/completions": chat_info}
+
+
+def bearer_ok(authorization: str, keys: Sequence[str]) -> bool:
+    if not authorization.startswith("Bearer "):
+        return False
+    given = authorization[7:].strip().encode()
+    # compare against every key in constant time
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(given, k.encode())
+    return ok
+
+
+def check_api_key(keys: Sequence[str], authorization: str) -> None:
+    if keys and not bearer_ok(authorization, keys):
+        raise Unauthorized("Missing or invalid API key (Authorization: Bearer ...).")
+
+
+def count_error(metrics: RouterMetrics, err: RouterError) -> None:
+    """Client mistakes and refusals (4xx, 503) are counted by status; upstream failures (502, 504)
+    are counted per replica by the proxy."""
+    if err.status < 500 or err.status == 503:
+        metrics.client_errors.labels(str(err.status)).inc()
+
+
+def new_explanation(router: Router, req: RequestInfo) -> Explanation:
+    return Explanation(router.policy.name, len(req.block_hashes), req.block_size, req.key_mode.value)
+
+
+async def generate(
+    rp: RequestPath, path: str, info: InfoParser, sink: ResponseSink, target: bytes, headers: bytes, body: bytes
+) -> None:
+    """Parse, admit, route and forward one generate request (the caller holds the drain guard and
+    has checked the API key). Raises RouterError for answers that never reached the sink."""
+    req = info(rp.router, body)
+    if rp.cfg.server.log_prompts and log.isEnabledFor(logging.DEBUG):
+        # Opt-in only: prompts are user data and never reach a log otherwise (docs/security.md).
+        log.debug("prompt %s: %s", path, body[:2048].decode("utf-8", "replace"))
+    explain = new_explanation(rp.router, req) if _proxy_log.isEnabledFor(logging.DEBUG) else None
+    admission = rp.admission
+    if not admission.try_acquire():
+        await admission.acquire()  # queued (FIFO, bounded) or refused with 429
+    try:
+        await rp.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain)
+    finally:
+        admission.release()
