@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+from .chat_messages import MediaNotModeled
+from .chat_render import parse_chat_options
 from .errors import BadRequest, Draining, RouterError, Unauthorized
 from .proxy import ResponseSink
 from .requests import messages_of, parse_chat, parse_completion, routing_prompt
 from .scoring.pipeline import Explanation
+from .tokenizer import HFTokenizer
 from .types import RequestInfo
 
 if TYPE_CHECKING:
@@ -45,13 +48,28 @@ def completion_info(st: AppState, body: bytes) -> RequestInfo:
 
 def chat_info(st: AppState, body: bytes) -> RequestInfo:
     view = parse_chat(body)
+    messages = messages_of(view)
     return st.router.request_info(
         view.model,
-        messages=messages_of(view),
+        token_ids=chat_token_ids(st, messages, body),
+        messages=messages,
         cache_salt=view.cache_salt,
         max_tokens=view.max_completion_tokens or view.max_tokens or 0,
         stream=view.stream,
     )
+
+
+def chat_token_ids(st: AppState, messages: list[Mapping[str, Any]], body: bytes) -> list[int] | None:
+    """Token mode: the prompt vLLM renders for this request (tools, template kwargs, ...). None
+    keys it in byte mode: no tokenizer or template, a policy that never matches, or media parts
+    under a text template (their placeholder tokens are the model's, not reproducible here)."""
+    tok = st.router.tokenizer
+    if not isinstance(tok, HFTokenizer) or not tok.has_chat_template or not st.router.policy.needs_match:
+        return None
+    try:
+        return tok.encode_chat(messages, options=parse_chat_options(body))
+    except MediaNotModeled:
+        return None
 
 
 GENERATE_PATHS: dict[str, InfoParser] = {"/v1/completions": completion_info, "/v1/chat/completions": chat_info}

@@ -164,7 +164,9 @@ def create_app(
     if tokenizer is None and cfg.routing.tokenizer:
         from .tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.routing.tokenizer)
+        tokenizer = load_tokenizer(
+            cfg.routing.tokenizer, cfg.routing.chat_template, cfg.routing.default_chat_template_kwargs
+        )
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
         middlewares=[_error_middleware, _auth_middleware],
@@ -174,6 +176,8 @@ def create_app(
         },
     )
     state = build_state(cfg, tokenizer)
+    if (renderer := getattr(tokenizer, "renderer", None)) is not None:
+        state.metrics.registry.register(renderer)  # kvrouter_chat_renders_total, _render_exact
     state.sources = sources
     app[STATE] = state
     app.cleanup_ctx.append(_lifecycle)
