@@ -14,7 +14,9 @@ vLLM does not hand the OpenAI messages to the chat template as they arrive
   (also copied to ``reasoning_content``), tool ``tool_call_id``, ``name``, ``task``, developer
   ``tools``; tool messages given as text parts are joined even for "openai" templates;
 * assistant ``tool_calls[].function.arguments``: a JSON string is decoded to an object; empty,
-  invalid JSON or non-objects become ``{}``; an empty ``tool_calls`` list is dropped;
+  invalid JSON or non-objects become ``{}``; an empty ``tool_calls`` list is dropped; tool calls and
+  developer ``tools`` list the fields of OpenAI's TypedDicts first, in their order (vLLM validates
+  messages against them);
 * ``developer`` becomes ``system`` when the template never names the developer role, and then all
   system messages are merged (``"\\n\\n"``) into one at position 0.
 """
@@ -117,7 +119,7 @@ def _message(i: int, message: Mapping[str, Any], fmt: ContentFormat) -> dict[str
     if isinstance(message.get("task"), str):
         out["task"] = message["task"]
     if role == "developer":
-        out["tools"] = message.get("tools")
+        out["tools"] = _developer_tools(message.get("tools"))
     return out
 
 
@@ -202,8 +204,29 @@ def _decode_tool_calls(message: dict[str, Any]) -> None:
             raise BadRequest(
                 "chat completions only support assistant tool_calls of type 'function'.", param="tool_calls"
             )
-        decoded.append({**call, "function": {**function, "arguments": _arguments(function.get("arguments"))}})
+        fn = _typed_dict(
+            {**function, "arguments": _arguments(function.get("arguments"))}, ("arguments", "name")
+        )
+        decoded.append(_typed_dict({**call, "function": fn}, ("id", "function", "type")))
     message["tool_calls"] = decoded
+
+
+def _typed_dict(d: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    """vLLM validates messages against OpenAI's TypedDicts: their fields come first, in declaration
+    order, then any other keys as given (visible to templates that ``tojson`` a whole tool call)."""
+    return {**{k: d[k] for k in fields if k in d}, **{k: v for k, v in d.items() if k not in fields}}
+
+
+def _developer_tools(tools: Any) -> Any:
+    if not isinstance(tools, list):
+        return tools
+    out = []
+    for t in tools:
+        if isinstance(t, dict) and isinstance(t.get("function"), dict):
+            fn = _typed_dict(t["function"], ("name", "description", "parameters", "strict"))
+            t = _typed_dict({**t, "function": fn}, ("function", "type"))
+        out.append(t)
+    return out
 
 
 def _arguments(raw: Any) -> Any:

@@ -94,7 +94,9 @@ def tools_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def replicas(tools_env: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]]:
+def replicas(
+    tools_env: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Replica]]:
     venv, model = tools_env
     with vllm_replicas(venv, model, tmp_path_factory.mktemp("vllm-chat-run"), cores=[0, 1]) as reps:
         yield reps
@@ -111,7 +113,9 @@ def test_router_tokens_equal_vllm_tokenize_for_every_turn(
         for i, messages in enumerate(conv["turns"]):
             body = chat_body(conv, messages)
             reply = http("POST", f"{replicas[0].url}/tokenize", body)
-            assert reply.status == 200, f"{conv['name']} turn {i}: vLLM /tokenize -> {reply.status}: {reply.body}"
+            assert reply.status == 200, (
+                f"{conv['name']} turn {i}: vLLM /tokenize -> {reply.status}: {reply.body}"
+            )
             engine: list[int] = reply.body["tokens"]
             ours = router_tokens(tok, body)
             turns += 1
@@ -162,7 +166,9 @@ def test_follow_up_turns_land_on_the_replica_that_holds_the_conversation(
                     home = target
                 else:
                     follow_ups += 1
-                    assert target == home, f"{conv['name']} turn {i} left its replica {home.name} for {target.name}"
+                    assert target == home, (
+                        f"{conv['name']} turn {i} left its replica {home.name} for {target.name}"
+                    )
                     shared = next(
                         (k for k, (a, b) in enumerate(zip(previous, ours, strict=False)) if a != b),
                         min(len(previous), len(ours)),
