@@ -123,7 +123,10 @@ def test_content_format_detection(corpus_tok: HFTokenizer, template: str, fmt: s
 
 
 def test_developer_stays_when_the_template_names_it() -> None:
-    conv = [{"role": "developer", "content": "d", "tools": None}, {"role": "user", "content": "u"}]
+    conv: list[dict[str, Any]] = [
+        {"role": "developer", "content": "d", "tools": None},
+        {"role": "user", "content": "u"},
+    ]
     assert apply_developer_role(conv, "{% if m.role == 'developer' %}") is conv
     assert apply_developer_role(conv, "{{ m.content }}") == [{"role": "system", "content": "d"}, conv[1]]
 
@@ -144,11 +147,9 @@ def test_generation_blocks_and_named_templates_load(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_bytes((GOLDEN / "tokenizer.json").read_bytes())
     tok = HFTokenizer(str(tmp_path))
     assert tok.render_chat([{"role": "user", "content": "x"}]) == "Dx"
-    body = {
-        "messages": [{"role": "user", "content": "x"}],
-        "tools": [{"type": "function", "function": {"name": "f"}}],
-    }
-    assert tok.render_chat(body["messages"], options=parse_chat_options(json.dumps(body).encode())) == "Tx1"
+    messages = [{"role": "user", "content": "x"}]
+    body = {"messages": messages, "tools": [{"type": "function", "function": {"name": "f"}}]}
+    assert tok.render_chat(messages, options=parse_chat_options(json.dumps(body).encode())) == "Tx1"
 
 
 def test_router_level_chat_template_file_and_literal(tmp_path: Path) -> None:
