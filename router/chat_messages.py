@@ -64,7 +64,7 @@ _KNOWN_PART_FIELDS = frozenset(
 _BILLING_HEADER = "x-anthropic-billing-header"
 
 
-class MediaNotModeled(Exception):
+class MediaNotModeled(LookupError):
     """A media part under a "string" template: vLLM inserts model-specific placeholder tokens the
     router cannot reproduce, so the request is keyed without the template (never as text)."""
 

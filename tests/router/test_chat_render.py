@@ -184,3 +184,40 @@ def test_non_jinja_renderers_are_reported(tmp_path: Path, caplog: pytest.LogCapt
         if s.name.endswith("_total")
     }
     assert renders["approximate"] == 1 and renders["exact"] == 0
+
+
+def test_chat_requests_are_keyed_on_the_prompt_vllm_renders(tmp_path: Path) -> None:
+    """generate.chat_info: tools reach the keys, parts under a concatenating template work (the
+    router used to answer 500), a refusing template is the client's 400, media fall back to bytes."""
+    from router.config import Config
+    from router.generate import chat_info
+    from router.server import build_state
+    from router.types import KeyMode
+
+    golden = {(t["conversation"], t["turn"]): t["token_ids"] for t in _load(GOLDEN / "golden.json")["turns"]}
+    conv = _load(CORPUS)["conversations"][0]
+    st = build_state(Config(), HFTokenizer(str(GOLDEN)))
+    body = {"model": "m", "messages": conv["turns"][1], "tools": conv["tools"]}
+    req = chat_info(st, json.dumps(body).encode())
+    assert req.key_mode is KeyMode.TOKENS
+    assert req.prompt_tokens == len(golden[(conv["name"], 1)])
+
+    cfg = _load(GOLDEN / "tokenizer_config.json")
+    cfg["chat_template"] = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "tokenizer.json").write_bytes((GOLDEN / "tokenizer.json").read_bytes())
+    st = build_state(Config(), HFTokenizer(str(tmp_path)))
+    parts = [{"type": "text", "text": "alpha"}, {"type": "text", "text": "beta"}]
+    req = chat_info(st, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}).encode())
+    assert req.key_mode is KeyMode.TOKENS and req.prompt_tokens > 0
+    with pytest.raises(BadRequest) as err:
+        chat_info(st, json.dumps({"model": "m", "messages": [{"role": "system", "content": "s"}]}).encode())
+    assert err.value.status == 400 and "no system role" in str(err.value)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 4096}}
+    req = chat_info(
+        st, json.dumps({"model": "m", "messages": [{"role": "user", "content": [image]}]}).encode()
+    )
+    assert req.key_mode is KeyMode.BYTES
