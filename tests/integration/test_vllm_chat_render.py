@@ -149,6 +149,7 @@ def test_follow_up_turns_land_on_the_replica_that_holds_the_conversation(
     tok = HFTokenizer(str(tools_env[1]))
     log_dir = tmp_path_factory.mktemp("kvrouter-chat")
     follow_ups = 0
+    grown_total = expected_total = 0
     with kvrouter([r.url for r in replicas], tokenizer=tools_env[1], log_dir=log_dir) as url:
         wait_for(lambda: len(metric_samples(url, "kvrouter_chat_render_exact")) == 1, 10, "renderer metric")
         for conv in load_corpus():
@@ -182,7 +183,13 @@ def test_follow_up_turns_land_on_the_replica_that_holds_the_conversation(
                         f" {shared // BLOCK_SIZE} full blocks"
                     )
                     assert shared // BLOCK_SIZE >= len(previous) // BLOCK_SIZE - 1
+                    grown_total += int(grown)
+                    expected_total += len(previous) // BLOCK_SIZE * BLOCK_SIZE
                 previous = ours
         renders = {labels["result"]: v for labels, v in metric_samples(url, "kvrouter_chat_renders_total")}
         assert renders.get("exact", 0) >= sum(len(c["turns"]) for c in load_corpus())
     assert follow_ups == sum(len(c["turns"]) - 1 for c in load_corpus())
+    print(
+        f"\n{follow_ups} follow-up turns, all on their conversation's replica; prefix-cache hits"
+        f" {grown_total} tokens for {expected_total} tokens of previous turns' full blocks"
+    )
