@@ -9,7 +9,8 @@ A chat request becomes tokens in vLLM in three steps, each reproduced here:
    ``chat_template_kwargs``, then ``add_generation_prompt``, ``continue_final_message``,
    ``documents``, ``reasoning_effort`` (and ``enable_thinking = reasoning_effort != "none"`` unless
    the request set it). ``None`` and ``"auto"`` never override; the template is the request's
-   ``chat_template``, else the server's ``--chat-template``, else the folder's (named templates:
+   ``chat_template`` (only with ``--trust-request-chat-template``, as in vLLM; else a 400), else the
+   server's ``--chat-template``, else the folder's (named templates:
    ``tool_use`` when tools are given, else ``default``);
 3. transformers renders it (``render_jinja_template``: ``tools``/``documents`` always defined,
    ``None`` when absent, the tokenizer's special tokens as variables, ``continue_final_message``
@@ -155,6 +156,7 @@ class ChatRenderer:
         *,
         chat_template: str | None = None,
         default_kwargs: Mapping[str, Any] | None = None,
+        trust_request_chat_template: bool = False,
         field: str = "routing.tokenizer",
     ) -> None:
         try:
@@ -174,6 +176,7 @@ class ChatRenderer:
         self.special_tokens = {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k)))}
         self.server_template = chat_template
         self.default_kwargs = dict(default_kwargs or {})
+        self.trust_request_chat_template = trust_request_chat_template
         self.named = _folder_templates(folder, config)
         self._compiled: OrderedDict[str, tuple[Any, ContentFormat]] = OrderedDict()
         self.approximate = non_jinja_renderer(folder)
@@ -243,6 +246,16 @@ class ChatRenderer:
     def render(self, messages: Sequence[Mapping[str, Any]], opts: ChatOptions) -> str:
         """The prompt text; BadRequest when the template refuses; MediaNotModeled for media parts
         under a "string" template."""
+        if not self.trust_request_chat_template and (
+            opts.chat_template is not None
+            or (opts.chat_template_kwargs or {}).get("chat_template") is not None
+        ):
+            # vLLM's answer without --trust-request-chat-template; the router never runs a client's
+            # template on its event loop unless the engines would
+            raise BadRequest(
+                "Chat template is passed with request, but --trust-request-chat-template is not set. "
+                "Refused request with untrusted chat template."
+            )
         kwargs = self.template_inputs(opts)
         tools = kwargs.pop("tools", None)
         text = self._resolve(opts.chat_template, tools)

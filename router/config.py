@@ -99,6 +99,7 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     tokenizer: str | None = None  # folder with tokenizer.json (+ tokenizer_config.json)
     chat_template: str | None = None  # the engines' --chat-template (file or Jinja text)
     default_chat_template_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)  # theirs too
+    trust_request_chat_template: bool = False  # and theirs: render a request's own chat_template
     index_capacity: PosInt = 1 << 20  # blocks per replica (shrunk to num_gpu_blocks when known)
     speculative_ttl_s: Pos = 30.0  # replicas with KV events: until the event confirms
     approximate_ttl_s: Pos = 300.0  # replicas without KV events: speculation is all we have
@@ -172,6 +173,12 @@ OPTIONS: tuple[Option, ...] = (
         "default-chat-template-kwargs",
         "the engines' --default-chat-template-kwargs (JSON object)",
         "json",
+    ),
+    Option(
+        "routing.trust_request_chat_template",
+        "trust-request-chat-template",
+        "the engines' --trust-request-chat-template (else a request's chat_template is a 400)",
+        "bool",
     ),
     Option("routing.index_capacity", "index-capacity", "indexed blocks per replica", "int"),
     Option("routing.load_factor", "load-factor", "bounded-load guard: max load vs mean", "float"),

@@ -161,11 +161,12 @@ def create_app(
     sources: Sequence[DiscoverySource] | None = None,
 ) -> web.Application:
     """The aiohttp application. ``sources`` overrides discovery (tests); default from config."""
-    if tokenizer is None and cfg.routing.tokenizer:
+    r = cfg.routing
+    if tokenizer is None and r.tokenizer:
         from .tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(
-            cfg.routing.tokenizer, cfg.routing.chat_template, cfg.routing.default_chat_template_kwargs
+            r.tokenizer, r.chat_template, r.default_chat_template_kwargs, r.trust_request_chat_template
         )
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,

@@ -39,10 +39,11 @@ class HFTokenizer:
         *,
         chat_template: str | None = None,
         default_chat_template_kwargs: Mapping[str, Any] | None = None,
+        trust_request_chat_template: bool = False,
     ) -> None:
         """``folder``: a model folder or its ``tokenizer.json``; ``field`` names the setting in errors;
         ``chat_template`` / ``default_chat_template_kwargs``: the engine's ``--chat-template`` (a file
-        or Jinja text) and ``--default-chat-template-kwargs``."""
+        or Jinja text), ``--default-chat-template-kwargs`` and ``--trust-request-chat-template``."""
         try:
             from tokenizers import Tokenizer as _RustTokenizer
         except ImportError:
@@ -68,6 +69,7 @@ class HFTokenizer:
             cfg,
             chat_template=load_template_setting(chat_template, "routing.chat_template"),
             default_kwargs=default_chat_template_kwargs,
+            trust_request_chat_template=trust_request_chat_template,
             field=field,
         )
 
@@ -120,6 +122,14 @@ def _token_text(tok: object) -> str:
 
 
 def load_tokenizer(
-    folder: str, chat_template: str | None = None, default_chat_template_kwargs: Mapping[str, Any] | None = None
+    folder: str,
+    chat_template: str | None = None,
+    default_chat_template_kwargs: Mapping[str, Any] | None = None,
+    trust_request_chat_template: bool = False,
 ) -> HFTokenizer:
-    return HFTokenizer(folder, chat_template=chat_template, default_chat_template_kwargs=default_chat_template_kwargs)
+    return HFTokenizer(
+        folder,
+        chat_template=chat_template,
+        default_chat_template_kwargs=default_chat_template_kwargs,
+        trust_request_chat_template=trust_request_chat_template,
+    )

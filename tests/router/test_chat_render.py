@@ -39,10 +39,11 @@ def corpus_tok() -> HFTokenizer:
 
 @pytest.fixture(scope="module")
 def server_tok() -> HFTokenizer:
-    """As the capture server ran: --default-chat-template-kwargs."""
+    """As the capture server ran: --default-chat-template-kwargs, --trust-request-chat-template."""
     return HFTokenizer(
         str(GOLDEN),
         default_chat_template_kwargs=_load(GOLDEN / "cases.json")["server"]["default_chat_template_kwargs"],
+        trust_request_chat_template=True,
     )
 
 
@@ -221,3 +222,15 @@ def test_chat_requests_are_keyed_on_the_prompt_vllm_renders(tmp_path: Path) -> N
         st, json.dumps({"model": "m", "messages": [{"role": "user", "content": [image]}]}).encode()
     )
     assert req.key_mode is KeyMode.BYTES
+
+
+def test_a_request_template_needs_trust_as_in_vllm(corpus_tok: HFTokenizer) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 1 }}"}
+    with pytest.raises(BadRequest, match="trust-request-chat-template"):
+        encode(corpus_tok, body)
+    body = {
+        "messages": [{"role": "user", "content": "x"}],
+        "chat_template_kwargs": {"chat_template": "{{ 1 }}"},
+    }
+    with pytest.raises(BadRequest, match="trust-request-chat-template"):
+        encode(corpus_tok, body)
