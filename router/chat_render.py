@@ -192,6 +192,12 @@ class ChatRenderer:
                 folder,
                 self.approximate,
             )
+        elif not self.has_template:
+            log.warning(
+                "%s has no chat template and no --chat-template is set: chat requests are keyed by "
+                "their bytes, approximate keys no KV event can confirm (kvrouter_chat_render_exact 0).",
+                folder,
+            )
 
     @property
     def has_template(self) -> bool:
@@ -302,7 +308,8 @@ class ChatRenderer:
             "1 when the router renders chats with the engine's own (Jinja) renderer, 0 when approximate",
             labels=["renderer"],
         )
-        g.add_metric([self.approximate or "jinja"], 0 if self.approximate else 1)
+        exact = self.has_template and not self.approximate
+        g.add_metric([self.approximate or ("jinja" if self.has_template else "none")], 1 if exact else 0)
         yield g
 
 
