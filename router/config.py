@@ -10,6 +10,7 @@ Invalid values are refused at start-up with ``ConfigError(field, value, reason)`
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -95,6 +96,9 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     bytes_per_token: PosInt = 4  # byte mode: a block is block_size * bytes_per_token bytes
     max_blocks: PosInt = 8192
     tokenizer: str | None = None  # folder with tokenizer.json (+ tokenizer_config.json)
+    chat_template: str | None = None  # the engines' --chat-template (file or Jinja text)
+    default_chat_template_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)  # theirs too
+    trust_request_chat_template: bool = False  # and theirs: render a request's own chat_template
     index_capacity: PosInt = 1 << 20  # blocks per replica (shrunk to num_gpu_blocks when known)
     speculative_ttl_s: Pos = 30.0  # replicas with KV events: until the event confirms
     approximate_ttl_s: Pos = 300.0  # replicas without KV events: speculation is all we have
@@ -120,7 +124,7 @@ class Option:
     path: str  # dotted path in Config
     flag: str  # --flag (also KVROUTER_FLAG)
     help: str
-    kind: Literal["str", "int", "float", "bool", "list"] = "str"
+    kind: Literal["str", "int", "float", "bool", "list", "json"] = "str"
 
     @property
     def env(self) -> str:
@@ -162,6 +166,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("routing.policy", "policy", "routing policy"),
     Option("routing.block_size", "block-size", "tokens per KV block (learned from engines)", "int"),
     Option("routing.tokenizer", "tokenizer", "tokenizer folder for precise token-mode keys"),
+    Option("routing.chat_template", "chat-template", "the engines' --chat-template (file or Jinja text)"),
+    Option(
+        "routing.default_chat_template_kwargs",
+        "default-chat-template-kwargs",
+        "the engines' --default-chat-template-kwargs (JSON object)",
+        "json",
+    ),
+    Option(
+        "routing.trust_request_chat_template",
+        "trust-request-chat-template",
+        "the engines' --trust-request-chat-template (else a request's chat_template is a 400)",
+        "bool",
+    ),
     Option("routing.index_capacity", "index-capacity", "indexed blocks per replica", "int"),
     Option("routing.load_factor", "load-factor", "bounded-load guard: max load vs mean", "float"),
     Option("routing.seed", "seed", "tie-break RNG seed", "int"),
@@ -213,6 +230,8 @@ def _parse_scalar(opt: Option, raw: str) -> Any:
             return parse_bool(raw)
         if opt.kind == "list":
             return [x.strip() for x in raw.split(",") if x.strip()]
+        if opt.kind == "json":
+            return json.loads(raw)
     except ValueError as exc:
         raise ConfigError(opt.path, raw, f"{opt.env}: {exc}") from None
     return raw

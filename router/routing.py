@@ -130,7 +130,10 @@ class Router:
         if token_ids is None and self.tokenizer is not None:
             if messages is not None:
                 if self.tokenizer.has_chat_template:  # else: byte mode below, never a 500
-                    token_ids = self.tokenizer.encode_chat(messages)
+                    try:
+                        token_ids = self.tokenizer.encode_chat(messages)
+                    except LookupError:  # chat_messages.MediaNotModeled: byte mode, never as text
+                        token_ids = None
             elif text is not None:
                 token_ids = self.tokenizer.encode_prompt(text)
         seed = model_seed(model, cache_salt)

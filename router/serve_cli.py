@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -38,7 +39,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         elif opt.kind == "bool":
             p.add_argument(f"--{opt.flag}", dest=dest, nargs="?", const=True, type=_bool, default=None, help=help_)
         else:
-            conv: Callable[[str], Any] = {"int": int, "float": float}.get(opt.kind, str)
+            convs: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "json": json.loads}
+            conv = convs.get(opt.kind, str)
             p.add_argument(f"--{opt.flag}", dest=dest, type=conv, default=None, help=help_)
 
 

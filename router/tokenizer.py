@@ -6,13 +6,10 @@ and tokenizes as vLLM does through transformers (checked against transformers 5.
 * completions prompts: ``encode(text, add_special_tokens=True)``. BOS (or none) comes from
   ``tokenizer.json``'s post-processor; ``add_bos_token`` in ``tokenizer_config.json`` is ignored
   when a ``tokenizer.json`` exists, as transformers ignores it;
-* chat: the template rendered with ``add_generation_prompt=True``, then encoded *without* special
-  tokens (vLLM's chat ``add_special_tokens=False`` default): the template carries BOS, so it is
-  never added twice;
-* the template: ``chat_template.jinja`` next to the config wins over ``chat_template`` in
-  ``tokenizer_config.json``; a list of named templates means the one named ``default``. Rendered in
-  a sandbox with transformers' extras (``raise_exception``, ``strftime_now``, a ``tojson`` that does
-  not HTML-escape, ``{% break %}``/``{% continue %}``).
+* chat: rendered exactly as vLLM renders it (router/chat_render.py: message normalisation, tools,
+  documents, template kwargs, named and server-level templates), then encoded with the request's
+  ``add_special_tokens`` (vLLM's chat default False: the template carries BOS, so it is never
+  added twice).
 
 If the router's tokens differ from the engine's, predicted hits never materialise: the parity check
 (parity.py) reports it. engines/sim/replica/tokenizer.py wraps this class, so the simulator tokenizes a
@@ -25,17 +22,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError
-from .errors import BadRequest
+
+if TYPE_CHECKING:
+    from .chat_render import ChatOptions
 
 
 class HFTokenizer:
-    def __init__(self, folder: str, field: str = "routing.tokenizer") -> None:
-        """``folder``: a model folder or its ``tokenizer.json``; ``field`` names the setting in errors."""
+    def __init__(
+        self,
+        folder: str,
+        field: str = "routing.tokenizer",
+        *,
+        chat_template: str | None = None,
+        default_chat_template_kwargs: Mapping[str, Any] | None = None,
+        trust_request_chat_template: bool = False,
+    ) -> None:
+        """``folder``: a model folder or its ``tokenizer.json``; ``field`` names the setting in errors;
+        ``chat_template`` / ``default_chat_template_kwargs``: the engine's ``--chat-template`` (a file
+        or Jinja text), ``--default-chat-template-kwargs`` and ``--trust-request-chat-template``."""
         try:
             from tokenizers import Tokenizer as _RustTokenizer
         except ImportError:
@@ -54,24 +62,16 @@ class HFTokenizer:
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.eos_token_id: int | None = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: take "default"
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        jinja_file = tok_file.parent / "chat_template.jinja"
-        if jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
-        self._template = None
-        if isinstance(template, str):
-            try:
-                from jinja2.ext import loopcontrols
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-            except ImportError:
-                raise ConfigError(field, folder, "chat templates need 'jinja2' (kvrouter[tokenizer])") from None
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = _strftime_now
-            self._template = env.from_string(template)
+        from .chat_render import ChatRenderer, load_template_setting
+
+        self.renderer = ChatRenderer(
+            tok_file.parent,
+            cfg,
+            chat_template=load_template_setting(chat_template, "routing.chat_template"),
+            default_kwargs=default_chat_template_kwargs,
+            trust_request_chat_template=trust_request_chat_template,
+            field=field,
+        )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """``add_special_tokens``: apply the tokenizer's post-processor (BOS, if it adds one)."""
@@ -85,45 +85,32 @@ class HFTokenizer:
 
     @property
     def has_chat_template(self) -> bool:
-        return self._template is not None
+        return self.renderer.has_template
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        if self._template is None:
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        options: ChatOptions | None = None,
+    ) -> str:
+        """The prompt text vLLM renders for these messages and request options (chat_render.py)."""
+        if not self.has_chat_template:
             raise ValueError("the tokenizer has no chat template")
-        from jinja2 import TemplateError
+        from .chat_render import ChatOptions
 
-        try:
-            return str(
-                self._template.render(
-                    messages=list(messages),
-                    add_generation_prompt=add_generation_prompt,
-                    bos_token=self.bos_token,
-                    eos_token=self.eos_token,
-                )
-            )
-        except TemplateError as exc:
-            # e.g. Llama's "roles must alternate": the engine would refuse the same messages
-            raise BadRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from None
+        opts = options or ChatOptions(add_generation_prompt=add_generation_prompt)
+        return self.renderer.render(messages, opts)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
-
-
-def _raise_exception(message: str) -> None:
-    from jinja2 import TemplateError
-
-    raise TemplateError(message)
-
-
-def _tojson(
-    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    # transformers' filter: plain json.dumps (jinja's own tojson HTML-escapes <, >, &, ')
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        options: ChatOptions | None = None,
+    ) -> list[int]:
+        """Token ids as vLLM's chat path produces them: the rendered text encoded with the
+        request's ``add_special_tokens`` (default False: the template carries BOS)."""
+        text = self.render_chat(messages, add_generation_prompt, options)
+        return self.encode(text, add_special_tokens=options.add_special_tokens if options else False)
 
 
 def _token_text(tok: object) -> str:
@@ -134,5 +121,15 @@ def _token_text(tok: object) -> str:
     return ""
 
 
-def load_tokenizer(folder: str) -> HFTokenizer:
-    return HFTokenizer(folder)
+def load_tokenizer(
+    folder: str,
+    chat_template: str | None = None,
+    default_chat_template_kwargs: Mapping[str, Any] | None = None,
+    trust_request_chat_template: bool = False,
+) -> HFTokenizer:
+    return HFTokenizer(
+        folder,
+        chat_template=chat_template,
+        default_chat_template_kwargs=default_chat_template_kwargs,
+        trust_request_chat_template=trust_request_chat_template,
+    )

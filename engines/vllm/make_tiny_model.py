@@ -37,12 +37,51 @@ CORPUS_LINES = 20_000
 
 # `{{bos}}<|role|>\ncontent\n...<|assistant|>\n`. The role markers are special tokens, so a chat prompt's
 # token ids start with 0 and the role ids, which the router's own tokenizer must reproduce exactly.
+# Tool-capable in the style of the Hermes / Qwen tool templates: `tools` (and RAG `documents`) go into
+# a system header, assistant `tool_calls` render as <tool_call> JSON with the decoded `arguments`,
+# `tool` messages as <tool_response>, `reasoning_content` as <think>; assistant turns sit in
+# transformers' `{% generation %}` block. A plain chat without tools renders exactly as the first,
+# tool-less version of this template did.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' }}\n{{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}\n{% endif %}"
+    "{{- bos_token -}}"
+    "{%- set msgs = messages -%}"
+    "{%- if tools or documents -%}"
+    "{{- '<|system|>\n' -}}"
+    "{%- if msgs and msgs[0]['role'] == 'system' -%}"
+    "{{- msgs[0]['content'] + '\n\n' -}}"
+    "{%- set msgs = msgs[1:] -%}"
+    "{%- endif -%}"
+    "{%- if tools -%}"
+    "{{- '# Tools\nYou may call one or more functions. Their signatures are in <tools></tools>:\n<tools>\n' -}}"
+    "{%- for tool in tools -%}{{- tool | tojson -}}{{- '\n' -}}{%- endfor -%}"
+    "{{- '</tools>\nFor each call, reply with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.\n' -}}"
+    "{%- endif -%}"
+    "{%- if documents -%}"
+    "{{- '# Documents\n' -}}"
+    "{%- for doc in documents -%}{{- doc | tojson -}}{{- '\n' -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{%- for message in msgs -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|assistant|>\n' -}}"
+    "{%- generation -%}"
+    "{%- if message.get('reasoning_content') -%}"
+    "{{- '<think>\n' + message['reasoning_content'] + '\n</think>\n' -}}"
+    "{%- endif -%}"
+    "{{- message['content'] -}}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{{- '\n<tool_call>\n' + {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson"
+    " + '\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '\n' -}}"
+    "{%- endgeneration -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|tool|>\n<tool_response>\n' + message['content'] + '\n</tool_response>\n' -}}"
+    "{%- else -%}"
+    "{{- '<|' + message['role'] + '|>\n' + message['content'] + '\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
 )
 
 _ONSETS = ["", *"bcdfghklmnprstvw", "st", "tr", "ch", "sh"]

@@ -94,10 +94,13 @@ def create_app(
     sources: Sequence[DiscoverySource] | None = None,
 ) -> web.Application:
     """The aiohttp application. ``sources`` overrides discovery (tests); default from config."""
-    if tokenizer is None and cfg.routing.tokenizer:
+    r = cfg.routing
+    if tokenizer is None and r.tokenizer:
         from router.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.routing.tokenizer)
+        tokenizer = load_tokenizer(
+            r.tokenizer, r.chat_template, r.default_chat_template_kwargs, r.trust_request_chat_template
+        )
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
         middlewares=[error_middleware, auth_middleware],
@@ -107,6 +110,8 @@ def create_app(
         },
     )
     state = build_state(cfg, tokenizer)
+    if (renderer := getattr(tokenizer, "renderer", None)) is not None:
+        state.metrics.registry.register(renderer)  # kvrouter_chat_renders_total, _render_exact
     state.sources = sources
     app[STATE] = state
     app.cleanup_ctx.append(_lifecycle)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+from router.chat_messages import MediaNotModeled
+from router.chat_render import parse_chat_options
 from router.errors import BadRequest, RouterError, Unauthorized
 from router.http.proxy import ResponseSink
 from router.http.requests import messages_of, parse_chat, parse_completion, routing_prompt
@@ -16,6 +19,7 @@ from router.http.state import RequestPath
 from router.metrics import RouterMetrics
 from router.routing import Router
 from router.scoring.pipeline import Explanation
+from router.tokenizer import HFTokenizer
 from router.types import RequestInfo
 
 log = logging.getLogger("kvrouter.server")
@@ -44,13 +48,28 @@ def completion_info(router: Router, body: bytes) -> RequestInfo:
 
 def chat_info(router: Router, body: bytes) -> RequestInfo:
     view = parse_chat(body)
+    messages = messages_of(view)
     return router.request_info(
         view.model,
-        messages=messages_of(view),
+        token_ids=chat_token_ids(router, messages, body),
+        messages=messages,
         cache_salt=view.cache_salt,
         max_tokens=view.max_completion_tokens or view.max_tokens or 0,
         stream=view.stream,
     )
+
+
+def chat_token_ids(router: Router, messages: list[Mapping[str, Any]], body: bytes) -> list[int] | None:
+    """Token mode: the prompt vLLM renders for this request (tools, template kwargs, ...). None
+    keys it in byte mode: no tokenizer or template, a policy that never matches, or media parts
+    under a text template (their placeholder tokens are the model's, not reproducible here)."""
+    tok = router.tokenizer
+    if not isinstance(tok, HFTokenizer) or not tok.has_chat_template or not router.policy.needs_match:
+        return None
+    try:
+        return tok.encode_chat(messages, options=parse_chat_options(body))
+    except MediaNotModeled:
+        return None
 
 
 GENERATE_PATHS: dict[str, InfoParser] = {"/v1/completions": completion_info, "/v1/chat/completions": chat_info}
