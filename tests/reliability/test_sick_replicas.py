@@ -97,7 +97,6 @@ async def test_slowed_replica_loses_traffic_then_returns_through_slow_start(logs
         sim3.replicas[0].faults(slow_factor=5.0)
         t_fault = time.monotonic()
         sick = await drive(r.url, 8.0)
-        ejected_at = [t for t, *_ in sick]  # noqa: F841 - kept for the failure message below
         st = state(r, slow)
         # within bounded time (min samples + eject_after + evaluation period) it lost its share
         late = share(sick, slow, since=t_fault + 5.0)
@@ -151,14 +150,8 @@ async def test_stopped_stream_is_ended_within_idle_timeout_and_upstream_closed(l
         assert 1.0 <= out.latency_s < 3.0, out.latency_s
         assert sim.replicas[0].injected().get("stop") == 1
 
-        def aborted() -> bool:
-            text = http("GET", sim.replicas[0].url + "/metrics")[2].decode()
-            return 'finished_reason="abort"' in text and any(
-                line.startswith("vllm:request_success_total") and 'abort' in line and not line.endswith(" 0.0")
-                for line in text.splitlines()
-            )
-
-        wait_for(aborted, 5, "the engine saw the disconnect and aborted the request")
+        # the router closed the upstream connection: the engine's handler saw the client go
+        wait_for(lambda: sim.replicas[0].injected().get("stop_closed") == 1, 5, "upstream connection closed")
         assert 'kvrouter_requests_total{replica="' in r.metrics() and 'status="idle_timeout"' in r.metrics()
     finally:
         r.proc.stop()
@@ -166,14 +159,14 @@ async def test_stopped_stream_is_ended_within_idle_timeout_and_upstream_closed(l
 
 
 async def test_joining_replica_ramps_up(logs: Path, sim3: SimFleet) -> None:
-    sim3.replicas[2].faults(refuse_connections=True, refuse_for_s=4.0)
+    sim3.replicas[2].faults(refuse_connections=True, refuse_for_s=8.0)
     r = RouterProc(
         logs, sim3.urls, "--enable-debug", "--seed", "1", "--drain-grace", "0", "--policy", "round_robin",
         *FAST, "--slow-start", "4", "--canary-after", "0", wait_ready=True,
     )
     try:
         joiner = ids(r)[sim3.replicas[2].url]
-        wait_for(lambda: state(r, joiner)["state"] == "slow_start", 15, "the joiner starts slow")
+        wait_for(lambda: state(r, joiner)["state"] == "slow_start", 20, "the joiner starts slow")  # peers joined >= 4 s before
         t_join = time.monotonic()
         rows = await drive(r.url, 5.0, conc=3, max_tokens=4)
         early = share(rows, joiner, until=t_join + 1.0)

@@ -337,7 +337,11 @@ async def _hold_open(faults: Faults) -> None:
     """stop_after_chunks: send nothing more, keep the connection open, until the client leaves
     (this handler is cancelled) or the faults change."""
     faults.count("stop")
-    await faults.until_changed()
+    try:
+        await faults.until_changed()
+    except asyncio.CancelledError:
+        faults.count("stop_closed")  # the client closed the connection (what tests look for)
+        raise
 
 
 def _cut(request: web.Request, resp: web.StreamResponse | None = None) -> web.StreamResponse:
