@@ -84,6 +84,9 @@ class OutlierSettings(msgspec.Struct, forbid_unknown_fields=True):
     window_s: Pos = 30.0  # samples older than this are forgotten
     min_samples: PosInt = 8  # per replica and signal, before it is judged
     factor: Annotated[float, msgspec.Meta(gt=1)] = 2.5  # worse than the peers' median by this: degraded
+    # ITL needs more: chunked prefill makes a busy replica's decode steps several times longer
+    # (measured: healthy replicas reach 2.7x their peers under round robin on Mooncake)
+    itl_factor: Annotated[float, msgspec.Meta(gt=1)] = 4.0
     eject_after_s: Pos = 5.0  # degraded this long in a row: ejected
     degraded_weight: Ratio = 0.2  # share of a degraded replica relative to a healthy one
     success_margin: Ratio = 0.2  # success rate this far under the peers' median counts as worse
@@ -187,6 +190,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("health.scrape_metrics", "scrape-metrics", "scrape engine /metrics", "bool"),
     Option("outliers.enabled", "outliers", "eject replicas slower/failing more than their peers", "bool"),
     Option("outliers.factor", "outlier-factor", "worse than the peers' median by this: degraded", "float"),
+    Option("outliers.itl_factor", "outlier-itl-factor", "inter-token latency this much worse: degraded", "float"),
     Option("outliers.eject_after_s", "outlier-eject-after", "degraded this long: ejected (s)", "float"),
     Option("outliers.min_samples", "outlier-min-samples", "samples per signal before judging", "int"),
     Option("outliers.max_ejected_fraction", "outlier-max-ejected", "share of a model's replicas ejected at once", "float"),

@@ -55,6 +55,7 @@ class Ticket:
     pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
     dispatched_at: float
     first_token_at: float | None = None
+    backlog_tokens: int = 0  # the replica's pending prefill ahead of this request at dispatch
     done: bool = False
 
 
@@ -216,13 +217,14 @@ class Router:
         else:
             predicted_effective = predicted
         pending = max(0, req.prompt_tokens - predicted_effective)
+        backlog = replica.pending_prefill_tokens
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock())
+        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), backlog_tokens=backlog)
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
         if ticket.first_token_at is not None or ticket.done:
@@ -234,7 +236,9 @@ class Router:
         ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
         rep.observe_ttft(ttft, ticket.pending_tokens)
         if self.outliers is not None:
-            self.outliers.observe_ttft(rep, ttft, ticket.pending_tokens)
+            # Per token of prefill work: its own uncached tokens and those queued ahead of it, so
+            # a replica that is merely busier than its peers does not look slower.
+            self.outliers.observe_ttft(rep, ttft, ticket.pending_tokens + ticket.backlog_tokens)
 
     def observe_itl(self, ticket: Ticket, itl_s: float) -> None:
         """Mean gap between the chunks of one relayed stream (the outlier detector's ITL)."""

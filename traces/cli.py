@@ -193,7 +193,7 @@ def register_simulate(sub: Any) -> None:
     p.add_argument("--slow-factor", type=float, default=3.0, metavar="F", help="its steps take F times longer (3)")
     p.add_argument("--slow-window", default=None, metavar="START:END", help="simulated seconds it is slow (all)")
     p.add_argument("--outliers", choices=["on", "off"], default="off",
-                   help="the router's outlier detector on cache_aware/prefix_only (default off)")
+                   help="the router's outlier detector on kvrouter's policies, not peers (default off)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--out", default=None, metavar="DIR", help="write records-<policy>.jsonl and summary.json")
 

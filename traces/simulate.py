@@ -59,7 +59,6 @@ from router.kv.wire import KVEvent
 from router.replicas.outliers import OutlierDetector
 from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, Ticket
-from router.scoring.pipeline import Pipeline
 from router.scoring.policies import POLICIES, Policy, build_policy
 from router.types import BlockHash, ReplicaId, ReplicaSpec
 
@@ -68,6 +67,7 @@ from .records import RequestRecord, summarize
 from .stats import oracle_hit_ratio
 
 MODEL = "sim"  # every simulated replica serves one model
+OUTLIER_POLICIES = POLICIES  # kvrouter's own (live, the detector runs under every policy)
 
 # A policy factory builds a fresh policy for each run: (rng, clock) -> Policy. Peer emulations
 # and sweep prototypes need the virtual clock (e.g. SGLang's periodic tree eviction).
@@ -95,8 +95,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     slow_replica: int | None = None
     slow_factor: float = 1.0
     slow_window: tuple[float, float] = (0.0, math.inf)
-    # The live router's outlier detector (router/replicas/outliers.py) on the pipeline policies
-    # (cache_aware, prefix_only); simple policies and peer emulations run without it, as they do.
+    # The live router's outlier detector (router/replicas/outliers.py) on kvrouter's policies;
+    # peer emulations run without it, as the peers do.
     outliers: bool = False
 
     def __post_init__(self) -> None:
@@ -222,7 +222,9 @@ _KV, _FIRST, _FINISH = 0, 1, 2
 class _Fleet:
     """One run's state: engines, replicas, the router and the pending-callback heap."""
 
-    def __init__(self, trace: Trace, cfg: SimConfig, make_policy: PolicyFactory, rng: random.Random) -> None:
+    def __init__(
+        self, trace: Trace, cfg: SimConfig, make_policy: PolicyFactory, rng: random.Random, outliers: bool = False
+    ) -> None:
         bs = trace.block_tokens
         if bs <= 0:
             raise ValueError(f"trace {trace.name!r} has no block ids (block_tokens=0): nothing to simulate")
@@ -247,7 +249,7 @@ class _Fleet:
         )
         self.registry = ReplicaRegistry(self.index)
         self.outliers: OutlierDetector | None = None
-        if cfg.outliers and isinstance(self.policy, Pipeline):
+        if outliers:
             self.outliers = OutlierDetector(OutlierSettings(), self.registry, self.clock, random.Random(cfg.seed))
         self.router = Router(
             self.index,
@@ -480,7 +482,7 @@ def run_policy(
     factory = make_policy or policy_factory(name, cfg)
     rng = random.Random(cfg.seed)
     start = time.perf_counter()
-    fleet = _Fleet(trace, cfg, factory, rng)
+    fleet = _Fleet(trace, cfg, factory, rng, outliers=cfg.outliers and name in OUTLIER_POLICIES)
     set_session = getattr(fleet.policy, "set_session", None)
     on_route = (lambda r: set_session(r.session_id)) if set_session is not None else None
     fleet.run(reqs, name, on_route)
@@ -632,12 +634,15 @@ def _window(text: str | None) -> tuple[float, float]:
 
 def cmd_simulate(args: Any) -> int:
     """Run the policies, print a table (or one JSON object with ``--json``), write ``--out``."""
+    import logging
     import os
     import sys
 
     from .loaders import TraceFormatError, load_trace
     from .records import write_records
 
+    # Outlier transitions go to the report (outlier_transitions), not one warning line each.
+    logging.getLogger("kvrouter.outliers").setLevel(logging.ERROR)
     try:
         trace, report = load_trace(args.trace)
     except (OSError, TraceFormatError) as exc:

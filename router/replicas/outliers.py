@@ -3,9 +3,12 @@
 Per replica, over the last ``window_s``, the detector keeps what the router measures on real
 traffic (no probe involved):
 
-* **TTFT per uncached prompt token** (``ttft / max(uncached, 64)``: short prefills are dominated
-  by per-step overhead, so at least 64 tokens are counted),
-* **inter-token latency** of the streams it relays (mean gap between chunks of one stream),
+* **TTFT per uncached prompt token** (``ttft / max(uncached + backlog, 64)``, where backlog is the
+  uncached prompt tokens the router had dispatched to the replica ahead of this request: a busier
+  replica is not a slower one; short prefills are dominated by per-step overhead, so at least 64
+  tokens are counted),
+* **inter-token latency** of the streams it relays (mean gap between chunks of one stream; the
+  lower quartile over the window is compared: load slows some streams, a slow engine all),
 * **success rate** (proxied requests that completed vs. failed on the replica's side),
 
 and from the engine's /metrics: the preemption rate (``vllm:num_preemptions_total``), KV usage
@@ -84,6 +87,11 @@ def _median(xs: Sequence[float]) -> float:
     if n == 0:
         return 0.0
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else 0.0
 
 
 class OutlierDetector:
@@ -251,7 +259,9 @@ class OutlierDetector:
         if len(h.ttft) >= n:
             out["ttft_per_token"] = _median([v for _, v in h.ttft])
         if len(h.itl) >= n:
-            out["itl"] = _median([v for _, v in h.itl])
+            # The lower quartile: a slow engine makes every step slow, a busy one only some
+            # (streams that overlapped long prefills); the fast streams tell them apart.
+            out["itl"] = _quantile([v for _, v in h.itl], 0.25)
         if len(h.outcomes) >= n:
             out["success_rate"] = sum(1 for _, ok in h.outcomes if ok) / len(h.outcomes)
         return out
@@ -285,10 +295,10 @@ class OutlierDetector:
     ) -> tuple[str, dict[str, float]]:
         """The first signal on which ``r`` is worse than its peers (or its engine says sick)."""
         mine = summaries[r.id]
-        f = self.cfg.factor
         for key in ("ttft_per_token", "itl"):
             if key not in mine:
                 continue
+            f = self.cfg.factor if key == "ttft_per_token" else self.cfg.itl_factor
             ref = [summaries[p.id][key] for p in peers if key in summaries[p.id]]
             if not ref:
                 continue
