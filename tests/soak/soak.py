@@ -6,6 +6,8 @@ Run: ``make soak`` (``SOAK_SECONDS``, default 600) or ``SOAK_SECONDS=60 python t
 Fleet: three replicas in one `kvrouter sim` process plus a fourth in its own process, which is
 killed (SIGKILL) and started again on the same ports now and then. Faults on the others through
 ``POST /sim/faults``: error fraction, stalls past the first-byte timeout, mid-stream deaths,
+slow engines (slow_factor), stuck engine loops, streams that stop with the connection open,
+preemption storms,
 restarts (KV-event seq reset), malformed and reordered KV-event batches, refused connections.
 Load: ``SOAK_CONCURRENCY`` (default 6) closed-loop clients, half streaming, prompts drawn from a few
 shared prefixes (so the cache-aware path and the index are exercised).
@@ -107,7 +109,8 @@ async def injector(urls: list[str], killable: KillableReplica, stop: asyncio.Eve
             except TimeoutError:
                 pass
             if not deck:  # a shuffled deck, not independent draws: every kind shows up in any ~30 s
-                deck = ["error", "stall", "die", "restart", "events", "refuse", "kill", "clear", "clear"]
+                deck = ["error", "stall", "die", "restart", "events", "refuse", "kill", "clear", "clear",
+                        "slow", "stuck", "stop", "preempt"]
                 rng.shuffle(deck)
             target = rng.choice(urls)
             action = deck.pop()
@@ -122,6 +125,14 @@ async def injector(urls: list[str], killable: KillableReplica, stop: asyncio.Eve
                 await post_faults(s, target, restart=True)
             elif action == "events":
                 await post_faults(s, target, malformed_event_rate=0.3, reorder_event_rate=0.3)
+            elif action == "slow":
+                await post_faults(s, target, slow_factor=rng.choice([3.0, 10.0]))
+            elif action == "stuck":
+                await post_faults(s, target, stuck=True)
+            elif action == "stop":
+                await post_faults(s, target, stop_after_chunks=rng.randint(1, 4))
+            elif action == "preempt":
+                await post_faults(s, target, preemption_rate=rng.choice([0.2, 0.5]))
             elif action == "refuse":
                 await post_faults(s, target, refuse_connections=True, refuse_for_s=2.0)
             elif action == "kill":
