@@ -97,6 +97,23 @@ async def post_faults(session: aiohttp.ClientSession, url: str, **kw: object) ->
         pass  # a refusing or killed replica does not answer; the next clear will
 
 
+def fault_for(action: str, rng: random.Random) -> dict[str, object] | None:
+    """The /sim/faults body of one deck card (None: kill and clear are not sim faults)."""
+    table: dict[str, dict[str, object]] = {
+        "error": {"error_rate": rng.choice([0.3, 0.7, 1.0])},
+        "stall": {"stall_s": rng.choice([0.5, 3.0])},
+        "die": {"die_after_chunks": rng.randint(0, 4)},
+        "restart": {"restart": True},
+        "events": {"malformed_event_rate": 0.3, "reorder_event_rate": 0.3},
+        "refuse": {"refuse_connections": True, "refuse_for_s": 2.0},
+        "slow": {"slow_factor": rng.choice([3.0, 10.0])},
+        "stuck": {"stuck": True},
+        "stop": {"stop_after_chunks": rng.randint(1, 4)},
+        "preempt": {"preemption_rate": rng.choice([0.2, 0.5])},
+    }
+    return table.get(action)
+
+
 async def injector(urls: list[str], killable: KillableReplica, stop: asyncio.Event, log: list[str]) -> None:
     rng = random.Random(SEED)
     loop = asyncio.get_running_loop()
@@ -115,26 +132,9 @@ async def injector(urls: list[str], killable: KillableReplica, stop: asyncio.Eve
             target = rng.choice(urls)
             action = deck.pop()
             log.append(f"{time.monotonic():.1f} {action} {target if action != 'kill' else killable.url}")
-            if action == "error":
-                await post_faults(s, target, error_rate=rng.choice([0.3, 0.7, 1.0]))
-            elif action == "stall":
-                await post_faults(s, target, stall_s=rng.choice([0.5, 3.0]))
-            elif action == "die":
-                await post_faults(s, target, die_after_chunks=rng.randint(0, 4))
-            elif action == "restart":
-                await post_faults(s, target, restart=True)
-            elif action == "events":
-                await post_faults(s, target, malformed_event_rate=0.3, reorder_event_rate=0.3)
-            elif action == "slow":
-                await post_faults(s, target, slow_factor=rng.choice([3.0, 10.0]))
-            elif action == "stuck":
-                await post_faults(s, target, stuck=True)
-            elif action == "stop":
-                await post_faults(s, target, stop_after_chunks=rng.randint(1, 4))
-            elif action == "preempt":
-                await post_faults(s, target, preemption_rate=rng.choice([0.2, 0.5]))
-            elif action == "refuse":
-                await post_faults(s, target, refuse_connections=True, refuse_for_s=2.0)
+            kw = fault_for(action, rng)
+            if kw is not None:
+                await post_faults(s, target, **kw)
             elif action == "kill":
                 killable.kill()
                 await asyncio.sleep(rng.uniform(0.5, 2.0))
