@@ -7,6 +7,11 @@
 # Environment: everything serve_cpu.sh reads (VLLM_VENV, MODEL, RUN_DIR, BLOCKS, ...), plus
 #   NIXL_DIR [.cache/nixl-site]   the --target folder made by install_nixl.sh; put on the server's PYTHONPATH
 #   NIXL_EXTRA_CONFIG []          JSON object for kv_connector_extra_config, e.g. '{"kv_lease_duration":60}'
+#   DTYPE [float32]               NOT bfloat16: on CPUs with AMX (Sapphire Rapids and later) vLLM 0.32 picks its
+#                                 AMX bf16 attention kernel, and the decode replica's worker dies with SIGILL
+#                                 ("Illegal instruction", in cpu_attention_with_kv_cache) on the first decode
+#                                 step after a NIXL load; float32 uses the plain vector kernel and works.
+#                                 Both sides must use the same dtype (NIXL's compatibility hash checks it).
 #
 # What it sets, and why (docs/real-engines.md §9 has the measurements):
 #   kv_connector NixlConnector, kv_buffer_device "cpu"   vLLM 0.32 has a real CPU/DRAM path for NIXL
@@ -24,6 +29,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 NIXL_DIR=${NIXL_DIR:-.cache/nixl-site}
+export DTYPE=${DTYPE:-float32}
 
 usage() { sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
