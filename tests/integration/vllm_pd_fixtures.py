@@ -116,7 +116,12 @@ def _script(script: Path, args: Sequence[str], env: dict[str, str], timeout: flo
 
 
 def _base_env(run_dir: Path, model: Path) -> dict[str, str]:
-    return {**os.environ, "MODEL": str(model), "RUN_DIR": str(run_dir), "HEALTH_TIMEOUT": str(HEALTH_TIMEOUT_S)}
+    return {
+        **os.environ,
+        "MODEL": str(model),
+        "RUN_DIR": str(run_dir),
+        "HEALTH_TIMEOUT": str(HEALTH_TIMEOUT_S),
+    }
 
 
 # --- NIXL prefill/decode pair ----------------------------------------------------------------------
@@ -132,7 +137,9 @@ class PDPair:
 
 
 @contextmanager
-def pd_pair(venv: Path, model: Path, nixl: Path, run_dir: Path, cores: tuple[int, int] = (0, 1)) -> Iterator[PDPair]:
+def pd_pair(
+    venv: Path, model: Path, nixl: Path, run_dir: Path, cores: tuple[int, int] = (0, 1)
+) -> Iterator[PDPair]:
     """A prefill (kv_producer) and a decode (kv_consumer) replica over NIXL/UCX on loopback, both healthy.
 
     Stopped on exit whatever happens (process groups, SIGKILL after 20 s).
@@ -190,7 +197,9 @@ def pd_handoff(pair: PDPair, prompt: str | list[int], max_tokens: int = 8, reque
     if not isinstance(params, dict) or not params.get("do_remote_prefill"):
         raise AssertionError(f"prefill leg returned no usable kv_transfer_params: {leg1.body}")
     leg2 = _post(
-        f"{pair.decode.url}/v1/completions", {**body, "max_tokens": max_tokens, "kv_transfer_params": params}, headers
+        f"{pair.decode.url}/v1/completions",
+        {**body, "max_tokens": max_tokens, "kv_transfer_params": params},
+        headers,
     )
     return Handoff(leg1, leg2, params)
 
@@ -281,7 +290,9 @@ def lmcache_fleet(
         for i in range(max(s.server for s in specs) + 1)
     ]
     replicas = [
-        LMCacheReplica(Replica(s.name, free_port(), free_port(), free_port()), servers[s.server], s.transfer_mode)
+        LMCacheReplica(
+            Replica(s.name, free_port(), free_port(), free_port()), servers[s.server], s.transfer_mode
+        )
         for s in specs
     ]
     with ExitStack() as stack:
@@ -289,14 +300,28 @@ def lmcache_fleet(
         stack.callback(_script, SERVE_LMCACHE, ["stop-all"], env, 180)
         _script(SERVE_LMCACHE, ["coordinator", "coord", str(coord_port)], env, 30)
         for srv in servers:
-            args = [srv.name, str(srv.mp_port), str(srv.http_port), str(srv.prom_port), coordinator_url, srv.instance_id]
+            args = [
+                srv.name,
+                str(srv.mp_port),
+                str(srv.http_port),
+                str(srv.prom_port),
+                coordinator_url,
+                srv.instance_id,
+            ]
             _script(SERVE_LMCACHE, ["server", *args], env, 30)
         for name in ["coord", *(srv.name for srv in servers)]:
             _script(SERVE_LMCACHE, ["wait", name], env, HEALTH_TIMEOUT_S + 30)
         for lr, spec in zip(replicas, specs, strict=True):
             stack.callback(_script, SERVE_LMCACHE, ["stop", lr.replica.name], env, 60)
             r = lr.replica
-            args = [r.name, str(r.port), str(r.zmq_port), str(lr.server.mp_port), str(spec.core), str(r.replay_port)]
+            args = [
+                r.name,
+                str(r.port),
+                str(r.zmq_port),
+                str(lr.server.mp_port),
+                str(spec.core),
+                str(r.replay_port),
+            ]
             _script(SERVE_LMCACHE, ["replica", *args], {**env, "TRANSFER_MODE": lr.transfer_mode}, 30)
         for lr in replicas:
             _script(SERVE_LMCACHE, ["wait", lr.replica.name], env, HEALTH_TIMEOUT_S + 30)
@@ -306,7 +331,9 @@ def lmcache_fleet(
 def directory_lookup(fleet: LMCacheFleet, token_ids: list[int]) -> tuple[dict[str, Any], Reply]:
     """POST /directory/lookup on the coordinator: (the request body, the reply). model_name is the model path."""
     request = {"token_ids": token_ids, "model_name": str(fleet.model), "world_size": 1}
-    return request, http("POST", f"{fleet.coordinator_url}/directory/lookup", request, timeout=REQUEST_TIMEOUT_S)
+    return request, http(
+        "POST", f"{fleet.coordinator_url}/directory/lookup", request, timeout=REQUEST_TIMEOUT_S
+    )
 
 
 # --- raw KV-event capture --------------------------------------------------------------------------
