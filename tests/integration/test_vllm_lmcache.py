@@ -26,7 +26,13 @@ import pytest
 
 from router.kv_wire import BlockRemoved, BlockStored
 from tests.integration.procs import wait_for
-from tests.integration.vllm_fixtures import cached_tokens, metric_sum, token_prompt
+from tests.integration.vllm_fixtures import (
+    FIRST_PLAIN_TOKEN,
+    Replica,
+    cached_tokens,
+    metric_sum,
+    token_prompt,
+)
 from tests.integration.vllm_pd_fixtures import (
     LMCACHE_CHUNK,
     FrameLog,
@@ -72,6 +78,25 @@ def cpu_stores_of(log: FrameLog, replica: str, prompt: list[int]) -> list[BlockS
     return [ev for ev in found if ev is not None] if all(found) else []
 
 
+def wait_cpu_stores(frames: RawEventCollector, replica: Replica, prompt: list[int]) -> list[BlockStored]:
+    """Wait for `prompt`'s CPU BlockStored events from `replica`, making it step while waiting.
+
+    The LMCache server pushes its stores to the connector asynchronously, and vLLM publishes whatever the
+    connector queued only at the end of an engine step: an idle replica holds the CPU-tier events until its
+    next request. A 4-token prompt fills no block (no GPU event, no LMCache chunk) but makes one step.
+    """
+
+    def seen() -> list[BlockStored]:
+        found = cpu_stores_of(frames.snapshot(), replica.name, prompt)
+        if not found:
+            complete_slow(replica.url, [FIRST_PLAIN_TOKEN] * 4)
+        return found
+
+    return wait_for(
+        seen, 30, f"CPU BlockStored for a {len(prompt)}-token prompt on {replica.name}", interval=0.5
+    )
+
+
 def test_evicted_prompt_comes_back_from_lmcache_and_the_cpu_tier_publishes_events(
     lmcache_shared: LMCacheFleet, frames: RawEventCollector
 ) -> None:
@@ -98,7 +123,7 @@ def test_evicted_prompt_comes_back_from_lmcache_and_the_cpu_tier_publishes_event
     assert metric_sum(r0.url, HITS) - local0 == 0
 
     # lmcache_driven mode: one BlockStored per chunk, medium "CPU", block_size 256, chained parents.
-    stores = wait_for(lambda: cpu_stores_of(frames.snapshot(), r0.name, prompt), 30, "CPU BlockStored for A")
+    stores = wait_cpu_stores(frames, r0, prompt)
     assert [len(ev.block_hashes) for ev in stores] == [1, 1]
     assert all(ev.block_size == LMCACHE_CHUNK for ev in stores)
     assert stores[0].parent_block_hash is None
@@ -147,7 +172,7 @@ def test_shared_lmcache_tier_turns_one_replicas_prefill_into_anothers_external_h
     prompt = token_prompt(1702, PROMPT_TOKENS)
     local1, external1 = metric_sum(r1.url, HITS), metric_sum(r1.url, EXTERNAL_HITS)
     assert cached_tokens(complete_slow(r0.url, prompt)) == 0
-    wait_for(lambda: cpu_stores_of(frames.snapshot(), r0.name, prompt), 30, "CPU BlockStored on r0")
+    wait_cpu_stores(frames, r0, prompt)
 
     # r1 never saw the prompt: everything it does not compute comes from the tier r0 filled.
     held = len(prompt) // LMCACHE_CHUNK * LMCACHE_CHUNK
@@ -156,7 +181,7 @@ def test_shared_lmcache_tier_turns_one_replicas_prefill_into_anothers_external_h
     assert metric_sum(r1.url, HITS) - local1 == 0
     # Every replica attached to the server republishes the tier's CPU events (at its next engine step),
     # so a router sees the same chunk from both and must count it once per server.
-    wait_for(lambda: cpu_stores_of(frames.snapshot(), r1.name, prompt), 30, "the same CPU BlockStored on r1")
+    wait_cpu_stores(frames, r1, prompt)
 
 
 def test_coordinator_directory_lookup_places_stored_chunks_on_the_server(
@@ -166,7 +191,7 @@ def test_coordinator_directory_lookup_places_stored_chunks_on_the_server(
     server = lmcache_shared.replicas[0].server
     prompt = token_prompt(1703, PROMPT_TOKENS)
     complete_slow(r0.url, prompt)
-    stores = wait_for(lambda: cpu_stores_of(frames.snapshot(), r0.name, prompt), 30, "CPU BlockStored")
+    stores = wait_cpu_stores(frames, r0, prompt)
 
     def placed() -> tuple[dict[str, Any], dict[str, Any]] | None:
         request, reply = directory_lookup(lmcache_shared, prompt)
