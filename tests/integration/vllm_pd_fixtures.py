@@ -440,3 +440,18 @@ def lmcache_shared_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     specs = [ReplicaSpec("r0", 0, 0), ReplicaSpec("r1", 1, 0)]
     with lmcache_fleet(venv, model, tmp_path_factory.mktemp("vllm-lmcache"), specs) as fleet:
         yield fleet
+
+
+@pytest.fixture(scope="module", name="lmcache_lookup_mode")
+def lmcache_lookup_mode_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMCacheFleet]:
+    """One engine_driven replica (LMCache's CPU default: no CPU-tier events) on its own MP server + coordinator.
+
+    What a router meets when it must ask the coordinator instead of listening (issue 17's lookup mode).
+    """
+    setup = lmcache_setup_or_skip_reason()
+    if isinstance(setup, str):
+        skip_or_fail(setup)
+    venv, model = setup
+    specs = [ReplicaSpec("r0", 0, 0, transfer_mode="engine_driven")]
+    with lmcache_fleet(venv, model, tmp_path_factory.mktemp("vllm-lmcache-lookup"), specs) as fleet:
+        yield fleet
