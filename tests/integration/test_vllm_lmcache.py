@@ -199,7 +199,9 @@ def test_coordinator_directory_lookup_places_stored_chunks_on_the_server(
         done = all(r["placements"] for r in reply.body["results"])
         return (request, reply.body) if done else None
 
-    request, body = wait_for(placed, 30, "coordinator placements for the stored prompt", interval=0.5)
+    found = wait_for(placed, 30, "coordinator placements for the stored prompt", interval=0.5)
+    assert found is not None
+    request, body = found
     assert body["chunks"] == len(prompt) // LMCACHE_CHUNK
     for result, chunk, ev in zip(body["results"], chunks(prompt), stores, strict=True):
         assert result["token_ids"] == chunk

@@ -63,6 +63,7 @@ def test_engine_driven_mode_hits_without_cpu_events_and_the_coordinator_still_kn
         return reply.body if results and all(r["placements"] for r in results) else None
 
     body = wait_for(placed, 30, "coordinator placements in engine_driven mode", interval=0.5)
+    assert body is not None
     assert body["chunks"] == held // LMCACHE_CHUNK
 
     again = complete_slow(r0.url, prompt)
