@@ -7,10 +7,10 @@
 # Environment: everything serve_cpu.sh reads (VLLM_VENV, MODEL, RUN_DIR, BLOCKS, ...), plus
 #   NIXL_DIR [.cache/nixl-site]   the --target folder made by install_nixl.sh; put on the server's PYTHONPATH
 #   NIXL_EXTRA_CONFIG []          JSON object for kv_connector_extra_config, e.g. '{"kv_lease_duration":60}'
-#   DTYPE [float32]               NOT bfloat16: on CPUs with AMX (Sapphire Rapids and later) vLLM 0.32 picks its
-#                                 AMX bf16 attention kernel, and the decode replica's worker dies with SIGILL
-#                                 ("Illegal instruction", in cpu_attention_with_kv_cache) on the first decode
-#                                 step after a NIXL load; float32 uses the plain vector kernel and works.
+#   DTYPE [float32]               NOT bfloat16: on a Xeon with AMX tiles vLLM 0.32 picks its `amx` attention
+#                                 kernel for bf16, and the decode replica's worker died with SIGILL ("Illegal
+#                                 instruction", in cpu_attention_with_kv_cache) on its first step after a NIXL
+#                                 load; float32 selects the vector kernel and works.
 #                                 Both sides must use the same dtype (NIXL's compatibility hash checks it).
 #
 # What it sets, and why (docs/real-engines.md §9 has the measurements):
