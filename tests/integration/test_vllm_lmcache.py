@@ -24,12 +24,13 @@ from typing import Any
 
 import pytest
 
-from router.kv_wire import BlockRemoved, BlockStored
+from router.kv_wire import BlockRemoved, BlockStored, KVEventBatch
 from tests.integration.procs import wait_for
 from tests.integration.vllm_fixtures import (
     FIRST_PLAIN_TOKEN,
     Replica,
     cached_tokens,
+    http,
     metric_sum,
     token_prompt,
 )
@@ -51,6 +52,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "router" / "golden"
 CAPTURE = bool(os.environ.get("KVROUTER_CAPTURE_GOLDEN"))
 PROMPT_TOKENS = 600  # two full LMCache chunks and a partial one, which LMCache never stores
 FLOOD_PROMPTS, FLOOD_TOKENS = 4, 1000  # 4 x 31 blocks > the 96-block vLLM cache
+EVICT_PROMPTS = 30  # 30 x 3 chunks > the ~80 chunks of the fleet's small LMCache L1
 HITS = "vllm:prefix_cache_hits_total"
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 
@@ -229,6 +231,85 @@ def test_coordinator_directory_lookup_places_stored_chunks_on_the_server(
                     "miss": {"request": miss_request, "response": miss.body},
                 },
                 indent=1,
+            )
+            + "\n"
+        )
+
+
+def cpu_removed(log: FrameLog, replica: str) -> set[int | bytes]:
+    return {
+        h
+        for f in log.frames
+        if f.replica == replica
+        for ev in f.batch.events
+        if isinstance(ev, BlockRemoved) and ev.medium == "CPU"
+        for h in ev.block_hashes
+    }
+
+
+def has_cpu_event(batch: KVEventBatch) -> bool:
+    return any(isinstance(ev, BlockStored | BlockRemoved) and ev.medium == "CPU" for ev in batch.events)
+
+
+def test_lmcache_evictions_publish_cpu_block_removed_and_leave_the_directory(
+    lmcache_shared: LMCacheFleet, frames: RawEventCollector
+) -> None:
+    r0 = lmcache_shared.replicas[0].replica
+    start = len(frames.snapshot().frames)
+    prompt = token_prompt(1704, PROMPT_TOKENS)
+    complete_slow(r0.url, prompt)
+    hashes = {ev.block_hashes[0] for ev in wait_cpu_stores(frames, r0, prompt)}
+    for i in range(EVICT_PROMPTS):
+        complete_slow(r0.url, token_prompt(1720 + i, FLOOD_TOKENS))
+
+    def evicted() -> list[str]:
+        log = frames.snapshot()
+        by = [r.replica.name for r in lmcache_shared.replicas if hashes <= cpu_removed(log, r.replica.name)]
+        if not by:
+            for (
+                r
+            ) in lmcache_shared.replicas:  # make every replica step: it publishes what its connector queued
+                complete_slow(r.replica.url, [FIRST_PLAIN_TOKEN] * 4)
+        return by
+
+    server = lmcache_shared.replicas[0].server
+    try:
+        publishers = wait_for(evicted, 30, "BlockRemoved medium CPU for the prompt's chunks", interval=0.5)
+    except AssertionError as exc:
+        lmc = http("GET", f"{server.url}/metrics").body
+        evictions = [line for line in str(lmc).splitlines() if "evict" in line and not line.startswith("#")]
+        raise AssertionError(f"{exc}; LMCache server: {evictions}") from None
+    print("CPU BlockRemoved for the prompt published by", publishers)
+
+    def unplaced() -> bool:
+        _, reply = directory_lookup(lmcache_shared, prompt)
+        return reply.status == 200 and not any(r["placements"] for r in reply.body["results"])
+
+    wait_for(unplaced, 30, "the coordinator to forget the evicted chunks", interval=0.5)
+    # Gone from both tiers: vLLM's cache was flooded too, so nothing of it is served from cache.
+    assert cached_tokens(complete_slow(r0.url, prompt)) == 0
+
+    if CAPTURE:
+        mine = [
+            f for f in frames.snapshot().frames[start:] if f.replica == r0.name and has_cpu_event(f.batch)
+        ]
+        (GOLDEN / "vllm-0.32-lmcache-0.5.6-cpu-evictions.json").write_text(
+            json.dumps(
+                {
+                    "captured": (
+                        "KVROUTER_CAPTURE_GOLDEN=1 pytest -m vllm tests/integration/test_vllm_lmcache.py: "
+                        "replica r0 (LMCacheMPConnector lmcache_driven) on an LMCache MP server with a 0.02 GB L1, "
+                        f"one {PROMPT_TOKENS}-token prompt then {EVICT_PROMPTS} prompts of {FLOOD_TOKENS} tokens; "
+                        "only the frames that carry medium-CPU events are kept (so seq has gaps), byte for byte"
+                    ),
+                    "endpoint": r0.events_endpoint,
+                    "lmcache_chunk_size": LMCACHE_CHUNK,
+                    "frames": [
+                        [base64.b64encode(x).decode() for x in (f.topic, f.seq, f.payload)] for f in mine
+                    ],
+                    "prompt": prompt,
+                    "prompt_cpu_block_hashes": sorted(h for h in hashes if isinstance(h, int)),
+                }
             )
             + "\n"
         )

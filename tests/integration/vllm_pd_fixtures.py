@@ -53,6 +53,8 @@ SERVE_LMCACHE = REPO / "engines" / "vllm" / "serve_lmcache.sh"
 
 # LMCache's chunk (serve_lmcache.sh CHUNK_SIZE): it stores, looks up and publishes whole 256-token chunks.
 LMCACHE_CHUNK = 256
+# 0.02 GB of L1 holds ~80 chunks of the tiny model (256 KiB each in bf16); LMCache evicts past 0.8 of it.
+LMCACHE_SMALL_L1_GB = 0.02
 # Start-up bounds. A replica is healthy in 25-95 s on 2 busy cores; the LMCache server and coordinator in
 # ~10 s. Past these the fixture fails with the process's log tail instead of hanging the suite.
 HEALTH_TIMEOUT_S = 300
@@ -432,13 +434,18 @@ def pd_pair_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDPair
 
 @pytest.fixture(scope="module", name="lmcache_shared")
 def lmcache_shared_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMCacheFleet]:
-    """Two lmcache_driven replicas (cores 0 and 1) sharing one LMCache MP server (mp0) + the coordinator."""
+    """Two lmcache_driven replicas (cores 0 and 1) sharing one LMCache MP server (mp0) + the coordinator.
+
+    The server's CPU tier is LMCACHE_SMALL_L1_GB: ~80 tiny-model chunks, so a few dozen prompts make LMCache
+    itself evict (BlockRemoved medium "CPU").
+    """
     setup = lmcache_setup_or_skip_reason()
     if isinstance(setup, str):
         skip_or_fail(setup)
     venv, model = setup
     specs = [ReplicaSpec("r0", 0, 0), ReplicaSpec("r1", 1, 0)]
-    with lmcache_fleet(venv, model, tmp_path_factory.mktemp("vllm-lmcache"), specs) as fleet:
+    run_dir = tmp_path_factory.mktemp("vllm-lmcache")
+    with lmcache_fleet(venv, model, run_dir, specs, l1_size_gb=LMCACHE_SMALL_L1_GB) as fleet:
         yield fleet
 
 
