@@ -52,3 +52,20 @@ def test_directory_lookup_keys_are_the_event_hashes() -> None:
     low64 = [int(r["key"]["chunk_hash_hex"][-16:], 16) for r in results]
     assert low64 == data["hit_cpu_block_hashes"]
     assert not any(r["placements"] for r in data["miss"]["response"]["results"])
+
+
+def test_lmcache_evictions_arrive_as_cpu_block_removed() -> None:
+    data = json.loads((GOLDEN / "vllm-0.32-lmcache-0.5.6-cpu-evictions.json").read_text())
+    decoder = msgspec.msgpack.Decoder(KVEventBatch)
+    events = [ev for f in data["frames"] for ev in decoder.decode(base64.b64decode(f[2])).events]
+    prompt, mine = data["prompt"], set(data["prompt_cpu_block_hashes"])
+    stored = {
+        ev.block_hashes[0]: ev.token_ids
+        for ev in events
+        if isinstance(ev, BlockStored) and ev.medium == "CPU"
+    }
+    assert {h: stored[h] for h in mine} and sorted(stored[h] for h in mine) == sorted(
+        [prompt[:CHUNK], prompt[CHUNK : 2 * CHUNK]]
+    )
+    removed = [ev for ev in events if isinstance(ev, BlockRemoved) and ev.medium == "CPU"]
+    assert removed and mine <= {h for ev in removed for h in ev.block_hashes}
