@@ -4,9 +4,10 @@ Helpers, context managers and pytest fixtures for the smoke tests (test_vllm_pd.
 and for router-side tests built on them. Everything starts through engines/vllm/serve_pd.sh and
 engines/vllm/serve_lmcache.sh, the recipes docs/real-engines.md tells people to run.
 
-A test module uses a fixture by importing it; the import registers it under the name in `name=`:
+A test module uses a fixture by importing it (the `as` form marks a deliberate re-export for ruff); pytest
+registers it under the name given in `name=`:
 
-    from tests.integration.vllm_pd_fixtures import pd_pair_fixture  # noqa: F401  (fixture "pd_pair")
+    from tests.integration.vllm_pd_fixtures import pd_pair_fixture as pd_pair_fixture  # fixture "pd_pair"
 
     def test_x(pd_pair: PDPair) -> None: ...
 
@@ -37,6 +38,7 @@ import pytest
 import zmq
 
 from router.kv_wire import BlockStored, KVEventBatch
+from tests.integration import procs
 from tests.integration.procs import free_port
 from tests.integration.vllm_fixtures import (
     KV_TOPIC,
@@ -207,8 +209,6 @@ def pd_handoff(pair: PDPair, prompt: str | list[int], max_tokens: int = 8, reque
 
 
 def _post(url: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Reply:
-    from tests.integration import procs
-
     status, raw_headers, raw = procs.http(
         "POST", url, payload, {"content-type": "application/json", **(headers or {})}, REQUEST_TIMEOUT_S
     )
