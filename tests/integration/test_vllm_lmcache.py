@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 from router.kv_wire import BlockRemoved, BlockStored, KVEventBatch
-from tests.integration.procs import wait_for
 from tests.integration.vllm_fixtures import (
     FIRST_PLAIN_TOKEN,
     Replica,
@@ -45,6 +44,7 @@ from tests.integration.vllm_pd_fixtures import (
 from tests.integration.vllm_pd_fixtures import (
     lmcache_shared_fixture as lmcache_shared_fixture,  # "lmcache_shared"
 )
+from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.vllm
 

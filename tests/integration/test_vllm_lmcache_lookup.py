@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from tests.integration.procs import wait_for
 from tests.integration.vllm_fixtures import FIRST_PLAIN_TOKEN, metric_sum, token_prompt
 from tests.integration.vllm_pd_fixtures import (
     LMCACHE_CHUNK,
@@ -27,6 +26,7 @@ from tests.integration.vllm_pd_fixtures import (
 from tests.integration.vllm_pd_fixtures import (
     lmcache_lookup_mode_fixture as lmcache_lookup_mode_fixture,  # fixture "lmcache_lookup_mode"
 )
+from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.vllm
 

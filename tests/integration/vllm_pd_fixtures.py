@@ -38,8 +38,6 @@ import pytest
 import zmq
 
 from router.kv_wire import BlockStored, KVEventBatch
-from tests.integration import procs
-from tests.integration.procs import free_port
 from tests.integration.vllm_fixtures import (
     KV_TOPIC,
     REPO,
@@ -49,6 +47,8 @@ from tests.integration.vllm_fixtures import (
     http,
     vllm_setup_or_skip_reason,
 )
+from tests.support import procs
+from tests.support.procs import free_port
 
 SERVE_PD = REPO / "engines" / "vllm" / "serve_pd.sh"
 SERVE_LMCACHE = REPO / "engines" / "vllm" / "serve_lmcache.sh"
