@@ -37,7 +37,7 @@ import msgspec
 import pytest
 import zmq
 
-from router.kv_wire import BlockStored, KVEventBatch
+from router.kv.wire import BlockStored, KVEventBatch
 from tests.integration.vllm_fixtures import (
     KV_TOPIC,
     REPO,
