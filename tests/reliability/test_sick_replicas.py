@@ -206,3 +206,16 @@ async def test_equally_slow_fleet_loses_nothing_and_ejects_nobody(logs: Path, si
         assert "-> degraded" not in r.proc.log(tail=None)
     finally:
         r.proc.stop()
+
+
+async def test_client_cancel_is_counted_by_outcome(logs: Path) -> None:
+    sim = SimFleet(logs, 1, *SIM, "--fault-slow-factor", "10")
+    r = _router(logs, sim, "--canary-after", "0")
+    try:
+        async with aiohttp.ClientSession() as s, s.post(r.url + "/v1/completions", json=_body(0, 200)) as resp:
+            assert resp.status == 200
+            await resp.content.readany()  # first chunk, then the client walks away
+        wait_for(lambda: 'status="client_cancelled"} 1.0' in r.metrics(), 5, "client_cancelled counted")
+    finally:
+        r.proc.stop()
+        sim.proc.stop()
