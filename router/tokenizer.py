@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError
+from .prefix_tokens import PrefixTokenCache
 
 if TYPE_CHECKING:
     from .chat_render import ChatOptions
@@ -62,6 +63,8 @@ class HFTokenizer:
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.eos_token_id: int | None = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        # chat prompts that extend a recent one (the next turn) are encoded from where they differ
+        self.prefix_cache = PrefixTokenCache(self._tok)
         from .chat_render import ChatRenderer, load_template_setting
 
         self.renderer = ChatRenderer(
@@ -110,7 +113,10 @@ class HFTokenizer:
         """Token ids as vLLM's chat path produces them: the rendered text encoded with the
         request's ``add_special_tokens`` (default False: the template carries BOS)."""
         text = self.render_chat(messages, add_generation_prompt, options)
-        return self.encode(text, add_special_tokens=options.add_special_tokens if options else False)
+        if options is not None and options.add_special_tokens:
+            return self.encode(text, add_special_tokens=True)
+        # a copy: the cache keeps its own list
+        return list(self.prefix_cache.encode(text))
 
 
 def _token_text(tok: object) -> str:

@@ -1,0 +1,153 @@
+"""Incremental tokenisation of prompts that extend a recent prompt (multi-turn chat, agents).
+
+A conversation's turn N+1 renders to turn N's text plus the reply and the new message, so encoding
+the whole ~14k-token prompt again spends most of the router's CPU on tokens it has already seen
+(the Rust encode and the id list conversion are ~2.5 us a token). This cache keeps the recent
+prompts' texts, ids and sparse checkpoints (char offset -> token index at token starts). A new
+text that shares a long prefix with a cached one is encoded from a checkpoint before the shared
+prefix ends, and the result is spliced onto the cached ids:
+
+    ids = cached[:k] + encode(text[c0:])[k - k0:]
+
+where (c0, k0) is a checkpoint ``OVERLAP`` tokens before the splice point (c, k). The splice is
+taken only when the tail's encoding agrees with the cached ids over that overlap (same ids, and a
+token starting exactly at ``c``): BPE after a regex/whitespace pre-tokeniser is local, so once the
+two encodings agree on a boundary they agree from there on. The splice point stays ``MARGIN``
+characters before the first differing character, so a pre-tokeniser's lookahead never sees the
+difference. Every ``verify_every``-th splice is also encoded in full and compared; one mismatch turns
+the cache off for this tokenizer (keys stay exact; the miss is counted in ``stats``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+KEY_CHARS = 256  # prompts are grouped by their first characters (the system prompt's start)
+PER_KEY = 8  # recent prompts kept per group (conversations sharing one system prompt)
+MAX_ENTRIES = 64  # prompts kept in all (a 14k-token prompt costs ~0.3 MB here)
+CHECKPOINT_TOKENS = 128  # one checkpoint every this many tokens
+OVERLAP = 2  # checkpoints of overlap the tail re-encodes and must reproduce
+MARGIN = 64  # characters kept between the splice point and the first differing character
+MIN_SAVED = 512  # below this many reusable tokens a full encode is as cheap
+
+
+@dataclass(slots=True)
+class _Entry:
+    text: str
+    ids: list[int]
+    marks: list[tuple[int, int]]  # (char offset, token index) of token starts, increasing
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix (binary search over C-level slice compares)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _marks(enc: Any, char_base: int, tok_base: int, start: int = 0) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    n = len(enc)
+    for k in range(start, n, CHECKPOINT_TOKENS):
+        span = enc.token_to_chars(k)
+        if span is not None:
+            out.append((char_base + span[0], tok_base + k))
+    return out
+
+
+class PrefixTokenCache:
+    """``encode(text)`` = ``tok.encode(text, add_special_tokens=False).ids``, reusing recent prompts."""
+
+    def __init__(self, rust_tokenizer: Any, verify_every: int = 64) -> None:
+        self._tok = rust_tokenizer
+        self.verify_every = verify_every
+        self.enabled = True
+        self._groups: OrderedDict[str, list[_Entry]] = OrderedDict()
+        self._count = 0
+        self.stats = {"full": 0, "spliced": 0, "reused_tokens": 0, "fallback": 0, "verify_mismatch": 0}
+
+    def encode(self, text: str) -> list[int]:
+        if not self.enabled or len(text) < KEY_CHARS:
+            return self._full(text, remember=False)
+        key = text[:KEY_CHARS]
+        group = self._groups.get(key)
+        best: _Entry | None = None
+        best_len = 0
+        for entry in group or ():
+            n = _common_prefix(entry.text, text)
+            if n > best_len:
+                best, best_len = entry, n
+        ids = self._splice(best, best_len, text) if best is not None else None
+        if ids is None:
+            return self._full(text, remember=True)
+        return ids
+
+    def _full(self, text: str, remember: bool) -> list[int]:
+        self.stats["full"] += 1
+        enc = self._tok.encode(text, add_special_tokens=False)
+        ids: list[int] = enc.ids
+        if remember:
+            self._remember(_Entry(text, ids, _marks(enc, 0, 0)))
+        return ids
+
+    def _splice(self, entry: _Entry, shared: int, text: str) -> list[int] | None:
+        limit = shared - MARGIN
+        marks = entry.marks
+        # the last checkpoint at or before the limit, and one OVERLAP checkpoints before it
+        i = len(marks) - 1
+        while i >= 0 and marks[i][0] > limit:
+            i -= 1
+        if i < OVERLAP or marks[i][1] < MIN_SAVED:
+            return None
+        c, k = marks[i]
+        c0, k0 = marks[i - OVERLAP]
+        enc = self._tok.encode(text[c0:], add_special_tokens=False)
+        j = k - k0  # the tail's index of the token that starts at c
+        span = enc.token_to_chars(j) if j < len(enc) else None
+        if span is None or span[0] != c - c0:
+            self.stats["fallback"] += 1
+            return None
+        tail: list[int] = enc.ids
+        # the tail must reproduce the cached tokens of the overlap, its first token excepted (a
+        # normaliser may treat a string's first character specially)
+        if tail[1:j] != entry.ids[k0 + 1 : k]:
+            self.stats["fallback"] += 1
+            return None
+        ids = entry.ids[:k] + tail[j:]
+        self._count += 1
+        if self.verify_every and self._count % self.verify_every == 0:
+            if self._tok.encode(text, add_special_tokens=False).ids != ids:
+                self.stats["verify_mismatch"] += 1
+                self.enabled = False
+                self._groups.clear()
+                return None
+        self.stats["spliced"] += 1
+        self.stats["reused_tokens"] += k
+        self._remember(_Entry(text, ids, marks[:i] + _marks(enc, c0, k0, j)))
+        return ids
+
+    def _remember(self, entry: _Entry) -> None:
+        key = entry.text[:KEY_CHARS]
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = []
+        else:
+            self._groups.move_to_end(key)
+        # a prompt that extends a kept one replaces it: the conversation moved on
+        group[:] = [e for e in group if not entry.text.startswith(e.text)]
+        group.insert(0, entry)
+        del group[PER_KEY:]
+        while sum(len(g) for g in self._groups.values()) > MAX_ENTRIES:
+            _, oldest = next(iter(self._groups.items()))
+            oldest.pop()
+            if not oldest:
+                self._groups.popitem(last=False)
