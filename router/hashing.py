@@ -60,6 +60,11 @@ def _chain(data: bytes, unit: int, seed: int, max_blocks: int) -> list[BlockHash
     return out
 
 
+def chain_from(data: bytes, unit: int, seed: int, max_blocks: int) -> list[BlockHash]:
+    """The chain over ``data``'s full ``unit``-byte blocks, continuing from ``seed`` (prefix_tokens.py)."""
+    return _chain(data, unit, seed, max_blocks)
+
+
 def hash_token_blocks(
     tokens: Sequence[int], block_size: int, seed: int, max_blocks: int = DEFAULT_MAX_BLOCKS
 ) -> list[BlockHash]:

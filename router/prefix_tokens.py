@@ -24,6 +24,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from .types import BlockHash
+
 KEY_CHARS = 256  # prompts are grouped by their first characters (the system prompt's start)
 PER_KEY = 8  # recent prompts kept per group (conversations sharing one system prompt)
 MAX_ENTRIES = 64  # prompts kept in all (a 14k-token prompt costs ~0.3 MB here)
@@ -151,3 +153,59 @@ class PrefixTokenCache:
             oldest.pop()
             if not oldest:
                 self._groups.popitem(last=False)
+
+
+def _common_bytes(a: bytes, b: bytes) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class ChainCache:
+    """Block-hash chains of recent prompts: a prompt that extends one hashes only its new blocks.
+
+    The chain makes ``h_i`` depend on blocks 0..i only, so the hashes of the blocks two prompts share
+    byte for byte are the same list; ``hashing.chain_from`` continues from the last shared one."""
+
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._groups: OrderedDict[tuple[int, int, bytes], list[tuple[bytes, list[BlockHash]]]] = OrderedDict()
+
+    def hashes(self, data: bytes, unit: int, seed: int, max_blocks: int) -> list[BlockHash]:
+        from .hashing import chain_from
+
+        if len(data) < 4 * unit:
+            return chain_from(data, unit, seed, max_blocks)
+        key = (seed, unit, data[:unit])
+        group = self._groups.get(key)
+        best: list[BlockHash] | None = None
+        shared = 0
+        for prev, hs in group or ():
+            n = min(_common_bytes(prev, data) // unit, len(hs))
+            if n > shared:
+                best, shared = hs, n
+        if best is None or shared == 0:
+            out = chain_from(data, unit, seed, max_blocks)
+        else:
+            shared = min(shared, max_blocks)
+            out = best[:shared] + chain_from(data[shared * unit :], unit, best[shared - 1], max_blocks - shared)
+        if group is None:
+            group = self._groups[key] = []
+        else:
+            self._groups.move_to_end(key)
+        group[:] = [(p, h) for p, h in group if not data.startswith(p)]
+        group.insert(0, (data, out))
+        del group[PER_KEY:]
+        while sum(len(g) for g in self._groups.values()) > self.max_entries:
+            _, oldest = next(iter(self._groups.items()))
+            oldest.pop()
+            if not oldest:
+                self._groups.popitem(last=False)
+        return out

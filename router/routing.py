@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
-from .hashing import hash_byte_blocks, hash_token_blocks, model_seed, render_messages
+from .hashing import model_seed, render_messages, token_bytes
+from .prefix_tokens import ChainCache
 from .index import PrefixIndex
 from .replicas.registry import Replica, ReplicaRegistry
 from .scoring.churn import CHURN_TAU_S
@@ -96,6 +97,8 @@ class Router:
         self.speculative_ttl_s = speculative_ttl_s
         self.approximate_ttl_s = approximate_ttl_s
         self.tokenizer = tokenizer
+        # the next turn of a conversation hashes only its new blocks
+        self._chains = ChainCache()
         self.clock = clock
         self.observer = observer
         self.limits = limits
@@ -144,12 +147,14 @@ class Router:
                 token_ids = self.tokenizer.encode_prompt(text)
         seed = model_seed(model, cache_salt)
         if token_ids is not None:
-            req.block_hashes = hash_token_blocks(token_ids, bs, seed, self.max_blocks)
+            if bs <= 0:
+                raise ValueError(f"block_size must be positive, got {bs}")
+            req.block_hashes = self._chains.hashes(token_bytes(token_ids), bs * 4, seed, self.max_blocks)
             req.prompt_tokens = len(token_ids)
             req.key_mode = KeyMode.TOKENS
             return req
         data = (text if text is not None else render_messages(messages or ())).encode()
-        req.block_hashes = hash_byte_blocks(data, bs * self.bytes_per_token, seed, self.max_blocks)
+        req.block_hashes = self._chains.hashes(data, bs * self.bytes_per_token, seed, self.max_blocks)
         req.prompt_tokens = max(1, len(data) // self.bytes_per_token)
         req.key_mode = KeyMode.BYTES
         return req

@@ -1,0 +1,135 @@
+"""make bench-long-prompt: router CPU per request for long multi-turn chat prompts with a tokenizer.
+
+The AIPerf Mooncake replay shape: text chat prompts of ~14k tokens (a long system prompt, then turns
+that grow the conversation), ``--tokenizer`` set, several conversations in flight at once. Each request
+goes through what the router does for it in process: parse the body, render the chat template,
+tokenize, hash the blocks, match the index, score, dispatch (speculative index store) and finish.
+
+Two routers run side by side on the same requests, interleaved request by request so a shared,
+noisy machine slows both alike: ``cached`` (the default: prefix_tokens.py's incremental tokenisation
+and block-hash chains) and ``uncached`` (both caches off, every prompt encoded and hashed in full, as
+before). It prints CPU ms per request (process time) for each, their ratio, and checks that both
+produce identical keys. Rows with the first turn of each conversation (no prefix to reuse) are
+counted apart from the later turns.
+
+    PYTHONPATH=. .venv/bin/python tests/bench/bench_long_prompt.py --tokenizer /path/to/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from router.http.generate import chat_info  # noqa: E402
+from router.index import PrefixIndex  # noqa: E402
+from router.replicas.registry import ReplicaRegistry, ReplicaSpec  # noqa: E402
+from router.routing import Router  # noqa: E402
+from router.scoring.policies import build_policy  # noqa: E402
+from router.tokenizer import load_tokenizer  # noqa: E402
+from router.types import RequestInfo  # noqa: E402
+
+
+def conversations(n_conv: int, turns: int, system_words: int, user_words: int, reply_words: int, seed: int) -> list[list[bytes]]:
+    """Bodies per conversation, turn by turn; each turn resends the whole history."""
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(20000)]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(vocab) for _ in range(n))
+
+    out: list[list[bytes]] = []
+    for _ in range(n_conv):
+        msgs: list[dict[str, str]] = [{"role": "system", "content": text(system_words)}]
+        bodies: list[bytes] = []
+        for _t in range(turns):
+            msgs.append({"role": "user", "content": text(user_words)})
+            bodies.append(json.dumps({"model": "m", "messages": msgs, "max_tokens": 64, "stream": True}).encode())
+            msgs.append({"role": "assistant", "content": text(reply_words)})
+        out.append(bodies)
+    return out
+
+
+def make_router(folder: str, cached: bool, replicas: int) -> Router:
+    tok = load_tokenizer(folder)
+    index = PrefixIndex(1_000_000)
+    reg = ReplicaRegistry(index)
+    for i in range(replicas):
+        reg.add(ReplicaSpec(url=f"http://r{i}", name=f"r{i}", models=("m",)))
+    router = Router(index, reg, build_policy("cache_aware", rng=random.Random(0)), block_size=16, tokenizer=tok)
+    if not cached:
+        tok.prefix_cache.enabled = False
+        router._chains.max_entries = 0
+    return router
+
+
+def one(router: Router, body: bytes) -> tuple[float, RequestInfo]:
+    t0 = time.process_time()
+    req = chat_info(router, body)
+    replica = router.select(req)
+    ticket = router.dispatch(req, replica)
+    router.first_token(ticket, 0.05)
+    router.finish(ticket)
+    return time.process_time() - t0, req
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", default="/work/cache/tiny-llama", help="model folder with tokenizer.json")
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--system-words", type=int, default=2400)
+    ap.add_argument("--user-words", type=int, default=250)
+    ap.add_argument("--reply-words", type=int, default=120)
+    ap.add_argument("--replicas", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    convs = conversations(args.conversations, args.turns, args.system_words, args.user_words, args.reply_words, args.seed)
+    # arrivals interleave the conversations, as concurrent users do
+    order = [(t, convs[c][t]) for t in range(args.turns) for c in range(len(convs))]
+    routers = {"cached": make_router(args.tokenizer, True, args.replicas), "uncached": make_router(args.tokenizer, False, args.replicas)}
+    first: dict[str, list[float]] = {k: [] for k in routers}
+    later: dict[str, list[float]] = {k: [] for k in routers}
+    tokens: list[int] = []
+    for i, (turn, body) in enumerate(order):
+        names = list(routers) if i % 2 == 0 else list(reversed(routers))
+        keys = {}
+        for name in names:
+            cpu, req = one(routers[name], body)
+            (first if turn == 0 else later)[name].append(cpu * 1e3)
+            keys[name] = req.block_hashes
+        if keys["cached"] != keys["uncached"]:
+            print(f"KEY MISMATCH at request {i}", file=sys.stderr)
+            return 1
+        tokens.append(req.prompt_tokens)
+    print(
+        f"{len(order)} requests, {args.conversations} conversations x {args.turns} turns, prompt tokens "
+        f"mean {statistics.mean(tokens):,.0f} (min {min(tokens):,}, max {max(tokens):,}), tokenizer {args.tokenizer}"
+    )
+    print("| router | CPU ms/req, all | first turns | later turns | p90 later |")
+    print("|---|---|---|---|---|")
+    for name in routers:
+        allv = first[name] + later[name]
+        p90 = statistics.quantiles(later[name], n=10)[-1] if len(later[name]) > 1 else float("nan")
+        print(
+            f"| {name} | {statistics.mean(allv):.2f} | {statistics.mean(first[name]):.2f} | "
+            f"{statistics.mean(later[name]):.2f} | {p90:.2f} |"
+        )
+    ratio_all = statistics.mean(first["cached"] + later["cached"]) / statistics.mean(first["uncached"] + later["uncached"])
+    ratio_later = statistics.mean(later["cached"]) / statistics.mean(later["uncached"])
+    print(f"cached/uncached CPU per request: all {ratio_all:.2f}x, later turns {ratio_later:.2f}x (keys identical)")
+    tok = routers["cached"].tokenizer
+    print("prefix cache:", getattr(tok, "prefix_cache").stats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
