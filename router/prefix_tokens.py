@@ -126,12 +126,12 @@ class PrefixTokenCache:
             return None
         ids = entry.ids[:k] + tail[j:]
         self._count += 1
-        if self.verify_every and self._count % self.verify_every == 0:
-            if self._tok.encode(text, add_special_tokens=False).ids != ids:
-                self.stats["verify_mismatch"] += 1
-                self.enabled = False
-                self._groups.clear()
-                return None
+        verify = self.verify_every and self._count % self.verify_every == 0
+        if verify and self._tok.encode(text, add_special_tokens=False).ids != ids:
+            self.stats["verify_mismatch"] += 1
+            self.enabled = False
+            self._groups.clear()
+            return None
         self.stats["spliced"] += 1
         self.stats["reused_tokens"] += k
         self._remember(_Entry(text, ids, marks[:i] + _marks(enc, c0, k0, j)))

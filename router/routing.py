@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from .hashing import model_seed, render_messages, token_bytes
-from .prefix_tokens import ChainCache
 from .index import PrefixIndex
+from .prefix_tokens import ChainCache
 from .replicas.registry import Replica, ReplicaRegistry
 from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation

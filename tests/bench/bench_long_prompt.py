@@ -34,7 +34,7 @@ from router.index import PrefixIndex  # noqa: E402
 from router.replicas.registry import ReplicaRegistry, ReplicaSpec  # noqa: E402
 from router.routing import Router  # noqa: E402
 from router.scoring.policies import build_policy  # noqa: E402
-from router.tokenizer import load_tokenizer  # noqa: E402
+from router.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
 from router.types import RequestInfo  # noqa: E402
 
 
@@ -127,7 +127,8 @@ def main() -> int:
     ratio_later = statistics.mean(later["cached"]) / statistics.mean(later["uncached"])
     print(f"cached/uncached CPU per request: all {ratio_all:.2f}x, later turns {ratio_later:.2f}x (keys identical)")
     tok = routers["cached"].tokenizer
-    print("prefix cache:", getattr(tok, "prefix_cache").stats)
+    assert isinstance(tok, HFTokenizer)
+    print("prefix cache:", tok.prefix_cache.stats)
     return 0
 
 
