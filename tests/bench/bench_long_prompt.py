@@ -31,11 +31,11 @@ if str(ROOT) not in sys.path:
 
 from router.http.generate import chat_info  # noqa: E402
 from router.index import PrefixIndex  # noqa: E402
-from router.replicas.registry import ReplicaRegistry, ReplicaSpec  # noqa: E402
+from router.replicas.registry import ReplicaRegistry  # noqa: E402
 from router.routing import Router  # noqa: E402
 from router.scoring.policies import build_policy  # noqa: E402
 from router.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
-from router.types import RequestInfo  # noqa: E402
+from router.types import ReplicaSpec, RequestInfo  # noqa: E402
 
 
 def conversations(n_conv: int, turns: int, system_words: int, user_words: int, reply_words: int, seed: int) -> list[list[bytes]]:
