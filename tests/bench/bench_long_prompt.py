@@ -13,16 +13,26 @@ produce identical keys. Rows with the first turn of each conversation (no prefix
 counted apart from the later turns.
 
     PYTHONPATH=. .venv/bin/python tests/bench/bench_long_prompt.py --tokenizer /path/to/model
+
+``--live`` measures the router processes instead: ``kvrouter serve --tokenizer`` from this tree, from
+``--baseline-tree`` (another checkout, e.g. main before a change) and the SGLang router from
+``--peers-venv`` (``cache_aware``), each in front of bench_proxy.py's fake backends, pinned to
+``--router-cpus``. The same conversation requests (streamed, 16 chunks) are sent one at a time; the
+router's CPU (utime+stime of its process tree) over the whole sequence is divided by the request
+count. Targets take turns, ``--rounds`` times; the table shows the median and the ratio to SGLang.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +40,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from router.http.generate import chat_info  # noqa: E402
+from tests.bench.bench_proxy import CLK_TCK, Proc, free_port, wait_serving  # noqa: E402
+from tests.support.proc_stats import cpu_ticks  # noqa: E402
 from router.index import PrefixIndex  # noqa: E402
 from router.replicas.registry import ReplicaRegistry  # noqa: E402
 from router.routing import Router  # noqa: E402
@@ -81,6 +93,65 @@ def one(router: Router, body: bytes) -> tuple[float, RequestInfo]:
     return time.process_time() - t0, req
 
 
+def _post(url: str, body: bytes) -> None:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        r.read()
+
+
+def live(args: argparse.Namespace, order: list[tuple[int, bytes]]) -> int:
+    """Router processes: CPU per request over the same request sequence, targets in turn."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-long-"))
+    ports = [free_port() for _ in range(args.replicas)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    probe = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    bodies = [b.replace(b'"model": "m"', b'"model": "fake-model"') for _, b in order]
+    plan: list[tuple[str, list[str], Path]] = []
+    for name, tree in (("kvrouter", ROOT), ("kvrouter-baseline", args.baseline_tree)):
+        if tree is None:
+            continue
+        py = sys.executable
+        plan.append((name, [py, "-m", "router", "serve", "--host", "127.0.0.1", "--port", "{port}",
+                            "--kv-events", "off", "--log-level", "warning", "--policy", "cache_aware",
+                            "--tokenizer", args.tokenizer, *[a for u in urls for a in ("--backend", u)]], Path(tree)))
+    peer_py = Path(args.peers_venv) / "bin" / "python"
+    if peer_py.exists():
+        plan.append(("sglang", [str(peer_py), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+                                "--port", "{port}", "--log-level", "warn", "--policy", "cache_aware",
+                                "--worker-urls", *urls], ROOT))
+    cpu: dict[str, list[float]] = {name: [] for name, _, _ in plan}
+    be = Proc([sys.executable, str(ROOT / "tests" / "bench" / "bench_proxy.py"), "--chunks", "16",
+               "--serve-backends", *map(str, ports)], "backends", tmp, args.client_cpus)
+    try:
+        wait_serving(be, urls[0] + "/v1/chat/completions", probe, 20)
+        for rnd in range(args.rounds):
+            for name, cmd, tree in plan:
+                port = free_port()
+                # cwd picks the checkout `python -m router` imports
+                proc = Proc([a.replace("{port}", str(port)) for a in cmd], f"{name}-{rnd}", tmp, args.router_cpus, tree)
+                try:
+                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                    wait_serving(proc, url, probe, 60)
+                    t0 = cpu_ticks(proc.pid)
+                    for body in bodies:
+                        _post(url, body)
+                    cpu[name].append((cpu_ticks(proc.pid) - t0) / CLK_TCK / len(bodies) * 1e3)
+                finally:
+                    proc.stop()
+                print(f"  round {rnd + 1} {name}: {cpu[name][-1]:.1f} ms CPU/request", flush=True)
+    finally:
+        be.stop()
+    ref = statistics.median(cpu["sglang"]) if cpu.get("sglang") else None
+    print(f"\n{len(bodies)} requests per round, {args.rounds} rounds, router on CPUs {args.router_cpus}")
+    print("| router | CPU ms/request (median) | runs | vs SGLang |")
+    print("|---|---|---|---|")
+    for name, runs in cpu.items():
+        med = statistics.median(runs)
+        vs = f"{med / ref:.2f}x" if ref else "n/a"
+        print(f"| {name} | {med:.1f} | {', '.join(f'{r:.1f}' for r in runs)} | {vs} |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", default="/work/cache/tiny-llama", help="model folder with tokenizer.json")
@@ -91,10 +162,18 @@ def main() -> int:
     ap.add_argument("--reply-words", type=int, default=120)
     ap.add_argument("--replicas", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--live", action="store_true", help="measure router processes (see the module doc)")
+    ap.add_argument("--baseline-tree", help="--live: also run kvrouter from this checkout")
+    ap.add_argument("--peers-venv", default=str(ROOT / ".venv-peers"), help="--live: venv with sglang-router")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--router-cpus", default="1" if (os.cpu_count() or 1) > 1 else None)
+    ap.add_argument("--client-cpus", default="0" if (os.cpu_count() or 1) > 1 else None)
     args = ap.parse_args()
     convs = conversations(args.conversations, args.turns, args.system_words, args.user_words, args.reply_words, args.seed)
     # arrivals interleave the conversations, as concurrent users do
     order = [(t, convs[c][t]) for t in range(args.turns) for c in range(len(convs))]
+    if args.live:
+        return live(args, order)
     routers = {"cached": make_router(args.tokenizer, True, args.replicas), "uncached": make_router(args.tokenizer, False, args.replicas)}
     first: dict[str, list[float]] = {k: [] for k in routers}
     later: dict[str, list[float]] = {k: [] for k in routers}

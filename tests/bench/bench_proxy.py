@@ -317,11 +317,11 @@ def memory_bytes(pid: int) -> tuple[int, int]:
 
 
 class Proc:
-    def __init__(self, cmd: list[str], name: str, log_dir: Path, cpus: str | None) -> None:
+    def __init__(self, cmd: list[str], name: str, log_dir: Path, cpus: str | None, cwd: Path = ROOT) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen(_pinned(cmd, cpus), cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        self.p = subprocess.Popen(_pinned(cmd, cpus), cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     @property
