@@ -40,14 +40,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from router.http.generate import chat_info  # noqa: E402
-from tests.bench.bench_proxy import CLK_TCK, Proc, free_port, wait_serving  # noqa: E402
-from tests.support.proc_stats import cpu_ticks  # noqa: E402
 from router.index import PrefixIndex  # noqa: E402
 from router.replicas.registry import ReplicaRegistry  # noqa: E402
 from router.routing import Router  # noqa: E402
 from router.scoring.policies import build_policy  # noqa: E402
 from router.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
 from router.types import ReplicaSpec, RequestInfo  # noqa: E402
+from tests.bench.bench_proxy import CLK_TCK, Proc, free_port, wait_serving  # noqa: E402
+from tests.support.proc_stats import cpu_ticks  # noqa: E402
 
 
 def conversations(n_conv: int, turns: int, system_words: int, user_words: int, reply_words: int, seed: int) -> list[list[bytes]]:
