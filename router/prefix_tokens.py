@@ -29,7 +29,7 @@ from .types import BlockHash
 KEY_CHARS = 256  # prompts are grouped by their first characters (the system prompt's start)
 PER_KEY = 8  # recent prompts kept per group (conversations sharing one system prompt)
 MAX_ENTRIES = 64  # prompts kept in all (a 14k-token prompt costs ~0.3 MB here)
-CHECKPOINT_TOKENS = 128  # one checkpoint every this many tokens
+CHECKPOINT_TOKENS = 64  # one checkpoint every this many tokens
 OVERLAP = 2  # checkpoints of overlap the tail re-encodes and must reproduce
 MARGIN = 64  # characters kept between the splice point and the first differing character
 MIN_SAVED = 512  # below this many reusable tokens a full encode is as cheap
@@ -69,7 +69,7 @@ def _marks(enc: Any, char_base: int, tok_base: int, start: int = 0) -> list[tupl
 class PrefixTokenCache:
     """``encode(text)`` = ``tok.encode(text, add_special_tokens=False).ids``, reusing recent prompts."""
 
-    def __init__(self, rust_tokenizer: Any, verify_every: int = 64) -> None:
+    def __init__(self, rust_tokenizer: Any, verify_every: int = 256) -> None:
         self._tok = rust_tokenizer
         self.verify_every = verify_every
         self.enabled = True
