@@ -33,6 +33,7 @@ CHECKPOINT_TOKENS = 64  # one checkpoint every this many tokens
 OVERLAP = 2  # checkpoints of overlap the tail re-encodes and must reproduce
 MARGIN = 64  # characters kept between the splice point and the first differing character
 MIN_SAVED = 512  # below this many reusable tokens a full encode is as cheap
+MIN_CHAIN_BLOCKS = 64  # ChainCache keeps only prompts of at least this many blocks
 
 
 @dataclass(slots=True)
@@ -181,7 +182,7 @@ class ChainCache:
     def hashes(self, data: bytes, unit: int, seed: int, max_blocks: int) -> list[BlockHash]:
         from .hashing import chain_from
 
-        if len(data) < 4 * unit:
+        if len(data) < MIN_CHAIN_BLOCKS * unit:  # short prompts: hashing is cheaper than the lookup
             return chain_from(data, unit, seed, max_blocks)
         key = (seed, unit, data[:unit])
         group = self._groups.get(key)
