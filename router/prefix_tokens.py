@@ -32,6 +32,7 @@ MAX_ENTRIES = 64  # prompts kept in all (a 14k-token prompt costs ~0.3 MB here)
 CHECKPOINT_TOKENS = 64  # one checkpoint every this many tokens
 OVERLAP = 2  # checkpoints of overlap the tail re-encodes and must reproduce
 MARGIN = 64  # characters kept between the splice point and the first differing character
+MIN_CHARS = 2048  # shorter prompts are encoded in full, never kept (a full encode is as cheap)
 MIN_SAVED = 512  # below this many reusable tokens a full encode is as cheap
 MIN_CHAIN_BLOCKS = 64  # ChainCache keeps only prompts of at least this many blocks
 
@@ -79,7 +80,7 @@ class PrefixTokenCache:
         self.stats = {"full": 0, "spliced": 0, "reused_tokens": 0, "fallback": 0, "verify_mismatch": 0}
 
     def encode(self, text: str) -> list[int]:
-        if not self.enabled or len(text) < KEY_CHARS:
+        if not self.enabled or len(text) < MIN_CHARS:
             return self._full(text, remember=False)
         key = text[:KEY_CHARS]
         group = self._groups.get(key)
