@@ -499,34 +499,8 @@ def render(targets: list[Target], args: argparse.Namespace, loadgen_name: str) -
     return "\n".join(lines)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=3.0, help="seconds measured per cell")
-    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up load before each cell")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 256])
-    ap.add_argument("--backends", type=int, default=2)
-    ap.add_argument("--chunks", type=int, default=16, help="SSE chunks per streamed response")
-    ap.add_argument("--kvrouter-workers", type=int, nargs="+", default=[1], help="one kvrouter target per value")
-    ap.add_argument("--peers", nargs="*", default=["sglang", "vllm-router"], help="peers to include")
-    ap.add_argument("--router-cpus", default="1" if (os.cpu_count() or 1) > 1 else None)
-    ap.add_argument("--client-cpus", default="0" if (os.cpu_count() or 1) > 1 else None)
-    ap.add_argument("--no-pin", action="store_true", help="let every process use every CPU")
-    ap.add_argument("--python-loadgen", action="store_true", help="use the asyncio client even if wrk exists")
-    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-proxy.md")
-    ap.add_argument("--serve-backends", type=int, nargs="+", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.serve_backends:
-        serve_backends(args.serve_backends, args.chunks)
-        return 0
-    if args.no_pin:
-        args.router_cpus = args.client_cpus = None
-    if args.client_cpus and shutil.which("taskset"):
-        os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
-    wrk = None if args.python_loadgen else shutil.which("wrk")
-    loadgen_name = "wrk -t1 (keep-alive)" if wrk else "python asyncio keep-alive client (wrk not found)"
-    tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
-    prompt = "You are a helpful assistant. " * 8 + "Summarise the following text in one sentence."
-    probe = _body(False, prompt)
+def one_run(args: argparse.Namespace, wrk: str | None, tmp: Path, prompt: str, probe: bytes, loadgen_name: str) -> list[Target]:
+    """Backends, direct, then each router in turn; every process stopped before it returns."""
     ports = [free_port() for _ in range(args.backends)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     procs: list[Proc] = []
@@ -577,10 +551,92 @@ def main() -> int:
     finally:
         for p in procs:
             p.stop()
+    return targets
+
+
+def per_core_summary(runs: list[list[Target]], args: argparse.Namespace) -> str:
+    """Median over runs of req/s and of requests per CPU-second of the router (req/s per core),
+    and kvrouter / peer ratios of those medians."""
+    import statistics
+
+    def cells(name: str, stream: bool, conc: int) -> list[Cell]:
+        return [c for ts in runs for t in ts if t.name == name for c in t.cells if c.stream == stream and c.conc == conc]
+
+    names = [t.name for t in runs[-1] if t.name != "direct"]
+    lines = [f"Median of {len(runs)} runs (req/s per core = requests per CPU-second of the router's process tree):", "",
+             "| mode | conc | target | req/s | req/s per core | runs (req/s per core) |", "|---|---|---|---|---|---|"]
+    med: dict[tuple[str, bool, int], float] = {}
+    for stream in (False, True):
+        for conc in args.concurrency:
+            for name in names:
+                cs = [c for c in cells(name, stream, conc) if c.cpu_s > 0 and c.load.requests]
+                if not cs:
+                    continue
+                per_core = [c.load.requests / c.cpu_s for c in cs]
+                med[(name, stream, conc)] = statistics.median(per_core)
+                lines.append(f"| {'stream' if stream else 'plain'} | {conc} | {name} | "
+                             f"{statistics.median(c.load.rps for c in cs):.0f} | {med[(name, stream, conc)]:.0f} | "
+                             f"{', '.join(f'{v:.0f}' for v in per_core)} |")
+    peers = [n for n in names if not n.startswith("kvrouter")]
+    if peers:
+        lines += ["", "| mode | conc | kvrouter / " + " | kvrouter / ".join(peers) + " (req/s per core) |",
+                  "|---|---|" + "---|" * len(peers)]
+        for stream in (False, True):
+            for conc in args.concurrency:
+                k = med.get(("kvrouter", stream, conc))
+                vals = [f"{k / med[(p, stream, conc)]:.2f}" if k and (p, stream, conc) in med else "n/a" for p in peers]
+                lines.append(f"| {'stream' if stream else 'plain'} | {conc} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds measured per cell")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up load before each cell")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--backends", type=int, default=2)
+    ap.add_argument("--chunks", type=int, default=16, help="SSE chunks per streamed response")
+    ap.add_argument("--kvrouter-workers", type=int, nargs="+", default=[1], help="one kvrouter target per value")
+    ap.add_argument("--peers", nargs="*", default=["sglang", "vllm-router"], help="peers to include")
+    ap.add_argument("--router-cpus", default="1" if (os.cpu_count() or 1) > 1 else None)
+    ap.add_argument("--client-cpus", default="0" if (os.cpu_count() or 1) > 1 else None)
+    ap.add_argument("--no-pin", action="store_true", help="let every process use every CPU")
+    ap.add_argument("--python-loadgen", action="store_true", help="use the asyncio client even if wrk exists")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-proxy.md")
+    ap.add_argument("--runs", type=int, default=1, help="repeat the whole sequence; >1 adds a median summary")
+    ap.add_argument("--peers-venv", type=Path, help="venv with sglang-router / vllm-router (default .venv-peers)")
+    ap.add_argument("--serve-backends", type=int, nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_backends:
+        serve_backends(args.serve_backends, args.chunks)
+        return 0
+    if args.peers_venv is not None:
+        global PEERS_VENV, PEERS_LOCK
+        PEERS_VENV, PEERS_LOCK = args.peers_venv, args.peers_venv.with_suffix(".lock")
+    if args.no_pin:
+        args.router_cpus = args.client_cpus = None
+    if args.client_cpus and shutil.which("taskset"):
+        os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
+    wrk = None if args.python_loadgen else shutil.which("wrk")
+    loadgen_name = "wrk -t1 (keep-alive)" if wrk else "python asyncio keep-alive client (wrk not found)"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    prompt = "You are a helpful assistant. " * 8 + "Summarise the following text in one sentence."
+    probe = _body(False, prompt)
+    runs: list[list[Target]] = []
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"run {run + 1}/{args.runs}", flush=True)
+        runs.append(one_run(args, wrk, tmp, prompt, probe, loadgen_name))
+    targets = runs[-1]
     table = render(targets, args, loadgen_name)
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
+    if args.runs > 1:
+        summary = per_core_summary(runs, args)
+        print("\n" + summary)
+        table += "\n\n" + summary
+        args.out.write_text(table + "\n")
     print(f"\nwritten to {args.out}")
     return 0
 
