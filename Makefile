@@ -9,10 +9,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint fmt typecheck import-rules demo compare bench-proxy bench-index bench-sim bench-sim-live soak clean
+.PHONY: help venv test test-fast lint fmt typecheck import-rules demo compare bench-proxy bench-long-prompt bench-index bench-sim bench-sim-live soak clean
 
 help:
-	@echo "make demo | test | test-fast | lint | fmt | typecheck | import-rules | compare | bench-proxy | bench-index | bench-sim | bench-sim-live | soak | test-vllm"
+	@echo "make demo | test | test-fast | lint | fmt | typecheck | import-rules | compare | bench-proxy | bench-long-prompt | bench-index | bench-sim | bench-sim-live | soak | test-vllm"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,9 @@ compare: $(STAMP)
 
 bench-proxy: $(STAMP)
 	$(PY) tests/bench/bench_proxy.py
+
+bench-long-prompt: $(STAMP)
+	$(PY) tests/bench/bench_long_prompt.py
 
 bench-index: $(STAMP)
 	$(PY) tests/bench/bench_index.py
