@@ -28,7 +28,8 @@ from .types import BlockHash
 
 KEY_CHARS = 256  # prompts are grouped by their first characters (the system prompt's start)
 PER_KEY = 8  # recent prompts kept per group (conversations sharing one system prompt)
-MAX_ENTRIES = 64  # prompts kept in all (a 14k-token prompt costs ~0.3 MB here)
+MAX_ENTRIES = 64  # prompts kept in all
+MAX_TOKENS = 1_000_000  # ids kept in all (~36 MB as Python ints): a few 128k-token prompts, or 64 14k ones
 CHECKPOINT_TOKENS = 64  # one checkpoint every this many tokens
 OVERLAP = 2  # checkpoints of overlap the tail re-encodes and must reproduce
 MARGIN = 64  # characters kept between the splice point and the first differing character
@@ -77,6 +78,7 @@ class PrefixTokenCache:
         self.enabled = True
         self._groups: OrderedDict[str, list[_Entry]] = OrderedDict()
         self._count = 0
+        self._tokens = 0  # ids held by all entries
         self.stats = {"full": 0, "spliced": 0, "reused_tokens": 0, "fallback": 0, "verify_mismatch": 0}
 
     def encode(self, text: str) -> list[int]:
@@ -133,6 +135,7 @@ class PrefixTokenCache:
             self.stats["verify_mismatch"] += 1
             self.enabled = False
             self._groups.clear()
+            self._tokens = 0
             return None
         self.stats["spliced"] += 1
         self.stats["reused_tokens"] += k
@@ -147,12 +150,16 @@ class PrefixTokenCache:
         else:
             self._groups.move_to_end(key)
         # a prompt that extends a kept one replaces it: the conversation moved on
-        group[:] = [e for e in group if not entry.text.startswith(e.text)]
-        group.insert(0, entry)
-        del group[PER_KEY:]
-        while sum(len(g) for g in self._groups.values()) > MAX_ENTRIES:
+        kept = [e for e in group if not entry.text.startswith(e.text)]
+        kept.insert(0, entry)
+        kept = kept[:PER_KEY]
+        self._tokens += sum(len(e.ids) for e in kept) - sum(len(e.ids) for e in group)
+        group[:] = kept
+        while self._groups and (
+            self._tokens > MAX_TOKENS or sum(len(g) for g in self._groups.values()) > MAX_ENTRIES
+        ):
             _, oldest = next(iter(self._groups.items()))
-            oldest.pop()
+            self._tokens -= len(oldest.pop().ids)
             if not oldest:
                 self._groups.popitem(last=False)
 

@@ -92,3 +92,17 @@ def test_chain_cache_matches_full_hashing() -> None:
         for max_blocks in (8192, 100):
             got = chains.hashes(token_bytes(toks), 64, seed, max_blocks)
             assert got == hash_token_blocks(toks, 16, seed, max_blocks), step
+
+
+def test_the_cache_stays_within_its_token_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.prefix_tokens as pt
+
+    monkeypatch.setattr(pt, "MAX_TOKENS", 20_000)
+    rust = _tokenizers()[0]
+    cache = PrefixTokenCache(rust, verify_every=0)
+    rng = random.Random(9)
+    for _ in range(12):  # distinct conversations of ~3-6k tokens each
+        text = _text(rng, rng.randint(1500, 3000))
+        assert cache.encode(text) == rust.encode(text, add_special_tokens=False).ids
+        held = sum(len(e.ids) for g in cache._groups.values() for e in g)
+        assert held == cache._tokens <= 20_000
