@@ -24,6 +24,9 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from router.config import ServerConfig
+from router.errors import RouterError
+
 log = logging.getLogger("kvrouter.clients")
 
 # Descriptors kept for everything that is not a client connection: upstream connections (one per
@@ -218,3 +221,70 @@ def quiet_client_errors(reject: RejectLog) -> None:
     f = _QuietParseErrors(reject)
     logger.addFilter(f)
     _installed.append(f)
+
+
+class ClientLimits:
+    """Everything above, built once per process from ``server`` settings and shared by the fast
+    path, the aiohttp middlewares and the listener."""
+
+    def __init__(
+        self,
+        *,
+        head_timeout_s: float,
+        body_timeout_s: float,
+        body_min_rate: int,
+        keepalive_s: float,
+        max_buffered_body_bytes: int,
+        max_connections_per_client: int = 0,
+        max_requests_per_client_s: float = 0.0,
+        reject_log_per_s: float = 5.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.head_timeout_s = head_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.body_min_rate = body_min_rate
+        self.keepalive_s = keepalive_s
+        self.metrics = ClientMetrics(registry if registry is not None else CollectorRegistry())
+        self.budget = BodyBudget(max_buffered_body_bytes, self.metrics.buffered)
+        rate = max_requests_per_client_s
+        self.clients = ClientTable(max_connections_per_client, rate, max(1, int(2 * rate)))
+        self.log = RejectLog(reject_log_per_s, self.metrics.log_suppressed.inc)
+
+    def reject(self, reason: str, peer: object, detail: str = "") -> None:
+        """Count a refusal and log it (rate-limited): the one place every refusal goes through."""
+        self.metrics.rejected.labels(reason).inc()
+        if self.log.per_s > 0:
+            self.log(reason, peer, detail)
+
+    def body_deadline(self, length: int) -> float:
+        return body_deadline(length, self.body_timeout_s, self.body_min_rate)
+
+
+def client_limits_from(server: ServerConfig, registry: CollectorRegistry | None = None) -> ClientLimits:
+    return ClientLimits(
+        head_timeout_s=server.head_timeout_s,
+        body_timeout_s=server.body_timeout_s,
+        body_min_rate=server.body_min_rate,
+        keepalive_s=server.keepalive_timeout_s,
+        max_buffered_body_bytes=server.max_buffered_body_bytes,
+        max_connections_per_client=server.max_connections_per_client,
+        max_requests_per_client_s=server.max_requests_per_client_s,
+        reject_log_per_s=server.reject_log_per_s,
+        registry=registry,
+    )
+
+
+class RequestTimeout(RouterError):
+    """A request head or body that did not arrive within its deadline."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class BodyBudgetExceeded(RouterError):
+    """The global budget of buffered request bodies is spent: retry shortly."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "body_budget_exhausted"

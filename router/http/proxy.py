@@ -211,7 +211,13 @@ class Forwarder:
         # not get healthy replicas ejected.
         suspects: list[Replica] = []
         started = time.perf_counter()
+        # One budget for the request, shared by its attempts (not one per attempt): a stalled
+        # fleet answers 504 within it, however many replicas there are to try.
+        budget = self.cfg.first_byte_timeout_s if req.stream else self.cfg.request_timeout_s
         for attempt in range(self.cfg.max_retries + 1):
+            left = budget - (time.perf_counter() - started)
+            if left <= 0 and last is not None:
+                break
             try:
                 if routed:
                     replica = self.router.select(req, tried, explain if attempt == 0 else None)
@@ -225,13 +231,15 @@ class Forwarder:
                 raise
             ticket = self.router.dispatch(req, replica)
             try:
-                await self._attempt(sink, replica, ticket, method, target, headers, body, req, started)
+                await self._attempt(sink, replica, ticket, method, target, headers, body, req, started, left)
                 for rep in suspects:
                     self.hooks.on_failure(rep, "status_5xx")
                 return
             except UpstreamFailure as fail:
                 self.router.finish(ticket, ok=False)
-                if fail.reason.startswith("status_"):
+                if fail.reason.startswith("status_") or fail.reason == "upstream_reset":
+                    # A reset before the answer may be the engine refusing this request's bytes:
+                    # the same poison-pill rule as 5xx (F5).
                     suspects.append(replica)
                 elif fail.eject:
                     self.hooks.on_failure(replica, fail.reason)
@@ -263,11 +271,12 @@ class Forwarder:
         body: bytes,
         req: RequestInfo,
         started: float,
+        budget: float,
     ) -> None:
+        """``budget``: what is left of the request's deadline. A non-streaming answer's first
+        byte comes when generation is over: its budget is the whole request (request_timeout_s),
+        not the time to a first token."""
         t0 = time.perf_counter()
-        # A non-streaming answer's first byte comes when generation is over: its budget is the
-        # whole request (request_timeout_s), not the time to a first token.
-        budget = self.cfg.first_byte_timeout_s if req.stream else self.cfg.request_timeout_s
         try:
             # A timer nobody touches is a deadline; cheaper than asyncio.timeout per request.
             with _IdleTimer(budget):
@@ -280,7 +289,7 @@ class Forwarder:
         except TimeoutError:
             # Retried elsewhere (nothing reached the client), but not held against the replica:
             # a slow answer is load or a long generation as often as a fault; probes judge health.
-            error = UpstreamTimeout(f"Replica did not answer within {budget:g}s.")
+            error = UpstreamTimeout(f"Replica did not answer within {budget:.3g}s.")
             raise UpstreamFailure("first_byte_timeout", error, eject=False) from None
         except (UpstreamBroken, OSError) as exc:
             raise UpstreamFailure(
