@@ -69,9 +69,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True):
     connect_timeout_s: Pos = 2.0
-    # Both are budgets for the whole request, retries included (docs/reliability.md "Timeouts").
+    # Per attempt; all attempts of a request together get retry_budget_s (docs/reliability.md).
     first_byte_timeout_s: Pos = 30.0  # streams: headers + first chunk (queueing + prefill)
     request_timeout_s: Pos = 60.0  # non-streaming: the whole answer (it arrives in one piece)
+    retry_budget_s: Pos = 60.0  # a request's attempts before its first byte, together
     idle_timeout_s: Pos = 60.0  # max gap between two chunks of a response
     max_retries: NonNegInt = 2  # extra replicas tried before the first byte reached the client
     api_key: str | None = None  # Bearer key the router presents to engines
@@ -177,6 +178,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("upstream.first_byte_timeout_s", "first-byte-timeout", "upstream first-byte timeout (s)", "float"),
     Option("upstream.request_timeout_s", "request-timeout", "budget of a non-streaming request (s)", "float"),
     Option("upstream.idle_timeout_s", "idle-timeout", "max gap between upstream chunks (s)", "float"),
+    Option("upstream.retry_budget_s", "retry-budget", "seconds all attempts of a request may take before its first byte", "float"),
     Option("upstream.max_retries", "max-retries", "other replicas tried before the first byte", "int"),
     Option("upstream.api_key", "upstream-api-key", "Bearer key sent to engines"),
     Option("health.probe_interval_s", "probe-interval", "active /health probe interval (s)", "float"),

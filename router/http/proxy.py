@@ -211,11 +211,11 @@ class Forwarder:
         # not get healthy replicas ejected.
         suspects: list[Replica] = []
         started = time.perf_counter()
-        # One budget for the request, shared by its attempts (not one per attempt): a stalled
-        # fleet answers 504 within it, however many replicas there are to try.
-        budget = self.cfg.first_byte_timeout_s if req.stream else self.cfg.request_timeout_s
+        # Each attempt has its own budget, and all of them together retry_budget_s: a stalled
+        # fleet answers 504 within that, however many replicas there are to try (F7).
+        per_attempt = self.cfg.first_byte_timeout_s if req.stream else self.cfg.request_timeout_s
         for attempt in range(self.cfg.max_retries + 1):
-            left = budget - (time.perf_counter() - started)
+            left = min(per_attempt, self.cfg.retry_budget_s - (time.perf_counter() - started))
             if left <= 0 and last is not None:
                 break
             try:
