@@ -239,6 +239,10 @@ class PrefixIndex:
         if len(lru) > entry.capacity:
             self._enforce_capacity(entry, tier)
 
+    @property
+    def spec_held(self) -> int:
+        return self._spec_held
+
     def _spec_bound(self) -> int:
         """Live speculative blocks cannot outnumber the capacity of every replica and tier."""
         return max(4096, sum(e.capacity for e in self._replicas.values()) * len(_TIERS))

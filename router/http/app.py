@@ -27,7 +27,12 @@ from aiohttp import web
 from router.admission import Admission
 from router.config import Config
 from router.discovery import DiscoverySource, build_sources
-from router.http.client_limits import client_limits_from, connection_cap, quiet_client_errors
+from router.http.client_limits import (
+    RoutingMemoryCollector,
+    client_limits_from,
+    connection_cap,
+    quiet_client_errors,
+)
 from router.http.endpoints import add_routes
 from router.http.fastpath import FastPath
 from router.http.limits_middleware import body_middleware, target_middleware
@@ -88,6 +93,7 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
     )
     metrics.add_state_collector(lambda: registry, index, parity.collect)
     limits = client_limits_from(cfg.server, metrics.registry)
+    metrics.registry.register(RoutingMemoryCollector(index))
     return AppState(cfg, metrics, index, registry, router, parity, admission, limits)
 
 

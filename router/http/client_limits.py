@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from router.config import ServerConfig
 from router.errors import RouterError
+from router.index import PrefixIndex
 
 log = logging.getLogger("kvrouter.clients")
 
@@ -288,3 +290,28 @@ class BodyBudgetExceeded(RouterError):
     status = 503
     type = "service_unavailable"
     code = "body_budget_exhausted"
+
+
+class RoutingMemoryCollector:
+    """Memory that routing decisions hold, and what its bounds dropped (F4): block hashes in
+    speculative-expiry records (bounded at twice the index capacity; records of blocks already
+    evicted go first), blocks evicted by the capacity bound (least recently used first)."""
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+
+    def collect(self) -> Iterator[Metric]:
+        idx = self.index
+        held = GaugeMetricFamily(
+            "kvrouter_index_speculative_hashes", "Block hashes held by speculative-expiry records"
+        )
+        held.add_metric([], idx.spec_held)
+        yield held
+        dropped = CounterMetricFamily(
+            "kvrouter_index_dropped_blocks",
+            "Routing memory dropped by its bounds: capacity evictions (LRU first), expiry records of evicted blocks",
+            labels=["what"],
+        )
+        dropped.add_metric(["capacity_eviction"], idx.evictions)
+        dropped.add_metric(["expiry_record"], idx.spec_compacted)
+        yield dropped
