@@ -123,6 +123,10 @@ class ContextLimits:
         if largest is None:
             return
         n = len(body)
+        if n > self.offload_parse_bytes:
+            ids = _token_id_count(body)
+            if ids is not None and ids > largest:
+                raise token_error(largest, ids)
         limit = largest * self.max_chars_per_token * _JSON_BYTES_PER_CHAR + _SLACK_BYTES
         if n > limit:
             raise ContextLengthExceeded(
@@ -132,10 +136,6 @@ class ContextLimits:
                 "input_text",
                 n,
             )
-        if n > self.offload_parse_bytes:
-            ids = _token_id_count(body)
-            if ids is not None and ids > largest:
-                raise token_error(largest, ids)
 
     def check_prompt(self, model: str | None, prompt: object) -> None:
         """Each prompt of a (batch) completion request against the model's context."""

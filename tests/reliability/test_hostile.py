@@ -167,7 +167,7 @@ def test_f3_huge_token_id_prompt_does_not_block_the_loop(logs: Path) -> None:
         result: dict[str, object] = {}
 
         def send() -> None:
-            result["answer"] = exchange(r.port, post_head("/v1/completions", len(body)) + body, timeout=30)
+            result["answer"] = exchange(r.port, post_head("/v1/completions", len(body), "Connection: close\r\n") + body, timeout=30)
 
         t = threading.Thread(target=send)
         t.start()
