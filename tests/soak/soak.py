@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the tests package importa
 
 import aiohttp  # noqa: E402
 
+from tests.soak.hostile import big_unauthenticated, huge_prompts, slow_heads  # noqa: E402
 from tests.support.harness import (  # noqa: E402
     Outcome,
     SimFleet,
@@ -44,9 +45,7 @@ from tests.support.harness import (  # noqa: E402
     debug_replicas,
     wait_for,
 )
-from tests.support.proc_stats import proc_stats  # noqa: E402
-from tests.soak.hostile import big_unauthenticated, huge_prompts, slow_heads  # noqa: E402
-from tests.support.proc_stats import rss_mb  # noqa: E402
+from tests.support.proc_stats import proc_stats, rss_mb  # noqa: E402
 from tests.support.procs import RouterProc, free_port, http  # noqa: E402
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
