@@ -108,9 +108,9 @@ class ContextLimits:
 
     def max_len(self, model: str | None) -> int | None:
         self._refresh()
-        if model is not None and model in self._by_model:
-            return self._by_model[model]
-        return self._largest if len(self._by_model) == 1 else None
+        if model:
+            return self._by_model.get(model)  # an unknown model is a 404 further on, not a 400
+        return self._largest if len(self._by_model) == 1 else None  # no model: the one served
 
     def precheck(self, path: str, body: bytes) -> None:
         """Refuse a completions body that cannot hold a prompt that fits, without decoding it:
