@@ -1,5 +1,7 @@
 """Raw HTTP/1.1 serving of ``POST /v1/completions`` and ``POST /v1/chat/completions``.
 
+(Over 500 lines: framing, admission from the head and the read deadlines are one state machine.)
+
 Why: per proxied request aiohttp's server builds a BaseRequest, multidicts, a payload stream, a
 StreamResponse and its writer, and runs the middleware chain; together with its client that was
 about 60% of the router's CPU at concurrency 32 (bench-proxy profile). This protocol reads the
@@ -343,6 +345,7 @@ class FastPath(asyncio.Protocol):
                 finally:
                     self._release()
                 self.serving = False
+                self.last_active = self.loop.time()  # keep-alive idle counts from the answer
                 if not keep or self.closing():
                     self._close()
                     return
