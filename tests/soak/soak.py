@@ -16,7 +16,7 @@ traffic only, and the router's peak RSS is sampled every 0.5 s.
 
 Outcomes (tests/support/harness.py): ok, failed_clean (OpenAI error body, or an SSE error event
 then [DONE]), lost (hang past the client timeout, malformed body, reset without an error). The
-last line is ``soak: sent=N ok=N failed_clean=N lost=N p99_ms=X rss_mb=A->B fds=C->D``; the exit
+last line is ``soak: sent=N ok=N failed_clean=N lost=N p99_ms=X rss_mb=A->B peak_rss_mb=P fds=C->D``; the exit
 status is 1 if anything was lost or the router died.
 """
 
