@@ -171,10 +171,11 @@ class FastPath(asyncio.Protocol):
             self.peer = _peer(self.transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         if self.delegate is not None:
             self.delegate.data_received(data)
-            return
-        if self.discarding:
+            self._watch_delegate()
             return
         if not self.buf:
             self.buf = data
@@ -440,10 +441,31 @@ class FastPath(asyncio.Protocol):
         self.timer_due = due
         self.idle_timer = self.loop.call_at(due, self._idle_check)
 
+    def _watch_delegate(self) -> None:
+        """The head deadline on a connection aiohttp serves: aiohttp has none (its keep-alive
+        timer restarts on every byte), so bytes that leave it with no parsed request and none
+        in progress start the deadline, and a parsed request clears it. Reads aiohttp's
+        RequestHandler state; where that is missing, the connection counts as busy."""
+        d = self.delegate
+        if getattr(d, "_request_in_progress", True) or getattr(d, "_messages", True):
+            self.head_t0 = 0.0
+        elif not self.head_t0:
+            self.head_t0 = self.loop.time()
+            self._arm(self.head_t0 + self.limits.head_timeout_s)
+
     def _idle_check(self) -> None:
         self.idle_timer = None
-        if self.closed or self.delegate is not None or self.discarding:
+        if self.closed or self.discarding:
             return
+        if self.delegate is not None:
+            self._watch_delegate()
+            if self.head_t0:
+                due = self.head_t0 + self.limits.head_timeout_s
+                if self.loop.time() >= due:
+                    self._refuse(RequestTimeout("The request head did not arrive in time."), "head_timeout")
+                else:
+                    self._arm(due)
+            return  # aiohttp keeps the keep-alive timer of its connections
         now = self.loop.time()
         limits = self.limits
         if self.serving:

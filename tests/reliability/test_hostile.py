@@ -307,3 +307,27 @@ def test_f10_malformed_requests_cannot_flood_the_log(router: RouterProc) -> None
     assert "Traceback" not in new
     lines = [ln for ln in new.splitlines() if "rejected client" in ln]
     assert 1 <= len(lines) <= 20, len(lines)
+
+
+def test_f2_head_deadline_also_holds_on_connections_aiohttp_serves(router: RouterProc) -> None:
+    """F2 after a hand-off: a keep-alive connection served by aiohttp (GET /health first), then a
+    trickled head: 408 and close at the head deadline, not aiohttp's keep-alive timer."""
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = s.recv(4096)
+        assert status_of(first) == 200
+        t0 = time.monotonic()
+        answer = b""
+        s.settimeout(0.3)
+        for b in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 100:
+            try:
+                s.sendall(bytes([b]))
+                answer += s.recv(4096)
+                break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        took = time.monotonic() - t0
+    assert status_of(answer) == 408, answer
+    assert 1.4 <= took < 3.0
