@@ -18,7 +18,7 @@ from yarl import URL
 
 from router.errors import Overloaded, PayloadTooLarge, RouterError
 from router.http.client_limits import BodyBudgetExceeded, RequestTimeout
-from router.http.middleware import Handler
+from router.http.middleware import PUBLIC_PATHS, Handler
 from router.http.state import STATE
 from router.http.targets import clean_target
 
@@ -38,7 +38,11 @@ async def target_middleware(request: web.Request, handler: Handler) -> web.Strea
     if clean != raw:
         request = request.clone(rel_url=URL(clean.decode("ascii"), encoded=True))
     limits = request.app[STATE].limits
-    if limits.clients.rate > 0 and not limits.clients.allow_request(request.remote or "?"):
+    if (
+        limits.clients.rate > 0
+        and request.path not in PUBLIC_PATHS  # probes and scrapers are not tenants
+        and not limits.clients.allow_request(request.remote or "?")
+    ):
         busy = Overloaded("Too many requests from this client; retry later.", retry_after=1)
         raise _refused(request, busy, "client_rate")
     return await handler(request)

@@ -331,3 +331,23 @@ def test_f2_head_deadline_also_holds_on_connections_aiohttp_serves(router: Route
         took = time.monotonic() - t0
     assert status_of(answer) == 408, answer
     assert 1.4 <= took < 3.0
+
+
+def test_per_client_limits_for_gateways(logs: Path, backend: Backend) -> None:
+    """Per client address: a third connection gets the canned 503; past the request rate (1/s,
+    burst 2), 429 from the head."""
+    r = quiet_router(logs, [backend.url], "--max-connections-per-client", "2", "--max-requests-per-client", "1",
+                     name="r-per-client")
+    try:
+        a = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        b = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        time.sleep(0.2)
+        answer, _ = exchange(r.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", timeout=3)
+        assert status_of(answer) == 503 and b"too_many_connections" in answer
+        a.close()
+        b.close()
+        time.sleep(2.1)  # the bucket refills (probes and /health do not take from it)
+        codes = [http("POST", r.url + "/v1/completions", COMPLETION)[0] for _ in range(4)]
+        assert codes[:2] == [200, 200] and 429 in codes[2:], codes
+    finally:
+        r.proc.stop()
