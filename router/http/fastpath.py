@@ -224,45 +224,10 @@ class FastPath(asyncio.Protocol):
 
     def _next(self) -> None:
         buf = self.buf
-        if self.head is None:
-            if not buf:
-                return
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > self.max_head:
-                    err: RouterError = HeaderTooLarge(f"Request head exceeds {self.max_head} bytes.")
-                    self._refuse(err, "head_too_large")
-                elif b"\n\n" in buf or b"\n\r\n" in buf:
-                    # A head ended by bare LFs: never complete for this parser, never handed on.
-                    self._refuse(BadRequest("Request head lines must end in CRLF."), "bare_lf")
-                elif not self.head_t0:
-                    self.head_t0 = self.loop.time()
-                    self._arm(self.head_t0 + self.limits.head_timeout_s)
-                return  # the whole head first, also for requests aiohttp will serve: size limits
-            self.head_t0 = 0.0
-            raw = bytes(buf[:end])
-            head = parse_head(raw, self.max_line) if buf.startswith(b"POST ") else None
-            if head is None:
-                limit = head_limit_error(raw, self.max_line)
-                if limit is not None:
-                    count_error(self.rp.metrics, limit)
-                    self._reply_error(limit, close=True)
-                else:
-                    self._hand_off()  # GET /metrics, /health, other paths, unusual heads: aiohttp
-                return
-            if head.length > self.max_body:
-                self._refuse(PayloadTooLarge(f"Request body exceeds {self.max_body} bytes."), "body_too_large")
-                return
-            refusal = self._admit(head)
-            if refusal is not None:
-                self._refuse(*refusal)  # the body is never buffered
-                return
-            self.head = head
-            self.head_end = end + 4
-            if len(buf) < self.head_end + head.length:
-                self.body_due = self.loop.time() + self.limits.body_deadline(head.length)
-                self._arm(self.body_due)
+        if self.head is None and not self._take_head(buf):
+            return
         head = self.head
+        assert head is not None
         total = self.head_end + head.length
         if len(buf) < total:
             return
@@ -275,6 +240,61 @@ class FastPath(asyncio.Protocol):
             self.task = self.loop.create_task(self._run())
         elif self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+    def _take_head(self, buf: bytes | bytearray) -> bool:
+        """Parse and judge the next request head; True when it is admitted (``self.head``)."""
+        if not buf:
+            return False
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            self._partial_head(buf)
+            return False  # the whole head first, also for requests aiohttp will serve: size limits
+        self.head_t0 = 0.0
+        raw = bytes(buf[:end])
+        head = parse_head(raw, self.max_line) if buf.startswith(b"POST ") else None
+        if head is None:
+            limit = head_limit_error(raw, self.max_line)
+            if limit is not None:
+                count_error(self.rp.metrics, limit)
+                self._reply_error(limit, close=True)
+            else:
+                self._hand_off()  # GET /metrics, /health, other paths, unusual heads: aiohttp
+            return False
+        if head.length > self.max_body:
+            self._refuse(PayloadTooLarge(f"Request body exceeds {self.max_body} bytes."), "body_too_large")
+            return False
+        refusal = self._admit(head)
+        if refusal is not None:
+            total = end + 4 + head.length
+            if head.keep_alive and len(buf) >= total:
+                # The body came with the head: nothing more to refuse to read, keep-alive.
+                self.buf = buf[total:]
+                self._refuse(*refusal, close=False)
+                if self.buf:
+                    self.loop.call_soon(self._resume)  # a pipelined request (no recursion)
+            else:
+                self._refuse(*refusal)  # the body is never buffered
+            return False
+        self.head = head
+        self.head_end = end + 4
+        if len(buf) < self.head_end + head.length:
+            self.body_due = self.loop.time() + self.limits.body_deadline(head.length)
+            self._arm(self.body_due)
+        return True
+
+    def _partial_head(self, buf: bytes | bytearray) -> None:
+        if len(buf) > self.max_head:
+            self._refuse(HeaderTooLarge(f"Request head exceeds {self.max_head} bytes."), "head_too_large")
+        elif b"\n\n" in buf or b"\n\r\n" in buf:
+            # A head ended by bare LFs: never complete for this parser, never handed on.
+            self._refuse(BadRequest("Request head lines must end in CRLF."), "bare_lf")
+        elif not self.head_t0:
+            self.head_t0 = self.loop.time()
+            self._arm(self.head_t0 + self.limits.head_timeout_s)
+
+    def _resume(self) -> None:
+        if not (self.serving or self.closing() or self.delegate is not None or self.discarding):
+            self._next()
 
     def _admit(self, head: _Head) -> tuple[RouterError, str] | None:
         """Everything decided from the head alone, before a byte of the body is kept: target
@@ -301,14 +321,16 @@ class FastPath(asyncio.Protocol):
         self.reserved += head.length
         return None
 
-    def _refuse(self, err: RouterError, reason: str) -> None:
+    def _refuse(self, err: RouterError, reason: str, *, close: bool = True) -> None:
         """Answer a request refused before its body was read, and close: what the client still
         sends is dropped, never buffered."""
         count_error(self.rp.metrics, err)
         if not self.peer and self.transport is not None:
             self.peer = _peer(self.transport)
         self.limits.reject(reason, self.peer)
-        self._reply_error(err, close=True)
+        if self.closing():
+            return
+        self._reply_error(err, close=close)
 
     def _release(self) -> None:
         if self.reserved:
