@@ -116,7 +116,7 @@ class ContextLimits:
         """Refuse a completions body that cannot hold a prompt that fits, without decoding it:
         by its length, and for a large body whose prompt is a token-id list by counting the
         list's commas (C speed: ~10 ms for 32 MB)."""
-        if path != "/v1/completions":
+        if path != "/v1/completions" or len(body) <= min(_SLACK_BYTES, self.offload_parse_bytes):
             return  # chat bodies carry media and tools: no byte bound that is safe
         self._refresh()
         largest = self._largest
