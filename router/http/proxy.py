@@ -209,7 +209,7 @@ class Forwarder:
         # Replicas that answered 5xx: blamed only once another replica served the same request.
         # A request that makes every replica fail is the request's fault (a poison pill) and must
         # not get healthy replicas ejected.
-        suspects: list[Replica] = []
+        suspects: list[tuple[Replica, str]] = []
         started = time.perf_counter()
         # Each attempt has its own budget, and all of them together retry_budget_s: a stalled
         # fleet answers 504 within that, however many replicas there are to try (F7).
@@ -232,15 +232,15 @@ class Forwarder:
             ticket = self.router.dispatch(req, replica)
             try:
                 await self._attempt(sink, replica, ticket, method, target, headers, body, req, started, left)
-                for rep in suspects:
-                    self.hooks.on_failure(rep, "status_5xx")
+                for rep, why in suspects:
+                    self.hooks.on_failure(rep, why)
                 return
             except UpstreamFailure as fail:
                 self.router.finish(ticket, ok=False)
                 if fail.reason.startswith("status_") or fail.reason == "upstream_reset":
                     # A reset before the answer may be the engine refusing this request's bytes:
                     # the same poison-pill rule as 5xx (F5).
-                    suspects.append(replica)
+                    suspects.append((replica, "status_5xx" if fail.reason.startswith("status_") else fail.reason))
                 elif fail.eject:
                     self.hooks.on_failure(replica, fail.reason)
                 self.metrics.count_request(replica.id, fail.error.status)
@@ -256,7 +256,7 @@ class Forwarder:
                 raise
         assert last is not None
         if suspects:
-            log.info("request failed with 5xx on %d replica(s): not counted against their health", len(suspects))
+            log.info("request failed (5xx or reset) on %d replica(s): not counted against their health", len(suspects))
         raise last.error
 
     def _least_loaded(self, model: str | None, exclude: list[ReplicaId]) -> Replica:
