@@ -58,6 +58,7 @@ from router.kv.wire import KVEvent
 from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, Ticket
 from router.scoring.policies import POLICIES, Policy, build_policy
+from router.sessions.tracker import SessionTracker
 from router.types import BlockHash, ReplicaId, ReplicaSpec
 
 from .model import Trace, TraceRequest
@@ -87,6 +88,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     speculative_ttl_s: float = 30.0  # router speculation TTL with KV events (Router default)
     weights: dict[str, float] = {}  # cache_aware weight overrides
     load_factor: float | None = None  # cache_aware bounded-load factor; None = router default
+    infer_sessions: bool = True  # session continuity inferred from the prefix when a request has no id
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -236,6 +238,7 @@ class _Fleet:
             block_size=bs,
             speculative_ttl_s=cfg.speculative_ttl_s,
             clock=self.clock,
+            sessions=SessionTracker(infer=cfg.infer_sessions),
         )
         self.engines: list[EngineModel] = []
         self.replicas: list[Replica] = []
@@ -387,7 +390,7 @@ class _Fleet:
             if on_route is not None:
                 on_route(r)
             info = router.request_info(
-                MODEL, block_hashes=full, prompt_tokens=n, max_tokens=max(1, r.output_length)
+                MODEL, block_hashes=full, prompt_tokens=n, max_tokens=max(1, r.output_length), session_id=r.session_id
             )
             replica = router.select(info)
             ticket = router.dispatch(info, replica)
