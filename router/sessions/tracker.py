@@ -58,9 +58,14 @@ class SessionTracker:
             req.session_home = HOMELESS
             return
         req.session_home = home.slot
-        if home.has_kv_events and req.key_mode is KeyMode.TOKENS and home.slot < len(req.gpu_blocks):
-            held = req.gpu_blocks[home.slot]
-            req.session_keep = min(1.0, held / s.blocks) if s.blocks else 0.0
+        gpu = req.gpu_blocks
+        if home.has_kv_events and req.key_mode is KeyMode.TOKENS and home.slot < len(gpu):
+            # Measured: what the home holds beyond what the best other replica holds (the shared
+            # system prompt and tools are no reason to stay), over the session's own part.
+            held = gpu[home.slot]
+            floor = max((gpu[r.slot] for r in candidates if r is not home and r.slot < len(gpu)), default=0)
+            own = s.blocks - floor
+            req.session_keep = min(1.0, (held - floor) / own) if own > 0 and held > floor else 0.0
         else:
             written = self.meter.written(home.id) - s.turnover_mark
             req.session_keep = surviving_fraction(written, s.blocks, home.num_gpu_blocks or 0)
@@ -72,13 +77,18 @@ class SessionTracker:
         if not total or not gpu:
             return NEW, 0.0
         best: Replica | None = None
-        held = 0
+        held = second = 0
         for r in candidates:
-            if r.has_kv_events and r.slot < len(gpu) and gpu[r.slot] > held:
-                best, held = r, gpu[r.slot]
-        if best is None or held < ADOPT_FRACTION * total:
+            g = gpu[r.slot] if r.slot < len(gpu) else 0
+            if r.has_kv_events and g > held:
+                best, held, second = r, g, held
+            elif g > second:
+                second = g
+        # Only a replica that holds more than any other (the session's own turns, not the shared
+        # system prompt every replica has) is evidence of where the session lives.
+        if best is None or held < ADOPT_FRACTION * total or held <= second:
             return NEW, 0.0
-        return best.slot, held / total
+        return best.slot, (held - second) / (total - second)
 
     def record(self, req: RequestInfo, replica: Replica) -> None:
         """After dispatch: the session's turn now lives on ``replica``."""
