@@ -191,7 +191,7 @@ def test_turns_stick_while_the_kv_survives_even_when_home_is_busier() -> None:
 
 
 def test_turn_moves_when_home_is_saturated() -> None:
-    router, reps, _ = fleet()
+    router, _reps, _ = fleet()
     prompt = grow(SYSTEM, 1)
     home = turn(router, "s", prompt)
     home.in_flight = 40  # far beyond the bounded-load limit of 8 replicas
@@ -199,7 +199,7 @@ def test_turn_moves_when_home_is_saturated() -> None:
 
 
 def test_turn_moves_when_events_show_its_blocks_gone() -> None:
-    router, reps, clock = fleet()
+    router, _reps, clock = fleet()
     prompt = grow(SYSTEM, 1)
     home = turn(router, "s", prompt)
     prompt = grow(prompt, 100)
@@ -217,7 +217,7 @@ def test_turn_moves_when_events_show_its_blocks_gone() -> None:
 
 
 def test_without_events_the_pause_is_judged_by_turnover() -> None:
-    router, reps, clock = fleet(events=False)
+    router, _reps, _clock = fleet(events=False)
     tracker = router.sessions
     assert tracker is not None
     prompt = grow(SYSTEM, 1)
@@ -236,8 +236,8 @@ def test_without_events_the_pause_is_judged_by_turnover() -> None:
 
 
 def test_close_releases_the_session() -> None:
-    router, reps, _ = fleet()
-    home = turn(router, "s", grow(SYSTEM, 1))
+    router, _reps, _ = fleet()
+    turn(router, "s", grow(SYSTEM, 1))
     tracker = router.sessions
     assert tracker is not None and "s" in tracker.table
     assert tracker.close("s")
