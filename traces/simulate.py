@@ -88,7 +88,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     speculative_ttl_s: float = 30.0  # router speculation TTL with KV events (Router default)
     weights: dict[str, float] = {}  # cache_aware weight overrides
     load_factor: float | None = None  # cache_aware bounded-load factor; None = router default
-    infer_sessions: bool = True  # session continuity inferred from the prefix when a request has no id
+    infer_sessions: bool = False  # infer session continuity from the prefix for requests without an id
 
     def __post_init__(self) -> None:
         if self.replicas < 1:

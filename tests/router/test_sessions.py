@@ -152,7 +152,7 @@ def fleet(n: int = 8, events: bool = True) -> tuple[Router, list[Replica], Clock
         reps.append(r)
         index.store(r.id, SYSTEM)  # every replica holds the shared system prompt (confirmed)
     policy = build_policy("cache_aware", rng=random.Random(0))
-    router = Router(index, reg, policy, block_size=16, clock=clock, sessions=SessionTracker())
+    router = Router(index, reg, policy, block_size=16, clock=clock, sessions=SessionTracker(infer=True))
     return router, reps, clock
 
 
