@@ -88,6 +88,9 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     speculative_ttl_s: float = 30.0  # router speculation TTL with KV events (Router default)
     weights: dict[str, float] = {}  # cache_aware weight overrides
     load_factor: float | None = None  # cache_aware bounded-load factor; None = router default
+    # > 0: a session's turn that is not its last keeps its KV pinned this long after it finishes
+    # (engines/sim BlockPool.pin: a model of router-requested retention; docs/sessions.md).
+    retain_s: float = 0.0
     infer_sessions: bool = False  # infer session continuity from the prefix for requests without an id
 
     def __post_init__(self) -> None:
@@ -368,6 +371,8 @@ class _Fleet:
         clock = self.clock
         records = self.records
         last_tick = -1
+        # Retention is asked for turns whose session returns (a client that closes its last turn).
+        last_turn = {r.session_id: r.request_id for r in reqs if r.session_id is not None} if cfg.retain_s else {}
         for r in reqs:
             t = (r.timestamp_s - t0) / speedup
             # Scrapes are lazy: the router only reads the gauges when it decides, so only the last
@@ -398,7 +403,16 @@ class _Fleet:
             rec.replica = replica.id
             try:
                 engines[i].add_request(
-                    SimRequest(r.request_id, max(1, r.output_length), prompt_len=n, block_hashes=full), now=t
+                    SimRequest(
+                        r.request_id,
+                        max(1, r.output_length),
+                        prompt_len=n,
+                        block_hashes=full,
+                        retain_s=cfg.retain_s
+                        if r.session_id is not None and last_turn.get(r.session_id) != r.request_id
+                        else 0.0,
+                    ),
+                    now=t,
                 )
             except ValueError as exc:
                 rec.error = str(exc)
