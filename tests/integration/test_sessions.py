@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.support.procs import Backend, RouterProc, SimFleet, http, quiet_router, stopping
@@ -54,22 +55,29 @@ def test_two_routers_agree_on_a_session_home(tmp_path: Path) -> None:
     common = ("--kv-events", "auto", "--policy", "cache_aware")
     ra = RouterProc(tmp_path, fleet.urls, *common, name="router-a")
     rb = RouterProc(tmp_path, fleet.urls, *common, name="router-b")
-    with stopping(ra.proc, rb.proc, fleet.proc):
+    with stopping(ra.proc, rb.proc, fleet.proc), ThreadPoolExecutor(2) as pool:
+
+        def send(router: RouterProc, key: str, prompt: list[int]) -> str:
+            code, headers, _ = http(
+                "POST",
+                router.url + "/v1/completions",
+                {"model": "tiny", "prompt": prompt, "max_tokens": 4},
+                headers={"x-session-id": key},
+            )
+            assert code == 200
+            return headers["x-kvrouter-replica"]
+
         system = [5] * 96  # a system prompt every session shares
         homes: dict[str, set[str]] = {}
-        for s in range(3):
+        for s in range(6):
             key = f"agent-{s}"
             prompt = system + [100 + s] * 32
-            for t in range(6):
-                router = (ra, rb)[t % 2]  # a Service spreads the turns over both routers
-                code, headers, _ = http(
-                    "POST",
-                    router.url + "/v1/completions",
-                    {"model": "tiny", "prompt": prompt, "max_tokens": 4},
-                    headers={"x-session-id": key},
-                )
-                assert code == 200
-                homes.setdefault(key, set()).add(headers["x-kvrouter-replica"])
-                prompt = prompt + [200 + s * 10 + t] * 24  # answer + tool result
+            # A new session's first turn reaches both routers at once (a retry, or sub-agents
+            # fanned out through the Service): no KV event can have told either about the other.
+            both = pool.map(lambda r: send(r, key, prompt), (ra, rb))  # noqa: B023 (consumed here)
+            homes[key] = set(both)
+            for t in range(4):
                 time.sleep(0.3)  # the tool pause: the engine's KV events reach both routers
+                prompt = prompt + [200 + s * 10 + t] * 24  # answer + tool result
+                homes[key].add(send((ra, rb)[t % 2], key, prompt))  # turns alternate routers
         assert all(len(h) == 1 for h in homes.values()), homes
