@@ -116,8 +116,9 @@ async def generate(
     scfg = rp.cfg.sessions
     hints, body_for = session_request(scfg, req, headers, body) if scfg.enabled else (None, None)
     priority = hints.priority if hints is not None and hints.priority is not None else 0
-    if hints is not None and scfg.token_header:
-        sink = SessionSink(sink, req)
+    tracker = rp.router.sessions
+    if hints is not None and scfg.token_header and (req.session_id is not None or (tracker and tracker.infer)):
+        sink = SessionSink(sink, req)  # only then: a relay layer per chunk is not free
     admission = rp.admission
     if not admission.try_acquire():
         await admission.acquire(priority)  # queued (by priority, then arrival; bounded) or refused with 429
