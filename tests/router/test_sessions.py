@@ -297,3 +297,34 @@ async def test_priority_reorders_the_admission_queue() -> None:
 
 def test_ids_are_replica_ids() -> None:
     assert ReplicaId("r0") == "r0"
+
+
+# ---- the request path's session glue ----------------------------------------------------------
+
+
+def test_request_path_close_and_per_replica_body() -> None:
+    from router.http.sessions import finish_session, session_request
+    from router.sessions.config import SessionsConfig
+
+    router, reps, _ = fleet()
+    tracker = router.sessions
+    assert tracker is not None
+    cfg = SessionsConfig(priority_replicas=[reps[1].id])
+    raw = json.dumps(
+        {
+            "model": "m",
+            "prompt": "x",
+            "nvext": {"session_control": {"session_id": "agent", "action": "close"}, "agent_hints": {"priority": 2, "osl": 40}},
+        }
+    ).encode()
+    req = router.request_info("m", block_hashes=grow(SYSTEM, 1))
+    hints, body_for = session_request(cfg, req, b"", raw)
+    assert req.session_id == "agent" and req.max_tokens == 40
+    assert body_for is not None
+    assert json.loads(body_for(reps[0])) == {"model": "m", "prompt": "x"}
+    assert json.loads(body_for(reps[1])) == {"model": "m", "prompt": "x", "priority": -2}
+    rep = router.select(req)
+    router.finish(router.dispatch(req, rep))
+    assert "agent" in tracker.table
+    finish_session(router, hints, req)
+    assert "agent" not in tracker.table
