@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from router.http.prefill import MAX_CAPTURE, answer_text, schedule_warmup, warm_body
 from router.http.proxy import Headers, ResponseSink
+from router.http.state import RequestPath
 from router.replicas.registry import Replica
 from router.routing import Router
 from router.sessions.config import SessionsConfig
@@ -52,27 +54,55 @@ def session_request(
     return hints, body_for
 
 
+def speculative_prefill(
+    rp: RequestPath, sink: ResponseSink, hints: SessionHints, req: RequestInfo, path: str, target: bytes, headers: bytes
+) -> None:
+    """After a completed turn that asked for it: warm the next turn's prefix (prefill.py)."""
+    from router.http.generate import GENERATE_PATHS  # generate imports this module
+
+    if not isinstance(sink, SessionSink) or not sink.capture or hints.body is None or req.session_id is None:
+        return
+    chat = path.endswith("/chat/completions")
+    answer = answer_text(bytes(sink.capture), chat)
+    if not answer:
+        return
+    body = warm_body(hints.body, answer, chat, hints.strip)
+    if body is not None:
+        schedule_warmup(rp.router, rp.forwarder.forward, GENERATE_PATHS[path], target, headers, body, req.session_id)
+
+
 def finish_session(router: Router, hints: SessionHints, req: RequestInfo) -> None:
     if hints.action == "close" and req.session_id is not None and router.sessions is not None:
         router.sessions.close(req.session_id)
 
 
 class SessionSink:
-    """A ``ResponseSink`` that adds ``x-session-token: <session key>`` to the response head."""
+    """A ``ResponseSink`` that adds ``x-session-token: <session key>`` to the response head
+    (``token``) and keeps the answer's bytes for a speculative prefill (``capture``)."""
 
-    __slots__ = ("inner", "req")
+    __slots__ = ("capture", "inner", "req", "token")
 
-    def __init__(self, inner: ResponseSink, req: RequestInfo) -> None:
+    def __init__(self, inner: ResponseSink, req: RequestInfo, *, token: bool, capture: bool) -> None:
         self.inner = inner
         self.req = req
+        self.token = token
+        self.capture: bytearray | None = bytearray() if capture else None
 
     async def start(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
         key = self.req.session_id  # set at dispatch for inferred sessions too
-        if key is not None and key.isascii() and key.isprintable():  # never a CR/LF into the head
+        if self.token and key is not None and key.isascii() and key.isprintable():  # no CR/LF into the head
             headers = [*headers, (TOKEN_HEADER, key.encode("latin-1", "replace"))]
+        if status != 200:
+            self.capture = None  # nothing to warm after an error
         await self.inner.start(status, reason, headers, length)
 
     async def write(self, data: bytes) -> None:
+        cap = self.capture
+        if cap is not None:
+            if len(cap) + len(data) <= MAX_CAPTURE:
+                cap += data
+            else:
+                self.capture = None  # too long to keep: no warm-up rather than a wrong one
         await self.inner.write(data)
 
     async def finish(self) -> None:

@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.support.procs import Backend, RouterProc, SimFleet, http, quiet_router, stopping
+from tests.support.procs import Backend, RouterProc, SimFleet, http, quiet_router, stopping, wait_for
 
 
 def test_priority_reaches_only_priority_replicas_and_nvext_never_does(tmp_path: Path) -> None:
@@ -81,3 +81,28 @@ def test_two_routers_agree_on_a_session_home(tmp_path: Path) -> None:
                 prompt = prompt + [200 + s * 10 + t] * 24  # answer + tool result
                 homes[key].add(send((ra, rb)[t % 2], key, prompt))  # turns alternate routers
         assert all(len(h) == 1 for h in homes.values()), homes
+
+
+def test_speculative_prefill_warms_history_plus_answer(tmp_path: Path) -> None:
+    a = Backend(tmp_path, "a", chunks=3)
+    router = quiet_router(tmp_path, [a.url], name="router")
+    with stopping(a.proc, router.proc):
+        messages = [{"role": "system", "content": "tools"}, {"role": "user", "content": "fix the build"}]
+        body = {
+            "model": "fake-model",
+            "messages": messages,
+            "max_tokens": 8,
+            "stream": True,
+            "nvext": {"session_control": {"session_id": "agent"}, "agent_hints": {"speculative_prefill": True}},
+        }
+        code, _, _ = http("POST", router.url + "/v1/chat/completions", body)
+        assert code == 200
+        stats = wait_for(lambda: (s := a.stats())["requests"] >= 2 and s, what="the warm-up request")
+        warm = json.loads(str(stats["last_body"]))
+        assert warm["messages"] == [*messages, {"role": "assistant", "content": "t0 t1 t2 "}]
+        assert warm["max_tokens"] == 1 and "stream" not in warm and "nvext" not in warm
+        # without the hint: no warm-up
+        del body["nvext"]
+        assert http("POST", router.url + "/v1/chat/completions", body)[0] == 200
+        time.sleep(0.5)
+        assert a.stats()["requests"] == 3
