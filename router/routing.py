@@ -24,6 +24,7 @@ from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from .hashing import hash_byte_blocks, hash_token_blocks, model_seed, render_messages
 from .index import PrefixIndex
 from .replicas.registry import Replica, ReplicaRegistry
+from .response_affinity import ResponseAffinity
 from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
@@ -95,12 +96,20 @@ class Router:
         self.observer = observer
         self.limits = limits
         self.on_overload = on_overload
+        self.responses = ResponseAffinity()  # /v1/responses id -> replica (engine-local store)
+
+    def default_model(self) -> str | None:
+        """The model a request without ``model`` gets: vLLM serves it with its first served
+        name, which is the fleet's only model when it serves one (else: any replica, unkeyed
+        by model)."""
+        models = self.registry.known_models()
+        return next(iter(models)) if len(models) == 1 else None
 
     # ---- request keys ---------------------------------------------------------------------
 
     def request_info(
         self,
-        model: str,
+        model: str | None,
         *,
         token_ids: Sequence[int] | None = None,
         text: str | None = None,
@@ -136,7 +145,7 @@ class Router:
                         token_ids = None
             elif text is not None:
                 token_ids = self.tokenizer.encode_prompt(text)
-        seed = model_seed(model, cache_salt)
+        seed = model_seed(model or "", cache_salt)
         if token_ids is not None:
             req.block_hashes = hash_token_blocks(token_ids, bs, seed, self.max_blocks)
             req.prompt_tokens = len(token_ids)
@@ -179,6 +188,12 @@ class Router:
         """``record=False`` (``/debug/route``) leaves the decision-latency metric alone."""
         t0 = time.perf_counter()
         cands = self.candidates(req.model, exclude)
+        if req.pin is not None:
+            pinned = pinned_candidate(cands, req.pin)
+            if pinned is not None:
+                if record and self.observer is not None:
+                    self.observer.on_decision(pinned, time.perf_counter() - t0, req)
+                return pinned
         if req.block_hashes and self.policy.needs_match:
             req.gpu_blocks, req.any_tier_blocks = self.index.match(req.block_hashes)
             # maintained by the KV-event layer through index.set_uncertain: O(1) here
@@ -215,6 +230,8 @@ class Router:
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
+            for hashes in req.batch_block_hashes:
+                self.index.store(replica.id, hashes, speculative=True, ttl_s=ttl)
         return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock())
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
@@ -236,6 +253,13 @@ class Router:
         rep.in_flight = max(0, rep.in_flight - 1)
         if self.observer is not None:
             self.observer.on_finish(ticket, ok, cached_tokens)
+
+
+def pinned_candidate(cands: Sequence[Replica], pin: ReplicaId) -> Replica | None:
+    for r in cands:
+        if r.id == pin:
+            return r
+    return None
 
 
 def _estimate_tokens(

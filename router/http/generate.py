@@ -10,17 +10,24 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from router.api_forms import ChatForm, anthropic_form, responses_form
 from router.chat_messages import MediaNotModeled
-from router.chat_render import parse_chat_options
+from router.chat_render import ChatOptions, parse_chat_options
 from router.errors import BadRequest, RouterError, Unauthorized
 from router.http.proxy import ResponseSink
-from router.http.requests import messages_of, parse_chat, parse_completion, routing_prompt
+from router.http.requests import (
+    messages_of,
+    parse_chat,
+    parse_completion,
+    parse_token_generate,
+    routing_prompts,
+)
 from router.http.state import RequestPath
 from router.metrics import RouterMetrics
 from router.routing import Router
 from router.scoring.pipeline import Explanation
 from router.tokenizer import HFTokenizer
-from router.types import RequestInfo
+from router.types import KeyMode, RequestInfo
 
 log = logging.getLogger("kvrouter.server")
 _proxy_log = logging.getLogger("kvrouter.proxy")
@@ -30,27 +37,35 @@ InfoParser = Callable[[Router, bytes], RequestInfo]
 
 def completion_info(router: Router, body: bytes) -> RequestInfo:
     view = parse_completion(body)
-    token_ids, text = routing_prompt(view)
+    model = view.model if view.model is not None else router.default_model()
+    prompts = routing_prompts(view)
+    max_tokens = view.max_tokens or 0
+    if not prompts:  # prompt_embeds: nothing the router can key; counted as one token
+        return router.request_info(model, token_ids=None, text="", max_tokens=max_tokens, stream=view.stream)
     try:
-        return router.request_info(
-            view.model,
-            token_ids=token_ids,
-            text=text,
-            cache_salt=view.cache_salt,
-            max_tokens=view.max_tokens or 0,
-            stream=view.stream,
-        )
+        infos = [
+            router.request_info(
+                model, token_ids=ids, text=text, cache_salt=view.cache_salt, max_tokens=max_tokens, stream=view.stream
+            )
+            for ids, text in prompts
+        ]
     except OverflowError:
         # hashing packs token ids as uint32; a negative or huge id is the client's mistake (400,
         # not 500), caught here rather than checked per token on the hot path
         raise BadRequest("Prompt token ids must be integers in [0, 2**32).", param="prompt") from None
+    req = infos[0]
+    for other in infos[1:]:  # a batch: every prompt is prefilled on the chosen replica
+        req.prompt_tokens += other.prompt_tokens
+        if other.block_hashes:
+            req.batch_block_hashes.append(other.block_hashes)
+    return req
 
 
 def chat_info(router: Router, body: bytes) -> RequestInfo:
     view = parse_chat(body)
     messages = messages_of(view)
     return router.request_info(
-        view.model,
+        view.model if view.model is not None else router.default_model(),
         token_ids=chat_token_ids(router, messages, body),
         messages=messages,
         cache_salt=view.cache_salt,
@@ -59,7 +74,9 @@ def chat_info(router: Router, body: bytes) -> RequestInfo:
     )
 
 
-def chat_token_ids(router: Router, messages: list[Mapping[str, Any]], body: bytes) -> list[int] | None:
+def chat_token_ids(
+    router: Router, messages: Sequence[Mapping[str, Any]], body: bytes, options: ChatOptions | None = None
+) -> list[int] | None:
     """Token mode: the prompt vLLM renders for this request (tools, template kwargs, ...). None
     keys it in byte mode: no tokenizer or template, a policy that never matches, or media parts
     under a text template (their placeholder tokens are the model's, not reproducible here)."""
@@ -67,12 +84,78 @@ def chat_token_ids(router: Router, messages: list[Mapping[str, Any]], body: byte
     if not isinstance(tok, HFTokenizer) or not tok.has_chat_template or not router.policy.needs_match:
         return None
     try:
-        return tok.encode_chat(messages, options=parse_chat_options(body))
+        return tok.encode_chat(messages, options=options if options is not None else parse_chat_options(body))
     except MediaNotModeled:
         return None
 
 
-GENERATE_PATHS: dict[str, InfoParser] = {"/v1/completions": completion_info, "/v1/chat/completions": chat_info}
+def _form_info(router: Router, form: ChatForm, body: bytes) -> RequestInfo:
+    return router.request_info(
+        form.model if form.model is not None else router.default_model(),
+        token_ids=chat_token_ids(router, form.messages, body, form.options),
+        messages=form.messages,
+        cache_salt=form.cache_salt,
+        max_tokens=form.max_tokens,
+        stream=form.stream,
+    )
+
+
+def responses_info(router: Router, body: bytes) -> RequestInfo:
+    """``/v1/responses``: keyed by the conversation vLLM renders from ``instructions`` + ``input``;
+    a ``previous_response_id`` goes to the replica holding that response (its engine-local store),
+    and every answer's id is remembered for the next turn."""
+    form = responses_form(body)
+    affinity = router.responses
+    if form.previous_response_id is not None:
+        # the prompt continues a history only that engine holds: no keys of its own
+        req = router.request_info(
+            form.model if form.model is not None else router.default_model(),
+            messages=form.messages,
+            max_tokens=form.max_tokens,
+            stream=form.stream,
+            block_hashes=(),
+            prompt_tokens=max(1, len(body) // router.bytes_per_token),
+        )
+        req.key_mode = KeyMode.NONE
+        req.pin = affinity.lookup(form.previous_response_id)
+    else:
+        req = _form_info(router, form, body)
+    req.on_response = affinity.observe
+    return req
+
+
+def anthropic_info(router: Router, body: bytes) -> RequestInfo:
+    """``/v1/messages``: keyed like the chat request vLLM converts it into."""
+    return _form_info(router, anthropic_form(body), body)
+
+
+def token_generate_info(router: Router, body: bytes) -> RequestInfo:
+    """``/inference/v1/generate`` (token in, token out): keyed by its ``token_ids``; a request with
+    multimodal ``features``/``content_parts`` is unkeyed (its blocks carry media hashes)."""
+    view = parse_token_generate(body)
+    media = view.features is not None or view.content_parts is not None
+    params = view.sampling_params if isinstance(view.sampling_params, dict) else {}
+    max_tokens = params.get("max_tokens")
+    try:
+        return router.request_info(
+            view.model if view.model is not None else router.default_model(),
+            token_ids=None if media else view.token_ids,
+            text="" if media else None,
+            cache_salt=view.cache_salt,
+            max_tokens=max_tokens if isinstance(max_tokens, int) else 0,
+            stream=view.stream is True,
+        )
+    except OverflowError:
+        raise BadRequest("token_ids must be integers in [0, 2**32).", param="token_ids") from None
+
+
+GENERATE_PATHS: dict[str, InfoParser] = {
+    "/v1/completions": completion_info,
+    "/v1/chat/completions": chat_info,
+    "/v1/responses": responses_info,
+    "/v1/messages": anthropic_info,
+    "/inference/v1/generate": token_generate_info,
+}
 
 
 def bearer_ok(authorization: str, keys: Sequence[str]) -> bool:

@@ -44,7 +44,7 @@ from router.errors import (
 from router.http.upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse
 from router.metrics import RouterMetrics
 from router.replicas.registry import Replica
-from router.routing import Router, Ticket
+from router.routing import Router, Ticket, pinned_candidate
 from router.scoring.pipeline import Explanation
 from router.types import ReplicaId, RequestInfo
 
@@ -218,7 +218,7 @@ class Forwarder:
                     if attempt == 0 and explain is not None:
                         log.debug("route %s", explain.log_line())
                 else:
-                    replica = self._least_loaded(req.model, tried)
+                    replica = self._least_loaded(req, tried)
             except (NoReplicaAvailable, Overloaded):
                 if last is not None:
                     break  # report the upstream failure, not the lack of another candidate
@@ -248,8 +248,10 @@ class Forwarder:
             log.info("request failed with 5xx on %d replica(s): not counted against their health", len(suspects))
         raise last.error
 
-    def _least_loaded(self, model: str | None, exclude: list[ReplicaId]) -> Replica:
-        cands = self.router.candidates(model, exclude)
+    def _least_loaded(self, req: RequestInfo, exclude: list[ReplicaId]) -> Replica:
+        cands = self.router.candidates(req.model, exclude)
+        if req.pin is not None and (pinned := pinned_candidate(cands, req.pin)) is not None:
+            return pinned
         return min(cands, key=lambda r: r.in_flight)
 
     async def _attempt(
@@ -294,6 +296,8 @@ class Forwarder:
             up.close()
             raise UpstreamFailure(f"status_{status}", UpstreamError(f"Replica answered HTTP {status}."))
         self.metrics.observe_ttfb(replica.id, ttfb)
+        if req.on_response is not None and status < 400:
+            req.on_response(first, replica.id)
         is_sse = up.content_type.startswith(b"text/event-stream")
         if is_sse:
             self.router.first_token(ticket, ttfb)

@@ -289,6 +289,10 @@ class ReplicaEvents:
         self.index.clear(self.replica)
         self._cleared()
 
+    def reset(self) -> None:
+        """The engine's prefix cache was reset through the router (fleet_admin.py)."""
+        self._clear()
+
     def _cleared(self) -> None:
         self._map.clear()
         self._suspects = 0
