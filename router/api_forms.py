@@ -155,7 +155,7 @@ def _response_item(item: dict[str, Any], prev: dict[str, Any] | None) -> dict[st
                 return None
             return {"role": "assistant", "content": text}
     if "role" in item:
-        return {k: v for k, v in item.items() if k != "type"}
+        return dict(item)
     raise BadRequest(f"Unsupported input item type: {kind}", param="input")
 
 
