@@ -102,6 +102,7 @@ class PrefixIndex:
         self.uncertain_slots: set[int] = set()  # replicas whose view missed KV events
         self.evictions = 0  # blocks dropped by the capacity bound
         self.expirations = 0  # speculative blocks that were never confirmed
+        self.expired_by_replica: dict[ReplicaId, int] = {}  # the same, per replica (metrics)
 
     # ---- replicas -------------------------------------------------------------------------
 
@@ -129,6 +130,7 @@ class PrefixIndex:
         if entry is None:
             return
         self.clear(replica)
+        self.expired_by_replica.pop(replica, None)
         self.uncertain_slots.discard(entry.slot)
         del self._replicas[replica]
         del self._by_slot[entry.slot]
@@ -321,6 +323,15 @@ class PrefixIndex:
                 acc = (acc + h * 0x9E3779B97F4A7C15 + state) & 0xFFFFFFFFFFFFFFFF
         return n, acc
 
+    def confirmed_blocks(self, replica: ReplicaId, hashes: Sequence[BlockHash], n: int) -> int:
+        """How many of the first ``n`` blocks of ``hashes`` KV events confirmed on ``replica``
+        (the rest of a match is the router's own speculation). O(n), for the chosen replica."""
+        entry = self._replicas.get(replica)
+        if entry is None or n <= 0:
+            return 0
+        get = entry.lru[Tier.GPU].get
+        return sum(1 for h in hashes[:n] if get(h, 0) > 0)
+
     def holds(self, replica: ReplicaId, h: BlockHash, tier: Tier = Tier.GPU) -> bool:
         entry = self._replicas.get(replica)
         return entry is not None and h in entry.lru[tier]
@@ -393,6 +404,7 @@ class PrefixIndex:
                     del lru[h]
                     self._unset(h, tier, entry.bit)
                     self.expirations += 1
+                    self.expired_by_replica[rid] = self.expired_by_replica.get(rid, 0) + 1
                 else:  # re-speculated since: follow it to its later deadline
                     if later is None:
                         later = {}

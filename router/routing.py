@@ -54,6 +54,9 @@ class Ticket:
     dispatched_at: float
     first_token_at: float | None = None
     done: bool = False
+    matched_blocks: int = 0  # GPU prefix matched on this replica (speculative + confirmed)
+    confirmed_blocks: int = 0  # of those, confirmed by the replica's KV events
+    confirmed_tokens: int = 0  # predicted_cached_tokens counting confirmed blocks only
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,12 +230,26 @@ class Router:
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
+        matched = confirmed = 0
+        if req.key_mode is KeyMode.TOKENS and req.gpu_blocks:
+            s = replica.slot
+            matched = req.gpu_blocks[s] if s < len(req.gpu_blocks) else 0
+            if matched and replica.has_kv_events:
+                confirmed = self.index.confirmed_blocks(replica.id, req.block_hashes, matched)
+        confirmed_tokens = min(predicted, confirmed * req.block_size)
         if req.block_hashes and self.policy.needs_match:
-            ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
+            # Keys an event can confirm wait speculative_ttl_s for it; keys no event can ever
+            # confirm (byte mode, media keyed by bytes) keep the approximate TTL whether or not
+            # the replica publishes events (audit #49).
+            confirmable = replica.has_kv_events and req.key_mode is KeyMode.TOKENS and req.confirmable
+            ttl = self.speculative_ttl_s if confirmable else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
             for hashes in req.batch_block_hashes:
                 self.index.store(replica.id, hashes, speculative=True, ttl_s=ttl)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock())
+        return Ticket(
+            replica, req.prompt_tokens, predicted, pending, self.clock(), matched_blocks=matched, confirmed_blocks=confirmed,
+            confirmed_tokens=confirmed_tokens,
+        )
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
         if ticket.first_token_at is not None or ticket.done:

@@ -54,6 +54,9 @@ class RequestInfo:
     any_tier_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU or CPU
     # Slots whose index view missed KV events (PrefixIndex.uncertain_slots at selection time).
     uncertain_slots: AbstractSet[int] = frozenset()
+    # False when no KV event can ever confirm these keys even in token mode (media the router
+    # keys by its bytes, not by vLLM's placeholder tokens): they get the unconfirmed TTL.
+    confirmable: bool = True
     # The other prompts of a batch (vLLM runs each as its own request): stored speculatively on
     # the chosen replica like the first, whose keys decide the routing.
     batch_block_hashes: list[list[BlockHash]] = field(default_factory=list)
