@@ -335,8 +335,22 @@ class ReplicaEvents:
         bs = ev.block_size
         if n == 0:
             return ()
+        if bs == 0:  # native offload placeholder: names engine hashes, carries no tokens
+            self.metrics.unmodeled.inc(n)
+            return ()
         if len(ev.token_ids) != n * bs:
+            if len(ev.token_ids) > n * bs and len(ev.token_ids) % bs == 0:
+                # sliding-window / Mamba group with masked or null blocks: vLLM leaves them out of
+                # block_hashes but not of token_ids, so which tokens each hash covers is unknown.
+                # Not an error; the full-attention group's events of the same blocks confirm them.
+                self.metrics.unmodeled.inc(n)
+                return ()
             self._decode_error(f"BlockStored has {len(ev.token_ids)} tokens for {n} blocks of {bs}")
+            return ()
+        if tier is Tier.GPU and ev.parent_block_hash is None and self._reannounced(ev.block_hashes):
+            # kv_cache_report_mode="full": vLLM re-announces the reused prefix (parent None, no
+            # block state change, no matching BlockRemoved later). Counting it as another copy
+            # would keep the block confirmed after its eviction (audit #41).
             return ()
         if self.block_size is not None and bs != self.block_size:
             self.metrics.block_size_mismatch.inc()
@@ -387,15 +401,37 @@ class ReplicaEvents:
         col = _GPU if tier is Tier.GPU else _CPU
         mp = self._map
         epoch = self._epoch
-        for eh, rh in zip(engine_hashes, router, strict=False):
+        prev: int | None = None  # the chain as stored, where it differs from ``router``
+        for i, (eh, rh) in enumerate(zip(engine_hashes, router, strict=False)):
             ent = mp.get(eh)
             if ent is None:
+                if prev is not None:  # continue the chain from the known block before it
+                    rh = hash_token_blocks(tokens[i * bs : (i + 1) * bs], bs, prev)[0]
+                    router[i] = rh
+                    prev = rh
                 ent = [rh, 0, 0, epoch]
                 mp[eh] = ent
             else:
                 mp.move_to_end(eh)
+                if ent[_R] != rh:
+                    # The engine hash is already known (a GPU copy): its key wins. vLLM's CPU
+                    # copies of salted prompts come with extra_keys=None, and re-seeding them
+                    # unsalted would give another tenant a hit vLLM never gives (audit #45).
+                    router[i] = BlockHash(ent[_R])
+                    prev = ent[_R]
             ent[col] += 1
         return router
+
+    def _reannounced(self, engine_hashes: Sequence[EngineHash]) -> bool:
+        """Every block already held on the GPU tier: a report-mode re-announcement, not a store."""
+        mp = self._map
+        for eh in engine_hashes:
+            ent = mp.get(eh)
+            if ent is None or ent[_GPU] == 0:
+                return False
+        for eh in engine_hashes:
+            mp.move_to_end(eh)
+        return True
 
     def _bound(self) -> None:
         if len(self._map) > self.capacity:

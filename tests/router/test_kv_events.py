@@ -244,7 +244,6 @@ def test_unknown_fields_and_unknown_event_types_are_skipped_and_counted() -> Non
         msgspec.msgpack.encode([1.0, [{"type": "BlockStored", "block_hashes": "nope"}], 0]),
         msgspec.msgpack.encode([1.0, [{"block_hashes": [1]}], 0]),  # no tag
         msgspec.msgpack.encode([1.0, [["BlockStored", [1], None, [-1], 1, None]], 0]),  # token < 0
-        msgspec.msgpack.encode([1.0, [["BlockStored", [1], None, [1], 0, None]], 0]),  # block_size 0
         msgspec.msgpack.encode(["x", [], 0]),
         msgspec.msgpack.encode([1.0, [], 0]) + b"\x00",  # trailing bytes
         msgspec.msgpack.encode(42),
