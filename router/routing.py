@@ -148,7 +148,7 @@ class Router:
                         token_ids = None
             elif text is not None:
                 token_ids = self.tokenizer.encode_prompt(text)
-        seed = model_seed(model or "", cache_salt)
+        seed = model_seed(self.registry.key_model(model) if model else "", cache_salt)
         if token_ids is not None:
             req.block_hashes = hash_token_blocks(token_ids, bs, seed, self.max_blocks)
             req.prompt_tokens = len(token_ids)

@@ -166,7 +166,8 @@ class ReplicaMonitor:
         except (aiohttp.ClientError, TimeoutError, OSError, msgspec.DecodeError, AttributeError):
             return
         self._model_cards[rep.id] = cards
-        self.registry.set_models(rep, [c["id"] for c in cards])
+        base = [c["id"] for c in cards if not c.get("parent")]  # adapters name their parent
+        self.registry.set_models(rep, [c["id"] for c in cards], base)
 
     def model_cards(self) -> list[dict[str, Any]]:
         """Union of the replicas' /v1/models entries, first card per id wins."""
@@ -180,7 +181,9 @@ class ReplicaMonitor:
 
     async def _subscribe_events(self, rep: Replica) -> None:
         assert self.kv_events is not None
-        model = next(iter(sorted(rep.models)), "")
+        # vLLM keys base-model blocks with no name at all; the router seeds them with the base
+        # model's first served name, never with whichever id (an adapter?) sorts first (audit #11)
+        model = rep.base_model or (rep.spec.models[0] if rep.spec.models else next(iter(sorted(rep.models)), ""))
         sources: list[tuple[str, str | None, str, bool]] = []
         explicit = self._explicit_events.get(rep.url) or rep.spec.kv_events
         if explicit:

@@ -28,6 +28,9 @@ class Replica:
     url: str
     slot: int
     models: frozenset[str] = frozenset()
+    # The name vLLM's block keys belong to: its first served name (base cards of /v1/models have
+    # no ``parent``; adapters do). Aliases (--served-model-name a b) key as this name.
+    base_model: str | None = None
     healthy: bool = True  # admitted to routing (active probes + passive ejection)
     draining: bool = False  # leaving: no new requests, in-flight ones finish
     consecutive_failures: int = 0
@@ -116,6 +119,7 @@ class ReplicaRegistry:
         self._replicas: dict[ReplicaId, Replica] = {}
         self._candidates: dict[str | None, list[Replica]] = {}
         self._listeners: list[Callable[[str, Replica], None]] = []
+        self.aliases: dict[str, str] = {}  # served-name alias -> the base name keys are seeded with
 
     def on_change(self, listener: Callable[[str, Replica], None]) -> None:
         """``listener(event, replica)`` with event in added | removed | health."""
@@ -162,7 +166,11 @@ class ReplicaRegistry:
     def __len__(self) -> int:
         return len(self._replicas)
 
-    def set_models(self, rep: Replica, models: Iterable[str]) -> None:
+    def set_models(self, rep: Replica, models: Iterable[str], base: Sequence[str] = ()) -> None:
+        """``base``: the served names of the base model, first one first (the rest are aliases)."""
+        rep.base_model = base[0] if base else rep.base_model
+        for alias in base[1:]:
+            self.aliases[alias] = base[0]
         new = frozenset(models)
         if new != rep.models:
             rep.models = new
@@ -177,6 +185,10 @@ class ReplicaRegistry:
         if rep.draining != draining:
             rep.draining = draining
             self._notify("health", rep)
+
+    def key_model(self, model: str) -> str:
+        """The model name a request's keys are seeded with: an alias keys as its base name."""
+        return self.aliases.get(model, model)
 
     def known_models(self) -> set[str]:
         out: set[str] = set()
