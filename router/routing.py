@@ -20,9 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from xxhash import xxh3_64_intdigest
+
 from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from .hashing import hash_byte_blocks, hash_token_blocks, model_seed, render_messages
 from .index import PrefixIndex
+from .media_keys import media_digest
 from .replicas.registry import Replica, ReplicaRegistry
 from .response_affinity import ResponseAffinity
 from .scoring.churn import CHURN_TAU_S
@@ -149,6 +152,11 @@ class Router:
             elif text is not None:
                 token_ids = self.tokenizer.encode_prompt(text)
         seed = model_seed(self.registry.key_model(model) if model else "", cache_salt)
+        if messages is not None and (media := media_digest(messages)) is not None:
+            # keyed distinctly, never confirmable (media_keys.py)
+            req.confirmable = False
+            if token_ids is not None:  # the template rendered a placeholder: the media decides
+                seed = BlockHash(xxh3_64_intdigest(media.to_bytes(8, "little"), seed))
         if token_ids is not None:
             req.block_hashes = hash_token_blocks(token_ids, bs, seed, self.max_blocks)
             req.prompt_tokens = len(token_ids)
