@@ -42,6 +42,12 @@ def completion_info(router: Router, body: bytes) -> RequestInfo:
     max_tokens = view.max_tokens or 0
     if not prompts:  # prompt_embeds: nothing the router can key; counted as one token
         return router.request_info(model, token_ids=None, text="", max_tokens=max_tokens, stream=view.stream)
+    tok = router.tokenizer
+    if isinstance(tok, HFTokenizer) and router.policy.needs_match:
+        # what vLLM tokenises: add_special_tokens as asked, then the last truncate_prompt_tokens
+        keep = view.truncate_prompt_tokens if view.truncate_prompt_tokens and view.truncate_prompt_tokens > 0 else 0
+        if keep or not view.add_special_tokens:
+            prompts = [_as_vllm_tokenises(tok, ids, text, view.add_special_tokens, keep) for ids, text in prompts]
     try:
         infos = [
             router.request_info(
@@ -54,6 +60,8 @@ def completion_info(router: Router, body: bytes) -> RequestInfo:
         # not 500), caught here rather than checked per token on the hot path
         raise BadRequest("Prompt token ids must be integers in [0, 2**32).", param="prompt") from None
     req = infos[0]
+    if view.skips_cache_read:
+        no_reuse(req)
     for other in infos[1:]:  # a batch: every prompt is prefilled on the chosen replica
         req.prompt_tokens += other.prompt_tokens
         if other.block_hashes:
@@ -61,10 +69,25 @@ def completion_info(router: Router, body: bytes) -> RequestInfo:
     return req
 
 
+def _as_vllm_tokenises(
+    tok: HFTokenizer, ids: list[int] | None, text: str | None, add_special_tokens: bool, keep: int
+) -> tuple[list[int] | None, str | None]:
+    if ids is None:
+        ids = tok.encode(text or "", add_special_tokens)
+    return (ids[-keep:] if keep else ids), None
+
+
+def no_reuse(req: RequestInfo) -> None:
+    """vLLM will not read the prefix cache for this request (prompt logprobs): predict no hit and
+    route it on load, rather than pile it onto the replica that holds its prefix (audit #8)."""
+    req.block_hashes = []
+    req.key_mode = KeyMode.NONE
+
+
 def chat_info(router: Router, body: bytes) -> RequestInfo:
     view = parse_chat(body)
     messages = messages_of(view)
-    return router.request_info(
+    req = router.request_info(
         view.model if view.model is not None else router.default_model(),
         token_ids=chat_token_ids(router, messages, body),
         messages=messages,
@@ -72,6 +95,9 @@ def chat_info(router: Router, body: bytes) -> RequestInfo:
         max_tokens=view.max_completion_tokens or view.max_tokens or 0,
         stream=view.stream,
     )
+    if view.prompt_logprobs is not None:
+        no_reuse(req)
+    return req
 
 
 def chat_token_ids(

@@ -24,6 +24,18 @@ class CompletionView(msgspec.Struct):
     max_tokens: int | None = None
     cache_salt: str | None = None
     user: str | None = None
+    # fields that change which prefix vLLM caches or reads (audit #6-#8)
+    add_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+
+    @property
+    def skips_cache_read(self) -> bool:
+        """vLLM skips reading the prefix cache for prompt logprobs (sampling_params.py:622);
+        completions ask for them with ``prompt_logprobs`` or ``echo`` + ``logprobs``."""
+        return self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
 
 
 class ChatView(msgspec.Struct):
@@ -34,6 +46,7 @@ class ChatView(msgspec.Struct):
     max_completion_tokens: int | None = None
     cache_salt: str | None = None
     user: str | None = None
+    prompt_logprobs: int | None = None
 
 
 class TokenGenerateView(msgspec.Struct):
