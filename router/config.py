@@ -101,7 +101,7 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     trust_request_chat_template: bool = False  # and theirs: render a request's own chat_template
     index_capacity: PosInt = 1 << 20  # blocks per replica (shrunk to num_gpu_blocks when known)
     speculative_ttl_s: Pos = 30.0  # replicas with KV events: until the event confirms
-    approximate_ttl_s: Pos = 300.0  # replicas without KV events: speculation is all we have
+    approximate_ttl_s: Pos = 300.0  # keys no event can confirm (no events, byte mode, media)
     weights: dict[str, float] = msgspec.field(default_factory=dict)  # scorer type -> weight
     load_factor: Annotated[float, msgspec.Meta(ge=1)] = 4.0  # bounded-load guard; docs/policy-tuning.md
     cpu_tier_credit: Ratio = 0.8
