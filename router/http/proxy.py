@@ -273,6 +273,8 @@ class Forwarder:
         try:
             # A timer nobody touches is a deadline; cheaper than asyncio.timeout per request.
             with _IdleTimer(budget):
+                if replica.dp_rank is not None:  # a data-parallel rank: vLLM's pinning header
+                    headers += b"X-data-parallel-rank: %d\r\n" % replica.dp_rank
                 up = await self.pool.request(replica.url, method, target, headers, body)
                 try:
                     first = await up.read()

@@ -200,8 +200,17 @@ class ReplicaMonitor:
             if self.cfg.kv_events.mode == "on":
                 log.warning("replica %s: KV events required (--kv-events on) but none found", rep.id)
             return
-        # One stream per replica: DP ranks beyond the first would need one index slot each.
-        endpoint, replay, topic, bind = sources[0]
+        # vLLM --data-parallel-size N behind one URL publishes one stream per rank (port + rank)
+        # and balances ranks itself unless a request names one: each rank is a routing target
+        # with its own index slot and stream, pinned with X-data-parallel-rank (audit #42).
+        if rep.dp_rank is None and len(sources) > 1:
+            rep.dp_rank = 0
+            for rank in range(1, len(sources)):
+                self.registry.add_rank(rep, rank)
+        rank = rep.dp_rank or 0
+        if rank >= len(sources):
+            return
+        endpoint, replay, topic, bind = sources[rank]
         self.kv_events.add(
             rep.id, endpoint, replay, topic=topic, bind=bind, model=model, block_size=self.router.block_size
         )

@@ -31,6 +31,10 @@ class Replica:
     # The name vLLM's block keys belong to: its first served name (base cards of /v1/models have
     # no ``parent``; adapters do). Aliases (--served-model-name a b) key as this name.
     base_model: str | None = None
+    # Data parallelism behind one URL: the engine rank this routing target pins with vLLM's
+    # X-data-parallel-rank header (None: not a DP target), and the replica whose rank 0 it is not.
+    dp_rank: int | None = None
+    dp_parent: ReplicaId | None = None
     healthy: bool = True  # admitted to routing (active probes + passive ejection)
     draining: bool = False  # leaving: no new requests, in-flight ones finish
     consecutive_failures: int = 0
@@ -141,6 +145,20 @@ class ReplicaRegistry:
         self._notify("added", rep)
         return rep
 
+    def add_rank(self, parent: Replica, rank: int) -> Replica:
+        """Rank ``rank`` (>= 1) of a data-parallel server as its own routing target: same URL, own
+        index slot (its own event stream), pinned with the rank header; leaves with its parent."""
+        spec = ReplicaSpec(url=parent.spec.url, name=f"{parent.id}#dp{rank}", models=parent.spec.models)
+        existing = self._replicas.get(spec.id)
+        if existing is not None:
+            return existing
+        slot = self.index.add_replica(spec.id)
+        rep = Replica(spec=spec, id=spec.id, url=parent.url, slot=slot, models=parent.models)
+        rep.base_model, rep.dp_rank, rep.dp_parent = parent.base_model, rank, parent.id
+        self._replicas[spec.id] = rep
+        self._notify("added", rep)
+        return rep
+
     def remove(self, rid: ReplicaId) -> Replica | None:
         rep = self._replicas.pop(rid, None)
         if rep is not None:
@@ -151,7 +169,9 @@ class ReplicaRegistry:
     def sync(self, specs: Iterable[ReplicaSpec]) -> tuple[list[Replica], list[Replica]]:
         """Make the registry hold exactly ``specs``; returns (added, removed)."""
         wanted = {s.id: s for s in specs}
-        removed = [r for rid, r in list(self._replicas.items()) if rid not in wanted]
+        removed = [
+            r for rid, r in list(self._replicas.items()) if rid not in wanted and r.dp_parent not in wanted
+        ]
         for r in removed:
             self.remove(r.id)
         added = [self.add(s) for rid, s in wanted.items() if rid not in self._replicas]

@@ -176,6 +176,14 @@ async def _get_response(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
+async def _kv_event_sources(request: web.Request) -> web.Response:
+    """vLLM's list of per-DP-rank event publishers, when ``_control`` set ``dp_sources``."""
+    eps = request.app[CTRL].get("dp_sources")
+    if not eps:
+        return web.json_response({"detail": "Not Found"}, status=404)
+    return web.json_response([{"data_parallel_rank": r, "endpoint": ep, "topic": ""} for r, ep in enumerate(eps)])
+
+
 async def _reset_prefix_cache(request: web.Request) -> web.Response:
     request.app[STATS]["resets"] = request.app[STATS].get("resets", 0) + 1
     return web.Response(status=200)
@@ -192,6 +200,7 @@ def make_app(model: str = "fake-model", name: str = "fake", chunks: int = 16, ch
     app.router.add_post("/v1/responses", _responses)
     app.router.add_get("/v1/responses/{rid}", _get_response)
     app.router.add_post("/reset_prefix_cache", _reset_prefix_cache)
+    app.router.add_get("/kv_event_sources", _kv_event_sources)
     app.router.add_post("/v2/embed", _echo)
     app.router.add_post("/v1/chat/completions", _generate)
     app.router.add_get("/v1/models", _models)
