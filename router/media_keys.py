@@ -30,10 +30,28 @@ def part_digest(part: Mapping[str, Any]) -> int:
     uuid = part.get("uuid")
     if isinstance(uuid, str) and uuid:
         return _xxh3(uuid.encode())
+    return _digest(part, 0)
+
+
+def _digest(value: Any, seed: int) -> int:
+    # Strings (a data URL is most of a part) are hashed as their UTF-8 bytes, without the JSON
+    # encoder's escaping pass over them: ~4x faster for large data URLs.
+    if isinstance(value, str):
+        return _xxh3(value.encode("utf-8", "surrogatepass"), seed)
+    if isinstance(value, Mapping):
+        h = _xxh3(b"{", seed)
+        for k in sorted(value, key=str):
+            h = _digest(value[k], _xxh3(str(k).encode("utf-8", "surrogatepass"), h))
+        return h
+    if isinstance(value, list | tuple):
+        h = _xxh3(b"[", seed)
+        for item in value:
+            h = _digest(item, h)
+        return h
     try:
-        return _xxh3(_enc.encode(part))
+        return _xxh3(_enc.encode(value), seed)
     except (TypeError, msgspec.EncodeError):
-        return _xxh3(repr(part).encode())
+        return _xxh3(repr(value).encode(), seed)
 
 
 def is_media(part: Any) -> bool:
