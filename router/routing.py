@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from xxhash import xxh3_64_intdigest
 
@@ -32,6 +32,9 @@ from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
 from .types import BlockHash, KeyMode, ReplicaId, RequestInfo
+
+if TYPE_CHECKING:
+    from .replicas.outliers import OutlierDetector
 
 log = logging.getLogger("kvrouter.routing")
 
@@ -56,6 +59,7 @@ class Ticket:
     pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
     dispatched_at: float
     first_token_at: float | None = None
+    backlog_tokens: int = 0  # the replica's pending prefill ahead of this request at dispatch
     done: bool = False
     matched_blocks: int = 0  # GPU prefix matched on this replica (speculative + confirmed)
     confirmed_blocks: int = 0  # of those, confirmed by the replica's KV events
@@ -88,6 +92,7 @@ class Router:
         observer: RoutingObserver | None = None,
         limits: RouterLimits = RouterLimits(),
         on_overload: Callable[[], None] = lambda: None,
+        outliers: OutlierDetector | None = None,
     ) -> None:
         self.index = index
         self.registry = registry
@@ -102,6 +107,7 @@ class Router:
         self.observer = observer
         self.limits = limits
         self.on_overload = on_overload
+        self.outliers = outliers  # thins candidates by outlier state (replicas/outliers.py)
         self.responses = ResponseAffinity()  # /v1/responses id -> replica (engine-local store)
 
     def default_model(self) -> str | None:
@@ -186,6 +192,8 @@ class Router:
             if not cands:
                 self.on_overload()
                 raise Overloaded("Every replica is at its concurrency limit.", retry_after=self.limits.retry_after_s)
+        if self.outliers is not None:
+            cands = self.outliers.admit(cands)
         return cands
 
     def select(
@@ -198,13 +206,15 @@ class Router:
     ) -> Replica:
         """``record=False`` (``/debug/route``) leaves the decision-latency metric alone."""
         t0 = time.perf_counter()
-        cands = self.candidates(req.model, exclude)
-        if req.pin is not None:
-            pinned = pinned_candidate(cands, req.pin)
+        if req.pin is not None and req.pin not in exclude:
+            # affinity the engine requires (its response store, a DP rank): any routable replica
+            # serving the model, before outlier thinning; elsewhere vLLM would answer 404
+            pinned = pinned_candidate(self.registry.candidates(req.model), req.pin)
             if pinned is not None:
                 if record and self.observer is not None:
                     self.observer.on_decision(pinned, time.perf_counter() - t0, req)
                 return pinned
+        cands = self.candidates(req.model, exclude)
         if req.block_hashes and self.policy.needs_match:
             req.gpu_blocks, req.any_tier_blocks = self.index.match(req.block_hashes)
             # maintained by the KV-event layer through index.set_uncertain: O(1) here
@@ -235,6 +245,7 @@ class Router:
         else:
             predicted_effective = predicted
         pending = max(0, req.prompt_tokens - predicted_effective)
+        backlog = replica.pending_prefill_tokens
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
@@ -255,8 +266,8 @@ class Router:
             for hashes in req.batch_block_hashes:
                 self.index.store(replica.id, hashes, speculative=True, ttl_s=ttl)
         return Ticket(
-            replica, req.prompt_tokens, predicted, pending, self.clock(), matched_blocks=matched, confirmed_blocks=confirmed,
-            confirmed_tokens=confirmed_tokens,
+            replica, req.prompt_tokens, predicted, pending, self.clock(), backlog_tokens=backlog,
+            matched_blocks=matched, confirmed_blocks=confirmed, confirmed_tokens=confirmed_tokens,
         )
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
@@ -266,7 +277,17 @@ class Router:
         ticket.first_token_at = now
         rep = ticket.replica
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
-        rep.observe_ttft(now - ticket.dispatched_at if ttft_s is None else ttft_s, ticket.pending_tokens)
+        ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
+        rep.observe_ttft(ttft, ticket.pending_tokens)
+        if self.outliers is not None:
+            # Per token of prefill work: its own uncached tokens and those queued ahead of it, so
+            # a replica that is merely busier than its peers does not look slower.
+            self.outliers.observe_ttft(rep, ttft, ticket.pending_tokens + ticket.backlog_tokens)
+
+    def observe_itl(self, ticket: Ticket, itl_s: float) -> None:
+        """Mean gap between the chunks of one relayed stream (the outlier detector's ITL)."""
+        if self.outliers is not None:
+            self.outliers.observe_itl(ticket.replica, itl_s)
 
     def finish(self, ticket: Ticket, ok: bool = True, cached_tokens: int | None = None) -> None:
         if ticket.done:
