@@ -252,9 +252,10 @@ class Forwarder:
         raise last.error
 
     def _least_loaded(self, req: RequestInfo, exclude: list[ReplicaId]) -> Replica:
+        if req.pin is not None and req.pin not in exclude:  # as Router.select: before outlier thinning
+            if (pinned := pinned_candidate(self.router.registry.candidates(req.model), req.pin)) is not None:
+                return pinned
         cands = self.router.candidates(req.model, exclude)
-        if req.pin is not None and (pinned := pinned_candidate(cands, req.pin)) is not None:
-            return pinned
         return min(cands, key=lambda r: r.in_flight)
 
     async def _attempt(
