@@ -252,9 +252,12 @@ class Forwarder:
         raise last.error
 
     def _least_loaded(self, req: RequestInfo, exclude: list[ReplicaId]) -> Replica:
-        if req.pin is not None and req.pin not in exclude:  # as Router.select: before outlier thinning
-            if (pinned := pinned_candidate(self.router.registry.candidates(req.model), req.pin)) is not None:
-                return pinned
+        # as Router.select: a pinned target is looked up before outlier thinning
+        pinned = None if req.pin is None or req.pin in exclude else pinned_candidate(
+            self.router.registry.candidates(req.model), req.pin
+        )
+        if pinned is not None:
+            return pinned
         cands = self.router.candidates(req.model, exclude)
         return min(cands, key=lambda r: r.in_flight)
 
