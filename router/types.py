@@ -65,6 +65,10 @@ class RequestInfo:
     pin: ReplicaId | None = None
     # Called with the first response bytes and the replica that sent them (Responses API ids).
     on_response: Callable[[bytes, ReplicaId], None] | None = None
+    # Agent sessions (router/sessions/): the key, and the session table's answer for the scorer.
+    session_id: str | None = None
+    session_home: int = -1  # slot of the replica holding the session's KV; -1 new, -2 home gone
+    session_keep: float = 0.0  # fraction of the session's last prompt the home still holds (0..1)
 
     @property
     def total_blocks(self) -> int:
