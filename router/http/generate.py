@@ -5,15 +5,17 @@ accounting, admission, routing and forwarding are one code path."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from router.api_forms import ChatForm, anthropic_form, responses_form
 from router.chat_messages import MediaNotModeled
 from router.chat_render import ChatOptions, parse_chat_options
 from router.errors import BadRequest, RouterError, Unauthorized
+from router.http.prompt_limits import ContextLimits
 from router.http.proxy import ResponseSink
 from router.http.requests import (
     messages_of,
@@ -33,11 +35,14 @@ from router.types import KeyMode, RequestInfo
 log = logging.getLogger("kvrouter.server")
 _proxy_log = logging.getLogger("kvrouter.proxy")
 
-InfoParser = Callable[[Router, bytes], RequestInfo]
+class InfoParser(Protocol):
+    def __call__(self, router: Router, body: bytes, limits: ContextLimits | None = None) -> RequestInfo: ...
 
 
-def completion_info(router: Router, body: bytes) -> RequestInfo:
+def completion_info(router: Router, body: bytes, limits: ContextLimits | None = None) -> RequestInfo:
     view = parse_completion(body)
+    if limits is not None:
+        limits.check_prompt(view.model, view.prompt)  # before tokenizing or hashing
     model = view.model if view.model is not None else router.default_model()
     prompts = routing_prompts(view)
     max_tokens = view.max_tokens or 0
@@ -85,12 +90,15 @@ def no_reuse(req: RequestInfo) -> None:
     req.key_mode = KeyMode.NONE
 
 
-def chat_info(router: Router, body: bytes) -> RequestInfo:
+def chat_info(router: Router, body: bytes, limits: ContextLimits | None = None) -> RequestInfo:
     view = parse_chat(body)
     messages = messages_of(view)
+    token_ids = chat_token_ids(router, messages, body)
+    if limits is not None and token_ids is not None:
+        limits.check_tokens(view.model, len(token_ids))
     req = router.request_info(
         view.model if view.model is not None else router.default_model(),
-        token_ids=chat_token_ids(router, messages, body),
+        token_ids=token_ids,
         messages=messages,
         cache_salt=view.cache_salt,
         max_tokens=view.max_completion_tokens or view.max_tokens or 0,
@@ -116,10 +124,13 @@ def chat_token_ids(
         return None
 
 
-def _form_info(router: Router, form: ChatForm, body: bytes) -> RequestInfo:
+def _form_info(router: Router, form: ChatForm, body: bytes, limits: ContextLimits | None) -> RequestInfo:
+    token_ids = chat_token_ids(router, form.messages, body, form.options)
+    if limits is not None and token_ids is not None:
+        limits.check_tokens(form.model, len(token_ids))
     return router.request_info(
         form.model if form.model is not None else router.default_model(),
-        token_ids=chat_token_ids(router, form.messages, body, form.options),
+        token_ids=token_ids,
         messages=form.messages,
         cache_salt=form.cache_salt,
         max_tokens=form.max_tokens,
@@ -127,7 +138,7 @@ def _form_info(router: Router, form: ChatForm, body: bytes) -> RequestInfo:
     )
 
 
-def responses_info(router: Router, body: bytes) -> RequestInfo:
+def responses_info(router: Router, body: bytes, limits: ContextLimits | None = None) -> RequestInfo:
     """``/v1/responses``: keyed by the conversation vLLM renders from ``instructions`` + ``input``;
     a ``previous_response_id`` goes to the replica holding that response (its engine-local store),
     and every answer's id is remembered for the next turn."""
@@ -146,20 +157,22 @@ def responses_info(router: Router, body: bytes) -> RequestInfo:
         req.key_mode = KeyMode.NONE
         req.pin = affinity.lookup(form.previous_response_id)
     else:
-        req = _form_info(router, form, body)
+        req = _form_info(router, form, body, limits)
     req.on_response = affinity.observe
     return req
 
 
-def anthropic_info(router: Router, body: bytes) -> RequestInfo:
+def anthropic_info(router: Router, body: bytes, limits: ContextLimits | None = None) -> RequestInfo:
     """``/v1/messages``: keyed like the chat request vLLM converts it into."""
-    return _form_info(router, anthropic_form(body), body)
+    return _form_info(router, anthropic_form(body), body, limits)
 
 
-def token_generate_info(router: Router, body: bytes) -> RequestInfo:
+def token_generate_info(router: Router, body: bytes, limits: ContextLimits | None = None) -> RequestInfo:
     """``/inference/v1/generate`` (token in, token out): keyed by its ``token_ids``; a request with
     multimodal ``features``/``content_parts`` is unkeyed (its blocks carry media hashes)."""
     view = parse_token_generate(body)
+    if limits is not None:
+        limits.check_tokens(view.model, len(view.token_ids))
     media = view.features is not None or view.content_parts is not None
     params = view.sampling_params if isinstance(view.sampling_params, dict) else {}
     max_tokens = params.get("max_tokens")
@@ -217,7 +230,14 @@ async def generate(
 ) -> None:
     """Parse, admit, route and forward one generate request (the caller holds the drain guard and
     has checked the API key). Raises RouterError for answers that never reached the sink."""
-    req = info(rp.router, body)
+    limits = rp.context
+    limits.precheck(path, body)
+    if len(body) > limits.offload_parse_bytes:
+        # Decoding and validating a multi-megabyte prompt would hold the loop (F3): a thread,
+        # which the loop interleaves with every few milliseconds.
+        req = await asyncio.to_thread(info, rp.router, body, limits)
+    else:
+        req = info(rp.router, body, limits)
     if rp.cfg.server.log_prompts and log.isEnabledFor(logging.DEBUG):
         # Opt-in only: prompts are user data and never reach a log otherwise (docs/security.md).
         log.debug("prompt %s: %s", path, body[:2048].decode("utf-8", "replace"))
