@@ -207,7 +207,7 @@ def test_disconnect_during_prefill_cancels_it_and_never_sends_leg_2(
 
 
 def test_disconnect_during_decode_cancels_it(fleet: tuple[PDReplica, PDReplica, RouterProc]) -> None:
-    p, d, r = fleet
+    _, d, r = fleet
     d.control(chunk_delay=0.2)
     cancelled = d.stats()["cancelled"]
     s = _raw_request(r, {"model": MODEL, "prompt": _prompt(4000), "max_tokens": 50, "stream": True})
