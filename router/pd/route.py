@@ -143,7 +143,9 @@ class PDRouter:
             return
         if event == "added" and rep.spec.role == "prefill":
             self._prefill_ids.add(rep.id)
-        if event == "added" and self.settings.check_version:
+        # at start-up the engine may still be loading: ask again when it turns healthy
+        refetch = event == "health" and rep.healthy and self.versions.get(rep.id) is None
+        if (event == "added" or refetch) and self.settings.check_version:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
