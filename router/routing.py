@@ -61,6 +61,7 @@ class Ticket:
     dispatched_at: float
     first_token_at: float | None = None
     backlog_tokens: int = 0  # the replica's pending prefill ahead of this request at dispatch
+    remote_prefill: bool = False  # PD leg 2: its TTFT is the KV transfer, not this replica's prefill
     done: bool = False
     matched_blocks: int = 0  # GPU prefix matched on this replica (speculative + confirmed)
     confirmed_blocks: int = 0  # of those, confirmed by the replica's KV events
@@ -251,7 +252,7 @@ class Router:
             predicted_effective = min(req.prompt_tokens, matched * req.block_size)
         else:
             predicted_effective = predicted
-        pending = max(0, req.prompt_tokens - predicted_effective)
+        pending = 0 if req.remote_prefill else max(0, req.prompt_tokens - predicted_effective)
         backlog = replica.pending_prefill_tokens
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
@@ -277,6 +278,7 @@ class Router:
         return Ticket(
             replica, req.prompt_tokens, predicted, pending, self.clock(), backlog_tokens=backlog,
             matched_blocks=matched, confirmed_blocks=confirmed, confirmed_tokens=confirmed_tokens,
+            remote_prefill=req.remote_prefill,
         )
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
@@ -288,7 +290,7 @@ class Router:
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
         ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
         rep.observe_ttft(ttft, ticket.pending_tokens)
-        if self.outliers is not None:
+        if self.outliers is not None and not ticket.remote_prefill:
             # Per token of prefill work: its own uncached tokens and those queued ahead of it, so
             # a replica that is merely busier than its peers does not look slower.
             self.outliers.observe_ttft(rep, ttft, ticket.pending_tokens + ticket.backlog_tokens)

@@ -65,6 +65,9 @@ class RequestInfo:
     pin: ReplicaId | None = None
     # Called with the first response bytes and the replica that sent them (Responses API ids).
     on_response: Callable[[bytes, ReplicaId], None] | None = None
+    # PD leg 2: the prompt's KV arrives from a prefill replica, so the decode replica has no
+    # prefill work queued for it and its first token says nothing about its prefill rate.
+    remote_prefill: bool = False
     # Agent sessions (router/sessions/): the key, and the session table's answer for the scorer.
     session_id: str | None = None
     session_home: int = -1  # slot of the replica holding the session's KV; -1 new, -2 home gone
@@ -91,6 +94,7 @@ class ReplicaSpec:
     kv_replay: str | None = None
     kv_events_bind: bool = False
     models: tuple[str, ...] = ()  # known in advance (else learned from /v1/models)
+    role: str = "both"  # prefill | decode | both (router/pd/roles.py)
 
     @property
     def id(self) -> ReplicaId:

@@ -46,6 +46,7 @@ from router.index import PrefixIndex
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
+from router.pd.route import PDRouter
 from router.replicas.autoscale import AutoscaleCollector
 from router.replicas.canary import Canary
 from router.replicas.engine_metrics import EngineMetrics
@@ -215,7 +216,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         max_chars_per_token=cfg.routing.max_chars_per_token,
         offload_parse_bytes=cfg.routing.offload_parse_bytes,
     )
-    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, st.limits, context)
+    pd = PDRouter(cfg.pd, st.router, st.registry, forwarder, pool, st.metrics.registry, cfg.upstream.api_key)
+    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, st.limits, context, pd)
     run = Running(session, kv_events, monitor, pool, path)
     app[RUNNING] = run
     canary = Canary(cfg.outliers, st.registry, outliers, session, cfg.upstream.api_key)
@@ -236,6 +238,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for t in run.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await pd.close()
         await canary.close()
         await monitor.close()
         if kv_events is not None:

@@ -254,7 +254,10 @@ async def generate(
     if not admission.try_acquire():
         await admission.acquire(priority)  # queued (by priority, then arrival; bounded) or refused with 429
     try:
-        await rp.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain, body_for=body_for)
+        if rp.pd is not None and rp.pd.active(req.model):
+            await rp.pd.handle(sink, target, headers, body, req)
+        else:
+            await rp.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain, body_for=body_for)
         if hints is not None and hints.speculative_prefill:
             speculative_prefill(rp, sink, hints, req, path, target, headers)
     finally:

@@ -27,6 +27,7 @@ from router.index import PrefixIndex
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
+from router.pd.route import PDRouter
 from router.replicas.monitor import ReplicaMonitor
 from router.replicas.registry import ReplicaRegistry
 from router.routing import Router
@@ -70,6 +71,7 @@ class RequestPath:
     drain: DrainGuard
     limits: ClientLimits  # deadlines, body budget, per-client limits (client_limits.py)
     context: ContextLimits  # prompt size against max_model_len (prompt_limits.py)
+    pd: PDRouter | None = None  # prefill/decode disaggregation (router/pd/route.py)
 
 
 @dataclass(slots=True)
