@@ -61,7 +61,7 @@ from router.scoring.policies import POLICIES, Policy, build_policy
 from router.types import BlockHash, ReplicaId, ReplicaSpec
 
 from .model import Trace, TraceRequest
-from .records import RequestRecord, summarize
+from .records import SLO, RequestRecord, summarize
 from .stats import oracle_hit_ratio
 
 MODEL = "sim"  # every simulated replica serves one model
@@ -87,6 +87,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     speculative_ttl_s: float = 30.0  # router speculation TTL with KV events (Router default)
     weights: dict[str, float] = {}  # cache_aware weight overrides
     load_factor: float | None = None  # cache_aware bounded-load factor; None = router default
+    slo_ttft_s: float = 2.0  # goodput SLO (records.SLO)
+    slo_tpot_s: float = 0.1
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -205,13 +207,20 @@ _KV, _FIRST, _FINISH = 0, 1, 2
 class _Fleet:
     """One run's state: engines, replicas, the router and the pending-callback heap."""
 
-    def __init__(self, trace: Trace, cfg: SimConfig, make_policy: PolicyFactory, rng: random.Random) -> None:
+    def __init__(
+        self,
+        trace: Trace,
+        cfg: SimConfig,
+        make_policy: PolicyFactory,
+        rng: random.Random,
+        clock: VirtualClock | None = None,  # shared by the two pools of a PD run
+    ) -> None:
         bs = trace.block_tokens
         if bs <= 0:
             raise ValueError(f"trace {trace.name!r} has no block ids (block_tokens=0): nothing to simulate")
         self.bs = bs
         self.cfg = cfg
-        self.clock = VirtualClock()
+        self.clock = clock or VirtualClock()
         profile = get_profile(cfg.profile)
         self.profile = profile
         self.policy = make_policy(rng, self.clock)
@@ -443,7 +452,7 @@ def run_policy(
     return PolicyRun(
         name=name,
         records=records,
-        summary=summarize(records, replicas=[r.id for r in fleet.replicas]),
+        summary=summarize(records, slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s), replicas=[r.id for r in fleet.replicas]),
         wall_s=wall,
         sim_end_s=end,
         engine_steps=fleet.steps,
