@@ -189,11 +189,18 @@ def register_simulate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the policies' rng (default 0)")
     p.add_argument("--weight", action="append", default=None, metavar="NAME=W", help="cache_aware weight override")
     p.add_argument("--load-factor", type=float, default=None, help="cache_aware bounded-load factor override")
+    p.add_argument("--slo-ttft", type=float, default=2.0, metavar="S", help="goodput TTFT SLO (default 2 s)")
+    p.add_argument("--slo-tpot", type=float, default=0.1, metavar="S", help="goodput TPOT SLO (default 0.1 s)")
+    p.add_argument("--prefill-replicas", default=None, metavar="P[,P..]",
+                   help="PD fleets: prefill pool sizes, paired with --decode-replicas (docs/disaggregation.md)")
+    p.add_argument("--decode-replicas", default=None, metavar="D[,D..]", help="PD fleets: decode pool sizes")
+    p.add_argument("--pd", action="append", default=None, metavar="RULE",
+                   help="repeatable split rule: always, auto, never, threshold[:N] (default always, auto, threshold)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--out", default=None, metavar="DIR", help="write records-<policy>.jsonl and summary.json")
 
     def _run(args: argparse.Namespace) -> int:
-        from .simulate import cmd_simulate
+        from .simulate_cli import cmd_simulate
 
         return cmd_simulate(args)
 
