@@ -42,7 +42,16 @@ from router.types import BlockHash
 
 from .model import Trace, TraceRequest
 from .records import SLO, RequestRecord, summarize
-from .simulate import _FINISH, MODEL, PolicyRun, SimConfig, VirtualClock, _Fleet, policy_factory, select_requests
+from .simulate import (
+    _FINISH,
+    MODEL,
+    PolicyRun,
+    SimConfig,
+    VirtualClock,
+    _Fleet,
+    policy_factory,
+    select_requests,
+)
 
 PD_RULES = ("always", "auto", "threshold", "never")
 

@@ -21,9 +21,10 @@ LEASE_S = 0.4
 @pytest.fixture
 async def pd() -> AsyncIterator[tuple[Fleet, Fleet]]:
     common: dict[str, Any] = {"events_port": 0, "replay_port": 0, "port": 0}
-    async with start_fleet(FleetConfig(1, "tiny", role="prefill", kv_lease_s=LEASE_S, **common)) as p:
-        async with start_fleet(FleetConfig(1, "tiny", role="decode", seed=1, **common)) as d:
-            yield p, d
+    pcfg = FleetConfig(1, "tiny", role="prefill", kv_lease_s=LEASE_S, **common)
+    dcfg = FleetConfig(1, "tiny", role="decode", seed=1, **common)
+    async with start_fleet(pcfg) as p, start_fleet(dcfg) as d:
+        yield p, d
 
 
 @pytest.fixture

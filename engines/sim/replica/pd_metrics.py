@@ -28,7 +28,7 @@ class PDMetrics:
         self.by_source = {s: by_source.labels(source=s, **lv) for s in SOURCES}
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labelnames, registry=registry).labels(**lv)  # type: ignore[no-any-return]
+            return Counter(name, doc, labelnames, registry=registry).labels(**lv)
 
         self.failed_transfers = counter(
             "vllm:nixl_num_failed_transfers",
