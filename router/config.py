@@ -108,8 +108,27 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     seed: int | None = None  # tie-break RNG seed (tests, simulation)
 
 
+class PDSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """Prefill/decode disaggregation (docs/disaggregation.md); on when any prefill replica exists."""
+
+    rule: Literal["auto", "threshold", "always", "never"] = "auto"
+    threshold_tokens: NonNegInt = 2048  # rule threshold: llm-d nonCachedTokens / Dynamo eff-isl
+    threshold_max_cached_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None  # Dynamo's 0.7
+    min_split_tokens: NonNegInt = 64  # fewer uncached tokens on the decode replica: never split
+    stall_weight: NonNeg = 0.1  # TTFT seconds worth one request-second of decode slow-down
+    handoff_overhead_s: NonNeg = 0.002
+    link_bandwidth_bytes_s: Pos = 12.5e9  # P -> D KV link (one 100 Gb/s NIC)
+    link_latency_s: NonNeg = 50e-6
+    kv_bytes_per_token: PosInt = 131_072  # Llama-3-8B bf16
+    check_version: bool = True  # pair only replicas whose GET /version agree
+    prefill_timeout_s: Pos = 60.0  # leg 1 budget; past it: decode-only fallback
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     backends: list[str] = msgspec.field(default_factory=list)
+    prefill: list[str] = msgspec.field(default_factory=list)  # prefill-role replicas
+    decode: list[str] = msgspec.field(default_factory=list)  # decode-role replicas
+    pd: PDSettings = msgspec.field(default_factory=PDSettings)
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
@@ -133,6 +152,14 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("backends", "backend", "replica base URL (repeatable; env: comma-separated)", "list"),
+    Option("prefill", "prefill", "prefill-role replica base URL (repeatable; env: comma-separated)", "list"),
+    Option("decode", "decode", "decode-role replica base URL (repeatable; env: comma-separated)", "list"),
+    Option("pd.rule", "pd-rule", "split rule: auto | threshold | always | never"),
+    Option("pd.threshold_tokens", "pd-threshold-tokens", "threshold rule: uncached tokens to split at", "int"),
+    Option("pd.stall_weight", "pd-stall-weight", "auto rule: weight of the decode batch stall", "float"),
+    Option("pd.link_bandwidth_bytes_s", "pd-link-bandwidth", "P->D KV link bandwidth (bytes/s)", "float"),
+    Option("pd.kv_bytes_per_token", "pd-kv-bytes-per-token", "KV cache bytes per token (all layers)", "int"),
+    Option("pd.check_version", "pd-check-version", "refuse to pair replicas whose /version differ", "bool"),
     Option("server.host", "host", "listen address"),
     Option("server.port", "port", "listen port", "int"),
     Option("server.workers", "workers", "worker processes on one SO_REUSEPORT port", "int"),
@@ -184,6 +211,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("routing.seed", "seed", "tie-break RNG seed", "int"),
     Option("discovery.sources", "discovery", "static | dns | k8s (repeatable; default: whatever is set)", "list"),
     Option("discovery.dns_name", "dns-name", "headless Service name to re-resolve"),
+    Option("discovery.dns_prefill_name", "dns-prefill-name", "DNS name of the prefill pool"),
+    Option("discovery.dns_decode_name", "dns-decode-name", "DNS name of the decode pool"),
     Option("discovery.dns_port", "dns-port", "HTTP port of replicas found by DNS", "int"),
     Option("discovery.dns_srv", "dns-srv", "use SRV records for ports", "bool"),
     Option("discovery.dns_interval_s", "dns-interval", "DNS re-resolution interval (s)", "float"),
@@ -271,13 +300,20 @@ def build_config(
         cfg = msgspec.convert(tree, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise _config_error(exc, tree) from None
-    if cfg.backends:
-        # --backend URLs are the static discovery source, whatever other sources run beside it.
-        static = [u.rstrip("/") for u in (*cfg.backends, *cfg.discovery.static)]
-        sources = cfg.discovery.sources
+    if cfg.backends or cfg.prefill or cfg.decode:
+        # --backend/--prefill/--decode URLs are the static discovery source, whatever other
+        # sources run beside it.
+        d = cfg.discovery
+        sources = d.sources
         if sources and "static" not in sources:
             sources = [*sources, "static"]
-        cfg.discovery = msgspec.structs.replace(cfg.discovery, static=static, sources=sources)
+        cfg.discovery = msgspec.structs.replace(
+            d,
+            static=[u.rstrip("/") for u in (*cfg.backends, *d.static)],
+            static_prefill=[u.rstrip("/") for u in (*cfg.prefill, *d.static_prefill)],
+            static_decode=[u.rstrip("/") for u in (*cfg.decode, *d.static_decode)],
+            sources=sources,
+        )
     validate(cfg)
     return cfg
 
@@ -312,6 +348,10 @@ def validate(cfg: Config) -> None:
     """Checks that need more than a type: URLs, names, cross-field rules."""
     for i, url in enumerate(cfg.backends):
         check_backend_url(f"backends[{i}]", url)
+    for i, url in enumerate(cfg.prefill):
+        check_backend_url(f"prefill[{i}]", url)
+    for i, url in enumerate(cfg.decode):
+        check_backend_url(f"decode[{i}]", url)
     for i, pair in enumerate(cfg.kv_events.endpoints):
         _backend, sep, endpoint = pair.partition("=")
         if not sep or not endpoint.startswith(("tcp://", "ipc://")):

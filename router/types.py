@@ -75,6 +75,7 @@ class ReplicaSpec:
     kv_replay: str | None = None
     kv_events_bind: bool = False
     models: tuple[str, ...] = ()  # known in advance (else learned from /v1/models)
+    role: str = "both"  # prefill | decode | both (router/pd/roles.py)
 
     @property
     def id(self) -> ReplicaId:

@@ -38,6 +38,7 @@ from router.index import PrefixIndex
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
+from router.pd.route import PDRouter
 from router.replicas.monitor import ReplicaMonitor
 from router.replicas.passive import PassiveHealth
 from router.replicas.registry import ReplicaRegistry
@@ -162,7 +163,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ForwardHooks(passive.record_success, passive.record_failure),
         replica_header=cfg.server.replica_header,
     )
-    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain)
+    pd = PDRouter(cfg.pd, st.router, st.registry, forwarder, pool, st.metrics.registry, cfg.upstream.api_key)
+    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, pd)
     run = Running(session, kv_events, monitor, pool, path)
     app[RUNNING] = run
     sources = st.sources if st.sources is not None else _default_sources(cfg)
@@ -178,6 +180,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for t in run.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await pd.close()
         await monitor.close()
         if kv_events is not None:
             await kv_events.close()

@@ -149,6 +149,9 @@ async def debug_route(request: web.Request) -> web.Response:
     out = explain.as_dict()
     out["prompt_tokens"] = req.prompt_tokens
     out["key_mode"] = req.key_mode.value if req.key_mode is not KeyMode.NONE else "none"
+    pd = request.app[RUNNING].path.pd
+    if pd is not None and pd.active(req.model):
+        out["pd"] = pd.explain(req, body)  # decode, prefill, both TTFT estimates, the outcome
     return web.Response(body=_json.encode(out), content_type="application/json")
 
 

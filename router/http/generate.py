@@ -116,6 +116,9 @@ async def generate(
     if not admission.try_acquire():
         await admission.acquire()  # queued (FIFO, bounded) or refused with 429
     try:
-        await rp.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain)
+        if rp.pd is not None and rp.pd.active(req.model):
+            await rp.pd.handle(sink, target, headers, body, req)
+        else:
+            await rp.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain)
     finally:
         admission.release()

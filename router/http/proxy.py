@@ -198,12 +198,14 @@ class Forwarder:
         *,
         routed: bool = True,
         explain: Explanation | None = None,
+        pinned: Replica | None = None,
     ) -> None:
         """Pick a replica (policy when ``routed``, else least in-flight), send, relay to ``sink``.
 
         ``target`` is the request target (path and query) as the client sent it; ``headers``
         the lines for the engine (``request_header_lines``). ``explain`` is filled by the first
-        selection (debug logging of the real decision)."""
+        selection (debug logging of the real decision). ``pinned``: the first attempt's replica,
+        chosen by the caller (router/pd/route.py); retries go through the policy."""
         tried: list[ReplicaId] = []
         last: UpstreamFailure | None = None
         # Replicas that answered 5xx: blamed only once another replica served the same request.
@@ -213,7 +215,9 @@ class Forwarder:
         started = time.perf_counter()
         for attempt in range(self.cfg.max_retries + 1):
             try:
-                if routed:
+                if attempt == 0 and pinned is not None:
+                    replica = pinned
+                elif routed:
                     replica = self.router.select(req, tried, explain if attempt == 0 else None)
                     if attempt == 0 and explain is not None:
                         log.debug("route %s", explain.log_line())

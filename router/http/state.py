@@ -25,6 +25,7 @@ from router.index import PrefixIndex
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
+from router.pd.route import PDRouter
 from router.replicas.monitor import ReplicaMonitor
 from router.replicas.registry import ReplicaRegistry
 from router.routing import Router
@@ -66,6 +67,7 @@ class RequestPath:
     forwarder: Forwarder
     metrics: RouterMetrics
     drain: DrainGuard
+    pd: PDRouter | None = None  # prefill/decode disaggregation (router/pd/route.py)
 
 
 @dataclass(slots=True)

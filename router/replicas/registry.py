@@ -65,6 +65,10 @@ class Replica:
         return self.churn_tokens * math.exp(-dt / tau_s)
 
     @property
+    def role(self) -> str:
+        return self.spec.role
+
+    @property
     def routable(self) -> bool:
         return self.healthy and not self.draining
 
@@ -192,13 +196,22 @@ class ReplicaRegistry:
         """
         cached = self._candidates.get(model)
         if cached is None:
+            # prefill-only replicas take leg 1 of split requests only (router/pd/)
             cached = [
                 r
                 for r in self._replicas.values()
-                if r.routable and (model is None or not r.models or model in r.models)
+                if r.routable and r.spec.role != "prefill" and (model is None or not r.models or model in r.models)
             ]
             self._candidates[model] = cached
         return cached
+
+    def prefill_candidates(self, model: str | None) -> list[Replica]:
+        """Routable ``prefill`` replicas serving ``model`` (not cached: PD requests only)."""
+        return [
+            r
+            for r in self._replicas.values()
+            if r.routable and r.spec.role == "prefill" and (model is None or not r.models or model in r.models)
+        ]
 
     def serves(self, model: str) -> bool:
         """Whether any replica (healthy or not) serves ``model`` or might (models unknown)."""
