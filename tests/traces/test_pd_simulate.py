@@ -71,12 +71,10 @@ def test_parse_rule() -> None:
 
 def test_cli_prints_the_three_way_comparison_in_json() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, "-m", "router", "simulate", "--trace", str(MOONCAKE), "--max-requests", "60",
-         "--replicas", "3", "--prefill-replicas", "1", "--decode-replicas", "2", "--pd", "always",
-         "--pd", "auto", "--pd", "threshold:1024", "--json"],  # fmt: skip
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
+    argv = [sys.executable, "-m", "router", "simulate", "--trace", str(MOONCAKE), "--max-requests", "60",
+            "--replicas", "3", "--prefill-replicas", "1", "--decode-replicas", "2", "--pd", "always",
+            "--pd", "auto", "--pd", "threshold:1024", "--json"]  # fmt: skip
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
     report = json.loads(out.stdout)
     pols = report["policies"]
     assert set(pols) == {"cache_aware", "1P+2D always", "1P+2D auto", "1P+2D threshold:1024"}
@@ -84,3 +82,30 @@ def test_cli_prints_the_three_way_comparison_in_json() -> None:
         for key in ("ttft_mean_s", "ttft_p99_s", "tpot_mean_s", "goodput_rps", "split_share", "pd_outcomes"):
             assert key in pols[name], (name, key)
     assert pols["1P+2D always"]["split_share"] == 1.0
+
+
+def test_replay_reads_the_split_share_of_a_live_pd_fleet_from_its_engines() -> None:
+    from traces.records import SLO, RequestRecord
+    from traces.replay import engine_delta
+    from traces.report import COLUMNS, table_rows
+
+    page = 'vllm:nixl_xfer_time_seconds_count{{engine="0",model_name="m"}} {n}\n'
+    delta = engine_delta({"http://d": page.format(n=2)}, {"http://d": page.format(n=5)})
+    assert delta["kv_transfers"] == 3
+    recs = [RequestRecord(request_id=str(i), target="t", send_s=0.0, prompt_tokens=10) for i in range(4)]
+    from traces.replay import target_summary
+
+    class _Run:
+        records = recs
+        wall_s = 1.0
+        lateness_p99_s = 0.0
+        lateness_max_s = 0.0
+        cancelled = 0
+
+    class _Cfg:
+        slo = SLO()
+
+    s = target_summary(_Run(), _Cfg(), delta)  # type: ignore[arg-type]
+    assert s["split_share"] == 0.75
+    row = table_rows({"pd": s})[0]
+    assert row[COLUMNS.index("split")] == "75.0%"
