@@ -81,6 +81,10 @@ async def test_handoff_decodes_without_recomputing(pd: tuple[Fleet, Fleet], http
     assert m[("vllm:nixl_num_failed_transfers_total", "")] == 0
     pm = await _metrics(http, purl)
     assert pm[("vllm:prompt_tokens_by_source_total", "local_compute")] == n
+    # The loaded blocks joined D's prefix cache (and were published as BlockStored by that path):
+    # a plain repeat of the prompt on D hits them.
+    status, again = await _post(http, durl, {"model": "tiny", "prompt": PROMPT, "max_tokens": 1})
+    assert status == 200 and again["usage"]["prompt_tokens_details"]["cached_tokens"] >= n - 16
 
 
 async def test_expired_lease_is_counted_and_read_anyway(pd: tuple[Fleet, Fleet], http: aiohttp.ClientSession) -> None:
