@@ -208,7 +208,7 @@ class Router:
             predicted_effective = min(req.prompt_tokens, matched * req.block_size)
         else:
             predicted_effective = predicted
-        pending = max(0, req.prompt_tokens - predicted_effective)
+        pending = 0 if req.remote_prefill else max(0, req.prompt_tokens - predicted_effective)
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)

@@ -53,6 +53,9 @@ class RequestInfo:
     any_tier_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU or CPU
     # Slots whose index view missed KV events (PrefixIndex.uncertain_slots at selection time).
     uncertain_slots: AbstractSet[int] = frozenset()
+    # PD leg 2: the prompt's KV arrives from a prefill replica, so the decode replica has no
+    # prefill work queued for it and its first token says nothing about its prefill rate.
+    remote_prefill: bool = False
 
     @property
     def total_blocks(self) -> int:

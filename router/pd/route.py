@@ -322,6 +322,7 @@ class PDRouter:
             # Leg 2 now: P holds the blocks only for its lease.
             self._count(SPLIT, plan, rid)
             plan.prefill = prefill
+            req.remote_prefill = True  # D queues no prefill for it and learns no prefill rate from it
             await self.forwarder.forward(
                 sink, "POST", target, headers, decode_body(obj, params), req, pinned=plan.decode
             )

@@ -43,7 +43,7 @@ def _router(logs: Path, p: list[str], d: list[str], *extra: str, name: str) -> R
     for u in d:
         flags += ["--decode", u]
     return RouterProc(logs, [], *flags, "--kv-events", "off", "--metrics-interval", "0.1", "--enable-debug",
-                      "--drain-grace", "0", *extra, name=name)
+                      "--drain-grace", "0", "--eject-after", "1000", *extra, name=name)
 
 
 @pytest.fixture(scope="module")

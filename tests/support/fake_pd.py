@@ -15,7 +15,8 @@ Run: ``python -m tests.support.fake_pd --port P --role prefill|decode [--version
 
 ``POST /_control`` (JSON) switches modes: ``mode`` = ok | fail (500) | stall | no_params (prefill
 answers with ``kv_transfer_params: null``); ``running`` = the ``vllm:num_requests_running`` it
-reports; ``chunk_delay``. ``GET /_stats``: requests, bodies and headers seen, cancellations.
+reports; ``chunk_delay``; ``prefill_tps`` (50,000: prefill sleeps tokens / rate, on P for every
+prompt, on D for the tokens it computes itself). ``GET /_stats``: requests, bodies and headers seen, cancellations.
 Prompt tokens are estimated as UTF-8 bytes / 4 (the router's byte mode).
 """
 
@@ -91,12 +92,12 @@ async def _prefill(request: web.Request, req: dict[str, Any], ktp: dict[str, Any
     if problems:
         stats["violations"].extend(problems)
         return web.json_response({"error": {"message": "; ".join(problems), "type": "BadRequestError"}}, status=400)
+    n = _prompt_tokens(req)
     try:
-        await asyncio.sleep(float(ctrl["prefill_delay"]))
+        await asyncio.sleep(float(ctrl["prefill_delay"]) + n / float(ctrl["prefill_tps"]))
     except asyncio.CancelledError:
         stats["cancelled"] += 1
         raise
-    n = _prompt_tokens(req)
     stats["prefilled_tokens"] += n
     rrid = f"cmpl-{uuid.uuid4().hex[:16]}-0"
     params: dict[str, Any] | None = {
@@ -141,6 +142,7 @@ def _chunk(i: int, model: str, chat: bool) -> bytes:
 async def _decode(request: web.Request, req: dict[str, Any], ktp: dict[str, Any]) -> web.StreamResponse:
     stats, ctrl = request.app[STATS], request.app[CTRL]
     n = _prompt_tokens(req)
+    computed = n
     if ktp.get("do_remote_prefill"):
         need = ["remote_engine_id", "remote_request_id", "remote_host", "remote_port"]
         if ktp.get("transfer_mode") != "push":
@@ -152,8 +154,12 @@ async def _decode(request: web.Request, req: dict[str, Any], ktp: dict[str, Any]
         else:
             stats["external_kv_transfer"] += n
             stats["remote_hosts"].append(ktp["remote_host"])
+            computed = 0
     else:
         stats["local_compute"] += n
+    # Prefill takes time in proportion to the tokens computed here (the router measures the
+    # rate from TTFTs); handed-off tokens cost nothing.
+    await asyncio.sleep(computed / float(ctrl["prefill_tps"]))
     chunks = int(req.get("max_tokens") or req.get("max_completion_tokens") or 8)
     delay = float(ctrl["chunk_delay"])
     chat = request.path.endswith("/chat/completions")
@@ -223,7 +229,7 @@ def make_app(role: str, model: str = "fake-model", version: str = "0.32.0") -> w
                   "violations": [], "remote_hosts": [], "local_compute": 0, "external_kv_transfer": 0,
                   "prefilled_tokens": 0}
     app[CTRL] = {"role": role, "mode": "ok", "model": model, "version": version, "running": 0,
-                 "chunk_delay": 0.0, "prefill_delay": 0.0, "transfer_mode": "pull",
+                 "chunk_delay": 0.0, "prefill_delay": 0.0, "prefill_tps": 50_000.0, "transfer_mode": "pull",
                  "engine_id": str(uuid.uuid4())}
     app.router.add_post("/v1/completions", _generate)
     app.router.add_post("/v1/chat/completions", _generate)
