@@ -2,6 +2,8 @@
 metrics and faults. vLLM's HTTP API in front of it is ``http_api`` (which imports this module,
 never the other way round); ``start`` serves the app it builds.
 
+(Over 500 lines: the engine loop, lifecycle, faults and the PD hooks share one replica's state.)
+
 The engine loop is one asyncio task per replica, in wall-clock time::
 
     while work exists:
