@@ -192,9 +192,8 @@ class _PDRun:
             d.busy.add(di)
             return
         # Leg 2 is committed to D now (its load counts there from the decision), with nothing to
-        # prefill: D's view of this prompt is "all cached" so its prefill-rate estimate stays clean.
-        info.gpu_blocks = [0] * (drep.slot + 1)
-        info.gpu_blocks[drep.slot] = len(full)
+        # prefill (as the live router's ticket): D's pending prefill and measured rate stay clean.
+        info.remote_prefill = True
         dticket = d.router.dispatch(info, drep)
         d.tickets[r.request_id] = dticket
         d.awaiting[di][r.request_id] = dticket
