@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from .hashing import hash_byte_blocks, hash_token_blocks, model_seed, render_messages
@@ -28,6 +28,9 @@ from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
 from .types import BlockHash, KeyMode, ReplicaId, RequestInfo
+
+if TYPE_CHECKING:
+    from .replicas.outliers import OutlierDetector
 
 log = logging.getLogger("kvrouter.routing")
 
@@ -52,6 +55,7 @@ class Ticket:
     pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
     dispatched_at: float
     first_token_at: float | None = None
+    backlog_tokens: int = 0  # the replica's pending prefill ahead of this request at dispatch
     done: bool = False
 
 
@@ -81,6 +85,7 @@ class Router:
         observer: RoutingObserver | None = None,
         limits: RouterLimits = RouterLimits(),
         on_overload: Callable[[], None] = lambda: None,
+        outliers: OutlierDetector | None = None,
     ) -> None:
         self.index = index
         self.registry = registry
@@ -95,6 +100,7 @@ class Router:
         self.observer = observer
         self.limits = limits
         self.on_overload = on_overload
+        self.outliers = outliers  # thins candidates by outlier state (replicas/outliers.py)
 
     # ---- request keys ---------------------------------------------------------------------
 
@@ -166,6 +172,8 @@ class Router:
             if not cands:
                 self.on_overload()
                 raise Overloaded("Every replica is at its concurrency limit.", retry_after=self.limits.retry_after_s)
+        if self.outliers is not None:
+            cands = self.outliers.admit(cands)
         return cands
 
     def select(
@@ -209,13 +217,14 @@ class Router:
         else:
             predicted_effective = predicted
         pending = 0 if req.remote_prefill else max(0, req.prompt_tokens - predicted_effective)
+        backlog = replica.pending_prefill_tokens
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock())
+        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), backlog_tokens=backlog)
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
         if ticket.first_token_at is not None or ticket.done:
@@ -224,7 +233,17 @@ class Router:
         ticket.first_token_at = now
         rep = ticket.replica
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
-        rep.observe_ttft(now - ticket.dispatched_at if ttft_s is None else ttft_s, ticket.pending_tokens)
+        ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
+        rep.observe_ttft(ttft, ticket.pending_tokens)
+        if self.outliers is not None:
+            # Per token of prefill work: its own uncached tokens and those queued ahead of it, so
+            # a replica that is merely busier than its peers does not look slower.
+            self.outliers.observe_ttft(rep, ttft, ticket.pending_tokens + ticket.backlog_tokens)
+
+    def observe_itl(self, ticket: Ticket, itl_s: float) -> None:
+        """Mean gap between the chunks of one relayed stream (the outlier detector's ITL)."""
+        if self.outliers is not None:
+            self.outliers.observe_itl(ticket.replica, itl_s)
 
     def finish(self, ticket: Ticket, ok: bool = True, cached_tokens: int | None = None) -> None:
         if ticket.done:

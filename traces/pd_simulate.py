@@ -116,8 +116,8 @@ class _PDRun:
         factory = policy_factory(pd.policy, cfg)
         pcfg = msgspec.structs.replace(cfg, replicas=pd.prefill_replicas)
         dcfg = msgspec.structs.replace(cfg, replicas=pd.decode_replicas)
-        self.p = _PrefillPool(trace, pcfg, factory, random.Random(cfg.seed), self.clock)
-        self.d = _Fleet(trace, dcfg, factory, random.Random(cfg.seed + 1), self.clock)
+        self.p = _PrefillPool(trace, pcfg, factory, random.Random(cfg.seed), clock=self.clock)
+        self.d = _Fleet(trace, dcfg, factory, random.Random(cfg.seed + 1), clock=self.clock)
         prof = get_profile(cfg.profile)
         link = prof.kv_link
         self.link = LinkModel(

@@ -52,9 +52,11 @@ from engines.sim.model.engine import EngineModel
 from engines.sim.model.profiles import EngineProfile, get_profile
 from engines.sim.model.stats import ITL_BUCKETS, Histogram
 from engines.sim.model.structs import EngineConfig, SimRequest
+from router.config import OutlierSettings
 from router.index import PrefixIndex
 from router.kv.apply import IDENTITY_KEYS, apply_batch
 from router.kv.wire import KVEvent
+from router.replicas.outliers import OutlierDetector
 from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, Ticket
 from router.scoring.policies import POLICIES, Policy, build_policy
@@ -65,6 +67,7 @@ from .records import SLO, RequestRecord, summarize
 from .stats import oracle_hit_ratio
 
 MODEL = "sim"  # every simulated replica serves one model
+OUTLIER_POLICIES = POLICIES  # kvrouter's own (live, the detector runs under every policy)
 
 # A policy factory builds a fresh policy for each run: (rng, clock) -> Policy. Peer emulations
 # and sweep prototypes need the virtual clock (e.g. SGLang's periodic tree eviction).
@@ -89,6 +92,14 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     load_factor: float | None = None  # cache_aware bounded-load factor; None = router default
     slo_ttft_s: float = 2.0  # goodput SLO (records.SLO)
     slo_tpot_s: float = 0.1
+    # One sick replica (docs/reliability.md): engine ``slow_replica`` runs ``slow_factor`` times
+    # slower from ``slow_window[0]`` to ``slow_window[1]`` simulated seconds.
+    slow_replica: int | None = None
+    slow_factor: float = 1.0
+    slow_window: tuple[float, float] = (0.0, math.inf)
+    # The live router's outlier detector (router/replicas/outliers.py) on kvrouter's policies;
+    # peer emulations run without it, as the peers do.
+    outliers: bool = False
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -101,6 +112,12 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"invalid max_requests: {self.max_requests} (must be >= 1)")
         if self.duration_s is not None and not self.duration_s > 0:
             raise ValueError(f"invalid duration_s: {self.duration_s} (must be > 0)")
+        if self.slow_replica is not None and not 0 <= self.slow_replica < self.replicas:
+            raise ValueError(f"invalid slow_replica: {self.slow_replica} (must be in [0, {self.replicas}))")
+        if not self.slow_factor > 0:
+            raise ValueError(f"invalid slow_factor: {self.slow_factor} (must be > 0)")
+        if not self.slow_window[0] < self.slow_window[1]:
+            raise ValueError(f"invalid slow_window: {self.slow_window} (START must be < END)")
 
 
 @dataclass(slots=True)
@@ -213,6 +230,7 @@ class _Fleet:
         cfg: SimConfig,
         make_policy: PolicyFactory,
         rng: random.Random,
+        outliers: bool = False,
         clock: VirtualClock | None = None,  # shared by the two pools of a PD run
     ) -> None:
         bs = trace.block_tokens
@@ -238,6 +256,9 @@ class _Fleet:
             capacity_per_replica=self.capacity_blocks, speculative_ttl_s=cfg.speculative_ttl_s, clock=self.clock
         )
         self.registry = ReplicaRegistry(self.index)
+        self.outliers: OutlierDetector | None = None
+        if outliers:
+            self.outliers = OutlierDetector(OutlierSettings(), self.registry, self.clock, random.Random(cfg.seed))
         self.router = Router(
             self.index,
             self.registry,
@@ -245,6 +266,7 @@ class _Fleet:
             block_size=bs,
             speculative_ttl_s=cfg.speculative_ttl_s,
             clock=self.clock,
+            outliers=self.outliers,
         )
         self.engines: list[EngineModel] = []
         self.replicas: list[Replica] = []
@@ -333,6 +355,10 @@ class _Fleet:
         else:
             f = payload
             ticket = self.tickets.pop(f.request_id)
+            if self.outliers is not None:
+                if f.first_token_time is not None and f.output_tokens > 1:
+                    self.router.observe_itl(ticket, (f.finish_time - f.first_token_time) / (f.output_tokens - 1))
+                self.outliers.record_success(ticket.replica)
             self.router.finish(ticket, True, f.cached_tokens)
             rec = self.records[f.request_id]
             rec.output_tokens = f.output_tokens
@@ -360,6 +386,34 @@ class _Fleet:
             rep.engine_waiting = float(eng.num_waiting)
             rep.kv_usage = eng.kv_cache_usage
             rep.metrics_ok = True
+            if self.outliers is not None:
+                self.outliers.observe_engine(rep, float(eng.metrics.num_preemptions), eng.kv_cache_usage, None)
+
+    def _slow_edges(self) -> list[tuple[float, float]]:
+        """(time, factor) changes of the slow replica, in order."""
+        cfg = self.cfg
+        if cfg.slow_replica is None or cfg.slow_factor == 1.0:
+            return []
+        return [(cfg.slow_window[0], cfg.slow_factor), (cfg.slow_window[1], 1.0)]
+
+    def _ticks(self, t: float, edges: list[tuple[float, float]], next_eval: float) -> float:
+        """Slow-window edges and outlier evaluations due up to ``t``, in time order."""
+        while True:
+            due_edge = edges[0][0] if edges else math.inf
+            due_eval = next_eval if self.outliers is not None else math.inf
+            at = min(due_edge, due_eval)
+            if at > t:
+                return next_eval
+            self.advance_all(at)
+            self.clock.t = max(self.clock.t, at)
+            if due_edge <= due_eval:
+                _, factor = edges.pop(0)
+                assert self.cfg.slow_replica is not None
+                self.engines[self.cfg.slow_replica].set_slow_factor(factor)
+            else:
+                assert self.outliers is not None
+                self.outliers.evaluate()
+                next_eval += self.outliers.cfg.interval_s
 
     # ---- the run --------------------------------------------------------------------------
 
@@ -374,8 +428,11 @@ class _Fleet:
         clock = self.clock
         records = self.records
         last_tick = -1
+        edges = self._slow_edges()
+        next_eval = 0.0
         for r in reqs:
             t = (r.timestamp_s - t0) / speedup
+            next_eval = self._ticks(t, edges, next_eval)
             # Scrapes are lazy: the router only reads the gauges when it decides, so only the last
             # scrape tick at or before this arrival is taken (the values are those a live scraper
             # would have stored then); ticks with no decision after them cost nothing.
@@ -433,7 +490,7 @@ def run_policy(
     factory = make_policy or policy_factory(name, cfg)
     rng = random.Random(cfg.seed)
     start = time.perf_counter()
-    fleet = _Fleet(trace, cfg, factory, rng)
+    fleet = _Fleet(trace, cfg, factory, rng, outliers=cfg.outliers and name in OUTLIER_POLICIES)
     set_session = getattr(fleet.policy, "set_session", None)
     on_route = (lambda r: set_session(r.session_id)) if set_session is not None else None
     fleet.run(reqs, name, on_route)
@@ -448,7 +505,19 @@ def run_policy(
         if rec.replica is not None:
             counts[ReplicaId(rec.replica)] += 1
     mean = len(records) / len(counts)
-    spread = {"fleet_max_over_mean": max(counts.values()) / mean if mean else math.nan}
+    spread: dict[str, Any] = {"fleet_max_over_mean": max(counts.values()) / mean if mean else math.nan}
+    if fleet.outliers is not None:
+        spread["outlier_ejections"] = sum(fleet.outliers.ejections.values())
+        spread["outlier_transitions"] = [
+            f"{t:.1f}s {rid} {a}->{b} ({why})" for t, rid, a, b, why in fleet.outliers.transitions
+        ]
+    if cfg.slow_replica is not None:
+        slow_id = fleet.replicas[cfg.slow_replica].id
+        lo, hi = cfg.slow_window
+        inside = [rec for rec in records if lo <= rec.send_s < hi]
+        spread["slow_replica_share_in_window"] = (
+            sum(1 for rec in inside if rec.replica == slow_id) / len(inside) if inside else math.nan
+        )
     return PolicyRun(
         name=name,
         records=records,

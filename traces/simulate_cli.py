@@ -95,16 +95,29 @@ def pd_configs(args: Any) -> list[PDConfig]:
     return out
 
 
+def _window(text: str | None) -> tuple[float, float]:
+    """``START:END`` simulated seconds (either side may be empty: from 0 / to the end)."""
+    if not text:
+        return (0.0, math.inf)
+    start, sep, end = text.partition(":")
+    if not sep:
+        raise ValueError(f"invalid --slow-window {text!r} (expected START:END seconds)")
+    return (float(start) if start else 0.0, float(end) if end else math.inf)
+
+
 # Over the complexity limit on purpose: one CLI handler that checks every flag and reports each
 # error the same way; split, the exit codes would be threaded through every piece.
 def cmd_simulate(args: Any) -> int:
     """Run the policies and PD fleets, print a table (or one JSON object with ``--json``), write ``--out``."""
+    import logging
     import os
     import sys
 
     from .loaders import TraceFormatError, load_trace
     from .records import write_records
 
+    # Outlier transitions go to the report (outlier_transitions), not one warning line each.
+    logging.getLogger("kvrouter.outliers").setLevel(logging.ERROR)
     try:
         trace, report = load_trace(args.trace)
     except (OSError, TraceFormatError) as exc:
@@ -132,6 +145,10 @@ def cmd_simulate(args: Any) -> int:
             seed=args.seed,
             weights=weights,
             load_factor=args.load_factor,
+            slow_replica=getattr(args, "slow_replica", None),
+            slow_factor=getattr(args, "slow_factor", 1.0),
+            slow_window=_window(getattr(args, "slow_window", None)),
+            outliers=getattr(args, "outliers", "off") == "on",
             slo_ttft_s=getattr(args, "slo_ttft", 2.0),
             slo_tpot_s=getattr(args, "slo_tpot", 0.1),
         )

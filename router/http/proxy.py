@@ -244,7 +244,10 @@ class Forwarder:
                 tried.append(replica.id)
                 last = fail
                 log.info("upstream %s failed before first byte (%s); retrying", replica.id, fail.reason)
-            except BaseException:
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    # The client closed the connection or timed out: visible by outcome.
+                    self.metrics.count_request(replica.id, "client_cancelled")
                 self.router.finish(ticket, ok=False)
                 raise
         assert last is not None
@@ -324,7 +327,7 @@ class Forwarder:
                 # relay loop, no idle timer to arm and cancel.
                 ok = True
             else:
-                ok, tail = await self._relay(up, sink, first, is_sse, replica)
+                ok, tail = await self._relay(up, sink, first, is_sse, replica, ticket)
             if ok:
                 await sink.finish()
             elif not is_sse:
@@ -347,16 +350,25 @@ class Forwarder:
         first: bytes,
         is_sse: bool,
         replica: Replica,
+        ticket: Ticket,
     ) -> tuple[bool, bytes]:
-        """Copy the rest of the body. Returns (completed, last bytes seen for usage parsing)."""
+        """Copy the rest of the body. Returns (completed, last bytes seen for usage parsing).
+
+        A stream's mean gap between upstream reads is its inter-token latency for the outlier
+        detector (one read is usually one step's tokens)."""
         prev = b""
         last = first
+        t_first = time.perf_counter()
+        reads = 0
         try:
             with _IdleTimer(self.cfg.idle_timeout_s) as idle:
                 while True:
                     chunk = await up.read()
                     if not chunk:
+                        if is_sse and reads >= 2:
+                            self.router.observe_itl(ticket, (time.perf_counter() - t_first) / reads)
                         return True, prev + last
+                    reads += 1
                     idle.touch()  # the upstream delivered; time spent writing is the client's
                     try:
                         await sink.write(chunk)

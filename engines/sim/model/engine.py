@@ -341,6 +341,13 @@ class EngineModel:
             cpu_cache_usage_perc=self.cpu.usage if self.cpu is not None else 0.0,
         )
 
+    def set_slow_factor(self, factor: float) -> None:
+        """Every later step takes ``factor`` times its modelled time (a throttled or noisy GPU;
+        the offline simulator's ``--slow-replica``). 1 restores the profile's speed."""
+        if not factor > 0:
+            raise ValueError(f"invalid slow factor: {factor} (must be > 0)")
+        self._ms_to_s = factor / (1000.0 * self.time_scale)
+
     def step(self, now: float) -> StepOutput:
         """Run one engine step starting at ``now``; the engine is busy until ``.end``."""
         out = StepOutput(now, now, 0.0, {}, {}, [], {}, [], 0, 0)
