@@ -1,5 +1,8 @@
 """Offline simulation: kvrouter's real ``Router`` and policies over the real engine model, in virtual time.
 
+(Over 500 lines: one event loop whose fleet state the slow-replica and outlier hooks share; the CLI
+handler and table are in simulate_cli.py, prefill/decode pools in pd_simulate.py.)
+
 No sockets, no threads, no wall clock. One discrete-event loop drives a fleet of
 ``engines.sim.model.engine.EngineModel`` replicas and one ``router.routing.Router``:
 
