@@ -20,6 +20,7 @@ import msgspec
 import yaml
 
 from .discovery.base import DiscoveryConfig, http_url_problem
+from .sessions.config import SessionsConfig
 
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 Pos = Annotated[float, msgspec.Meta(gt=0)]
@@ -165,6 +166,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     kv_events: KVEventsSettings = msgspec.field(default_factory=KVEventsSettings)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     outliers: OutlierSettings = msgspec.field(default_factory=OutlierSettings)
 
 
@@ -265,6 +267,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("discovery.k8s_port_name", "k8s-port-name", "named port of the engine HTTP API"),
     Option("discovery.k8s_events_port_name", "k8s-events-port-name", "named port of the KV-event publisher"),
     Option("discovery.k8s_resource", "k8s-resource", "endpointslices | pods"),
+    Option("sessions.enabled", "sessions", "agent-session routing (keys, affinity, hints)", "bool"),
+    Option("sessions.header", "session-header", "extra request header carrying the session key"),
+    Option("sessions.body_field", "session-body-field", "top-level body field carrying the session key"),
+    Option("sessions.infer", "session-infer", "infer sessions of keyless requests from the prefix", "bool"),
+    Option("sessions.capacity", "session-capacity", "sessions remembered (least recently used beyond)", "int"),
+    Option("sessions.idle_ttl_s", "session-idle-ttl", "seconds before an idle session is forgotten", "float"),
+    Option(
+        "sessions.priority_replicas",
+        "priority-replica",
+        "replica id/URL running priority scheduling, gets `priority` (repeatable; * = all)",
+        "list",
+    ),
+    Option("sessions.token_header", "session-token-header", "answer with x-session-token", "bool"),
 )
 
 _BY_FLAG = {o.flag: o for o in OPTIONS}

@@ -27,6 +27,7 @@ from .replicas.registry import Replica, ReplicaRegistry
 from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
+from .sessions.tracker import SessionTracker
 from .types import BlockHash, KeyMode, ReplicaId, RequestInfo
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class Router:
         observer: RoutingObserver | None = None,
         limits: RouterLimits = RouterLimits(),
         on_overload: Callable[[], None] = lambda: None,
+        sessions: SessionTracker | None = None,
         outliers: OutlierDetector | None = None,
     ) -> None:
         self.index = index
@@ -100,6 +102,7 @@ class Router:
         self.observer = observer
         self.limits = limits
         self.on_overload = on_overload
+        self.sessions = sessions  # agent sessions: home lookup before the policy, record at dispatch
         self.outliers = outliers  # thins candidates by outlier state (replicas/outliers.py)
 
     # ---- request keys ---------------------------------------------------------------------
@@ -116,6 +119,7 @@ class Router:
         stream: bool = False,
         block_hashes: Sequence[BlockHash] | None = None,
         prompt_tokens: int | None = None,
+        session_id: str | None = None,
     ) -> RequestInfo:
         """Build the routing view of a request. Exactly one prompt form is used, first match:
         precomputed ``block_hashes`` (simulator), ``token_ids``, ``text`` / ``messages`` through
@@ -124,6 +128,7 @@ class Router:
         req = RequestInfo(
             model=model, prompt_tokens=0, block_size=bs, max_tokens=max_tokens, stream=stream, now=self.clock()
         )
+        req.session_id = session_id
         if not self.policy.needs_match and block_hashes is None:
             # Simple policies never look at blocks: skip hashing entirely.
             req.prompt_tokens = prompt_tokens or _estimate_tokens(token_ids, text, messages, self.bytes_per_token)
@@ -191,6 +196,8 @@ class Router:
             req.gpu_blocks, req.any_tier_blocks = self.index.match(req.block_hashes)
             # maintained by the KV-event layer through index.set_uncertain: O(1) here
             req.uncertain_slots = self.index.uncertain_slots
+            if self.sessions is not None:
+                self.sessions.annotate(req, cands)
         replica = self.policy.select(req, cands, explain)
         if record and self.observer is not None:
             self.observer.on_decision(replica, time.perf_counter() - t0, req)
@@ -224,6 +231,8 @@ class Router:
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
+            if self.sessions is not None:
+                self.sessions.record(req, replica)
         return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), backlog_tokens=backlog)
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:

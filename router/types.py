@@ -56,6 +56,10 @@ class RequestInfo:
     # PD leg 2: the prompt's KV arrives from a prefill replica, so the decode replica has no
     # prefill work queued for it and its first token says nothing about its prefill rate.
     remote_prefill: bool = False
+    # Agent sessions (router/sessions/): the key, and the session table's answer for the scorer.
+    session_id: str | None = None
+    session_home: int = -1  # slot of the replica holding the session's KV; -1 new, -2 home gone
+    session_keep: float = 0.0  # fraction of the session's last prompt the home still holds (0..1)
 
     @property
     def total_blocks(self) -> int:

@@ -63,6 +63,7 @@ from router.replicas.outliers import OutlierDetector
 from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, Ticket
 from router.scoring.policies import POLICIES, Policy, build_policy
+from router.sessions.tracker import SessionTracker
 from router.types import BlockHash, ReplicaId, ReplicaSpec
 
 from .model import Trace, TraceRequest
@@ -95,6 +96,10 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     load_factor: float | None = None  # cache_aware bounded-load factor; None = router default
     slo_ttft_s: float = 2.0  # goodput SLO (records.SLO)
     slo_tpot_s: float = 0.1
+    # > 0: a session's turn that is not its last keeps its KV pinned this long after it finishes
+    # (engines/sim BlockPool.pin: a model of router-requested retention; docs/sessions.md).
+    retain_s: float = 0.0
+    infer_sessions: bool = False  # infer session continuity from the prefix for requests without an id
     # One sick replica (docs/reliability.md): engine ``slow_replica`` runs ``slow_factor`` times
     # slower from ``slow_window[0]`` to ``slow_window[1]`` simulated seconds.
     slow_replica: int | None = None
@@ -269,6 +274,7 @@ class _Fleet:
             block_size=bs,
             speculative_ttl_s=cfg.speculative_ttl_s,
             clock=self.clock,
+            sessions=SessionTracker(infer=cfg.infer_sessions),
             outliers=self.outliers,
         )
         self.engines: list[EngineModel] = []
@@ -431,6 +437,8 @@ class _Fleet:
         clock = self.clock
         records = self.records
         last_tick = -1
+        # Retention is asked for turns whose session returns (a client that closes its last turn).
+        last_turn = {r.session_id: r.request_id for r in reqs if r.session_id is not None} if cfg.retain_s else {}
         edges = self._slow_edges()
         next_eval = 0.0
         for r in reqs:
@@ -456,7 +464,7 @@ class _Fleet:
             if on_route is not None:
                 on_route(r)
             info = router.request_info(
-                MODEL, block_hashes=full, prompt_tokens=n, max_tokens=max(1, r.output_length)
+                MODEL, block_hashes=full, prompt_tokens=n, max_tokens=max(1, r.output_length), session_id=r.session_id
             )
             replica = router.select(info)
             ticket = router.dispatch(info, replica)
@@ -464,7 +472,16 @@ class _Fleet:
             rec.replica = replica.id
             try:
                 engines[i].add_request(
-                    SimRequest(r.request_id, max(1, r.output_length), prompt_len=n, block_hashes=full), now=t
+                    SimRequest(
+                        r.request_id,
+                        max(1, r.output_length),
+                        prompt_len=n,
+                        block_hashes=full,
+                        retain_s=cfg.retain_s
+                        if r.session_id is not None and last_turn.get(r.session_id) != r.request_id
+                        else 0.0,
+                    ),
+                    now=t,
                 )
             except ValueError as exc:
                 rec.error = str(exc)

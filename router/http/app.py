@@ -48,6 +48,7 @@ from router.replicas.passive import PassiveHealth
 from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, RouterLimits, Tokenizer
 from router.scoring.policies import build_policy
+from router.sessions.tracker import SessionTracker
 from router.types import ReplicaSpec
 
 log = logging.getLogger("kvrouter.server")
@@ -81,6 +82,11 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         observer=parity,
         limits=RouterLimits(cfg.admission.max_in_flight_per_replica, cfg.admission.retry_after_s),
         on_overload=metrics.admission_rejected.labels("replica").inc,
+        sessions=SessionTracker(
+            capacity=cfg.sessions.capacity, idle_ttl_s=cfg.sessions.idle_ttl_s, infer=cfg.sessions.infer
+        )
+        if cfg.sessions.enabled
+        else None,
         outliers=outliers,
     )
     metrics.registry.register(OutlierCollector(outliers))

@@ -199,13 +199,16 @@ class Forwarder:
         routed: bool = True,
         explain: Explanation | None = None,
         pinned: Replica | None = None,
+        body_for: Callable[[Replica], bytes] | None = None,
     ) -> None:
         """Pick a replica (policy when ``routed``, else least in-flight), send, relay to ``sink``.
 
         ``target`` is the request target (path and query) as the client sent it; ``headers``
         the lines for the engine (``request_header_lines``). ``explain`` is filled by the first
         selection (debug logging of the real decision). ``pinned``: the first attempt's replica,
-        chosen by the caller (router/pd/route.py); retries go through the policy."""
+        chosen by the caller (router/pd/route.py); retries go through the policy. ``body_for`` gives
+        the body for the chosen replica when it depends on the replica (session hints:
+        router/http/sessions.py)."""
         tried: list[ReplicaId] = []
         last: UpstreamFailure | None = None
         # Replicas that answered 5xx: blamed only once another replica served the same request.
@@ -229,7 +232,8 @@ class Forwarder:
                 raise
             ticket = self.router.dispatch(req, replica)
             try:
-                await self._attempt(sink, replica, ticket, method, target, headers, body, req, started)
+                sent = body if body_for is None else body_for(replica)
+                await self._attempt(sink, replica, ticket, method, target, headers, sent, req, started)
                 for rep in suspects:
                     self.hooks.on_failure(rep, "status_5xx")
                 return

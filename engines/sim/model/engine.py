@@ -129,6 +129,7 @@ class _Req:
         "prompt_len",
         "ready_at",
         "remote",
+        "retain_s",
         "tokens",
     )
 
@@ -138,6 +139,7 @@ class _Req:
         # Flat arrays, not lists: they live as long as the request (see compact_ints)
         self.hashes = compact_ints(hashes, "Q")
         self.max_tokens = req.max_tokens
+        self.retain_s = req.retain_s
         self.tokens = compact_ints(req.token_ids, "I") if req.token_ids is not None else None
         self.arrival = arrival
         self.num_computed = 0
@@ -392,6 +394,8 @@ class EngineModel:
         need = -(-(computed + num_new) // bs) - len(r.blocks) - len(hit)
         if need < 0:
             need = 0
+        if pool.num_pinned:
+            pool.release_pins(self._t, need + (pool.num_evictable(hit) if hit else 0))
         if hit:
             if need + pool.num_evictable(hit) > pool.num_free:
                 return False
@@ -627,6 +631,10 @@ class EngineModel:
         if r.hold and reason != "abort":
             self.held[r.id] = r.blocks  # pinned (still referenced) until release_kv()
             r.blocks = []
+        elif r.retain_s > 0 and reason != "abort" and r.blocks:
+            self.pool.pin(list(reversed(r.blocks)), t + r.retain_s)  # retention across a tool pause
+            r.blocks = []
+            r.num_cached_blocks = 0
         else:
             self._free(r)
         del self._reqs[r.id]

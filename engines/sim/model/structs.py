@@ -87,6 +87,7 @@ class SimRequest(msgspec.Struct):
     remote_tokens: int = 0
     # PD prefill side: on finishing, keep the blocks (NIXL do_remote_decode) until release_kv().
     hold_kv: bool = False
+    retain_s: float = 0.0  # > 0: keep this request's KV pinned this long after it finishes (BlockPool.pin)
 
 
 class CachedTokens(msgspec.Struct, frozen=True, gc=False):
