@@ -57,6 +57,7 @@ class Ticket:
     dispatched_at: float
     first_token_at: float | None = None
     backlog_tokens: int = 0  # the replica's pending prefill ahead of this request at dispatch
+    remote_prefill: bool = False  # PD leg 2: its TTFT is the KV transfer, not this replica's prefill
     done: bool = False
 
 
@@ -233,7 +234,10 @@ class Router:
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
             if self.sessions is not None:
                 self.sessions.record(req, replica)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), backlog_tokens=backlog)
+        return Ticket(
+            replica, req.prompt_tokens, predicted, pending, self.clock(), backlog_tokens=backlog,
+            remote_prefill=req.remote_prefill,
+        )
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
         if ticket.first_token_at is not None or ticket.done:
@@ -244,7 +248,7 @@ class Router:
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
         ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
         rep.observe_ttft(ttft, ticket.pending_tokens)
-        if self.outliers is not None:
+        if self.outliers is not None and not ticket.remote_prefill:
             # Per token of prefill work: its own uncached tokens and those queued ahead of it, so
             # a replica that is merely busier than its peers does not look slower.
             self.outliers.observe_ttft(rep, ttft, ticket.pending_tokens + ticket.backlog_tokens)

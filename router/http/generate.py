@@ -129,8 +129,8 @@ async def generate(
             await rp.pd.handle(sink, target, headers, body, req)
         else:
             await rp.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain, body_for=body_for)
-            if hints is not None and hints.speculative_prefill:
-                speculative_prefill(rp, sink, hints, req, path, target, headers)
+        if hints is not None and hints.speculative_prefill:
+            speculative_prefill(rp, sink, hints, req, path, target, headers)
     finally:
         admission.release()
         if hints is not None:

@@ -198,17 +198,17 @@ class Forwarder:
         *,
         routed: bool = True,
         explain: Explanation | None = None,
-        pinned: Replica | None = None,
         body_for: Callable[[Replica], bytes] | None = None,
+        pinned: Replica | None = None,
     ) -> None:
         """Pick a replica (policy when ``routed``, else least in-flight), send, relay to ``sink``.
 
         ``target`` is the request target (path and query) as the client sent it; ``headers``
         the lines for the engine (``request_header_lines``). ``explain`` is filled by the first
-        selection (debug logging of the real decision). ``pinned``: the first attempt's replica,
-        chosen by the caller (router/pd/route.py); retries go through the policy. ``body_for`` gives
-        the body for the chosen replica when it depends on the replica (session hints:
-        router/http/sessions.py)."""
+        selection (debug logging of the real decision). ``body_for`` gives the body for the chosen
+        replica when it depends on the replica (session hints: router/http/sessions.py).
+        ``pinned``: the first attempt's replica, chosen by the caller (router/pd/route.py);
+        retries go through the policy."""
         tried: list[ReplicaId] = []
         last: UpstreamFailure | None = None
         # Replicas that answered 5xx: blamed only once another replica served the same request.

@@ -42,8 +42,12 @@ def _router(logs: Path, p: list[str], d: list[str], *extra: str, name: str) -> R
         flags += ["--prefill", u]
     for u in d:
         flags += ["--decode", u]
-    return RouterProc(logs, [], *flags, "--kv-events", "off", "--metrics-interval", "0.1", "--enable-debug",
-                      "--drain-grace", "0", "--eject-after", "1000", *extra, name=name)
+    r = RouterProc(logs, [], *flags, "--kv-events", "off", "--metrics-interval", "0.1", "--enable-debug",
+                   "--drain-grace", "0", "--eject-after", "1000", *extra, name=name)
+    # /ready turns true with the first admitted replica; the tests need all of them
+    wait_for(lambda: len(re.findall(r'kvrouter_replica_healthy\{[^}]*\} 1\.0', r.metrics())) == len(p) + len(d),
+             what="every replica admitted")
+    return r
 
 
 @pytest.fixture(scope="module")

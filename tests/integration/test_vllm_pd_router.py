@@ -29,6 +29,7 @@ pytestmark = pytest.mark.vllm
 
 PROMPT_TOKENS = 650  # 20 full 32-token blocks and a partial one
 BY_SOURCE = "vllm:prompt_tokens_by_source_total"
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,9 @@ def pd_router(pd_pair: PDPair, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--eject-after", "1000", name="router-vllm-pd",
     )
     try:
+        # /ready turns true with the first admitted replica; the split needs both
+        wait_for(lambda: len(re.findall(r'kvrouter_replica_healthy\{[^}]*\} 1\.0', r.metrics())) == 2,
+                 timeout=60, what="both replicas admitted")
         yield r
     finally:
         r.proc.stop(timeout=15)
@@ -69,7 +73,7 @@ def test_long_prompt_is_split_and_its_kv_arrives_by_nixl(pd_pair: PDPair, pd_rou
     computed = metric_sum(d, BY_SOURCE, source="local_compute")
     failed = metric_sum(d, "vllm:nixl_num_failed_transfers_total")
 
-    code, _, raw = http("POST", pd_router.url + "/v1/completions", body, timeout=REQUEST_TIMEOUT_S * 2)
+    code, _, raw = http("POST", pd_router.url + "/v1/completions", body, JSON, timeout=REQUEST_TIMEOUT_S * 2)
     assert code == 200, raw
     assert _outcomes(pd_router).get("split") == 1.0, pd_router.metrics()
     assert metric_sum(d, BY_SOURCE, source="external_kv_transfer") - transferred == PROMPT_TOKENS
@@ -82,7 +86,7 @@ def test_long_prompt_is_split_and_its_kv_arrives_by_nixl(pd_pair: PDPair, pd_rou
     # The decode replica now holds the prompt (its own KV events say so): the same prompt stays local.
     transferred = metric_sum(d, BY_SOURCE, source="external_kv_transfer")
     wait_for(lambda: _decode_cached(pd_router, body), timeout=30, what="decode replica's prefix in the index")
-    code, _, raw2 = http("POST", pd_router.url + "/v1/completions", body, timeout=REQUEST_TIMEOUT_S * 2)
+    code, _, raw2 = http("POST", pd_router.url + "/v1/completions", body, JSON, timeout=REQUEST_TIMEOUT_S * 2)
     assert code == 200, raw2
     assert _stream_text(raw2) == _stream_text(raw)
     assert metric_sum(d, BY_SOURCE, source="external_kv_transfer") == transferred
@@ -90,5 +94,5 @@ def test_long_prompt_is_split_and_its_kv_arrives_by_nixl(pd_pair: PDPair, pd_rou
 
 
 def _decode_cached(r: RouterProc, body: dict[str, object]) -> bool:
-    code, _, raw = http("POST", r.url + "/debug/route", body, timeout=30)
+    code, _, raw = http("POST", r.url + "/debug/route", body, JSON, timeout=30)
     return code == 200 and json.loads(raw)["pd"]["outcome"] == "local_threshold"
