@@ -211,12 +211,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ForwardHooks(on_success, on_failure),
         replica_header=cfg.server.replica_header,
     )
-    pd = PDRouter(cfg.pd, st.router, st.registry, forwarder, pool, st.metrics.registry, cfg.upstream.api_key)
     context = ContextLimits(
         monitor.model_cards,
         max_chars_per_token=cfg.routing.max_chars_per_token,
         offload_parse_bytes=cfg.routing.offload_parse_bytes,
     )
+    pd = PDRouter(cfg.pd, st.router, st.registry, forwarder, pool, st.metrics.registry, cfg.upstream.api_key)
     path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, st.limits, context, pd)
     run = Running(session, kv_events, monitor, pool, path)
     app[RUNNING] = run
