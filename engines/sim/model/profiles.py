@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
+from .kv_link import CPU_LOOPBACK, H100_RDMA, KVLink
 from .step_time import StepTimeModel
 
 
@@ -23,6 +24,7 @@ class EngineProfile(msgspec.Struct, frozen=True, gc=False):
     max_num_batched_tokens: int
     max_num_seqs: int
     block_size: int = 16
+    kv_link: KVLink = H100_RDMA  # P -> D handoff (kv_link.py: sources)
 
     def num_gpu_blocks(self, block_size: int | None = None) -> int:
         """KV pool size in blocks of ``block_size`` tokens (default: the profile's), plus vLLM's
@@ -61,6 +63,7 @@ TINY = EngineProfile(
     kv_capacity_tokens=65_536,
     max_num_batched_tokens=2048,
     max_num_seqs=64,
+    kv_link=CPU_LOOPBACK,
 )
 
 PROFILES: dict[str, EngineProfile] = {p.name: p for p in (H100_LLAMA3_8B, TINY)}

@@ -82,6 +82,11 @@ class SimRequest(msgspec.Struct):
     block_hashes: Sequence[int] | None = None
     token_ids: Sequence[int] | None = None
     arrival: float = 0.0
+    # PD decode side: this many leading prompt tokens' KV wait on a prefill replica and are
+    # loaded over the KV link (profile.kv_link) instead of computed (NIXL do_remote_prefill).
+    remote_tokens: int = 0
+    # PD prefill side: on finishing, keep the blocks (NIXL do_remote_decode) until release_kv().
+    hold_kv: bool = False
     retain_s: float = 0.0  # > 0: keep this request's KV pinned this long after it finishes (BlockPool.pin)
 
 
