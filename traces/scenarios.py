@@ -88,7 +88,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "chat",
             "chat",
-            dict(block_tokens=512, sessions=800, turns_mean=3.0, system_prompts=4, system_tokens=1200,
+            dict(block_tokens=512, sessions=420, turns_mean=3.0, system_prompts=4, system_tokens=1200,
                  user_tokens_mean=200.0, answer_tokens_mean=300.0, think_time_s=4.0, decode_tps=150.0,
                  max_input_tokens=12000),
             base_rate=2.0,
@@ -97,7 +97,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "agentic",
             "agentic",
-            dict(block_tokens=512, sessions=320, turns_mean=5.0, prompts=16, pause="short",
+            dict(block_tokens=512, sessions=170, turns_mean=5.0, prompts=16, pause="short",
                  subagent_prob=0.3, subagent_turns_mean=3.0, system_tokens_mean=5000.0, decode_tps=150.0,
                  max_input_tokens=20000),
             base_rate=1.0,
@@ -239,6 +239,7 @@ class CellResult:
     load: str
     utilization: float
     requests: int
+    time_scale: float = 1.0
     policies: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def ratios(self, name: str = KVROUTER) -> tuple[float, float]:
@@ -261,7 +262,7 @@ def run_cell(
     cell = build_cell(name, load, seed)
     cfg = cell.config(seed=seed, weights=dict(weights or {}), load_factor=load_factor)
     reqs: tuple[TraceRequest, ...] = cell.trace.requests
-    out = CellResult(name, load, cell.utilization, len(reqs))
+    out = CellResult(name, load, cell.utilization, len(reqs), cell.time_scale)
     for p in policies:
         s = run_policy(cell.trace, cfg, p, reqs=reqs).summary
         out.policies[p] = {m: float(s[m]) for m in METRICS}
@@ -318,7 +319,8 @@ def format_table(results: Sequence[CellResult], policies: Sequence[str]) -> str:
     for r in results:
         for k, p in enumerate(policies):
             v = r.policies[p]
-            head = [r.scenario, f"{r.load} ({r.utilization:.0%})"] if k == 0 else ["", ""]
+            gaps = f", gaps x{r.time_scale:.2f}" if r.time_scale < 1 else ""
+            head = [r.scenario, f"{r.load} ({r.utilization:.0%}{gaps})"] if k == 0 else ["", ""]
             lines.append(
                 "| " + " | ".join([*head, p, f"{v['hit_ratio']:.1%}", f"{v['ttft_mean_s']:.3f}",
                                    f"{v['ttft_p99_s']:.3f}", f"{v['goodput_rps']:.2f}"]) + " |"
