@@ -53,6 +53,7 @@ class Ticket:
     dispatched_at: float
     first_token_at: float | None = None
     done: bool = False
+    ahead_tokens: int = 0  # the replica's pending prefill tokens when this one was dispatched
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,13 +210,14 @@ class Router:
         else:
             predicted_effective = predicted
         pending = max(0, req.prompt_tokens - predicted_effective)
+        ahead = replica.pending_prefill_tokens
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock())
+        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), ahead_tokens=ahead)
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
         if ticket.first_token_at is not None or ticket.done:
@@ -224,7 +226,9 @@ class Router:
         ticket.first_token_at = now
         rep = ticket.replica
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
-        rep.observe_ttft(now - ticket.dispatched_at if ttft_s is None else ttft_s, ticket.pending_tokens)
+        rep.observe_ttft(
+            now - ticket.dispatched_at if ttft_s is None else ttft_s, ticket.pending_tokens, ticket.ahead_tokens
+        )
 
     def finish(self, ticket: Ticket, ok: bool = True, cached_tokens: int | None = None) -> None:
         if ticket.done:

@@ -68,17 +68,21 @@ class Replica:
     def routable(self) -> bool:
         return self.healthy and not self.draining
 
-    def observe_ttft(self, ttft_s: float, uncached_tokens: int) -> None:
+    def observe_ttft(self, ttft_s: float, uncached_tokens: int, ahead_tokens: int = 0) -> None:
         if len(self.ttfts) < TTFT_WINDOW:
             self.ttfts.append(ttft_s)
         else:
             self.ttfts[self._ttft_pos] = ttft_s
             self._ttft_pos = (self._ttft_pos + 1) % TTFT_WINDOW
         self._tail_cache = None
-        # Only long prefills say something about the prefill rate; short ones are dominated by
-        # queueing and per-step overhead.
-        if uncached_tokens >= 256 and ttft_s > 0:
-            rate = uncached_tokens / ttft_s
+        # The rate is what estimated-ttft divides (pending ahead + uncached) by, so it is measured
+        # on the same work: the prefill this request waited behind plus its own. Measured on its own
+        # tokens only, a replica serving cache hits (small uncached, TTFT mostly queueing) looked
+        # several times slower than it is and pushed sessions off their cached prefix under load.
+        # Only long prefills say something about the rate; short ones are per-step overhead.
+        work = uncached_tokens + ahead_tokens
+        if work >= 256 and ttft_s > 0:
+            rate = work / ttft_s
             self.prefill_tps = rate if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * rate
 
     def tail_ttft(self, q: float = 0.9) -> float:
