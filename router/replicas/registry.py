@@ -76,12 +76,15 @@ class Replica:
             self._ttft_pos = (self._ttft_pos + 1) % TTFT_WINDOW
         self._tail_cache = None
         # The rate is what estimated-ttft divides (pending ahead + uncached) by, so it is measured
-        # on the same work: the prefill this request waited behind plus its own. Measured on its own
-        # tokens only, a replica serving cache hits (small uncached, TTFT mostly queueing) looked
-        # several times slower than it is and pushed sessions off their cached prefix under load.
-        # Only long prefills say something about the rate; short ones are per-step overhead.
-        work = uncached_tokens + ahead_tokens
-        if work >= 256 and ttft_s > 0:
+        # on that work: this request's uncached tokens plus the prefill it waited behind. Half of
+        # the pending tokens at dispatch: the prefill at the head of the queue is on average half
+        # done when a request arrives. Measured on its own tokens only, a replica serving session
+        # follow-ups (a few hundred new tokens behind queued work) read several times slower than
+        # it was and sessions were pushed off their cached prefix under load; with the whole
+        # pending count, replicas with long prefills in progress read up to 2x too fast
+        # (docs/scoring.md). Only long prefills of its own say something about the rate.
+        work = uncached_tokens + ahead_tokens // 2
+        if uncached_tokens >= 256 and ttft_s > 0:
             rate = work / ttft_s
             self.prefill_tps = rate if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * rate
 

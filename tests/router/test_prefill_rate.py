@@ -26,10 +26,11 @@ def test_rate_counts_the_prefill_queued_ahead() -> None:
     assert a.ahead_tokens == 0 and b.ahead_tokens == 4000
     router.first_token(a, 0.1)  # 4,000 tokens in 0.1 s
     assert rep.prefill_tps == 40_000
-    # b waited behind a's 4,000 tokens and computed its own 500 in 0.1125 s: the replica still
-    # prefills at 40k tokens/s. On b's own tokens only it would read 4,444 tokens/s, nine times
-    # slower, and a session's follow-ups (small uncached, queued) would look expensive to keep.
-    router.first_token(b, 0.1125)
+    # b's work is its own 500 tokens plus half the 4,000 pending when it was dispatched (the head
+    # of the queue is half done on average): 2,500 tokens in 0.0625 s is still 40k tokens/s. On
+    # b's own tokens only it would read 8k tokens/s, five times slower, and a session's follow-ups
+    # (small uncached, queued) would look expensive to keep where they are.
+    router.first_token(b, 0.0625)
     assert abs(rep.prefill_tps - 40_000) < 1e-6
 
 
