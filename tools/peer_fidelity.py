@@ -52,10 +52,31 @@ def _spread(per_replica: dict[str, int]) -> float:
 
 def live(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cmd = [
-        sys.executable, "-m", "traces.compare", "--out", str(out), "--targets", args.targets, "--no-install",
-        "--peers-venv", args.peers_venv, "--max-requests", str(args.max_requests), "--replicas", str(args.replicas),
-        "--kv-tokens", str(KV_TOKENS), "--block-size", str(BLOCK), "--speedup", str(args.speedup), "--load", str(LOAD),
-        "--no-plots", "--trace", args.trace,
+        sys.executable,
+        "-m",
+        "traces.compare",
+        "--out",
+        str(out),
+        "--targets",
+        args.targets,
+        "--no-install",
+        "--peers-venv",
+        args.peers_venv,
+        "--max-requests",
+        str(args.max_requests),
+        "--replicas",
+        str(args.replicas),
+        "--kv-tokens",
+        str(KV_TOKENS),
+        "--block-size",
+        str(BLOCK),
+        "--speedup",
+        str(args.speedup),
+        "--load",
+        str(LOAD),
+        "--no-plots",
+        "--trace",
+        args.trace,
     ]
     subprocess.run(cmd, check=True, timeout=1800)
     with open(out / "summary.json") as f:
@@ -65,7 +86,12 @@ def live(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def offline(args: argparse.Namespace, policy: str) -> dict[str, Any]:
     trace, _ = load_trace(args.trace)
-    cfg = SimConfig(replicas=args.replicas, speedup=args.speedup, time_scale=args.speedup / LOAD, max_requests=args.max_requests)
+    cfg = SimConfig(
+        replicas=args.replicas,
+        speedup=args.speedup,
+        time_scale=args.speedup / LOAD,
+        max_requests=args.max_requests,
+    )
     sub = reblock(trace, BLOCK)
     run = run_policy(sub, cfg, policy, reqs=select_requests(sub, cfg))
     return run.summary
@@ -80,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speedup", type=float, default=SPEEDUP)
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--out", default="reports/fidelity")
-    ap.add_argument("--hit-tol", type=float, default=0.05, help="absolute hit-ratio tolerance (default 5 points)")
+    ap.add_argument(
+        "--hit-tol", type=float, default=0.05, help="absolute hit-ratio tolerance (default 5 points)"
+    )
     ap.add_argument("--spread-tol", type=float, default=0.25, help="max/mean tolerance (default 0.25)")
     ap.add_argument("--live-summary", default=None, help="reuse a compare summary.json instead of replaying")
     args = ap.parse_args(argv)
@@ -91,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = json.load(f)
     else:
         summary = live(args, out / "live")
-    rows = ["| router | live hit | emulation hit | live max/mean | emulation max/mean | live shares | emulation shares | verdict |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| router | live hit | emulation hit | live max/mean | emulation max/mean | live shares | emulation shares | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     ok = True
     for target in [t for t in args.targets.split(",") if t]:
         real = summary["targets"].get(target)

@@ -88,42 +88,80 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "chat",
             "chat",
-            dict(block_tokens=512, sessions=420, turns_mean=3.0, system_prompts=4, system_tokens=1200,
-                 user_tokens_mean=200.0, answer_tokens_mean=300.0, think_time_s=4.0, decode_tps=150.0,
-                 max_input_tokens=12000),
+            dict(
+                block_tokens=512,
+                sessions=420,
+                turns_mean=3.0,
+                system_prompts=4,
+                system_tokens=1200,
+                user_tokens_mean=200.0,
+                answer_tokens_mean=300.0,
+                think_time_s=4.0,
+                decode_tps=150.0,
+                max_input_tokens=12000,
+            ),
             base_rate=2.0,
             about="multi-turn chat, 4 system prompts, human think time (exp, mean 4 s)",
         ),
         Scenario(
             "agentic",
             "agentic",
-            dict(block_tokens=512, sessions=170, turns_mean=5.0, prompts=16, pause="short",
-                 subagent_prob=0.3, subagent_turns_mean=3.0, system_tokens_mean=5000.0, decode_tps=150.0,
-                 max_input_tokens=20000),
+            dict(
+                block_tokens=512,
+                sessions=170,
+                turns_mean=5.0,
+                prompts=16,
+                pause="short",
+                subagent_prob=0.3,
+                subagent_turns_mean=3.0,
+                system_tokens_mean=5000.0,
+                decode_tps=150.0,
+                max_input_tokens=20000,
+            ),
             base_rate=1.0,
             about="agent sessions with tool pauses (log-normal, median 2 s), 16 Zipf tool prompts, sub-agents",
         ),
         Scenario(
             "rag",
             "rag",
-            dict(block_tokens=512, requests=1000, documents=400, zipf_s=1.1, docs_per_request=2,
-                 doc_tokens_mean=2000.0, system_tokens=400),
+            dict(
+                block_tokens=512,
+                requests=1000,
+                documents=400,
+                zipf_s=1.1,
+                docs_per_request=2,
+                doc_tokens_mean=2000.0,
+                system_tokens=400,
+            ),
             base_rate=20.0,
             about="RAG: 2 documents of 400 (Zipf 1.1), ~4.5k-token prompts",
         ),
         Scenario(
             "tenants",
             "shared-prompt",
-            dict(block_tokens=512, requests=1000, users=3000, system_prompts=48, prompt_zipf=0.6,
-                 system_tokens=5000, user_context_tokens=600),
+            dict(
+                block_tokens=512,
+                requests=1000,
+                users=3000,
+                system_prompts=48,
+                prompt_zipf=0.6,
+                system_tokens=5000,
+                user_context_tokens=600,
+            ),
             base_rate=20.0,
             about="48 tenants with distinct 5k-token system prompts (Zipf 0.6), 600-token per-user context",
         ),
         Scenario(
             "bursty",
             "shared-prompt",
-            dict(block_tokens=512, requests=1000, users=1000, system_prompts=8, prompt_zipf=1.0,
-                 system_tokens=3000),
+            dict(
+                block_tokens=512,
+                requests=1000,
+                users=1000,
+                system_prompts=8,
+                prompt_zipf=1.0,
+                system_tokens=3000,
+            ),
             base_rate=20.0,
             burst=(10.0, 0.2, 4.0),
             about="8 apps' prompts, arrivals in bursts: 4x the mean rate 2 s of every 10 s",
@@ -131,16 +169,31 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "long-context",
             "rag",
-            dict(block_tokens=512, requests=300, documents=48, zipf_s=0.8, docs_per_request=1,
-                 doc_tokens_mean=24000.0, doc_tokens_cv=0.4, system_tokens=200),
+            dict(
+                block_tokens=512,
+                requests=300,
+                documents=48,
+                zipf_s=0.8,
+                docs_per_request=1,
+                doc_tokens_mean=24000.0,
+                doc_tokens_cv=0.4,
+                system_tokens=200,
+            ),
             base_rate=2.0,
             about="~24k-token contexts over 48 documents (Zipf 0.8): the fleet's KV holds each ~3 times",
         ),
         Scenario(
             "hetero",
             "rag",
-            dict(block_tokens=512, requests=1000, documents=400, zipf_s=1.1, docs_per_request=2,
-                 doc_tokens_mean=2000.0, system_tokens=400),
+            dict(
+                block_tokens=512,
+                requests=1000,
+                documents=400,
+                zipf_s=1.1,
+                docs_per_request=2,
+                doc_tokens_mean=2000.0,
+                system_tokens=400,
+            ),
             base_rate=15.0,
             fleet=(H100,) * 4 + (A100,) * 4,
             about="the rag workload on 4 H100 + 4 A100-40GB replicas (3x slower prefill, 30 % of the KV)",
@@ -269,7 +322,9 @@ def run_cell(
     return out
 
 
-def _run_cell_args(args: tuple[str, str, tuple[str, ...], int, tuple[tuple[str, float], ...], float | None]) -> CellResult:
+def _run_cell_args(
+    args: tuple[str, str, tuple[str, ...], int, tuple[tuple[str, float], ...], float | None],
+) -> CellResult:
     name, load, policies, seed, weights, lf = args
     return run_cell(name, load, policies, seed, dict(weights), lf)
 
@@ -287,7 +342,9 @@ def run_suite(
 ) -> list[CellResult]:
     """Every cell with every policy; ``jobs`` > 1 runs cells in that many processes."""
     cells = [(s, ld) for s in (scenarios or list(SCENARIOS)) for ld in (loads or list(LOADS))]
-    args = [(s, ld, tuple(policies), seed, tuple(sorted((weights or {}).items())), load_factor) for s, ld in cells]
+    args = [
+        (s, ld, tuple(policies), seed, tuple(sorted((weights or {}).items())), load_factor) for s, ld in cells
+    ]
     results: list[CellResult] = []
     if jobs > 1:
         import multiprocessing as mp
@@ -322,8 +379,18 @@ def format_table(results: Sequence[CellResult], policies: Sequence[str]) -> str:
             gaps = f", gaps x{r.time_scale:.2f}" if r.time_scale < 1 else ""
             head = [r.scenario, f"{r.load} ({r.utilization:.0%}{gaps})"] if k == 0 else ["", ""]
             lines.append(
-                "| " + " | ".join([*head, p, f"{v['hit_ratio']:.1%}", f"{v['ttft_mean_s']:.3f}",
-                                   f"{v['ttft_p99_s']:.3f}", f"{v['goodput_rps']:.2f}"]) + " |"
+                "| "
+                + " | ".join(
+                    [
+                        *head,
+                        p,
+                        f"{v['hit_ratio']:.1%}",
+                        f"{v['ttft_mean_s']:.3f}",
+                        f"{v['ttft_p99_s']:.3f}",
+                        f"{v['goodput_rps']:.2f}",
+                    ]
+                )
+                + " |"
             )
     lines += ["", ratio_table(results)]
     return "\n".join(lines)

@@ -15,7 +15,9 @@ def _router() -> tuple[Router, ReplicaRegistry]:
     index = PrefixIndex(10_000, speculative_ttl_s=10, clock=lambda: 0.0)
     reg = ReplicaRegistry(index)
     reg.add(ReplicaSpec(url="http://r0", name="r0", models=("m",)))
-    return Router(index, reg, build_policy("cache_aware", rng=random.Random(0)), block_size=16, clock=lambda: 0.0), reg
+    return Router(
+        index, reg, build_policy("cache_aware", rng=random.Random(0)), block_size=16, clock=lambda: 0.0
+    ), reg
 
 
 def test_rate_counts_the_prefill_queued_ahead() -> None:
