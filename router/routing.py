@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from .hashing import hash_byte_blocks, hash_token_blocks, model_seed, render_messages
@@ -27,7 +27,11 @@ from .replicas.registry import Replica, ReplicaRegistry
 from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
+from .sessions.tracker import SessionTracker
 from .types import BlockHash, KeyMode, ReplicaId, RequestInfo
+
+if TYPE_CHECKING:
+    from .replicas.outliers import OutlierDetector
 
 log = logging.getLogger("kvrouter.routing")
 
@@ -52,8 +56,8 @@ class Ticket:
     pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
     dispatched_at: float
     first_token_at: float | None = None
+    backlog_tokens: int = 0  # the replica's pending prefill ahead of this request at dispatch
     done: bool = False
-    ahead_tokens: int = 0  # the replica's pending prefill tokens when this one was dispatched
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,8 @@ class Router:
         observer: RoutingObserver | None = None,
         limits: RouterLimits = RouterLimits(),
         on_overload: Callable[[], None] = lambda: None,
+        sessions: SessionTracker | None = None,
+        outliers: OutlierDetector | None = None,
     ) -> None:
         self.index = index
         self.registry = registry
@@ -96,6 +102,8 @@ class Router:
         self.observer = observer
         self.limits = limits
         self.on_overload = on_overload
+        self.sessions = sessions  # agent sessions: home lookup before the policy, record at dispatch
+        self.outliers = outliers  # thins candidates by outlier state (replicas/outliers.py)
 
     # ---- request keys ---------------------------------------------------------------------
 
@@ -111,6 +119,7 @@ class Router:
         stream: bool = False,
         block_hashes: Sequence[BlockHash] | None = None,
         prompt_tokens: int | None = None,
+        session_id: str | None = None,
     ) -> RequestInfo:
         """Build the routing view of a request. Exactly one prompt form is used, first match:
         precomputed ``block_hashes`` (simulator), ``token_ids``, ``text`` / ``messages`` through
@@ -119,6 +128,7 @@ class Router:
         req = RequestInfo(
             model=model, prompt_tokens=0, block_size=bs, max_tokens=max_tokens, stream=stream, now=self.clock()
         )
+        req.session_id = session_id
         if not self.policy.needs_match and block_hashes is None:
             # Simple policies never look at blocks: skip hashing entirely.
             req.prompt_tokens = prompt_tokens or _estimate_tokens(token_ids, text, messages, self.bytes_per_token)
@@ -167,6 +177,8 @@ class Router:
             if not cands:
                 self.on_overload()
                 raise Overloaded("Every replica is at its concurrency limit.", retry_after=self.limits.retry_after_s)
+        if self.outliers is not None:
+            cands = self.outliers.admit(cands)
         return cands
 
     def select(
@@ -184,6 +196,8 @@ class Router:
             req.gpu_blocks, req.any_tier_blocks = self.index.match(req.block_hashes)
             # maintained by the KV-event layer through index.set_uncertain: O(1) here
             req.uncertain_slots = self.index.uncertain_slots
+            if self.sessions is not None:
+                self.sessions.annotate(req, cands)
         replica = self.policy.select(req, cands, explain)
         if record and self.observer is not None:
             self.observer.on_decision(replica, time.perf_counter() - t0, req)
@@ -210,14 +224,16 @@ class Router:
         else:
             predicted_effective = predicted
         pending = max(0, req.prompt_tokens - predicted_effective)
-        ahead = replica.pending_prefill_tokens
+        backlog = replica.pending_prefill_tokens
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), ahead_tokens=ahead)
+            if self.sessions is not None:
+                self.sessions.record(req, replica)
+        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), backlog_tokens=backlog)
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
         if ticket.first_token_at is not None or ticket.done:
@@ -226,9 +242,17 @@ class Router:
         ticket.first_token_at = now
         rep = ticket.replica
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
-        rep.observe_ttft(
-            now - ticket.dispatched_at if ttft_s is None else ttft_s, ticket.pending_tokens, ticket.ahead_tokens
-        )
+        ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
+        rep.observe_ttft(ttft, ticket.pending_tokens, ticket.backlog_tokens)
+        if self.outliers is not None:
+            # Per token of prefill work: its own uncached tokens and those queued ahead of it, so
+            # a replica that is merely busier than its peers does not look slower.
+            self.outliers.observe_ttft(rep, ttft, ticket.pending_tokens + ticket.backlog_tokens)
+
+    def observe_itl(self, ticket: Ticket, itl_s: float) -> None:
+        """Mean gap between the chunks of one relayed stream (the outlier detector's ITL)."""
+        if self.outliers is not None:
+            self.outliers.observe_itl(ticket.replica, itl_s)
 
     def finish(self, ticket: Ticket, ok: bool = True, cached_tokens: int | None = None) -> None:
         if ticket.done:

@@ -189,6 +189,11 @@ def register_simulate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the policies' rng (default 0)")
     p.add_argument("--weight", action="append", default=None, metavar="NAME=W", help="cache_aware weight override")
     p.add_argument("--load-factor", type=float, default=None, help="cache_aware bounded-load factor override")
+    p.add_argument("--slow-replica", type=int, default=None, metavar="I", help="replica I runs slowed (see --slow-*)")
+    p.add_argument("--slow-factor", type=float, default=3.0, metavar="F", help="its steps take F times longer (3)")
+    p.add_argument("--slow-window", default=None, metavar="START:END", help="simulated seconds it is slow (all)")
+    p.add_argument("--outliers", choices=["on", "off"], default="off",
+                   help="the router's outlier detector on kvrouter's policies, not peers (default off)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--out", default=None, metavar="DIR", help="write records-<policy>.jsonl and summary.json")
 

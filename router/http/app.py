@@ -38,11 +38,16 @@ from router.index import PrefixIndex
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
+from router.replicas.autoscale import AutoscaleCollector
+from router.replicas.canary import Canary
+from router.replicas.engine_metrics import EngineMetrics
 from router.replicas.monitor import ReplicaMonitor
+from router.replicas.outliers import OutlierCollector, OutlierDetector
 from router.replicas.passive import PassiveHealth
-from router.replicas.registry import ReplicaRegistry
+from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, RouterLimits, Tokenizer
 from router.scoring.policies import build_policy
+from router.sessions.tracker import SessionTracker
 from router.types import ReplicaSpec
 
 log = logging.getLogger("kvrouter.server")
@@ -62,6 +67,7 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         plugin_timer=metrics.plugin_timer,
     )
     parity = ParityTracker(metrics)
+    outliers = OutlierDetector(cfg.outliers, registry, time.monotonic, random.Random(cfg.routing.seed))
     router = Router(
         index,
         registry,
@@ -75,7 +81,15 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         observer=parity,
         limits=RouterLimits(cfg.admission.max_in_flight_per_replica, cfg.admission.retry_after_s),
         on_overload=metrics.admission_rejected.labels("replica").inc,
+        sessions=SessionTracker(
+            capacity=cfg.sessions.capacity, idle_ttl_s=cfg.sessions.idle_ttl_s, infer=cfg.sessions.infer
+        )
+        if cfg.sessions.enabled
+        else None,
+        outliers=outliers,
     )
+    metrics.registry.register(OutlierCollector(outliers))
+    metrics.registry.register(AutoscaleCollector(registry))
     admission = Admission(
         cfg.admission.max_in_flight,
         cfg.admission.max_queue,
@@ -140,7 +154,28 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     kv_events = None
     if cfg.kv_events.mode != "off":
         kv_events = KVEventManager(st.index, capacity=cfg.routing.index_capacity, registry=st.metrics.registry)
-    passive = PassiveHealth(st.registry, st.metrics, cfg.health.eject_after_failures)
+    outliers = st.router.outliers
+    assert outliers is not None
+    passive = PassiveHealth(
+        st.registry,
+        st.metrics,
+        cfg.health.eject_after_failures,
+        last_success=outliers.last_success,
+        probe_grace_s=cfg.outliers.probe_grace_s,
+    )
+
+    def on_engine_metrics(rep: Replica, m: EngineMetrics) -> None:
+        st.parity.on_engine_metrics(rep, m)
+        outliers.observe_engine(rep, m.preemptions, m.kv_usage, m.transfer_failures)
+
+    def on_success(rep: Replica) -> None:
+        passive.record_success(rep)
+        outliers.record_success(rep)
+
+    def on_failure(rep: Replica, reason: str) -> None:
+        passive.record_failure(rep, reason)
+        outliers.record_failure(rep, reason)
+
     monitor = ReplicaMonitor(
         cfg,
         st.registry,
@@ -149,7 +184,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         st.metrics,
         kv_events,
         passive,
-        on_engine_metrics=st.parity.on_engine_metrics,
+        on_engine_metrics=on_engine_metrics,
     )
     pool = UpstreamPool(
         connect_timeout_s=cfg.upstream.connect_timeout_s, max_idle_per_origin=cfg.upstream.pool_per_replica
@@ -159,12 +194,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         st.router,
         cfg.upstream,
         st.metrics,
-        ForwardHooks(passive.record_success, passive.record_failure),
+        ForwardHooks(on_success, on_failure),
         replica_header=cfg.server.replica_header,
     )
     path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain)
     run = Running(session, kv_events, monitor, pool, path)
     app[RUNNING] = run
+    canary = Canary(cfg.outliers, st.registry, outliers, session, cfg.upstream.api_key)
+    loop = asyncio.get_running_loop()
+    if cfg.outliers.enabled:
+        run.tasks.append(loop.create_task(_evaluate_outliers(outliers), name="outliers"))
+        run.tasks.append(loop.create_task(canary.run(), name="canary"))
     sources = st.sources if st.sources is not None else _default_sources(cfg)
     for src in sources:
         run.tasks.append(
@@ -178,11 +218,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for t in run.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await canary.close()
         await monitor.close()
         if kv_events is not None:
             await kv_events.close()
         await session.close()
         pool.close()
+
+
+async def _evaluate_outliers(outliers: OutlierDetector) -> None:
+    while True:
+        await asyncio.sleep(outliers.cfg.interval_s)
+        outliers.evaluate()
 
 
 def _default_sources(cfg: Config) -> list[DiscoverySource]:

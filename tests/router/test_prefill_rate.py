@@ -25,7 +25,7 @@ def test_rate_counts_the_prefill_queued_ahead() -> None:
     rep = next(iter(reg))
     a = router.dispatch(router.request_info("m", token_ids=list(range(4000))), rep)
     b = router.dispatch(router.request_info("m", token_ids=list(range(10_000, 10_500))), rep)
-    assert a.ahead_tokens == 0 and b.ahead_tokens == 4000
+    assert a.backlog_tokens == 0 and b.backlog_tokens == 4000
     router.first_token(a, 0.1)  # 4,000 tokens in 0.1 s
     assert rep.prefill_tps == 40_000
     # b's work is its own 500 tokens plus half the 4,000 pending when it was dispatched (the head
