@@ -289,7 +289,7 @@ class Router:
         rep = ticket.replica
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
         ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
-        rep.observe_ttft(ttft, ticket.pending_tokens)
+        rep.observe_ttft(ttft, ticket.pending_tokens, ticket.backlog_tokens)
         if self.outliers is not None and not ticket.remote_prefill:
             # Per token of prefill work: its own uncached tokens and those queued ahead of it, so
             # a replica that is merely busier than its peers does not look slower.

@@ -108,8 +108,12 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     # The live router's outlier detector (router/replicas/outliers.py) on kvrouter's policies;
     # peer emulations run without it, as the peers do.
     outliers: bool = False
+    # A heterogeneous fleet: one profile name per replica (``replicas`` must equal its length).
+    fleet: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.fleet and len(self.fleet) != self.replicas:
+            raise ValueError(f"fleet names {len(self.fleet)} profiles for {self.replicas} replicas")
         if self.replicas < 1:
             raise ValueError(f"invalid replicas: {self.replicas} (must be >= 1)")
         if not self.speedup > 0:
@@ -198,6 +202,11 @@ def fleet_blocks(profile: EngineProfile, block_tokens: int) -> int:
     return profile.kv_capacity_tokens // block_tokens
 
 
+def fleet_profiles(cfg: SimConfig) -> list[EngineProfile]:
+    """One profile per replica: ``cfg.fleet`` when given, else ``replicas`` x ``profile``."""
+    return [get_profile(n) for n in cfg.fleet] if cfg.fleet else [get_profile(cfg.profile)] * cfg.replicas
+
+
 def policy_factory(name: str, cfg: SimConfig) -> PolicyFactory:
     """Router policies by name (with the config's weight/load-factor overrides), else a peer."""
     if name in POLICIES:
@@ -247,19 +256,22 @@ class _Fleet:
         self.bs = bs
         self.cfg = cfg
         self.clock = clock or VirtualClock()
-        profile = get_profile(cfg.profile)
-        self.profile = profile
+        profiles = fleet_profiles(cfg)
+        self.profile = profiles[0]
         self.policy = make_policy(rng, self.clock)
         # Events only matter to a policy that reads the index; the others skip their cost.
         self.use_events = cfg.kv_events and bool(self.policy.needs_match)
-        econf = EngineConfig.from_profile(
-            profile,
-            block_size=bs,
-            emit_events=self.use_events,
-            cpu_tier_tokens=cfg.cpu_tier_tokens or None,
-            time_scale=cfg.time_scale,
-        )
-        self.capacity_blocks = econf.num_gpu_blocks - 1
+        econfs = [
+            EngineConfig.from_profile(
+                profile,
+                block_size=bs,
+                emit_events=self.use_events,
+                cpu_tier_tokens=cfg.cpu_tier_tokens or None,
+                time_scale=cfg.time_scale,
+            )
+            for profile in profiles
+        ]
+        self.capacity_blocks = max(e.num_gpu_blocks for e in econfs) - 1
         self.index = PrefixIndex(
             capacity_per_replica=self.capacity_blocks, speculative_ttl_s=cfg.speculative_ttl_s, clock=self.clock
         )
@@ -279,8 +291,9 @@ class _Fleet:
         )
         self.engines: list[EngineModel] = []
         self.replicas: list[Replica] = []
-        for i in range(cfg.replicas):
+        for i, (profile, econf) in enumerate(zip(profiles, econfs, strict=True)):
             rep = self.registry.add(ReplicaSpec(url=f"sim://replica-{i}", name=f"r{i}", models=(MODEL,)))
+            self.index.set_capacity(rep.id, econf.num_gpu_blocks - 1)
             rep.has_kv_events = cfg.kv_events
             rep.block_size = bs
             rep.num_gpu_blocks = econf.num_gpu_blocks
@@ -556,7 +569,7 @@ def oracle(trace: Trace, cfg: SimConfig, reqs: Sequence[TraceRequest] | None = N
     if reqs is None:
         reqs = select_requests(trace, cfg)
     sub = msgspec.structs.replace(trace, requests=tuple(reqs))
-    blocks = cfg.replicas * fleet_blocks(get_profile(cfg.profile), trace.block_tokens)
+    blocks = sum(fleet_blocks(p, trace.block_tokens) for p in fleet_profiles(cfg))
     hr = oracle_hit_ratio(sub, blocks)
     return msgspec.to_builtins(hr)  # type: ignore[no-any-return]
 

@@ -79,17 +79,24 @@ class Replica:
     def routable(self) -> bool:
         return self.healthy and not self.draining
 
-    def observe_ttft(self, ttft_s: float, uncached_tokens: int) -> None:
+    def observe_ttft(self, ttft_s: float, uncached_tokens: int, ahead_tokens: int = 0) -> None:
         if len(self.ttfts) < TTFT_WINDOW:
             self.ttfts.append(ttft_s)
         else:
             self.ttfts[self._ttft_pos] = ttft_s
             self._ttft_pos = (self._ttft_pos + 1) % TTFT_WINDOW
         self._tail_cache = None
-        # Only long prefills say something about the prefill rate; short ones are dominated by
-        # queueing and per-step overhead.
+        # The rate is what estimated-ttft divides (pending ahead + uncached) by, so it is measured
+        # on that work: this request's uncached tokens plus the prefill it waited behind. Half of
+        # the pending tokens at dispatch: the prefill at the head of the queue is on average half
+        # done when a request arrives. Measured on its own tokens only, a replica serving session
+        # follow-ups (a few hundred new tokens behind queued work) read several times slower than
+        # it was and sessions were pushed off their cached prefix under load; with the whole
+        # pending count, replicas with long prefills in progress read up to 2x too fast
+        # (docs/scoring.md). Only long prefills of its own say something about the rate.
+        work = uncached_tokens + ahead_tokens // 2
         if uncached_tokens >= 256 and ttft_s > 0:
-            rate = uncached_tokens / ttft_s
+            rate = work / ttft_s
             self.prefill_tps = rate if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * rate
 
     def tail_ttft(self, q: float = 0.9) -> float:
