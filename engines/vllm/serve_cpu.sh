@@ -13,7 +13,9 @@
 #   RUN_DIR [.cache/vllm-run] where NAME.pid, NAME.log and NAME.env live
 #   BLOCKS [96]              --num-gpu-blocks-override: small so eviction (BlockRemoved) really happens;
 #                            must be >= MAX_MODEL_LEN/32 + 1
-#   MAX_MODEL_LEN [2048]  SERVED_NAME [tiny]  HEALTH_TIMEOUT [240]  HOST [127.0.0.1]
+#   DTYPE [bfloat16]  MAX_MODEL_LEN [2048]  SERVED_NAME [tiny]  HEALTH_TIMEOUT [240]  HOST [127.0.0.1]
+#   KV_TRANSFER_CONFIG []    JSON for --kv-transfer-config (serve_pd.sh, serve_lmcache.sh set it)
+#   EXTRA_ENV []             space-separated VAR=VALUE pairs for the server's environment (no spaces in values)
 #
 # `start` returns at once (so two replicas boot in parallel); `wait` then blocks. Each replica runs in
 # its own process group, stopped as a whole (replicas.sh).
@@ -33,6 +35,7 @@ MODEL=${MODEL:-.cache/tiny-llama}
 RUN_DIR=${RUN_DIR:-.cache/vllm-run}
 BLOCKS=${BLOCKS:-96}
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048}
+DTYPE=${DTYPE:-bfloat16}
 SERVED_NAME=${SERVED_NAME:-tiny}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-240}
 HOST=${HOST:-127.0.0.1}
@@ -51,18 +54,23 @@ start() {
   local events='{"enable_kv_cache_events": true, "publisher": "zmq", "topic": "kv-events", "endpoint": "tcp://*:'"$zmq_port"'"'
   [[ -n "$replay_port" ]] && events+=', "replay_endpoint": "tcp://*:'"$replay_port"'"'
   events+='}'
+  local extra_args=() extra_env=()
+  [[ -n "${KV_TRANSFER_CONFIG:-}" ]] && extra_args+=(--kv-transfer-config "$KV_TRANSFER_CONFIG")
+  # shellcheck disable=SC2206  # word splitting is the point: VAR=VALUE pairs
+  [[ -n "${EXTRA_ENV:-}" ]] && extra_env=($EXTRA_ENV)
 
   launch "$name" "$port" "$zmq_port" "$replay_port" "core $core" \
     VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND="$core" \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_SERVER_DEV_MODE=1 \
+    "${extra_env[@]}" \
     -- \
     "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server \
     --model "$MODEL" --served-model-name "$SERVED_NAME" \
     --host "$HOST" --port "$port" \
-    --dtype bfloat16 --max-model-len "$MAX_MODEL_LEN" \
+    --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" \
     --block-size 32 --enable-prefix-caching --num-gpu-blocks-override "$BLOCKS" \
     --enforce-eager --enable-prompt-tokens-details \
-    --kv-events-config "$events"
+    --kv-events-config "$events" "${extra_args[@]}"
 }
 
 action=${1:-}
