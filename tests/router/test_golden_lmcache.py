@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from router.kv_wire import BlockRemoved, BlockStored, KVEventBatch
+from router.kv.wire import BlockRemoved, BlockStored, KVEventBatch
 
 GOLDEN = Path(__file__).parent / "golden"
 EVENTS = GOLDEN / "vllm-0.32-lmcache-0.5.6-kv-events.json"
