@@ -189,6 +189,10 @@ def register_simulate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the policies' rng (default 0)")
     p.add_argument("--weight", action="append", default=None, metavar="NAME=W", help="cache_aware weight override")
     p.add_argument("--load-factor", type=float, default=None, help="cache_aware bounded-load factor override")
+    p.add_argument("--num-gpu-blocks", type=int, default=None, help="GPU KV blocks per replica (default: profile)")
+    p.add_argument("--cpu-tier-tokens", type=int, default=0, help="per-replica LMCache-like CPU tier, tokens (0: none)")
+    p.add_argument("--cpu-events", choices=["on", "off"], default="on",
+                   help="CPU tier publishes KV events (off: the router credits the GPU tier only)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--out", default=None, metavar="DIR", help="write records-<policy>.jsonl and summary.json")
 
