@@ -51,6 +51,7 @@ class Ticket:
     predicted_cached_tokens: int
     pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
     dispatched_at: float
+    cpu_tokens: int = 0  # of pending_tokens, predicted to load from the CPU tier (LMCache)
     first_token_at: float | None = None
     done: bool = False
 
@@ -215,7 +216,17 @@ class Router:
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock())
+        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), self._cpu_tokens(req, replica, pending))
+
+    @staticmethod
+    def _cpu_tokens(req: RequestInfo, replica: Replica, pending: int) -> int:
+        """Prompt tokens beyond the GPU hit that the CPU tier should load (whole chunks, as
+        the index matched them), at most the uncached part."""
+        s = replica.slot
+        if req.key_mode is not KeyMode.TOKENS or s >= len(req.any_tier_blocks):
+            return 0
+        extra = (req.any_tier_blocks[s] - req.gpu_blocks[s]) * req.block_size
+        return max(0, min(extra, pending))
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
         if ticket.first_token_at is not None or ticket.done:
@@ -224,7 +235,11 @@ class Router:
         ticket.first_token_at = now
         rep = ticket.replica
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
-        rep.observe_ttft(now - ticket.dispatched_at if ttft_s is None else ttft_s, ticket.pending_tokens)
+        ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
+        if ticket.cpu_tokens:  # part loaded, not computed: teaches the load rate, not the prefill rate
+            rep.observe_cpu_load(ttft, ticket.pending_tokens - ticket.cpu_tokens, ticket.cpu_tokens)
+        else:
+            rep.observe_ttft(ttft, ticket.pending_tokens)
 
     def finish(self, ticket: Ticket, ok: bool = True, cached_tokens: int | None = None) -> None:
         if ticket.done:

@@ -59,6 +59,7 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         weights=cfg.routing.weights,
         load_factor=cfg.routing.load_factor,
         cpu_credit=cfg.routing.cpu_tier_credit,
+        cpu_load_tps=cfg.lmcache.load_tps,
         plugin_timer=metrics.plugin_timer,
     )
     parity = ParityTracker(metrics)
