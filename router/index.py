@@ -430,7 +430,7 @@ def _bits_below(n: int) -> int:
 
 
 def _prefix_one_tier(
-    hashes: Sequence[BlockHash], gets: list[Callable[[int, int], int]], out: list[int], below: int
+    hashes: Sequence[BlockHash], gets: Sequence[Callable[..., int]], out: list[int], below: int
 ) -> None:
     """GPU-only match (no replica ever had a CPU tier): the common, cheaper loop."""
     m = _SHARD_MASK

@@ -141,6 +141,7 @@ class Router:
         if token_ids is not None:
             req.block_hashes = hash_token_blocks(token_ids, bs, seed, self.max_blocks)
             req.prompt_tokens = len(token_ids)
+            req.token_ids = token_ids
             req.key_mode = KeyMode.TOKENS
             return req
         data = (text if text is not None else render_messages(messages or ())).encode()

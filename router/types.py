@@ -8,6 +8,7 @@ routing view that the pipeline fills once and scorers only read.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NewType
@@ -53,6 +54,7 @@ class RequestInfo:
     any_tier_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU or CPU
     # Slots whose index view missed KV events (PrefixIndex.uncertain_slots at selection time).
     uncertain_slots: AbstractSet[int] = frozenset()
+    token_ids: Sequence[int] | None = None  # token mode: the prompt (LMCache lookups send it)
 
     @property
     def total_blocks(self) -> int:

@@ -35,6 +35,7 @@ from router.http.proxy import Forwarder, ForwardHooks
 from router.http.state import RUNNING, STATE, AppState, RequestPath, Running
 from router.http.upstream import UpstreamPool
 from router.index import PrefixIndex
+from router.kv.lmcache_tier import CpuTierModeCollector, build_lookup, event_sink
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
@@ -140,7 +141,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     kv_events = None
     if cfg.kv_events.mode != "off":
-        kv_events = KVEventManager(st.index, capacity=cfg.routing.index_capacity, registry=st.metrics.registry)
+        kv_events = KVEventManager(
+            event_sink(st.index, cfg.lmcache), capacity=cfg.routing.index_capacity, registry=st.metrics.registry
+        )
+    cpu_lookup = build_lookup(cfg.lmcache, st.index, session, kv_events, st.metrics.registry)
+    st.metrics.registry.register(CpuTierModeCollector(lambda: [r.id for r in st.registry], kv_events, cpu_lookup))
     passive = PassiveHealth(st.registry, st.metrics, cfg.health.eject_after_failures)
     monitor = ReplicaMonitor(
         cfg,
@@ -163,7 +168,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ForwardHooks(passive.record_success, passive.record_failure),
         replica_header=cfg.server.replica_header,
     )
-    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain)
+    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, cpu_lookup)
     run = Running(session, kv_events, monitor, pool, path)
     app[RUNNING] = run
     sources = st.sources if st.sources is not None else _default_sources(cfg)

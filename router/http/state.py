@@ -22,6 +22,7 @@ from router.errors import Draining
 from router.http.proxy import Forwarder
 from router.http.upstream import UpstreamPool
 from router.index import PrefixIndex
+from router.kv.lmcache_lookup import CoordinatorLookup
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
@@ -66,6 +67,7 @@ class RequestPath:
     forwarder: Forwarder
     metrics: RouterMetrics
     drain: DrainGuard
+    cpu_lookup: CoordinatorLookup | None = None  # lookup mode (router/kv/lmcache_lookup.py)
 
 
 @dataclass(slots=True)

@@ -21,10 +21,21 @@ replicas a coordinator placement stands for.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from router.index import PrefixIndex
+from router.kv.apply import IndexSink
+from router.kv.lmcache_lookup import AiohttpTransport, CoordinatorLookup
 from router.types import BlockHash, ReplicaId, Tier
+
+if TYPE_CHECKING:
+    from router.config import LMCacheSettings
+    from router.kv.subscriber import KVEventManager
 
 
 def parse_instances(pairs: Iterable[str]) -> dict[str, list[ReplicaId]]:
@@ -148,3 +159,90 @@ class SharedTierSink:
         if gone:
             for member in self._members[gi]:
                 self.index.remove(member, gone, Tier.CPU)
+
+
+# ---- wiring (router/http/app.py) ----------------------------------------------------------------
+
+
+def event_sink(index: PrefixIndex, settings: LMCacheSettings) -> IndexSink:
+    """What the KV-event streams write to: the index, or a SharedTierSink over it when some
+    LMCache instance has several replicas."""
+    instances = parse_instances(settings.instances)
+    if any(len(m) > 1 for m in instances.values()):
+        return SharedTierSink(index, instances)
+    return index
+
+
+def build_lookup(
+    settings: LMCacheSettings,
+    index: PrefixIndex,
+    session: object,
+    kv_events: KVEventManager | None,
+    registry: CollectorRegistry | None,
+) -> CoordinatorLookup | None:
+    """Lookup mode, when a coordinator is configured; replicas whose stream already carries CPU
+    events (lmcache_driven) are left to their events."""
+    if settings.coordinator_url is None:
+        return None
+    instances = parse_instances(settings.instances)
+    if not instances:
+        raise ValueError("lmcache.coordinator_url needs lmcache.instances (INSTANCE_ID=REPLICA) to map placements")
+
+    def events_mode(rid: ReplicaId) -> bool:
+        st = kv_events.stats(rid) if kv_events is not None else None
+        return st is not None and st.cpu_events > 0
+
+    return CoordinatorLookup(
+        index,
+        AiohttpTransport(session),
+        settings.coordinator_url,
+        settings.model_name or "",
+        instances,
+        chunk_tokens=settings.chunk_tokens,
+        min_tokens=settings.lookup_min_tokens,
+        timeout_s=settings.lookup_timeout_s,
+        cache_s=settings.lookup_cache_s,
+        breaker_failures=settings.breaker_failures,
+        breaker_open_s=settings.breaker_open_s,
+        registry=registry,
+        events_mode=events_mode,
+    )
+
+
+class CpuTierModeCollector(Collector):
+    """``kvrouter_cpu_tier_mode{replica,mode}`` = 1 for the way the router learns each replica's
+    CPU tier: ``events`` (CPU BlockStored seen on its stream: LMCache lmcache_driven),
+    ``lookup`` (coordinator lookups; the breaker is closed), ``lookup_down`` (lookups configured
+    but the breaker is open: GPU-only credit), ``none`` (the router credits no CPU tier)."""
+
+    MODES = ("events", "lookup", "lookup_down", "none")
+
+    def __init__(
+        self,
+        replicas: Callable[[], Iterable[ReplicaId]],
+        kv_events: KVEventManager | None,
+        lookup: CoordinatorLookup | None,
+    ) -> None:
+        self.replicas = replicas
+        self.kv_events = kv_events
+        self.lookup = lookup
+
+    def mode(self, rid: ReplicaId) -> str:
+        st = self.kv_events.stats(rid) if self.kv_events is not None else None
+        if st is not None and st.cpu_events > 0:
+            return "events"
+        if self.lookup is not None and rid in self.lookup.replicas:
+            return "lookup_down" if self.lookup.breaker_open else "lookup"
+        return "none"
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            "kvrouter_cpu_tier_mode",
+            "1 for how the router learns the replica's CPU (LMCache) tier: events, lookup, lookup_down, none",
+            labels=["replica", "mode"],
+        )
+        for rid in self.replicas():
+            current = self.mode(rid)
+            for m in self.MODES:
+                g.add_metric([rid, m], 1.0 if m == current else 0.0)
+        yield g

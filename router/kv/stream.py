@@ -74,6 +74,7 @@ class KVEventStats:
     stale: int = 0
     orphans: int = 0
     decode_errors: int = 0
+    cpu_events: int = 0  # BlockStored events of an offload tier (LMCache lmcache_driven): events mode
     uncertain: bool = False
     last_event_time: float | None = None  # clock() when the last batch was applied
     endpoint: str | None = None  # actual endpoint (after bind, the resolved port)
@@ -334,6 +335,8 @@ class ReplicaEvents:
         engine_hashes = ev.block_hashes
         n = len(engine_hashes)
         bs = ev.block_size
+        if tier is Tier.CPU:
+            self.stats.cpu_events += 1
         if n == 0:
             return ()
         if len(ev.token_ids) != n * bs:
@@ -412,6 +415,7 @@ class ReplicaEvents:
             self.metrics.unmodeled.inc(len(engine_hashes) * per)  # LMCache MP keys carry neither
             return ()
         parent = ev.parent_block_hash
+        seed: int
         if parent is None:
             seed = model_seed(ev.lora_name or self.model)
         else:

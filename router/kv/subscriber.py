@@ -160,6 +160,9 @@ class KVEventManager:
             metrics=self.metrics,
             clock=self.clock,
         )
+        attach = getattr(self.index, "attach", None)  # a shared LMCache tier (lmcache_tier.py)
+        if attach is not None:
+            attach(replica_id)
         sub = _Sub(events, endpoint, replay_endpoint, topic, bind)
         sub.task = asyncio.get_running_loop().create_task(self._run(sub), name=f"kv-events:{replica_id}")
         self._subs[replica_id] = sub
