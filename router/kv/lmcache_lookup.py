@@ -116,7 +116,9 @@ class LookupMetrics:
             **kw,  # type: ignore[arg-type]
         )
         self.breaker_open = Gauge(
-            "kvrouter_lmcache_breaker_open", "1 while the coordinator lookup circuit breaker is open", **kw  # type: ignore[arg-type]
+            "kvrouter_lmcache_breaker_open",
+            "1 while the coordinator lookup circuit breaker is open",
+            **kw,  # type: ignore[arg-type]
         )
         self._by_outcome = {o: self.lookups.labels(o) for o in OUTCOMES}
 
@@ -188,7 +190,12 @@ class CoordinatorLookup:
         """Bring the index's CPU tier up to date for this prompt's chunks. Never raises."""
         bs = req.block_size
         chunk = self.chunk_tokens
-        if token_ids is None or req.key_mode is not KeyMode.TOKENS or chunk % bs or len(token_ids) < self.min_tokens:
+        if (
+            token_ids is None
+            or req.key_mode is not KeyMode.TOKENS
+            or chunk % bs
+            or len(token_ids) < self.min_tokens
+        ):
             self.metrics.count("short")
             return
         per = chunk // bs
@@ -223,7 +230,9 @@ class CoordinatorLookup:
             del self._inflight[key]
             fut.set_result(None)
 
-    async def _ask(self, hashes: Sequence[BlockHash], tokens: Sequence[int], per: int, key: BlockHash) -> None:
+    async def _ask(
+        self, hashes: Sequence[BlockHash], tokens: Sequence[int], per: int, key: BlockHash
+    ) -> None:
         body = _ENCODER.encode({"token_ids": list(tokens), "model_name": self.model_name, "world_size": 1})
         t0 = time.perf_counter()
         try:
@@ -280,7 +289,10 @@ class CoordinatorLookup:
             if not self._open_until:
                 log.warning(
                     "LMCache coordinator %s failed %d times (%s): lookups paused for %.0f s",
-                    self.url, self._failures, exc or outcome, self.breaker_open_s,
+                    self.url,
+                    self._failures,
+                    exc or outcome,
+                    self.breaker_open_s,
                 )
             self._open_until = self.clock() + self.breaker_open_s
             self.metrics.breaker_open.set(1)

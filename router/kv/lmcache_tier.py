@@ -80,7 +80,12 @@ class SharedTierSink:
         return None if gi is None else self._members[gi]
 
     def store(
-        self, replica: ReplicaId, hashes: Sequence[BlockHash], tier: Tier = Tier.GPU, *, speculative: bool = False
+        self,
+        replica: ReplicaId,
+        hashes: Sequence[BlockHash],
+        tier: Tier = Tier.GPU,
+        *,
+        speculative: bool = False,
     ) -> None:
         gi = self._group_of.get(replica)
         if gi is None or tier is Tier.GPU or speculative:
@@ -186,7 +191,9 @@ def build_lookup(
         return None
     instances = parse_instances(settings.instances)
     if not instances:
-        raise ValueError("lmcache.coordinator_url needs lmcache.instances (INSTANCE_ID=REPLICA) to map placements")
+        raise ValueError(
+            "lmcache.coordinator_url needs lmcache.instances (INSTANCE_ID=REPLICA) to map placements"
+        )
 
     def events_mode(rid: ReplicaId) -> bool:
         st = kv_events.stats(rid) if kv_events is not None else None
