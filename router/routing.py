@@ -51,7 +51,7 @@ class Ticket:
     predicted_cached_tokens: int
     pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
     dispatched_at: float
-    cpu_tokens: int = 0  # of pending_tokens, predicted to load from the CPU tier (LMCache)
+    cpu_tokens: int = 0  # beyond pending_tokens, predicted to load from the CPU tier (LMCache)
     first_token_at: float | None = None
     done: bool = False
 
@@ -211,13 +211,16 @@ class Router:
         else:
             predicted_effective = predicted
         pending = max(0, req.prompt_tokens - predicted_effective)
+        # A CPU-tier (LMCache) hit is loaded, not prefilled: it is no prefill work queued ahead.
+        cpu = self._cpu_tokens(req, replica, pending)
+        pending -= cpu
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), self._cpu_tokens(req, replica, pending))
+        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), cpu)
 
     @staticmethod
     def _cpu_tokens(req: RequestInfo, replica: Replica, pending: int) -> int:
@@ -238,7 +241,7 @@ class Router:
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
         ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
         if ticket.cpu_tokens:  # part loaded, not computed: teaches the load rate, not the prefill rate
-            rep.observe_cpu_load(ttft, ticket.pending_tokens - ticket.cpu_tokens, ticket.cpu_tokens)
+            rep.observe_cpu_load(ttft, ticket.pending_tokens, ticket.cpu_tokens)
         else:
             rep.observe_ttft(ttft, ticket.pending_tokens)
 

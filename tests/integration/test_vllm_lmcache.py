@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from router.kv_wire import BlockRemoved, BlockStored, KVEventBatch
 
+from router.kv.wire import BlockRemoved, BlockStored, KVEventBatch
 from tests.integration.vllm_fixtures import (
     FIRST_PLAIN_TOKEN,
     Replica,

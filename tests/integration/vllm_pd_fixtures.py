@@ -36,8 +36,8 @@ from typing import Any, NoReturn
 import msgspec
 import pytest
 import zmq
-from router.kv_wire import BlockStored, KVEventBatch
 
+from router.kv.wire import BlockStored, KVEventBatch
 from tests.integration.vllm_fixtures import (
     KV_TOPIC,
     REPO,
