@@ -148,6 +148,12 @@ class SharedTierSink:
         if missing:  # only what it lacks: each member holds one reference per shared block
             self.index.store(replica, missing, Tier.CPU)
 
+    def detach(self, replica: ReplicaId) -> None:
+        """The router stopped following this member's stream: what it alone announced can no
+        longer be withdrawn by it, so it stops counting (the other members' streams still do)."""
+        if replica in self._group_of:
+            self.clear(replica, Tier.CPU)
+
     def set_uncertain(self, replica: ReplicaId, uncertain: bool) -> None:
         self.index.set_uncertain(replica, uncertain)
 

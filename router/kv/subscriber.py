@@ -176,6 +176,9 @@ class KVEventManager:
         if sub.task is not None:
             sub.task.cancel()
         self.metrics.forget(replica_id)
+        detach = getattr(self.index, "detach", None)  # a shared LMCache tier (lmcache_tier.py)
+        if detach is not None:
+            detach(replica_id)
         # A later add() starts a fresh stream whose flag starts False and only pushes changes:
         # clear the index's flag now, or the replica's prefix credit stays halved for good.
         set_uncertain = getattr(self.index, "set_uncertain", None)

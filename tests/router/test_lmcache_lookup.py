@@ -245,6 +245,11 @@ def test_shared_tier_counts_each_block_once_per_server() -> None:
     index.add_replica(R1)
     sink.attach(R1)  # a member that re-joins gets the tier's content
     assert index.holds(R1, 21, Tier.CPU)
+    sink.store(R1, [21], Tier.CPU)
+    sink.detach(R0)  # the router stopped following r0's stream: r1's stream still announces 21
+    assert index.holds(R0, 21, Tier.CPU) and index.holds(R1, 21, Tier.CPU)
+    sink.detach(R1)
+    assert not index.holds(R1, 21, Tier.CPU)
     sink.store(R0, [31], Tier.GPU)  # GPU blocks stay the replica's own
     assert not index.holds(R1, 31, Tier.GPU)
     index.check_invariants()
