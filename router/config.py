@@ -113,6 +113,7 @@ class LMCacheSettings(msgspec.Struct, forbid_unknown_fields=True):
     tier, and the MP coordinator to ask when the tier publishes no KV events (lookup mode)."""
 
     instances: list[str] = msgspec.field(default_factory=list)  # "INSTANCE_ID=REPLICA" pairs
+    credit_cpu_tier: bool = True  # false: ignore CPU-tier events and lookups (GPU-only routing, for A/B runs)
     coordinator_url: str | None = None  # lookup mode: POST {url}/directory/lookup
     model_name: str | None = None  # the model PATH vLLM was started with (the coordinator's key)
     chunk_tokens: PosInt = 256  # LMCache chunk_size
@@ -200,6 +201,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("routing.load_factor", "load-factor", "bounded-load guard: max load vs mean", "float"),
     Option("routing.seed", "seed", "tie-break RNG seed", "int"),
     Option("lmcache.instances", "lmcache-instance", "INSTANCE_ID=REPLICA: replicas on one LMCache server (repeatable)", "list"),
+    Option("lmcache.credit_cpu_tier", "lmcache-credit-cpu-tier", "credit the CPU (LMCache) tier (false: GPU-only routing)", "bool"),
     Option("lmcache.coordinator_url", "lmcache-coordinator", "LMCache MP coordinator URL: lookup mode"),
     Option("lmcache.model_name", "lmcache-model", "model path the engines were started with (coordinator key)"),
     Option("lmcache.lookup_min_tokens", "lmcache-lookup-min-tokens", "ask the coordinator only for longer prompts", "int"),

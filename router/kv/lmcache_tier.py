@@ -175,9 +175,35 @@ class SharedTierSink:
 # ---- wiring (router/http/app.py) ----------------------------------------------------------------
 
 
+class GpuOnlySink:
+    """``lmcache.credit_cpu_tier: false``: the streams' CPU-tier events are dropped, so the router
+    routes on the GPU tier alone (the baseline of an A/B run; docs/lmcache.md)."""
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+
+    def store(
+        self, replica: ReplicaId, hashes: Sequence[BlockHash], tier: Tier = Tier.GPU, *, speculative: bool = False
+    ) -> None:
+        if tier is Tier.GPU:
+            self.index.store(replica, hashes, tier, speculative=speculative)
+
+    def remove(self, replica: ReplicaId, hashes: Sequence[BlockHash], tier: Tier = Tier.GPU) -> None:
+        if tier is Tier.GPU:
+            self.index.remove(replica, hashes, tier)
+
+    def clear(self, replica: ReplicaId, tier: Tier | None = None) -> None:
+        self.index.clear(replica, tier)
+
+    def set_uncertain(self, replica: ReplicaId, uncertain: bool) -> None:
+        self.index.set_uncertain(replica, uncertain)
+
+
 def event_sink(index: PrefixIndex, settings: LMCacheSettings) -> IndexSink:
-    """What the KV-event streams write to: the index, or a SharedTierSink over it when some
-    LMCache instance has several replicas."""
+    """What the KV-event streams write to: the index, a SharedTierSink over it when some LMCache
+    instance has several replicas, or a GpuOnlySink when the CPU tier must not be credited."""
+    if not settings.credit_cpu_tier:
+        return GpuOnlySink(index)
     instances = parse_instances(settings.instances)
     if any(len(m) > 1 for m in instances.values()):
         return SharedTierSink(index, instances)
@@ -193,7 +219,7 @@ def build_lookup(
 ) -> CoordinatorLookup | None:
     """Lookup mode, when a coordinator is configured; replicas whose stream already carries CPU
     events (lmcache_driven) are left to their events."""
-    if settings.coordinator_url is None:
+    if settings.coordinator_url is None or not settings.credit_cpu_tier:
         return None
     instances = parse_instances(settings.instances)
     if not instances:

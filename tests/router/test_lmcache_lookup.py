@@ -292,3 +292,16 @@ def test_replica_learns_the_load_rate_from_cpu_hit_ttfts() -> None:
         )  # 0.1 s compute + 0.01 s load
     assert rep.cpu_load_tps == pytest.approx(100_000, rel=0.01)
     assert rep.prefill_tps == 10_000  # a CPU-hit TTFT does not teach the prefill rate
+
+
+def test_gpu_only_sink_drops_the_cpu_tier() -> None:
+    from router.config import LMCacheSettings
+    from router.kv.lmcache_tier import event_sink
+
+    index = PrefixIndex()
+    index.add_replica(R0)
+    sink = event_sink(index, LMCacheSettings(credit_cpu_tier=False))
+    sink.store(R0, [1, 2], Tier.CPU)
+    sink.store(R0, [1], Tier.GPU)
+    assert index.replica_blocks(R0, Tier.CPU) == 0 and index.holds(R0, 1, Tier.GPU)
+    assert event_sink(index, LMCacheSettings()) is index
