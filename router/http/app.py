@@ -145,7 +145,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             event_sink(st.index, cfg.lmcache), capacity=cfg.routing.index_capacity, registry=st.metrics.registry
         )
     cpu_lookup = build_lookup(cfg.lmcache, st.index, session, kv_events, st.metrics.registry)
-    st.metrics.registry.register(CpuTierModeCollector(lambda: [r.id for r in st.registry], kv_events, cpu_lookup))
+    modes = CpuTierModeCollector(lambda: [r.id for r in st.registry], kv_events, cpu_lookup, cfg.lmcache.credit_cpu_tier)
+    st.metrics.registry.register(modes)
     passive = PassiveHealth(st.registry, st.metrics, cfg.health.eject_after_failures)
     monitor = ReplicaMonitor(
         cfg,

@@ -261,12 +261,16 @@ class CpuTierModeCollector(Collector):
         replicas: Callable[[], Iterable[ReplicaId]],
         kv_events: KVEventManager | None,
         lookup: CoordinatorLookup | None,
+        credited: bool = True,
     ) -> None:
+        self.credited = credited
         self.replicas = replicas
         self.kv_events = kv_events
         self.lookup = lookup
 
     def mode(self, rid: ReplicaId) -> str:
+        if not self.credited:
+            return "none"
         st = self.kv_events.stats(rid) if self.kv_events is not None else None
         if st is not None and st.cpu_events > 0:
             return "events"
