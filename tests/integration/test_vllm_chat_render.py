@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.procs import wait_for
 
 from router.chat_render import parse_chat_options
 from router.tokenizer import HFTokenizer
@@ -45,6 +44,7 @@ from tests.integration.vllm_fixtures import (
     vllm_replicas,
     vllm_setup_or_skip_reason,
 )
+from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.vllm
 
