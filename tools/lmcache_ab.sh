@@ -5,8 +5,8 @@
 #   LMCACHE_VENV=/path/venv-lmcache MODEL=/path/tiny-llama tools/lmcache_ab.sh TRACE OUT_DIR [REPLICAS]
 #
 # REPLICAS (default 2) replicas of the tiny model, each with its own LMCache MP server (1 GB L1) and a
-# 96-block (3072-token) vLLM cache. Writes OUT_DIR/{cpu,gpu}/summary.json (kvrouter replay) and prints
-# hit ratios (vLLM's cached_tokens: both tiers) and the replicas' external (LMCache) hit tokens per run.
+# 96-block (3072-token) vLLM cache. Prints and writes OUT_DIR/{cpu,gpu}.json (tools/lmcache_ab_client.py):
+# hit ratio (vLLM's cached_tokens: both tiers) and the replicas' local vs external (LMCache) hit tokens.
 set -euo pipefail
 TRACE=$1; OUT=$2; N=${3:-2}
 PY=${PY:-.venv/bin/python}
@@ -32,25 +32,17 @@ for i in $(seq 0 $((N - 1))); do $S wait "r$i"; done
 
 run() {  # NAME ROUTER_FLAGS...
   local name=$1; shift
-  for u in "${SERVERS[@]}"; do curl -sf -X POST "$u/cache/clear" >/dev/null; done
   local rp; rp=$(port)
   local backends=(); for u in "${URLS[@]}"; do backends+=(--backend "$u"); done
-  PYTHONPATH=. "$PY" -m router serve --port "$rp" "${backends[@]}" --kv-events auto --policy cache_aware "$@" \
-    >"$OUT/router-$name.log" 2>&1 &
+  PYTHONPATH=. "$PY" -m router serve --port "$rp" "${backends[@]}" --kv-events auto --policy cache_aware \
+    --drain-grace 0 "$@" >"$OUT/router-$name.log" 2>&1 &
   local rpid=$!
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$rp/ready" >/dev/null && break; sleep 0.3; done
-  local em=(); for u in "${URLS[@]}"; do em+=(--engine-metrics "$u"); done
-  PYTHONPATH=. "$PY" -m router replay --trace "$TRACE" --target "$name=http://127.0.0.1:$rp" --out "$OUT/$name" \
-    --model tiny --speedup "${SPEEDUP:-1}" "${em[@]}" --reset-prefix-cache --no-plots --request-timeout 120 >"$OUT/replay-$name.log" 2>&1
+  local args=(); for u in "${URLS[@]}"; do args+=(--replica "$u"); done
+  for u in "${SERVERS[@]}"; do args+=(--lmcache "$u"); done
+  PYTHONPATH=. "$PY" tools/lmcache_ab_client.py --trace "$TRACE" --router "http://127.0.0.1:$rp" \
+    --speedup "${SPEEDUP:-1}" "${args[@]}" | tee "$OUT/$name.json"
   kill "$rpid"; wait "$rpid" 2>/dev/null || true
 }
 run cpu
 run gpu --lmcache-credit-cpu-tier false
-"$PY" - "$OUT" <<'PYEOF'
-import json, sys
-out = sys.argv[1]
-for name in ("cpu", "gpu"):
-    s = json.load(open(f"{out}/{name}/summary.json"))
-    t = s["targets"][name] if "targets" in s else s
-    print(name, json.dumps({k: t.get(k) for k in ("requests", "ok", "hit_ratio", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s")}))
-PYEOF
