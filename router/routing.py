@@ -27,6 +27,7 @@ from .replicas.registry import Replica, ReplicaRegistry
 from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
+from .scoring.ttft import cpu_tier_credit
 from .types import BlockHash, KeyMode, ReplicaId, RequestInfo
 
 log = logging.getLogger("kvrouter.routing")
@@ -51,7 +52,8 @@ class Ticket:
     predicted_cached_tokens: int
     pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
     dispatched_at: float
-    cpu_tokens: int = 0  # beyond pending_tokens, predicted to load from the CPU tier (LMCache)
+    cpu_tokens: int = 0  # predicted to load from the CPU tier (LMCache); pending_tokens holds their uncredited part
+    recompute_tokens: int = 0  # of the prompt, predicted to be computed (with cpu_tokens: the rest of it)
     first_token_at: float | None = None
     done: bool = False
 
@@ -90,6 +92,10 @@ class Router:
         self.bytes_per_token = bytes_per_token
         self.max_blocks = max_blocks
         self.speculative_ttl_s = speculative_ttl_s
+        # CPU-tier credit until the rates are measured, and the configured load rate (app.py sets
+        # both from routing.cpu_tier_credit and lmcache.load_tps, like the scorers').
+        self.cpu_credit = 0.8
+        self.cpu_load_tps = 0.0
         self.approximate_ttl_s = approximate_ttl_s
         self.tokenizer = tokenizer
         self.clock = clock
@@ -211,16 +217,20 @@ class Router:
         else:
             predicted_effective = predicted
         pending = max(0, req.prompt_tokens - predicted_effective)
-        # A CPU-tier (LMCache) hit is loaded, not prefilled: it is no prefill work queued ahead.
+        # A CPU-tier (LMCache) hit is loaded, not prefilled: it queues only the recompute time the
+        # load does not save (scoring/ttft.py's credit), not the whole recompute.
         cpu = self._cpu_tokens(req, replica, pending)
-        pending -= cpu
+        recompute = pending - cpu
+        if cpu:
+            credit = cpu_tier_credit(replica.prefill_tps, replica.cpu_load_tps or self.cpu_load_tps, self.cpu_credit)
+            pending -= int(cpu * credit)
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), cpu)
+        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), cpu, recompute)
 
     @staticmethod
     def _cpu_tokens(req: RequestInfo, replica: Replica, pending: int) -> int:
@@ -241,7 +251,7 @@ class Router:
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
         ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
         if ticket.cpu_tokens:  # part loaded, not computed: teaches the load rate, not the prefill rate
-            rep.observe_cpu_load(ttft, ticket.pending_tokens, ticket.cpu_tokens)
+            rep.observe_cpu_load(ttft, ticket.recompute_tokens, ticket.cpu_tokens)
         else:
             rep.observe_ttft(ttft, ticket.pending_tokens)
 

@@ -78,6 +78,8 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         limits=RouterLimits(cfg.admission.max_in_flight_per_replica, cfg.admission.retry_after_s),
         on_overload=metrics.admission_rejected.labels("replica").inc,
     )
+    router.cpu_credit = cfg.routing.cpu_tier_credit
+    router.cpu_load_tps = cfg.lmcache.load_tps
     admission = Admission(
         cfg.admission.max_in_flight,
         cfg.admission.max_queue,
