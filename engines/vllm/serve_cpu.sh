@@ -13,7 +13,7 @@
 #   RUN_DIR [.cache/vllm-run] where NAME.pid, NAME.log and NAME.env live
 #   BLOCKS [96]              --num-gpu-blocks-override: small so eviction (BlockRemoved) really happens;
 #                            must be >= MAX_MODEL_LEN/32 + 1
-#   DTYPE [bfloat16]  MAX_MODEL_LEN [2048]  SERVED_NAME [tiny]  HEALTH_TIMEOUT [240]  HOST [127.0.0.1]
+#   DTYPE [float32]  MAX_MODEL_LEN [2048]  SERVED_NAME [tiny]  HEALTH_TIMEOUT [240]  HOST [127.0.0.1]
 #   KV_TRANSFER_CONFIG []    JSON for --kv-transfer-config (serve_pd.sh, serve_lmcache.sh set it)
 #   EXTRA_ENV []             space-separated VAR=VALUE pairs for the server's environment (no spaces in values)
 #
@@ -28,6 +28,10 @@
 #   endpoint tcp://*:ZMQ_PORT    the `*` makes vLLM *bind*; subscribers connect to tcp://HOST:ZMQ_PORT
 #   VLLM_CPU_OMP_THREADS_BIND=CORE   with `auto` every replica binds core 0
 #   VLLM_CPU_KVCACHE_SPACE=1     GiB; the real size is then capped by --num-gpu-blocks-override
+#   --dtype float32 (DTYPE)      on a Xeon with AMX tiles vLLM picks its `amx` attention kernel for bf16, and the
+#                                worker dies with SIGILL on a one-token step over cached context (a prefix hit
+#                                whose last token is computed, or a decode after a NIXL load); float32 selects the
+#                                vector kernel. Block hashes and KV events do not depend on the dtype.
 set -euo pipefail
 
 VLLM_VENV=${VLLM_VENV:-.venv-vllm}
@@ -35,7 +39,7 @@ MODEL=${MODEL:-.cache/tiny-llama}
 RUN_DIR=${RUN_DIR:-.cache/vllm-run}
 BLOCKS=${BLOCKS:-96}
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048}
-DTYPE=${DTYPE:-bfloat16}
+DTYPE=${DTYPE:-float32}
 SERVED_NAME=${SERVED_NAME:-tiny}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-240}
 HOST=${HOST:-127.0.0.1}

@@ -71,7 +71,8 @@ case "$action" in
     case "$TRANSFER_MODE" in lmcache_driven | engine_driven | auto) ;; *) die "TRANSFER_MODE must be lmcache_driven, engine_driven or auto" ;; esac
     kv='{"kv_connector":"LMCacheMPConnector","kv_role":"kv_both","kv_connector_extra_config":'
     kv+='{"lmcache.mp.host":"tcp://'"$HOST"'","lmcache.mp.port":'"$mp_port"',"lmcache.mp.mp_transfer_mode":"'"$TRANSFER_MODE"'"}}'
-    VLLM_VENV=$LMCACHE_VENV KV_TRANSFER_CONFIG=$kv EXTRA_ENV="${LMC_ENV[*]} ${EXTRA_ENV:-}" \
+    # bf16 is what the LMCache tests ran with (no SIGILL on this path); float32 doubles the bytes per chunk.
+    DTYPE=${DTYPE:-bfloat16} VLLM_VENV=$LMCACHE_VENV KV_TRANSFER_CONFIG=$kv EXTRA_ENV="${LMC_ENV[*]} ${EXTRA_ENV:-}" \
       exec bash "$HERE/serve_cpu.sh" start "$name" "$port" "$zmq_port" "${@:5}"
     ;;
   wait) (($# == 1)) || usage; wait_healthy "$1" ;;
