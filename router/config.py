@@ -20,6 +20,7 @@ import msgspec
 import yaml
 
 from .discovery.base import DiscoveryConfig, http_url_problem
+from .sessions.config import SessionsConfig
 
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 Pos = Annotated[float, msgspec.Meta(gt=0)]
@@ -74,6 +75,35 @@ class HealthConfig(msgspec.Struct, forbid_unknown_fields=True):
     metrics_interval_s: Pos = 0.25  # engine /metrics scrape (off: scrape_metrics false)
     scrape_metrics: bool = True
     models_interval_s: Pos = 30.0
+
+
+class OutlierSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """Sick-but-alive replicas (router/replicas/outliers.py, canary.py; docs/reliability.md)."""
+
+    enabled: bool = True
+    interval_s: Pos = 1.0  # how often the detector compares replicas
+    window_s: Pos = 30.0  # samples older than this are forgotten
+    min_samples: PosInt = 8  # per replica and signal, before it is judged
+    factor: Annotated[float, msgspec.Meta(gt=1)] = 2.5  # worse than the peers' median by this: degraded
+    # ITL needs more: chunked prefill makes a busy replica's decode steps several times longer
+    # (measured: healthy replicas reach 2.7x their peers under round robin on Mooncake)
+    itl_factor: Annotated[float, msgspec.Meta(gt=1)] = 4.0
+    eject_after_s: Pos = 5.0  # degraded this long in a row: ejected
+    degraded_weight: Ratio = 0.2  # share of a degraded replica relative to a healthy one
+    success_margin: Ratio = 0.2  # success rate this far under the peers' median counts as worse
+    max_ejected_fraction: Ratio = 0.34  # of a model's replicas ejected at once (at least one of two+)
+    base_ejection_s: Pos = 10.0  # x times ejected, capped by max_ejection_s
+    max_ejection_s: Pos = 120.0
+    slow_start_s: NonNeg = 10.0  # ramp of a joining/returning replica's share (0: none)
+    slow_start_min_weight: Ratio = 0.05
+    preemptions_per_s: Pos = 5.0  # vllm:num_preemptions_total rate that counts as sick
+    kv_pinned_s: Pos = 10.0  # KV usage >= 99.9% this long counts as sick
+    probe_grace_s: NonNeg = 10.0  # a success this recent outweighs failed /health probes
+    canary_after_s: NonNeg = 10.0  # no success this long: one-token canary (0: off)
+    canary_timeout_s: Pos = 3.0
+    canary_body: dict[str, Any] = msgspec.field(
+        default_factory=lambda: {"prompt": "ping", "max_tokens": 1, "temperature": 0}
+    )  # POST /v1/completions body; "model" is filled in
 
 
 class AdmissionConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -135,6 +165,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
     lmcache: LMCacheSettings = msgspec.field(default_factory=LMCacheSettings)
+    sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
+    outliers: OutlierSettings = msgspec.field(default_factory=OutlierSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +208,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("health.eject_after_failures", "eject-after", "consecutive failures before ejection", "int"),
     Option("health.metrics_interval_s", "metrics-interval", "engine /metrics scrape interval (s)", "float"),
     Option("health.scrape_metrics", "scrape-metrics", "scrape engine /metrics", "bool"),
+    Option("outliers.enabled", "outliers", "eject replicas slower/failing more than their peers", "bool"),
+    Option("outliers.factor", "outlier-factor", "worse than the peers' median by this: degraded", "float"),
+    Option("outliers.itl_factor", "outlier-itl-factor", "inter-token latency this much worse: degraded", "float"),
+    Option("outliers.eject_after_s", "outlier-eject-after", "degraded this long: ejected (s)", "float"),
+    Option("outliers.min_samples", "outlier-min-samples", "samples per signal before judging", "int"),
+    Option("outliers.max_ejected_fraction", "outlier-max-ejected", "share of a model's replicas ejected at once", "float"),
+    Option("outliers.base_ejection_s", "outlier-ejection-time", "first ejection's length (s), x times ejected", "float"),
+    Option("outliers.interval_s", "outlier-interval", "outlier evaluation period (s)", "float"),
+    Option("outliers.probe_grace_s", "probe-grace", "a success this recent outweighs failed probes (s)", "float"),
+    Option("outliers.slow_start_s", "slow-start", "traffic ramp of a joining/returning replica (s)", "float"),
+    Option("outliers.canary_after_s", "canary-after", "no success this long: one-token canary (s, 0 off)", "float"),
+    Option("outliers.canary_timeout_s", "canary-timeout", "canary deadline (s)", "float"),
+    Option("outliers.canary_body", "canary-body", "canary POST /v1/completions body (JSON object)", "json"),
     Option("admission.max_in_flight", "max-in-flight", "router-wide concurrent requests (0 = no cap)", "int"),
     Option("admission.max_in_flight_per_replica", "max-in-flight-per-replica", "per replica cap (0 = none)", "int"),
     Option("admission.max_queue", "max-queue", "requests queued for a slot before 429", "int"),
@@ -218,6 +263,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("discovery.k8s_port_name", "k8s-port-name", "named port of the engine HTTP API"),
     Option("discovery.k8s_events_port_name", "k8s-events-port-name", "named port of the KV-event publisher"),
     Option("discovery.k8s_resource", "k8s-resource", "endpointslices | pods"),
+    Option("sessions.enabled", "sessions", "agent-session routing (keys, affinity, hints)", "bool"),
+    Option("sessions.header", "session-header", "extra request header carrying the session key"),
+    Option("sessions.body_field", "session-body-field", "top-level body field carrying the session key"),
+    Option("sessions.infer", "session-infer", "infer sessions of keyless requests from the prefix", "bool"),
+    Option("sessions.capacity", "session-capacity", "sessions remembered (least recently used beyond)", "int"),
+    Option("sessions.idle_ttl_s", "session-idle-ttl", "seconds before an idle session is forgotten", "float"),
+    Option(
+        "sessions.priority_replicas",
+        "priority-replica",
+        "replica id/URL running priority scheduling, gets `priority` (repeatable; * = all)",
+        "list",
+    ),
+    Option("sessions.token_header", "session-token-header", "answer with x-session-token", "bool"),
 )
 
 _BY_FLAG = {o.flag: o for o in OPTIONS}

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from .hashing import hash_byte_blocks, hash_token_blocks, model_seed, render_messages
@@ -28,7 +28,11 @@ from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
 from .scoring.ttft import cpu_tier_credit
+from .sessions.tracker import SessionTracker
 from .types import BlockHash, KeyMode, ReplicaId, RequestInfo
+
+if TYPE_CHECKING:
+    from .replicas.outliers import OutlierDetector
 
 log = logging.getLogger("kvrouter.routing")
 
@@ -55,6 +59,7 @@ class Ticket:
     cpu_tokens: int = 0  # predicted to load from the CPU tier (LMCache); pending_tokens holds their uncredited part
     recompute_tokens: int = 0  # of the prompt, predicted to be computed (with cpu_tokens: the rest of it)
     first_token_at: float | None = None
+    backlog_tokens: int = 0  # the replica's pending prefill ahead of this request at dispatch
     done: bool = False
 
 
@@ -84,6 +89,8 @@ class Router:
         observer: RoutingObserver | None = None,
         limits: RouterLimits = RouterLimits(),
         on_overload: Callable[[], None] = lambda: None,
+        sessions: SessionTracker | None = None,
+        outliers: OutlierDetector | None = None,
     ) -> None:
         self.index = index
         self.registry = registry
@@ -102,6 +109,8 @@ class Router:
         self.observer = observer
         self.limits = limits
         self.on_overload = on_overload
+        self.sessions = sessions  # agent sessions: home lookup before the policy, record at dispatch
+        self.outliers = outliers  # thins candidates by outlier state (replicas/outliers.py)
 
     # ---- request keys ---------------------------------------------------------------------
 
@@ -117,6 +126,7 @@ class Router:
         stream: bool = False,
         block_hashes: Sequence[BlockHash] | None = None,
         prompt_tokens: int | None = None,
+        session_id: str | None = None,
     ) -> RequestInfo:
         """Build the routing view of a request. Exactly one prompt form is used, first match:
         precomputed ``block_hashes`` (simulator), ``token_ids``, ``text`` / ``messages`` through
@@ -125,6 +135,7 @@ class Router:
         req = RequestInfo(
             model=model, prompt_tokens=0, block_size=bs, max_tokens=max_tokens, stream=stream, now=self.clock()
         )
+        req.session_id = session_id
         if not self.policy.needs_match and block_hashes is None:
             # Simple policies never look at blocks: skip hashing entirely.
             req.prompt_tokens = prompt_tokens or _estimate_tokens(token_ids, text, messages, self.bytes_per_token)
@@ -174,6 +185,8 @@ class Router:
             if not cands:
                 self.on_overload()
                 raise Overloaded("Every replica is at its concurrency limit.", retry_after=self.limits.retry_after_s)
+        if self.outliers is not None:
+            cands = self.outliers.admit(cands)
         return cands
 
     def select(
@@ -191,6 +204,8 @@ class Router:
             req.gpu_blocks, req.any_tier_blocks = self.index.match(req.block_hashes)
             # maintained by the KV-event layer through index.set_uncertain: O(1) here
             req.uncertain_slots = self.index.uncertain_slots
+            if self.sessions is not None:
+                self.sessions.annotate(req, cands)
         replica = self.policy.select(req, cands, explain)
         if record and self.observer is not None:
             self.observer.on_decision(replica, time.perf_counter() - t0, req)
@@ -217,6 +232,7 @@ class Router:
         else:
             predicted_effective = predicted
         pending = max(0, req.prompt_tokens - predicted_effective)
+        backlog = replica.pending_prefill_tokens
         # A CPU-tier (LMCache) hit is loaded, not prefilled: it queues only the recompute time the
         # load does not save (scoring/ttft.py's credit), not the whole recompute.
         cpu = self._cpu_tokens(req, replica, pending)
@@ -230,7 +246,9 @@ class Router:
         if req.block_hashes and self.policy.needs_match:
             ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), cpu, recompute)
+            if self.sessions is not None:
+                self.sessions.record(req, replica)
+        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), cpu, recompute, backlog_tokens=backlog)
 
     @staticmethod
     def _cpu_tokens(req: RequestInfo, replica: Replica, pending: int) -> int:
@@ -254,6 +272,15 @@ class Router:
             rep.observe_cpu_load(ttft, ticket.recompute_tokens, ticket.cpu_tokens)
         else:
             rep.observe_ttft(ttft, ticket.pending_tokens)
+        if self.outliers is not None:
+            # Per token of prefill work: its own uncached tokens and those queued ahead of it, so
+            # a replica that is merely busier than its peers does not look slower.
+            self.outliers.observe_ttft(rep, ttft, ticket.pending_tokens + ticket.backlog_tokens)
+
+    def observe_itl(self, ticket: Ticket, itl_s: float) -> None:
+        """Mean gap between the chunks of one relayed stream (the outlier detector's ITL)."""
+        if self.outliers is not None:
+            self.outliers.observe_itl(ticket.replica, itl_s)
 
     def finish(self, ticket: Ticket, ok: bool = True, cached_tokens: int | None = None) -> None:
         if ticket.done:

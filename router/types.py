@@ -55,6 +55,10 @@ class RequestInfo:
     # Slots whose index view missed KV events (PrefixIndex.uncertain_slots at selection time).
     uncertain_slots: AbstractSet[int] = frozenset()
     token_ids: Sequence[int] | None = None  # token mode: the prompt (LMCache lookups send it)
+    # Agent sessions (router/sessions/): the key, and the session table's answer for the scorer.
+    session_id: str | None = None
+    session_home: int = -1  # slot of the replica holding the session's KV; -1 new, -2 home gone
+    session_keep: float = 0.0  # fraction of the session's last prompt the home still holds (0..1)
 
     @property
     def total_blocks(self) -> int:

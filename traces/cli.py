@@ -193,6 +193,11 @@ def register_simulate(sub: Any) -> None:
     p.add_argument("--cpu-tier-tokens", type=int, default=0, help="per-replica LMCache-like CPU tier, tokens (0: none)")
     p.add_argument("--cpu-events", choices=["on", "off"], default="on",
                    help="CPU tier publishes KV events (off: the router credits the GPU tier only)")
+    p.add_argument("--slow-replica", type=int, default=None, metavar="I", help="replica I runs slowed (see --slow-*)")
+    p.add_argument("--slow-factor", type=float, default=3.0, metavar="F", help="its steps take F times longer (3)")
+    p.add_argument("--slow-window", default=None, metavar="START:END", help="simulated seconds it is slow (all)")
+    p.add_argument("--outliers", choices=["on", "off"], default="off",
+                   help="the router's outlier detector on kvrouter's policies, not peers (default off)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--out", default=None, metavar="DIR", help="write records-<policy>.jsonl and summary.json")
 

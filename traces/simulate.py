@@ -52,12 +52,15 @@ from engines.sim.model.engine import EngineModel
 from engines.sim.model.profiles import EngineProfile, get_profile
 from engines.sim.model.stats import ITL_BUCKETS, Histogram
 from engines.sim.model.structs import EngineConfig, SimRequest
+from router.config import OutlierSettings
 from router.index import PrefixIndex
 from router.kv.apply import IDENTITY_KEYS, apply_batch
 from router.kv.wire import KVEvent
+from router.replicas.outliers import OutlierDetector
 from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, Ticket
 from router.scoring.policies import POLICIES, Policy, build_policy
+from router.sessions.tracker import SessionTracker
 from router.types import BlockHash, ReplicaId, ReplicaSpec, Tier
 
 from .model import Trace, TraceRequest
@@ -65,6 +68,7 @@ from .records import RequestRecord, summarize
 from .stats import oracle_hit_ratio
 
 MODEL = "sim"  # every simulated replica serves one model
+OUTLIER_POLICIES = POLICIES  # kvrouter's own (live, the detector runs under every policy)
 
 # A policy factory builds a fresh policy for each run: (rng, clock) -> Policy. Peer emulations
 # and sweep prototypes need the virtual clock (e.g. SGLang's periodic tree eviction).
@@ -89,6 +93,18 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     speculative_ttl_s: float = 30.0  # router speculation TTL with KV events (Router default)
     weights: dict[str, float] = {}  # cache_aware weight overrides
     load_factor: float | None = None  # cache_aware bounded-load factor; None = router default
+    # > 0: a session's turn that is not its last keeps its KV pinned this long after it finishes
+    # (engines/sim BlockPool.pin: a model of router-requested retention; docs/sessions.md).
+    retain_s: float = 0.0
+    infer_sessions: bool = False  # infer session continuity from the prefix for requests without an id
+    # One sick replica (docs/reliability.md): engine ``slow_replica`` runs ``slow_factor`` times
+    # slower from ``slow_window[0]`` to ``slow_window[1]`` simulated seconds.
+    slow_replica: int | None = None
+    slow_factor: float = 1.0
+    slow_window: tuple[float, float] = (0.0, math.inf)
+    # The live router's outlier detector (router/replicas/outliers.py) on kvrouter's policies;
+    # peer emulations run without it, as the peers do.
+    outliers: bool = False
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -101,6 +117,12 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"invalid max_requests: {self.max_requests} (must be >= 1)")
         if self.duration_s is not None and not self.duration_s > 0:
             raise ValueError(f"invalid duration_s: {self.duration_s} (must be > 0)")
+        if self.slow_replica is not None and not 0 <= self.slow_replica < self.replicas:
+            raise ValueError(f"invalid slow_replica: {self.slow_replica} (must be in [0, {self.replicas}))")
+        if not self.slow_factor > 0:
+            raise ValueError(f"invalid slow_factor: {self.slow_factor} (must be > 0)")
+        if not self.slow_window[0] < self.slow_window[1]:
+            raise ValueError(f"invalid slow_window: {self.slow_window} (START must be < END)")
 
 
 @dataclass(slots=True)
@@ -207,7 +229,9 @@ _KV, _FIRST, _FINISH = 0, 1, 2
 class _Fleet:
     """One run's state: engines, replicas, the router and the pending-callback heap."""
 
-    def __init__(self, trace: Trace, cfg: SimConfig, make_policy: PolicyFactory, rng: random.Random) -> None:
+    def __init__(
+        self, trace: Trace, cfg: SimConfig, make_policy: PolicyFactory, rng: random.Random, outliers: bool = False
+    ) -> None:
         bs = trace.block_tokens
         if bs <= 0:
             raise ValueError(f"trace {trace.name!r} has no block ids (block_tokens=0): nothing to simulate")
@@ -233,6 +257,9 @@ class _Fleet:
             capacity_per_replica=self.capacity_blocks, speculative_ttl_s=cfg.speculative_ttl_s, clock=self.clock
         )
         self.registry = ReplicaRegistry(self.index)
+        self.outliers: OutlierDetector | None = None
+        if outliers:
+            self.outliers = OutlierDetector(OutlierSettings(), self.registry, self.clock, random.Random(cfg.seed))
         self.router = Router(
             self.index,
             self.registry,
@@ -240,6 +267,8 @@ class _Fleet:
             block_size=bs,
             speculative_ttl_s=cfg.speculative_ttl_s,
             clock=self.clock,
+            sessions=SessionTracker(infer=cfg.infer_sessions),
+            outliers=self.outliers,
         )
         self.engines: list[EngineModel] = []
         self.replicas: list[Replica] = []
@@ -330,6 +359,10 @@ class _Fleet:
         else:
             f = payload
             ticket = self.tickets.pop(f.request_id)
+            if self.outliers is not None:
+                if f.first_token_time is not None and f.output_tokens > 1:
+                    self.router.observe_itl(ticket, (f.finish_time - f.first_token_time) / (f.output_tokens - 1))
+                self.outliers.record_success(ticket.replica)
             self.router.finish(ticket, True, f.cached_tokens)
             rec = self.records[f.request_id]
             rec.output_tokens = f.output_tokens
@@ -357,6 +390,34 @@ class _Fleet:
             rep.engine_waiting = float(eng.num_waiting)
             rep.kv_usage = eng.kv_cache_usage
             rep.metrics_ok = True
+            if self.outliers is not None:
+                self.outliers.observe_engine(rep, float(eng.metrics.num_preemptions), eng.kv_cache_usage, None)
+
+    def _slow_edges(self) -> list[tuple[float, float]]:
+        """(time, factor) changes of the slow replica, in order."""
+        cfg = self.cfg
+        if cfg.slow_replica is None or cfg.slow_factor == 1.0:
+            return []
+        return [(cfg.slow_window[0], cfg.slow_factor), (cfg.slow_window[1], 1.0)]
+
+    def _ticks(self, t: float, edges: list[tuple[float, float]], next_eval: float) -> float:
+        """Slow-window edges and outlier evaluations due up to ``t``, in time order."""
+        while True:
+            due_edge = edges[0][0] if edges else math.inf
+            due_eval = next_eval if self.outliers is not None else math.inf
+            at = min(due_edge, due_eval)
+            if at > t:
+                return next_eval
+            self.advance_all(at)
+            self.clock.t = max(self.clock.t, at)
+            if due_edge <= due_eval:
+                _, factor = edges.pop(0)
+                assert self.cfg.slow_replica is not None
+                self.engines[self.cfg.slow_replica].set_slow_factor(factor)
+            else:
+                assert self.outliers is not None
+                self.outliers.evaluate()
+                next_eval += self.outliers.cfg.interval_s
 
     # ---- the run --------------------------------------------------------------------------
 
@@ -371,8 +432,13 @@ class _Fleet:
         clock = self.clock
         records = self.records
         last_tick = -1
+        # Retention is asked for turns whose session returns (a client that closes its last turn).
+        last_turn = {r.session_id: r.request_id for r in reqs if r.session_id is not None} if cfg.retain_s else {}
+        edges = self._slow_edges()
+        next_eval = 0.0
         for r in reqs:
             t = (r.timestamp_s - t0) / speedup
+            next_eval = self._ticks(t, edges, next_eval)
             # Scrapes are lazy: the router only reads the gauges when it decides, so only the last
             # scrape tick at or before this arrival is taken (the values are those a live scraper
             # would have stored then); ticks with no decision after them cost nothing.
@@ -393,7 +459,7 @@ class _Fleet:
             if on_route is not None:
                 on_route(r)
             info = router.request_info(
-                MODEL, block_hashes=full, prompt_tokens=n, max_tokens=max(1, r.output_length)
+                MODEL, block_hashes=full, prompt_tokens=n, max_tokens=max(1, r.output_length), session_id=r.session_id
             )
             replica = router.select(info)
             ticket = router.dispatch(info, replica)
@@ -401,7 +467,16 @@ class _Fleet:
             rec.replica = replica.id
             try:
                 engines[i].add_request(
-                    SimRequest(r.request_id, max(1, r.output_length), prompt_len=n, block_hashes=full), now=t
+                    SimRequest(
+                        r.request_id,
+                        max(1, r.output_length),
+                        prompt_len=n,
+                        block_hashes=full,
+                        retain_s=cfg.retain_s
+                        if r.session_id is not None and last_turn.get(r.session_id) != r.request_id
+                        else 0.0,
+                    ),
+                    now=t,
                 )
             except ValueError as exc:
                 rec.error = str(exc)
@@ -430,7 +505,7 @@ def run_policy(
     factory = make_policy or policy_factory(name, cfg)
     rng = random.Random(cfg.seed)
     start = time.perf_counter()
-    fleet = _Fleet(trace, cfg, factory, rng)
+    fleet = _Fleet(trace, cfg, factory, rng, outliers=cfg.outliers and name in OUTLIER_POLICIES)
     set_session = getattr(fleet.policy, "set_session", None)
     on_route = (lambda r: set_session(r.session_id)) if set_session is not None else None
     fleet.run(reqs, name, on_route)
@@ -445,7 +520,19 @@ def run_policy(
         if rec.replica is not None:
             counts[ReplicaId(rec.replica)] += 1
     mean = len(records) / len(counts)
-    spread = {"fleet_max_over_mean": max(counts.values()) / mean if mean else math.nan}
+    spread: dict[str, Any] = {"fleet_max_over_mean": max(counts.values()) / mean if mean else math.nan}
+    if fleet.outliers is not None:
+        spread["outlier_ejections"] = sum(fleet.outliers.ejections.values())
+        spread["outlier_transitions"] = [
+            f"{t:.1f}s {rid} {a}->{b} ({why})" for t, rid, a, b, why in fleet.outliers.transitions
+        ]
+    if cfg.slow_replica is not None:
+        slow_id = fleet.replicas[cfg.slow_replica].id
+        lo, hi = cfg.slow_window
+        inside = [rec for rec in records if lo <= rec.send_s < hi]
+        spread["slow_replica_share_in_window"] = (
+            sum(1 for rec in inside if rec.replica == slow_id) / len(inside) if inside else math.nan
+        )
     if cfg.cpu_tier_tokens:
         # Tokens loaded from the CPU tier (vLLM's external_prefix_cache_hits), over all prompt
         # tokens: the part of hit_ratio (which counts both tiers) that the LMCache tier served.
@@ -564,14 +651,27 @@ def format_report(report: Mapping[str, Any]) -> str:
 # ---- CLI handler (``kvrouter simulate``; arguments in traces/cli.py register_simulate) ----------
 
 
+def _window(text: str | None) -> tuple[float, float]:
+    """``START:END`` simulated seconds (either side may be empty: from 0 / to the end)."""
+    if not text:
+        return (0.0, math.inf)
+    start, sep, end = text.partition(":")
+    if not sep:
+        raise ValueError(f"invalid --slow-window {text!r} (expected START:END seconds)")
+    return (float(start) if start else 0.0, float(end) if end else math.inf)
+
+
 def cmd_simulate(args: Any) -> int:
     """Run the policies, print a table (or one JSON object with ``--json``), write ``--out``."""
+    import logging
     import os
     import sys
 
     from .loaders import TraceFormatError, load_trace
     from .records import write_records
 
+    # Outlier transitions go to the report (outlier_transitions), not one warning line each.
+    logging.getLogger("kvrouter.outliers").setLevel(logging.ERROR)
     try:
         trace, report = load_trace(args.trace)
     except (OSError, TraceFormatError) as exc:
@@ -602,6 +702,10 @@ def cmd_simulate(args: Any) -> int:
             num_gpu_blocks=args.num_gpu_blocks,
             cpu_tier_tokens=args.cpu_tier_tokens,
             cpu_events=args.cpu_events == "on",
+            slow_replica=args.slow_replica,
+            slow_factor=args.slow_factor,
+            slow_window=_window(args.slow_window),
+            outliers=args.outliers == "on",
         )
         get_profile(cfg.profile)
         names = args.policy or ["round_robin", "cache_aware"]

@@ -91,6 +91,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     f.add_argument(
         "--fault-die-after-chunks", type=int, default=None, metavar="K", help="cut streams after K"
     )
+    f.add_argument("--fault-slow-factor", type=float, default=1.0, metavar="F", help="engine steps F times slower")
+    f.add_argument("--fault-stuck", action="store_true", help="engine loop stops; /health stays 200")
+    f.add_argument(
+        "--fault-stop-after-chunks", type=int, default=None, metavar="K", help="streams stop after K, conn open"
+    )
+    f.add_argument("--fault-preemption-rate", type=float, default=0.0, metavar="P", help="steps that preempt")
+    f.add_argument("--fault-health-stall", type=float, default=0.0, metavar="S", help="/health answers after S s")
     f.add_argument("--fault-malformed-events", type=float, default=0.0, metavar="P", help="garble fraction P")
     f.add_argument("--fault-reorder-events", type=float, default=0.0, metavar="P", help="swap fraction P")
     p.set_defaults(func=run)
@@ -106,6 +113,11 @@ def faults_from_args(args: argparse.Namespace) -> FaultConfig:
         die_after_chunks=args.fault_die_after_chunks,
         malformed_event_rate=args.fault_malformed_events,
         reorder_event_rate=args.fault_reorder_events,
+        slow_factor=args.fault_slow_factor,
+        stuck=args.fault_stuck,
+        stop_after_chunks=args.fault_stop_after_chunks,
+        preemption_rate=args.fault_preemption_rate,
+        health_stall_s=args.fault_health_stall,
     )
     cfg.validate()
     return cfg

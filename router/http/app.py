@@ -39,11 +39,16 @@ from router.kv.lmcache_tier import CpuTierModeCollector, build_lookup, event_sin
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
+from router.replicas.autoscale import AutoscaleCollector
+from router.replicas.canary import Canary
+from router.replicas.engine_metrics import EngineMetrics
 from router.replicas.monitor import ReplicaMonitor
+from router.replicas.outliers import OutlierCollector, OutlierDetector
 from router.replicas.passive import PassiveHealth
-from router.replicas.registry import ReplicaRegistry
+from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, RouterLimits, Tokenizer
 from router.scoring.policies import build_policy
+from router.sessions.tracker import SessionTracker
 from router.types import ReplicaSpec
 
 log = logging.getLogger("kvrouter.server")
@@ -64,6 +69,7 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         plugin_timer=metrics.plugin_timer,
     )
     parity = ParityTracker(metrics)
+    outliers = OutlierDetector(cfg.outliers, registry, time.monotonic, random.Random(cfg.routing.seed))
     router = Router(
         index,
         registry,
@@ -77,9 +83,17 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         observer=parity,
         limits=RouterLimits(cfg.admission.max_in_flight_per_replica, cfg.admission.retry_after_s),
         on_overload=metrics.admission_rejected.labels("replica").inc,
+        sessions=SessionTracker(
+            capacity=cfg.sessions.capacity, idle_ttl_s=cfg.sessions.idle_ttl_s, infer=cfg.sessions.infer
+        )
+        if cfg.sessions.enabled
+        else None,
+        outliers=outliers,
     )
     router.cpu_credit = cfg.routing.cpu_tier_credit
     router.cpu_load_tps = cfg.lmcache.load_tps
+    metrics.registry.register(OutlierCollector(outliers))
+    metrics.registry.register(AutoscaleCollector(registry))
     admission = Admission(
         cfg.admission.max_in_flight,
         cfg.admission.max_queue,
@@ -149,7 +163,28 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     cpu_lookup = build_lookup(cfg.lmcache, st.index, session, kv_events, st.metrics.registry)
     modes = CpuTierModeCollector(lambda: [r.id for r in st.registry], kv_events, cpu_lookup, cfg.lmcache.credit_cpu_tier)
     st.metrics.registry.register(modes)
-    passive = PassiveHealth(st.registry, st.metrics, cfg.health.eject_after_failures)
+    outliers = st.router.outliers
+    assert outliers is not None
+    passive = PassiveHealth(
+        st.registry,
+        st.metrics,
+        cfg.health.eject_after_failures,
+        last_success=outliers.last_success,
+        probe_grace_s=cfg.outliers.probe_grace_s,
+    )
+
+    def on_engine_metrics(rep: Replica, m: EngineMetrics) -> None:
+        st.parity.on_engine_metrics(rep, m)
+        outliers.observe_engine(rep, m.preemptions, m.kv_usage, m.transfer_failures)
+
+    def on_success(rep: Replica) -> None:
+        passive.record_success(rep)
+        outliers.record_success(rep)
+
+    def on_failure(rep: Replica, reason: str) -> None:
+        passive.record_failure(rep, reason)
+        outliers.record_failure(rep, reason)
+
     monitor = ReplicaMonitor(
         cfg,
         st.registry,
@@ -158,7 +193,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         st.metrics,
         kv_events,
         passive,
-        on_engine_metrics=st.parity.on_engine_metrics,
+        on_engine_metrics=on_engine_metrics,
     )
     pool = UpstreamPool(
         connect_timeout_s=cfg.upstream.connect_timeout_s, max_idle_per_origin=cfg.upstream.pool_per_replica
@@ -168,12 +203,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         st.router,
         cfg.upstream,
         st.metrics,
-        ForwardHooks(passive.record_success, passive.record_failure),
+        ForwardHooks(on_success, on_failure),
         replica_header=cfg.server.replica_header,
     )
     path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, cpu_lookup)
     run = Running(session, kv_events, monitor, pool, path)
     app[RUNNING] = run
+    canary = Canary(cfg.outliers, st.registry, outliers, session, cfg.upstream.api_key)
+    loop = asyncio.get_running_loop()
+    if cfg.outliers.enabled:
+        run.tasks.append(loop.create_task(_evaluate_outliers(outliers), name="outliers"))
+        run.tasks.append(loop.create_task(canary.run(), name="canary"))
     sources = st.sources if st.sources is not None else _default_sources(cfg)
     for src in sources:
         run.tasks.append(
@@ -187,11 +227,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for t in run.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await canary.close()
         await monitor.close()
         if kv_events is not None:
             await kv_events.close()
         await session.close()
         pool.close()
+
+
+async def _evaluate_outliers(outliers: OutlierDetector) -> None:
+    while True:
+        await asyncio.sleep(outliers.cfg.interval_s)
+        outliers.evaluate()
 
 
 def _default_sources(cfg: Config) -> list[DiscoverySource]:

@@ -179,6 +179,7 @@ async def debug_replicas(request: web.Request) -> web.Response:
                 "ttft_p90_s": r.tail_ttft(),
                 "parity_ratio": st.parity.ratio(r.id),
                 "kv_events": _kv_stats(run, r.id),
+                "outlier": st.router.outliers.describe(r.id) if st.router.outliers is not None else None,
             }
         )
     # A full recount, O(indexed blocks): cheap enough for a debug call, and what the reliability

@@ -15,6 +15,7 @@ from router.chat_render import parse_chat_options
 from router.errors import BadRequest, RouterError, Unauthorized
 from router.http.proxy import ResponseSink
 from router.http.requests import messages_of, parse_chat, parse_completion, routing_prompt
+from router.http.sessions import SessionSink, finish_session, session_request, speculative_prefill
 from router.http.state import RequestPath
 from router.metrics import RouterMetrics
 from router.routing import Router
@@ -114,10 +115,22 @@ async def generate(
     if rp.cpu_lookup is not None:  # LMCache lookup mode: learn the CPU tier before routing
         await rp.cpu_lookup.refresh(req, req.token_ids)
     explain = new_explanation(rp.router, req) if _proxy_log.isEnabledFor(logging.DEBUG) else None
+    scfg = rp.cfg.sessions
+    hints, body_for = session_request(scfg, req, headers, body) if scfg.enabled else (None, None)
+    priority = hints.priority if hints is not None and hints.priority is not None else 0
+    tracker = rp.router.sessions
+    if hints is not None:
+        token = scfg.token_header and (req.session_id is not None or bool(tracker and tracker.infer))
+        if token or hints.speculative_prefill:  # only then: a relay layer per chunk is not free
+            sink = SessionSink(sink, req, token=token, capture=hints.speculative_prefill)
     admission = rp.admission
     if not admission.try_acquire():
-        await admission.acquire()  # queued (FIFO, bounded) or refused with 429
+        await admission.acquire(priority)  # queued (by priority, then arrival; bounded) or refused with 429
     try:
-        await rp.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain)
+        await rp.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain, body_for=body_for)
+        if hints is not None and hints.speculative_prefill:
+            speculative_prefill(rp, sink, hints, req, path, target, headers)
     finally:
         admission.release()
+        if hints is not None:
+            finish_session(rp.router, hints, req)

@@ -198,12 +198,14 @@ class Forwarder:
         *,
         routed: bool = True,
         explain: Explanation | None = None,
+        body_for: Callable[[Replica], bytes] | None = None,
     ) -> None:
         """Pick a replica (policy when ``routed``, else least in-flight), send, relay to ``sink``.
 
         ``target`` is the request target (path and query) as the client sent it; ``headers``
         the lines for the engine (``request_header_lines``). ``explain`` is filled by the first
-        selection (debug logging of the real decision)."""
+        selection (debug logging of the real decision). ``body_for`` gives the body for the chosen
+        replica when it depends on the replica (session hints: router/http/sessions.py)."""
         tried: list[ReplicaId] = []
         last: UpstreamFailure | None = None
         # Replicas that answered 5xx: blamed only once another replica served the same request.
@@ -225,7 +227,8 @@ class Forwarder:
                 raise
             ticket = self.router.dispatch(req, replica)
             try:
-                await self._attempt(sink, replica, ticket, method, target, headers, body, req, started)
+                sent = body if body_for is None else body_for(replica)
+                await self._attempt(sink, replica, ticket, method, target, headers, sent, req, started)
                 for rep in suspects:
                     self.hooks.on_failure(rep, "status_5xx")
                 return
@@ -240,7 +243,10 @@ class Forwarder:
                 tried.append(replica.id)
                 last = fail
                 log.info("upstream %s failed before first byte (%s); retrying", replica.id, fail.reason)
-            except BaseException:
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    # The client closed the connection or timed out: visible by outcome.
+                    self.metrics.count_request(replica.id, "client_cancelled")
                 self.router.finish(ticket, ok=False)
                 raise
         assert last is not None
@@ -320,7 +326,7 @@ class Forwarder:
                 # relay loop, no idle timer to arm and cancel.
                 ok = True
             else:
-                ok, tail = await self._relay(up, sink, first, is_sse, replica)
+                ok, tail = await self._relay(up, sink, first, is_sse, replica, ticket)
             if ok:
                 await sink.finish()
             elif not is_sse:
@@ -343,16 +349,25 @@ class Forwarder:
         first: bytes,
         is_sse: bool,
         replica: Replica,
+        ticket: Ticket,
     ) -> tuple[bool, bytes]:
-        """Copy the rest of the body. Returns (completed, last bytes seen for usage parsing)."""
+        """Copy the rest of the body. Returns (completed, last bytes seen for usage parsing).
+
+        A stream's mean gap between upstream reads is its inter-token latency for the outlier
+        detector (one read is usually one step's tokens)."""
         prev = b""
         last = first
+        t_first = time.perf_counter()
+        reads = 0
         try:
             with _IdleTimer(self.cfg.idle_timeout_s) as idle:
                 while True:
                     chunk = await up.read()
                     if not chunk:
+                        if is_sse and reads >= 2:
+                            self.router.observe_itl(ticket, (time.perf_counter() - t_first) / reads)
                         return True, prev + last
+                    reads += 1
                     idle.touch()  # the upstream delivered; time spent writing is the client's
                     try:
                         await sink.write(chunk)

@@ -9,7 +9,9 @@ Names (vLLM 0.32; see docs/kv-events.md and reference captures):
 ``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``
 (``vllm:gpu_cache_usage_perc`` before 0.9), ``vllm:prefix_cache_queries_total``,
 ``vllm:prefix_cache_hits_total`` (tokens; ``vllm:gpu_prefix_cache_*`` before 0.9),
-``vllm:external_prefix_cache_hits_total`` (KV connector, e.g. LMCache), ``vllm:cache_config_info``.
+``vllm:external_prefix_cache_hits_total`` (KV connector, e.g. LMCache), ``vllm:cache_config_info``,
+``vllm:num_preemptions_total`` and the NIXL failure counters (``vllm:nixl_num_failed_transfers``,
+``vllm:nixl_num_failed_notifications``), which the outlier detector reads.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ _ALIASES = {
     "vllm:gpu_prefix_cache_hits_total": "prefix_hits",
     "vllm:external_prefix_cache_hits_total": "external_hits",
     "vllm:external_prefix_cache_queries_total": "external_queries",
+    # Sick-replica signals (outliers.py): preemptions and P/D KV-transfer failures (NIXL).
+    "vllm:num_preemptions_total": "preemptions",
+    "vllm:num_preemptions": "preemptions",
+    "vllm:nixl_num_failed_transfers": "transfer_failures",
+    "vllm:nixl_num_failed_transfers_total": "transfer_failures",
+    "vllm:nixl_num_failed_notifications": "transfer_failures",
+    "vllm:nixl_num_failed_notifications_total": "transfer_failures",
 }
 _INFO = "vllm:cache_config_info"
 
@@ -41,6 +50,8 @@ class EngineMetrics:
     prefix_hits: float | None = None
     external_hits: float | None = None
     external_queries: float | None = None
+    preemptions: float | None = None
+    transfer_failures: float | None = None
     cache_config: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -21,6 +21,7 @@ from .latency import TailLatencyScorer
 from .pipeline import Explanation, Pipeline, PluginTimer
 from .prefix import PrefixCacheScorer
 from .queue import QueueDepthScorer
+from .session import SessionAffinityScorer
 from .ttft import EstimatedTTFTScorer
 
 
@@ -113,6 +114,8 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "queue-depth": 1.0,
     "kv-usage": 0.5,
     "tail-latency": 0.5,
+    # Neutral on requests without a session (given or inferred); docs/sessions.md has its sweep.
+    "session-affinity": 3.0,
 }
 
 
@@ -136,6 +139,7 @@ def _cache_aware(
         (QueueDepthScorer(), w["queue-depth"]),
         (KVUsageScorer(), w["kv-usage"]),
         (TailLatencyScorer(), w["tail-latency"]),
+        (SessionAffinityScorer(), w["session-affinity"]),
     ]
     return Pipeline(name, scorers, [BoundedLoadFilter(load_factor)], rng=rng, plugin_timer=plugin_timer)
 

@@ -261,3 +261,41 @@ def test_any_int_hash_is_cached_found_and_evicted() -> None:
     assert removed == hashes[::-1]
     assert pool.num_cached_blocks == 0 and pool.find_longest_cache_hit(hashes, 8) == []
     pool.check_invariants()
+
+
+# ---- retention pins (a model of router-requested retention across agent tool pauses) ------------
+
+
+def _cached_request(pool: BlockPool, hashes: list[int]) -> list[int]:
+    blocks = pool.get_new_blocks(len(hashes))
+    pool.cache_full_blocks(blocks, hashes, 0, len(hashes))
+    return blocks
+
+
+def test_pinned_blocks_survive_pressure_until_their_ttl() -> None:
+    pool = BlockPool(11, 16)  # 10 usable
+    held = _cached_request(pool, [1, 2, 3, 4])
+    pool.pin(list(reversed(held)), until=100.0)
+    assert pool.num_pinned == 4 and pool.num_free == 6
+    other = _cached_request(pool, [10, 11, 12, 13, 14, 15])  # fills the free queue
+    pool.free_blocks(reversed(other))
+    pool.release_pins(now=50.0, need=6)  # enough free without touching the pin
+    assert pool.num_pinned == 4
+    assert pool.find_longest_cache_hit([1, 2, 3, 4], 4) == held  # still cached
+    pool.release_pins(now=100.0)  # TTL over: back to the free queue, still cached (LRU)
+    assert pool.num_pinned == 0 and pool.num_free == 10
+    assert pool.find_longest_cache_hit([1, 2, 3, 4], 4) == held
+    pool.check_invariants()
+
+
+def test_pins_are_soft_an_allocation_takes_their_room() -> None:
+    pool = BlockPool(11, 16)
+    a = _cached_request(pool, [1, 2, 3, 4, 5])
+    pool.pin(list(reversed(a)), until=100.0)
+    b = _cached_request(pool, [6, 7, 8, 9, 10])
+    pool.pin(list(reversed(b)), until=200.0)
+    assert pool.num_free == 0
+    pool.release_pins(now=1.0, need=3)  # the earliest-expiring pin goes first
+    assert pool.num_pinned == 5 and pool.num_free == 5 and pool.pins_released_early == 1
+    assert pool.find_longest_cache_hit([6, 7, 8, 9, 10], 5) == b
+    pool.check_invariants()

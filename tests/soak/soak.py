@@ -6,6 +6,8 @@ Run: ``make soak`` (``SOAK_SECONDS``, default 600) or ``SOAK_SECONDS=60 python t
 Fleet: three replicas in one `kvrouter sim` process plus a fourth in its own process, which is
 killed (SIGKILL) and started again on the same ports now and then. Faults on the others through
 ``POST /sim/faults``: error fraction, stalls past the first-byte timeout, mid-stream deaths,
+slow engines (slow_factor), stuck engine loops, streams that stop with the connection open,
+preemption storms,
 restarts (KV-event seq reset), malformed and reordered KV-event batches, refused connections.
 Load: ``SOAK_CONCURRENCY`` (default 6) closed-loop clients, half streaming, prompts drawn from a few
 shared prefixes (so the cache-aware path and the index are exercised).
@@ -95,6 +97,23 @@ async def post_faults(session: aiohttp.ClientSession, url: str, **kw: object) ->
         pass  # a refusing or killed replica does not answer; the next clear will
 
 
+def fault_for(action: str, rng: random.Random) -> dict[str, object] | None:
+    """The /sim/faults body of one deck card (None: kill and clear are not sim faults)."""
+    table: dict[str, dict[str, object]] = {
+        "error": {"error_rate": rng.choice([0.3, 0.7, 1.0])},
+        "stall": {"stall_s": rng.choice([0.5, 3.0])},
+        "die": {"die_after_chunks": rng.randint(0, 4)},
+        "restart": {"restart": True},
+        "events": {"malformed_event_rate": 0.3, "reorder_event_rate": 0.3},
+        "refuse": {"refuse_connections": True, "refuse_for_s": 2.0},
+        "slow": {"slow_factor": rng.choice([3.0, 10.0])},
+        "stuck": {"stuck": True},
+        "stop": {"stop_after_chunks": rng.randint(1, 4)},
+        "preempt": {"preemption_rate": rng.choice([0.2, 0.5])},
+    }
+    return table.get(action)
+
+
 async def injector(urls: list[str], killable: KillableReplica, stop: asyncio.Event, log: list[str]) -> None:
     rng = random.Random(SEED)
     loop = asyncio.get_running_loop()
@@ -107,23 +126,15 @@ async def injector(urls: list[str], killable: KillableReplica, stop: asyncio.Eve
             except TimeoutError:
                 pass
             if not deck:  # a shuffled deck, not independent draws: every kind shows up in any ~30 s
-                deck = ["error", "stall", "die", "restart", "events", "refuse", "kill", "clear", "clear"]
+                deck = ["error", "stall", "die", "restart", "events", "refuse", "kill", "clear", "clear",
+                        "slow", "stuck", "stop", "preempt"]
                 rng.shuffle(deck)
             target = rng.choice(urls)
             action = deck.pop()
             log.append(f"{time.monotonic():.1f} {action} {target if action != 'kill' else killable.url}")
-            if action == "error":
-                await post_faults(s, target, error_rate=rng.choice([0.3, 0.7, 1.0]))
-            elif action == "stall":
-                await post_faults(s, target, stall_s=rng.choice([0.5, 3.0]))
-            elif action == "die":
-                await post_faults(s, target, die_after_chunks=rng.randint(0, 4))
-            elif action == "restart":
-                await post_faults(s, target, restart=True)
-            elif action == "events":
-                await post_faults(s, target, malformed_event_rate=0.3, reorder_event_rate=0.3)
-            elif action == "refuse":
-                await post_faults(s, target, refuse_connections=True, refuse_for_s=2.0)
+            kw = fault_for(action, rng)
+            if kw is not None:
+                await post_faults(s, target, **kw)
             elif action == "kill":
                 killable.kill()
                 await asyncio.sleep(rng.uniform(0.5, 2.0))

@@ -24,6 +24,7 @@ batch per engine step).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -48,6 +49,8 @@ class BlockPool:
         "_events",
         "_head",
         "_next",
+        "_pin_seq",
+        "_pins",
         "_prev",
         "_tail",
         "block_hash",
@@ -57,6 +60,8 @@ class BlockPool:
         "medium",
         "num_blocks",
         "num_free",
+        "num_pinned",
+        "pins_released_early",
         "ref_cnt",
     )
 
@@ -94,6 +99,11 @@ class BlockPool:
         self._next: list[int] = [-1] * (num_blocks + 2)
         self._link_all()
         self.num_free = num_blocks
+        # Retention pins (``pin``): (until, seq, blocks in eviction order), earliest first.
+        self._pins: list[tuple[float, int, list[int]]] = []
+        self._pin_seq = 0
+        self.num_pinned = 0  # blocks held by pins
+        self.pins_released_early = 0  # pins given up before their TTL to make room
         self._remove(NULL_BLOCK)
         self.ref_cnt[NULL_BLOCK] = 1  # never freed, never counted as free
 
@@ -289,6 +299,27 @@ class BlockPool:
         self.num_free += appended
         if first:
             self._prepend_n(first)
+
+    def pin(self, ordered_block_ids: list[int], until: float) -> None:
+        """Retention: keep a finished request's blocks referenced until ``until`` (a TTL), in
+        place of ``free_blocks``. A model of a router-requested retention (LMCache pin, Dynamo
+        ``cache_control``, vLLM's proposed retention directives) for a paused agent session.
+        Soft: ``release_pins`` gives pins up, earliest expiry first, when an allocation needs
+        their room, so retention never preempts a running request; a hit on a pinned block
+        reuses it directly (ref > 0)."""
+        heapq.heappush(self._pins, (until, self._pin_seq, ordered_block_ids))
+        self._pin_seq += 1
+        self.num_pinned += len(ordered_block_ids)
+
+    def release_pins(self, now: float, need: int = 0) -> None:
+        """Free expired pins, then earlier-expiring ones until ``need`` blocks are free."""
+        pins = self._pins
+        while pins and (pins[0][0] <= now or self.num_free < need):
+            until, _, blocks = heapq.heappop(pins)
+            if until > now:
+                self.pins_released_early += 1
+            self.num_pinned -= len(blocks)
+            self.free_blocks(blocks)
 
     def _prepend_n(self, blocks: list[int]) -> None:
         """Put ``blocks`` at the front of the free queue, keeping their order."""

@@ -122,6 +122,7 @@ class _Req:
         "num_preemptions",
         "prompt_len",
         "ready_at",
+        "retain_s",
         "tokens",
     )
 
@@ -131,6 +132,7 @@ class _Req:
         # Flat arrays, not lists: they live as long as the request (see compact_ints)
         self.hashes = compact_ints(hashes, "Q")
         self.max_tokens = req.max_tokens
+        self.retain_s = req.retain_s
         self.tokens = compact_ints(req.token_ids, "I") if req.token_ids is not None else None
         self.arrival = arrival
         self.num_computed = 0
@@ -318,6 +320,13 @@ class EngineModel:
             cpu_cache_usage_perc=self.cpu.usage if self.cpu is not None else 0.0,
         )
 
+    def set_slow_factor(self, factor: float) -> None:
+        """Every later step takes ``factor`` times its modelled time (a throttled or noisy GPU;
+        the offline simulator's ``--slow-replica``). 1 restores the profile's speed."""
+        if not factor > 0:
+            raise ValueError(f"invalid slow factor: {factor} (must be > 0)")
+        self._ms_to_s = factor / (1000.0 * self.time_scale)
+
     def step(self, now: float) -> StepOutput:
         """Run one engine step starting at ``now``; the engine is busy until ``.end``."""
         out = StepOutput(now, now, 0.0, {}, {}, [], {}, [], 0, 0)
@@ -362,6 +371,8 @@ class EngineModel:
         need = -(-(computed + num_new) // bs) - len(r.blocks) - len(hit)
         if need < 0:
             need = 0
+        if pool.num_pinned:
+            pool.release_pins(self._t, need + (pool.num_evictable(hit) if hit else 0))
         if hit:
             if need + pool.num_evictable(hit) > pool.num_free:
                 return False
@@ -587,7 +598,12 @@ class EngineModel:
             r.hashes.append(synthetic_block_hash(parent, r.id, j))
 
     def _finish(self, r: _Req, t: float, reason: str) -> FinishedRequest:
-        self._free(r)
+        if r.retain_s > 0 and reason != "abort" and r.blocks:
+            self.pool.pin(list(reversed(r.blocks)), t + r.retain_s)  # retention across a tool pause
+            r.blocks = []
+            r.num_cached_blocks = 0
+        else:
+            self._free(r)
         del self._reqs[r.id]
         if reason != "abort":
             self.metrics.request_success += 1

@@ -85,6 +85,7 @@ class SimRequest(msgspec.Struct):
     block_hashes: Sequence[int] | None = None
     token_ids: Sequence[int] | None = None
     arrival: float = 0.0
+    retain_s: float = 0.0  # > 0: keep this request's KV pinned this long after it finishes (BlockPool.pin)
 
 
 class CachedTokens(msgspec.Struct, frozen=True, gc=False):

@@ -15,6 +15,16 @@ requests fail every run. Knobs:
 * ``restart``: an action, not a state: the engine restarts now: in-flight requests are cut, the
   KV cache is empty, KV-event seq starts again at 0, and no AllBlocksCleared is sent (a real
   restart just starts over).
+* ``slow_factor``: every engine step takes that many times longer (thermal throttling, a noisy
+  neighbour): TTFT and inter-token latency grow, ``/health`` is unaffected.
+* ``stuck``: the engine loop stops (no step runs, nothing streams) while ``/health`` stays 200,
+  like a hung vLLM engine core; clearing it resumes the loop.
+* ``stop_after_chunks``: a streaming response stops after that many SSE chunks with the
+  connection left open (no RST, no terminator) until the client goes away or the fault changes.
+* ``preemption_rate``: that fraction of engine steps preempts a running request: the step takes
+  twice as long (its KV is recomputed) and ``vllm:num_preemptions_total`` counts it.
+* ``health_stall_s``: ``GET /health`` answers 200 after that long (a loaded host: probes time
+  out while requests are served).
 * ``malformed_event_rate`` / ``reorder_event_rate``: that fraction of KV-event batches is sent as
   undecodable bytes / swapped with the next batch (seq n+1 arrives before seq n).
 """
@@ -38,13 +48,24 @@ class FaultConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     malformed_event_rate: float = 0.0
     reorder_event_rate: float = 0.0
     restart: bool = False
+    slow_factor: float = 1.0
+    stuck: bool = False
+    stop_after_chunks: int | None = None
+    preemption_rate: float = 0.0
+    health_stall_s: float = 0.0
 
     def validate(self) -> None:
-        for name in ("error_rate", "malformed_event_rate", "reorder_event_rate"):
+        if not (1.0 <= self.slow_factor <= 1000.0):
+            raise ValueError(f"invalid fault slow_factor: must be within [1, 1000] (current value: {self.slow_factor})")
+        if self.stop_after_chunks is not None and self.stop_after_chunks < 0:
+            raise ValueError(
+                f"invalid fault stop_after_chunks: must be >= 0 (current value: {self.stop_after_chunks})"
+            )
+        for name in ("error_rate", "malformed_event_rate", "reorder_event_rate", "preemption_rate"):
             v = getattr(self, name)
             if not (0.0 <= v <= 1.0) or math.isnan(v):
                 raise ValueError(f"invalid fault {name}: must be within [0, 1] (current value: {v})")
-        for name in ("refuse_for_s", "stall_s"):
+        for name in ("refuse_for_s", "stall_s", "health_stall_s"):
             v = getattr(self, name)
             if not (v >= 0.0) or math.isinf(v):
                 raise ValueError(f"invalid fault {name}: must be a finite number >= 0 (current value: {v})")
@@ -135,3 +156,16 @@ class Faults:
 
     def die_after(self) -> int | None:
         return self.config.die_after_chunks
+
+    def stop_after(self) -> int | None:
+        return self.config.stop_after_chunks
+
+    def preempts(self) -> bool:
+        hit = self._roll(self.config.preemption_rate)
+        if hit:
+            self.count("preemption")
+        return hit
+
+    async def until_changed(self) -> None:
+        """Wait for the next fault change (stuck engines and stopped streams wait here)."""
+        await self._changed.wait()

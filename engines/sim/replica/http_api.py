@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ..model.structs import compact_ints
 from . import prep
-from .faults import parse_faults
+from .faults import Faults, parse_faults
 from .metrics import CONTENT_TYPE
 from .openai_format import HTTPError, ResponseFormatter, error_response, json_encoder
 from .runtime import ReplicaRuntime
@@ -61,6 +61,10 @@ class ReplicaAPI:
         return app
 
     async def _health(self, request: web.Request) -> web.Response:
+        delay = self.replica.faults.config.health_stall_s
+        if delay > 0:  # a loaded host: the probe is slow, the engine still serves
+            self.replica.faults.count("health_stall")
+            await asyncio.sleep(delay)
         return web.Response(status=200)
 
     async def _load(self, request: web.Request) -> web.Response:
@@ -271,6 +275,7 @@ class ReplicaAPI:
         out in one write; the end (usage chunk, ``[DONE]``) goes with the last step's chunks."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         die_after = self.replica.faults.die_after()
+        stop_after = self.replica.faults.stop_after()
         sent = 0
         pending = len(tracks)
         started = False
@@ -287,6 +292,11 @@ class ReplicaAPI:
                     cut = True
                     break
                 for chunk in fmt.sse_chunks(item, include_usage):
+                    if stop_after is not None and sent >= stop_after:
+                        if out:
+                            await resp.write(b"".join(out))
+                        await _hold_open(self.replica.faults)
+                        return _cut(request, resp if started else None)
                     if die_after is not None and sent >= die_after:
                         self.replica.faults.count("die")
                         cut = True
@@ -321,6 +331,17 @@ class ReplicaAPI:
             await resp.write(b"data: " + json_encoder.encode(fmt.usage_chunk(tracks)) + b"\n\n")
         await resp.write_eof(b"data: [DONE]\n\n")
         return resp
+
+
+async def _hold_open(faults: Faults) -> None:
+    """stop_after_chunks: send nothing more, keep the connection open, until the client leaves
+    (this handler is cancelled) or the faults change."""
+    faults.count("stop")
+    try:
+        await faults.until_changed()
+    except asyncio.CancelledError:
+        faults.count("stop_closed")  # the client closed the connection (what tests look for)
+        raise
 
 
 def _cut(request: web.Request, resp: web.StreamResponse | None = None) -> web.StreamResponse:

@@ -345,6 +345,12 @@ class ReplicaRuntime:
         clock = _clock
         deadline = awake_since = clock()
         while not self._stopping:
+            if self.faults.config.stuck:
+                # A hung engine core: no step, no token, no KV event; /health still answers.
+                self.faults.count("stuck")
+                await self.faults.until_changed()
+                deadline = awake_since = clock()
+                continue
             model = self.model
             if not model.has_unfinished_requests() and not model.has_pending_events():
                 self._flush_held_batch()
@@ -377,7 +383,11 @@ class ReplicaRuntime:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 deadline = awake_since = clock()
                 continue
-            deadline += out.duration
+            duration = out.duration * self.faults.config.slow_factor
+            if out.num_scheduled_tokens and self.faults.preempts():
+                duration *= 2.0  # a preempted request's KV is recomputed within the step
+                self.metrics.on_preemption(1)
+            deadline += duration
             self._next_step_at = deadline
             delay = deadline - clock()
             if delay > 0 or clock() - awake_since > BURST_S:
