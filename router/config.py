@@ -44,8 +44,19 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: PosInt = 32 * 1024 * 1024
     max_header_bytes: PosInt = 16 * 1024
     # Open client connections beyond this get a canned 503 and are closed at once, so a flood of
-    # idle sockets cannot grow memory without bound (0 = no cap; the OS fd limit still applies).
-    max_connections: NonNegInt = 0
+    # idle sockets cannot grow memory without bound. -1: half the fd limit (RLIMIT_NOFILE) less a
+    # reserve, so the process never runs out of descriptors first; 0: no cap.
+    max_connections: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    # Hostile clients (router/http/client_limits.py, docs/reliability.md): deadlines for reading a
+    # request, bytes of bodies buffered across connections, optional per-address limits.
+    head_timeout_s: Pos = 10.0  # whole request head, from its first byte
+    body_timeout_s: Pos = 10.0  # body: this much plus length / body_min_rate
+    body_min_rate: PosInt = 64 * 1024  # bytes/s a body must sustain
+    keepalive_timeout_s: Pos = 75.0  # idle connection between requests
+    max_buffered_body_bytes: NonNegInt = 256 * 1024 * 1024  # all connections together (0 = no cap)
+    max_connections_per_client: NonNegInt = 0  # per client address (0 = no cap)
+    max_requests_per_client_s: NonNeg = 0.0  # per client address, burst = 2 s worth (0 = no cap)
+    reject_log_per_s: NonNeg = 5.0  # log lines about rejected requests, at most (0 = none)
     replica_header: bool = True  # add x-kvrouter-replica to every proxied response
     fast_path: bool = True  # raw HTTP/1.1 serving of the two generate endpoints (router/http/fastpath.py)
     api_keys: list[str] = msgspec.field(default_factory=list)  # router's own Bearer keys
@@ -59,8 +70,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True):
     connect_timeout_s: Pos = 2.0
-    first_byte_timeout_s: Pos = 120.0  # streams: headers + first chunk (queueing + prefill)
-    request_timeout_s: Pos = 900.0  # non-streaming: the whole answer (it arrives in one piece)
+    # Per attempt; all attempts of a request together get retry_budget_s (docs/reliability.md).
+    first_byte_timeout_s: Pos = 30.0  # streams: headers + first chunk (queueing + prefill)
+    request_timeout_s: Pos = 60.0  # non-streaming: the whole answer (it arrives in one piece)
+    retry_budget_s: Pos = 60.0  # a request's attempts before its first byte, together
     idle_timeout_s: Pos = 60.0  # max gap between two chunks of a response
     max_retries: NonNegInt = 2  # extra replicas tried before the first byte reached the client
     api_key: str | None = None  # Bearer key the router presents to engines
@@ -130,6 +143,11 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     default_chat_template_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)  # theirs too
     trust_request_chat_template: bool = False  # and theirs: render a request's own chat_template
     index_capacity: PosInt = 1 << 20  # blocks per replica (shrunk to num_gpu_blocks when known)
+    # Prompt bounds before any work (router/http/prompt_limits.py): text longer than
+    # max_model_len * this many characters cannot fit (vLLM's own bound is its vocabulary's longest
+    # token); bodies above offload_parse_bytes are parsed off the event loop.
+    max_chars_per_token: PosInt = 64
+    offload_parse_bytes: PosInt = 1024 * 1024
     speculative_ttl_s: Pos = 30.0  # replicas with KV events: until the event confirms
     approximate_ttl_s: Pos = 300.0  # replicas without KV events: speculation is all we have
     weights: dict[str, float] = msgspec.field(default_factory=dict)  # scorer type -> weight
@@ -188,7 +206,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.workers", "workers", "worker processes on one SO_REUSEPORT port", "int"),
     Option("server.max_body_bytes", "max-body-bytes", "largest accepted request body", "int"),
     Option("server.max_header_bytes", "max-header-bytes", "longest accepted request line / header field", "int"),
-    Option("server.max_connections", "max-connections", "open client connections before 503 + close (0 = no cap)", "int"),
+    Option("server.max_connections", "max-connections", "open client connections before 503 + close (-1 = from the fd limit, 0 = no cap)", "int"),
+    Option("server.head_timeout_s", "head-timeout", "seconds to receive a whole request head", "float"),
+    Option("server.body_timeout_s", "body-timeout", "seconds for a body, plus length / --body-min-rate", "float"),
+    Option("server.body_min_rate", "body-min-rate", "bytes/s a request body must sustain", "int"),
+    Option("server.keepalive_timeout_s", "keepalive-timeout", "idle client connection close (s)", "float"),
+    Option("server.max_buffered_body_bytes", "max-buffered-body-bytes", "request body bytes buffered across all connections (0 = no cap)", "int"),
+    Option("server.max_connections_per_client", "max-connections-per-client", "open connections per client address (0 = no cap)", "int"),
+    Option("server.max_requests_per_client_s", "max-requests-per-client", "requests/s per client address (0 = no cap)", "float"),
+    Option("server.reject_log_per_s", "reject-log-rate", "log lines/s about rejected requests", "float"),
     Option("server.replica_header", "replica-header", "add x-kvrouter-replica to responses", "bool"),
     Option("server.fast_path", "fast-path", "serve the generate endpoints on the raw HTTP/1.1 fast path", "bool"),
     Option("server.api_keys", "api-key", "accepted client Bearer key (repeatable)", "list"),
@@ -202,6 +228,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("upstream.first_byte_timeout_s", "first-byte-timeout", "upstream first-byte timeout (s)", "float"),
     Option("upstream.request_timeout_s", "request-timeout", "budget of a non-streaming request (s)", "float"),
     Option("upstream.idle_timeout_s", "idle-timeout", "max gap between upstream chunks (s)", "float"),
+    Option("upstream.retry_budget_s", "retry-budget", "seconds all attempts of a request may take before its first byte", "float"),
     Option("upstream.max_retries", "max-retries", "other replicas tried before the first byte", "int"),
     Option("upstream.api_key", "upstream-api-key", "Bearer key sent to engines"),
     Option("health.probe_interval_s", "probe-interval", "active /health probe interval (s)", "float"),
@@ -243,6 +270,8 @@ OPTIONS: tuple[Option, ...] = (
         "bool",
     ),
     Option("routing.index_capacity", "index-capacity", "indexed blocks per replica", "int"),
+    Option("routing.max_chars_per_token", "max-chars-per-token", "text prompt bound: max_model_len x this many characters", "int"),
+    Option("routing.offload_parse_bytes", "offload-parse-bytes", "bodies larger than this are parsed off the event loop", "int"),
     Option("routing.load_factor", "load-factor", "bounded-load guard: max load vs mean", "float"),
     Option("routing.seed", "seed", "tie-break RNG seed", "int"),
     Option("lmcache.instances", "lmcache-instance", "INSTANCE_ID=REPLICA: replicas on one LMCache server (repeatable)", "list"),

@@ -106,6 +106,12 @@ class PrefixIndex:
         self.uncertain_slots: set[int] = set()  # replicas whose view missed KV events
         self.evictions = 0  # blocks dropped by the capacity bound
         self.expirations = 0  # speculative blocks that were never confirmed
+        # Hashes referenced by expiry records. Records of blocks the capacity bound already
+        # evicted are garbage until their deadline: without compaction the heap grows with
+        # request rate x TTL, not with the capacity (F4). Compacted at 2x the live bound.
+        self._spec_held = 0
+        self._spec_limit = 0  # compaction check when _spec_held passes it (0: recompute)
+        self.spec_compacted = 0  # hashes dropped from expiry records (their block was evicted)
 
     # ---- replicas -------------------------------------------------------------------------
 
@@ -156,6 +162,7 @@ class PrefixIndex:
             entry.capacity = capacity
         else:
             entry.cpu_capacity = capacity
+        self._spec_limit = 0
         self._enforce_capacity(entry, tier)
 
     def set_uncertain(self, replica: ReplicaId, uncertain: bool) -> None:
@@ -229,6 +236,9 @@ class PrefixIndex:
             if fresh:
                 keep = hashes if len(fresh) == len(hashes) else fresh  # the caller's list when all new
                 heapq.heappush(self._spec_heap, (deadline, next(self._spec_seq), entry.slot, int(tier), keep))
+                self._spec_held += len(keep)
+                if self._spec_held > self._spec_limit:
+                    self._maybe_compact()
         else:
             for h in reversed(hashes):
                 state = lru.pop(h, None)
@@ -240,6 +250,40 @@ class PrefixIndex:
                     lru[h] = state + 1 if state > 0 else 1
         if len(lru) > entry.bound(tier):
             self._enforce_capacity(entry, tier)
+
+    @property
+    def spec_held(self) -> int:
+        return self._spec_held
+
+    def _spec_bound(self) -> int:
+        """Live speculative blocks cannot outnumber the capacity of every replica and tier."""
+        return max(4096, sum(e.capacity + e.cpu_capacity for e in self._replicas.values()))
+
+    def _maybe_compact(self) -> None:
+        bound = self._spec_bound()
+        if self._spec_held > 2 * bound:
+            self._compact_spec()
+        self._spec_limit = max(2 * bound, self._spec_held + bound)  # amortised: O(1) per hash
+
+    def _compact_spec(self) -> None:
+        """Rebuild the expiry heap with only the blocks that are still speculative: each
+        speculative block keeps exactly its one record, and what was evicted (least recently
+        used first, by the capacity bound) leaves its record too. O(heap) once per doubling."""
+        heap: list[tuple[int, int, int, int, Sequence[int]]] = []
+        held = 0
+        for deadline, seq, slot, tier, hashes in self._spec_heap:
+            rid = self._by_slot.get(slot)
+            if rid is None:
+                continue
+            lru = self._replicas[rid].lru[tier]
+            live = [h for h in hashes if (st := lru.get(h)) is not None and st < 0]
+            if live:
+                heap.append((deadline, seq, slot, tier, live))
+                held += len(live)
+        heapq.heapify(heap)
+        self.spec_compacted += self._spec_held - held
+        self._spec_heap = heap
+        self._spec_held = held
 
     def remove(self, replica: ReplicaId, hashes: Sequence[BlockHash], tier: Tier = Tier.GPU) -> None:
         """One BlockRemoved per stored copy: drop a reference; the block leaves at zero."""
@@ -401,6 +445,7 @@ class PrefixIndex:
         heap = self._spec_heap
         while heap and heap[0][0] <= now_ms:
             _deadline, _seq, slot, tier, hashes = heapq.heappop(heap)
+            self._spec_held -= len(hashes)
             rid = self._by_slot.get(slot)
             if rid is None:
                 continue
@@ -423,6 +468,7 @@ class PrefixIndex:
             if later:
                 for when, hs in later.items():
                     heapq.heappush(heap, (when, next(self._spec_seq), slot, tier, hs))
+                    self._spec_held += len(hs)
 
 
 def _bits_below(n: int) -> int:

@@ -27,10 +27,18 @@ from aiohttp import web
 from router.admission import Admission
 from router.config import Config
 from router.discovery import DiscoverySource, build_sources
+from router.http.client_limits import (
+    RoutingMemoryCollector,
+    client_limits_from,
+    connection_cap,
+    quiet_client_errors,
+)
 from router.http.endpoints import add_routes
 from router.http.fastpath import FastPath
+from router.http.limits_middleware import body_middleware, target_middleware
 from router.http.listener import ListenerSite, listening_socket
 from router.http.middleware import auth_middleware, error_middleware
+from router.http.prompt_limits import ContextLimits
 from router.http.proxy import Forwarder, ForwardHooks
 from router.http.state import RUNNING, STATE, AppState, RequestPath, Running
 from router.http.upstream import UpstreamPool
@@ -102,7 +110,9 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         metrics.admission_rejected.labels("router").inc,
     )
     metrics.add_state_collector(lambda: registry, index, parity.collect)
-    return AppState(cfg, metrics, index, registry, router, parity, admission)
+    limits = client_limits_from(cfg.server, metrics.registry)
+    metrics.registry.register(RoutingMemoryCollector(index))
+    return AppState(cfg, metrics, index, registry, router, parity, admission, limits)
 
 
 def create_app(
@@ -121,13 +131,16 @@ def create_app(
         )
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, target_middleware, auth_middleware, body_middleware],
         handler_args={
             "max_field_size": cfg.server.max_header_bytes,
             "max_line_size": cfg.server.max_header_bytes,
+            "lingering_time": 1.0,  # a refused request's unread body: drained (not kept) 1 s, then close
+            "keepalive_timeout": cfg.server.keepalive_timeout_s,
         },
     )
     state = build_state(cfg, tokenizer)
+    quiet_client_errors(state.limits.log)
     if (renderer := getattr(tokenizer, "renderer", None)) is not None:
         state.metrics.registry.register(renderer)  # kvrouter_chat_renders_total, _render_exact
     state.sources = sources
@@ -206,7 +219,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ForwardHooks(on_success, on_failure),
         replica_header=cfg.server.replica_header,
     )
-    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, cpu_lookup)
+    context = ContextLimits(
+        monitor.model_cards,
+        max_chars_per_token=cfg.routing.max_chars_per_token,
+        offload_parse_bytes=cfg.routing.offload_parse_bytes,
+    )
+    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, st.limits, context, cpu_lookup)
     run = Running(session, kv_events, monitor, pool, path)
     app[RUNNING] = run
     canary = Canary(cfg.outliers, st.registry, outliers, session, cfg.upstream.api_key)
@@ -285,8 +303,9 @@ async def serve(
     site = ListenerSite(
         runner,
         sock,
-        max_connections=cfg.server.max_connections,
+        max_connections=connection_cap(cfg.server.max_connections),
         on_refuse=st.metrics.client_errors.labels("connection_cap").inc,
+        clients=st.limits.clients if st.limits.clients.max_conns else None,
         protocol_factory=(lambda: FastPath(rp, aiohttp_handler)) if cfg.server.fast_path else None,
     )
     await site.start()

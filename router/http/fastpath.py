@@ -1,5 +1,7 @@
 """Raw HTTP/1.1 serving of ``POST /v1/completions`` and ``POST /v1/chat/completions``.
 
+(Over 500 lines: framing, admission from the head and the read deadlines are one state machine.)
+
 Why: per proxied request aiohttp's server builds a BaseRequest, multidicts, a payload stream, a
 StreamResponse and its writer, and runs the middleware chain; together with its client that was
 about 60% of the router's CPU at concurrency 32 (bench-proxy profile). This protocol reads the
@@ -23,15 +25,25 @@ import re
 from collections.abc import Callable
 from typing import cast
 
-from router.errors import REASON_PHRASES, HeaderTooLarge, PayloadTooLarge, RouterError, UriTooLong
+from router.errors import (
+    REASON_PHRASES,
+    BadRequest,
+    Draining,
+    HeaderTooLarge,
+    Overloaded,
+    PayloadTooLarge,
+    RouterError,
+    UriTooLong,
+)
+from router.http.client_limits import BodyBudgetExceeded, RequestTimeout
 from router.http.generate import GENERATE_PATHS, InfoParser, check_api_key, count_error, generate
 from router.http.proxy import Headers, request_header_lines
 from router.http.requests import BAD_BODY_ERRORS, bad_body_error
 from router.http.state import RequestPath
+from router.http.targets import query_ok
 
 log = logging.getLogger("kvrouter.server")
 
-KEEPALIVE_S = 75.0  # idle client connections are closed after this long (aiohttp's default)
 MAX_FIELDS = 128  # header fields per request (aiohttp's limit)
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PATHS: dict[bytes, tuple[str, InfoParser]] = {p.encode(): (p, info) for p, info in GENERATE_PATHS.items()}
@@ -135,7 +147,15 @@ class FastPath(asyncio.Protocol):
         self.paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.last_active = 0.0
+        # One timer per connection for every deadline (head, body, keep-alive idle); it is
+        # re-armed earlier when a stricter deadline starts and checks the state when it fires.
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.timer_due = 0.0
+        self.head_t0 = 0.0  # when the first byte of the pending request head arrived (0: none)
+        self.body_due = 0.0  # deadline of the pending body (head read, body not complete)
+        self.reserved = 0  # body bytes this connection holds of the global budget
+        self.limits = rp.limits
+        self.peer = ""  # client address, looked up when needed (per-client limits, logs)
         cfg = rp.cfg.server
         self.max_line = cfg.max_header_bytes
         self.max_head = 8 * cfg.max_header_bytes
@@ -146,13 +166,16 @@ class FastPath(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.last_active = self.loop.time()
-        self.idle_timer = self.loop.call_at(self.last_active + KEEPALIVE_S, self._idle_check)
+        self._arm(self.last_active + self.limits.keepalive_s)
+        if self.limits.clients.rate > 0:
+            self.peer = _peer(self.transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         if self.delegate is not None:
             self.delegate.data_received(data)
-            return
-        if self.discarding:
+            self._watch_delegate()
             return
         if not self.buf:
             self.buf = data
@@ -188,6 +211,8 @@ class FastPath(asyncio.Protocol):
         self.closed = True
         if self.idle_timer is not None:
             self.idle_timer.cancel()
+        if not self.serving:
+            self._release()  # a body read but never served holds no budget after the close
         if self.delegate is not None:
             self.delegate.connection_lost(exc)
             return
@@ -199,34 +224,10 @@ class FastPath(asyncio.Protocol):
 
     def _next(self) -> None:
         buf = self.buf
-        if self.head is None:
-            if not buf:
-                return
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > self.max_head:
-                    err: RouterError = HeaderTooLarge(f"Request head exceeds {self.max_head} bytes.")
-                    count_error(self.rp.metrics, err)
-                    self._reply_error(err, close=True)
-                return  # the whole head first, also for requests aiohttp will serve: size limits
-            raw = bytes(buf[:end])
-            head = parse_head(raw, self.max_line) if buf.startswith(b"POST ") else None
-            if head is None:
-                limit = head_limit_error(raw, self.max_line)
-                if limit is not None:
-                    count_error(self.rp.metrics, limit)
-                    self._reply_error(limit, close=True)
-                else:
-                    self._hand_off()  # GET /metrics, /health, other paths, unusual heads: aiohttp
-                return
-            if head.length > self.max_body:
-                too_big = PayloadTooLarge(f"Request body exceeds {self.max_body} bytes.")
-                count_error(self.rp.metrics, too_big)
-                self._reply_error(too_big, close=True)
-                return
-            self.head = head
-            self.head_end = end + 4
+        if self.head is None and not self._take_head(buf):
+            return
         head = self.head
+        assert head is not None
         total = self.head_end + head.length
         if len(buf) < total:
             return
@@ -240,10 +241,107 @@ class FastPath(asyncio.Protocol):
         elif self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
+    def _take_head(self, buf: bytes | bytearray) -> bool:
+        """Parse and judge the next request head; True when it is admitted (``self.head``)."""
+        if not buf:
+            return False
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            self._partial_head(buf)
+            return False  # the whole head first, also for requests aiohttp will serve: size limits
+        self.head_t0 = 0.0
+        raw = bytes(buf[:end])
+        head = parse_head(raw, self.max_line) if buf.startswith(b"POST ") else None
+        if head is None:
+            limit = head_limit_error(raw, self.max_line)
+            if limit is not None:
+                count_error(self.rp.metrics, limit)
+                self._reply_error(limit, close=True)
+            else:
+                self._hand_off()  # GET /metrics, /health, other paths, unusual heads: aiohttp
+            return False
+        if head.length > self.max_body:
+            self._refuse(PayloadTooLarge(f"Request body exceeds {self.max_body} bytes."), "body_too_large")
+            return False
+        refusal = self._admit(head)
+        if refusal is not None:
+            total = end + 4 + head.length
+            if head.keep_alive and len(buf) >= total:
+                # The body came with the head: nothing more to refuse to read, keep-alive.
+                self.buf = buf[total:]
+                self._refuse(*refusal, close=False)
+                if self.buf:
+                    self.loop.call_soon(self._resume)  # a pipelined request (no recursion)
+            else:
+                self._refuse(*refusal)  # the body is never buffered
+            return False
+        self.head = head
+        self.head_end = end + 4
+        if len(buf) < self.head_end + head.length:
+            self.body_due = self.loop.time() + self.limits.body_deadline(head.length)
+            self._arm(self.body_due)
+        return True
+
+    def _partial_head(self, buf: bytes | bytearray) -> None:
+        if len(buf) > self.max_head:
+            self._refuse(HeaderTooLarge(f"Request head exceeds {self.max_head} bytes."), "head_too_large")
+        elif b"\n\n" in buf or b"\n\r\n" in buf:
+            # A head ended by bare LFs: never complete for this parser, never handed on.
+            self._refuse(BadRequest("Request head lines must end in CRLF."), "bare_lf")
+        elif not self.head_t0:
+            self.head_t0 = self.loop.time()
+            self._arm(self.head_t0 + self.limits.head_timeout_s)
+
+    def _resume(self) -> None:
+        if not (self.serving or self.closing() or self.delegate is not None or self.discarding):
+            self._next()
+
+    def _admit(self, head: _Head) -> tuple[RouterError, str] | None:
+        """Everything decided from the head alone, before a byte of the body is kept: target
+        bytes, API key, drain, admission queue, per-client rate, the global body budget."""
+        rp = self.rp
+        _path, _q, query = head.target.partition(b"?")
+        if not query_ok(query):
+            return BadRequest("The request query contains bytes that are not allowed."), "bad_target"
+        try:
+            check_api_key(rp.cfg.server.api_keys, head.auth)
+        except RouterError as err:
+            return err, "unauthenticated"
+        if rp.drain.refusing:
+            return Draining(), "draining"
+        adm = rp.admission
+        if adm.max_in_flight and adm.in_flight >= adm.max_in_flight and adm.queued >= adm.max_queue:
+            adm.on_reject()
+            return Overloaded("The router is at capacity; retry later.", retry_after=adm.retry_after_s), "admission"
+        limits = self.limits
+        if limits.clients.rate > 0 and not limits.clients.allow_request(self.peer):
+            return Overloaded("Too many requests from this client; retry later.", retry_after=1), "client_rate"
+        if not limits.budget.reserve(head.length):
+            return BodyBudgetExceeded("The router is buffering too many request bodies; retry later.", retry_after=1), "body_budget"
+        self.reserved += head.length
+        return None
+
+    def _refuse(self, err: RouterError, reason: str, *, close: bool = True) -> None:
+        """Answer a request refused before its body was read, and close: what the client still
+        sends is dropped, never buffered."""
+        count_error(self.rp.metrics, err)
+        if not self.peer and self.transport is not None:
+            self.peer = _peer(self.transport)
+        self.limits.reject(reason, self.peer)
+        if self.closing():
+            return
+        self._reply_error(err, close=close)
+
+    def _release(self) -> None:
+        if self.reserved:
+            self.limits.budget.release(self.reserved)
+            self.reserved = 0
+
     def _hand_off(self) -> None:
         assert self.transport is not None
         if self.idle_timer is not None:
             self.idle_timer.cancel()  # aiohttp keeps its own keep-alive timer
+            self.idle_timer = None
         proto = self.delegate = self.fallback()
         proto.connection_made(self.transport)
         if self.paused:
@@ -265,8 +363,12 @@ class FastPath(asyncio.Protocol):
                     self.waiter = None
                     continue
                 self.ready = None
-                keep = await self._serve(*ready)
+                try:
+                    keep = await self._serve(*ready)
+                finally:
+                    self._release()
                 self.serving = False
+                self.last_active = self.loop.time()  # keep-alive idle counts from the answer
                 if not keep or self.closing():
                     self._close()
                     return
@@ -281,7 +383,6 @@ class FastPath(asyncio.Protocol):
         sink = RawSink(self, head.keep_alive)
         try:
             with rp.drain:
-                check_api_key(rp.cfg.server.api_keys, head.auth)
                 headers = request_header_lines(head.headers, rp.cfg.upstream.api_key)
                 await generate(rp, head.path, head.info, sink, head.target, headers, body)
         except RouterError as err:
@@ -353,15 +454,65 @@ class FastPath(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def _arm(self, due: float) -> None:
+        timer = self.idle_timer
+        if timer is not None:
+            if due >= self.timer_due:
+                return  # fires earlier anyway and re-arms for what is due then
+            timer.cancel()
+        self.timer_due = due
+        self.idle_timer = self.loop.call_at(due, self._idle_check)
+
+    def _watch_delegate(self) -> None:
+        """The head deadline on a connection aiohttp serves: aiohttp has none (its keep-alive
+        timer restarts on every byte), so bytes that leave it with no parsed request and none
+        in progress start the deadline, and a parsed request clears it. Reads aiohttp's
+        RequestHandler state; where that is missing, the connection counts as busy."""
+        d = self.delegate
+        if getattr(d, "_request_in_progress", True) or getattr(d, "_messages", True):
+            self.head_t0 = 0.0
+        elif not self.head_t0:
+            self.head_t0 = self.loop.time()
+            self._arm(self.head_t0 + self.limits.head_timeout_s)
+
     def _idle_check(self) -> None:
         self.idle_timer = None
-        if self.closed or self.delegate is not None:
+        if self.closed or self.discarding:
             return
-        due = self.last_active + KEEPALIVE_S
-        if not self.serving and self.loop.time() >= due:
-            self._close()
-            return
-        self.idle_timer = self.loop.call_at(max(due, self.loop.time() + 1.0), self._idle_check)
+        if self.delegate is not None:
+            self._watch_delegate()
+            if self.head_t0:
+                due = self.head_t0 + self.limits.head_timeout_s
+                if self.loop.time() >= due:
+                    self._refuse(RequestTimeout("The request head did not arrive in time."), "head_timeout")
+                else:
+                    self._arm(due)
+            return  # aiohttp keeps the keep-alive timer of its connections
+        now = self.loop.time()
+        limits = self.limits
+        if self.serving:
+            due = now + limits.keepalive_s  # the upstream timeouts bound a request being served
+        elif self.head is not None:
+            due = self.body_due
+            if now >= due:
+                self._refuse(RequestTimeout("The request body did not arrive in time."), "body_timeout")
+                return
+        elif self.head_t0:
+            due = self.head_t0 + limits.head_timeout_s
+            if now >= due:
+                self._refuse(RequestTimeout("The request head did not arrive in time."), "head_timeout")
+                return
+        else:
+            due = self.last_active + limits.keepalive_s
+            if now >= due:
+                self._close()
+                return
+        self._arm(max(due, now + 0.01))
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    addr = transport.get_extra_info("peername")
+    return str(addr[0]) if isinstance(addr, tuple) and addr else "?"
 
 
 class RawSink:

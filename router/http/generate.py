@@ -5,14 +5,16 @@ accounting, admission, routing and forwarding are one code path."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from router.chat_messages import MediaNotModeled
 from router.chat_render import parse_chat_options
 from router.errors import BadRequest, RouterError, Unauthorized
+from router.http.prompt_limits import ContextLimits
 from router.http.proxy import ResponseSink
 from router.http.requests import messages_of, parse_chat, parse_completion, routing_prompt
 from router.http.sessions import SessionSink, finish_session, session_request, speculative_prefill
@@ -26,11 +28,14 @@ from router.types import RequestInfo
 log = logging.getLogger("kvrouter.server")
 _proxy_log = logging.getLogger("kvrouter.proxy")
 
-InfoParser = Callable[[Router, bytes], RequestInfo]
+class InfoParser(Protocol):
+    def __call__(self, router: Router, body: bytes, limits: ContextLimits | None = None) -> RequestInfo: ...
 
 
-def completion_info(router: Router, body: bytes) -> RequestInfo:
+def completion_info(router: Router, body: bytes, limits: ContextLimits | None = None) -> RequestInfo:
     view = parse_completion(body)
+    if limits is not None:
+        limits.check_prompt(view.model, view.prompt)  # before tokenizing or hashing
     token_ids, text = routing_prompt(view)
     try:
         return router.request_info(
@@ -47,12 +52,15 @@ def completion_info(router: Router, body: bytes) -> RequestInfo:
         raise BadRequest("Prompt token ids must be integers in [0, 2**32).", param="prompt") from None
 
 
-def chat_info(router: Router, body: bytes) -> RequestInfo:
+def chat_info(router: Router, body: bytes, limits: ContextLimits | None = None) -> RequestInfo:
     view = parse_chat(body)
     messages = messages_of(view)
+    token_ids = chat_token_ids(router, messages, body)
+    if limits is not None and token_ids is not None:
+        limits.check_tokens(view.model, len(token_ids))
     return router.request_info(
         view.model,
-        token_ids=chat_token_ids(router, messages, body),
+        token_ids=token_ids,
         messages=messages,
         cache_salt=view.cache_salt,
         max_tokens=view.max_completion_tokens or view.max_tokens or 0,
@@ -108,7 +116,14 @@ async def generate(
 ) -> None:
     """Parse, admit, route and forward one generate request (the caller holds the drain guard and
     has checked the API key). Raises RouterError for answers that never reached the sink."""
-    req = info(rp.router, body)
+    limits = rp.context
+    limits.precheck(path, body)
+    if len(body) > limits.offload_parse_bytes:
+        # Decoding and validating a multi-megabyte prompt would hold the loop (F3): a thread,
+        # which the loop interleaves with every few milliseconds.
+        req = await asyncio.to_thread(info, rp.router, body, limits)
+    else:
+        req = info(rp.router, body, limits)
     if rp.cfg.server.log_prompts and log.isEnabledFor(logging.DEBUG):
         # Opt-in only: prompts are user data and never reach a log otherwise (docs/security.md).
         log.debug("prompt %s: %s", path, body[:2048].decode("utf-8", "replace"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import cast
 from aiohttp import web
 
 from router.errors import TooManyConnections
+from router.http.client_limits import ClientTable
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,21 @@ class _Counted(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.site.open -= 1
         self.inner.connection_lost(exc)
+
+
+class _PerClient(_Counted):
+    """Also counted against its client address (``--max-connections-per-client``)."""
+
+    __slots__ = ("addr", "table")
+
+    def __init__(self, inner: asyncio.Protocol, site: ListenerSite, table: ClientTable, addr: str) -> None:
+        super().__init__(inner, site)
+        self.table = table
+        self.addr = addr
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.table.disconnect(self.addr)
+        super().connection_lost(exc)
 
 
 class _Refuse(asyncio.Protocol):
@@ -150,6 +167,7 @@ class ListenerSite(web.BaseSite):
         on_refuse: Callable[[], None] | None = None,
         protocol_factory: Callable[[], asyncio.Protocol] | None = None,
         batch: int = 128,
+        clients: ClientTable | None = None,
     ) -> None:
         super().__init__(runner)
         sock.setblocking(False)
@@ -159,6 +177,7 @@ class ListenerSite(web.BaseSite):
         self._on_refuse = on_refuse
         self._batch = batch
         self._protocol_factory = protocol_factory
+        self._clients = clients
         self._tasks: set[asyncio.Task[object]] = set()
         host, port = sock.getsockname()[:2]
         self._name = f"http://{host}:{port}"
@@ -173,22 +192,25 @@ class ListenerSite(web.BaseSite):
         self._server = server = _AcceptServer(self._sock, loop)
         loop.add_reader(self._sock.fileno(), self._accept_ready, server)
 
-    def _factory(self) -> asyncio.Protocol:
+    def _factory(self, addr: str = "") -> asyncio.Protocol:
         handler = self._protocol_factory or self._runner.server
         assert handler is not None
-        if self.limit <= 0:
+        clients = self._clients
+        if self.limit <= 0 and clients is None:
             return handler()
-        if self.open >= self.limit:
+        if (self.limit > 0 and self.open >= self.limit) or (clients is not None and not clients.connect(addr)):
             if self._on_refuse is not None:
                 self._on_refuse()
             return _Refuse()
+        if clients is not None:
+            return _PerClient(handler(), self, clients, addr)
         return _Counted(handler(), self)
 
     def _accept_ready(self, server: _AcceptServer) -> None:
         loop = server.loop
         for _ in range(self._batch):
             try:
-                conn, _addr = self._sock.accept()
+                conn, addr = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -207,7 +229,12 @@ class ListenerSite(web.BaseSite):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # The factory runs when the task starts: the cap is checked against connections
             # counted so far, one at a time.
-            task: asyncio.Task[object] = loop.create_task(loop.connect_accepted_socket(self._factory, conn))
+            if self._clients is not None:
+                ip = str(addr[0]) if isinstance(addr, tuple) and addr else "?"
+                factory: Callable[[], asyncio.Protocol] = functools.partial(self._factory, ip)
+            else:
+                factory = self._factory
+            task: asyncio.Task[object] = loop.create_task(loop.connect_accepted_socket(factory, conn))
             self._tasks.add(task)
             task.add_done_callback(self._connected)
 

@@ -211,9 +211,15 @@ class Forwarder:
         # Replicas that answered 5xx: blamed only once another replica served the same request.
         # A request that makes every replica fail is the request's fault (a poison pill) and must
         # not get healthy replicas ejected.
-        suspects: list[Replica] = []
+        suspects: list[tuple[Replica, str]] = []
         started = time.perf_counter()
+        # Each attempt has its own budget, and all of them together retry_budget_s: a stalled
+        # fleet answers 504 within that, however many replicas there are to try (F7).
+        per_attempt = self.cfg.first_byte_timeout_s if req.stream else self.cfg.request_timeout_s
         for attempt in range(self.cfg.max_retries + 1):
+            left = min(per_attempt, self.cfg.retry_budget_s - (time.perf_counter() - started))
+            if left <= 0 and last is not None:
+                break
             try:
                 if routed:
                     replica = self.router.select(req, tried, explain if attempt == 0 else None)
@@ -228,14 +234,16 @@ class Forwarder:
             ticket = self.router.dispatch(req, replica)
             try:
                 sent = body if body_for is None else body_for(replica)
-                await self._attempt(sink, replica, ticket, method, target, headers, sent, req, started)
-                for rep in suspects:
-                    self.hooks.on_failure(rep, "status_5xx")
+                await self._attempt(sink, replica, ticket, method, target, headers, sent, req, started, left)
+                for rep, why in suspects:
+                    self.hooks.on_failure(rep, why)
                 return
             except UpstreamFailure as fail:
                 self.router.finish(ticket, ok=False)
-                if fail.reason.startswith("status_"):
-                    suspects.append(replica)
+                if fail.reason.startswith("status_") or fail.reason == "upstream_reset":
+                    # A reset before the answer may be the engine refusing this request's bytes:
+                    # the same poison-pill rule as 5xx (F5).
+                    suspects.append((replica, "status_5xx" if fail.reason.startswith("status_") else fail.reason))
                 elif fail.eject:
                     self.hooks.on_failure(replica, fail.reason)
                 self.metrics.count_request(replica.id, fail.error.status)
@@ -251,7 +259,7 @@ class Forwarder:
                 raise
         assert last is not None
         if suspects:
-            log.info("request failed with 5xx on %d replica(s): not counted against their health", len(suspects))
+            log.info("request failed (5xx or reset) on %d replica(s): not counted against their health", len(suspects))
         raise last.error
 
     def _least_loaded(self, model: str | None, exclude: list[ReplicaId]) -> Replica:
@@ -269,11 +277,12 @@ class Forwarder:
         body: bytes,
         req: RequestInfo,
         started: float,
+        budget: float,
     ) -> None:
+        """``budget``: what is left of the request's deadline. A non-streaming answer's first
+        byte comes when generation is over: its budget is the whole request (request_timeout_s),
+        not the time to a first token."""
         t0 = time.perf_counter()
-        # A non-streaming answer's first byte comes when generation is over: its budget is the
-        # whole request (request_timeout_s), not the time to a first token.
-        budget = self.cfg.first_byte_timeout_s if req.stream else self.cfg.request_timeout_s
         try:
             # A timer nobody touches is a deadline; cheaper than asyncio.timeout per request.
             with _IdleTimer(budget):
@@ -286,7 +295,7 @@ class Forwarder:
         except TimeoutError:
             # Retried elsewhere (nothing reached the client), but not held against the replica:
             # a slow answer is load or a long generation as often as a fault; probes judge health.
-            error = UpstreamTimeout(f"Replica did not answer within {budget:g}s.")
+            error = UpstreamTimeout(f"Replica did not answer within {budget:.3g}s.")
             raise UpstreamFailure("first_byte_timeout", error, eject=False) from None
         except (UpstreamBroken, OSError) as exc:
             raise UpstreamFailure(

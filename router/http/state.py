@@ -19,6 +19,8 @@ from router.admission import Admission
 from router.config import Config
 from router.discovery import DiscoverySource
 from router.errors import Draining
+from router.http.client_limits import ClientLimits
+from router.http.prompt_limits import ContextLimits
 from router.http.proxy import Forwarder
 from router.http.upstream import UpstreamPool
 from router.index import PrefixIndex
@@ -67,6 +69,8 @@ class RequestPath:
     forwarder: Forwarder
     metrics: RouterMetrics
     drain: DrainGuard
+    limits: ClientLimits  # deadlines, body budget, per-client limits (client_limits.py)
+    context: ContextLimits  # prompt size against max_model_len (prompt_limits.py)
     cpu_lookup: CoordinatorLookup | None = None  # lookup mode (router/kv/lmcache_lookup.py)
 
 
@@ -81,6 +85,7 @@ class AppState:
     router: Router
     parity: ParityTracker
     admission: Admission
+    limits: ClientLimits
     drain: DrainGuard = field(default_factory=DrainGuard)
     sources: Sequence[DiscoverySource] | None = None  # None: from the config
     published: dict[str, list[ReplicaSpec]] = field(default_factory=dict)  # by discovery source

@@ -16,6 +16,7 @@ know where they are cached is the KV-event stream.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -345,3 +346,18 @@ def test_simulator_matches_real_vllm_prefix_cache(replicas: list[Replica], tmp_p
         for log in logs.values():
             log.close()
         sim.proc.stop()
+
+
+def test_router_refuses_an_oversize_prompt_with_vllms_own_400(router: str, replicas: list[Replica]) -> None:
+    """Issue 21 (F3/F9): a prompt longer than max_model_len gets, from the router and without an
+    engine round trip, the same 400 body vLLM itself answers."""
+    card = http("GET", replicas[0].url + "/v1/models").body["data"][0]
+    max_len = int(card["max_model_len"])
+    body = {"model": card["id"], "prompt": token_prompt(21, max_len + 5), "max_tokens": 1}
+    direct = http("POST", replicas[0].url + "/v1/completions", body)
+    wait_for(lambda: "max_model_len" in json.dumps(http("GET", router + "/v1/models").body), 10, "cards")
+    time.sleep(2.1)  # the router's view of the cards refreshes every 2 s
+    routed = http("POST", router + "/v1/completions", body)
+    assert direct.status == routed.status == 400
+    assert routed.body == direct.body
+    assert "x-kvrouter-replica" not in routed.headers  # answered by the router itself

@@ -21,7 +21,7 @@ def test_short_soak_loses_nothing() -> None:
                          capture_output=True, text=True, timeout=120)
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     m = re.fullmatch(r"soak: sent=(\d+) ok=(\d+) failed_clean=(\d+) lost=(\d+) p99_ms=\d+ "
-                     r"rss_mb=\d+->\d+ fds=\d+->\d+", last)
+                     r"rss_mb=\d+->\d+ peak_rss_mb=\d+ fds=\d+->\d+", last)
     assert m, out.stdout[-2000:] + out.stderr[-2000:]
     sent, ok, failed_clean, lost = map(int, m.groups())
     assert lost == 0 and out.returncode == 0, out.stdout[-2000:]

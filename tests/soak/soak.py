@@ -12,9 +12,13 @@ restarts (KV-event seq reset), malformed and reordered KV-event batches, refused
 Load: ``SOAK_CONCURRENCY`` (default 6) closed-loop clients, half streaming, prompts drawn from a few
 shared prefixes (so the cache-aware path and the index are exercised).
 
+Hostile clients run beside it (tests/soak/hostile.py, off with ``SOAK_HOSTILE=0``): trickled heads,
+unauthenticated 32 MiB bodies, huge prompts. They are tallied apart; ``lost`` counts the normal
+traffic only, and the router's peak RSS is sampled every 0.5 s.
+
 Outcomes (tests/support/harness.py): ok, failed_clean (OpenAI error body, or an SSE error event
 then [DONE]), lost (hang past the client timeout, malformed body, reset without an error). The
-last line is ``soak: sent=N ok=N failed_clean=N lost=N p99_ms=X rss_mb=A->B fds=C->D``; the exit
+last line is ``soak: sent=N ok=N failed_clean=N lost=N p99_ms=X rss_mb=A->B peak_rss_mb=P fds=C->D``; the exit
 status is 1 if anything was lost or the router died.
 """
 
@@ -35,6 +39,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the tests package importa
 
 import aiohttp  # noqa: E402
 
+from tests.soak.hostile import big_unauthenticated, huge_prompts, slow_heads  # noqa: E402
 from tests.support.harness import (  # noqa: E402
     Outcome,
     SimFleet,
@@ -42,7 +47,7 @@ from tests.support.harness import (  # noqa: E402
     debug_replicas,
     wait_for,
 )
-from tests.support.proc_stats import proc_stats  # noqa: E402
+from tests.support.proc_stats import proc_stats, rss_mb  # noqa: E402
 from tests.support.procs import RouterProc, free_port, http  # noqa: E402
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
@@ -50,6 +55,10 @@ CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "6"))
 FAULT_EVERY_S = float(os.environ.get("SOAK_FAULT_EVERY", "3"))
 CLIENT_TIMEOUT_S = 30.0
 SEED = int(os.environ.get("SOAK_SEED", "1"))
+RSS_GROWTH_MB = 300  # peak over start: 32 MiB bodies must not pile up (the budget is 256 MiB)
+HOSTILE = os.environ.get("SOAK_HOSTILE", "1") != "0"
+API_KEY = "soak-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 PREFIXES = [
     f"system prompt {k}: you are a careful assistant who answers briefly and cites sources. " * 6 for k in range(5)
@@ -157,7 +166,7 @@ async def client(router: str, stop: asyncio.Event, outs: list[Outcome], bad: lis
                 "max_tokens": rng.randint(2, 12),
                 "stream": rng.random() < 0.5,
             }
-            o = await call(s, path, body, timeout=CLIENT_TIMEOUT_S)
+            o = await call(s, path, body, timeout=CLIENT_TIMEOUT_S, headers=AUTH)
             outs.append(o)
             if o.kind == "lost" and len(bad) < 20:
                 bad.append(f"{o.status} {o.why}")
@@ -170,12 +179,27 @@ def p99_ms(outs: list[Outcome]) -> float:
     return 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]
 
 
-async def run(router: RouterProc, urls: list[str], killable: KillableReplica) -> tuple[list[Outcome], list[str], list[str]]:
+async def sample_rss(pid: int, stop: asyncio.Event, peak: list[float]) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss_mb(pid))
+        await asyncio.sleep(0.5)
+
+
+async def run(
+    router: RouterProc, urls: list[str], killable: KillableReplica, hostile: dict[str, int], peak: list[float]
+) -> tuple[list[Outcome], list[str], list[str]]:
     stop = asyncio.Event()
     outs: list[Outcome] = []
     bad: list[str] = []
     faults: list[str] = []
     tasks = [asyncio.create_task(client(router.url, stop, outs, bad, c)) for c in range(CONCURRENCY)]
+    tasks.append(asyncio.create_task(sample_rss(router.proc.p.pid, stop, peak)))
+    if HOSTILE:
+        tasks += [
+            asyncio.create_task(slow_heads(router.port, stop, hostile)),
+            asyncio.create_task(big_unauthenticated(router.port, stop, hostile)),
+            asyncio.create_task(huge_prompts(router.url, API_KEY, stop, hostile)),
+        ]
     inj = asyncio.create_task(injector(urls, killable, stop, faults))
     await asyncio.sleep(SECONDS)
     stop.set()
@@ -192,7 +216,7 @@ def main() -> int:
     router = RouterProc(
         log_dir, urls, "--enable-debug", "--first-byte-timeout", "2", "--request-timeout", "2", "--idle-timeout", "5",
         "--eject-after", "3", "--max-retries", "2", "--drain-grace", "0", "--max-in-flight", "64",
-        "--log-level", "warning",
+        "--log-level", "warning", "--api-key", API_KEY, "--head-timeout", "3",
     )
     code = 0
     try:
@@ -200,7 +224,9 @@ def main() -> int:
         pid = router.proc.p.pid
         rss0, fds0 = proc_stats(pid)
         t0 = time.monotonic()
-        outs, bad, faults = asyncio.run(run(router, sim.urls, killable))
+        hostile: dict[str, int] = {}
+        peak = [rss0]
+        outs, bad, faults = asyncio.run(run(router, sim.urls, killable, hostile, peak))
         wall = time.monotonic() - t0
         sim.clear_faults()  # waits out a refuse_for_s still running
         alive = router.proc.alive() and http("GET", router.url + "/health")[0] == 200
@@ -221,12 +247,17 @@ def main() -> int:
         print(f"soak: faults by kind: {dict(sorted(actions.items()))}")
         print(f"soak: outcomes by status: {dict(sorted(statuses.items()))}")
         print(f"soak: router alive={alive} index_invariants={invariants} rate={len(outs) / wall:.1f} req/s")
+        if HOSTILE:
+            print(f"soak: hostile clients by answer: {dict(sorted(hostile.items()))}")
         for line in bad:
             print(f"soak: lost: {line}")
+        if peak[0] - rss0 > RSS_GROWTH_MB:
+            print(f"soak: router RSS grew {peak[0] - rss0:.0f} MB (> {RSS_GROWTH_MB} MB)")
+            code = 1
         if kinds["lost"] or not alive or invariants != "ok":
             code = 1
         print(f"soak: sent={len(outs)} ok={kinds['ok']} failed_clean={kinds['failed_clean']} lost={kinds['lost']} "
-              f"p99_ms={p99_ms(outs):.0f} rss_mb={rss0:.0f}->{rss1:.0f} fds={fds0}->{fds1}")
+              f"p99_ms={p99_ms(outs):.0f} rss_mb={rss0:.0f}->{rss1:.0f} peak_rss_mb={peak[0]:.0f} fds={fds0}->{fds1}")
     finally:
         router.proc.stop()
         killable.fleet.proc.stop()

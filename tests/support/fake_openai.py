@@ -48,6 +48,7 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     stats["last_body"] = body.decode(errors="replace")[:2000]
     stats["last_headers"] = {k: v for k, v in request.headers.items()}
+    stats["last_target"] = request.message.path  # the request line's target, as received
     req = json.loads(body)
     chat = request.path.endswith("/chat/completions")
     model = ctrl["model"]
@@ -129,6 +130,7 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _echo(request: web.Request) -> web.Response:
     body = await request.read()
+    request.app[STATS]["last_target"] = request.message.path
     return web.json_response({"path": request.path, "len": len(body), "server": request.app[CTRL]["name"]})
 
 
