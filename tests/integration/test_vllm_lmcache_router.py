@@ -55,8 +55,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMCacheFleet]:
         skip_or_fail(setup)
     venv, model = setup
     specs = [ReplicaSpec("r0", 0, 0), ReplicaSpec("r1", 1, 1), ReplicaSpec("r2", 0, 1)]
-    with lmcache_fleet(venv, model, tmp_path_factory.mktemp("vllm-lmcache-router"), specs) as f:
-        yield f
+    # float32: with bf16 on a Xeon with AMX tiles, a replica's worker died of SIGILL (exit -4) on its first decode
+    # step after loading a chunk another replica had put in the shared tier, as serve_pd.sh records for NIXL loads.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DTYPE", "float32")
+        with lmcache_fleet(venv, model, tmp_path_factory.mktemp("vllm-lmcache-router"), specs) as f:
+            yield f
 
 
 @pytest.fixture(scope="module")
