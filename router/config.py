@@ -172,6 +172,23 @@ class PDSettings(msgspec.Struct, forbid_unknown_fields=True):
     prefill_timeout_s: Pos = 60.0  # leg 1 budget; past it: decode-only fallback
 
 
+class LMCacheSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """vLLM + LMCache replicas (docs/lmcache.md): which replicas share an LMCache server's CPU
+    tier, and the MP coordinator to ask when the tier publishes no KV events (lookup mode)."""
+
+    instances: list[str] = msgspec.field(default_factory=list)  # "INSTANCE_ID=REPLICA" pairs
+    credit_cpu_tier: bool = True  # false: ignore CPU-tier events and lookups (GPU-only routing, for A/B runs)
+    coordinator_url: str | None = None  # lookup mode: POST {url}/directory/lookup
+    model_name: str | None = None  # the model PATH vLLM was started with (the coordinator's key)
+    chunk_tokens: PosInt = 256  # LMCache chunk_size
+    lookup_min_tokens: NonNegInt = 256  # ask only for prompts of at least this many tokens
+    lookup_timeout_s: Pos = 0.05  # a slower answer is dropped: the request routes without it
+    lookup_cache_s: NonNeg = 2.0  # an answer is reused for this long for the same prefix
+    breaker_failures: PosInt = 3  # consecutive failures that open the circuit breaker
+    breaker_open_s: Pos = 10.0  # no lookups for this long once open, then one probe
+    load_tps: NonNeg = 0.0  # CPU-tier load rate (tokens/s); 0: learn it, routing.cpu_tier_credit until then
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     backends: list[str] = msgspec.field(default_factory=list)
     prefill: list[str] = msgspec.field(default_factory=list)  # prefill-role replicas
@@ -184,6 +201,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     kv_events: KVEventsSettings = msgspec.field(default_factory=KVEventsSettings)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    lmcache: LMCacheSettings = msgspec.field(default_factory=LMCacheSettings)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     outliers: OutlierSettings = msgspec.field(default_factory=OutlierSettings)
 
@@ -283,6 +301,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("routing.offload_parse_bytes", "offload-parse-bytes", "bodies larger than this are parsed off the event loop", "int"),
     Option("routing.load_factor", "load-factor", "bounded-load guard: max load vs mean", "float"),
     Option("routing.seed", "seed", "tie-break RNG seed", "int"),
+    Option("lmcache.instances", "lmcache-instance", "INSTANCE_ID=REPLICA: replicas on one LMCache server (repeatable)", "list"),
+    Option("lmcache.credit_cpu_tier", "lmcache-credit-cpu-tier", "credit the CPU (LMCache) tier (false: GPU-only routing)", "bool"),
+    Option("lmcache.coordinator_url", "lmcache-coordinator", "LMCache MP coordinator URL: lookup mode"),
+    Option("lmcache.model_name", "lmcache-model", "model path the engines were started with (coordinator key)"),
+    Option("lmcache.lookup_min_tokens", "lmcache-lookup-min-tokens", "ask the coordinator only for longer prompts", "int"),
+    Option("lmcache.lookup_timeout_s", "lmcache-lookup-timeout", "coordinator lookup budget per request (s)", "float"),
+    Option("lmcache.load_tps", "lmcache-load-tps", "CPU-tier load rate, tokens/s (0: learn it)", "float"),
     Option("discovery.sources", "discovery", "static | dns | k8s (repeatable; default: whatever is set)", "list"),
     Option("discovery.dns_name", "dns-name", "headless Service name to re-resolve"),
     Option("discovery.dns_prefill_name", "dns-prefill-name", "DNS name of the prefill pool"),
@@ -458,6 +483,12 @@ def validate(cfg: Config) -> None:
         field, _, reason = str(exc).partition(": ")
         name, _, value = field.partition("=")
         raise ConfigError(f"discovery.{name}", value, reason) from None
+    for i, pair in enumerate(cfg.lmcache.instances):
+        iid, sep, replica = pair.partition("=")
+        if not sep or not iid.strip() or not replica.strip():
+            raise ConfigError(f"lmcache.instances[{i}]", pair, "expected INSTANCE_ID=REPLICA")
+    if cfg.lmcache.coordinator_url is not None:
+        check_backend_url("lmcache.coordinator_url", cfg.lmcache.coordinator_url)
     if cfg.server.workers > 1 and cfg.server.port == 0:
         raise ConfigError("server.workers", cfg.server.workers, "several workers need a fixed port")
 

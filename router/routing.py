@@ -31,6 +31,7 @@ from .response_affinity import ResponseAffinity
 from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
+from .scoring.ttft import cpu_tier_credit
 from .sessions.tracker import SessionTracker
 from .types import BlockHash, KeyMode, ReplicaId, RequestInfo
 
@@ -59,6 +60,8 @@ class Ticket:
     predicted_cached_tokens: int
     pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
     dispatched_at: float
+    cpu_tokens: int = 0  # predicted to load from the CPU tier (LMCache); pending_tokens holds their uncredited part
+    recompute_tokens: int = 0  # of the prompt, predicted to be computed (with cpu_tokens: the rest of it)
     first_token_at: float | None = None
     backlog_tokens: int = 0  # the replica's pending prefill ahead of this request at dispatch
     remote_prefill: bool = False  # PD leg 2: its TTFT is the KV transfer, not this replica's prefill
@@ -104,6 +107,10 @@ class Router:
         self.bytes_per_token = bytes_per_token
         self.max_blocks = max_blocks
         self.speculative_ttl_s = speculative_ttl_s
+        # CPU-tier credit until the rates are measured, and the configured load rate (app.py sets
+        # both from routing.cpu_tier_credit and lmcache.load_tps, like the scorers').
+        self.cpu_credit = 0.8
+        self.cpu_load_tps = 0.0
         self.approximate_ttl_s = approximate_ttl_s
         self.tokenizer = tokenizer
         self.clock = clock
@@ -172,6 +179,7 @@ class Router:
         if token_ids is not None:
             req.block_hashes = hash_token_blocks(token_ids, bs, seed, self.max_blocks)
             req.prompt_tokens = len(token_ids)
+            req.token_ids = token_ids
             req.key_mode = KeyMode.TOKENS
             return req
         data = (text if text is not None else render_messages(messages or ())).encode()
@@ -254,6 +262,13 @@ class Router:
             predicted_effective = predicted
         pending = 0 if req.remote_prefill else max(0, req.prompt_tokens - predicted_effective)
         backlog = replica.pending_prefill_tokens
+        # A CPU-tier (LMCache) hit is loaded, not prefilled: it queues only the recompute time the
+        # load does not save (scoring/ttft.py's credit), not the whole recompute.
+        cpu = self._cpu_tokens(req, replica, pending)
+        recompute = pending - cpu
+        if cpu:
+            credit = cpu_tier_credit(replica.prefill_tps, replica.cpu_load_tps or self.cpu_load_tps, self.cpu_credit)
+            pending -= int(cpu * credit)
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
@@ -276,10 +291,20 @@ class Router:
             if self.sessions is not None:
                 self.sessions.record(req, replica)
         return Ticket(
-            replica, req.prompt_tokens, predicted, pending, self.clock(), backlog_tokens=backlog,
+            replica, req.prompt_tokens, predicted, pending, self.clock(), cpu, recompute, backlog_tokens=backlog,
             matched_blocks=matched, confirmed_blocks=confirmed, confirmed_tokens=confirmed_tokens,
             remote_prefill=req.remote_prefill,
         )
+
+    @staticmethod
+    def _cpu_tokens(req: RequestInfo, replica: Replica, pending: int) -> int:
+        """Prompt tokens beyond the GPU hit that the CPU tier should load (whole chunks, as
+        the index matched them), at most the uncached part."""
+        s = replica.slot
+        if req.key_mode is not KeyMode.TOKENS or s >= len(req.any_tier_blocks):
+            return 0
+        extra = (req.any_tier_blocks[s] - req.gpu_blocks[s]) * req.block_size
+        return max(0, min(extra, pending))
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
         if ticket.first_token_at is not None or ticket.done:
@@ -289,7 +314,10 @@ class Router:
         rep = ticket.replica
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
         ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
-        rep.observe_ttft(ttft, ticket.pending_tokens, ticket.backlog_tokens)
+        if ticket.cpu_tokens:  # part loaded, not computed: teaches the load rate, not the prefill rate
+            rep.observe_cpu_load(ttft, ticket.recompute_tokens, ticket.cpu_tokens)
+        else:
+            rep.observe_ttft(ttft, ticket.pending_tokens, ticket.backlog_tokens)
         if self.outliers is not None and not ticket.remote_prefill:
             # Per token of prefill work: its own uncached tokens and those queued ahead of it, so
             # a replica that is merely busier than its peers does not look slower.

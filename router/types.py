@@ -8,7 +8,7 @@ routing view that the pipeline fills once and scorers only read.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NewType
@@ -68,6 +68,7 @@ class RequestInfo:
     # PD leg 2: the prompt's KV arrives from a prefill replica, so the decode replica has no
     # prefill work queued for it and its first token says nothing about its prefill rate.
     remote_prefill: bool = False
+    token_ids: Sequence[int] | None = None  # token mode: the prompt (LMCache lookups send it)
     # Agent sessions (router/sessions/): the key, and the session table's answer for the scorer.
     session_id: str | None = None
     session_home: int = -1  # slot of the replica holding the session's KV; -1 new, -2 home gone

@@ -196,6 +196,10 @@ def register_simulate(sub: Any) -> None:
     p.add_argument("--decode-replicas", default=None, metavar="D[,D..]", help="PD fleets: decode pool sizes")
     p.add_argument("--pd", action="append", default=None, metavar="RULE",
                    help="repeatable split rule: always, auto, never, threshold[:N] (default always, auto, threshold)")
+    p.add_argument("--num-gpu-blocks", type=int, default=None, help="GPU KV blocks per replica (default: profile)")
+    p.add_argument("--cpu-tier-tokens", type=int, default=0, help="per-replica LMCache-like CPU tier, tokens (0: none)")
+    p.add_argument("--cpu-events", choices=["on", "off"], default="on",
+                   help="CPU tier publishes KV events (off: the router credits the GPU tier only)")
     p.add_argument("--slow-replica", type=int, default=None, metavar="I", help="replica I runs slowed (see --slow-*)")
     p.add_argument("--slow-factor", type=float, default=3.0, metavar="F", help="its steps take F times longer (3)")
     p.add_argument("--slow-window", default=None, metavar="START:END", help="simulated seconds it is slow (all)")

@@ -64,7 +64,7 @@ from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, Ticket
 from router.scoring.policies import POLICIES, Policy, build_policy
 from router.sessions.tracker import SessionTracker
-from router.types import BlockHash, ReplicaId, ReplicaSpec
+from router.types import BlockHash, ReplicaId, ReplicaSpec, Tier
 
 from .model import Trace, TraceRequest
 from .records import SLO, RequestRecord, summarize
@@ -91,6 +91,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     time_scale: float = 1.0  # engine step durations are divided by this (faster GPUs)
     cpu_tier_tokens: int = 0  # per-replica CPU (LMCache) tier; 0 = none
+    cpu_events: bool = True  # the CPU tier publishes its events (LMCache lmcache_driven); off: GPU-only routing
+    num_gpu_blocks: int | None = None  # GPU KV blocks per replica; None = the profile's
     speculative_ttl_s: float = 30.0  # router speculation TTL with KV events (Router default)
     weights: dict[str, float] = {}  # cache_aware weight overrides
     load_factor: float | None = None  # cache_aware bounded-load factor; None = router default
@@ -267,6 +269,8 @@ class _Fleet:
                 block_size=bs,
                 emit_events=self.use_events,
                 cpu_tier_tokens=cfg.cpu_tier_tokens or None,
+                emit_cpu_events=cfg.cpu_events and bool(cfg.cpu_tier_tokens),
+                num_gpu_blocks=cfg.num_gpu_blocks,
                 time_scale=cfg.time_scale,
             )
             for profile in profiles
@@ -297,6 +301,8 @@ class _Fleet:
             rep.has_kv_events = cfg.kv_events
             rep.block_size = bs
             rep.num_gpu_blocks = econf.num_gpu_blocks
+            if cfg.cpu_tier_tokens:  # the index bounds the CPU tier by its own size, not the GPU's
+                self.index.set_capacity(rep.id, max(1, cfg.cpu_tier_tokens // bs), Tier.CPU)
             self.registry.set_healthy(rep, True)
             self.replicas.append(rep)
             eng = EngineModel(econf, profile)
@@ -551,6 +557,11 @@ def run_policy(
         spread["slow_replica_share_in_window"] = (
             sum(1 for rec in inside if rec.replica == slow_id) / len(inside) if inside else math.nan
         )
+    if cfg.cpu_tier_tokens:
+        # Tokens loaded from the CPU tier (vLLM's external_prefix_cache_hits), over all prompt
+        # tokens: the part of hit_ratio (which counts both tiers) that the LMCache tier served.
+        prompt = sum(rec.prompt_tokens for rec in records) or 1
+        spread["cpu_hit_ratio"] = sum(e.metrics.external_prefix_cache_hits for e in fleet.engines) / prompt
     return PolicyRun(
         name=name,
         records=records,

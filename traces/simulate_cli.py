@@ -20,6 +20,7 @@ from .simulate import PolicyRun, SimConfig, build_report, policy_factory, select
 _COLUMNS = (
     ("policy", "{}", None),
     ("hit", "{:.1%}", "hit_ratio"),
+    ("cpu hit", "{:.1%}", "cpu_hit_ratio"),
     ("ttft mean", "{:.3f}", "ttft_mean_s"),
     ("p50", "{:.3f}", "ttft_p50_s"),
     ("p99", "{:.3f}", "ttft_p99_s"),
@@ -145,6 +146,9 @@ def cmd_simulate(args: Any) -> int:
             seed=args.seed,
             weights=weights,
             load_factor=args.load_factor,
+            num_gpu_blocks=getattr(args, "num_gpu_blocks", None),
+            cpu_tier_tokens=getattr(args, "cpu_tier_tokens", 0),
+            cpu_events=getattr(args, "cpu_events", "on") == "on",
             slow_replica=getattr(args, "slow_replica", None),
             slow_factor=getattr(args, "slow_factor", 1.0),
             slow_window=_window(getattr(args, "slow_window", None)),

@@ -241,6 +241,8 @@ async def generate(
     if rp.cfg.server.log_prompts and log.isEnabledFor(logging.DEBUG):
         # Opt-in only: prompts are user data and never reach a log otherwise (docs/security.md).
         log.debug("prompt %s: %s", path, body[:2048].decode("utf-8", "replace"))
+    if rp.cpu_lookup is not None:  # LMCache lookup mode: learn the CPU tier before routing
+        await rp.cpu_lookup.refresh(req, req.token_ids)
     explain = new_explanation(rp.router, req) if _proxy_log.isEnabledFor(logging.DEBUG) else None
     scfg = rp.cfg.sessions
     hints, body_for = session_request(scfg, req, headers, body) if scfg.enabled else (None, None)

@@ -24,6 +24,7 @@ from router.http.prompt_limits import ContextLimits
 from router.http.proxy import Forwarder
 from router.http.upstream import UpstreamPool
 from router.index import PrefixIndex
+from router.kv.lmcache_lookup import CoordinatorLookup
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
@@ -72,6 +73,7 @@ class RequestPath:
     limits: ClientLimits  # deadlines, body budget, per-client limits (client_limits.py)
     context: ContextLimits  # prompt size against max_model_len (prompt_limits.py)
     pd: PDRouter | None = None  # prefill/decode disaggregation (router/pd/route.py)
+    cpu_lookup: CoordinatorLookup | None = None  # lookup mode (router/kv/lmcache_lookup.py)
 
 
 @dataclass(slots=True)

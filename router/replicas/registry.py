@@ -56,6 +56,7 @@ class Replica:
     _ttft_pos: int = 0
     _tail_cache: float | None = None
     prefill_tps: float = 0.0
+    cpu_load_tps: float = 0.0  # measured CPU-tier (LMCache) load rate, tokens/s (0: not yet)
     # Uncached prompt tokens routed here, exponentially decayed (see scoring/churn.py): how fast
     # this replica's cache is being overwritten, and how much prefill it has been given.
     churn_tokens: float = 0.0
@@ -98,6 +99,24 @@ class Replica:
         if uncached_tokens >= 256 and ttft_s > 0:
             rate = work / ttft_s
             self.prefill_tps = rate if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * rate
+
+    def observe_cpu_load(self, ttft_s: float, recompute_tokens: int, loaded_tokens: int) -> None:
+        """Learn the CPU-tier load rate from a request that loaded ``loaded_tokens`` and
+        recomputed ``recompute_tokens``: TTFT = recompute / prefill_rate + loaded / load_rate.
+        Only whole-chunk loads with a known prefill rate and a positive remainder teach it."""
+        if len(self.ttfts) < TTFT_WINDOW:
+            self.ttfts.append(ttft_s)
+        else:
+            self.ttfts[self._ttft_pos] = ttft_s
+            self._ttft_pos = (self._ttft_pos + 1) % TTFT_WINDOW
+        self._tail_cache = None
+        if loaded_tokens < 256 or self.prefill_tps <= 0:
+            return
+        load_s = ttft_s - recompute_tokens / self.prefill_tps
+        if load_s <= 0:
+            return
+        rate = loaded_tokens / load_s
+        self.cpu_load_tps = rate if self.cpu_load_tps == 0 else 0.8 * self.cpu_load_tps + 0.2 * rate
 
     def tail_ttft(self, q: float = 0.9) -> float:
         """Recent TTFT quantile (nearest rank); 0 when nothing observed yet."""

@@ -195,6 +195,7 @@ class EngineModel:
                 config.cpu_chunk_tokens,
                 config.block_size,
                 emit_events=config.emit_events and config.emit_cpu_events,
+                save_unfull_chunk=config.cpu_save_unfull_chunk,
             )
             if config.cpu_tier_tokens > 0
             else None
