@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint fmt typecheck import-rules demo compare bench-proxy bench-long-prompt bench-index bench-sim bench-sim-live soak clean
+.PHONY: eval tune help venv test test-fast lint fmt typecheck import-rules demo compare bench-proxy bench-long-prompt bench-index bench-sim bench-sim-live soak clean
 
 help:
 	@echo "make demo | test | test-fast | lint | fmt | typecheck | import-rules | compare | bench-proxy | bench-long-prompt | bench-index | bench-sim | bench-sim-live | soak | test-vllm"
@@ -72,6 +72,14 @@ bench-sim: $(STAMP)
 
 bench-sim-live: $(STAMP)
 	$(PY) tests/bench/bench_sim_live.py
+
+# The scenario suite (docs/scenarios.md): cache_aware vs round robin vs the peer emulations, one table;
+# `make tune` sweeps candidate defaults over it. A few minutes each on 2 cores.
+eval: $(STAMP)
+	PYTHONPATH=. $(PY) tools/eval_suite.py eval
+
+tune: $(STAMP)
+	PYTHONPATH=. $(PY) tools/eval_suite.py tune
 
 SOAK_SECONDS ?= 600
 soak: $(STAMP)

@@ -149,15 +149,51 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_chars_per_token: PosInt = 64
     offload_parse_bytes: PosInt = 1024 * 1024
     speculative_ttl_s: Pos = 30.0  # replicas with KV events: until the event confirms
-    approximate_ttl_s: Pos = 300.0  # replicas without KV events: speculation is all we have
+    approximate_ttl_s: Pos = 300.0  # keys no event can confirm (no events, byte mode, media)
     weights: dict[str, float] = msgspec.field(default_factory=dict)  # scorer type -> weight
     load_factor: Annotated[float, msgspec.Meta(ge=1)] = 4.0  # bounded-load guard; docs/policy-tuning.md
     cpu_tier_credit: Ratio = 0.8
     seed: int | None = None  # tie-break RNG seed (tests, simulation)
 
 
+class PDSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """Prefill/decode disaggregation (docs/disaggregation.md); on when any prefill replica exists."""
+
+    rule: Literal["auto", "threshold", "always", "never"] = "auto"
+    threshold_tokens: NonNegInt = 2048  # rule threshold: llm-d nonCachedTokens / Dynamo eff-isl
+    threshold_max_cached_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None  # Dynamo's 0.7
+    min_split_tokens: NonNegInt = 64  # fewer uncached tokens on the decode replica: never split
+    stall_weight: NonNeg = 0.1  # TTFT seconds worth one request-second of decode slow-down
+    handoff_overhead_s: NonNeg = 0.002
+    link_bandwidth_bytes_s: Pos = 12.5e9  # P -> D KV link (one 100 Gb/s NIC)
+    link_latency_s: NonNeg = 50e-6
+    kv_bytes_per_token: PosInt = 131_072  # Llama-3-8B bf16
+    check_version: bool = True  # pair only replicas whose GET /version agree
+    prefill_timeout_s: Pos = 60.0  # leg 1 budget; past it: decode-only fallback
+
+
+class LMCacheSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """vLLM + LMCache replicas (docs/lmcache.md): which replicas share an LMCache server's CPU
+    tier, and the MP coordinator to ask when the tier publishes no KV events (lookup mode)."""
+
+    instances: list[str] = msgspec.field(default_factory=list)  # "INSTANCE_ID=REPLICA" pairs
+    credit_cpu_tier: bool = True  # false: ignore CPU-tier events and lookups (GPU-only routing, for A/B runs)
+    coordinator_url: str | None = None  # lookup mode: POST {url}/directory/lookup
+    model_name: str | None = None  # the model PATH vLLM was started with (the coordinator's key)
+    chunk_tokens: PosInt = 256  # LMCache chunk_size
+    lookup_min_tokens: NonNegInt = 256  # ask only for prompts of at least this many tokens
+    lookup_timeout_s: Pos = 0.05  # a slower answer is dropped: the request routes without it
+    lookup_cache_s: NonNeg = 2.0  # an answer is reused for this long for the same prefix
+    breaker_failures: PosInt = 3  # consecutive failures that open the circuit breaker
+    breaker_open_s: Pos = 10.0  # no lookups for this long once open, then one probe
+    load_tps: NonNeg = 0.0  # CPU-tier load rate (tokens/s); 0: learn it, routing.cpu_tier_credit until then
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     backends: list[str] = msgspec.field(default_factory=list)
+    prefill: list[str] = msgspec.field(default_factory=list)  # prefill-role replicas
+    decode: list[str] = msgspec.field(default_factory=list)  # decode-role replicas
+    pd: PDSettings = msgspec.field(default_factory=PDSettings)
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
@@ -165,6 +201,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     kv_events: KVEventsSettings = msgspec.field(default_factory=KVEventsSettings)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    lmcache: LMCacheSettings = msgspec.field(default_factory=LMCacheSettings)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     outliers: OutlierSettings = msgspec.field(default_factory=OutlierSettings)
 
@@ -183,6 +220,14 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("backends", "backend", "replica base URL (repeatable; env: comma-separated)", "list"),
+    Option("prefill", "prefill", "prefill-role replica base URL (repeatable; env: comma-separated)", "list"),
+    Option("decode", "decode", "decode-role replica base URL (repeatable; env: comma-separated)", "list"),
+    Option("pd.rule", "pd-rule", "split rule: auto | threshold | always | never"),
+    Option("pd.threshold_tokens", "pd-threshold-tokens", "threshold rule: uncached tokens to split at", "int"),
+    Option("pd.stall_weight", "pd-stall-weight", "auto rule: weight of the decode batch stall", "float"),
+    Option("pd.link_bandwidth_bytes_s", "pd-link-bandwidth", "P->D KV link bandwidth (bytes/s)", "float"),
+    Option("pd.kv_bytes_per_token", "pd-kv-bytes-per-token", "KV cache bytes per token (all layers)", "int"),
+    Option("pd.check_version", "pd-check-version", "refuse to pair replicas whose /version differ", "bool"),
     Option("server.host", "host", "listen address"),
     Option("server.port", "port", "listen port", "int"),
     Option("server.workers", "workers", "worker processes on one SO_REUSEPORT port", "int"),
@@ -256,8 +301,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("routing.offload_parse_bytes", "offload-parse-bytes", "bodies larger than this are parsed off the event loop", "int"),
     Option("routing.load_factor", "load-factor", "bounded-load guard: max load vs mean", "float"),
     Option("routing.seed", "seed", "tie-break RNG seed", "int"),
+    Option("lmcache.instances", "lmcache-instance", "INSTANCE_ID=REPLICA: replicas on one LMCache server (repeatable)", "list"),
+    Option("lmcache.credit_cpu_tier", "lmcache-credit-cpu-tier", "credit the CPU (LMCache) tier (false: GPU-only routing)", "bool"),
+    Option("lmcache.coordinator_url", "lmcache-coordinator", "LMCache MP coordinator URL: lookup mode"),
+    Option("lmcache.model_name", "lmcache-model", "model path the engines were started with (coordinator key)"),
+    Option("lmcache.lookup_min_tokens", "lmcache-lookup-min-tokens", "ask the coordinator only for longer prompts", "int"),
+    Option("lmcache.lookup_timeout_s", "lmcache-lookup-timeout", "coordinator lookup budget per request (s)", "float"),
+    Option("lmcache.load_tps", "lmcache-load-tps", "CPU-tier load rate, tokens/s (0: learn it)", "float"),
     Option("discovery.sources", "discovery", "static | dns | k8s (repeatable; default: whatever is set)", "list"),
     Option("discovery.dns_name", "dns-name", "headless Service name to re-resolve"),
+    Option("discovery.dns_prefill_name", "dns-prefill-name", "DNS name of the prefill pool"),
+    Option("discovery.dns_decode_name", "dns-decode-name", "DNS name of the decode pool"),
     Option("discovery.dns_port", "dns-port", "HTTP port of replicas found by DNS", "int"),
     Option("discovery.dns_srv", "dns-srv", "use SRV records for ports", "bool"),
     Option("discovery.dns_interval_s", "dns-interval", "DNS re-resolution interval (s)", "float"),
@@ -358,13 +412,20 @@ def build_config(
         cfg = msgspec.convert(tree, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise _config_error(exc, tree) from None
-    if cfg.backends:
-        # --backend URLs are the static discovery source, whatever other sources run beside it.
-        static = [u.rstrip("/") for u in (*cfg.backends, *cfg.discovery.static)]
-        sources = cfg.discovery.sources
+    if cfg.backends or cfg.prefill or cfg.decode:
+        # --backend/--prefill/--decode URLs are the static discovery source, whatever other
+        # sources run beside it.
+        d = cfg.discovery
+        sources = d.sources
         if sources and "static" not in sources:
             sources = [*sources, "static"]
-        cfg.discovery = msgspec.structs.replace(cfg.discovery, static=static, sources=sources)
+        cfg.discovery = msgspec.structs.replace(
+            d,
+            static=[u.rstrip("/") for u in (*cfg.backends, *d.static)],
+            static_prefill=[u.rstrip("/") for u in (*cfg.prefill, *d.static_prefill)],
+            static_decode=[u.rstrip("/") for u in (*cfg.decode, *d.static_decode)],
+            sources=sources,
+        )
     validate(cfg)
     return cfg
 
@@ -399,6 +460,10 @@ def validate(cfg: Config) -> None:
     """Checks that need more than a type: URLs, names, cross-field rules."""
     for i, url in enumerate(cfg.backends):
         check_backend_url(f"backends[{i}]", url)
+    for i, url in enumerate(cfg.prefill):
+        check_backend_url(f"prefill[{i}]", url)
+    for i, url in enumerate(cfg.decode):
+        check_backend_url(f"decode[{i}]", url)
     for i, pair in enumerate(cfg.kv_events.endpoints):
         _backend, sep, endpoint = pair.partition("=")
         if not sep or not endpoint.startswith(("tcp://", "ipc://")):
@@ -418,6 +483,12 @@ def validate(cfg: Config) -> None:
         field, _, reason = str(exc).partition(": ")
         name, _, value = field.partition("=")
         raise ConfigError(f"discovery.{name}", value, reason) from None
+    for i, pair in enumerate(cfg.lmcache.instances):
+        iid, sep, replica = pair.partition("=")
+        if not sep or not iid.strip() or not replica.strip():
+            raise ConfigError(f"lmcache.instances[{i}]", pair, "expected INSTANCE_ID=REPLICA")
+    if cfg.lmcache.coordinator_url is not None:
+        check_backend_url("lmcache.coordinator_url", cfg.lmcache.coordinator_url)
     if cfg.server.workers > 1 and cfg.server.port == 0:
         raise ConfigError("server.workers", cfg.server.workers, "several workers need a fixed port")
 

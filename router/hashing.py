@@ -23,6 +23,7 @@ from typing import Any
 
 import xxhash
 
+from .media_keys import part_digest
 from .types import BlockHash
 
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -103,8 +104,8 @@ def _content_text(content: Any) -> str:
             if isinstance(part, Mapping):
                 if part.get("type") == "text":
                     parts.append(str(part.get("text", "")))
-                else:
-                    parts.append(f"<{part.get('type', 'part')}>")
+                else:  # media: its identity in place (different images never share keys)
+                    parts.append(f"<{part.get('type', 'part')}:{part_digest(part):016x}>")
             else:
                 parts.append(str(part))
         return "".join(parts)

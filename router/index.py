@@ -60,8 +60,12 @@ class _ReplicaEntry:
     slot: int
     bit: int
     lru: tuple[OrderedDict[int, int], OrderedDict[int, int]]  # per tier, see module docstring
-    capacity: int
+    capacity: int  # GPU tier (the engine's num_gpu_blocks once known)
+    cpu_capacity: int  # offload tier: LMCache's L1 is far larger than the GPU cache
     uncertain: bool = False
+
+    def bound(self, tier: int) -> int:
+        return self.capacity if tier == Tier.GPU else self.cpu_capacity
 
 
 class IndexInvariantError(AssertionError):
@@ -102,6 +106,7 @@ class PrefixIndex:
         self.uncertain_slots: set[int] = set()  # replicas whose view missed KV events
         self.evictions = 0  # blocks dropped by the capacity bound
         self.expirations = 0  # speculative blocks that were never confirmed
+        self.expired_by_replica: dict[ReplicaId, int] = {}  # the same, per replica (metrics)
         # Hashes referenced by expiry records. Records of blocks the capacity bound already
         # evicted are garbage until their deadline: without compaction the heap grows with
         # request rate x TTL, not with the capacity (F4). Compacted at 2x the live bound.
@@ -125,7 +130,11 @@ class PrefixIndex:
             slot = self._next_slot
             self._next_slot += 1
         self._replicas[replica] = _ReplicaEntry(
-            slot, 1 << slot, (OrderedDict(), OrderedDict()), capacity or self.capacity_per_replica
+            slot,
+            1 << slot,
+            (OrderedDict(), OrderedDict()),
+            capacity or self.capacity_per_replica,
+            self.capacity_per_replica,
         )
         self._by_slot[slot] = replica
         return slot
@@ -135,6 +144,7 @@ class PrefixIndex:
         if entry is None:
             return
         self.clear(replica)
+        self.expired_by_replica.pop(replica, None)
         self.uncertain_slots.discard(entry.slot)
         del self._replicas[replica]
         del self._by_slot[entry.slot]
@@ -143,15 +153,19 @@ class PrefixIndex:
     def replicas(self) -> Iterator[ReplicaId]:
         return iter(self._replicas)
 
-    def set_capacity(self, replica: ReplicaId, capacity: int) -> None:
-        """Resize one replica's bound (e.g. to the engine's num_gpu_blocks once it is known)."""
+    def set_capacity(self, replica: ReplicaId, capacity: int, tier: Tier = Tier.GPU) -> None:
+        """Resize one replica's bound on one tier (GPU: the engine's num_gpu_blocks once it is
+        known; CPU: the LMCache tier's size in router blocks). The tiers are bounded apart: a
+        GPU-sized bound on the CPU tier would forget most of what LMCache holds."""
         if capacity <= 0:
             raise ValueError(f"capacity={capacity}: must be positive")
         entry = self._replicas[replica]
-        entry.capacity = capacity
+        if tier is Tier.GPU:
+            entry.capacity = capacity
+        else:
+            entry.cpu_capacity = capacity
         self._spec_limit = 0
-        for tier in _TIERS:
-            self._enforce_capacity(entry, tier)
+        self._enforce_capacity(entry, tier)
 
     def set_uncertain(self, replica: ReplicaId, uncertain: bool) -> None:
         entry = self._replicas.get(replica)
@@ -236,7 +250,7 @@ class PrefixIndex:
                     mask[h] = mask.get(h, 0) | bit
                 else:
                     lru[h] = state + 1 if state > 0 else 1
-        if len(lru) > entry.capacity:
+        if len(lru) > entry.bound(tier):
             self._enforce_capacity(entry, tier)
 
     @property
@@ -245,7 +259,7 @@ class PrefixIndex:
 
     def _spec_bound(self) -> int:
         """Live speculative blocks cannot outnumber the capacity of every replica and tier."""
-        return max(4096, sum(e.capacity for e in self._replicas.values()) * len(_TIERS))
+        return max(4096, sum(e.capacity + e.cpu_capacity for e in self._replicas.values()))
 
     def _maybe_compact(self) -> None:
         bound = self._spec_bound()
@@ -306,10 +320,15 @@ class PrefixIndex:
     # ---- query ----------------------------------------------------------------------------
 
     def match(self, hashes: Sequence[BlockHash]) -> tuple[list[int], list[int]]:
-        """Per slot, the longest cached prefix of ``hashes`` in blocks: (GPU, GPU-or-CPU).
+        """Per slot, the longest cached prefix of ``hashes`` in blocks: (GPU, usable).
 
-        The second list counts blocks held on either tier (a GPU prefix followed by blocks an
-        LMCache tier can load), so it is always >= the first. Slots with no replica read 0.
+        ``usable`` is what vLLM + an offload tier (LMCache) would actually reuse: vLLM takes its
+        GPU prefix first, then asks the connector, which looks its chunks up *from position 0*
+        and stops at the first miss; the external hit is what that lookup found beyond the GPU
+        prefix. So usable = max(GPU prefix, CPU prefix), never a patchwork of the two tiers (a
+        CPU chunk after a GPU prefix whose own first chunk LMCache evicted is not loaded).
+        CPU blocks are stored whole chunks at a time (router/kv/stream.py), so the CPU prefix
+        ends on a chunk boundary. Always >= the first list. Slots with no replica read 0.
         One pass; stops at the first block no replica holds on any tier.
         """
         n_slots = self._next_slot
@@ -319,33 +338,39 @@ class PrefixIndex:
             return gpu_len, any_len
         self._expire(self._now_ms())
         ggets, cgets_all = self._gets
-        cgets = cgets_all if self._tier_used[Tier.CPU] else None
         m = _SHARD_MASK
         below = _bits_below(n_slots)
-        g_alive = -1  # slots whose GPU prefix is still unbroken (all bits)
-        a_alive = -1
-        g_prev = a_prev = -2  # masks of the previous block (-2: none yet)
+        if not self._tier_used[Tier.CPU]:
+            _prefix_one_tier(hashes, ggets, gpu_len, below)
+            any_len[:] = gpu_len
+            return gpu_len, any_len
+        cpu_len = [0] * n_slots
+        g_alive = c_alive = -1  # slots whose prefix on that tier is still unbroken (all bits)
+        g_prev = c_prev = -2  # masks of the previous block (-2: none yet)
         i = 0
         for i, h in enumerate(hashes):
             g = ggets[h & m](h, 0)
-            a = g | cgets[h & m](h, 0) if cgets is not None else g
-            if g == g_prev and a == a_prev:
+            c = cgets_all[h & m](h, 0)
+            if g == g_prev and c == c_prev:
                 continue  # same holders as the block before: nothing ends here (common case)
-            g_prev, a_prev = g, a
+            g_prev, c_prev = g, c
             g_new = g_alive & g
-            a_new = a_alive & a
+            c_new = c_alive & c
             ended = g_alive & ~g_new
             if ended and i:
                 _record(gpu_len, ended & below, i)
-            ended = a_alive & ~a_new
+            ended = c_alive & ~c_new
             if ended and i:
-                _record(any_len, ended & below, i)
-            g_alive, a_alive = g_new, a_new
-            if not a_alive:
-                return gpu_len, any_len
-        n = i + 1
-        _record(gpu_len, g_alive & below, n)
-        _record(any_len, a_alive & below, n)
+                _record(cpu_len, ended & below, i)
+            g_alive, c_alive = g_new, c_new
+            if not (g_alive | c_alive):
+                break
+        else:
+            n = i + 1
+            _record(gpu_len, g_alive & below, n)
+            _record(cpu_len, c_alive & below, n)
+        for s, (g_n, c_n) in enumerate(zip(gpu_len, cpu_len, strict=True)):
+            any_len[s] = c_n if c_n > g_n else g_n
         return gpu_len, any_len
 
     def confirmed_digest(self, replica: ReplicaId, tier: Tier = Tier.GPU) -> tuple[int, int]:
@@ -365,6 +390,15 @@ class PrefixIndex:
                 acc = (acc + h * 0x9E3779B97F4A7C15 + state) & 0xFFFFFFFFFFFFFFFF
         return n, acc
 
+    def confirmed_blocks(self, replica: ReplicaId, hashes: Sequence[BlockHash], n: int) -> int:
+        """How many of the first ``n`` blocks of ``hashes`` KV events confirmed on ``replica``
+        (the rest of a match is the router's own speculation). O(n), for the chosen replica."""
+        entry = self._replicas.get(replica)
+        if entry is None or n <= 0:
+            return 0
+        get = entry.lru[Tier.GPU].get
+        return sum(1 for h in hashes[:n] if get(h, 0) > 0)
+
     def holds(self, replica: ReplicaId, h: BlockHash, tier: Tier = Tier.GPU) -> bool:
         entry = self._replicas.get(replica)
         return entry is not None and h in entry.lru[tier]
@@ -377,8 +411,8 @@ class PrefixIndex:
             expected: dict[int, int] = {}
             for rid, entry in self._replicas.items():
                 lru = entry.lru[tier]
-                if len(lru) > entry.capacity:
-                    raise IndexInvariantError(f"{rid}: {len(lru)} blocks > capacity {entry.capacity}")
+                if len(lru) > entry.bound(tier):
+                    raise IndexInvariantError(f"{rid}: {len(lru)} blocks > capacity {entry.bound(tier)}")
                 for h, state in lru.items():
                     if state == 0:
                         raise IndexInvariantError(f"{rid}: block {h} with state 0")
@@ -410,7 +444,7 @@ class PrefixIndex:
 
     def _enforce_capacity(self, entry: _ReplicaEntry, tier: int) -> None:
         lru = entry.lru[tier]
-        excess = len(lru) - entry.capacity
+        excess = len(lru) - entry.bound(tier)
         if excess <= 0:
             return
         self.evictions += excess
@@ -438,6 +472,7 @@ class PrefixIndex:
                     del lru[h]
                     self._unset(h, tier, entry.bit)
                     self.expirations += 1
+                    self.expired_by_replica[rid] = self.expired_by_replica.get(rid, 0) + 1
                 else:  # re-speculated since: follow it to its later deadline
                     if later is None:
                         later = {}
@@ -450,6 +485,29 @@ class PrefixIndex:
 
 def _bits_below(n: int) -> int:
     return (1 << n) - 1
+
+
+def _prefix_one_tier(
+    hashes: Sequence[BlockHash], gets: Sequence[Callable[..., int]], out: list[int], below: int
+) -> None:
+    """GPU-only match (no replica ever had a CPU tier): the common, cheaper loop."""
+    m = _SHARD_MASK
+    alive = -1
+    prev = -2
+    i = 0
+    for i, h in enumerate(hashes):
+        g = gets[h & m](h, 0)
+        if g == prev:
+            continue
+        prev = g
+        new = alive & g
+        ended = alive & ~new
+        if ended and i:
+            _record(out, ended & below, i)
+        alive = new
+        if not alive:
+            return
+    _record(out, alive & below, i + 1)
 
 
 def _record(out: list[int], bits: int, value: int) -> None:

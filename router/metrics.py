@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .index import PrefixIndex
@@ -144,5 +144,13 @@ class _StateCollector(Collector):
                 kv.add_metric([rid], rep.kv_usage)
             tail.add_metric([rid], rep.tail_ttft())
         yield from (in_flight, pending, healthy, blocks, uncertain, running, waiting, kv, tail)
+        expired = CounterMetricFamily(
+            "kvrouter_index_unconfirmed_expired_blocks",
+            "Speculative blocks that expired without a KV event confirming them",
+            labels=["replica"],
+        )
+        for rid, n in self._index.expired_by_replica.items():
+            expired.add_metric([rid], n)
+        yield expired
         if self._extra is not None:
             yield from self._extra()

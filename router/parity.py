@@ -12,7 +12,16 @@ per replica and over a sliding window:
 
 Both are exported as counters, their window ratio as ``kvrouter_prefix_parity_ratio``, and a
 warning is logged (at most once a minute per replica) when predictions are substantial while
-actual reuse stays near zero.
+actual reuse stays near zero. On a replica with KV events the prediction counts only blocks its
+events confirmed: speculation (the router's own keys of the last requests) says nothing about
+whether the keys are the engine's.
+
+The second check, **confirmation**, catches keys that are never the engine's even when the engine
+does reuse (speculation right by luck, byte mode): on a replica that publishes KV events, the share
+of matched blocks its events confirmed (``kvrouter_prefix_confirmed_ratio``). Near zero over a
+window with enough matches means the router's tokens are not the engine's (chat template, tokenizer,
+block size, base-model name, data-parallel rank): a warning is logged, exported
+(``kvrouter_prefix_unconfirmed_warning``) and shown in ``/ready``.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ log = logging.getLogger("kvrouter.parity")
 WINDOW_S = 60.0
 MIN_PREDICTED = 4096  # tokens predicted in a window before we judge
 ALARM_RATIO = 0.1  # actual < 10% of predicted -> warn
+MIN_MATCHED_BLOCKS = 64  # matched blocks in a window before the confirmation check judges
+CONFIRM_ALARM_RATIO = 0.05  # confirmed < 5% of matched on a replica with events -> warn
 
 
 @dataclass(slots=True)
@@ -47,6 +58,11 @@ class _Window:
     last_warning: float = 0.0
     usage_seen: bool = False  # engine returns cached_tokens: prefer it over metrics deltas
     last_hits: float | None = None
+    matched: int = 0  # token-mode blocks matched at dispatch (speculative + confirmed)
+    confirmed: int = 0  # of those, confirmed by KV events
+    events: bool = False  # the replica published KV events during the window
+    last_confirmed_ratio: float | None = None
+    last_confirm_warning: float = 0.0
 
 
 class ParityTracker:
@@ -65,6 +81,8 @@ class ParityTracker:
             w.started = now
             w.predicted = 0.0
             w.actual = 0.0
+            w.matched = w.confirmed = 0
+            w.events = False
         return w
 
     # RoutingObserver
@@ -79,7 +97,11 @@ class ParityTracker:
             m.child(m.prompt_tokens, rid).inc(ticket.prompt_tokens)
             if ticket.predicted_cached_tokens:
                 m.child(m.predicted_cached, rid).inc(ticket.predicted_cached_tokens)
-            w.predicted += ticket.predicted_cached_tokens
+            events = ticket.replica.has_kv_events
+            w.predicted += ticket.confirmed_tokens if events else ticket.predicted_cached_tokens
+            w.events |= events
+            w.matched += ticket.matched_blocks
+            w.confirmed += ticket.confirmed_blocks
         if cached_tokens is not None:
             w.usage_seen = True
             w.actual += cached_tokens
@@ -102,6 +124,7 @@ class ParityTracker:
         self._w.pop(rid, None)
 
     def _judge(self, rid: str, w: _Window, now: float) -> None:
+        self._judge_confirmation(rid, w, now)
         if w.predicted < MIN_PREDICTED:
             return
         w.last_ratio = w.actual / w.predicted
@@ -118,6 +141,43 @@ class ParityTracker:
                 100 * w.last_ratio,
             )
 
+    def _judge_confirmation(self, rid: str, w: _Window, now: float) -> None:
+        if not w.events or w.matched < MIN_MATCHED_BLOCKS:
+            return  # no events: nothing can confirm; too few matches: no evidence either way
+        w.last_confirmed_ratio = w.confirmed / w.matched
+        if w.last_confirmed_ratio < CONFIRM_ALARM_RATIO and now - w.last_confirm_warning >= WINDOW_S:
+            w.last_confirm_warning = now
+            log.warning(
+                "replica %s publishes KV events but confirmed %d of the %d prefix blocks the router "
+                "matched in the last %.0fs (%.1f%%): the router's keys are not the engine's. Check "
+                "--tokenizer and --chat-template (the engine's), the block size, the model name the "
+                "engine serves, and data-parallel ranks (docs/exact-keys.md).",
+                rid,
+                w.confirmed,
+                w.matched,
+                WINDOW_S,
+                100 * w.last_confirmed_ratio,
+            )
+
+    def confirmed_ratio(self, rid: str) -> float | None:
+        """Confirmed share of matched blocks: the current window once it has enough matches, else
+        the last judged one. None for replicas without KV events."""
+        w = self._w.get(rid)
+        if w is None:
+            return None
+        if w.events and w.matched >= MIN_MATCHED_BLOCKS:
+            return w.confirmed / w.matched
+        return w.last_confirmed_ratio
+
+    def warnings(self) -> dict[str, str]:
+        """Replicas whose KV events confirm almost nothing the router predicts (/ready detail)."""
+        out: dict[str, str] = {}
+        for rid in self._w:
+            r = self.confirmed_ratio(rid)
+            if r is not None and r < CONFIRM_ALARM_RATIO:
+                out[rid] = f"KV events confirm {100 * r:.1f}% of matched prefix blocks: keys are not the engine's"
+        return out
+
     def ratio(self, rid: str) -> float | None:
         w = self._w.get(rid)
         if w is None:
@@ -132,8 +192,24 @@ class ParityTracker:
             "Actual / predicted cached prompt tokens over the current (or last full) window",
             labels=["replica"],
         )
+        c = GaugeMetricFamily(
+            "kvrouter_prefix_confirmed_ratio",
+            "Share of matched prefix blocks that the replica's KV events confirmed (replicas with events)",
+            labels=["replica"],
+        )
+        warn = GaugeMetricFamily(
+            "kvrouter_prefix_unconfirmed_warning",
+            "1 while a replica with KV events confirms almost none of the blocks the router matches",
+            labels=["replica"],
+        )
         for rid in self._w:
             r = self.ratio(rid)
             if r is not None:
                 g.add_metric([rid], r)
+            cr = self.confirmed_ratio(rid)
+            if cr is not None:
+                c.add_metric([rid], cr)
+                warn.add_metric([rid], 1.0 if cr < CONFIRM_ALARM_RATIO else 0.0)
         yield g
+        yield c
+        yield warn

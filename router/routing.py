@@ -20,14 +20,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from xxhash import xxh3_64_intdigest
+
 from .errors import ModelNotFound, NoReplicaAvailable, Overloaded
 from .hashing import model_seed, render_messages, token_bytes
 from .index import PrefixIndex
+from .media_keys import media_digest
 from .prefix_tokens import ChainCache
 from .replicas.registry import Replica, ReplicaRegistry
+from .response_affinity import ResponseAffinity
 from .scoring.churn import CHURN_TAU_S
 from .scoring.pipeline import Explanation
 from .scoring.policies import Policy
+from .scoring.ttft import cpu_tier_credit
 from .sessions.tracker import SessionTracker
 from .types import BlockHash, KeyMode, ReplicaId, RequestInfo
 
@@ -56,9 +61,15 @@ class Ticket:
     predicted_cached_tokens: int
     pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
     dispatched_at: float
+    cpu_tokens: int = 0  # predicted to load from the CPU tier (LMCache); pending_tokens holds their uncredited part
+    recompute_tokens: int = 0  # of the prompt, predicted to be computed (with cpu_tokens: the rest of it)
     first_token_at: float | None = None
     backlog_tokens: int = 0  # the replica's pending prefill ahead of this request at dispatch
+    remote_prefill: bool = False  # PD leg 2: its TTFT is the KV transfer, not this replica's prefill
     done: bool = False
+    matched_blocks: int = 0  # GPU prefix matched on this replica (speculative + confirmed)
+    confirmed_blocks: int = 0  # of those, confirmed by the replica's KV events
+    confirmed_tokens: int = 0  # predicted_cached_tokens counting confirmed blocks only
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +108,10 @@ class Router:
         self.bytes_per_token = bytes_per_token
         self.max_blocks = max_blocks
         self.speculative_ttl_s = speculative_ttl_s
+        # CPU-tier credit until the rates are measured, and the configured load rate (app.py sets
+        # both from routing.cpu_tier_credit and lmcache.load_tps, like the scorers').
+        self.cpu_credit = 0.8
+        self.cpu_load_tps = 0.0
         self.approximate_ttl_s = approximate_ttl_s
         self.tokenizer = tokenizer
         # the next turn of a conversation hashes only its new blocks
@@ -107,12 +122,20 @@ class Router:
         self.on_overload = on_overload
         self.sessions = sessions  # agent sessions: home lookup before the policy, record at dispatch
         self.outliers = outliers  # thins candidates by outlier state (replicas/outliers.py)
+        self.responses = ResponseAffinity()  # /v1/responses id -> replica (engine-local store)
+
+    def default_model(self) -> str | None:
+        """The model a request without ``model`` gets: vLLM serves it with its first served
+        name, which is the fleet's only model when it serves one (else: any replica, unkeyed
+        by model)."""
+        models = self.registry.known_models()
+        return next(iter(models)) if len(models) == 1 else None
 
     # ---- request keys ---------------------------------------------------------------------
 
     def request_info(
         self,
-        model: str,
+        model: str | None,
         *,
         token_ids: Sequence[int] | None = None,
         text: str | None = None,
@@ -150,12 +173,18 @@ class Router:
                         token_ids = None
             elif text is not None:
                 token_ids = self.tokenizer.encode_prompt(text)
-        seed = model_seed(model, cache_salt)
+        seed = model_seed(self.registry.key_model(model) if model else "", cache_salt)
+        if messages is not None and (media := media_digest(messages)) is not None:
+            # keyed distinctly, never confirmable (media_keys.py)
+            req.confirmable = False
+            if token_ids is not None:  # the template rendered a placeholder: the media decides
+                seed = BlockHash(xxh3_64_intdigest(media.to_bytes(8, "little"), seed))
         if token_ids is not None:
             if bs <= 0:
                 raise ValueError(f"block_size must be positive, got {bs}")
             req.block_hashes = self._chains.hashes(token_bytes(token_ids), bs * 4, seed, self.max_blocks)
             req.prompt_tokens = len(token_ids)
+            req.token_ids = token_ids
             req.key_mode = KeyMode.TOKENS
             return req
         data = (text if text is not None else render_messages(messages or ())).encode()
@@ -196,6 +225,14 @@ class Router:
     ) -> Replica:
         """``record=False`` (``/debug/route``) leaves the decision-latency metric alone."""
         t0 = time.perf_counter()
+        if req.pin is not None and req.pin not in exclude:
+            # affinity the engine requires (its response store, a DP rank): any routable replica
+            # serving the model, before outlier thinning; elsewhere vLLM would answer 404
+            pinned = pinned_candidate(self.registry.candidates(req.model), req.pin)
+            if pinned is not None:
+                if record and self.observer is not None:
+                    self.observer.on_decision(pinned, time.perf_counter() - t0, req)
+                return pinned
         cands = self.candidates(req.model, exclude)
         if req.block_hashes and self.policy.needs_match:
             req.gpu_blocks, req.any_tier_blocks = self.index.match(req.block_hashes)
@@ -228,17 +265,51 @@ class Router:
             predicted_effective = min(req.prompt_tokens, matched * req.block_size)
         else:
             predicted_effective = predicted
-        pending = max(0, req.prompt_tokens - predicted_effective)
+        pending = 0 if req.remote_prefill else max(0, req.prompt_tokens - predicted_effective)
         backlog = replica.pending_prefill_tokens
+        # A CPU-tier (LMCache) hit is loaded, not prefilled: it queues only the recompute time the
+        # load does not save (scoring/ttft.py's credit), not the whole recompute.
+        cpu = self._cpu_tokens(req, replica, pending)
+        recompute = pending - cpu
+        if cpu:
+            credit = cpu_tier_credit(replica.prefill_tps, replica.cpu_load_tps or self.cpu_load_tps, self.cpu_credit)
+            pending -= int(cpu * credit)
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
         replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
+        matched = confirmed = 0
+        if req.key_mode is KeyMode.TOKENS and req.gpu_blocks:
+            s = replica.slot
+            matched = req.gpu_blocks[s] if s < len(req.gpu_blocks) else 0
+            if matched and replica.has_kv_events:
+                confirmed = self.index.confirmed_blocks(replica.id, req.block_hashes, matched)
+        confirmed_tokens = min(predicted, confirmed * req.block_size)
         if req.block_hashes and self.policy.needs_match:
-            ttl = self.speculative_ttl_s if replica.has_kv_events else self.approximate_ttl_s
+            # Keys an event can confirm wait speculative_ttl_s for it; keys no event can ever
+            # confirm (byte mode, media keyed by bytes) keep the approximate TTL whether or not
+            # the replica publishes events (audit #49).
+            confirmable = replica.has_kv_events and req.key_mode is KeyMode.TOKENS and req.confirmable
+            ttl = self.speculative_ttl_s if confirmable else self.approximate_ttl_s
             self.index.store(replica.id, req.block_hashes, speculative=True, ttl_s=ttl)
+            for hashes in req.batch_block_hashes:
+                self.index.store(replica.id, hashes, speculative=True, ttl_s=ttl)
             if self.sessions is not None:
                 self.sessions.record(req, replica)
-        return Ticket(replica, req.prompt_tokens, predicted, pending, self.clock(), backlog_tokens=backlog)
+        return Ticket(
+            replica, req.prompt_tokens, predicted, pending, self.clock(), cpu, recompute, backlog_tokens=backlog,
+            matched_blocks=matched, confirmed_blocks=confirmed, confirmed_tokens=confirmed_tokens,
+            remote_prefill=req.remote_prefill,
+        )
+
+    @staticmethod
+    def _cpu_tokens(req: RequestInfo, replica: Replica, pending: int) -> int:
+        """Prompt tokens beyond the GPU hit that the CPU tier should load (whole chunks, as
+        the index matched them), at most the uncached part."""
+        s = replica.slot
+        if req.key_mode is not KeyMode.TOKENS or s >= len(req.any_tier_blocks):
+            return 0
+        extra = (req.any_tier_blocks[s] - req.gpu_blocks[s]) * req.block_size
+        return max(0, min(extra, pending))
 
     def first_token(self, ticket: Ticket, ttft_s: float | None = None) -> None:
         if ticket.first_token_at is not None or ticket.done:
@@ -248,8 +319,11 @@ class Router:
         rep = ticket.replica
         rep.pending_prefill_tokens = max(0, rep.pending_prefill_tokens - ticket.pending_tokens)
         ttft = now - ticket.dispatched_at if ttft_s is None else ttft_s
-        rep.observe_ttft(ttft, ticket.pending_tokens)
-        if self.outliers is not None:
+        if ticket.cpu_tokens:  # part loaded, not computed: teaches the load rate, not the prefill rate
+            rep.observe_cpu_load(ttft, ticket.recompute_tokens, ticket.cpu_tokens)
+        else:
+            rep.observe_ttft(ttft, ticket.pending_tokens, ticket.backlog_tokens)
+        if self.outliers is not None and not ticket.remote_prefill:
             # Per token of prefill work: its own uncached tokens and those queued ahead of it, so
             # a replica that is merely busier than its peers does not look slower.
             self.outliers.observe_ttft(rep, ttft, ticket.pending_tokens + ticket.backlog_tokens)
@@ -269,6 +343,13 @@ class Router:
         rep.in_flight = max(0, rep.in_flight - 1)
         if self.observer is not None:
             self.observer.on_finish(ticket, ok, cached_tokens)
+
+
+def pinned_candidate(cands: Sequence[Replica], pin: ReplicaId) -> Replica | None:
+    for r in cands:
+        if r.id == pin:
+            return r
+    return None
 
 
 def _estimate_tokens(

@@ -8,6 +8,7 @@ routing view that the pipeline fills once and scorers only read.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NewType
@@ -41,7 +42,7 @@ class RequestInfo:
     (see replicas/registry.py), not by position in the candidate list, so the same arrays serve every scorer.
     """
 
-    model: str
+    model: str | None  # None: any replica (a request without `model`, the fleet serving several)
     prompt_tokens: int  # exact in token mode, estimated (bytes / 4) in byte mode
     block_size: int  # tokens per block in token mode; tokens-equivalent in byte mode
     block_hashes: list[BlockHash] = field(default_factory=list)
@@ -53,6 +54,21 @@ class RequestInfo:
     any_tier_blocks: list[int] = field(default_factory=list)  # per slot: contiguous prefix on GPU or CPU
     # Slots whose index view missed KV events (PrefixIndex.uncertain_slots at selection time).
     uncertain_slots: AbstractSet[int] = frozenset()
+    # False when no KV event can ever confirm these keys even in token mode (media the router
+    # keys by its bytes, not by vLLM's placeholder tokens): they get the unconfirmed TTL.
+    confirmable: bool = True
+    # The other prompts of a batch (vLLM runs each as its own request): stored speculatively on
+    # the chosen replica like the first, whose keys decide the routing.
+    batch_block_hashes: list[list[BlockHash]] = field(default_factory=list)
+    # Served by this replica when it is a candidate (a Responses `previous_response_id` held in
+    # that engine's memory, a data-parallel rank): routing affinity that keys cannot express.
+    pin: ReplicaId | None = None
+    # Called with the first response bytes and the replica that sent them (Responses API ids).
+    on_response: Callable[[bytes, ReplicaId], None] | None = None
+    # PD leg 2: the prompt's KV arrives from a prefill replica, so the decode replica has no
+    # prefill work queued for it and its first token says nothing about its prefill rate.
+    remote_prefill: bool = False
+    token_ids: Sequence[int] | None = None  # token mode: the prompt (LMCache lookups send it)
     # Agent sessions (router/sessions/): the key, and the session table's answer for the scorer.
     session_id: str | None = None
     session_home: int = -1  # slot of the replica holding the session's KV; -1 new, -2 home gone
@@ -79,6 +95,7 @@ class ReplicaSpec:
     kv_replay: str | None = None
     kv_events_bind: bool = False
     models: tuple[str, ...] = ()  # known in advance (else learned from /v1/models)
+    role: str = "both"  # prefill | decode | both (router/pd/roles.py)
 
     @property
     def id(self) -> ReplicaId:

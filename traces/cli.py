@@ -189,6 +189,17 @@ def register_simulate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the policies' rng (default 0)")
     p.add_argument("--weight", action="append", default=None, metavar="NAME=W", help="cache_aware weight override")
     p.add_argument("--load-factor", type=float, default=None, help="cache_aware bounded-load factor override")
+    p.add_argument("--slo-ttft", type=float, default=2.0, metavar="S", help="goodput TTFT SLO (default 2 s)")
+    p.add_argument("--slo-tpot", type=float, default=0.1, metavar="S", help="goodput TPOT SLO (default 0.1 s)")
+    p.add_argument("--prefill-replicas", default=None, metavar="P[,P..]",
+                   help="PD fleets: prefill pool sizes, paired with --decode-replicas (docs/disaggregation.md)")
+    p.add_argument("--decode-replicas", default=None, metavar="D[,D..]", help="PD fleets: decode pool sizes")
+    p.add_argument("--pd", action="append", default=None, metavar="RULE",
+                   help="repeatable split rule: always, auto, never, threshold[:N] (default always, auto, threshold)")
+    p.add_argument("--num-gpu-blocks", type=int, default=None, help="GPU KV blocks per replica (default: profile)")
+    p.add_argument("--cpu-tier-tokens", type=int, default=0, help="per-replica LMCache-like CPU tier, tokens (0: none)")
+    p.add_argument("--cpu-events", choices=["on", "off"], default="on",
+                   help="CPU tier publishes KV events (off: the router credits the GPU tier only)")
     p.add_argument("--slow-replica", type=int, default=None, metavar="I", help="replica I runs slowed (see --slow-*)")
     p.add_argument("--slow-factor", type=float, default=3.0, metavar="F", help="its steps take F times longer (3)")
     p.add_argument("--slow-window", default=None, metavar="START:END", help="simulated seconds it is slow (all)")
@@ -198,7 +209,7 @@ def register_simulate(sub: Any) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="write records-<policy>.jsonl and summary.json")
 
     def _run(args: argparse.Namespace) -> int:
-        from .simulate import cmd_simulate
+        from .simulate_cli import cmd_simulate
 
         return cmd_simulate(args)
 

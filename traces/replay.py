@@ -337,6 +337,8 @@ ENGINE_COUNTERS = (
     # report can tell when the simulated fleet fell behind real time (e.g. a CPU-starved machine).
     "kvrouter_sim_step_lag_seconds_sum",
     "kvrouter_sim_step_lag_seconds_count",
+    # PD fleets: one NIXL read per split request on its decode replica (real vLLM and the sim).
+    "vllm:nixl_xfer_time_seconds_count",
 )
 
 
@@ -389,6 +391,7 @@ def engine_delta(before: dict[str, str], after: dict[str, str]) -> dict[str, Any
         "sim_step_lag_mean_s": lag_sum / lag_n if lag_n else None,
         "hits_tokens": hits,
         "queries_tokens": queries,
+        "kv_transfers": sum(d["vllm:nixl_xfer_time_seconds_count"] for d in per.values()),
         "requests_per_replica": {u: d["vllm:request_success_total"] for u, d in per.items()},
         "prompt_tokens_per_replica": {u: d["vllm:prompt_tokens_total"] for u, d in per.items()},
     }
@@ -457,6 +460,8 @@ def target_summary(run: TargetRun, cfg: ReplayConfig, engine: dict[str, Any] | N
     if engine is not None:
         s["engine"] = engine
         s["engine_hit_ratio"] = engine["hit_ratio"]
+        if engine.get("kv_transfers") and run.records:  # a PD fleet: the share of requests split
+            s["split_share"] = engine["kv_transfers"] / len(run.records)
     return s
 
 

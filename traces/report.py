@@ -72,7 +72,7 @@ def _n(x: float | None, fmt: str = "{:.2f}") -> str:
 
 COLUMNS = (
     "target", "ok/sent", "req/s", "goodput", "TTFT mean", "p50", "p90", "p99",
-    "TPOT mean", "e2e mean", "hit (engine)", "hit (cached_tokens)", "load max/mean",
+    "TPOT mean", "e2e mean", "hit (engine)", "hit (cached_tokens)", "load max/mean", "split",
 )
 
 
@@ -93,6 +93,7 @@ def table_rows(targets: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
             _pct(s.get("engine_hit_ratio")),
             _pct(s["hit_ratio"]),
             _n(load_max_over_mean(s)),
+            _pct(s.get("split_share")),  # PD fleets (engine NIXL reads / requests); "-" otherwise
         ])
     return rows
 

@@ -1,5 +1,8 @@
 """Offline simulation: kvrouter's real ``Router`` and policies over the real engine model, in virtual time.
 
+(Over 500 lines: one event loop whose fleet state the slow-replica and outlier hooks share; the CLI
+handler and table are in simulate_cli.py, prefill/decode pools in pd_simulate.py.)
+
 No sockets, no threads, no wall clock. One discrete-event loop drives a fleet of
 ``engines.sim.model.engine.EngineModel`` replicas and one ``router.routing.Router``:
 
@@ -61,10 +64,10 @@ from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router, Ticket
 from router.scoring.policies import POLICIES, Policy, build_policy
 from router.sessions.tracker import SessionTracker
-from router.types import BlockHash, ReplicaId, ReplicaSpec
+from router.types import BlockHash, ReplicaId, ReplicaSpec, Tier
 
 from .model import Trace, TraceRequest
-from .records import RequestRecord, summarize
+from .records import SLO, RequestRecord, summarize
 from .stats import oracle_hit_ratio
 
 MODEL = "sim"  # every simulated replica serves one model
@@ -88,9 +91,13 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     time_scale: float = 1.0  # engine step durations are divided by this (faster GPUs)
     cpu_tier_tokens: int = 0  # per-replica CPU (LMCache) tier; 0 = none
+    cpu_events: bool = True  # the CPU tier publishes its events (LMCache lmcache_driven); off: GPU-only routing
+    num_gpu_blocks: int | None = None  # GPU KV blocks per replica; None = the profile's
     speculative_ttl_s: float = 30.0  # router speculation TTL with KV events (Router default)
     weights: dict[str, float] = {}  # cache_aware weight overrides
     load_factor: float | None = None  # cache_aware bounded-load factor; None = router default
+    slo_ttft_s: float = 2.0  # goodput SLO (records.SLO)
+    slo_tpot_s: float = 0.1
     # > 0: a session's turn that is not its last keeps its KV pinned this long after it finishes
     # (engines/sim BlockPool.pin: a model of router-requested retention; docs/sessions.md).
     retain_s: float = 0.0
@@ -103,8 +110,12 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     # The live router's outlier detector (router/replicas/outliers.py) on kvrouter's policies;
     # peer emulations run without it, as the peers do.
     outliers: bool = False
+    # A heterogeneous fleet: one profile name per replica (``replicas`` must equal its length).
+    fleet: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.fleet and len(self.fleet) != self.replicas:
+            raise ValueError(f"fleet names {len(self.fleet)} profiles for {self.replicas} replicas")
         if self.replicas < 1:
             raise ValueError(f"invalid replicas: {self.replicas} (must be >= 1)")
         if not self.speedup > 0:
@@ -193,6 +204,11 @@ def fleet_blocks(profile: EngineProfile, block_tokens: int) -> int:
     return profile.kv_capacity_tokens // block_tokens
 
 
+def fleet_profiles(cfg: SimConfig) -> list[EngineProfile]:
+    """One profile per replica: ``cfg.fleet`` when given, else ``replicas`` x ``profile``."""
+    return [get_profile(n) for n in cfg.fleet] if cfg.fleet else [get_profile(cfg.profile)] * cfg.replicas
+
+
 def policy_factory(name: str, cfg: SimConfig) -> PolicyFactory:
     """Router policies by name (with the config's weight/load-factor overrides), else a peer."""
     if name in POLICIES:
@@ -228,27 +244,38 @@ class _Fleet:
     """One run's state: engines, replicas, the router and the pending-callback heap."""
 
     def __init__(
-        self, trace: Trace, cfg: SimConfig, make_policy: PolicyFactory, rng: random.Random, outliers: bool = False
+        self,
+        trace: Trace,
+        cfg: SimConfig,
+        make_policy: PolicyFactory,
+        rng: random.Random,
+        outliers: bool = False,
+        clock: VirtualClock | None = None,  # shared by the two pools of a PD run
     ) -> None:
         bs = trace.block_tokens
         if bs <= 0:
             raise ValueError(f"trace {trace.name!r} has no block ids (block_tokens=0): nothing to simulate")
         self.bs = bs
         self.cfg = cfg
-        self.clock = VirtualClock()
-        profile = get_profile(cfg.profile)
-        self.profile = profile
+        self.clock = clock or VirtualClock()
+        profiles = fleet_profiles(cfg)
+        self.profile = profiles[0]
         self.policy = make_policy(rng, self.clock)
         # Events only matter to a policy that reads the index; the others skip their cost.
         self.use_events = cfg.kv_events and bool(self.policy.needs_match)
-        econf = EngineConfig.from_profile(
-            profile,
-            block_size=bs,
-            emit_events=self.use_events,
-            cpu_tier_tokens=cfg.cpu_tier_tokens or None,
-            time_scale=cfg.time_scale,
-        )
-        self.capacity_blocks = econf.num_gpu_blocks - 1
+        econfs = [
+            EngineConfig.from_profile(
+                profile,
+                block_size=bs,
+                emit_events=self.use_events,
+                cpu_tier_tokens=cfg.cpu_tier_tokens or None,
+                emit_cpu_events=cfg.cpu_events and bool(cfg.cpu_tier_tokens),
+                num_gpu_blocks=cfg.num_gpu_blocks,
+                time_scale=cfg.time_scale,
+            )
+            for profile in profiles
+        ]
+        self.capacity_blocks = max(e.num_gpu_blocks for e in econfs) - 1
         self.index = PrefixIndex(
             capacity_per_replica=self.capacity_blocks, speculative_ttl_s=cfg.speculative_ttl_s, clock=self.clock
         )
@@ -268,11 +295,14 @@ class _Fleet:
         )
         self.engines: list[EngineModel] = []
         self.replicas: list[Replica] = []
-        for i in range(cfg.replicas):
+        for i, (profile, econf) in enumerate(zip(profiles, econfs, strict=True)):
             rep = self.registry.add(ReplicaSpec(url=f"sim://replica-{i}", name=f"r{i}", models=(MODEL,)))
+            self.index.set_capacity(rep.id, econf.num_gpu_blocks - 1)
             rep.has_kv_events = cfg.kv_events
             rep.block_size = bs
             rep.num_gpu_blocks = econf.num_gpu_blocks
+            if cfg.cpu_tier_tokens:  # the index bounds the CPU tier by its own size, not the GPU's
+                self.index.set_capacity(rep.id, max(1, cfg.cpu_tier_tokens // bs), Tier.CPU)
             self.registry.set_healthy(rep, True)
             self.replicas.append(rep)
             eng = EngineModel(econf, profile)
@@ -527,10 +557,15 @@ def run_policy(
         spread["slow_replica_share_in_window"] = (
             sum(1 for rec in inside if rec.replica == slow_id) / len(inside) if inside else math.nan
         )
+    if cfg.cpu_tier_tokens:
+        # Tokens loaded from the CPU tier (vLLM's external_prefix_cache_hits), over all prompt
+        # tokens: the part of hit_ratio (which counts both tiers) that the LMCache tier served.
+        prompt = sum(rec.prompt_tokens for rec in records) or 1
+        spread["cpu_hit_ratio"] = sum(e.metrics.external_prefix_cache_hits for e in fleet.engines) / prompt
     return PolicyRun(
         name=name,
         records=records,
-        summary=summarize(records, replicas=[r.id for r in fleet.replicas]),
+        summary=summarize(records, slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s), replicas=[r.id for r in fleet.replicas]),
         wall_s=wall,
         sim_end_s=end,
         engine_steps=fleet.steps,
@@ -545,7 +580,7 @@ def oracle(trace: Trace, cfg: SimConfig, reqs: Sequence[TraceRequest] | None = N
     if reqs is None:
         reqs = select_requests(trace, cfg)
     sub = msgspec.structs.replace(trace, requests=tuple(reqs))
-    blocks = cfg.replicas * fleet_blocks(get_profile(cfg.profile), trace.block_tokens)
+    blocks = sum(fleet_blocks(p, trace.block_tokens) for p in fleet_profiles(cfg))
     hr = oracle_hit_ratio(sub, blocks)
     return msgspec.to_builtins(hr)  # type: ignore[no-any-return]
 
@@ -585,130 +620,3 @@ def simulate(
     """``simulate_runs`` reduced to the JSON-ready report."""
     runs = simulate_runs(trace, cfg, policies, factories)
     return build_report(trace, cfg, select_requests(trace, cfg), runs)
-
-
-# ---- presentation -------------------------------------------------------------------------------
-
-_COLUMNS = (
-    ("policy", "{}", None),
-    ("hit", "{:.1%}", "hit_ratio"),
-    ("ttft mean", "{:.3f}", "ttft_mean_s"),
-    ("p50", "{:.3f}", "ttft_p50_s"),
-    ("p99", "{:.3f}", "ttft_p99_s"),
-    ("e2e mean", "{:.2f}", "e2e_mean_s"),
-    ("req/s", "{:.2f}", "throughput_rps"),
-    ("slo", "{:.1%}", "slo_attainment"),
-    ("max/mean", "{:.2f}", None),
-    ("wall s", "{:.2f}", "wall_s"),
-    ("req/s wall", "{:,.0f}", "wall_rps"),
-)
-
-
-def format_report(report: Mapping[str, Any]) -> str:
-    """A readable table of one ``simulate`` report."""
-    cfg = report["config"]
-    lines = [
-        f"trace {report['trace']}: {report['requests']:,} requests, {cfg['replicas']} x {cfg['profile']}, "
-        f"speedup {cfg['speedup']:g}, kv events {'on' if cfg['kv_events'] else 'off'}",
-        f"oracle hit ratio (one LRU of the fleet's {report['oracle']['cache_blocks']:,} blocks, "
-        f"token-weighted): {report['oracle_hit_ratio']:.1%}",
-        "",
-    ]
-    rows = [[c[0] for c in _COLUMNS]]
-    for name, p in report["policies"].items():
-        row = []
-        for title, fmt, key in _COLUMNS:
-            if title == "policy":
-                row.append(name)
-            elif title == "max/mean":
-                v = p["load_spread"].get("max_over_mean", math.nan)
-                row.append(fmt.format(v))
-            else:
-                v = p.get(key, math.nan) if key else math.nan
-                row.append("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
-        rows.append(row)
-    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
-    for k, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        lines.append("  ".join(cells))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-# ---- CLI handler (``kvrouter simulate``; arguments in traces/cli.py register_simulate) ----------
-
-
-def _window(text: str | None) -> tuple[float, float]:
-    """``START:END`` simulated seconds (either side may be empty: from 0 / to the end)."""
-    if not text:
-        return (0.0, math.inf)
-    start, sep, end = text.partition(":")
-    if not sep:
-        raise ValueError(f"invalid --slow-window {text!r} (expected START:END seconds)")
-    return (float(start) if start else 0.0, float(end) if end else math.inf)
-
-
-def cmd_simulate(args: Any) -> int:
-    """Run the policies, print a table (or one JSON object with ``--json``), write ``--out``."""
-    import logging
-    import os
-    import sys
-
-    from .loaders import TraceFormatError, load_trace
-    from .records import write_records
-
-    # Outlier transitions go to the report (outlier_transitions), not one warning line each.
-    logging.getLogger("kvrouter.outliers").setLevel(logging.ERROR)
-    try:
-        trace, report = load_trace(args.trace)
-    except (OSError, TraceFormatError) as exc:
-        print(f"kvrouter simulate: {exc}", file=sys.stderr)
-        return 2
-    if report.bad:
-        print(report.summary(), file=sys.stderr)
-    weights: dict[str, float] = {}
-    for item in args.weight or ():
-        key, _, value = item.partition("=")
-        try:
-            weights[key.strip()] = float(value)
-        except ValueError:
-            print(f"kvrouter simulate: invalid --weight {item!r} (expected NAME=FLOAT)", file=sys.stderr)
-            return 2
-    try:
-        cfg = SimConfig(
-            replicas=args.replicas,
-            profile=args.profile,
-            speedup=args.speedup,
-            max_requests=args.max_requests,
-            duration_s=args.duration,
-            kv_events=args.kv_events == "on",
-            scrape_interval_s=args.scrape_interval,
-            seed=args.seed,
-            weights=weights,
-            load_factor=args.load_factor,
-            slow_replica=args.slow_replica,
-            slow_factor=args.slow_factor,
-            slow_window=_window(args.slow_window),
-            outliers=args.outliers == "on",
-        )
-        get_profile(cfg.profile)
-        names = args.policy or ["round_robin", "cache_aware"]
-        for n in names:
-            policy_factory(n, cfg)
-        runs = simulate_runs(trace, cfg, names)
-    except ValueError as exc:
-        print(f"kvrouter simulate: {exc}", file=sys.stderr)
-        return 2
-    out = build_report(trace, cfg, select_requests(trace, cfg), runs)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        for r in runs:
-            write_records(os.path.join(args.out, f"records-{r.name}.jsonl"), r.records)
-        with open(os.path.join(args.out, "summary.json"), "wb") as f:
-            f.write(msgspec.json.format(msgspec.json.encode(out)) + b"\n")
-    if args.json:
-        sys.stdout.write(msgspec.json.encode(out).decode() + "\n")
-    else:
-        print(format_report(out))
-    return 0

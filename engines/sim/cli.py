@@ -79,6 +79,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="split the replicas over P worker processes, one event loop each, as separate vLLM "
         "replicas are (same ports, names and output; default 1)",
     )
+    p.add_argument("--role", choices=["prefill", "decode", "both"], default="both",
+                   help="PD role: NIXL kv_transfer_params it serves (docs/engine-sim.md, PD)")
+    p.add_argument("--kv-lease", type=float, default=30.0, metavar="S",
+                   help="prefill: seconds the blocks stay pinned for the decode side (vLLM kv_lease_duration)")
+    p.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail",
+                   help="decode: a failed KV read fails the request (vLLM default) or recomputes it")
     p.add_argument("--first-replica", type=int, default=0, help=argparse.SUPPRESS)  # a worker's range
     f = p.add_argument_group("faults (see docs/engine-sim.md; change live with POST /sim/faults)")
     f.add_argument("--fault-refuse-connections", action="store_true", help="do not listen")
@@ -165,6 +171,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
                         faults=faults_from_args(args),
                         seed=args.seed,
                         stream_interval=args.stream_interval,
+                        role=args.role,
+                        kv_lease_s=args.kv_lease,
+                        kv_load_failure_policy=args.kv_load_failure_policy,
                         first_index=args.first_replica,
                         **kw,
                     )

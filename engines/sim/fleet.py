@@ -114,6 +114,9 @@ class FleetConfig:
     seed: int = 0
     stream_interval: int = 1
     first_index: int = 0
+    role: str = "both"  # PD role of every replica (nixl.py)
+    kv_lease_s: float = 30.0
+    kv_load_failure_policy: str = "fail"
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -142,6 +145,9 @@ class FleetConfig:
             faults=self.faults or FaultConfig(),
             seed=self.seed + i,
             stream_interval=self.stream_interval,
+            role=self.role,
+            kv_lease_s=self.kv_lease_s,
+            kv_load_failure_policy=self.kv_load_failure_policy,
         )
 
 

@@ -18,6 +18,8 @@ import logging
 import os
 from collections.abc import Mapping
 
+import msgspec
+
 from router.discovery.base import (
     ANNOTATION_KV_EVENTS,
     ANNOTATION_KV_REPLAY,
@@ -43,11 +45,18 @@ def build_sources(config: DiscoveryConfig, environ: Mapping[str, str] | None = N
     sources: list[DiscoverySource] = []
     for kind in config.enabled_sources():
         if kind == "static":
-            sources.append(StaticSource([ReplicaSpec(url=u.rstrip("/")) for u in config.static]))
+            specs = [ReplicaSpec(url=u.rstrip("/")) for u in config.static]
+            specs += [ReplicaSpec(url=u.rstrip("/"), role="prefill") for u in config.static_prefill]
+            specs += [ReplicaSpec(url=u.rstrip("/"), role="decode") for u in config.static_decode]
+            sources.append(StaticSource(specs))
         elif kind == "dns":
             if config.dns_srv:
                 _require_aiodns()
-            sources.append(DnsSource(config))
+            # one name per pool (PD): each is its own source, its replicas stamped with the role
+            for dns_name, role in ((config.dns_name, "both"), (config.dns_prefill_name, "prefill"),
+                                   (config.dns_decode_name, "decode")):
+                if dns_name:
+                    sources.append(DnsSource(msgspec.structs.replace(config, dns_name=dns_name), role=role))
         else:
             api_url = config.k8s_api_url or in_cluster_api_url(env)
             if not api_url:

@@ -59,7 +59,11 @@ class DiscoveryConfig(msgspec.Struct, frozen=True, kw_only=True):
     # dns if `dns_name`, k8s if `k8s_service_name` or `k8s_label_selector`).
     sources: list[str] = []
     static: list[str] = []  # backend base URLs, e.g. http://10.0.0.5:8000
+    static_prefill: list[str] = []  # prefill-role replicas (--prefill)
+    static_decode: list[str] = []  # decode-role replicas (--decode)
     dns_name: str = ""  # e.g. vllm.inference.svc.cluster.local (a headless Service)
+    dns_prefill_name: str = ""  # one name per PD pool: its replicas get role prefill
+    dns_decode_name: str = ""  # ... and decode
     dns_port: int = 8000  # HTTP port for A/AAAA results (SRV carries its own)
     dns_events_port: int = 0  # KV-events port for A/AAAA results; 0: ask the replica
     dns_srv: bool = False  # query _<k8s_port_name>._tcp.<dns_name> SRV records for ports
@@ -84,9 +88,9 @@ class DiscoveryConfig(msgspec.Struct, frozen=True, kw_only=True):
         if self.sources:
             return list(self.sources)
         kinds = []
-        if self.static:
+        if self.static or self.static_prefill or self.static_decode:
             kinds.append("static")
-        if self.dns_name:
+        if self.dns_name or self.dns_prefill_name or self.dns_decode_name:
             kinds.append("dns")
         if self.k8s_service_name or self.k8s_label_selector:
             kinds.append("k8s")
@@ -98,7 +102,7 @@ class DiscoveryConfig(msgspec.Struct, frozen=True, kw_only=True):
         for kind in self.sources:
             if kind not in SOURCE_KINDS:
                 bad_setting("sources", self.sources, f"{kind!r} is not one of {', '.join(SOURCE_KINDS)}")
-        for url in self.static:
+        for url in (*self.static, *self.static_prefill, *self.static_decode):
             problem = http_url_problem(url)
             if problem:
                 bad_setting("static", url, problem)
@@ -123,9 +127,9 @@ class DiscoveryConfig(msgspec.Struct, frozen=True, kw_only=True):
                 f"must be >= backoff_initial_s ({self.backoff_initial_s})",
             )
         kinds = self.enabled_sources()
-        if "static" in kinds and not self.static:
+        if "static" in kinds and not (self.static or self.static_prefill or self.static_decode):
             bad_setting("static", self.static, "the static source needs at least one URL")
-        if "dns" in kinds and not self.dns_name:
+        if "dns" in kinds and not (self.dns_name or self.dns_prefill_name or self.dns_decode_name):
             bad_setting("dns_name", self.dns_name, "the dns source needs a name to resolve")
         if "k8s" in kinds:
             if self.k8s_resource == "pods" and not self.k8s_label_selector:
@@ -218,11 +222,17 @@ def host_port(host: str, port: int) -> str:
 
 
 def replica_spec(
-    host: str, port: int, events_port: int | None, replay_port: int | None = None, name: str | None = None
+    host: str,
+    port: int,
+    events_port: int | None,
+    replay_port: int | None = None,
+    name: str | None = None,
+    role: str = "both",
 ) -> ReplicaSpec:
     return ReplicaSpec(
         url=f"http://{host_port(host, port)}",
         name=name,
         kv_events=f"tcp://{host_port(host, events_port)}" if events_port else None,
         kv_replay=f"tcp://{host_port(host, replay_port)}" if replay_port else None,
+        role=role,
     )

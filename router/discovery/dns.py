@@ -83,8 +83,12 @@ class DnsSource:
         resolver: HostResolver = resolve_host,
         srv_resolver: SrvResolver | None = None,
         rng: random.Random | None = None,
+        role: str = "both",
     ) -> None:
         self.cfg = cfg
+        self.role = role
+        if role != "both":
+            self.name = f"dns:{role}"  # publishes its own set beside the aggregated name's
         self.stats = DiscoveryStats()
         self._resolver = resolver
         self._srv_resolver = srv_resolver
@@ -96,7 +100,7 @@ class DnsSource:
         cfg = self.cfg
         if not cfg.dns_srv:
             hosts = await self._resolver(cfg.dns_name, cfg.dns_port)
-            return [replica_spec(h, cfg.dns_port, cfg.dns_events_port or None) for h in hosts]
+            return [replica_spec(h, cfg.dns_port, cfg.dns_events_port or None, role=self.role) for h in hosts]
         assert self._srv_resolver is not None
         base = cfg.dns_name.rstrip(".")
         http = await self._srv_resolver(f"_{cfg.k8s_port_name}._tcp.{base}")
@@ -104,7 +108,7 @@ class DnsSource:
         specs = []
         for target, port in http:
             for host in await self._resolver(target, port):
-                specs.append(replica_spec(host, port, events.get(target)))
+                specs.append(replica_spec(host, port, events.get(target), role=self.role))
         return specs
 
     async def run(self, publish: Publish) -> None:

@@ -41,6 +41,7 @@ from router.discovery.base import (
     host_port,
     replica_spec,
 )
+from router.pd.roles import role_from_labels
 from router.types import ReplicaSpec
 
 log = logging.getLogger("kvrouter.discovery")
@@ -52,6 +53,7 @@ class _Meta(msgspec.Struct, frozen=True, rename="camel"):
     name: str = ""
     resource_version: str = ""
     annotations: dict[str, str] | None = None
+    labels: dict[str, str] | None = None  # the PD role label (router/pd/roles.py)
     deletion_timestamp: str | None = None
 
 
@@ -169,6 +171,7 @@ def slice_replicas(s: _EndpointSlice, cfg: DiscoveryConfig) -> tuple[ReplicaSpec
         return ()
     events_port = ports.get(cfg.k8s_events_port_name)
     replay_port = ports.get(cfg.k8s_replay_port_name)
+    role = role_from_labels(s.metadata.labels)  # the EndpointSlice controller copies the Service's labels
     out = []
     for ep in s.endpoints or ():
         cond = ep.conditions
@@ -176,7 +179,7 @@ def slice_replicas(s: _EndpointSlice, cfg: DiscoveryConfig) -> tuple[ReplicaSpec
             continue
         name = ep.target_ref.name if ep.target_ref and ep.target_ref.kind == "Pod" and ep.target_ref.name else None
         # The API says an endpoint's addresses are fungible and controllers set exactly one.
-        out.append(replica_spec(ep.addresses[0], http_port, events_port, replay_port, name))
+        out.append(replica_spec(ep.addresses[0], http_port, events_port, replay_port, name, role))
     return tuple(out)
 
 
@@ -214,7 +217,8 @@ def pod_replicas(p: _Pod, cfg: DiscoveryConfig, annotations: bool = True) -> tup
                  ports.get(cfg.k8s_replay_port_name), p.metadata.name or None)
     kv_events = _annotation_endpoint(ann.get(ANNOTATION_KV_EVENTS), st.pod_ip) or base.kv_events
     kv_replay = _annotation_endpoint(ann.get(ANNOTATION_KV_REPLAY), st.pod_ip) or base.kv_replay
-    return (ReplicaSpec(url=base.url, name=base.name, kv_events=kv_events, kv_replay=kv_replay),)
+    role = role_from_labels(p.metadata.labels)
+    return (ReplicaSpec(url=base.url, name=base.name, kv_events=kv_events, kv_replay=kv_replay, role=role),)
 
 
 def in_cluster_api_url(environ: Mapping[str, str]) -> str:

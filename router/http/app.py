@@ -43,9 +43,11 @@ from router.http.proxy import Forwarder, ForwardHooks
 from router.http.state import RUNNING, STATE, AppState, RequestPath, Running
 from router.http.upstream import UpstreamPool
 from router.index import PrefixIndex
+from router.kv.lmcache_tier import CpuTierModeCollector, build_lookup, event_sink
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
+from router.pd.route import PDRouter
 from router.replicas.autoscale import AutoscaleCollector
 from router.replicas.canary import Canary
 from router.replicas.engine_metrics import EngineMetrics
@@ -72,6 +74,7 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         weights=cfg.routing.weights,
         load_factor=cfg.routing.load_factor,
         cpu_credit=cfg.routing.cpu_tier_credit,
+        cpu_load_tps=cfg.lmcache.load_tps,
         plugin_timer=metrics.plugin_timer,
     )
     parity = ParityTracker(metrics)
@@ -96,6 +99,8 @@ def build_state(cfg: Config, tokenizer: Tokenizer | None = None) -> AppState:
         else None,
         outliers=outliers,
     )
+    router.cpu_credit = cfg.routing.cpu_tier_credit
+    router.cpu_load_tps = cfg.lmcache.load_tps
     metrics.registry.register(OutlierCollector(outliers))
     metrics.registry.register(AutoscaleCollector(registry))
     admission = Admission(
@@ -166,7 +171,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     kv_events = None
     if cfg.kv_events.mode != "off":
-        kv_events = KVEventManager(st.index, capacity=cfg.routing.index_capacity, registry=st.metrics.registry)
+        kv_events = KVEventManager(
+            event_sink(st.index, cfg.lmcache), capacity=cfg.routing.index_capacity, registry=st.metrics.registry
+        )
+    cpu_lookup = build_lookup(cfg.lmcache, st.index, session, kv_events, st.metrics.registry)
+    modes = CpuTierModeCollector(lambda: [r.id for r in st.registry], kv_events, cpu_lookup, cfg.lmcache.credit_cpu_tier)
+    st.metrics.registry.register(modes)
     outliers = st.router.outliers
     assert outliers is not None
     passive = PassiveHealth(
@@ -215,7 +225,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         max_chars_per_token=cfg.routing.max_chars_per_token,
         offload_parse_bytes=cfg.routing.offload_parse_bytes,
     )
-    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, st.limits, context)
+    pd = PDRouter(cfg.pd, st.router, st.registry, forwarder, pool, st.metrics.registry, cfg.upstream.api_key)
+    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, st.limits, context, pd, cpu_lookup)
     run = Running(session, kv_events, monitor, pool, path)
     app[RUNNING] = run
     canary = Canary(cfg.outliers, st.registry, outliers, session, cfg.upstream.api_key)
@@ -236,6 +247,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for t in run.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await pd.close()
         await canary.close()
         await monitor.close()
         if kv_events is not None:

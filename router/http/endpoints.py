@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from router.errors import BadRequest, NotFound, PayloadTooLarge
+from router.http.fleet_admin import reset_prefix_cache
 from router.http.generate import GENERATE_PATHS, chat_info, completion_info, generate, new_explanation
 from router.http.openapi import openapi_spec
 from router.http.proxy import AiohttpSink, request_header_lines
@@ -32,6 +33,13 @@ PASSTHROUGH_PREFIXES = (
     "/rerank",
     "/classify",
     "/version",
+    # served by vLLM 0.32 too (audit #34): Cohere / v2 embed+rerank, token-in/out, SageMaker
+    "/v2/",
+    "/inference/",
+    "/cohere/",
+    "/generative_scoring",
+    "/invocations",
+    "/tokenizer_info",
 )
 _json = msgspec.json.Encoder()
 
@@ -40,6 +48,7 @@ def add_routes(app: web.Application, *, debug: bool) -> None:
     for path in GENERATE_PATHS:
         app.router.add_post(path, generate_handler)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
@@ -87,10 +96,9 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
     with run.path.drain:
         body = await _read_body(request)
-        model = parse_model(body)
-        req = RequestInfo(model=model or "", prompt_tokens=0, block_size=run.path.router.block_size)
-        if model is None:
-            req.model = None  # type: ignore[assignment]  # any replica
+        req = RequestInfo(model=parse_model(body), prompt_tokens=0, block_size=run.path.router.block_size)
+        if request.path.startswith("/v1/responses/"):  # GET / cancel a stored response: its replica
+            req.pin = run.path.router.responses.lookup_path(request.path)
         sink, target, headers = _upstream_parts(run, request)
         await run.path.forwarder.forward(sink, request.method, target, headers, body, req, routed=False)
         assert sink.response is not None
@@ -114,9 +122,10 @@ async def ready(request: web.Request) -> web.Response:
     routable = len(st.registry.routable())
     draining = st.drain.draining
     ok = routable > 0 and not draining
-    body = _json.encode(
-        {"ready": ok, "routable_replicas": routable, "replicas": len(st.registry), "draining": draining}
-    )
+    out: dict[str, Any] = {"ready": ok, "routable_replicas": routable, "replicas": len(st.registry), "draining": draining}
+    if warnings := st.parity.warnings():  # readiness is unaffected: the fleet still serves
+        out["warnings"] = warnings
+    body = _json.encode(out)
     return web.Response(status=200 if ok else 503, body=body, content_type="application/json")
 
 
@@ -149,6 +158,9 @@ async def debug_route(request: web.Request) -> web.Response:
     out = explain.as_dict()
     out["prompt_tokens"] = req.prompt_tokens
     out["key_mode"] = req.key_mode.value if req.key_mode is not KeyMode.NONE else "none"
+    pd = request.app[RUNNING].path.pd
+    if pd is not None and pd.active(req.model):
+        out["pd"] = pd.explain(req, body)  # decode, prefill, both TTFT estimates, the outcome
     return web.Response(body=_json.encode(out), content_type="application/json")
 
 

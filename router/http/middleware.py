@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from router.errors import Forbidden, PayloadTooLarge, RouterError, error_body
+from router.http.fleet_admin import ADMIN_PATHS
 from router.http.generate import bearer_ok, check_api_key, count_error
 from router.http.requests import BAD_BODY_ERRORS, bad_body_error
 from router.http.state import STATE
@@ -67,7 +68,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     path = request.path
     if path in PUBLIC_PATHS:
         return await handler(request)
-    if path.startswith("/debug/"):
+    if path.startswith("/debug/") or (path in ADMIN_PATHS and cfg.admin_token):
         if cfg.admin_token and not bearer_ok(request.headers.get("Authorization", ""), (cfg.admin_token,)):
             raise Forbidden("Debug endpoints need the admin token.")
         return await handler(request)

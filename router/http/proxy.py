@@ -44,7 +44,7 @@ from router.errors import (
 from router.http.upstream import UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse
 from router.metrics import RouterMetrics
 from router.replicas.registry import Replica
-from router.routing import Router, Ticket
+from router.routing import Router, Ticket, pinned_candidate
 from router.scoring.pipeline import Explanation
 from router.types import ReplicaId, RequestInfo
 
@@ -199,13 +199,16 @@ class Forwarder:
         routed: bool = True,
         explain: Explanation | None = None,
         body_for: Callable[[Replica], bytes] | None = None,
+        pinned: Replica | None = None,
     ) -> None:
         """Pick a replica (policy when ``routed``, else least in-flight), send, relay to ``sink``.
 
         ``target`` is the request target (path and query) as the client sent it; ``headers``
         the lines for the engine (``request_header_lines``). ``explain`` is filled by the first
         selection (debug logging of the real decision). ``body_for`` gives the body for the chosen
-        replica when it depends on the replica (session hints: router/http/sessions.py)."""
+        replica when it depends on the replica (session hints: router/http/sessions.py).
+        ``pinned``: the first attempt's replica, chosen by the caller (router/pd/route.py);
+        retries go through the policy."""
         tried: list[ReplicaId] = []
         last: UpstreamFailure | None = None
         # Replicas that answered 5xx: blamed only once another replica served the same request.
@@ -221,12 +224,14 @@ class Forwarder:
             if left <= 0 and last is not None:
                 break
             try:
-                if routed:
+                if attempt == 0 and pinned is not None:
+                    replica = pinned
+                elif routed:
                     replica = self.router.select(req, tried, explain if attempt == 0 else None)
                     if attempt == 0 and explain is not None:
                         log.debug("route %s", explain.log_line())
                 else:
-                    replica = self._least_loaded(req.model, tried)
+                    replica = self._least_loaded(req, tried)
             except (NoReplicaAvailable, Overloaded):
                 if last is not None:
                     break  # report the upstream failure, not the lack of another candidate
@@ -262,8 +267,14 @@ class Forwarder:
             log.info("request failed (5xx or reset) on %d replica(s): not counted against their health", len(suspects))
         raise last.error
 
-    def _least_loaded(self, model: str | None, exclude: list[ReplicaId]) -> Replica:
-        cands = self.router.candidates(model, exclude)
+    def _least_loaded(self, req: RequestInfo, exclude: list[ReplicaId]) -> Replica:
+        # as Router.select: a pinned target is looked up before outlier thinning
+        pinned = None if req.pin is None or req.pin in exclude else pinned_candidate(
+            self.router.registry.candidates(req.model), req.pin
+        )
+        if pinned is not None:
+            return pinned
+        cands = self.router.candidates(req.model, exclude)
         return min(cands, key=lambda r: r.in_flight)
 
     async def _attempt(
@@ -286,6 +297,8 @@ class Forwarder:
         try:
             # A timer nobody touches is a deadline; cheaper than asyncio.timeout per request.
             with _IdleTimer(budget):
+                if replica.dp_rank is not None:  # a data-parallel rank: vLLM's pinning header
+                    headers += b"X-data-parallel-rank: %d\r\n" % replica.dp_rank
                 up = await self.pool.request(replica.url, method, target, headers, body)
                 try:
                     first = await up.read()
@@ -309,6 +322,8 @@ class Forwarder:
             up.close()
             raise UpstreamFailure(f"status_{status}", UpstreamError(f"Replica answered HTTP {status}."))
         self.metrics.observe_ttfb(replica.id, ttfb)
+        if req.on_response is not None and status < 400:
+            req.on_response(first, replica.id)
         is_sse = up.content_type.startswith(b"text/event-stream")
         if is_sse:
             self.router.first_token(ticket, ttfb)

@@ -15,22 +15,50 @@ from router.errors import BadRequest
 
 
 class CompletionView(msgspec.Struct):
-    model: str
-    prompt: str | list[Any]
+    # vLLM 0.32: ``model`` is optional (the server's first served name) and ``prompt_embeds`` may
+    # replace ``prompt``; the router serves what the engine serves (audit #4, #5).
+    model: str | None = None
+    prompt: str | list[Any] | None = None
+    prompt_embeds: Any = None
     stream: bool = False
     max_tokens: int | None = None
     cache_salt: str | None = None
     user: str | None = None
+    # fields that change which prefix vLLM caches or reads (audit #6-#8)
+    add_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+
+    @property
+    def skips_cache_read(self) -> bool:
+        """vLLM skips reading the prefix cache for prompt logprobs (sampling_params.py:622);
+        completions ask for them with ``prompt_logprobs`` or ``echo`` + ``logprobs``."""
+        return self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
 
 
 class ChatView(msgspec.Struct):
-    model: str
     messages: list[dict[str, Any]]
+    model: str | None = None
     stream: bool = False
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     cache_salt: str | None = None
     user: str | None = None
+    prompt_logprobs: int | None = None
+
+
+class TokenGenerateView(msgspec.Struct):
+    """``/inference/v1/generate``: vLLM's token-in/token-out generate request."""
+
+    token_ids: list[int]
+    model: str | None = None
+    sampling_params: Any = None
+    stream: bool | None = False
+    cache_salt: str | None = None
+    features: Any = None
+    content_parts: Any = None
 
 
 class ModelOnlyView(msgspec.Struct):
@@ -40,6 +68,7 @@ class ModelOnlyView(msgspec.Struct):
 _completion = msgspec.json.Decoder(CompletionView)
 _chat = msgspec.json.Decoder(ChatView)
 _model_only = msgspec.json.Decoder(ModelOnlyView)
+_token_generate = msgspec.json.Decoder(TokenGenerateView)
 
 
 def _bad(exc: msgspec.DecodeError) -> BadRequest:
@@ -61,6 +90,10 @@ def parse_completion(body: bytes) -> CompletionView:
     except msgspec.DecodeError as exc:
         raise _bad(exc) from None
     p = view.prompt
+    if p is None:
+        if view.prompt_embeds is None:
+            raise BadRequest("Either `prompt` or `prompt_embeds` must be provided.", param="prompt")
+        return view
     if isinstance(p, str):
         return view
     if not p:
@@ -93,6 +126,18 @@ def parse_chat(body: bytes) -> ChatView:
     return view
 
 
+def parse_token_generate(body: bytes) -> TokenGenerateView:
+    try:
+        view = _token_generate.decode(body)
+    except msgspec.DecodeError as exc:
+        raise _bad(exc) from None
+    if not view.token_ids:
+        raise BadRequest("`token_ids` must not be empty", param="token_ids")
+    if any(t < 0 for t in view.token_ids):
+        raise BadRequest("token_ids must not contain negative values", param="token_ids")
+    return view
+
+
 def parse_model(body: bytes) -> str | None:
     """For passthrough endpoints: the `model` field if the body is a JSON object carrying one."""
     if not body:
@@ -103,18 +148,30 @@ def parse_model(body: bytes) -> str | None:
         return None
 
 
-def routing_prompt(view: CompletionView) -> tuple[list[int] | None, str | None]:
-    """(token_ids, text) of the prompt that decides routing: a batch goes to one replica, keyed
-    on its first prompt (the prefix a batch most likely shares)."""
+Prompt = tuple[list[int] | None, str | None]
+
+
+def routing_prompts(view: CompletionView) -> list[Prompt]:
+    """(token_ids, text) of every prompt of the request, in order: vLLM runs each prompt of a
+    batch as its own engine request, so each is keyed and counted (audit #3). The first decides
+    routing (the prefix a batch most likely shares). Empty for a ``prompt_embeds`` request."""
     p = view.prompt
+    if p is None:
+        return []
     if isinstance(p, str):
-        return None, p
+        return [(None, p)]
     first = p[0]
     if isinstance(first, int):
-        return p, None
+        return [(p, None)]
     if isinstance(first, list):
-        return first, None
-    return None, str(first)
+        return [(item, None) for item in p]
+    return [(None, str(item)) for item in p]
+
+
+def routing_prompt(view: CompletionView) -> Prompt:
+    """(token_ids, text) of the prompt that decides routing: the first of a batch."""
+    prompts = routing_prompts(view)
+    return prompts[0] if prompts else (None, None)
 
 
 def messages_of(view: ChatView) -> list[Mapping[str, Any]]:

@@ -24,9 +24,11 @@ from router.http.prompt_limits import ContextLimits
 from router.http.proxy import Forwarder
 from router.http.upstream import UpstreamPool
 from router.index import PrefixIndex
+from router.kv.lmcache_lookup import CoordinatorLookup
 from router.kv.subscriber import KVEventManager
 from router.metrics import RouterMetrics
 from router.parity import ParityTracker
+from router.pd.route import PDRouter
 from router.replicas.monitor import ReplicaMonitor
 from router.replicas.registry import ReplicaRegistry
 from router.routing import Router
@@ -70,6 +72,8 @@ class RequestPath:
     drain: DrainGuard
     limits: ClientLimits  # deadlines, body budget, per-client limits (client_limits.py)
     context: ContextLimits  # prompt size against max_model_len (prompt_limits.py)
+    pd: PDRouter | None = None  # prefill/decode disaggregation (router/pd/route.py)
+    cpu_lookup: CoordinatorLookup | None = None  # lookup mode (router/kv/lmcache_lookup.py)
 
 
 @dataclass(slots=True)

@@ -24,7 +24,10 @@ import msgspec
 from router.kv.wire import EngineHash
 
 _TokenId = Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]  # hashed as u32: reject what cannot be
-_BlockSize = Annotated[int, msgspec.Meta(ge=1)]
+# 0 is vLLM's native CPU-offload placeholder (OffloadingConnector without self-describing events:
+# token_ids=[], block_size=0), sent in the same batch as the GPU pool's events: it must decode,
+# and the applier skips it, or the whole batch (GPU removals included) is lost (audit #44).
+_BlockSize = Annotated[int, msgspec.Meta(ge=0)]
 
 # --------------------------------------------------------------------------------------------
 # Views of the wire structs (router/kv/wire.py pins the full ones). Only fields we use, plus the

@@ -33,7 +33,7 @@ class KVEventMetrics:
         )
         self.unmodeled = Counter(
             p + "unmodeled_blocks",
-            "Stored blocks skipped: multimodal/embedding keys or LoRA id without name",
+            "Stored blocks skipped: multimodal/embedding keys, LoRA id without name, offload placeholders, masked (SWA/Mamba) blocks",
             registry=registry,
         )
         self.unknown_removals = Counter(

@@ -74,6 +74,7 @@ class KVEventStats:
     stale: int = 0
     orphans: int = 0
     decode_errors: int = 0
+    cpu_events: int = 0  # BlockStored events of an offload tier (LMCache lmcache_driven): events mode
     uncertain: bool = False
     last_event_time: float | None = None  # clock() when the last batch was applied
     endpoint: str | None = None  # actual endpoint (after bind, the resolved port)
@@ -118,6 +119,10 @@ class ReplicaEvents:
         self.clock = clock
         self.stats = KVEventStats()
         self._map: OrderedDict[EngineHash, list[int]] = OrderedDict()
+        # An offload-tier chunk (LMCache: 256 tokens, one engine hash) re-hashed at the router's
+        # block size covers several router blocks: engine hash -> all of them, head first. The
+        # map entry's router hash is the last one (it seeds the chunk's children).
+        self._spans: dict[EngineHash, list[BlockHash]] = {}
         self._last_ts = -math.inf
         self._arrays = False  # event shape that decoded last time
         self._epoch = 0  # entries with epoch < _suspect_epoch predate the last gap
@@ -289,8 +294,13 @@ class ReplicaEvents:
         self.index.clear(self.replica)
         self._cleared()
 
+    def reset(self) -> None:
+        """The engine's prefix cache was reset through the router (fleet_admin.py)."""
+        self._clear()
+
     def _cleared(self) -> None:
         self._map.clear()
+        self._spans.clear()
         self._suspects = 0
         self._set_uncertain(False)
 
@@ -329,11 +339,30 @@ class ReplicaEvents:
         engine_hashes = ev.block_hashes
         n = len(engine_hashes)
         bs = ev.block_size
+        if tier is Tier.CPU:
+            self.stats.cpu_events += 1
         if n == 0:
             return ()
+        if bs == 0:  # native offload placeholder: names engine hashes, carries no tokens
+            self.metrics.unmodeled.inc(n)
+            return ()
         if len(ev.token_ids) != n * bs:
+            if len(ev.token_ids) > n * bs and len(ev.token_ids) % bs == 0:
+                # sliding-window / Mamba group with masked or null blocks: vLLM leaves them out of
+                # block_hashes but not of token_ids, so which tokens each hash covers is unknown.
+                # Not an error; the full-attention group's events of the same blocks confirm them.
+                self.metrics.unmodeled.inc(n)
+                return ()
             self._decode_error(f"BlockStored has {len(ev.token_ids)} tokens for {n} blocks of {bs}")
             return ()
+        if tier is Tier.GPU and ev.parent_block_hash is None and self._reannounced(ev.block_hashes):
+            # kv_cache_report_mode="full": vLLM re-announces the reused prefix (parent None, no
+            # block state change, no matching BlockRemoved later). Counting it as another copy
+            # would keep the block confirmed after its eviction (audit #41).
+            return ()
+        rbs = self.block_size
+        if tier is Tier.CPU and rbs is not None and bs != rbs and bs % rbs == 0:
+            return self._stored_chunks(ev, rbs)
         if self.block_size is not None and bs != self.block_size:
             self.metrics.block_size_mismatch.inc()
             self._log_once(
@@ -383,14 +412,73 @@ class ReplicaEvents:
         col = _GPU if tier is Tier.GPU else _CPU
         mp = self._map
         epoch = self._epoch
-        for eh, rh in zip(engine_hashes, router, strict=False):
+        prev: int | None = None  # the chain as stored, where it differs from ``router``
+        for i, (eh, rh) in enumerate(zip(engine_hashes, router, strict=False)):
             ent = mp.get(eh)
             if ent is None:
+                if prev is not None:  # continue the chain from the known block before it
+                    rh = hash_token_blocks(tokens[i * bs : (i + 1) * bs], bs, prev)[0]
+                    router[i] = rh
+                    prev = rh
                 ent = [rh, 0, 0, epoch]
                 mp[eh] = ent
             else:
                 mp.move_to_end(eh)
+                if ent[_R] != rh:
+                    # The engine hash is already known (a GPU copy): its key wins. vLLM's CPU
+                    # copies of salted prompts come with extra_keys=None, and re-seeding them
+                    # unsalted would give another tenant a hit vLLM never gives (audit #45).
+                    router[i] = BlockHash(ent[_R])
+                    prev = ent[_R]
             ent[col] += 1
+        return router
+
+    def _reannounced(self, engine_hashes: Sequence[EngineHash]) -> bool:
+        """Every block already held on the GPU tier: a report-mode re-announcement, not a store."""
+        mp = self._map
+        for eh in engine_hashes:
+            ent = mp.get(eh)
+            if ent is None or ent[_GPU] == 0:
+                return False
+        for eh in engine_hashes:
+            mp.move_to_end(eh)
+        return True
+
+    def _stored_chunks(self, ev: StoredEvent, rbs: int) -> Sequence[BlockHash]:
+        """An offload tier's chunks (LMCache stores 256-token chunks, each one engine hash under
+        LMCache's own blake3 chain): re-hash the tokens as the router's blocks, so the chunk
+        confirms exactly the keys a request for the same prefix looks up. The parent is the
+        previous chunk's engine hash; its entry holds the router hash of that chunk's last block."""
+        engine_hashes = ev.block_hashes
+        per = ev.block_size // rbs
+        if ev.lora_id is not None or (ev.extra_keys is not None and ev.extra_keys.count(None) != len(ev.extra_keys)):
+            self.metrics.unmodeled.inc(len(engine_hashes) * per)  # LMCache MP keys carry neither
+            return ()
+        parent = ev.parent_block_hash
+        seed: int
+        if parent is None:
+            seed = model_seed(ev.lora_name or self.model)
+        else:
+            pent = self._map.get(parent)
+            if pent is None:
+                self.stats.orphans += len(engine_hashes)
+                self.metrics.orphans.inc(len(engine_hashes))
+                return ()
+            self._map.move_to_end(parent)
+            seed = pent[_R]
+        router = hash_token_blocks(ev.token_ids, rbs, seed, max_blocks=len(engine_hashes) * per)
+        mp = self._map
+        spans = self._spans
+        epoch = self._epoch
+        for i, eh in enumerate(engine_hashes):
+            span = router[i * per : (i + 1) * per]
+            ent = mp.get(eh)
+            if ent is None:
+                mp[eh] = [span[-1], 0, 1, epoch]
+                spans[eh] = span
+            else:
+                mp.move_to_end(eh)
+                ent[_CPU] += 1
         return router
 
     def _bound(self) -> None:
@@ -400,12 +488,12 @@ class ReplicaEvents:
     def _evict(self, count: int) -> None:
         mp = self._map
         for _ in range(count):
-            _, ent = mp.popitem(last=False)
-            rh = BlockHash(ent[_R])
+            eh, ent = mp.popitem(last=False)
+            span = self._spans.pop(eh, None) or [BlockHash(ent[_R])]
             if ent[_GPU]:
-                self.index.remove(self.replica, [rh] * ent[_GPU], Tier.GPU)
+                self.index.remove(self.replica, span * ent[_GPU], Tier.GPU)
             if ent[_CPU]:
-                self.index.remove(self.replica, [rh] * ent[_CPU], Tier.CPU)
+                self.index.remove(self.replica, span * ent[_CPU], Tier.CPU)
             self._forget_entry(ent)
 
     def _removed(self, engine_hashes: Sequence[EngineHash], tier: Tier, out: list[BlockHash]) -> int:
@@ -413,6 +501,7 @@ class ReplicaEvents:
         returns how many hashes we never saw stored (before we subscribed, or LRU-evicted)."""
         col = _GPU if tier is Tier.GPU else _CPU
         mp = self._map
+        spans = self._spans
         unknown = 0
         for eh in engine_hashes:
             ent = mp.get(eh)
@@ -420,9 +509,15 @@ class ReplicaEvents:
                 unknown += 1
                 continue
             ent[col] -= 1
-            out.append(BlockHash(ent[_R]))
+            span = spans.get(eh) if spans else None
+            if span is None:
+                out.append(BlockHash(ent[_R]))
+            else:
+                out.extend(span)
             if ent[_GPU] == 0 and ent[_CPU] == 0:
                 del mp[eh]
+                if span is not None:
+                    del spans[eh]
                 self._forget_entry(ent)
         return unknown
 

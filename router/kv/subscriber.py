@@ -160,6 +160,9 @@ class KVEventManager:
             metrics=self.metrics,
             clock=self.clock,
         )
+        attach = getattr(self.index, "attach", None)  # a shared LMCache tier (lmcache_tier.py)
+        if attach is not None:
+            attach(replica_id)
         sub = _Sub(events, endpoint, replay_endpoint, topic, bind)
         sub.task = asyncio.get_running_loop().create_task(self._run(sub), name=f"kv-events:{replica_id}")
         self._subs[replica_id] = sub
@@ -173,6 +176,9 @@ class KVEventManager:
         if sub.task is not None:
             sub.task.cancel()
         self.metrics.forget(replica_id)
+        detach = getattr(self.index, "detach", None)  # a shared LMCache tier (lmcache_tier.py)
+        if detach is not None:
+            detach(replica_id)
         # A later add() starts a fresh stream whose flag starts False and only pushes changes:
         # clear the index's flag now, or the replica's prefix credit stays halved for good.
         set_uncertain = getattr(self.index, "set_uncertain", None)

@@ -166,7 +166,8 @@ class ReplicaMonitor:
         except (aiohttp.ClientError, TimeoutError, OSError, msgspec.DecodeError, AttributeError):
             return
         self._model_cards[rep.id] = cards
-        self.registry.set_models(rep, [c["id"] for c in cards])
+        base = [c["id"] for c in cards if not c.get("parent")]  # adapters name their parent
+        self.registry.set_models(rep, [c["id"] for c in cards], base)
 
     def model_cards(self) -> list[dict[str, Any]]:
         """Union of the replicas' /v1/models entries, first card per id wins."""
@@ -180,7 +181,9 @@ class ReplicaMonitor:
 
     async def _subscribe_events(self, rep: Replica) -> None:
         assert self.kv_events is not None
-        model = next(iter(sorted(rep.models)), "")
+        # vLLM keys base-model blocks with no name at all; the router seeds them with the base
+        # model's first served name, never with whichever id (an adapter?) sorts first (audit #11)
+        model = rep.base_model or (rep.spec.models[0] if rep.spec.models else next(iter(sorted(rep.models)), ""))
         sources: list[tuple[str, str | None, str, bool]] = []
         explicit = self._explicit_events.get(rep.url) or rep.spec.kv_events
         if explicit:
@@ -197,8 +200,17 @@ class ReplicaMonitor:
             if self.cfg.kv_events.mode == "on":
                 log.warning("replica %s: KV events required (--kv-events on) but none found", rep.id)
             return
-        # One stream per replica: DP ranks beyond the first would need one index slot each.
-        endpoint, replay, topic, bind = sources[0]
+        # vLLM --data-parallel-size N behind one URL publishes one stream per rank (port + rank)
+        # and balances ranks itself unless a request names one: each rank is a routing target
+        # with its own index slot and stream, pinned with X-data-parallel-rank (audit #42).
+        if rep.dp_rank is None and len(sources) > 1:
+            rep.dp_rank = 0
+            for rank in range(1, len(sources)):
+                self.registry.add_rank(rep, rank)
+        rank = rep.dp_rank or 0
+        if rank >= len(sources):
+            return
+        endpoint, replay, topic, bind = sources[rank]
         self.kv_events.add(
             rep.id, endpoint, replay, topic=topic, bind=bind, model=model, block_size=self.router.block_size
         )

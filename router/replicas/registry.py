@@ -28,6 +28,13 @@ class Replica:
     url: str
     slot: int
     models: frozenset[str] = frozenset()
+    # The name vLLM's block keys belong to: its first served name (base cards of /v1/models have
+    # no ``parent``; adapters do). Aliases (--served-model-name a b) key as this name.
+    base_model: str | None = None
+    # Data parallelism behind one URL: the engine rank this routing target pins with vLLM's
+    # X-data-parallel-rank header (None: not a DP target), and the replica whose rank 0 it is not.
+    dp_rank: int | None = None
+    dp_parent: ReplicaId | None = None
     healthy: bool = True  # admitted to routing (active probes + passive ejection)
     draining: bool = False  # leaving: no new requests, in-flight ones finish
     consecutive_failures: int = 0
@@ -49,6 +56,7 @@ class Replica:
     _ttft_pos: int = 0
     _tail_cache: float | None = None
     prefill_tps: float = 0.0
+    cpu_load_tps: float = 0.0  # measured CPU-tier (LMCache) load rate, tokens/s (0: not yet)
     # Uncached prompt tokens routed here, exponentially decayed (see scoring/churn.py): how fast
     # this replica's cache is being overwritten, and how much prefill it has been given.
     churn_tokens: float = 0.0
@@ -65,21 +73,50 @@ class Replica:
         return self.churn_tokens * math.exp(-dt / tau_s)
 
     @property
+    def role(self) -> str:
+        return self.spec.role
+
+    @property
     def routable(self) -> bool:
         return self.healthy and not self.draining
 
-    def observe_ttft(self, ttft_s: float, uncached_tokens: int) -> None:
+    def observe_ttft(self, ttft_s: float, uncached_tokens: int, ahead_tokens: int = 0) -> None:
         if len(self.ttfts) < TTFT_WINDOW:
             self.ttfts.append(ttft_s)
         else:
             self.ttfts[self._ttft_pos] = ttft_s
             self._ttft_pos = (self._ttft_pos + 1) % TTFT_WINDOW
         self._tail_cache = None
-        # Only long prefills say something about the prefill rate; short ones are dominated by
-        # queueing and per-step overhead.
+        # The rate is what estimated-ttft divides (pending ahead + uncached) by, so it is measured
+        # on that work: this request's uncached tokens plus the prefill it waited behind. Half of
+        # the pending tokens at dispatch: the prefill at the head of the queue is on average half
+        # done when a request arrives. Measured on its own tokens only, a replica serving session
+        # follow-ups (a few hundred new tokens behind queued work) read several times slower than
+        # it was and sessions were pushed off their cached prefix under load; with the whole
+        # pending count, replicas with long prefills in progress read up to 2x too fast
+        # (docs/scoring.md). Only long prefills of its own say something about the rate.
+        work = uncached_tokens + ahead_tokens // 2
         if uncached_tokens >= 256 and ttft_s > 0:
-            rate = uncached_tokens / ttft_s
+            rate = work / ttft_s
             self.prefill_tps = rate if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * rate
+
+    def observe_cpu_load(self, ttft_s: float, recompute_tokens: int, loaded_tokens: int) -> None:
+        """Learn the CPU-tier load rate from a request that loaded ``loaded_tokens`` and
+        recomputed ``recompute_tokens``: TTFT = recompute / prefill_rate + loaded / load_rate.
+        Only whole-chunk loads with a known prefill rate and a positive remainder teach it."""
+        if len(self.ttfts) < TTFT_WINDOW:
+            self.ttfts.append(ttft_s)
+        else:
+            self.ttfts[self._ttft_pos] = ttft_s
+            self._ttft_pos = (self._ttft_pos + 1) % TTFT_WINDOW
+        self._tail_cache = None
+        if loaded_tokens < 256 or self.prefill_tps <= 0:
+            return
+        load_s = ttft_s - recompute_tokens / self.prefill_tps
+        if load_s <= 0:
+            return
+        rate = loaded_tokens / load_s
+        self.cpu_load_tps = rate if self.cpu_load_tps == 0 else 0.8 * self.cpu_load_tps + 0.2 * rate
 
     def tail_ttft(self, q: float = 0.9) -> float:
         """Recent TTFT quantile (nearest rank); 0 when nothing observed yet."""
@@ -116,6 +153,7 @@ class ReplicaRegistry:
         self._replicas: dict[ReplicaId, Replica] = {}
         self._candidates: dict[str | None, list[Replica]] = {}
         self._listeners: list[Callable[[str, Replica], None]] = []
+        self.aliases: dict[str, str] = {}  # served-name alias -> the base name keys are seeded with
 
     def on_change(self, listener: Callable[[str, Replica], None]) -> None:
         """``listener(event, replica)`` with event in added | removed | health."""
@@ -137,6 +175,20 @@ class ReplicaRegistry:
         self._notify("added", rep)
         return rep
 
+    def add_rank(self, parent: Replica, rank: int) -> Replica:
+        """Rank ``rank`` (>= 1) of a data-parallel server as its own routing target: same URL, own
+        index slot (its own event stream), pinned with the rank header; leaves with its parent."""
+        spec = ReplicaSpec(url=parent.spec.url, name=f"{parent.id}#dp{rank}", models=parent.spec.models)
+        existing = self._replicas.get(spec.id)
+        if existing is not None:
+            return existing
+        slot = self.index.add_replica(spec.id)
+        rep = Replica(spec=spec, id=spec.id, url=parent.url, slot=slot, models=parent.models)
+        rep.base_model, rep.dp_rank, rep.dp_parent = parent.base_model, rank, parent.id
+        self._replicas[spec.id] = rep
+        self._notify("added", rep)
+        return rep
+
     def remove(self, rid: ReplicaId) -> Replica | None:
         rep = self._replicas.pop(rid, None)
         if rep is not None:
@@ -147,7 +199,9 @@ class ReplicaRegistry:
     def sync(self, specs: Iterable[ReplicaSpec]) -> tuple[list[Replica], list[Replica]]:
         """Make the registry hold exactly ``specs``; returns (added, removed)."""
         wanted = {s.id: s for s in specs}
-        removed = [r for rid, r in list(self._replicas.items()) if rid not in wanted]
+        removed = [
+            r for rid, r in list(self._replicas.items()) if rid not in wanted and r.dp_parent not in wanted
+        ]
         for r in removed:
             self.remove(r.id)
         added = [self.add(s) for rid, s in wanted.items() if rid not in self._replicas]
@@ -162,7 +216,11 @@ class ReplicaRegistry:
     def __len__(self) -> int:
         return len(self._replicas)
 
-    def set_models(self, rep: Replica, models: Iterable[str]) -> None:
+    def set_models(self, rep: Replica, models: Iterable[str], base: Sequence[str] = ()) -> None:
+        """``base``: the served names of the base model, first one first (the rest are aliases)."""
+        rep.base_model = base[0] if base else rep.base_model
+        for alias in base[1:]:
+            self.aliases[alias] = base[0]
         new = frozenset(models)
         if new != rep.models:
             rep.models = new
@@ -178,6 +236,10 @@ class ReplicaRegistry:
             rep.draining = draining
             self._notify("health", rep)
 
+    def key_model(self, model: str) -> str:
+        """The model name a request's keys are seeded with: an alias keys as its base name."""
+        return self.aliases.get(model, model)
+
     def known_models(self) -> set[str]:
         out: set[str] = set()
         for r in self._replicas.values():
@@ -192,13 +254,22 @@ class ReplicaRegistry:
         """
         cached = self._candidates.get(model)
         if cached is None:
+            # prefill-only replicas take leg 1 of split requests only (router/pd/)
             cached = [
                 r
                 for r in self._replicas.values()
-                if r.routable and (model is None or not r.models or model in r.models)
+                if r.routable and r.spec.role != "prefill" and (model is None or not r.models or model in r.models)
             ]
             self._candidates[model] = cached
         return cached
+
+    def prefill_candidates(self, model: str | None) -> list[Replica]:
+        """Routable ``prefill`` replicas serving ``model`` (not cached: PD requests only)."""
+        return [
+            r
+            for r in self._replicas.values()
+            if r.routable and r.spec.role == "prefill" and (model is None or not r.models or model in r.models)
+        ]
 
     def serves(self, model: str) -> bool:
         """Whether any replica (healthy or not) serves ``model`` or might (models unknown)."""

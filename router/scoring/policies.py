@@ -126,15 +126,16 @@ def _cache_aware(
     cpu_credit: float,
     plugin_timer: PluginTimer | None,
     name: str = "cache_aware",
+    cpu_load_tps: float = 0.0,
 ) -> Pipeline:
     w = {**DEFAULT_WEIGHTS, **weights}
     unknown = set(w) - set(DEFAULT_WEIGHTS)
     if unknown:
         raise ValueError(f"unknown scorer(s) in weights: {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
     scorers: list[tuple[Scorer, float]] = [
-        (EstimatedTTFTScorer(cpu_credit=cpu_credit), w["estimated-ttft"]),
+        (EstimatedTTFTScorer(cpu_credit=cpu_credit, cpu_load_tps=cpu_load_tps), w["estimated-ttft"]),
         (CacheChurnScorer(), w["cache-churn"]),
-        (PrefixCacheScorer(cpu_credit=cpu_credit), w["prefix-cache"]),
+        (PrefixCacheScorer(cpu_credit=cpu_credit, cpu_load_tps=cpu_load_tps), w["prefix-cache"]),
         (QueueDepthScorer(), w["queue-depth"]),
         (KVUsageScorer(), w["kv-usage"]),
         (TailLatencyScorer(), w["tail-latency"]),
@@ -166,12 +167,13 @@ def build_policy(
     load_factor: float = 4.0,
     cpu_credit: float = 0.8,
     plugin_timer: PluginTimer | None = None,
+    cpu_load_tps: float = 0.0,
 ) -> Policy:
     rng = rng or random.Random()
     if name in SIMPLE:
         return SIMPLE[name](rng)
     if name == "cache_aware":
-        return _cache_aware(rng, weights or {}, load_factor, cpu_credit, plugin_timer)
+        return _cache_aware(rng, weights or {}, load_factor, cpu_credit, plugin_timer, cpu_load_tps=cpu_load_tps)
     if name == "prefix_only":
         return _prefix_only(rng, cpu_credit, plugin_timer)
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")

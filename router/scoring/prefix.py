@@ -1,6 +1,9 @@
 """prefix-cache: how much of the prompt a replica already holds.
 
-    score_r = (gpu_r + cpu_credit * (any_r - gpu_r)) / total_blocks
+    score_r = (gpu_r + credit_r * (any_r - gpu_r)) / total_blocks
+
+``credit_r`` is what a CPU-tier block saves against recomputing it (ttft.cpu_tier_credit: from
+the replica's measured prefill and load rates, ``cpu_credit`` until both are known).
 
 ``gpu_r`` is the replica's contiguous cached prefix on GPU in blocks, ``any_r`` on GPU or CPU
 (LMCache) tier: a CPU block still has to be loaded, so it earns partial credit. A replica whose
@@ -16,13 +19,15 @@ from typing import ClassVar
 
 from ..replicas.registry import Replica
 from ..types import RequestInfo
+from .ttft import cpu_tier_credit
 
 
 class PrefixCacheScorer:
     type_name: ClassVar[str] = "prefix-cache"
 
-    def __init__(self, cpu_credit: float = 0.8, uncertain_discount: float = 0.5) -> None:
+    def __init__(self, cpu_credit: float = 0.8, uncertain_discount: float = 0.5, cpu_load_tps: float = 0.0) -> None:
         self.cpu_credit = cpu_credit
+        self.cpu_load_tps = cpu_load_tps
         self.uncertain_discount = uncertain_discount
 
     def score(self, req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:
@@ -33,7 +38,8 @@ class PrefixCacheScorer:
         anyt = req.any_tier_blocks
         uncertain = req.uncertain_slots
         ng = len(gpu)
-        credit = self.cpu_credit
+        fallback = self.cpu_credit
+        load_tps = self.cpu_load_tps
         out = []
         for r in replicas:
             s = r.slot
@@ -42,7 +48,10 @@ class PrefixCacheScorer:
                 a = anyt[s]
             else:
                 g = a = 0
-            v = (g + credit * (a - g)) / total
+            if a > g:
+                v = (g + cpu_tier_credit(r.prefill_tps, r.cpu_load_tps or load_tps, fallback) * (a - g)) / total
+            else:
+                v = g / total
             if s in uncertain:
                 v *= self.uncertain_discount
             out.append(v)

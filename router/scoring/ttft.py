@@ -1,8 +1,15 @@
 """estimated-ttft: cache hit and load in one unit, seconds until this request's first token.
 
-    uncached_r = prompt_tokens - gpu_hit_tokens_r - cpu_credit * cpu_only_hit_tokens_r
+    uncached_r = prompt_tokens - gpu_hit_tokens_r - credit_r * cpu_only_hit_tokens_r
+    credit_r   = 1 - rate_r / load_rate_r              (cpu_credit until load_rate_r is known)
     est_r      = (pending_prefill_r + uncached_r) / rate_r + step_s * running_r
     score_r    = min_r est_r / est_r                   (1 for the best; all 1.0 when equal)
+
+A CPU-tier (LMCache) hit is not free: it is loaded at ``load_rate_r`` tokens/s instead of being
+recomputed at ``rate_r``, so it saves ``1 - rate_r / load_rate_r`` of the recompute time; with
+``cpu_only / load_rate`` added to the estimate instead, the formula above is the same thing.
+``load_rate_r`` is the replica's measured load rate (``Replica.cpu_load_tps``, learned from the
+TTFT of requests dispatched with a CPU-tier hit), else the configured ``lmcache.load_tps``.
 
 ``pending_prefill_r`` is the uncached prompt tokens this router dispatched to r that have not
 produced a first token yet: the prefill work queued ahead. ``rate_r`` is r's measured prefill rate
@@ -22,11 +29,27 @@ from ..replicas.registry import Replica
 from ..types import RequestInfo
 
 
+def cpu_tier_credit(prefill_tps: float, load_tps: float, fallback: float) -> float:
+    """Share of a token's recompute time that loading it from the CPU tier saves:
+    ``1 - prefill_tps / load_tps`` in [0, 1]; ``fallback`` while either rate is unknown."""
+    if prefill_tps <= 0 or load_tps <= 0:
+        return fallback
+    saved = 1.0 - prefill_tps / load_tps
+    return 0.0 if saved < 0.0 else saved
+
+
 class EstimatedTTFTScorer:
     type_name: ClassVar[str] = "estimated-ttft"
 
-    def __init__(self, cpu_credit: float = 0.8, default_rate: float = 20_000.0, step_s: float = 0.0005) -> None:
+    def __init__(
+        self,
+        cpu_credit: float = 0.8,
+        default_rate: float = 20_000.0,
+        step_s: float = 0.0005,
+        cpu_load_tps: float = 0.0,
+    ) -> None:
         self.cpu_credit = cpu_credit
+        self.cpu_load_tps = cpu_load_tps
         self.default_rate = default_rate
         self.step_s = step_s
 
@@ -36,7 +59,8 @@ class EstimatedTTFTScorer:
         gpu = req.gpu_blocks
         anyt = req.any_tier_blocks
         ng = len(gpu)
-        credit = self.cpu_credit
+        fallback = self.cpu_credit
+        load_tps = self.cpu_load_tps
         # A replica whose rate is not measured yet borrows the mean of the measured ones: with a
         # fixed default, a fast measured replica would look faster than its idle peers forever.
         measured = [r.prefill_tps for r in replicas if r.prefill_tps]
@@ -52,7 +76,11 @@ class EstimatedTTFTScorer:
                     g = n
                 if a > n:
                     a = n
-                uncached = n - g - credit * (a - g)
+                if a > g:
+                    credit = cpu_tier_credit(r.prefill_tps or default_rate, r.cpu_load_tps or load_tps, fallback)
+                    uncached = n - g - credit * (a - g)
+                else:
+                    uncached = n - g
             else:
                 uncached = n
             running = r.engine_running

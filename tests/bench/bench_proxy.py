@@ -91,6 +91,24 @@ def _json_200(obj: object) -> bytes:
 
 
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
+_PREFILL_RE = re.compile(rb'"do_remote_decode"\s*:\s*true')
+
+
+def _prefill_answer() -> bytes:
+    """Leg 1 of a NIXL handoff (``--pd``): a one-token completion with vLLM's top-level
+    ``kv_transfer_params``, so the router really sends leg 2 with them."""
+    params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[1, 2]],
+              "remote_engine_id": "bench", "remote_request_id": "cmpl-bench-0", "remote_host": "localhost",
+              "remote_port": 5600, "tp_size": 1, "dcp_size": 1, "pp_size": 1, "remote_num_tokens": 40,
+              "remote_blocks_expiry_time": None, "transfer_mode": "pull"}
+    body = json.dumps({"id": "cmpl-bench-0", "object": "text_completion", "model": MODEL,
+                       "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+                       "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
+                       "kv_transfer_params": params}, separators=(",", ":")).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+_PREFILL_ANSWER = _prefill_answer()
 
 
 class _BackendProtocol(asyncio.Protocol):
@@ -136,7 +154,9 @@ class _BackendProtocol(asyncio.Protocol):
                 break
             line = head[: head.find(b"\r\n")]
             if line.startswith(b"post"):
-                if _STREAM_RE.search(buf, start, total):
+                if _PREFILL_RE.search(buf, start, total):
+                    t.write(_PREFILL_ANSWER)
+                elif _STREAM_RE.search(buf, start, total):
                     for w in self.stream:
                         t.write(w)
                 else:
@@ -521,6 +541,11 @@ def one_run(args: argparse.Namespace, wrk: str | None, tmp: Path, prompt: str, p
             plan.append((name, [kv_py, "-m", "router", "serve", "--host", "127.0.0.1", "--port", "{port}",
                                 "--kv-events", "off", "--log-level", "warning", "--workers", str(w),
                                 *[a for u in urls for a in ("--backend", u)]]))
+        if args.pd and len(urls) >= 2:
+            # every request split: leg 1 (prefill, one token, kv_transfer_params back) then leg 2
+            plan.append(("kvrouter-pd", [kv_py, "-m", "router", "serve", "--host", "127.0.0.1", "--port", "{port}",
+                                         "--kv-events", "off", "--log-level", "warning", "--pd-rule", "always",
+                                         "--prefill", urls[0], "--decode", urls[1]]))
         why_not = ensure_peers(tmp / "peers-install.log") if args.peers else None
         peer_py = str(PEERS_VENV / "bin" / "python")
         if "sglang" in args.peers:
@@ -597,6 +622,8 @@ def main() -> int:
     ap.add_argument("--backends", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=16, help="SSE chunks per streamed response")
     ap.add_argument("--kvrouter-workers", type=int, nargs="+", default=[1], help="one kvrouter target per value")
+    ap.add_argument("--pd", action="store_true",
+                    help="add kvrouter-pd: --prefill backend 1 --decode backend 2 --pd-rule always (two legs)")
     ap.add_argument("--peers", nargs="*", default=["sglang", "vllm-router"], help="peers to include")
     ap.add_argument("--router-cpus", default="1" if (os.cpu_count() or 1) > 1 else None)
     ap.add_argument("--client-cpus", default="0" if (os.cpu_count() or 1) > 1 else None)

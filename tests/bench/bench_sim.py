@@ -89,9 +89,9 @@ BASE: dict[str, float] = {
 OFF = 1e9  # load_factor that never filters
 
 
-def variants() -> list[tuple[str, dict[str, float], float]]:
+def variants() -> list[tuple[str, dict[str, float], float | None]]:
     """One-at-a-time moves from the first-guess defaults, then the combinations they suggest."""
-    out: list[tuple[str, dict[str, float], float]] = [("base (first guess)", dict(BASE), 1.5)]
+    out: list[tuple[str, dict[str, float], float | None]] = [("base (first guess)", dict(BASE), 1.5)]
     for lf in (1.25, 2.0, 3.0, OFF):
         out.append((f"load_factor={'off' if lf == OFF else lf}", dict(BASE), lf))
     moves = {
@@ -107,10 +107,10 @@ def variants() -> list[tuple[str, dict[str, float], float]]:
     return out
 
 
-def combos() -> list[tuple[str, dict[str, float], float]]:
+def combos() -> list[tuple[str, dict[str, float], float | None]]:
     """Second round, chosen after reading the one-at-a-time table (docs/policy-tuning.md): the
     bounded-load factor is the one lever that matters; the weights are refined around it."""
-    out: list[tuple[str, dict[str, float], float]] = [("base (first guess)", dict(BASE), 1.5)]
+    out: list[tuple[str, dict[str, float], float | None]] = [("base (first guess)", dict(BASE), 1.5)]
     for lf in (3.0, 4.0, OFF):
         out.append((f"base lf={'off' if lf == OFF else lf}", dict(BASE), lf))
     t0 = {**BASE, "tail-latency": 0.0}
@@ -123,7 +123,7 @@ def combos() -> list[tuple[str, dict[str, float], float]]:
     return out
 
 
-def _run_scenario(args: tuple[str, str, int, float, list[tuple[str, dict[str, float], float]]]) -> dict[str, Any]:
+def _run_scenario(args: tuple[str, str, int, float, list[tuple[str, dict[str, float], float | None]]]) -> dict[str, Any]:
     label, path, replicas, speedup, vs = args
     trace = _trace(path)
     cfg = SimConfig(replicas=replicas, speedup=speedup)
@@ -136,7 +136,7 @@ def _run_scenario(args: tuple[str, str, int, float, list[tuple[str, dict[str, fl
     return {"label": label, **res}
 
 
-def sweep(vs: list[tuple[str, dict[str, float], float]], jobs: int, hotspot: bool = False) -> None:
+def sweep(vs: list[tuple[str, dict[str, float], float | None]], jobs: int, hotspot: bool = False) -> None:
     t0 = time.perf_counter()
     scenarios = [*SCENARIOS, HOTSPOT] if hotspot else SCENARIOS
     tasks = [(label, path, n, sp, vs) for label, path, n, sp in scenarios]
@@ -174,7 +174,8 @@ def sweep(vs: list[tuple[str, dict[str, float], float]], jobs: int, hotspot: boo
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sweep", choices=["oat", "combos"], default=None, help="run a weight sweep instead")
+    ap.add_argument("--sweep", choices=["oat", "combos", "defaults"], default=None,
+                    help="run a weight sweep instead (defaults: the shipped defaults only, a regression check)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--policy", action="append", default=None)
     args = ap.parse_args()
@@ -185,6 +186,8 @@ def main() -> int:
         sweep(variants(), args.jobs)
     elif args.sweep == "combos":
         sweep(combos(), args.jobs, hotspot=True)
+    elif args.sweep == "defaults":
+        sweep([("defaults", {}, None)], args.jobs, hotspot=True)
     else:
         bench(args.policy or ["round_robin", "cache_aware"])
     return 0

@@ -22,7 +22,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-KUSTOMIZATIONS = ["base", "overlays/gateway", "overlays/sidecar", "overlays/monitoring", "engines"]
+KUSTOMIZATIONS = ["base", "overlays/gateway", "overlays/sidecar", "overlays/monitoring", "engines", "engines-pd",
+                  "overlays/pd"]
 # Oldest Kubernetes the manifests target (native sidecars: restartPolicy on an init container,
 # on by default since 1.29) and the newest schema bundled with kubernetes-validate.
 K8S_VERSIONS = ["1.29.0", "1.37.0"]

@@ -118,7 +118,12 @@ def test_finished_request_blocks_go_to_queue_tail_first() -> None:
 def test_cpu_tier_hit_loads_instead_of_recomputing() -> None:
     bs = 16
     cfg = EngineConfig(
-        num_gpu_blocks=1 + 10, block_size=bs, cpu_tier_tokens=4096, cpu_chunk_tokens=64, emit_cpu_events=True
+        num_gpu_blocks=1 + 10,
+        block_size=bs,
+        cpu_tier_tokens=4096,
+        cpu_chunk_tokens=64,
+        emit_cpu_events=True,
+        cpu_save_unfull_chunk=True,  # older LMCache: the partial last chunk is kept too
     )
     e = EngineModel(cfg, TINY)
     e.add_request(sim_req("a", 160, 1, bs, salt=1), 0.0)  # 10 blocks, stored to CPU as it prefills
@@ -141,6 +146,23 @@ def test_cpu_tier_hit_loads_instead_of_recomputing() -> None:
     assert snap.external_prefix_cache_hits == 159
     cpu_events = [ev for o in outs for ev in o.events if isinstance(ev, BlockStored) and ev.medium == "CPU"]
     assert cpu_events == []  # c's chunks were already on the CPU: insert-if-absent
+
+
+def test_cpu_tier_keeps_whole_chunks_only_like_lmcache_056() -> None:
+    # LMCache 0.5.6 (save_unfull_chunk false, and its MP server) stores whole chunks only: a
+    # 160-token prompt in chunks of 64 leaves 128 tokens on the CPU tier, loaded as 2 chunks.
+    bs = 16
+    cfg = EngineConfig(num_gpu_blocks=1 + 10, block_size=bs, cpu_tier_tokens=4096, cpu_chunk_tokens=64)
+    e = EngineModel(cfg, TINY)
+    e.add_request(sim_req("a", 160, 1, bs, salt=1), 0.0)
+    run(e)
+    e.add_request(sim_req("b", 160, 1, bs, 1.0, salt=2), 1.0)  # evicts a's blocks from the GPU
+    run(e, 1.0)
+    e.add_request(sim_req("c", 160, 1, bs, 2.0, salt=1), 2.0)
+    e.step(2.0)
+    outs = run(e, e.next_event_time() or 0.0)
+    assert outs[0].cached_tokens["c"].external == 128
+    assert e.cpu is not None and len(e.cpu) == 4  # a's and b's two whole chunks each
 
 
 def test_fast_forward_equals_step_by_step() -> None:

@@ -455,17 +455,17 @@ def test_sse_templates_equal_encoded_chunks(chat: bool, include_usage: bool) -> 
 async def test_cpu_tier_hit_waits_for_its_load_then_streams(http: aiohttp.ClientSession) -> None:
     """A prompt evicted from the GPU but kept by the CPU tier is loaded, not recomputed: the
     engine loop waits for the load (no step can run meanwhile) and then serves it."""
-    async with start_fleet(FleetConfig(1, "tiny", num_gpu_blocks=1 + 10, cpu_tier_tokens=4096, events_port=None)) as f:
+    async with start_fleet(FleetConfig(1, "tiny", num_gpu_blocks=1 + 20, cpu_tier_tokens=4096, events_port=None)) as f:
         url = f[0].url + "/v1/completions"
-        a = [300 + i for i in range(160)]  # 10 blocks: the whole GPU pool
-        b = [900 + i for i in range(160)]  # evicts a from the GPU; the CPU tier keeps it
+        a = [300 + i for i in range(320)]  # 20 blocks: the whole GPU pool
+        b = [900 + i for i in range(320)]  # evicts a from the GPU; the CPU tier keeps its whole chunk
         cached = []
         for prompt in (a, b, a):
             async with http.post(url, json={"prompt": prompt, "max_tokens": 1}) as r:
                 assert r.status == 200, await r.text()
                 cached.append((await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"])
-        assert cached == [0, 0, 159]
-        assert f[0].model.snapshot().external_prefix_cache_hits == 159
+        assert cached == [0, 0, 256]  # one whole 256-token chunk; the partial rest is not kept
+        assert f[0].model.snapshot().external_prefix_cache_hits == 256
         assert not f[0].model.has_unfinished_requests()
 
 

@@ -53,6 +53,31 @@ def test_cpu_tier_extends_gpu_prefix() -> None:
     assert anyt[:2] == [4, 1]
 
 
+def test_cpu_tier_counts_only_its_own_prefix_from_position_zero() -> None:
+    # LMCache looks its chunks up from token 0 and stops at the first miss: a chunk it still
+    # holds after evicting the chunk before it is not loaded, whatever the GPU holds.
+    idx, _ = make()
+    idx.store(A, hs(1, 2))  # GPU: first chunk
+    idx.store(A, hs(3, 4), Tier.CPU)  # LMCache: second chunk only (the first was evicted)
+    idx.store(B, hs(1, 2, 3, 4), Tier.CPU)
+    idx.store(B, hs(1), Tier.GPU)
+    gpu, anyt = idx.match(hs(1, 2, 3, 4, 5))
+    assert gpu[:2] == [2, 1]
+    assert anyt[:2] == [2, 4]
+
+
+def test_cpu_tier_has_its_own_bound() -> None:
+    idx, _ = make()
+    idx.set_capacity(A, 2)  # the engine's num_gpu_blocks
+    idx.store(A, hs(1, 2, 3, 4), Tier.CPU)
+    idx.store(A, hs(1, 2, 3, 4))
+    assert idx.replica_blocks(A, Tier.GPU) == 2
+    assert idx.replica_blocks(A, Tier.CPU) == 4
+    idx.set_capacity(A, 3, Tier.CPU)
+    assert idx.replica_blocks(A, Tier.CPU) == 3
+    idx.check_invariants()
+
+
 def test_refcount_one_remove_per_stored_copy() -> None:
     idx, _ = make()
     idx.store(A, hs(7))
@@ -204,15 +229,15 @@ class NaiveIndex:
         gpu, anyt = [], []
         for r in REPLICAS:
             g_set = {h for h, _ in self.lru[(r, 0)]}
-            a_set = g_set | {h for h, _ in self.lru[(r, 1)]}
+            c_set = {h for h, _ in self.lru[(r, 1)]}
             g = 0
             while g < len(hashes) and hashes[g] in g_set:
                 g += 1
-            a = 0
-            while a < len(hashes) and hashes[a] in a_set:
-                a += 1
+            c = 0
+            while c < len(hashes) and hashes[c] in c_set:
+                c += 1
             gpu.append(g)
-            anyt.append(a)
+            anyt.append(max(g, c))  # vLLM: GPU prefix first, then LMCache's lookup from 0
         return gpu, anyt
 
 

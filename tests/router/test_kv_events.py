@@ -244,7 +244,6 @@ def test_unknown_fields_and_unknown_event_types_are_skipped_and_counted() -> Non
         msgspec.msgpack.encode([1.0, [{"type": "BlockStored", "block_hashes": "nope"}], 0]),
         msgspec.msgpack.encode([1.0, [{"block_hashes": [1]}], 0]),  # no tag
         msgspec.msgpack.encode([1.0, [["BlockStored", [1], None, [-1], 1, None]], 0]),  # token < 0
-        msgspec.msgpack.encode([1.0, [["BlockStored", [1], None, [1], 0, None]], 0]),  # block_size 0
         msgspec.msgpack.encode(["x", [], 0]),
         msgspec.msgpack.encode([1.0, [], 0]) + b"\x00",  # trailing bytes
         msgspec.msgpack.encode(42),
@@ -303,10 +302,24 @@ def test_medium_maps_to_tier_and_removal_is_per_tier() -> None:
 
 def test_duplicate_stores_are_refcounted_like_vllm_emits_them() -> None:
     ev, idx, _ = make()
+    ev.on_message(0, payload([stored([1], [1, 2, 3, 4])]))
+    # two copies of a child block (two requests computed it at once): two removals retract it
+    ev.on_message(1, payload([stored([2], [5, 6, 7, 8], parent=1), stored([2], [5, 6, 7, 8], parent=1)]))
+    child = set(H([1, 2, 3, 4, 5, 6, 7, 8])) - set(H([1, 2, 3, 4]))
+    ev.on_message(2, payload([removed([2])]))
+    assert child <= idx.held(R)
+    ev.on_message(3, payload([removed([2])]))
+    assert idx.held(R) == set(H([1, 2, 3, 4])) and ev.router_hash(2) is None
+    check_consistent(ev, idx)
+
+
+def test_parentless_restore_of_held_blocks_is_a_reannouncement_not_a_copy() -> None:
+    # kv_cache_report_mode="full" re-announces a reused prefix from block 0 with no later
+    # BlockRemoved: one eviction must retract it (a genuine block-0 duplicate is then forgotten
+    # one removal early: a missed hit, never a false one)
+    ev, idx, _ = make()
     ev.on_message(0, payload([stored([1], [1, 2, 3, 4]), stored([1], [1, 2, 3, 4])]))
     ev.on_message(1, payload([removed([1])]))
-    assert idx.held(R) == set(H([1, 2, 3, 4]))
-    ev.on_message(2, payload([removed([1])]))
     assert idx.held(R) == set() and ev.router_hash(1) is None
     check_consistent(ev, idx)
 

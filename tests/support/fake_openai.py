@@ -21,6 +21,7 @@ from aiohttp import web
 
 STATS = web.AppKey("stats", dict)
 CTRL = web.AppKey("ctrl", dict)
+STORE = web.AppKey("store", dict)
 
 
 def _chunk(i: int, model: str, chat: bool) -> bytes:
@@ -134,11 +135,75 @@ async def _echo(request: web.Request) -> web.Response:
     return web.json_response({"path": request.path, "len": len(body), "server": request.app[CTRL]["name"]})
 
 
+async def _responses(request: web.Request) -> web.StreamResponse:
+    """vLLM's Responses API with ``VLLM_ENABLE_RESPONSES_API_STORE=1``: the store is this
+    process's memory, so an unknown ``previous_response_id`` is a 404 (vLLM's shape)."""
+    stats = request.app[STATS]
+    store: dict[str, Any] = request.app[STORE]
+    stats["requests"] += 1
+    body = await request.read()
+    stats["last_body"] = body.decode(errors="replace")[:2000]
+    req = json.loads(body)
+    prev = req.get("previous_response_id")
+    if prev is not None and prev not in store:
+        err = {"message": f"Response with id '{prev}' not found.", "type": "invalid_request_error",
+               "param": "response_id", "code": 404}
+        return web.json_response({"error": err}, status=404)
+    rid = f"resp_{request.app[CTRL]['name']}{len(store)}"
+    out = {"id": rid, "object": "response", "status": "completed", "model": request.app[CTRL]["model"],
+           "output": [{"id": f"msg_{len(store)}", "type": "message", "role": "assistant",
+                       "content": [{"type": "output_text", "text": "ok"}]}],
+           "usage": {"input_tokens": 10, "output_tokens": 1, "input_tokens_details": {"cached_tokens": 0}}}
+    store[rid] = out
+    stats["completed"] += 1
+    if not req.get("stream"):
+        return web.json_response(out)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    created = {"type": "response.created", "sequence_number": 0, "response": {**out, "status": "in_progress"}}
+    done = {"type": "response.completed", "sequence_number": 1, "response": out}
+    for i, ev in enumerate((created, done)):
+        await resp.write(f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode())
+        if i == 0:
+            await asyncio.sleep(0.01)
+    await resp.write_eof()
+    return resp
+
+
+async def _get_response(request: web.Request) -> web.Response:
+    out = request.app[STORE].get(request.match_info["rid"])
+    if out is None:
+        return web.json_response({"error": {"message": "not found", "type": "invalid_request_error", "code": 404}},
+                                 status=404)
+    return web.json_response(out)
+
+
+async def _kv_event_sources(request: web.Request) -> web.Response:
+    """vLLM's list of per-DP-rank event publishers, when ``_control`` set ``dp_sources``."""
+    eps = request.app[CTRL].get("dp_sources")
+    if not eps:
+        return web.json_response({"detail": "Not Found"}, status=404)
+    return web.json_response([{"data_parallel_rank": r, "endpoint": ep, "topic": ""} for r, ep in enumerate(eps)])
+
+
+async def _reset_prefix_cache(request: web.Request) -> web.Response:
+    request.app[STATS]["resets"] = request.app[STATS].get("resets", 0) + 1
+    return web.Response(status=200)
+
+
 def make_app(model: str = "fake-model", name: str = "fake", chunks: int = 16, chunk_delay: float = 0.0) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[STATS] = {"requests": 0, "completed": 0, "cancelled": 0, "died": 0, "last_body": "", "started": time.time()}
     app[CTRL] = {"mode": "ok", "model": model, "name": name, "chunks": chunks, "chunk_delay": chunk_delay}
+    app[STORE] = {}
     app.router.add_post("/v1/completions", _generate)
+    app.router.add_post("/v1/messages", _generate)
+    app.router.add_post("/inference/v1/generate", _generate)
+    app.router.add_post("/v1/responses", _responses)
+    app.router.add_get("/v1/responses/{rid}", _get_response)
+    app.router.add_post("/reset_prefix_cache", _reset_prefix_cache)
+    app.router.add_get("/kv_event_sources", _kv_event_sources)
+    app.router.add_post("/v2/embed", _echo)
     app.router.add_post("/v1/chat/completions", _generate)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)

@@ -9,7 +9,8 @@ What is modelled and why:
   prefix up to the chunk end, exactly like LMCache's prefix-hashed chunk keys. A chunk is a
   whole number of blocks; with blocks at least as large as a chunk (the simulator's 512-token
   blocks) a chunk is one block.
-- **Last partial chunk** (``save_unfull_chunk=True``): the full blocks after the last chunk
+- **Last partial chunk**, only with ``save_unfull_chunk=True`` (LMCache 0.5.6 defaults to false,
+  and its MP server stores whole chunks only; so does this tier by default): the full blocks after the last chunk
   boundary are stored as one shorter chunk, keyed by its last block's hash. Like LMCache's
   partial-chunk key it only matches a request with the same prefix *and* the same number of
   full blocks (a longer request probes a full chunk there, whose key differs). Partial *blocks*
@@ -39,11 +40,18 @@ class CpuTier:
         "capacity_tokens",
         "chunk_blocks",
         "emit_events",
+        "save_unfull_chunk",
         "used_tokens",
     )
 
     def __init__(
-        self, capacity_tokens: int, chunk_tokens: int, block_size: int, *, emit_events: bool = False
+        self,
+        capacity_tokens: int,
+        chunk_tokens: int,
+        block_size: int,
+        *,
+        emit_events: bool = False,
+        save_unfull_chunk: bool = False,
     ):
         """Bound: ``capacity_tokens``. Eviction: LRU over whole chunks."""
         if capacity_tokens <= 0:
@@ -54,6 +62,7 @@ class CpuTier:
         self.block_size = block_size
         self.chunk_blocks = max(1, chunk_tokens // block_size)
         self.emit_events = emit_events
+        self.save_unfull_chunk = save_unfull_chunk
         self.used_tokens = 0
         # key (hash of the chunk's last block) -> (number of blocks, block hashes, parent hash); the
         # hashes are kept only for the chunk's events, so they are typed as the events' lists.
@@ -92,7 +101,7 @@ class CpuTier:
         while b + cb <= end_block:
             self._put(block_hashes, b, cb)
             b += cb
-        if final and b < end_block:
+        if final and self.save_unfull_chunk and b < end_block:
             self._put(block_hashes, b, end_block - b)
             b = end_block
         return b

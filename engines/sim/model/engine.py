@@ -32,6 +32,7 @@ API (all times in seconds, on the caller's clock)::
     .next_event_time() -> float | None ; .now -> float (engine busy until)
     .num_running, .num_waiting (incl. CPU loads), .kv_cache_usage -> gauges
     .reset_prefix_cache(reset_cpu: bool = False) -> bool
+    .held_blocks(request_id) -> list[int] | None ; .release_kv(request_id) -> bool   # PD prefill
     .metrics: EngineStats (counters + histograms) ; .snapshot() -> MetricsSnapshot
     .check_invariants() -> None
 
@@ -63,6 +64,10 @@ only). Blocks completed by generated tokens are cached too (vLLM does): with ``t
 output tokens come from ``output_token(request_id, i)`` and the block hash from
 ``block_hasher(parent, tokens)``; without them (the simulator) a generated block gets a
 per-request synthetic hash that never collides with a prompt hash in practice.
+
+PD (NIXL): a request with ``hold_kv`` (prefill side) keeps its blocks pinned after it finishes,
+until ``release_kv``; one with ``remote_tokens`` (decode side) loads those tokens past its own hit
+over the profile's KV link like a CPU-tier load (``ready_at``), counted as external.
 
 KV events are ``router.kv.wire`` structs (the pinned vLLM 0.32 wire shape), ready to encode.
 """
@@ -111,6 +116,7 @@ class _Req:
         "first_sched",
         "first_token",
         "hashes",
+        "hold",
         "id",
         "last_token",
         "max_tokens",
@@ -122,6 +128,7 @@ class _Req:
         "num_preemptions",
         "prompt_len",
         "ready_at",
+        "remote",
         "retain_s",
         "tokens",
     )
@@ -147,6 +154,8 @@ class _Req:
         self.last_token = 0.0
         self.ready_at = 0.0  # CPU-tier load completion
         self.cpu_stored = 0  # prompt blocks already offered to the CPU tier
+        self.remote = req.remote_tokens  # PD: tokens to load over the KV link (first admission only)
+        self.hold = req.hold_kv  # PD: keep the blocks after finishing, until release_kv()
 
 
 class EngineModel:
@@ -186,6 +195,7 @@ class EngineModel:
                 config.cpu_chunk_tokens,
                 config.block_size,
                 emit_events=config.emit_events and config.emit_cpu_events,
+                save_unfull_chunk=config.cpu_save_unfull_chunk,
             )
             if config.cpu_tier_tokens > 0
             else None
@@ -195,6 +205,8 @@ class EngineModel:
         self.running: list[_Req] = []
         self.loading: list[_Req] = []
         self._reqs: dict[str, _Req] = {}
+        # PD prefill side: finished requests' blocks pinned for a decode replica to read.
+        self.held: dict[str, list[int]] = {}
         self._t = 0.0  # end of the last step: when the engine can start the next one
 
     # -- public API ---------------------------------------------------------------------------
@@ -261,6 +273,19 @@ class EngineModel:
         else:
             self.waiting.remove(r)
         return self._finish(r, self._t if now is None else now, "abort")
+
+    def held_blocks(self, request_id: str) -> list[int] | None:
+        """The block ids a finished ``hold_kv`` request still pins (NIXL ``remote_block_ids``)."""
+        return self.held.get(request_id)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Unpin a held request's blocks (the decode side read them, or the lease ran out); they
+        stay in the prefix cache, evictable. False if nothing was held under that id."""
+        blocks = self.held.pop(request_id, None)
+        if blocks is None:
+            return False
+        self.pool.free_blocks(reversed(blocks))
+        return True
 
     # Gauges and predicates for the wall-clock server.
     def has_unfinished_requests(self) -> bool:
@@ -454,24 +479,31 @@ class EngineModel:
                 hit: list[int] = []
                 ext = 0
                 looked_up = r.num_computed == 0
+                remote = 0
                 if looked_up:
                     r.num_external = 0
                     hit = self.pool.find_longest_cache_hit(r.hashes, (ntok - 1) // bs)
-                    if cpu is not None:
+                    if r.remote:
+                        # NIXL: D asks P for everything past its own hit; the last token is
+                        # recomputed for its logits (vLLM caps a full load at num_tokens - 1).
+                        remote = ext = max(0, min(r.remote, ntok - 1) - len(hit) * bs)
+                        r.remote = 0  # a preempted request recomputes: the lease is gone
+                    elif cpu is not None:
                         cpu_tokens = min(cpu.lookup(r.hashes) * bs, ntok - 1)
                         ext = max(0, cpu_tokens - len(hit) * bs)
                 gpu_hit = len(hit) * bs
                 if ext > 0:
                     if not self._allocate(r, 0, hit, ext, delay_cache=True):
                         break
-                    self._record_lookup(r, ntok, gpu_hit, ext)
+                    self._record_lookup(r, ntok, gpu_hit, ext, bool(remote))
                     waiting.popleft()
                     if r.first_sched is None:
                         r.first_sched = now
                         m.queue_time.observe(now - r.arrival)
                     r.num_computed += gpu_hit + ext
                     r.num_external = ext
-                    r.ready_at = now + self.step_model.cpu_load_ms(ext) * self._ms_to_s
+                    load_ms = self.profile.kv_link.transfer_ms(ext) if remote else self.step_model.cpu_load_ms(ext)
+                    r.ready_at = now + load_ms * self._ms_to_s
                     self.loading.append(r)
                     continue
                 n = min(ntok - r.num_computed - gpu_hit, budget)
@@ -491,7 +523,7 @@ class EngineModel:
                         out.cached_tokens[r.id] = CachedTokens(
                             r.num_computed - r.num_external,
                             r.num_external,
-                            ntok - r.num_computed + r.num_external if cpu is not None else 0,
+                            ntok - r.num_computed + r.num_external if cpu is not None or r.num_external else 0,
                         )
                 sched[r] = n
                 budget -= n
@@ -499,7 +531,7 @@ class EngineModel:
             out.num_preemptions = preempted
         return sched
 
-    def _record_lookup(self, r: _Req, ntok: int, gpu_hit: int, ext: int) -> None:
+    def _record_lookup(self, r: _Req, ntok: int, gpu_hit: int, ext: int, remote: bool = False) -> None:
         # vLLM records prefix-cache stats at admission; lookups of preempted requests go to
         # separate "preempted" stats that the Prometheus counters do not include.
         if r.num_preemptions:
@@ -508,7 +540,7 @@ class EngineModel:
         if self.config.enable_prefix_caching:
             m.prefix_cache_queries += ntok
             m.prefix_cache_hits += gpu_hit
-        if self.cpu is not None:
+        if self.cpu is not None or remote:
             m.external_prefix_cache_queries += ntok - gpu_hit
             m.external_prefix_cache_hits += ext
 
@@ -597,7 +629,10 @@ class EngineModel:
             r.hashes.append(synthetic_block_hash(parent, r.id, j))
 
     def _finish(self, r: _Req, t: float, reason: str) -> FinishedRequest:
-        if r.retain_s > 0 and reason != "abort" and r.blocks:
+        if r.hold and reason != "abort":
+            self.held[r.id] = r.blocks  # pinned (still referenced) until release_kv()
+            r.blocks = []
+        elif r.retain_s > 0 and reason != "abort" and r.blocks:
             self.pool.pin(list(reversed(r.blocks)), t + r.retain_s)  # retention across a tool pause
             r.blocks = []
             r.num_cached_blocks = 0
@@ -710,6 +745,9 @@ class EngineModel:
             for b in r.blocks:
                 held[b] = held.get(b, 0) + 1
             assert len(r.hashes) == (r.prompt_len + r.num_output) // self.config.block_size
+        for blocks in self.held.values():
+            for b in blocks:
+                held[b] = held.get(b, 0) + 1
         for b in range(1, self.pool.num_blocks):
             assert self.pool.ref_cnt[b] == held.get(b, 0), f"block {b} ref count"
         assert len(self._reqs) == len(self.running) + len(self.loading) + len(self.waiting)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
+from .kv_link import CPU_LOOPBACK, H100_RDMA, KVLink
 from .step_time import StepTimeModel
 
 
@@ -23,6 +24,7 @@ class EngineProfile(msgspec.Struct, frozen=True, gc=False):
     max_num_batched_tokens: int
     max_num_seqs: int
     block_size: int = 16
+    kv_link: KVLink = H100_RDMA  # P -> D handoff (kv_link.py: sources)
 
     def num_gpu_blocks(self, block_size: int | None = None) -> int:
         """KV pool size in blocks of ``block_size`` tokens (default: the profile's), plus vLLM's
@@ -47,6 +49,28 @@ H100_LLAMA3_8B = EngineProfile(
     max_num_seqs=1024,
 )
 
+# A100 40GB SXM serving the same model, for heterogeneous fleets. NOT fitted to measurements: the
+# H100 fit scaled by datasheet peak ratios (NVIDIA A100 datasheet: 312 dense bf16 TFLOPS, 1,555 GB/s
+# HBM2; H100 SXM datasheet: 989 TFLOPS, 3.35 TB/s). Compute-bound terms (b, c: prefill GEMMs and
+# attention) x 989/312 = 3.17; bandwidth-bound terms (a: weights per step, e: KV read per decode
+# token, d, CPU-tier load) x 3.35/1.555 = 2.15. KV pool: 40 GiB - 15 GiB weights - ~6 GiB
+# activations/graphs at gpu_memory_utilization 0.9 ≈ 15.3 GiB / 128 KiB per token ≈ 125k tokens.
+A100_40GB_LLAMA3_8B = EngineProfile(
+    name="a100-40gb-llama3-8b",
+    step=StepTimeModel(
+        a_ms=6.37 * 2.15,
+        b_ms=0.0226 * 3.17,  # ~14k prefill tok/s
+        c_ms=9.2e-7 * 3.17,
+        d_ms=0.07 * 2.15,
+        e_ms=4.37e-5 * 2.15,
+        cpu_load_base_ms=10.0,
+        cpu_load_ms_per_token=0.0030 * 2.15,
+    ),
+    kv_capacity_tokens=125_000,
+    max_num_batched_tokens=8192,
+    max_num_seqs=1024,
+)
+
 TINY = EngineProfile(
     name="tiny",
     step=StepTimeModel(
@@ -61,9 +85,10 @@ TINY = EngineProfile(
     kv_capacity_tokens=65_536,
     max_num_batched_tokens=2048,
     max_num_seqs=64,
+    kv_link=CPU_LOOPBACK,
 )
 
-PROFILES: dict[str, EngineProfile] = {p.name: p for p in (H100_LLAMA3_8B, TINY)}
+PROFILES: dict[str, EngineProfile] = {p.name: p for p in (H100_LLAMA3_8B, A100_40GB_LLAMA3_8B, TINY)}
 
 
 def get_profile(name: str) -> EngineProfile:

@@ -31,6 +31,9 @@ class EngineConfig(msgspec.Struct, frozen=True):
     max_num_batched_tokens: int = 8192
     cpu_tier_tokens: int = 0  # 0 disables the CPU tier
     cpu_chunk_tokens: int = 256
+    # LMCache 0.5.6's save_unfull_chunk default (false): only whole chunks reach the CPU tier, as
+    # the real MP server does (a 600-token prompt stores 2 chunks of 256; docs/real-engines.md §10).
+    cpu_save_unfull_chunk: bool = False
     enable_prefix_caching: bool = True
     emit_events: bool = True
     emit_cpu_events: bool = False  # CPU-tier BlockStored/BlockRemoved with medium "CPU"
@@ -82,6 +85,11 @@ class SimRequest(msgspec.Struct):
     block_hashes: Sequence[int] | None = None
     token_ids: Sequence[int] | None = None
     arrival: float = 0.0
+    # PD decode side: this many leading prompt tokens' KV wait on a prefill replica and are
+    # loaded over the KV link (profile.kv_link) instead of computed (NIXL do_remote_prefill).
+    remote_tokens: int = 0
+    # PD prefill side: on finishing, keep the blocks (NIXL do_remote_decode) until release_kv().
+    hold_kv: bool = False
     retain_s: float = 0.0  # > 0: keep this request's KV pinned this long after it finishes (BlockPool.pin)
 
 

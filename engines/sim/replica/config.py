@@ -37,3 +37,8 @@ class ReplicaConfig:
     stream_interval: int = 1
     faults: FaultConfig = field(default_factory=FaultConfig)
     seed: int = 0
+    # PD (NixlConnector, engines/sim/replica/nixl.py): which legs this replica serves, how long a
+    # prefill pins its blocks for the decode side, and what decode does when the read fails.
+    role: str = "both"
+    kv_lease_s: float = 30.0
+    kv_load_failure_policy: str = "fail"

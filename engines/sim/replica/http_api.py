@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -29,6 +31,7 @@ from .runtime import ReplicaRuntime
 from .streams import CUT, Chan, Track, clock
 
 VLLM_VERSION = "0.32.0"
+log = logging.getLogger(__name__)
 
 
 def build_app(replica: ReplicaRuntime) -> web.Application:
@@ -58,7 +61,21 @@ class ReplicaAPI:
         r.add_post("/reset_prefix_cache", self._reset_prefix_cache)
         r.add_get("/sim/faults", self._get_faults)
         r.add_post("/sim/faults", self._post_faults)
+        r.add_post("/sim/nixl/read", self._nixl_read)
         return app
+
+    async def _nixl_read(self, request: web.Request) -> web.Response:
+        """The prefill side of a simulated NIXL read (nixl.py): releases the leased blocks."""
+        try:
+            body = prep.decode_json(await request.read())
+        except HTTPError as exc:
+            return exc.response()
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body must be a JSON object"}, status=400)
+        status, out = self.replica.nixl.serve_read(body, self.replica.release_kv)
+        if status == 200 and out.get("stale"):
+            self.replica.metrics.pd.after_expiry.inc()
+        return web.json_response(out, status=status)
 
     async def _health(self, request: web.Request) -> web.Response:
         delay = self.replica.faults.config.health_stall_s
@@ -203,6 +220,15 @@ class ReplicaAPI:
             params = prep.params(body, chat, prompts, self.replica.config)
         except HTTPError as exc:
             return exc.response()
+        ktp = body.get("kv_transfer_params")
+        nixl = self.replica.nixl
+        hold_kv = nixl.prefills(ktp) and len(prompts) == 1 and not params[1]
+        remote_tokens = 0
+        if nixl.decodes(ktp) and len(prompts) == 1:
+            assert isinstance(ktp, dict)
+            remote_tokens, failed = await self._remote_read(ktp, len(prompts[0]))
+            if failed is not None:
+                return failed
         # The prompts as flat arrays, and no reference left to the decoded lists: this frame
         # lives as long as the response streams (compact_ints says why that matters).
         prompt_ids = [compact_ints(p, "I") for p in prompts]
@@ -230,6 +256,8 @@ class ReplicaAPI:
                         arrival=arrival,
                         block_hashes=hashes[i],
                         stream_interval=interval,
+                        hold_kv=hold_kv,
+                        remote_tokens=remote_tokens,
                     )
                 )
         except HTTPError as exc:
@@ -240,13 +268,45 @@ class ReplicaAPI:
         try:
             if stream:
                 return await self._stream(request, tracks, queue, fmt, include_usage)
-            return await self._unary(request, tracks, queue, fmt)
+            return await self._unary(request, tracks, queue, fmt, self._lease if hold_kv else None)
         finally:
             for tr in tracks:
                 self.replica.abort(tr)  # no-op for finished requests; frees blocks of abandoned ones
 
+    async def _remote_read(self, ktp: dict[str, Any], prompt_len: int) -> tuple[int, web.Response | None]:
+        """Decode side of a handoff: (tokens to load, or 0 to compute; an error response or None)."""
+        nixl = self.replica.nixl
+        pd = self.replica.metrics.pd
+        if not nixl.valid(ktp):
+            log.warning("Got invalid KVTransferParams: %s; computing the prompt locally", ktp)
+            return 0, None
+        ok, _ = await nixl.read(ktp)
+        if ok:
+            link = self.replica.model.profile.kv_link
+            pd.xfer_time.observe(link.transfer_ms(prompt_len) / 1000 / self.replica.engine_config.time_scale)
+            pd.bytes.observe(link.bytes_for(prompt_len))
+            return prompt_len, None
+        pd.failed_transfers.inc()
+        if nixl.failure_policy == "recompute":
+            return 0, None
+        self.replica.metrics._success["error"].inc()
+        return 0, error_response(500, "KV transfer from the prefill instance failed", "InternalServerError")
+
+    def _lease(self, tr: Track) -> dict[str, Any]:
+        """Prefill side, the request done: pin its blocks under a lease, describe them for D."""
+        rep = self.replica
+        blocks = rep.model.held_blocks(tr.rid) or []
+        rid = tr.rid
+        rep.nixl.lease(rid, lambda: rep.release_kv(rid), rep.metrics.pd.expired.inc)
+        return rep.nixl.params_for(rid, blocks, rep.config.host, rep.port, tr.prompt_len, tr.cached_tokens)
+
     async def _unary(
-        self, request: web.Request, tracks: list[Track], queue: Chan, fmt: ResponseFormatter
+        self,
+        request: web.Request,
+        tracks: list[Track],
+        queue: Chan,
+        fmt: ResponseFormatter,
+        lease: Callable[[Track], dict[str, Any]] | None = None,
     ) -> web.StreamResponse:
         pending = len(tracks)
         while pending:
@@ -259,7 +319,10 @@ class ReplicaAPI:
         if self.replica.faults.die_after() is not None:
             self.replica.faults.count("die")
             return _cut(request)
-        return web.Response(body=json_encoder.encode(fmt.final(tracks)), content_type="application/json")
+        body = fmt.final(tracks)
+        if lease is not None:
+            body["kv_transfer_params"] = lease(tracks[0])
+        return web.Response(body=json_encoder.encode(body), content_type="application/json")
 
     # Over the complexity limit on purpose: one SSE loop (chunks, usage, faults, disconnect); vLLM's generator is one piece too.
     async def _stream(  # noqa: C901

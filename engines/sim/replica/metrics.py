@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import utils as _prom_utils
 
 from ..model.stats import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS
+from .pd_metrics import PDMetrics
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ class SimMetrics:
             lbl,
             registry=r,
         ).labels(**lv)
+        self.pd = PDMetrics(r, lbl, lv)  # by-source prompt tokens and NIXL counters (pd_metrics.py)
         # Every series exists now (no label is created later), so the page's shape is fixed.
         self._page = _PageTemplate.build(self.registry)
         # Per-step and per-token updates are kept in plain Python until a scrape (flush()): a

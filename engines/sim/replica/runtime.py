@@ -2,6 +2,8 @@
 metrics and faults. vLLM's HTTP API in front of it is ``http_api`` (which imports this module,
 never the other way round); ``start`` serves the app it builds.
 
+(Over 500 lines: the engine loop, lifecycle, faults and the PD hooks share one replica's state.)
+
 The engine loop is one asyncio task per replica, in wall-clock time::
 
     while work exists:
@@ -40,6 +42,7 @@ from ..model.structs import EngineConfig, SimRequest, StepOutput
 from .config import KV_EVENT_HASHES, ReplicaConfig
 from .faults import FaultConfig, Faults
 from .metrics import SimMetrics, cache_config_labels
+from .nixl import Nixl
 from .openai_format import HTTPError
 from .prep import SLICE_S, yield_behind_due_steps
 from .publisher import KVEventPublisher
@@ -91,6 +94,8 @@ class ReplicaRuntime:
         self.model: EngineModel = self._new_model()
         self.faults = Faults(config.faults, seed=config.seed)
         self.metrics = self._new_metrics()
+        self.nixl = Nixl(config.role, config.kv_lease_s, config.kv_load_failure_policy)
+        self._remote_rids: set[str] = set()  # requests loading their prompt over NIXL
         self.publisher: KVEventPublisher | None = None
         self._tracks: dict[str, Track] = {}
         # When the engine's next step starts, on the engine's clock (None: idle). A request that
@@ -192,6 +197,7 @@ class ReplicaRuntime:
                     await task
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.nixl.close()
         if self.publisher is not None:
             await self.publisher.close()
 
@@ -248,6 +254,9 @@ class ReplicaRuntime:
         is empty, KV-event seq restarts at 0, counters restart, and no AllBlocksCleared is sent."""
         self._epoch += 1
         self._cut_all()
+        for timer in self.nixl.leases.values():  # the pinned blocks died with the process
+            timer.cancel()
+        self.nixl.leases.clear()
         self.model = self._new_model()
         self._next_step_at = None
         self.event_hashes.clear()
@@ -273,6 +282,8 @@ class ReplicaRuntime:
         arrival: float | None = None,
         block_hashes: list[int] | None = None,
         stream_interval: int = 1,
+        hold_kv: bool = False,
+        remote_tokens: int = 0,
     ) -> Track:
         """Queue one prompt in the engine, arrived at ``arrival`` on the engine's clock (default:
         ``engine_now()``; the server's TTFT and e2e count from the wall clock now), with its
@@ -287,7 +298,7 @@ class ReplicaRuntime:
             self.model.add_request(
                 SimRequest(
                     request_id=rid, max_tokens=max_tokens, token_ids=prompt_ids, block_hashes=block_hashes,
-                    arrival=now,
+                    arrival=now, hold_kv=hold_kv, remote_tokens=remote_tokens,
                 ),
                 now,
             )  # fmt: skip
@@ -298,6 +309,8 @@ class ReplicaRuntime:
             stream_interval=stream_interval,
         )  # fmt: skip
         self._tracks[rid] = tr
+        if remote_tokens:
+            self._remote_rids.add(rid)
         self._wake.set()
         return tr
 
@@ -335,7 +348,12 @@ class ReplicaRuntime:
         self._wake.set()
         return True
 
+    def release_kv(self, rid: str) -> None:
+        """PD prefill side: the decode side read the blocks, or their lease ran out."""
+        self.model.release_kv(rid)
+
     def abort(self, tr: Track) -> None:
+        self._remote_rids.discard(tr.rid)
         if self._tracks.pop(tr.rid, None) is not None and not tr.finished:
             self.model.abort_request(tr.rid)
             self.metrics._success["abort"].inc()
@@ -417,6 +435,10 @@ class ReplicaRuntime:
             tr.scheduled = out.start
             tr.cached_tokens = hit.local + hit.external
             metrics.on_scheduled(tr.prompt_len, hit.local, hit.external_queried, hit.external)
+            remote = rid in self._remote_rids
+            if remote:
+                self._remote_rids.discard(rid)
+            metrics.pd.on_prompt(tr.prompt_len, hit.local, hit.external, remote)
         for rid, ids in out.new_tokens.items():
             tr = self._tracks.get(rid)
             if tr is None:

@@ -1,0 +1,1 @@
+"""Prefill/decode disaggregation: the split decision, replica roles and the vLLM NIXL handoff."""

@@ -1,0 +1,261 @@
+"""Split or not: per request, compare estimated TTFT with local prefill against remote prefill.
+
+Pure (no I/O, no clock): the live router (router/pd/route.py) and the offline simulator
+(traces/simulate.py) call the same functions with numbers they measured.
+
+The decode replica D is chosen first (``pick_decode``); then, for that D and the best prefill
+replica P:
+
+    uncached_D = prompt - D.cached_tokens           tokens D must compute locally / receive
+    uncached_P = prompt - P.cached_tokens           tokens P computes
+    local      = (D.pending_prefill + uncached_D) / D.rate + step_s * D.running
+    remote     = (P.pending_prefill + uncached_P) / P.rate       P's queue and compute
+               + handoff_overhead_s + link.latency_s             one more HTTP leg, one more hop
+               + uncached_D * link.kv_bytes_per_token / link.bandwidth
+               + step_s * D.running                              D's first step after the load
+    stall      = uncached_D / D.rate * D.running                 request-seconds the D batch is slowed
+
+and the ``auto`` rule splits iff ``remote + min_gain_s < local + stall_weight * stall``. Only the KV
+D lacks crosses the link: vLLM's NixlConnector asks P for ``prompt - D's local hit`` tokens
+(``get_num_new_matched_tokens``), so a decode-cached prefix is never transferred twice.
+
+``threshold`` is the baseline the peers ship: llm-d ``prefix-based-pd-decider`` (split iff
+prompt >= N and uncached_D >= N; vllm-router#130 is the same with N = 256) or, with
+``threshold_max_cached_ratio`` set, Dynamo ``isl_bounding`` (local iff uncached_D < N and
+uncached_D / prompt < ratio). ``always`` and ``never`` exist for comparisons.
+
+Every decision carries both estimates and a reason; the outcome string is the label value of
+``kvrouter_pd_decisions_total{outcome=...}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+_Out = Callable[[bool, str, str], "Decision"]
+
+Rule = Literal["auto", "threshold", "always", "never"]
+RULES: tuple[Rule, ...] = ("auto", "threshold", "always", "never")
+
+# Outcomes the decision can produce (the handoff adds fallback_<reason> at run time).
+SPLIT = "split"
+LOCAL_N = "local_n"  # n > 1: the single-consumer NIXL handoff cannot feed n sequences
+LOCAL_NO_PREFILL = "local_no_prefill"  # no routable prefill replica
+LOCAL_CACHED = "local_cached"  # D already holds (nearly) the whole prompt
+LOCAL_SHORT = "local_short"  # too little to prefill for a second leg to pay
+LOCAL_FASTER = "local_faster"  # the estimates say local prefill is at least as fast
+LOCAL_THRESHOLD = "local_threshold"  # baseline rule: below the fixed uncached-token threshold
+LOCAL_RULE = "local_rule"  # rule "never"
+DECISION_OUTCOMES: tuple[str, ...] = (
+    SPLIT,
+    LOCAL_N,
+    LOCAL_NO_PREFILL,
+    LOCAL_CACHED,
+    LOCAL_SHORT,
+    LOCAL_FASTER,
+    LOCAL_THRESHOLD,
+    LOCAL_RULE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeView:
+    """What the router knows about one decode candidate, for this request."""
+
+    cached_tokens: int  # prefix of this prompt held by D (GPU tier, plus credited CPU tier)
+    running: float  # decode batch: requests running on D (max of engine and router counts)
+    pending_prefill_tokens: int = 0  # uncached prompt tokens queued on D, first token not seen
+    kv_free: float | None = None  # 1 - KV usage; None until scraped
+    prefill_tps: float = 0.0  # D's measured prefill rate; 0 = unmeasured
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillView:
+    """The best prefill candidate (cache-aware choice made by the caller)."""
+
+    cached_tokens: int
+    pending_prefill_tokens: int = 0
+    prefill_tps: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkModel:
+    """P -> D KV transfer: measured or configured bandwidth, one-way latency, KV size per token."""
+
+    bandwidth_bytes_s: float = 12.5e9  # one 100 Gb/s RDMA NIC
+    latency_s: float = 50e-6
+    kv_bytes_per_token: int = 131_072  # Llama-3-8B bf16: 32 layers * 8 KV heads * 128 * 2 (K,V) * 2 B
+
+    def transfer_s(self, tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        return self.latency_s + tokens * self.kv_bytes_per_token / self.bandwidth_bytes_s
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionParams:
+    rule: Rule = "auto"
+    default_prefill_tps: float = 20_000.0  # rate for a replica nobody has measured (as scoring/ttft)
+    step_s: float = 0.0005  # cost per running request of one interleaved decode step (as scoring/ttft)
+    handoff_overhead_s: float = 0.002  # leg 1 round trip through the router + leg 2 set-up
+    stall_weight: float = 0.1  # TTFT seconds one request-second of decode slow-down is worth
+    min_gain_s: float = 0.0  # remote must win by this much (hysteresis against noise)
+    min_split_tokens: int = 64  # below this many uncached tokens: never a second leg (local_short)
+    # Baseline "threshold" rule (llm-d nonCachedTokens / Dynamo eff-isl-threshold).
+    threshold_tokens: int = 2048
+    threshold_max_cached_ratio: float | None = None  # Dynamo isl_bounding's 0.7 when set
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    split: bool
+    outcome: str  # label of kvrouter_pd_decisions_total
+    reason: str  # one human line for /debug/route and logs
+    local_ttft_s: float  # estimated TTFT if D prefills itself
+    remote_ttft_s: float | None  # estimated TTFT with remote prefill (None without a P)
+    stall_s: float  # request-seconds of decode slow-down local prefill would cause on D
+    uncached_decode: int  # tokens D would compute locally (= tokens the link would carry)
+    uncached_prefill: int  # tokens P would compute
+    transfer_s: float  # estimated link time of the KV D lacks
+
+    @property
+    def chosen_ttft_s(self) -> float:
+        if self.split and self.remote_ttft_s is not None:
+            return self.remote_ttft_s
+        return self.local_ttft_s
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "split": self.split,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "local_ttft_s": round(self.local_ttft_s, 6),
+            "remote_ttft_s": None if self.remote_ttft_s is None else round(self.remote_ttft_s, 6),
+            "stall_s": round(self.stall_s, 6),
+            "uncached_decode": self.uncached_decode,
+            "uncached_prefill": self.uncached_prefill,
+            "transfer_s": round(self.transfer_s, 6),
+        }
+
+
+def _rate(tps: float, params: DecisionParams) -> float:
+    return tps if tps > 0 else params.default_prefill_tps
+
+
+def local_ttft(prompt_tokens: int, d: DecodeView, params: DecisionParams) -> tuple[float, float, int]:
+    """(estimated TTFT, stall request-seconds, uncached tokens) of prefilling on D itself."""
+    uncached = max(0, prompt_tokens - d.cached_tokens)
+    rate = _rate(d.prefill_tps, params)
+    compute = uncached / rate
+    est = (d.pending_prefill_tokens + uncached) / rate + params.step_s * d.running
+    return est, compute * d.running, uncached
+
+
+def remote_ttft(
+    prompt_tokens: int, d: DecodeView, p: PrefillView, link: LinkModel, params: DecisionParams
+) -> tuple[float, float, int]:
+    """(estimated TTFT, transfer seconds, P's uncached tokens) of prefilling on P."""
+    uncached_p = max(0, prompt_tokens - p.cached_tokens)
+    uncached_d = max(0, prompt_tokens - d.cached_tokens)
+    xfer = link.transfer_s(uncached_d)
+    est = (
+        (p.pending_prefill_tokens + uncached_p) / _rate(p.prefill_tps, params)
+        + params.handoff_overhead_s
+        + xfer
+        + params.step_s * d.running
+    )
+    return est, xfer, uncached_p
+
+
+def decide(
+    prompt_tokens: int,
+    decode: DecodeView,
+    prefill: PrefillView | None,
+    link: LinkModel,
+    params: DecisionParams,
+    n: int = 1,
+) -> Decision:
+    """Split (remote prefill on ``prefill``, decode on ``decode``) or run locally on ``decode``."""
+    loc, stall, unc_d = local_ttft(prompt_tokens, decode, params)
+    if prefill is None:
+        return Decision(False, LOCAL_NO_PREFILL, "no routable prefill replica", loc, None, stall, unc_d, 0, 0.0)
+    rem, xfer, unc_p = remote_ttft(prompt_tokens, decode, prefill, link, params)
+
+    def out(split: bool, outcome: str, reason: str) -> Decision:
+        return Decision(split, outcome, reason, loc, rem, stall, unc_d, unc_p, xfer)
+
+    if n > 1:
+        return out(False, LOCAL_N, f"n={n}: one NIXL handoff feeds one sequence")
+    rule = params.rule
+    if rule == "never":
+        return out(False, LOCAL_RULE, "rule never")
+    if rule == "always":
+        return out(True, SPLIT, "rule always")
+    if rule == "threshold":
+        return _threshold(prompt_tokens, unc_d, params, out)
+    if unc_d < params.min_split_tokens:
+        if decode.cached_tokens > 0 and prompt_tokens >= params.min_split_tokens:
+            return out(False, LOCAL_CACHED, f"decode replica holds {decode.cached_tokens}/{prompt_tokens} tokens")
+        return out(False, LOCAL_SHORT, f"{unc_d} uncached tokens < {params.min_split_tokens}")
+    local_cost = loc + params.stall_weight * stall
+    if rem + params.min_gain_s < local_cost:
+        return out(True, SPLIT, f"remote {rem * 1e3:.1f} ms < local {loc * 1e3:.1f} ms + stall {stall * 1e3:.1f} ms·req")
+    if decode.cached_tokens > 0 and unc_p > unc_d:
+        return out(False, LOCAL_CACHED, f"decode replica's cached {decode.cached_tokens} tokens make local faster")
+    return out(False, LOCAL_FASTER, f"local {loc * 1e3:.1f} ms (+stall) <= remote {rem * 1e3:.1f} ms")
+
+
+def _threshold(prompt_tokens: int, unc_d: int, params: DecisionParams, out: _Out) -> Decision:
+    """The peers' fixed rule on the tokens D lacks (see the module docstring)."""
+    n = params.threshold_tokens
+    ratio = params.threshold_max_cached_ratio
+    if ratio is None:
+        # llm-d prefix-based-pd-decider: inputTokens >= N and inputTokens - cached >= N.
+        if prompt_tokens >= n and unc_d >= n:
+            return out(True, SPLIT, f"threshold: {unc_d} uncached >= {n}")
+        return out(False, LOCAL_THRESHOLD, f"threshold: {unc_d} uncached < {n}")
+    # Dynamo isl_bounding: bypass remote prefill iff eff_isl < N and eff_isl / isl < ratio.
+    share = unc_d / prompt_tokens if prompt_tokens else 0.0
+    if unc_d < n and share < ratio:
+        return out(False, LOCAL_THRESHOLD, f"threshold: {unc_d} uncached < {n} and share {share:.2f} < {ratio}")
+    return out(True, SPLIT, f"threshold: {unc_d} uncached, share {share:.2f}")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeChoice:
+    index: int  # into the candidates
+    decision: Decision
+
+
+def pick_decode(
+    prompt_tokens: int,
+    decodes: Sequence[DecodeView],
+    prefill: PrefillView | None,
+    link: LinkModel,
+    params: DecisionParams,
+    n: int = 1,
+    min_kv_free: float = 0.05,
+    itl_weight: float = 0.001,
+) -> DecodeChoice:
+    """Decode replica first (llm-d's order): among those with KV headroom, the one whose best
+    mode (local or split, as ``decide`` would pick) gives the lowest TTFT, plus ``itl_weight`` per
+    running request for the decode batch this request joins. A cached prefix on D helps only
+    through that estimate (it shortens local prefill and the transfer). Ties: the first."""
+    if not decodes:
+        raise ValueError("pick_decode needs at least one decode candidate")
+    roomy = [i for i, d in enumerate(decodes) if d.kv_free is None or d.kv_free >= min_kv_free]
+    pool = roomy or list(range(len(decodes)))
+    best_i = pool[0]
+    best_cost = math.inf
+    best_dec: Decision | None = None
+    for i in pool:
+        d = decodes[i]
+        dec = decide(prompt_tokens, d, prefill, link, params, n)
+        cost = dec.chosen_ttft_s + params.stall_weight * (0.0 if dec.split else dec.stall_s) + itl_weight * d.running
+        if cost < best_cost:
+            best_i, best_cost, best_dec = i, cost, dec
+    assert best_dec is not None
+    return DecodeChoice(best_i, best_dec)

@@ -1,0 +1,135 @@
+"""router/pd/decision.py: the split rule compares two TTFT estimates; the threshold rule is the baseline."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.pd.decision import (
+    LOCAL_CACHED,
+    LOCAL_FASTER,
+    LOCAL_N,
+    LOCAL_NO_PREFILL,
+    LOCAL_RULE,
+    LOCAL_SHORT,
+    LOCAL_THRESHOLD,
+    SPLIT,
+    DecisionParams,
+    DecodeView,
+    LinkModel,
+    PrefillView,
+    decide,
+    local_ttft,
+    pick_decode,
+    remote_ttft,
+)
+
+P = DecisionParams()
+LINK = LinkModel(bandwidth_bytes_s=10e9, latency_s=1e-4, kv_bytes_per_token=100_000)
+IDLE_P = PrefillView(cached_tokens=0, prefill_tps=20_000)
+
+
+def test_estimates_follow_the_documented_formulas() -> None:
+    d = DecodeView(cached_tokens=1000, running=8, pending_prefill_tokens=2000, prefill_tps=10_000)
+    p = PrefillView(cached_tokens=3000, pending_prefill_tokens=500, prefill_tps=20_000)
+    loc, stall, unc = local_ttft(5000, d, P)
+    assert unc == 4000
+    assert loc == pytest.approx((2000 + 4000) / 10_000 + P.step_s * 8)
+    assert stall == pytest.approx(4000 / 10_000 * 8)
+    rem, xfer, unc_p = remote_ttft(5000, d, p, LINK, P)
+    assert unc_p == 2000
+    # only the 4000 tokens D lacks cross the link
+    assert xfer == pytest.approx(1e-4 + 4000 * 100_000 / 10e9)
+    assert rem == pytest.approx((500 + 2000) / 20_000 + P.handoff_overhead_s + xfer + P.step_s * 8)
+
+
+def test_long_uncached_prompt_on_a_busy_decode_replica_splits() -> None:
+    d = DecodeView(cached_tokens=0, running=32, prefill_tps=20_000)
+    dec = decide(8000, d, IDLE_P, LINK, P)
+    assert dec.split and dec.outcome == SPLIT
+    assert dec.remote_ttft_s is not None and dec.remote_ttft_s < dec.local_ttft_s + P.stall_weight * dec.stall_s
+    assert dec.chosen_ttft_s == dec.remote_ttft_s
+
+
+def test_short_prompt_stays_local() -> None:
+    dec = decide(40, DecodeView(cached_tokens=0, running=4), IDLE_P, LINK, P)
+    assert not dec.split and dec.outcome == LOCAL_SHORT
+
+
+def test_prompt_cached_on_decode_replica_stays_local() -> None:
+    dec = decide(8000, DecodeView(cached_tokens=7968, running=32), IDLE_P, LINK, P)
+    assert not dec.split and dec.outcome == LOCAL_CACHED
+    assert dec.uncached_decode == 32
+
+
+def test_mostly_cached_on_decode_but_not_prefill_is_local_cached() -> None:
+    # D holds 6000 of 8000; P holds nothing: P must compute 8000, D only 2000 -> local wins.
+    d = DecodeView(cached_tokens=6000, running=0, prefill_tps=20_000)
+    dec = decide(8000, d, IDLE_P, LINK, P)
+    assert not dec.split and dec.outcome == LOCAL_CACHED
+
+
+def test_idle_decode_replica_and_slow_link_is_local_faster() -> None:
+    slow = LinkModel(bandwidth_bytes_s=1e8, latency_s=1e-3, kv_bytes_per_token=131_072)
+    dec = decide(4000, DecodeView(cached_tokens=0, running=0), IDLE_P, slow, P)
+    assert not dec.split and dec.outcome == LOCAL_FASTER
+    assert dec.remote_ttft_s is not None and dec.remote_ttft_s > dec.local_ttft_s
+
+
+def test_busy_prefill_queue_keeps_it_local() -> None:
+    p = PrefillView(cached_tokens=0, pending_prefill_tokens=200_000, prefill_tps=20_000)
+    dec = decide(4000, DecodeView(cached_tokens=0, running=2), p, LINK, P)
+    assert not dec.split and dec.outcome == LOCAL_FASTER
+
+
+def test_n_greater_than_one_and_no_prefill_and_never() -> None:
+    d = DecodeView(cached_tokens=0, running=32)
+    assert decide(8000, d, IDLE_P, LINK, P, n=2).outcome == LOCAL_N
+    none = decide(8000, d, None, LINK, P)
+    assert none.outcome == LOCAL_NO_PREFILL and none.remote_ttft_s is None
+    assert decide(8000, d, IDLE_P, LINK, DecisionParams(rule="never")).outcome == LOCAL_RULE
+    assert decide(10, d, IDLE_P, LINK, DecisionParams(rule="always")).outcome == SPLIT
+
+
+def test_threshold_rule_llm_d_style() -> None:
+    t = DecisionParams(rule="threshold", threshold_tokens=2048)
+    idle = DecodeView(cached_tokens=0, running=0)
+    assert decide(2048, idle, IDLE_P, LINK, t).outcome == SPLIT
+    assert decide(2047, idle, IDLE_P, LINK, t).outcome == LOCAL_THRESHOLD
+    # uncached on the chosen D counts, not the raw prompt
+    assert decide(5000, DecodeView(cached_tokens=3000, running=0), IDLE_P, LINK, t).outcome == LOCAL_THRESHOLD
+
+
+def test_threshold_rule_dynamo_isl_bounding() -> None:
+    t = DecisionParams(rule="threshold", threshold_tokens=2048, threshold_max_cached_ratio=0.7)
+    # eff 1000 < 2048 and 1000/5000 = 0.2 < 0.7 -> local
+    assert decide(5000, DecodeView(cached_tokens=4000, running=0), IDLE_P, LINK, t).outcome == LOCAL_THRESHOLD
+    # eff 1000 < 2048 but 1000/1200 = 0.83 >= 0.7 -> split
+    assert decide(1200, DecodeView(cached_tokens=200, running=0), IDLE_P, LINK, t).outcome == SPLIT
+
+
+def test_auto_beats_threshold_where_the_threshold_is_blind() -> None:
+    # 1500 uncached tokens on a decode replica running 64 sequences: the threshold keeps it local
+    # and stalls the batch; auto sends it to the idle prefill replica.
+    d = DecodeView(cached_tokens=0, running=64)
+    assert decide(1500, d, IDLE_P, LINK, DecisionParams(rule="threshold")).split is False
+    assert decide(1500, d, IDLE_P, LINK, P).split is True
+
+
+def test_pick_decode_prefers_cached_prefix_then_headroom() -> None:
+    ds = [
+        DecodeView(cached_tokens=0, running=10, kv_free=0.5),
+        DecodeView(cached_tokens=6000, running=10, kv_free=0.5),
+        DecodeView(cached_tokens=8000, running=10, kv_free=0.01),  # no KV headroom
+    ]
+    ch = pick_decode(8000, ds, IDLE_P, LINK, P)
+    assert ch.index == 1
+    # all out of headroom: still picks one (never nothing)
+    tight = [DecodeView(cached_tokens=0, running=3, kv_free=0.0), DecodeView(cached_tokens=0, running=1, kv_free=0.0)]
+    assert pick_decode(8000, tight, IDLE_P, LINK, P).index == 1
+    with pytest.raises(ValueError):
+        pick_decode(10, [], IDLE_P, LINK, P)
+
+
+def test_decision_as_dict_has_both_estimates() -> None:
+    d = decide(8000, DecodeView(cached_tokens=0, running=32), IDLE_P, LINK, P).as_dict()
+    assert {"local_ttft_s", "remote_ttft_s", "outcome", "reason", "transfer_s"} <= set(d)
