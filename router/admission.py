@@ -73,7 +73,9 @@ class Admission:
                 self._waiting -= 1
             if isinstance(exc, TimeoutError):
                 self.on_reject()
-                raise Overloaded("Timed out waiting for a slot; retry later.", retry_after=self.retry_after_s) from None
+                raise Overloaded(
+                    "Timed out waiting for a slot; retry later.", retry_after=self.retry_after_s
+                ) from None
             raise
 
     def release(self) -> None:

@@ -129,7 +129,11 @@ def _response_item(item: dict[str, Any], prev: dict[str, Any] | None) -> dict[st
         name = str(item.get("name", ""))
         if kind == "function_call" and item.get("namespace"):
             name = f"{item['namespace']}.{name}"
-        args = item.get("arguments") if kind == "function_call" else json.dumps({"input": item.get("input") or ""})
+        args = (
+            item.get("arguments")
+            if kind == "function_call"
+            else json.dumps({"input": item.get("input") or ""})
+        )
         call = {"id": item.get("call_id"), "function": {"name": name, "arguments": args}, "type": "function"}
         if asst is not None and isinstance(asst.get("tool_calls", []), list):
             asst.setdefault("tool_calls", []).append(call)
@@ -180,7 +184,11 @@ def _response_tools(tools: Any, choice: Any) -> list[dict[str, Any]] | None:
 
 
 def _chat_tool(tool: Mapping[str, Any], name: str) -> dict[str, Any]:
-    fn: dict[str, Any] = {"name": name, "description": tool.get("description"), "parameters": tool.get("parameters")}
+    fn: dict[str, Any] = {
+        "name": name,
+        "description": tool.get("description"),
+        "parameters": tool.get("parameters"),
+    }
     if tool.get("strict") is not None:
         fn["strict"] = tool["strict"]
     return {"type": "function", "function": fn}
@@ -312,7 +320,9 @@ def _tool_result(block: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
     call_id = block.get("tool_use_id") or ""
     out.append({"role": "tool", "tool_call_id": call_id, "content": text or ""})
     if images:
-        out.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in images]})
+        out.append(
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in images]}
+        )
     if refs:
         out.append({"role": "tool", "tool_call_id": call_id, "content": refs})
 

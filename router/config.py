@@ -223,7 +223,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefill", "prefill", "prefill-role replica base URL (repeatable; env: comma-separated)", "list"),
     Option("decode", "decode", "decode-role replica base URL (repeatable; env: comma-separated)", "list"),
     Option("pd.rule", "pd-rule", "split rule: auto | threshold | always | never"),
-    Option("pd.threshold_tokens", "pd-threshold-tokens", "threshold rule: uncached tokens to split at", "int"),
+    Option(
+        "pd.threshold_tokens", "pd-threshold-tokens", "threshold rule: uncached tokens to split at", "int"
+    ),
     Option("pd.stall_weight", "pd-stall-weight", "auto rule: weight of the decode batch stall", "float"),
     Option("pd.link_bandwidth_bytes_s", "pd-link-bandwidth", "P->D KV link bandwidth (bytes/s)", "float"),
     Option("pd.kv_bytes_per_token", "pd-kv-bytes-per-token", "KV cache bytes per token (all layers)", "int"),
@@ -232,30 +234,63 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.port", "port", "listen port", "int"),
     Option("server.workers", "workers", "worker processes on one SO_REUSEPORT port", "int"),
     Option("server.max_body_bytes", "max-body-bytes", "largest accepted request body", "int"),
-    Option("server.max_header_bytes", "max-header-bytes", "longest accepted request line / header field", "int"),
-    Option("server.max_connections", "max-connections", "open client connections before 503 + close (-1 = from the fd limit, 0 = no cap)", "int"),
+    Option(
+        "server.max_header_bytes", "max-header-bytes", "longest accepted request line / header field", "int"
+    ),
+    Option(
+        "server.max_connections",
+        "max-connections",
+        "open client connections before 503 + close (-1 = from the fd limit, 0 = no cap)",
+        "int",
+    ),
     Option("server.head_timeout_s", "head-timeout", "seconds to receive a whole request head", "float"),
-    Option("server.body_timeout_s", "body-timeout", "seconds for a body, plus length / --body-min-rate", "float"),
+    Option(
+        "server.body_timeout_s", "body-timeout", "seconds for a body, plus length / --body-min-rate", "float"
+    ),
     Option("server.body_min_rate", "body-min-rate", "bytes/s a request body must sustain", "int"),
     Option("server.keepalive_timeout_s", "keepalive-timeout", "idle client connection close (s)", "float"),
-    Option("server.max_buffered_body_bytes", "max-buffered-body-bytes", "request body bytes buffered across all connections (0 = no cap)", "int"),
-    Option("server.max_connections_per_client", "max-connections-per-client", "open connections per client address (0 = no cap)", "int"),
-    Option("server.max_requests_per_client_s", "max-requests-per-client", "requests/s per client address (0 = no cap)", "float"),
+    Option(
+        "server.max_buffered_body_bytes",
+        "max-buffered-body-bytes",
+        "request body bytes buffered across all connections (0 = no cap)",
+        "int",
+    ),
+    Option(
+        "server.max_connections_per_client",
+        "max-connections-per-client",
+        "open connections per client address (0 = no cap)",
+        "int",
+    ),
+    Option(
+        "server.max_requests_per_client_s",
+        "max-requests-per-client",
+        "requests/s per client address (0 = no cap)",
+        "float",
+    ),
     Option("server.reject_log_per_s", "reject-log-rate", "log lines/s about rejected requests", "float"),
     Option("server.replica_header", "replica-header", "add x-kvrouter-replica to responses", "bool"),
-    Option("server.fast_path", "fast-path", "serve the generate endpoints on the raw HTTP/1.1 fast path", "bool"),
+    Option(
+        "server.fast_path", "fast-path", "serve the generate endpoints on the raw HTTP/1.1 fast path", "bool"
+    ),
     Option("server.api_keys", "api-key", "accepted client Bearer key (repeatable)", "list"),
     Option("server.enable_debug", "enable-debug", "enable POST /debug/route", "bool"),
     Option("server.admin_token", "admin-token", "Bearer token required by debug endpoints"),
     Option("server.drain_grace_s", "drain-grace", "seconds to keep accepting after SIGTERM", "float"),
-    Option("server.drain_timeout_s", "drain-timeout", "seconds in-flight requests may take to finish", "float"),
+    Option(
+        "server.drain_timeout_s", "drain-timeout", "seconds in-flight requests may take to finish", "float"
+    ),
     Option("server.log_level", "log-level", "debug | info | warning | error"),
     Option("server.log_prompts", "log-prompts", "include prompts in debug logs", "bool"),
     Option("upstream.connect_timeout_s", "connect-timeout", "upstream connect timeout (s)", "float"),
     Option("upstream.first_byte_timeout_s", "first-byte-timeout", "upstream first-byte timeout (s)", "float"),
     Option("upstream.request_timeout_s", "request-timeout", "budget of a non-streaming request (s)", "float"),
     Option("upstream.idle_timeout_s", "idle-timeout", "max gap between upstream chunks (s)", "float"),
-    Option("upstream.retry_budget_s", "retry-budget", "seconds all attempts of a request may take before its first byte", "float"),
+    Option(
+        "upstream.retry_budget_s",
+        "retry-budget",
+        "seconds all attempts of a request may take before its first byte",
+        "float",
+    ),
     Option("upstream.max_retries", "max-retries", "other replicas tried before the first byte", "int"),
     Option("upstream.api_key", "upstream-api-key", "Bearer key sent to engines"),
     Option("health.probe_interval_s", "probe-interval", "active /health probe interval (s)", "float"),
@@ -264,19 +299,43 @@ OPTIONS: tuple[Option, ...] = (
     Option("health.scrape_metrics", "scrape-metrics", "scrape engine /metrics", "bool"),
     Option("outliers.enabled", "outliers", "eject replicas slower/failing more than their peers", "bool"),
     Option("outliers.factor", "outlier-factor", "worse than the peers' median by this: degraded", "float"),
-    Option("outliers.itl_factor", "outlier-itl-factor", "inter-token latency this much worse: degraded", "float"),
+    Option(
+        "outliers.itl_factor", "outlier-itl-factor", "inter-token latency this much worse: degraded", "float"
+    ),
     Option("outliers.eject_after_s", "outlier-eject-after", "degraded this long: ejected (s)", "float"),
     Option("outliers.min_samples", "outlier-min-samples", "samples per signal before judging", "int"),
-    Option("outliers.max_ejected_fraction", "outlier-max-ejected", "share of a model's replicas ejected at once", "float"),
-    Option("outliers.base_ejection_s", "outlier-ejection-time", "first ejection's length (s), x times ejected", "float"),
+    Option(
+        "outliers.max_ejected_fraction",
+        "outlier-max-ejected",
+        "share of a model's replicas ejected at once",
+        "float",
+    ),
+    Option(
+        "outliers.base_ejection_s",
+        "outlier-ejection-time",
+        "first ejection's length (s), x times ejected",
+        "float",
+    ),
     Option("outliers.interval_s", "outlier-interval", "outlier evaluation period (s)", "float"),
-    Option("outliers.probe_grace_s", "probe-grace", "a success this recent outweighs failed probes (s)", "float"),
+    Option(
+        "outliers.probe_grace_s", "probe-grace", "a success this recent outweighs failed probes (s)", "float"
+    ),
     Option("outliers.slow_start_s", "slow-start", "traffic ramp of a joining/returning replica (s)", "float"),
-    Option("outliers.canary_after_s", "canary-after", "no success this long: one-token canary (s, 0 off)", "float"),
+    Option(
+        "outliers.canary_after_s",
+        "canary-after",
+        "no success this long: one-token canary (s, 0 off)",
+        "float",
+    ),
     Option("outliers.canary_timeout_s", "canary-timeout", "canary deadline (s)", "float"),
     Option("outliers.canary_body", "canary-body", "canary POST /v1/completions body (JSON object)", "json"),
     Option("admission.max_in_flight", "max-in-flight", "router-wide concurrent requests (0 = no cap)", "int"),
-    Option("admission.max_in_flight_per_replica", "max-in-flight-per-replica", "per replica cap (0 = none)", "int"),
+    Option(
+        "admission.max_in_flight_per_replica",
+        "max-in-flight-per-replica",
+        "per replica cap (0 = none)",
+        "int",
+    ),
     Option("admission.max_queue", "max-queue", "requests queued for a slot before 429", "int"),
     Option("kv_events.mode", "kv-events", "auto | on | off"),
     Option("kv_events.endpoints", "kv-events-endpoint", "BACKEND_URL=tcp://host:port (repeatable)", "list"),
@@ -297,18 +356,52 @@ OPTIONS: tuple[Option, ...] = (
         "bool",
     ),
     Option("routing.index_capacity", "index-capacity", "indexed blocks per replica", "int"),
-    Option("routing.max_chars_per_token", "max-chars-per-token", "text prompt bound: max_model_len x this many characters", "int"),
-    Option("routing.offload_parse_bytes", "offload-parse-bytes", "bodies larger than this are parsed off the event loop", "int"),
+    Option(
+        "routing.max_chars_per_token",
+        "max-chars-per-token",
+        "text prompt bound: max_model_len x this many characters",
+        "int",
+    ),
+    Option(
+        "routing.offload_parse_bytes",
+        "offload-parse-bytes",
+        "bodies larger than this are parsed off the event loop",
+        "int",
+    ),
     Option("routing.load_factor", "load-factor", "bounded-load guard: max load vs mean", "float"),
     Option("routing.seed", "seed", "tie-break RNG seed", "int"),
-    Option("lmcache.instances", "lmcache-instance", "INSTANCE_ID=REPLICA: replicas on one LMCache server (repeatable)", "list"),
-    Option("lmcache.credit_cpu_tier", "lmcache-credit-cpu-tier", "credit the CPU (LMCache) tier (false: GPU-only routing)", "bool"),
+    Option(
+        "lmcache.instances",
+        "lmcache-instance",
+        "INSTANCE_ID=REPLICA: replicas on one LMCache server (repeatable)",
+        "list",
+    ),
+    Option(
+        "lmcache.credit_cpu_tier",
+        "lmcache-credit-cpu-tier",
+        "credit the CPU (LMCache) tier (false: GPU-only routing)",
+        "bool",
+    ),
     Option("lmcache.coordinator_url", "lmcache-coordinator", "LMCache MP coordinator URL: lookup mode"),
-    Option("lmcache.model_name", "lmcache-model", "model path the engines were started with (coordinator key)"),
-    Option("lmcache.lookup_min_tokens", "lmcache-lookup-min-tokens", "ask the coordinator only for longer prompts", "int"),
-    Option("lmcache.lookup_timeout_s", "lmcache-lookup-timeout", "coordinator lookup budget per request (s)", "float"),
+    Option(
+        "lmcache.model_name", "lmcache-model", "model path the engines were started with (coordinator key)"
+    ),
+    Option(
+        "lmcache.lookup_min_tokens",
+        "lmcache-lookup-min-tokens",
+        "ask the coordinator only for longer prompts",
+        "int",
+    ),
+    Option(
+        "lmcache.lookup_timeout_s",
+        "lmcache-lookup-timeout",
+        "coordinator lookup budget per request (s)",
+        "float",
+    ),
     Option("lmcache.load_tps", "lmcache-load-tps", "CPU-tier load rate, tokens/s (0: learn it)", "float"),
-    Option("discovery.sources", "discovery", "static | dns | k8s (repeatable; default: whatever is set)", "list"),
+    Option(
+        "discovery.sources", "discovery", "static | dns | k8s (repeatable; default: whatever is set)", "list"
+    ),
     Option("discovery.dns_name", "dns-name", "headless Service name to re-resolve"),
     Option("discovery.dns_prefill_name", "dns-prefill-name", "DNS name of the prefill pool"),
     Option("discovery.dns_decode_name", "dns-decode-name", "DNS name of the decode pool"),
@@ -325,7 +418,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("sessions.header", "session-header", "extra request header carrying the session key"),
     Option("sessions.body_field", "session-body-field", "top-level body field carrying the session key"),
     Option("sessions.infer", "session-infer", "infer sessions of keyless requests from the prefix", "bool"),
-    Option("sessions.capacity", "session-capacity", "sessions remembered (least recently used beyond)", "int"),
+    Option(
+        "sessions.capacity", "session-capacity", "sessions remembered (least recently used beyond)", "int"
+    ),
     Option("sessions.idle_ttl_s", "session-idle-ttl", "seconds before an idle session is forgotten", "float"),
     Option(
         "sessions.priority_replicas",
@@ -471,10 +566,14 @@ def validate(cfg: Config) -> None:
     from .scoring.policies import DEFAULT_WEIGHTS, POLICIES
 
     if cfg.routing.policy not in POLICIES:
-        raise ConfigError("routing.policy", cfg.routing.policy, f"unknown policy; known: {', '.join(POLICIES)}")
+        raise ConfigError(
+            "routing.policy", cfg.routing.policy, f"unknown policy; known: {', '.join(POLICIES)}"
+        )
     for name, weight in cfg.routing.weights.items():
         if name not in DEFAULT_WEIGHTS:
-            raise ConfigError(f"routing.weights.{name}", weight, f"unknown scorer; known: {', '.join(DEFAULT_WEIGHTS)}")
+            raise ConfigError(
+                f"routing.weights.{name}", weight, f"unknown scorer; known: {', '.join(DEFAULT_WEIGHTS)}"
+            )
         if weight < 0:
             raise ConfigError(f"routing.weights.{name}", weight, "weights must be >= 0")
     try:

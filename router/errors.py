@@ -149,7 +149,9 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return _enc.encode(_ErrorBody(_ErrorDetail(message, type_, param, code)))
 
 
-def sse_error_event(message: str, type_: str = "upstream_error", code: str | None = "upstream_disconnected") -> bytes:
+def sse_error_event(
+    message: str, type_: str = "upstream_error", code: str | None = "upstream_disconnected"
+) -> bytes:
     """What a client gets when a stream breaks after bytes were relayed: an error event, then the
     end-of-stream marker, so every SSE client stops reading instead of hanging."""
     return b"data: " + error_body(message, type_, None, code) + b"\n\ndata: [DONE]\n\n"

@@ -31,10 +31,16 @@ class RouterMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "kvrouter_requests", "Proxied requests by replica and final HTTP status", ["replica", "status"], registry=r
+            "kvrouter_requests",
+            "Proxied requests by replica and final HTTP status",
+            ["replica", "status"],
+            registry=r,
         )
         self.client_errors = Counter(
-            "kvrouter_client_errors", "Requests refused before routing, by HTTP status", ["status"], registry=r
+            "kvrouter_client_errors",
+            "Requests refused before routing, by HTTP status",
+            ["status"],
+            registry=r,
         )
         self.decision_seconds = Histogram(
             "kvrouter_routing_decision_seconds",
@@ -43,7 +49,11 @@ class RouterMetrics:
             registry=r,
         )
         self.plugin_seconds = Histogram(
-            "kvrouter_plugin_seconds", "Per-plugin latency (sampled)", ["plugin"], buckets=DECISION_BUCKETS, registry=r
+            "kvrouter_plugin_seconds",
+            "Per-plugin latency (sampled)",
+            ["plugin"],
+            buckets=DECISION_BUCKETS,
+            registry=r,
         )
         self.ttfb = Histogram(
             "kvrouter_upstream_ttfb_seconds",
@@ -53,20 +63,34 @@ class RouterMetrics:
             registry=r,
         )
         self.latency = Histogram(
-            "kvrouter_request_duration_seconds", "End-to-end proxied request duration", buckets=LATENCY_BUCKETS, registry=r
+            "kvrouter_request_duration_seconds",
+            "End-to-end proxied request duration",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.retries = Counter("kvrouter_retries", "Requests retried on another replica, by reason", ["reason"], registry=r)
+        self.retries = Counter(
+            "kvrouter_retries", "Requests retried on another replica, by reason", ["reason"], registry=r
+        )
         self.ejections = Counter(
-            "kvrouter_ejections", "Replicas ejected from routing after consecutive failures", ["replica"], registry=r
+            "kvrouter_ejections",
+            "Replicas ejected from routing after consecutive failures",
+            ["replica"],
+            registry=r,
         )
         self.stream_aborts = Counter(
             "kvrouter_stream_aborts", "Streams ended early, by side", ["side"], registry=r
         )
         self.admission_rejected = Counter(
-            "kvrouter_admission_rejected", "Requests refused with 429 by admission control", ["scope"], registry=r
+            "kvrouter_admission_rejected",
+            "Requests refused with 429 by admission control",
+            ["scope"],
+            registry=r,
         )
         self.predicted_cached = Counter(
-            "kvrouter_predicted_cached_tokens", "Prompt tokens the router predicted the engine would reuse", ["replica"], registry=r
+            "kvrouter_predicted_cached_tokens",
+            "Prompt tokens the router predicted the engine would reuse",
+            ["replica"],
+            registry=r,
         )
         self.actual_cached = Counter(
             "kvrouter_actual_cached_tokens",
@@ -98,7 +122,10 @@ class RouterMetrics:
         self.child(self.plugin_seconds, plugin).observe(seconds)
 
     def add_state_collector(
-        self, replicas: Callable[[], Iterable[Replica]], index: PrefixIndex, extra: Callable[[], Iterable[Any]] | None = None
+        self,
+        replicas: Callable[[], Iterable[Replica]],
+        index: PrefixIndex,
+        extra: Callable[[], Iterable[Any]] | None = None,
     ) -> None:
         self.registry.register(_StateCollector(replicas, index, extra))
 
@@ -108,26 +135,47 @@ class RouterMetrics:
 
 class _StateCollector(Collector):
     def __init__(
-        self, replicas: Callable[[], Iterable[Replica]], index: PrefixIndex, extra: Callable[[], Iterable[Any]] | None
+        self,
+        replicas: Callable[[], Iterable[Replica]],
+        index: PrefixIndex,
+        extra: Callable[[], Iterable[Any]] | None,
     ) -> None:
         self._replicas = replicas
         self._index = index
         self._extra = extra
 
     def collect(self) -> Iterator[Any]:
-        in_flight = GaugeMetricFamily("kvrouter_in_flight", "Requests in flight per replica", labels=["replica"])
+        in_flight = GaugeMetricFamily(
+            "kvrouter_in_flight", "Requests in flight per replica", labels=["replica"]
+        )
         pending = GaugeMetricFamily(
-            "kvrouter_pending_prefill_tokens", "Uncached prompt tokens dispatched, first token not seen", labels=["replica"]
+            "kvrouter_pending_prefill_tokens",
+            "Uncached prompt tokens dispatched, first token not seen",
+            labels=["replica"],
         )
-        healthy = GaugeMetricFamily("kvrouter_replica_healthy", "1 if the replica receives traffic", labels=["replica"])
-        blocks = GaugeMetricFamily("kvrouter_index_blocks", "Indexed blocks per replica and tier", labels=["replica", "tier"])
+        healthy = GaugeMetricFamily(
+            "kvrouter_replica_healthy", "1 if the replica receives traffic", labels=["replica"]
+        )
+        blocks = GaugeMetricFamily(
+            "kvrouter_index_blocks", "Indexed blocks per replica and tier", labels=["replica", "tier"]
+        )
         uncertain = GaugeMetricFamily(
-            "kvrouter_index_uncertain", "1 while a replica's index missed KV events and is not rebuilt", labels=["replica"]
+            "kvrouter_index_uncertain",
+            "1 while a replica's index missed KV events and is not rebuilt",
+            labels=["replica"],
         )
-        running = GaugeMetricFamily("kvrouter_engine_running", "Engine-reported running requests", labels=["replica"])
-        waiting = GaugeMetricFamily("kvrouter_engine_waiting", "Engine-reported waiting requests", labels=["replica"])
-        kv = GaugeMetricFamily("kvrouter_engine_kv_usage", "Engine-reported KV cache usage (0-1)", labels=["replica"])
-        tail = GaugeMetricFamily("kvrouter_replica_ttft_p90_seconds", "Recent p90 TTFT seen by the router", labels=["replica"])
+        running = GaugeMetricFamily(
+            "kvrouter_engine_running", "Engine-reported running requests", labels=["replica"]
+        )
+        waiting = GaugeMetricFamily(
+            "kvrouter_engine_waiting", "Engine-reported waiting requests", labels=["replica"]
+        )
+        kv = GaugeMetricFamily(
+            "kvrouter_engine_kv_usage", "Engine-reported KV cache usage (0-1)", labels=["replica"]
+        )
+        tail = GaugeMetricFamily(
+            "kvrouter_replica_ttft_p90_seconds", "Recent p90 TTFT seen by the router", labels=["replica"]
+        )
         for rep in self._replicas():
             rid = rep.id
             in_flight.add_metric([rid], rep.in_flight)

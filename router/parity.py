@@ -175,7 +175,9 @@ class ParityTracker:
         for rid in self._w:
             r = self.confirmed_ratio(rid)
             if r is not None and r < CONFIRM_ALARM_RATIO:
-                out[rid] = f"KV events confirm {100 * r:.1f}% of matched prefix blocks: keys are not the engine's"
+                out[rid] = (
+                    f"KV events confirm {100 * r:.1f}% of matched prefix blocks: keys are not the engine's"
+                )
         return out
 
     def ratio(self, rid: str) -> float | None:

@@ -204,7 +204,9 @@ class ChainCache:
             out = chain_from(data, unit, seed, max_blocks)
         else:
             shared = min(shared, max_blocks)
-            out = best[:shared] + chain_from(data[shared * unit :], unit, best[shared - 1], max_blocks - shared)
+            out = best[:shared] + chain_from(
+                data[shared * unit :], unit, best[shared - 1], max_blocks - shared
+            )
         if group is None:
             group = self._groups[key] = []
         else:

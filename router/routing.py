@@ -61,7 +61,9 @@ class Ticket:
     predicted_cached_tokens: int
     pending_tokens: int  # added to replica.pending_prefill_tokens until the first token
     dispatched_at: float
-    cpu_tokens: int = 0  # predicted to load from the CPU tier (LMCache); pending_tokens holds their uncredited part
+    cpu_tokens: int = (
+        0  # predicted to load from the CPU tier (LMCache); pending_tokens holds their uncredited part
+    )
     recompute_tokens: int = 0  # of the prompt, predicted to be computed (with cpu_tokens: the rest of it)
     first_token_at: float | None = None
     backlog_tokens: int = 0  # the replica's pending prefill ahead of this request at dispatch
@@ -152,12 +154,19 @@ class Router:
         the tokenizer when configured, else the canonical bytes of ``text`` / ``messages``."""
         bs = self.block_size
         req = RequestInfo(
-            model=model, prompt_tokens=0, block_size=bs, max_tokens=max_tokens, stream=stream, now=self.clock()
+            model=model,
+            prompt_tokens=0,
+            block_size=bs,
+            max_tokens=max_tokens,
+            stream=stream,
+            now=self.clock(),
         )
         req.session_id = session_id
         if not self.policy.needs_match and block_hashes is None:
             # Simple policies never look at blocks: skip hashing entirely.
-            req.prompt_tokens = prompt_tokens or _estimate_tokens(token_ids, text, messages, self.bytes_per_token)
+            req.prompt_tokens = prompt_tokens or _estimate_tokens(
+                token_ids, text, messages, self.bytes_per_token
+            )
             return req
         if block_hashes is not None:
             req.block_hashes = list(block_hashes)
@@ -210,7 +219,9 @@ class Router:
             cands = [r for r in cands if r.in_flight < cap]
             if not cands:
                 self.on_overload()
-                raise Overloaded("Every replica is at its concurrency limit.", retry_after=self.limits.retry_after_s)
+                raise Overloaded(
+                    "Every replica is at its concurrency limit.", retry_after=self.limits.retry_after_s
+                )
         if self.outliers is not None:
             cands = self.outliers.admit(cands)
         return cands
@@ -272,7 +283,9 @@ class Router:
         cpu = self._cpu_tokens(req, replica, pending)
         recompute = pending - cpu
         if cpu:
-            credit = cpu_tier_credit(replica.prefill_tps, replica.cpu_load_tps or self.cpu_load_tps, self.cpu_credit)
+            credit = cpu_tier_credit(
+                replica.prefill_tps, replica.cpu_load_tps or self.cpu_load_tps, self.cpu_credit
+            )
             pending -= int(cpu * credit)
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
@@ -296,8 +309,17 @@ class Router:
             if self.sessions is not None:
                 self.sessions.record(req, replica)
         return Ticket(
-            replica, req.prompt_tokens, predicted, pending, self.clock(), cpu, recompute, backlog_tokens=backlog,
-            matched_blocks=matched, confirmed_blocks=confirmed, confirmed_tokens=confirmed_tokens,
+            replica,
+            req.prompt_tokens,
+            predicted,
+            pending,
+            self.clock(),
+            cpu,
+            recompute,
+            backlog_tokens=backlog,
+            matched_blocks=matched,
+            confirmed_blocks=confirmed,
+            confirmed_tokens=confirmed_tokens,
             remote_prefill=req.remote_prefill,
         )
 

@@ -37,7 +37,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         if opt.kind == "list":
             p.add_argument(f"--{opt.flag}", dest=dest, action="append", default=None, help=help_)
         elif opt.kind == "bool":
-            p.add_argument(f"--{opt.flag}", dest=dest, nargs="?", const=True, type=_bool, default=None, help=help_)
+            p.add_argument(
+                f"--{opt.flag}", dest=dest, nargs="?", const=True, type=_bool, default=None, help=help_
+            )
         else:
             convs: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "json": json.loads}
             conv = convs.get(opt.kind, str)

@@ -23,7 +23,11 @@ from router.replicas.engine_metrics import samples
 from traces.loaders import load_trace
 from traces.synth import PromptSynth
 
-COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:external_prefix_cache_hits_total", "vllm:prompt_tokens_total")
+COUNTERS = (
+    "vllm:prefix_cache_hits_total",
+    "vllm:external_prefix_cache_hits_total",
+    "vllm:prompt_tokens_total",
+)
 
 
 async def counters(session: aiohttp.ClientSession, urls: list[str]) -> dict[str, dict[str, float]]:
@@ -57,7 +61,9 @@ async def main() -> None:
         for u in a.replica:
             for i in range(a.flush_tokens // 1000):
                 flush = [(nonce * 7919 + i * 104729 + j * 31) % (a.vocab - 300) + 300 for j in range(1000)]
-                async with s.post(u + "/v1/completions", json={"model": "tiny", "prompt": flush, "max_tokens": 1}) as r:
+                async with s.post(
+                    u + "/v1/completions", json={"model": "tiny", "prompt": flush, "max_tokens": 1}
+                ) as r:
                     assert r.status == 200, await r.text()
         await asyncio.sleep(1.0)
         for u in a.lmcache:

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--replicas", type=int, default=8)
     ap.add_argument("--json", default=None, help="also write every report here")
-    ap.add_argument("--cell", action="append", default=None, help="LOAD/PAUSE, e.g. loaded/medium (repeatable)")
+    ap.add_argument(
+        "--cell", action="append", default=None, help="LOAD/PAUSE, e.g. loaded/medium (repeatable)"
+    )
     args = ap.parse_args(argv)
     cells: list[dict[str, Any]] = []
     for load, (rate, sessions) in LOADS.items():

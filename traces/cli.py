@@ -141,22 +141,42 @@ def register_replay(sub: Any) -> None:
         help="replay a trace against live targets (open loop) and write records + report",
         description="Send a trace's requests to each target in turn at trace time / speed-up; see docs/replay.md.",
     )
-    p.add_argument("--trace", required=True, help="trace file (Mooncake / Qwen JSONL, Azure CSV, kvrouter JSONL)")
-    p.add_argument("--target", action="append", required=True, metavar="NAME=URL", help="repeatable; run in order")
+    p.add_argument(
+        "--trace", required=True, help="trace file (Mooncake / Qwen JSONL, Azure CSV, kvrouter JSONL)"
+    )
+    p.add_argument(
+        "--target", action="append", required=True, metavar="NAME=URL", help="repeatable; run in order"
+    )
     p.add_argument("--speedup", type=float, default=1.0, help="trace time / X = send time (default 1)")
     p.add_argument("--max-requests", type=int, default=None, help="send at most N requests")
-    p.add_argument("--duration", type=float, default=None, metavar="S", help="send for at most S wall seconds")
+    p.add_argument(
+        "--duration", type=float, default=None, metavar="S", help="send for at most S wall seconds"
+    )
     p.add_argument("--out", required=True, help="output folder (records, summary.json, report)")
     p.add_argument("--prompt", choices=["tokens", "text"], default="tokens", help="token-id or text prompts")
     p.add_argument("--model", default=None, help="model name (default: first of the target's /v1/models)")
-    p.add_argument("--concurrency-limit", type=int, default=None, help="client-side cap on requests in flight")
+    p.add_argument(
+        "--concurrency-limit", type=int, default=None, help="client-side cap on requests in flight"
+    )
     p.add_argument("--slo-ttft", type=float, default=2.0, metavar="S", help="goodput TTFT SLO (default 2 s)")
-    p.add_argument("--slo-tpot", type=float, default=0.1, metavar="S", help="goodput TPOT SLO (default 0.1 s)")
-    p.add_argument("--engine-metrics", action="append", default=None, metavar="URL",
-                   help="replica base URL whose vllm:* counters to diff per target (repeatable)")
-    p.add_argument("--reset-prefix-cache", action="store_true",
-                   help="POST /reset_prefix_cache to every --engine-metrics replica before each target")
-    p.add_argument("--grace", type=float, default=30.0, metavar="S", help="wait for pending requests after the last send")
+    p.add_argument(
+        "--slo-tpot", type=float, default=0.1, metavar="S", help="goodput TPOT SLO (default 0.1 s)"
+    )
+    p.add_argument(
+        "--engine-metrics",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="replica base URL whose vllm:* counters to diff per target (repeatable)",
+    )
+    p.add_argument(
+        "--reset-prefix-cache",
+        action="store_true",
+        help="POST /reset_prefix_cache to every --engine-metrics replica before each target",
+    )
+    p.add_argument(
+        "--grace", type=float, default=30.0, metavar="S", help="wait for pending requests after the last send"
+    )
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="per-request limit")
     p.add_argument("--endpoint", default="/v1/completions", help="request path (default /v1/completions)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -176,35 +196,83 @@ def register_simulate(sub: Any) -> None:
         description="Play a trace against N simulated replicas in virtual time, once per policy; "
         "see docs/offline-simulator.md.",
     )
-    p.add_argument("--trace", required=True, help="trace file with block ids (Mooncake JSONL, kvrouter JSONL)")
+    p.add_argument(
+        "--trace", required=True, help="trace file with block ids (Mooncake JSONL, kvrouter JSONL)"
+    )
     p.add_argument("--replicas", type=int, default=8, help="simulated replicas (default 8)")
     p.add_argument("--profile", default="h100-llama3-8b", help="engine profile (default h100-llama3-8b)")
-    p.add_argument("--policy", action="append", default=None, metavar="P",
-                   help="repeatable: router policy or peer emulation (default round_robin and cache_aware)")
+    p.add_argument(
+        "--policy",
+        action="append",
+        default=None,
+        metavar="P",
+        help="repeatable: router policy or peer emulation (default round_robin and cache_aware)",
+    )
     p.add_argument("--speedup", type=float, default=1.0, help="arrival = trace time / X (default 1)")
     p.add_argument("--max-requests", type=int, default=None, help="first N requests of the trace")
-    p.add_argument("--duration", type=float, default=None, metavar="S", help="requests arriving in the first S simulated s")
-    p.add_argument("--kv-events", choices=["on", "off"], default="on", help="feed engine KV events to the index")
-    p.add_argument("--scrape-interval", type=float, default=0.25, metavar="S", help="engine gauge refresh (0.25)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="requests arriving in the first S simulated s",
+    )
+    p.add_argument(
+        "--kv-events", choices=["on", "off"], default="on", help="feed engine KV events to the index"
+    )
+    p.add_argument(
+        "--scrape-interval", type=float, default=0.25, metavar="S", help="engine gauge refresh (0.25)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the policies' rng (default 0)")
-    p.add_argument("--weight", action="append", default=None, metavar="NAME=W", help="cache_aware weight override")
+    p.add_argument(
+        "--weight", action="append", default=None, metavar="NAME=W", help="cache_aware weight override"
+    )
     p.add_argument("--load-factor", type=float, default=None, help="cache_aware bounded-load factor override")
     p.add_argument("--slo-ttft", type=float, default=2.0, metavar="S", help="goodput TTFT SLO (default 2 s)")
-    p.add_argument("--slo-tpot", type=float, default=0.1, metavar="S", help="goodput TPOT SLO (default 0.1 s)")
-    p.add_argument("--prefill-replicas", default=None, metavar="P[,P..]",
-                   help="PD fleets: prefill pool sizes, paired with --decode-replicas (docs/disaggregation.md)")
+    p.add_argument(
+        "--slo-tpot", type=float, default=0.1, metavar="S", help="goodput TPOT SLO (default 0.1 s)"
+    )
+    p.add_argument(
+        "--prefill-replicas",
+        default=None,
+        metavar="P[,P..]",
+        help="PD fleets: prefill pool sizes, paired with --decode-replicas (docs/disaggregation.md)",
+    )
     p.add_argument("--decode-replicas", default=None, metavar="D[,D..]", help="PD fleets: decode pool sizes")
-    p.add_argument("--pd", action="append", default=None, metavar="RULE",
-                   help="repeatable split rule: always, auto, never, threshold[:N] (default always, auto, threshold)")
-    p.add_argument("--num-gpu-blocks", type=int, default=None, help="GPU KV blocks per replica (default: profile)")
-    p.add_argument("--cpu-tier-tokens", type=int, default=0, help="per-replica LMCache-like CPU tier, tokens (0: none)")
-    p.add_argument("--cpu-events", choices=["on", "off"], default="on",
-                   help="CPU tier publishes KV events (off: the router credits the GPU tier only)")
-    p.add_argument("--slow-replica", type=int, default=None, metavar="I", help="replica I runs slowed (see --slow-*)")
-    p.add_argument("--slow-factor", type=float, default=3.0, metavar="F", help="its steps take F times longer (3)")
-    p.add_argument("--slow-window", default=None, metavar="START:END", help="simulated seconds it is slow (all)")
-    p.add_argument("--outliers", choices=["on", "off"], default="off",
-                   help="the router's outlier detector on kvrouter's policies, not peers (default off)")
+    p.add_argument(
+        "--pd",
+        action="append",
+        default=None,
+        metavar="RULE",
+        help="repeatable split rule: always, auto, never, threshold[:N] (default always, auto, threshold)",
+    )
+    p.add_argument(
+        "--num-gpu-blocks", type=int, default=None, help="GPU KV blocks per replica (default: profile)"
+    )
+    p.add_argument(
+        "--cpu-tier-tokens", type=int, default=0, help="per-replica LMCache-like CPU tier, tokens (0: none)"
+    )
+    p.add_argument(
+        "--cpu-events",
+        choices=["on", "off"],
+        default="on",
+        help="CPU tier publishes KV events (off: the router credits the GPU tier only)",
+    )
+    p.add_argument(
+        "--slow-replica", type=int, default=None, metavar="I", help="replica I runs slowed (see --slow-*)"
+    )
+    p.add_argument(
+        "--slow-factor", type=float, default=3.0, metavar="F", help="its steps take F times longer (3)"
+    )
+    p.add_argument(
+        "--slow-window", default=None, metavar="START:END", help="simulated seconds it is slow (all)"
+    )
+    p.add_argument(
+        "--outliers",
+        choices=["on", "off"],
+        default="off",
+        help="the router's outlier detector on kvrouter's policies, not peers (default off)",
+    )
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--out", default=None, metavar="DIR", help="write records-<policy>.jsonl and summary.json")
 

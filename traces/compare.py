@@ -66,8 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(prompt="text")
     p.add_argument("--peers-venv", default=str(PEERS_VENV), help="virtualenv holding the peer routers")
     p.add_argument("--no-install", action="store_true", help="do not create the peers' virtualenv")
-    p.add_argument("--targets", default="kvrouter,sglang-router,vllm-router,kvrouter-rr,direct-r0",
-                   help="which targets, in order (comma-separated)")
+    p.add_argument(
+        "--targets",
+        default="kvrouter,sglang-router,vllm-router,kvrouter-rr,direct-r0",
+        help="which targets, in order (comma-separated)",
+    )
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     from .loaders import load_trace
@@ -118,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     _, url = ROUTERS[name](group, urls, venv, kv_extra)
                     log(f"{name} on {url}")
-                last = run_sync(replay(trace, [Target(name=name, url=url)], cfg, engine_urls=urls, progress=log))
+                last = run_sync(
+                    replay(trace, [Target(name=name, url=url)], cfg, engine_urls=urls, progress=log)
+                )
             except (RuntimeError, TimeoutError, OSError) as exc:
                 notes.append(f"{name} failed: {str(exc)[-1500:]}")
                 log(notes[-1])
@@ -136,10 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(block size {args.block_size}); load {args.speedup / effective_time_scale(args):.2g}x the trace "
             "on real H100s.",
             f"Prompts as {args.prompt}"
-            + (": words of traces/synth.py, tokenized one token per word by a word-level tokenizer.json "
-               "given to the sim and to kvrouter (`--tokenizer`); the SGLang router routes on the raw text, "
-               "vllm-router on token ids from every replica's `/tokenize` (one call per replica per request)."
-               if args.prompt == "text" else "."),
+            + (
+                ": words of traces/synth.py, tokenized one token per word by a word-level tokenizer.json "
+                "given to the sim and to kvrouter (`--tokenizer`); the SGLang router routes on the raw text, "
+                "vllm-router on token ids from every replica's `/tokenize` (one call per replica per request)."
+                if args.prompt == "text"
+                else "."
+            ),
             "Targets without an x-kvrouter-replica header get their load spread from the engines' "
             "vllm:request_success_total deltas.",
         ]

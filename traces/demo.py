@@ -48,17 +48,31 @@ def fleet_arguments(p: argparse.ArgumentParser, *, speedup: float, max_requests:
     p.add_argument("--trace", default=str(BUNDLED_TRACE), help="trace file (default: the bundled slice)")
     p.add_argument("--replicas", type=int, default=4, help="simulated replicas (default 4)")
     p.add_argument("--profile", default="h100-llama3-8b", help="sim engine profile")
-    p.add_argument("--kv-tokens", type=int, default=1_000_000,
-                   help="KV capacity per replica in tokens (default 1,000,000; see the module doc)")
+    p.add_argument(
+        "--kv-tokens",
+        type=int,
+        default=1_000_000,
+        help="KV capacity per replica in tokens (default 1,000,000; see the module doc)",
+    )
     p.add_argument("--block-size", type=int, default=16, help="engine KV block size (default 16, vLLM's)")
     p.add_argument("--speedup", type=float, default=speedup, help=f"trace speed-up (default {speedup:g})")
-    p.add_argument("--load", type=float, default=1.4,
-                   help="offered load relative to the trace on real H100s (default 1.4): time scale = speedup / load")
-    p.add_argument("--time-scale", type=float, default=None,
-                   help="sim speed-up against real H100 time (overrides --load)")
+    p.add_argument(
+        "--load",
+        type=float,
+        default=1.4,
+        help="offered load relative to the trace on real H100s (default 1.4): time scale = speedup / load",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help="sim speed-up against real H100 time (overrides --load)",
+    )
     p.add_argument("--max-requests", type=int, default=max_requests, help=f"default {max_requests}")
     p.add_argument("--duration", type=float, default=None, help="stop sending after S seconds per target")
-    p.add_argument("--grace", type=float, default=20.0, help="seconds pending requests may finish after the last send")
+    p.add_argument(
+        "--grace", type=float, default=20.0, help="seconds pending requests may finish after the last send"
+    )
     p.add_argument("--prompt", choices=["tokens", "text"], default="tokens", help="token-id or text prompts")
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-tpot", type=float, default=0.1)
@@ -80,10 +94,20 @@ def effective_time_scale(args: argparse.Namespace) -> float:
 def start_fleet(group: ProcGroup, args: argparse.Namespace, sim_extra: Sequence[str] = ()) -> list[str]:
     time_scale = effective_time_scale(args)
     blocks = args.kv_tokens // args.block_size + 1  # +1: vLLM's reserved null block
-    log(f"starting {args.replicas} simulated {args.profile} replicas (time scale {time_scale:.3g}x, "
-        f"{args.kv_tokens:,} KV tokens each) ...")
-    _, urls = start_sim(group, replicas=args.replicas, profile=args.profile, model=DEMO_MODEL,
-                        time_scale=time_scale, num_gpu_blocks=blocks, block_size=args.block_size, extra=sim_extra)
+    log(
+        f"starting {args.replicas} simulated {args.profile} replicas (time scale {time_scale:.3g}x, "
+        f"{args.kv_tokens:,} KV tokens each) ..."
+    )
+    _, urls = start_sim(
+        group,
+        replicas=args.replicas,
+        profile=args.profile,
+        model=DEMO_MODEL,
+        time_scale=time_scale,
+        num_gpu_blocks=blocks,
+        block_size=args.block_size,
+        extra=sim_extra,
+    )
     for u in urls:
         log(f"  replica {u}")
     return urls
@@ -94,13 +118,23 @@ def replay_config(args: argparse.Namespace) -> Any:
     from .replay import ReplayConfig
 
     return ReplayConfig(
-        speedup=args.speedup, max_requests=args.max_requests, duration_s=args.duration, prompt=args.prompt,
-        model=DEMO_MODEL, grace_s=args.grace, slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
+        speedup=args.speedup,
+        max_requests=args.max_requests,
+        duration_s=args.duration,
+        prompt=args.prompt,
+        model=DEMO_MODEL,
+        grace_s=args.grace,
+        slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
     )
 
 
-def run_replay(args: argparse.Namespace, targets: Sequence[Any], urls: Sequence[str], title: str,
-               notes: Sequence[str] = ()) -> dict[str, Any]:
+def run_replay(
+    args: argparse.Namespace,
+    targets: Sequence[Any],
+    urls: Sequence[str],
+    title: str,
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
     from .loaders import load_trace
     from .replay import replay, run_sync
 
@@ -110,8 +144,9 @@ def run_replay(args: argparse.Namespace, targets: Sequence[Any], urls: Sequence[
     return report_result(args, trace, result, title, notes)
 
 
-def report_result(args: argparse.Namespace, trace: Any, result: dict[str, Any], title: str,
-                  notes: Sequence[str] = ()) -> dict[str, Any]:
+def report_result(
+    args: argparse.Namespace, trace: Any, result: dict[str, Any], title: str, notes: Sequence[str] = ()
+) -> dict[str, Any]:
     """Write records + report into ``args.out`` and print the comparison table."""
     from .replay import write_outputs
     from .report import text_table
@@ -123,8 +158,10 @@ def report_result(args: argparse.Namespace, trace: Any, result: dict[str, Any], 
     print()
     oracle_info = summary.get("oracle")
     if oracle_info:
-        print(f"oracle hit ratio (one LRU cache of the fleet's {oracle_info['fleet_cache_tokens']:,} tokens): "
-              f"{100 * oracle_info['token_hit_lru']:.1f}%")
+        print(
+            f"oracle hit ratio (one LRU cache of the fleet's {oracle_info['fleet_cache_tokens']:,} tokens): "
+            f"{100 * oracle_info['token_hit_lru']:.1f}%"
+        )
     print(f"report: {files['markdown']}")
     return summary
 

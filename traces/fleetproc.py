@@ -43,7 +43,9 @@ def http_get(url: str, timeout: float = 2.0) -> int:
 
 
 class Proc:
-    def __init__(self, args: Sequence[str], name: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: Sequence[str], name: str, log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.args = list(args)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -117,8 +119,13 @@ class ProcGroup:
         self.close()
 
 
-def wait_http(url: str, proc: Proc | None = None, timeout: float = 30.0, ok: Sequence[int] = (200,),
-              interval: float = 0.05) -> None:
+def wait_http(
+    url: str,
+    proc: Proc | None = None,
+    timeout: float = 30.0,
+    ok: Sequence[int] = (200,),
+    interval: float = 0.05,
+) -> None:
     """Poll ``GET url`` until it answers one of ``ok``; fails early if ``proc`` exits meanwhile."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -134,8 +141,10 @@ def wait_http(url: str, proc: Proc | None = None, timeout: float = 30.0, ok: Seq
             last = exc
         time.sleep(interval)
     where = f"{proc.name}: " if proc is not None else ""
-    raise TimeoutError(f"{where}{url} not {'/'.join(map(str, ok))} after {timeout:g} s (last: {last})"
-                       + (f"\n{proc.log()}" if proc is not None else ""))
+    raise TimeoutError(
+        f"{where}{url} not {'/'.join(map(str, ok))} after {timeout:g} s (last: {last})"
+        + (f"\n{proc.log()}" if proc is not None else "")
+    )
 
 
 _REPLICA = re.compile(r"^replica (\S+) url=(\S+) events=(\S+)", re.M)
@@ -165,8 +174,21 @@ def sim_command(
     """``kvrouter sim`` on port 0 for HTTP and KV events (the sim binds free ports itself, so tests
     running side by side never race for a port range); ``extra`` comes last and so wins.
     ``prefix`` goes before the interpreter: a launcher such as ``taskset -c 1``."""
-    args = [*prefix, PY, "-m", "router", "sim", "--replicas", str(replicas), "--port", "0",
-            "--events-port", "0", "--profile", profile]
+    args = [
+        *prefix,
+        PY,
+        "-m",
+        "router",
+        "sim",
+        "--replicas",
+        str(replicas),
+        "--port",
+        "0",
+        "--events-port",
+        "0",
+        "--profile",
+        profile,
+    ]
     if time_scale is not None:
         args += ["--time-scale", str(time_scale)]
     if model:
@@ -192,7 +214,8 @@ def wait_sim_ready(proc: Proc, replicas: int, timeout: float = 30.0) -> list[Sim
             if len(found) == replicas:
                 return found
             error: Exception = RuntimeError(
-                f"{proc.name} printed {len(found)} replica lines, expected {replicas}:\n{text[-3000:]}")
+                f"{proc.name} printed {len(found)} replica lines, expected {replicas}:\n{text[-3000:]}"
+            )
         elif not proc.alive():
             error = RuntimeError(f"{proc.name} exited with {proc.p.returncode}:\n{text[-3000:]}")
         elif time.monotonic() > deadline:
@@ -219,18 +242,41 @@ def start_sim(
 ) -> tuple[Proc, list[str]]:
     """``kvrouter sim`` on free ports; returns the process and the replica URLs once it says ``ready``.
     ``extra`` and ``prefix`` as in ``sim_command``."""
-    args = sim_command(replicas, profile=profile, model=model, time_scale=time_scale,
-                       num_gpu_blocks=num_gpu_blocks, block_size=block_size, extra=extra, prefix=prefix)
+    args = sim_command(
+        replicas,
+        profile=profile,
+        model=model,
+        time_scale=time_scale,
+        num_gpu_blocks=num_gpu_blocks,
+        block_size=block_size,
+        extra=extra,
+        prefix=prefix,
+    )
     proc = group.start(args, "sim")
     return proc, [r.url for r in wait_sim_ready(proc, replicas, timeout)]
 
 
-def start_kvrouter(group: ProcGroup, backends: Sequence[str], policy: str, name: str,
-                   extra: Sequence[str] = ()) -> tuple[Proc, str]:
+def start_kvrouter(
+    group: ProcGroup, backends: Sequence[str], policy: str, name: str, extra: Sequence[str] = ()
+) -> tuple[Proc, str]:
     port = free_port()
     # No drain grace: nothing deregisters a demo router, and stopping should take no time.
-    args = [PY, "-m", "router", "serve", "--port", str(port), "--policy", policy, "--probe-interval", "0.5",
-            "--drain-grace", "0", "--drain-timeout", "2"]
+    args = [
+        PY,
+        "-m",
+        "router",
+        "serve",
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+        "--probe-interval",
+        "0.5",
+        "--drain-grace",
+        "0",
+        "--drain-timeout",
+        "2",
+    ]
     for b in backends:
         args += ["--backend", b]
     proc = group.start([*args, *extra], name)
@@ -261,29 +307,66 @@ def ensure_peers_venv(venv: Path = PEERS_VENV, log: Path | None = None) -> str |
     return None if r.returncode == 0 else r.stderr[-2000:]
 
 
-def start_sglang_router(group: ProcGroup, backends: Sequence[str], policy: str = "cache_aware",
-                        venv: Path = PEERS_VENV, name: str = "sglang-router") -> tuple[Proc, str]:
+def start_sglang_router(
+    group: ProcGroup,
+    backends: Sequence[str],
+    policy: str = "cache_aware",
+    venv: Path = PEERS_VENV,
+    name: str = "sglang-router",
+) -> tuple[Proc, str]:
     """SGLang Model Gateway (pip ``sglang-router``) in its plain HTTP-proxy mode (no tokenizer)."""
     port = free_port()
-    args = [str(venv / "bin" / "python"), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
-            "--port", str(port), "--policy", policy, "--worker-urls", *backends,
-            "--prometheus-port", str(free_port()), "--log-level", "warn"]
+    args = [
+        str(venv / "bin" / "python"),
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+        "--worker-urls",
+        *backends,
+        "--prometheus-port",
+        str(free_port()),
+        "--log-level",
+        "warn",
+    ]
     proc = group.start(args, name)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc, timeout=60)
     return proc, url
 
 
-def start_vllm_router(group: ProcGroup, backends: Sequence[str], policy: str = "cache_aware",
-                      venv: Path = PEERS_VENV, name: str = "vllm-router") -> tuple[Proc, str]:
+def start_vllm_router(
+    group: ProcGroup,
+    backends: Sequence[str],
+    policy: str = "cache_aware",
+    venv: Path = PEERS_VENV,
+    name: str = "vllm-router",
+) -> tuple[Proc, str]:
     """vLLM router (pip ``vllm-router``, a fork of the SGLang router) with its cache_aware policy.
 
     In 0.1.17 cache_aware routes on token ids: before each text-prompt request it POSTs the body to
     ``/v1/completions/render`` on every worker, then ``/tokenize`` where that is 404 (the sim),
     with a 1 s budget; no flag turns this off. Token-id prompts skip it."""
     port = free_port()
-    args = [str(venv / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
-            "--worker-urls", *backends, "--prometheus-port", str(free_port()), "--log-level", "warning"]
+    args = [
+        str(venv / "bin" / "vllm-router"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+        "--worker-urls",
+        *backends,
+        "--prometheus-port",
+        str(free_port()),
+        "--log-level",
+        "warning",
+    ]
     proc = group.start(args, name)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc, timeout=60)
@@ -306,8 +389,14 @@ def write_word_tokenizer(folder: Path) -> Path:
     try:
         from engines.sim.replica.tokenizer import SPECIAL_TOKENS
     except ImportError:  # pragma: no cover - engines/ ships with traces/
-        SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|user|>", "<|assistant|>",
-                          "<|system|>")
+        SPECIAL_TOKENS = (
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|pad|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|system|>",
+        )
     vocab = {t: i for i, t in enumerate((*SPECIAL_TOKENS, *WORDS, "[UNK]"))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

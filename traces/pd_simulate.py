@@ -182,7 +182,9 @@ class _PDRun:
         if not dec.split:
             ticket = d.router.dispatch(info, drep)
             try:
-                d.engines[di].add_request(SimRequest(r.request_id, out_tokens, prompt_len=n, block_hashes=full), now=t)
+                d.engines[di].add_request(
+                    SimRequest(r.request_id, out_tokens, prompt_len=n, block_hashes=full), now=t
+                )
             except ValueError as exc:
                 rec.error = str(exc)
                 d.router.finish(ticket, False, None)
@@ -198,7 +200,9 @@ class _PDRun:
         d.tickets[r.request_id] = dticket
         d.awaiting[di][r.request_id] = dticket
         pi = p.rid_to_idx[prep.id]
-        p.records[r.request_id] = RequestRecord(request_id=r.request_id, target="leg1", send_s=t, prompt_tokens=n)
+        p.records[r.request_id] = RequestRecord(
+            request_id=r.request_id, target="leg1", send_s=t, prompt_tokens=n
+        )
         pticket = p.router.dispatch(pinfo, prep)
         try:
             p.engines[pi].add_request(
@@ -242,7 +246,9 @@ class _PDRun:
                 raise RuntimeError("PD simulation did not drain")
 
 
-def run_pd(trace: Trace, cfg: SimConfig, pd: PDConfig, reqs: Sequence[TraceRequest] | None = None) -> PolicyRun:
+def run_pd(
+    trace: Trace, cfg: SimConfig, pd: PDConfig, reqs: Sequence[TraceRequest] | None = None
+) -> PolicyRun:
     """Play the trace against ``pd.prefill_replicas`` + ``pd.decode_replicas`` replicas."""
     if reqs is None:
         reqs = select_requests(trace, cfg)
@@ -272,7 +278,9 @@ def run_pd(trace: Trace, cfg: SimConfig, pd: PDConfig, reqs: Sequence[TraceReque
     return PolicyRun(
         name=pd.name,
         records=records,
-        summary=summarize(records, slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s), replicas=[r.id for r in run.d.replicas]),
+        summary=summarize(
+            records, slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s), replicas=[r.id for r in run.d.replicas]
+        ),
         wall_s=wall,
         sim_end_s=end,
         engine_steps=run.p.steps + run.d.steps,

@@ -104,7 +104,9 @@ class ApproxTreeCacheAware:
             self.tree.set_capacity(rid, limit)  # drops the least recently inserted/touched blocks
             self.tree.set_capacity(rid, _HUGE)
 
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+    def select(
+        self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None
+    ) -> Replica:
         self._maybe_evict(req.block_size)
         loads = [r.in_flight for r in candidates]
         lo = min(loads)
@@ -154,7 +156,9 @@ class ConsistentHash:
     needs_match = False
     VNODES = 160
 
-    def __init__(self, rng: random.Random, clock: Callable[[], float], *, name: str = "vllm_consistent_hash") -> None:
+    def __init__(
+        self, rng: random.Random, clock: Callable[[], float], *, name: str = "vllm_consistent_hash"
+    ) -> None:
         self.name = name
         self._session: str | None = None
         self._ring_for: tuple[str, ...] = ()
@@ -175,7 +179,9 @@ class ConsistentHash:
         self._owners = [u for _, u in pts]
         self._ring_for = ids
 
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+    def select(
+        self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None
+    ) -> Replica:
         self._ring(candidates)
         if self._session is not None:
             key = xxhash.xxh3_64_intdigest(b"session:" + self._session.encode())
@@ -199,7 +205,9 @@ class PowerOfTwoInFlight(PowerOfTwo):
     optional cached ``/get_loads`` poll (every 5 s) is left out: vLLM engines do not serve it.
     That is kvrouter's own ``power_of_two``, under the peer's name."""
 
-    def __init__(self, rng: random.Random, clock: Callable[[], float] | None = None, *, name: str = "vllm_power_of_two") -> None:
+    def __init__(
+        self, rng: random.Random, clock: Callable[[], float] | None = None, *, name: str = "vllm_power_of_two"
+    ) -> None:
         super().__init__(rng)
         self.name = name
 
@@ -301,7 +309,9 @@ class StickyLeastLoaded:
             (r for r in candidates if self.active.get(r.url, 0) == low), key=lambda r: _rendezvous(key, r.url)
         )
 
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+    def select(
+        self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None
+    ) -> Replica:
         now = self.clock()
         self._sweep(now)
         key = self._session
@@ -375,7 +385,9 @@ class StickyRoutingKey:
             if now - last >= self.max_idle_s:
                 del self.pins[key]
 
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+    def select(
+        self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None
+    ) -> Replica:
         now = self.clock()
         self._evict(now)
         key = self._session
@@ -449,7 +461,9 @@ class LlmdSessionAffinity:
     def set_session(self, session_id: str | None) -> None:
         self._session = session_id
 
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+    def select(
+        self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None
+    ) -> Replica:
         key = self._session
         self.affinity.token = self.tokens.get(key) if key is not None else None
         choice = self.pipeline.select(req, candidates, explain)

@@ -296,7 +296,9 @@ async def run_target(  # noqa: C901 -- the open-loop send schedule and its settl
             tasks.append(asyncio.create_task(guarded(p, rec)))
             if progress is not None and now >= next_report:
                 running = sum(1 for t in tasks if not t.done())
-                progress(f"  {target.name}: sent {i + 1}/{len(planned)}, {running} in flight, t={now - t0:.0f}s")
+                progress(
+                    f"  {target.name}: sent {i + 1}/{len(planned)}, {running} in flight, t={now - t0:.0f}s"
+                )
                 next_report = now + 5.0
         cancelled = 0
         if tasks:
@@ -490,7 +492,9 @@ async def replay(
             if fleet_tokens is None and before:
                 fleet_tokens = fleet_cache_tokens(before)
             if progress is not None:
-                progress(f"replaying {len(planned)} requests to {tgt.name} ({tgt.url}), speed-up {cfg.speedup:g}")
+                progress(
+                    f"replaying {len(planned)} requests to {tgt.name} ({tgt.url}), speed-up {cfg.speedup:g}"
+                )
             run = await run_target(tgt, planned, cfg, session=session, progress=progress)
             engine = engine_delta(before, await scrape(session, engine_urls)) if engine_urls else None
             runs[tgt.name] = run
@@ -521,8 +525,15 @@ def run_sync(coro: Any) -> Any:
 # --- `kvrouter replay` ----------------------------------------------------------------------------------
 
 
-def write_outputs(out_dir: str, trace: Trace, result: dict[str, Any], *, title: str = "kvrouter replay",
-                  notes: Sequence[str] = (), plots: bool = True) -> dict[str, str]:
+def write_outputs(
+    out_dir: str,
+    trace: Trace,
+    result: dict[str, Any],
+    *,
+    title: str = "kvrouter replay",
+    notes: Sequence[str] = (),
+    plots: bool = True,
+) -> dict[str, str]:
     """``DIR/<target>.jsonl`` records, ``DIR/summary.json`` and the report (markdown, PNGs, JSON)."""
     import json
     import os
@@ -540,8 +551,13 @@ def write_outputs(out_dir: str, trace: Trace, result: dict[str, Any], *, title: 
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(_jsonable(summary), f, indent=1, sort_keys=True)
     return write_report(
-        out_dir, summary, {n: r.records for n, r in runs.items()}, oracle_info=oracle_info, title=title,
-        notes=notes, plots=plots,
+        out_dir,
+        summary,
+        {n: r.records for n, r in runs.items()},
+        oracle_info=oracle_info,
+        title=title,
+        notes=notes,
+        plots=plots,
     )
 
 
@@ -578,8 +594,14 @@ def cmd_replay(args: Any) -> int:
     )
     try:
         result = run_sync(
-            replay(trace, targets, cfg, engine_urls=args.engine_metrics or (),
-                   reset_between=args.reset_prefix_cache, progress=lambda m: print(m, file=sys.stderr, flush=True))
+            replay(
+                trace,
+                targets,
+                cfg,
+                engine_urls=args.engine_metrics or (),
+                reset_between=args.reset_prefix_cache,
+                progress=lambda m: print(m, file=sys.stderr, flush=True),
+            )
         )
     except (ValueError, RuntimeError, aiohttp.ClientError, OSError) as exc:
         print(f"kvrouter replay: {exc}", file=sys.stderr)

@@ -23,7 +23,9 @@ from .records import RequestRecord
 from .stats import oracle_hit_ratio
 
 
-def oracle(trace: Trace, requests: Sequence[TraceRequest], fleet_cache_tokens: int | None) -> dict[str, Any] | None:
+def oracle(
+    trace: Trace, requests: Sequence[TraceRequest], fleet_cache_tokens: int | None
+) -> dict[str, Any] | None:
     """Oracle hit ratio of the replayed requests for one cache of the fleet's total size."""
     if not fleet_cache_tokens or trace.block_tokens <= 0 or not requests:
         return None
@@ -71,30 +73,44 @@ def _n(x: float | None, fmt: str = "{:.2f}") -> str:
 
 
 COLUMNS = (
-    "target", "ok/sent", "req/s", "goodput", "TTFT mean", "p50", "p90", "p99",
-    "TPOT mean", "e2e mean", "hit (engine)", "hit (cached_tokens)", "load max/mean", "split",
+    "target",
+    "ok/sent",
+    "req/s",
+    "goodput",
+    "TTFT mean",
+    "p50",
+    "p90",
+    "p99",
+    "TPOT mean",
+    "e2e mean",
+    "hit (engine)",
+    "hit (cached_tokens)",
+    "load max/mean",
+    "split",
 )
 
 
 def table_rows(targets: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
     rows = []
     for name, s in targets.items():
-        rows.append([
-            name,
-            f"{s['ok']}/{s['requests']}",
-            _n(s["throughput_rps"]),
-            _n(s["goodput_rps"]),
-            _s(s["ttft_mean_s"]),
-            _s(s["ttft_p50_s"]),
-            _s(s["ttft_p90_s"]),
-            _s(s["ttft_p99_s"]),
-            _s(s["tpot_mean_s"]),
-            _s(s["e2e_mean_s"]),
-            _pct(s.get("engine_hit_ratio")),
-            _pct(s["hit_ratio"]),
-            _n(load_max_over_mean(s)),
-            _pct(s.get("split_share")),  # PD fleets (engine NIXL reads / requests); "-" otherwise
-        ])
+        rows.append(
+            [
+                name,
+                f"{s['ok']}/{s['requests']}",
+                _n(s["throughput_rps"]),
+                _n(s["goodput_rps"]),
+                _s(s["ttft_mean_s"]),
+                _s(s["ttft_p50_s"]),
+                _s(s["ttft_p90_s"]),
+                _s(s["ttft_p99_s"]),
+                _s(s["tpot_mean_s"]),
+                _s(s["e2e_mean_s"]),
+                _pct(s.get("engine_hit_ratio")),
+                _pct(s["hit_ratio"]),
+                _n(load_max_over_mean(s)),
+                _pct(s.get("split_share")),  # PD fleets (engine NIXL reads / requests); "-" otherwise
+            ]
+        )
     return rows
 
 
@@ -143,8 +159,10 @@ def why(targets: Mapping[str, Mapping[str, Any]], oracle_info: Mapping[str, Any]
             reasons.append(f"{best} spread requests {even} (busiest replica {lb:.2f}x the mean vs {ls:.2f}x)")
         if s["errors"] > 0.05 * s["requests"]:
             # Percentiles cover finished requests only: a target that lost many understates its tail.
-            reasons.append(f"{s['errors']} of {n}'s {s['requests']} requests failed or never finished, so its "
-                           "latencies cover only the rest (it fell behind the offered load)")
+            reasons.append(
+                f"{s['errors']} of {n}'s {s['requests']} requests failed or never finished, so its "
+                "latencies cover only the rest (it fell behind the offered load)"
+            )
         if not reasons:
             reasons.append("hit ratio and load spread are about equal, so the gap is within run-to-run noise")
         out.append(
@@ -193,8 +211,12 @@ def _short(replica: str) -> str:
     return replica.rsplit(":", 1)[-1] if "://" in replica else replica
 
 
-def plot(out_dir: str, targets: Mapping[str, Mapping[str, Any]], records: Mapping[str, Sequence[RequestRecord]],
-         oracle_info: Mapping[str, Any] | None) -> list[str]:
+def plot(
+    out_dir: str,
+    targets: Mapping[str, Mapping[str, Any]],
+    records: Mapping[str, Sequence[RequestRecord]],
+    oracle_info: Mapping[str, Any] | None,
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,12 +247,21 @@ def plot(out_dir: str, targets: Mapping[str, Mapping[str, Any]], records: Mappin
     eng = [targets[n].get("engine_hit_ratio") for n in names]
     cli = [targets[n]["hit_ratio"] for n in names]
     w = 0.38
-    ax.bar([x - w / 2 for x in xs], [0 if v is None or math.isnan(v) else 100 * v for v in eng], w,
-           label="engine counters")
+    ax.bar(
+        [x - w / 2 for x in xs],
+        [0 if v is None or math.isnan(v) else 100 * v for v in eng],
+        w,
+        label="engine counters",
+    )
     ax.bar([x + w / 2 for x in xs], [0 if math.isnan(v) else 100 * v for v in cli], w, label="cached_tokens")
     if oracle_info:
-        ax.axhline(100 * oracle_info["token_hit_lru"], color="k", ls="--", lw=1,
-                   label="oracle (one LRU of fleet size)")
+        ax.axhline(
+            100 * oracle_info["token_hit_lru"],
+            color="k",
+            ls="--",
+            lw=1,
+            label="oracle (one LRU of fleet size)",
+        )
     ax.set_xticks(list(xs), names, rotation=15)
     ax.set_ylabel("prefix-cache hit ratio (% of prompt tokens)")
     ax.set_title("Prefix-cache hit ratio")

@@ -91,7 +91,9 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     time_scale: float = 1.0  # engine step durations are divided by this (faster GPUs)
     cpu_tier_tokens: int = 0  # per-replica CPU (LMCache) tier; 0 = none
-    cpu_events: bool = True  # the CPU tier publishes its events (LMCache lmcache_driven); off: GPU-only routing
+    cpu_events: bool = (
+        True  # the CPU tier publishes its events (LMCache lmcache_driven); off: GPU-only routing
+    )
     num_gpu_blocks: int | None = None  # GPU KV blocks per replica; None = the profile's
     speculative_ttl_s: float = 30.0  # router speculation TTL with KV events (Router default)
     weights: dict[str, float] = {}  # cache_aware weight overrides
@@ -277,12 +279,16 @@ class _Fleet:
         ]
         self.capacity_blocks = max(e.num_gpu_blocks for e in econfs) - 1
         self.index = PrefixIndex(
-            capacity_per_replica=self.capacity_blocks, speculative_ttl_s=cfg.speculative_ttl_s, clock=self.clock
+            capacity_per_replica=self.capacity_blocks,
+            speculative_ttl_s=cfg.speculative_ttl_s,
+            clock=self.clock,
         )
         self.registry = ReplicaRegistry(self.index)
         self.outliers: OutlierDetector | None = None
         if outliers:
-            self.outliers = OutlierDetector(OutlierSettings(), self.registry, self.clock, random.Random(cfg.seed))
+            self.outliers = OutlierDetector(
+                OutlierSettings(), self.registry, self.clock, random.Random(cfg.seed)
+            )
         self.router = Router(
             self.index,
             self.registry,
@@ -385,7 +391,9 @@ class _Fleet:
             ticket = self.tickets.pop(f.request_id)
             if self.outliers is not None:
                 if f.first_token_time is not None and f.output_tokens > 1:
-                    self.router.observe_itl(ticket, (f.finish_time - f.first_token_time) / (f.output_tokens - 1))
+                    self.router.observe_itl(
+                        ticket, (f.finish_time - f.first_token_time) / (f.output_tokens - 1)
+                    )
                 self.outliers.record_success(ticket.replica)
             self.router.finish(ticket, True, f.cached_tokens)
             rec = self.records[f.request_id]
@@ -415,7 +423,9 @@ class _Fleet:
             rep.kv_usage = eng.kv_cache_usage
             rep.metrics_ok = True
             if self.outliers is not None:
-                self.outliers.observe_engine(rep, float(eng.metrics.num_preemptions), eng.kv_cache_usage, None)
+                self.outliers.observe_engine(
+                    rep, float(eng.metrics.num_preemptions), eng.kv_cache_usage, None
+                )
 
     def _slow_edges(self) -> list[tuple[float, float]]:
         """(time, factor) changes of the slow replica, in order."""
@@ -445,7 +455,9 @@ class _Fleet:
 
     # ---- the run --------------------------------------------------------------------------
 
-    def run(self, reqs: Sequence[TraceRequest], name: str, on_route: Callable[[TraceRequest], None] | None) -> None:
+    def run(
+        self, reqs: Sequence[TraceRequest], name: str, on_route: Callable[[TraceRequest], None] | None
+    ) -> None:
         cfg = self.cfg
         bs = self.bs
         speedup = cfg.speedup
@@ -457,7 +469,9 @@ class _Fleet:
         records = self.records
         last_tick = -1
         # Retention is asked for turns whose session returns (a client that closes its last turn).
-        last_turn = {r.session_id: r.request_id for r in reqs if r.session_id is not None} if cfg.retain_s else {}
+        last_turn = (
+            {r.session_id: r.request_id for r in reqs if r.session_id is not None} if cfg.retain_s else {}
+        )
         edges = self._slow_edges()
         next_eval = 0.0
         for r in reqs:
@@ -483,7 +497,11 @@ class _Fleet:
             if on_route is not None:
                 on_route(r)
             info = router.request_info(
-                MODEL, block_hashes=full, prompt_tokens=n, max_tokens=max(1, r.output_length), session_id=r.session_id
+                MODEL,
+                block_hashes=full,
+                prompt_tokens=n,
+                max_tokens=max(1, r.output_length),
+                session_id=r.session_id,
             )
             replica = router.select(info)
             ticket = router.dispatch(info, replica)
@@ -565,7 +583,9 @@ def run_policy(
     return PolicyRun(
         name=name,
         records=records,
-        summary=summarize(records, slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s), replicas=[r.id for r in fleet.replicas]),
+        summary=summarize(
+            records, slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s), replicas=[r.id for r in fleet.replicas]
+        ),
         wall_s=wall,
         sim_end_s=end,
         engine_steps=fleet.steps,

@@ -84,7 +84,9 @@ def pd_configs(args: Any) -> list[PDConfig]:
     if not ps and not ds:
         return []
     if len(ps) != len(ds):
-        raise ValueError("--prefill-replicas and --decode-replicas need as many values each (e.g. 2,3 and 6,5)")
+        raise ValueError(
+            "--prefill-replicas and --decode-replicas need as many values each (e.g. 2,3 and 6,5)"
+        )
     out: list[PDConfig] = []
     for p, d in zip(ps, ds, strict=True):
         for text in getattr(args, "pd", None) or ["always", "auto", "threshold"]:

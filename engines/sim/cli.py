@@ -79,12 +79,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="split the replicas over P worker processes, one event loop each, as separate vLLM "
         "replicas are (same ports, names and output; default 1)",
     )
-    p.add_argument("--role", choices=["prefill", "decode", "both"], default="both",
-                   help="PD role: NIXL kv_transfer_params it serves (docs/engine-sim.md, PD)")
-    p.add_argument("--kv-lease", type=float, default=30.0, metavar="S",
-                   help="prefill: seconds the blocks stay pinned for the decode side (vLLM kv_lease_duration)")
-    p.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail",
-                   help="decode: a failed KV read fails the request (vLLM default) or recomputes it")
+    p.add_argument(
+        "--role",
+        choices=["prefill", "decode", "both"],
+        default="both",
+        help="PD role: NIXL kv_transfer_params it serves (docs/engine-sim.md, PD)",
+    )
+    p.add_argument(
+        "--kv-lease",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="prefill: seconds the blocks stay pinned for the decode side (vLLM kv_lease_duration)",
+    )
+    p.add_argument(
+        "--kv-load-failure-policy",
+        choices=["fail", "recompute"],
+        default="fail",
+        help="decode: a failed KV read fails the request (vLLM default) or recomputes it",
+    )
     p.add_argument("--first-replica", type=int, default=0, help=argparse.SUPPRESS)  # a worker's range
     f = p.add_argument_group("faults (see docs/engine-sim.md; change live with POST /sim/faults)")
     f.add_argument("--fault-refuse-connections", action="store_true", help="do not listen")
@@ -97,13 +110,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     f.add_argument(
         "--fault-die-after-chunks", type=int, default=None, metavar="K", help="cut streams after K"
     )
-    f.add_argument("--fault-slow-factor", type=float, default=1.0, metavar="F", help="engine steps F times slower")
+    f.add_argument(
+        "--fault-slow-factor", type=float, default=1.0, metavar="F", help="engine steps F times slower"
+    )
     f.add_argument("--fault-stuck", action="store_true", help="engine loop stops; /health stays 200")
     f.add_argument(
-        "--fault-stop-after-chunks", type=int, default=None, metavar="K", help="streams stop after K, conn open"
+        "--fault-stop-after-chunks",
+        type=int,
+        default=None,
+        metavar="K",
+        help="streams stop after K, conn open",
     )
     f.add_argument("--fault-preemption-rate", type=float, default=0.0, metavar="P", help="steps that preempt")
-    f.add_argument("--fault-health-stall", type=float, default=0.0, metavar="S", help="/health answers after S s")
+    f.add_argument(
+        "--fault-health-stall", type=float, default=0.0, metavar="S", help="/health answers after S s"
+    )
     f.add_argument("--fault-malformed-events", type=float, default=0.0, metavar="P", help="garble fraction P")
     f.add_argument("--fault-reorder-events", type=float, default=0.0, metavar="P", help="swap fraction P")
     p.set_defaults(func=run)

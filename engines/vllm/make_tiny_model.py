@@ -54,7 +54,7 @@ CHAT_TEMPLATE = (
     "{%- if tools -%}"
     "{{- '# Tools\nYou may call one or more functions. Their signatures are in <tools></tools>:\n<tools>\n' -}}"
     "{%- for tool in tools -%}{{- tool | tojson -}}{{- '\n' -}}{%- endfor -%}"
-    "{{- '</tools>\nFor each call, reply with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.\n' -}}"
+    '{{- \'</tools>\nFor each call, reply with <tool_call>{"name": ..., "arguments": ...}</tool_call>.\n\' -}}'
     "{%- endif -%}"
     "{%- if documents -%}"
     "{{- '# Documents\n' -}}"

@@ -53,8 +53,11 @@ def build_sources(config: DiscoveryConfig, environ: Mapping[str, str] | None = N
             if config.dns_srv:
                 _require_aiodns()
             # one name per pool (PD): each is its own source, its replicas stamped with the role
-            for dns_name, role in ((config.dns_name, "both"), (config.dns_prefill_name, "prefill"),
-                                   (config.dns_decode_name, "decode")):
+            for dns_name, role in (
+                (config.dns_name, "both"),
+                (config.dns_prefill_name, "prefill"),
+                (config.dns_decode_name, "decode"),
+            ):
                 if dns_name:
                     sources.append(DnsSource(msgspec.structs.replace(config, dns_name=dns_name), role=role))
         else:

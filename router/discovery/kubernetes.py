@@ -177,7 +177,11 @@ def slice_replicas(s: _EndpointSlice, cfg: DiscoveryConfig) -> tuple[ReplicaSpec
         cond = ep.conditions
         if cond.ready is False or cond.terminating is True or not ep.addresses:
             continue
-        name = ep.target_ref.name if ep.target_ref and ep.target_ref.kind == "Pod" and ep.target_ref.name else None
+        name = (
+            ep.target_ref.name
+            if ep.target_ref and ep.target_ref.kind == "Pod" and ep.target_ref.name
+            else None
+        )
         # The API says an endpoint's addresses are fungible and controllers set exactly one.
         out.append(replica_spec(ep.addresses[0], http_port, events_port, replay_port, name, role))
     return tuple(out)
@@ -213,8 +217,13 @@ def pod_replicas(p: _Pod, cfg: DiscoveryConfig, annotations: bool = True) -> tup
     if http_port is None:
         return ()
     ann = (p.metadata.annotations or {}) if annotations else {}
-    base = replica_spec(st.pod_ip, http_port, ports.get(cfg.k8s_events_port_name),
-                 ports.get(cfg.k8s_replay_port_name), p.metadata.name or None)
+    base = replica_spec(
+        st.pod_ip,
+        http_port,
+        ports.get(cfg.k8s_events_port_name),
+        ports.get(cfg.k8s_replay_port_name),
+        p.metadata.name or None,
+    )
     kv_events = _annotation_endpoint(ann.get(ANNOTATION_KV_EVENTS), st.pod_ip) or base.kv_events
     kv_replay = _annotation_endpoint(ann.get(ANNOTATION_KV_REPLAY), st.pod_ip) or base.kv_replay
     role = role_from_labels(p.metadata.labels)
@@ -232,8 +241,15 @@ class KubernetesSource:
 
     name = "k8s"
 
-    def __init__(self, cfg: DiscoveryConfig, *, api_url: str, namespace: str,
-                 rng: random.Random | None = None, min_watch_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        cfg: DiscoveryConfig,
+        *,
+        api_url: str,
+        namespace: str,
+        rng: random.Random | None = None,
+        min_watch_s: float = 1.0,
+    ) -> None:
         self.cfg = cfg
         self.api_url = api_url.rstrip("/")
         self.namespace = namespace
@@ -315,8 +331,12 @@ class KubernetesSource:
     async def _list(self, session: aiohttp.ClientSession) -> str:
         self.stats.lists += 1
         params = {"labelSelector": self.selector}
-        async with session.get(self.api_url + self.path, params=params, headers=self._headers(),
-                               timeout=aiohttp.ClientTimeout(total=30)) as resp:
+        async with session.get(
+            self.api_url + self.path,
+            params=params,
+            headers=self._headers(),
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as resp:
             await self._raise_for_status(resp)
             lst = _decode_list(await resp.read())
         objects = {}
@@ -341,11 +361,13 @@ class KubernetesSource:
         }
         # sock_read bounds silence: the server ends the watch at timeoutSeconds, so anything much
         # longer than that without a byte is a dead connection (e.g. a vanished node).
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                        sock_read=self.cfg.k8s_watch_timeout_s + 30)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=self.cfg.k8s_watch_timeout_s + 30
+        )
         events = 0
-        async with session.get(self.api_url + self.path, params=params, headers=self._headers(),
-                               timeout=timeout) as resp:
+        async with session.get(
+            self.api_url + self.path, params=params, headers=self._headers(), timeout=timeout
+        ) as resp:
             await self._raise_for_status(resp)
             buf = bytearray()
             async for chunk in resp.content.iter_any():
@@ -409,21 +431,34 @@ class KubernetesSource:
                 except _Gone as exc:
                     self.stats.gone += 1
                     gone_in_a_row += 1
-                    log.info("k8s discovery: resourceVersion %s expired (%s); re-listing",
-                             self.resource_version, exc)
+                    log.info(
+                        "k8s discovery: resourceVersion %s expired (%s); re-listing",
+                        self.resource_version,
+                        exc,
+                    )
                     self.resource_version = None
                     # Re-list at once after a watch expired; back off only if the server keeps
                     # answering Gone without a watch succeeding in between.
                     if gone_in_a_row > 1:
                         await asyncio.sleep(self._backoff.next_delay())
-                except (aiohttp.ClientError, TimeoutError, OSError, ApiError,
-                        msgspec.DecodeError, msgspec.ValidationError) as exc:
+                except (
+                    aiohttp.ClientError,
+                    TimeoutError,
+                    OSError,
+                    ApiError,
+                    msgspec.DecodeError,
+                    msgspec.ValidationError,
+                ) as exc:
                     kind = f"http_{exc.status}" if isinstance(exc, ApiError) else type(exc).__name__
                     self.stats.error(kind)
                     delay = self._backoff.next_delay()
-                    log.warning("k8s discovery: %s %s failed: %s; retrying in %.1fs from RV %s",
-                                self.cfg.k8s_resource, self.selector, exc, delay, self.resource_version)
+                    log.warning(
+                        "k8s discovery: %s %s failed: %s; retrying in %.1fs from RV %s",
+                        self.cfg.k8s_resource,
+                        self.selector,
+                        exc,
+                        delay,
+                        self.resource_version,
+                    )
                     changes.offer_initial_empty()
                     await asyncio.sleep(delay)
-
-

@@ -172,10 +172,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     kv_events = None
     if cfg.kv_events.mode != "off":
         kv_events = KVEventManager(
-            event_sink(st.index, cfg.lmcache), capacity=cfg.routing.index_capacity, registry=st.metrics.registry
+            event_sink(st.index, cfg.lmcache),
+            capacity=cfg.routing.index_capacity,
+            registry=st.metrics.registry,
         )
     cpu_lookup = build_lookup(cfg.lmcache, st.index, session, kv_events, st.metrics.registry)
-    modes = CpuTierModeCollector(lambda: [r.id for r in st.registry], kv_events, cpu_lookup, cfg.lmcache.credit_cpu_tier)
+    modes = CpuTierModeCollector(
+        lambda: [r.id for r in st.registry], kv_events, cpu_lookup, cfg.lmcache.credit_cpu_tier
+    )
     st.metrics.registry.register(modes)
     outliers = st.router.outliers
     assert outliers is not None
@@ -226,7 +230,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         offload_parse_bytes=cfg.routing.offload_parse_bytes,
     )
     pd = PDRouter(cfg.pd, st.router, st.registry, forwarder, pool, st.metrics.registry, cfg.upstream.api_key)
-    path = RequestPath(cfg, st.router, st.admission, forwarder, st.metrics, st.drain, st.limits, context, pd, cpu_lookup)
+    path = RequestPath(
+        cfg, st.router, st.admission, forwarder, st.metrics, st.drain, st.limits, context, pd, cpu_lookup
+    )
     run = Running(session, kv_events, monitor, pool, path)
     app[RUNNING] = run
     canary = Canary(cfg.outliers, st.registry, outliers, session, cfg.upstream.api_key)

@@ -65,10 +65,14 @@ class ClientMetrics:
             registry=registry,
         )
         self.buffered = Gauge(
-            "kvrouter_buffered_body_bytes", "Request body bytes reserved across all connections", registry=registry
+            "kvrouter_buffered_body_bytes",
+            "Request body bytes reserved across all connections",
+            registry=registry,
         )
         self.log_suppressed = Counter(
-            "kvrouter_log_lines_suppressed", "Rejection log lines dropped by the rate limit", registry=registry
+            "kvrouter_log_lines_suppressed",
+            "Rejection log lines dropped by the rate limit",
+            registry=registry,
         )
 
 

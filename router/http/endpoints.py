@@ -122,7 +122,12 @@ async def ready(request: web.Request) -> web.Response:
     routable = len(st.registry.routable())
     draining = st.drain.draining
     ok = routable > 0 and not draining
-    out: dict[str, Any] = {"ready": ok, "routable_replicas": routable, "replicas": len(st.registry), "draining": draining}
+    out: dict[str, Any] = {
+        "ready": ok,
+        "routable_replicas": routable,
+        "replicas": len(st.registry),
+        "draining": draining,
+    }
     if warnings := st.parity.warnings():  # readiness is unaffected: the fleet still serves
         out["warnings"] = warnings
     body = _json.encode(out)

@@ -53,7 +53,14 @@ class _Head:
     __slots__ = ("auth", "headers", "info", "keep_alive", "length", "path", "target")
 
     def __init__(
-        self, path: str, info: InfoParser, target: bytes, headers: Headers, length: int, keep_alive: bool, auth: str
+        self,
+        path: str,
+        info: InfoParser,
+        target: bytes,
+        headers: Headers,
+        length: int,
+        keep_alive: bool,
+        auth: str,
     ) -> None:
         self.path = path
         self.info = info
@@ -312,12 +319,18 @@ class FastPath(asyncio.Protocol):
         adm = rp.admission
         if adm.max_in_flight and adm.in_flight >= adm.max_in_flight and adm.queued >= adm.max_queue:
             adm.on_reject()
-            return Overloaded("The router is at capacity; retry later.", retry_after=adm.retry_after_s), "admission"
+            return Overloaded(
+                "The router is at capacity; retry later.", retry_after=adm.retry_after_s
+            ), "admission"
         limits = self.limits
         if limits.clients.rate > 0 and not limits.clients.allow_request(self.peer):
-            return Overloaded("Too many requests from this client; retry later.", retry_after=1), "client_rate"
+            return Overloaded(
+                "Too many requests from this client; retry later.", retry_after=1
+            ), "client_rate"
         if not limits.budget.reserve(head.length):
-            return BodyBudgetExceeded("The router is buffering too many request bodies; retry later.", retry_after=1), "body_budget"
+            return BodyBudgetExceeded(
+                "The router is buffering too many request bodies; retry later.", retry_after=1
+            ), "body_budget"
         self.reserved += head.length
         return None
 

@@ -35,6 +35,7 @@ from router.types import KeyMode, RequestInfo
 log = logging.getLogger("kvrouter.server")
 _proxy_log = logging.getLogger("kvrouter.proxy")
 
+
 class InfoParser(Protocol):
     def __call__(self, router: Router, body: bytes, limits: ContextLimits | None = None) -> RequestInfo: ...
 
@@ -51,13 +52,24 @@ def completion_info(router: Router, body: bytes, limits: ContextLimits | None = 
     tok = router.tokenizer
     if isinstance(tok, HFTokenizer) and router.policy.needs_match:
         # what vLLM tokenises: add_special_tokens as asked, then the last truncate_prompt_tokens
-        keep = view.truncate_prompt_tokens if view.truncate_prompt_tokens and view.truncate_prompt_tokens > 0 else 0
+        keep = (
+            view.truncate_prompt_tokens
+            if view.truncate_prompt_tokens and view.truncate_prompt_tokens > 0
+            else 0
+        )
         if keep or not view.add_special_tokens:
-            prompts = [_as_vllm_tokenises(tok, ids, text, view.add_special_tokens, keep) for ids, text in prompts]
+            prompts = [
+                _as_vllm_tokenises(tok, ids, text, view.add_special_tokens, keep) for ids, text in prompts
+            ]
     try:
         infos = [
             router.request_info(
-                model, token_ids=ids, text=text, cache_salt=view.cache_salt, max_tokens=max_tokens, stream=view.stream
+                model,
+                token_ids=ids,
+                text=text,
+                cache_salt=view.cache_salt,
+                max_tokens=max_tokens,
+                stream=view.stream,
             )
             for ids, text in prompts
         ]
@@ -226,7 +238,13 @@ def new_explanation(router: Router, req: RequestInfo) -> Explanation:
 
 
 async def generate(
-    rp: RequestPath, path: str, info: InfoParser, sink: ResponseSink, target: bytes, headers: bytes, body: bytes
+    rp: RequestPath,
+    path: str,
+    info: InfoParser,
+    sink: ResponseSink,
+    target: bytes,
+    headers: bytes,
+    body: bytes,
 ) -> None:
     """Parse, admit, route and forward one generate request (the caller holds the drain guard and
     has checked the API key). Raises RouterError for answers that never reached the sink."""
@@ -259,7 +277,9 @@ async def generate(
         if rp.pd is not None and rp.pd.active(req.model):
             await rp.pd.handle(sink, target, headers, body, req)
         else:
-            await rp.forwarder.forward(sink, "POST", target, headers, body, req, explain=explain, body_for=body_for)
+            await rp.forwarder.forward(
+                sink, "POST", target, headers, body, req, explain=explain, body_for=body_for
+            )
         if hints is not None and hints.speculative_prefill:
             speculative_prefill(rp, sink, hints, req, path, target, headers)
     finally:

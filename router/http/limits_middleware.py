@@ -60,16 +60,22 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise _refused(request, PayloadTooLarge(f"Request body exceeds {max_body} bytes."), "body_too_large")
     limits = st.limits
     if not limits.budget.reserve(n):
-        busy = BodyBudgetExceeded("The router is buffering too many request bodies; retry later.", retry_after=1)
+        busy = BodyBudgetExceeded(
+            "The router is buffering too many request bodies; retry later.", retry_after=1
+        )
         raise _refused(request, busy, "body_budget")
     try:
         try:
             async with asyncio.timeout(limits.body_deadline(n)):
                 await request.read()  # kept by the request: the handler's read() returns it
         except TimeoutError:
-            raise _refused(request, RequestTimeout("The request body did not arrive in time."), "body_timeout") from None
+            raise _refused(
+                request, RequestTimeout("The request body did not arrive in time."), "body_timeout"
+            ) from None
         except web.HTTPRequestEntityTooLarge:
-            raise _refused(request, PayloadTooLarge(f"Request body exceeds {max_body} bytes."), "body_too_large") from None
+            raise _refused(
+                request, PayloadTooLarge(f"Request body exceeds {max_body} bytes."), "body_too_large"
+            ) from None
         return await handler(request)
     finally:
         limits.budget.release(n)

@@ -198,7 +198,9 @@ class ListenerSite(web.BaseSite):
         clients = self._clients
         if self.limit <= 0 and clients is None:
             return handler()
-        if (self.limit > 0 and self.open >= self.limit) or (clients is not None and not clients.connect(addr)):
+        if (self.limit > 0 and self.open >= self.limit) or (
+            clients is not None and not clients.connect(addr)
+        ):
             if self._on_refuse is not None:
                 self._on_refuse()
             return _Refuse()

@@ -105,11 +105,17 @@ def _generate(summary: str, schema_ref: str) -> dict[str, Any]:
     return {
         "post": {
             "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": schema_ref}}}},
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": schema_ref}}},
+            },
             "responses": {
                 "200": {
                     "description": "The engine's answer, relayed byte for byte (JSON, or SSE when stream=true)",
-                    "content": {"application/json": {"schema": _ANY_JSON}, "text/event-stream": {"schema": {"type": "string"}}},
+                    "content": {
+                        "application/json": {"schema": _ANY_JSON},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
                 },
                 # An engine's own 4xx for a request the router could route is relayed unchanged.
                 "422": {"description": "Rejected by the engine (relayed)"},
@@ -130,7 +136,9 @@ def openapi_spec(cfg: Config) -> dict[str, Any]:
                 "responses": {"200": _json(_ANY_JSON, "OpenAI model list"), **_errors(401)},
             }
         },
-        "/health": {"get": {"summary": "Liveness", "responses": {"200": _json(_ANY_JSON, "The event loop answers")}}},
+        "/health": {
+            "get": {"summary": "Liveness", "responses": {"200": _json(_ANY_JSON, "The event loop answers")}}
+        },
         "/ready": {
             "get": {
                 "summary": "Readiness",
@@ -143,7 +151,12 @@ def openapi_spec(cfg: Config) -> dict[str, Any]:
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",
-                "responses": {"200": {"description": "Text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                "responses": {
+                    "200": {
+                        "description": "Text exposition",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
             }
         },
     }
@@ -164,7 +177,10 @@ def openapi_spec(cfg: Config) -> dict[str, Any]:
                         }
                     },
                 },
-                "responses": {"200": _json(_ANY_JSON, "Decision and per-replica scores"), **_errors(400, 403, 404, 413, 503)},
+                "responses": {
+                    "200": _json(_ANY_JSON, "Decision and per-replica scores"),
+                    **_errors(400, 403, 404, 413, 503),
+                },
             }
         }
         paths["/debug/replicas"] = {
@@ -175,7 +191,11 @@ def openapi_spec(cfg: Config) -> dict[str, Any]:
         }
     doc: dict[str, Any] = {
         "openapi": "3.0.3",
-        "info": {"title": "kvrouter", "version": "0.1.0", "description": "Cache-aware OpenAI-compatible router for vLLM"},
+        "info": {
+            "title": "kvrouter",
+            "version": "0.1.0",
+            "description": "Cache-aware OpenAI-compatible router for vLLM",
+        },
         "paths": paths,
         "components": {
             "schemas": {"Error": _ERROR, "CompletionRequest": _COMPLETION, "ChatRequest": _CHAT},

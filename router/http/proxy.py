@@ -96,7 +96,11 @@ def _connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
     """RFC 9110 7.6.1: every header named in ``Connection`` is hop-by-hop too, so a client (or an
     engine) cannot smuggle per-connection headers through the proxy by listing them there."""
     return frozenset(
-        t.strip().lower() for k, v in headers if k.lower() == b"connection" for t in v.split(b",") if t.strip()
+        t.strip().lower()
+        for k, v in headers
+        if k.lower() == b"connection"
+        for t in v.split(b",")
+        if t.strip()
     )
 
 
@@ -148,7 +152,9 @@ class AiohttpSink:
         out = web.StreamResponse(
             status=status,
             reason=reason.decode("latin-1") or None,
-            headers=CIMultiDict((k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in headers),
+            headers=CIMultiDict(
+                (k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in headers
+            ),
         )
         if length is not None:
             out.content_length = length
@@ -248,7 +254,9 @@ class Forwarder:
                 if fail.reason.startswith("status_") or fail.reason == "upstream_reset":
                     # A reset before the answer may be the engine refusing this request's bytes:
                     # the same poison-pill rule as 5xx (F5).
-                    suspects.append((replica, "status_5xx" if fail.reason.startswith("status_") else fail.reason))
+                    suspects.append(
+                        (replica, "status_5xx" if fail.reason.startswith("status_") else fail.reason)
+                    )
                 elif fail.eject:
                     self.hooks.on_failure(replica, fail.reason)
                 self.metrics.count_request(replica.id, fail.error.status)
@@ -264,13 +272,18 @@ class Forwarder:
                 raise
         assert last is not None
         if suspects:
-            log.info("request failed (5xx or reset) on %d replica(s): not counted against their health", len(suspects))
+            log.info(
+                "request failed (5xx or reset) on %d replica(s): not counted against their health",
+                len(suspects),
+            )
         raise last.error
 
     def _least_loaded(self, req: RequestInfo, exclude: list[ReplicaId]) -> Replica:
         # as Router.select: a pinned target is looked up before outlier thinning
-        pinned = None if req.pin is None or req.pin in exclude else pinned_candidate(
-            self.router.registry.candidates(req.model), req.pin
+        pinned = (
+            None
+            if req.pin is None or req.pin in exclude
+            else pinned_candidate(self.router.registry.candidates(req.model), req.pin)
         )
         if pinned is not None:
             return pinned
@@ -409,7 +422,9 @@ class Forwarder:
             log.warning("stream from %s broke after first byte: %s", replica.id, reason)
             if is_sse:
                 try:
-                    await sink.write(sse_error_event(f"Upstream replica failed mid-stream ({reason}).", code=reason))
+                    await sink.write(
+                        sse_error_event(f"Upstream replica failed mid-stream ({reason}).", code=reason)
+                    )
                     await sink.finish()
                 except (ConnectionResetError, RuntimeError):
                     pass

@@ -55,7 +55,13 @@ def session_request(
 
 
 def speculative_prefill(
-    rp: RequestPath, sink: ResponseSink, hints: SessionHints, req: RequestInfo, path: str, target: bytes, headers: bytes
+    rp: RequestPath,
+    sink: ResponseSink,
+    hints: SessionHints,
+    req: RequestInfo,
+    path: str,
+    target: bytes,
+    headers: bytes,
 ) -> None:
     """After a completed turn that asked for it: warm the next turn's prefix (prefill.py)."""
     from router.http.generate import GENERATE_PATHS  # generate imports this module
@@ -68,7 +74,9 @@ def speculative_prefill(
         return
     body = warm_body(hints.body, answer, chat, hints.strip)
     if body is not None:
-        schedule_warmup(rp.router, rp.forwarder.forward, GENERATE_PATHS[path], target, headers, body, req.session_id)
+        schedule_warmup(
+            rp.router, rp.forwarder.forward, GENERATE_PATHS[path], target, headers, body, req.session_id
+        )
 
 
 def finish_session(router: Router, hints: SessionHints, req: RequestInfo) -> None:

@@ -277,7 +277,13 @@ class UpstreamPool:
         """Send ``method target`` to the replica at ``url``; ``headers`` is pre-encoded
         ``Name: value\\r\\n`` lines without Host and Content-Length."""
         key = self.origin(url)
-        head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s" % (method.encode(), key.prefix, target, key.host_header, headers)
+        head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s" % (
+            method.encode(),
+            key.prefix,
+            target,
+            key.host_header,
+            headers,
+        )
         if body or method not in ("GET", "HEAD"):
             head += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         else:
@@ -317,7 +323,9 @@ class UpstreamPool:
             ctx = self._ssl
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(lambda: _Connection(self, key), key.host, key.port, ssl=ctx)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, key), key.host, key.port, ssl=ctx
+                )
         except TimeoutError:
             raise UpstreamConnectError(f"connect to {key.host}:{key.port} timed out") from None
         except OSError as exc:

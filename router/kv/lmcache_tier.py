@@ -183,7 +183,12 @@ class GpuOnlySink:
         self.index = index
 
     def store(
-        self, replica: ReplicaId, hashes: Sequence[BlockHash], tier: Tier = Tier.GPU, *, speculative: bool = False
+        self,
+        replica: ReplicaId,
+        hashes: Sequence[BlockHash],
+        tier: Tier = Tier.GPU,
+        *,
+        speculative: bool = False,
     ) -> None:
         if tier is Tier.GPU:
             self.index.store(replica, hashes, tier, speculative=speculative)

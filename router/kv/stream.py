@@ -451,7 +451,9 @@ class ReplicaEvents:
         previous chunk's engine hash; its entry holds the router hash of that chunk's last block."""
         engine_hashes = ev.block_hashes
         per = ev.block_size // rbs
-        if ev.lora_id is not None or (ev.extra_keys is not None and ev.extra_keys.count(None) != len(ev.extra_keys)):
+        if ev.lora_id is not None or (
+            ev.extra_keys is not None and ev.extra_keys.count(None) != len(ev.extra_keys)
+        ):
             self.metrics.unmodeled.inc(len(engine_hashes) * per)  # LMCache MP keys carry neither
             return ()
         parent = ev.parent_block_hash

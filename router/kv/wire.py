@@ -99,9 +99,7 @@ class LegacyKVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode_batch(
-    ts: float, events: list[KVEvent], dp_rank: int | None = 0, *, legacy: bool = False
-) -> bytes:
+def encode_batch(ts: float, events: list[KVEvent], dp_rank: int | None = 0, *, legacy: bool = False) -> bytes:
     """Payload bytes of one ZMQ message, in vLLM 0.32's shape or the legacy array shape."""
     if not legacy:
         return _encoder.encode(KVEventBatch(ts, events, dp_rank))

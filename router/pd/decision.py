@@ -181,7 +181,9 @@ def decide(
     """Split (remote prefill on ``prefill``, decode on ``decode``) or run locally on ``decode``."""
     loc, stall, unc_d = local_ttft(prompt_tokens, decode, params)
     if prefill is None:
-        return Decision(False, LOCAL_NO_PREFILL, "no routable prefill replica", loc, None, stall, unc_d, 0, 0.0)
+        return Decision(
+            False, LOCAL_NO_PREFILL, "no routable prefill replica", loc, None, stall, unc_d, 0, 0.0
+        )
     rem, xfer, unc_p = remote_ttft(prompt_tokens, decode, prefill, link, params)
 
     def out(split: bool, outcome: str, reason: str) -> Decision:
@@ -198,13 +200,21 @@ def decide(
         return _threshold(prompt_tokens, unc_d, params, out)
     if unc_d < params.min_split_tokens:
         if decode.cached_tokens > 0 and prompt_tokens >= params.min_split_tokens:
-            return out(False, LOCAL_CACHED, f"decode replica holds {decode.cached_tokens}/{prompt_tokens} tokens")
+            return out(
+                False, LOCAL_CACHED, f"decode replica holds {decode.cached_tokens}/{prompt_tokens} tokens"
+            )
         return out(False, LOCAL_SHORT, f"{unc_d} uncached tokens < {params.min_split_tokens}")
     local_cost = loc + params.stall_weight * stall
     if rem + params.min_gain_s < local_cost:
-        return out(True, SPLIT, f"remote {rem * 1e3:.1f} ms < local {loc * 1e3:.1f} ms + stall {stall * 1e3:.1f} ms·req")
+        return out(
+            True,
+            SPLIT,
+            f"remote {rem * 1e3:.1f} ms < local {loc * 1e3:.1f} ms + stall {stall * 1e3:.1f} ms·req",
+        )
     if decode.cached_tokens > 0 and unc_p > unc_d:
-        return out(False, LOCAL_CACHED, f"decode replica's cached {decode.cached_tokens} tokens make local faster")
+        return out(
+            False, LOCAL_CACHED, f"decode replica's cached {decode.cached_tokens} tokens make local faster"
+        )
     return out(False, LOCAL_FASTER, f"local {loc * 1e3:.1f} ms (+stall) <= remote {rem * 1e3:.1f} ms")
 
 
@@ -220,7 +230,9 @@ def _threshold(prompt_tokens: int, unc_d: int, params: DecisionParams, out: _Out
     # Dynamo isl_bounding: bypass remote prefill iff eff_isl < N and eff_isl / isl < ratio.
     share = unc_d / prompt_tokens if prompt_tokens else 0.0
     if unc_d < n and share < ratio:
-        return out(False, LOCAL_THRESHOLD, f"threshold: {unc_d} uncached < {n} and share {share:.2f} < {ratio}")
+        return out(
+            False, LOCAL_THRESHOLD, f"threshold: {unc_d} uncached < {n} and share {share:.2f} < {ratio}"
+        )
     return out(True, SPLIT, f"threshold: {unc_d} uncached, share {share:.2f}")
 
 
@@ -254,7 +266,11 @@ def pick_decode(
     for i in pool:
         d = decodes[i]
         dec = decide(prompt_tokens, d, prefill, link, params, n)
-        cost = dec.chosen_ttft_s + params.stall_weight * (0.0 if dec.split else dec.stall_s) + itl_weight * d.running
+        cost = (
+            dec.chosen_ttft_s
+            + params.stall_weight * (0.0 if dec.split else dec.stall_s)
+            + itl_weight * d.running
+        )
         if cost < best_cost:
             best_i, best_cost, best_dec = i, cost, dec
     assert best_dec is not None

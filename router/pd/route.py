@@ -126,7 +126,9 @@ class PDRouter:
             threshold_tokens=settings.threshold_tokens,
             threshold_max_cached_ratio=settings.threshold_max_cached_ratio,
         )
-        self.link = LinkModel(settings.link_bandwidth_bytes_s, settings.link_latency_s, settings.kv_bytes_per_token)
+        self.link = LinkModel(
+            settings.link_bandwidth_bytes_s, settings.link_latency_s, settings.kv_bytes_per_token
+        )
         self.versions: dict[str, str | None] = {}  # replica id -> GET /version body (None: unknown)
         self._warned: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -156,7 +158,9 @@ class PDRouter:
 
     async def fetch_version(self, rep: Replica) -> None:
         """GET /version once (vLLM: {"version": "0.32.0"}); failures leave it unknown."""
-        headers = b"Authorization: Bearer " + self.upstream_key.encode() + b"\r\n" if self.upstream_key else b""
+        headers = (
+            b"Authorization: Bearer " + self.upstream_key.encode() + b"\r\n" if self.upstream_key else b""
+        )
         try:
             async with asyncio.timeout(5.0):
                 up = await self.pool.request(rep.url, "GET", b"/version", headers, b"")
@@ -198,7 +202,10 @@ class PDRouter:
         """PD applies when this model has prefill replicas configured (healthy or not)."""
         if not self._prefill_ids:  # aggregated fleet: one set lookup per request
             return False
-        return any(r.spec.role == "prefill" and (model is None or not r.models or model in r.models) for r in self.registry)
+        return any(
+            r.spec.role == "prefill" and (model is None or not r.models or model in r.models)
+            for r in self.registry
+        )
 
     def _cached(self, req: RequestInfo, rep: Replica) -> int:
         s = rep.slot
@@ -248,11 +255,20 @@ class PDRouter:
             if p is None:
                 loc = decide(req.prompt_tokens, views[choice.index], None, self.link, self.params, n)
                 dec = Decision(
-                    False, LOCAL_VERSION, "no prefill replica runs the decode replica's vLLM build",
-                    loc.local_ttft_s, None, loc.stall_s, loc.uncached_decode, 0, 0.0,
+                    False,
+                    LOCAL_VERSION,
+                    "no prefill replica runs the decode replica's vLLM build",
+                    loc.local_ttft_s,
+                    None,
+                    loc.stall_s,
+                    loc.uncached_decode,
+                    0,
+                    0.0,
                 )
                 return Plan(d, None, dec)
-            dec = decide(req.prompt_tokens, views[choice.index], self._prefill_view(req, p), self.link, self.params, n)
+            dec = decide(
+                req.prompt_tokens, views[choice.index], self._prefill_view(req, p), self.link, self.params, n
+            )
         return Plan(d, p, dec)
 
     def explain(self, req: RequestInfo, body: bytes) -> dict[str, Any]:
@@ -389,5 +405,3 @@ async def _read_all(read: Any, limit: int) -> bytes:
         if size > limit:
             raise ValueError("answer too large")
         parts.append(chunk)
-
-

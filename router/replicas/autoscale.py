@@ -87,19 +87,29 @@ class AutoscaleCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         fams = {
-            "replicas": GaugeMetricFamily("kvrouter_autoscale_replicas", "Routable replicas", labels=["model"]),
+            "replicas": GaugeMetricFamily(
+                "kvrouter_autoscale_replicas", "Routable replicas", labels=["model"]
+            ),
             "waiting": GaugeMetricFamily(
                 "kvrouter_autoscale_waiting_requests", "Engine-reported waiting requests", labels=["model"]
             ),
             "backlog": GaugeMetricFamily(
-                "kvrouter_autoscale_prefill_backlog_tokens", "Uncached prompt tokens awaiting prefill", labels=["model"]
+                "kvrouter_autoscale_prefill_backlog_tokens",
+                "Uncached prompt tokens awaiting prefill",
+                labels=["model"],
             ),
             "wait": GaugeMetricFamily(
-                "kvrouter_autoscale_queue_wait_seconds", "Queued prefill / measured prefill rate", labels=["model"]
+                "kvrouter_autoscale_queue_wait_seconds",
+                "Queued prefill / measured prefill rate",
+                labels=["model"],
             ),
-            "kv": GaugeMetricFamily("kvrouter_autoscale_kv_pressure", "Mean KV-cache usage (0-1)", labels=["model"]),
+            "kv": GaugeMetricFamily(
+                "kvrouter_autoscale_kv_pressure", "Mean KV-cache usage (0-1)", labels=["model"]
+            ),
             "sat": GaugeMetricFamily(
-                "kvrouter_autoscale_saturation", "Demand over capacity (1 = at capacity; docs/autoscaling.md)", labels=["model"]
+                "kvrouter_autoscale_saturation",
+                "Demand over capacity (1 = at capacity; docs/autoscaling.md)",
+                labels=["model"],
             ),
         }
         for m in model_loads(self.registry):

@@ -103,7 +103,12 @@ class Canary:
             return ok
         if not ok:
             self.failed += 1
-            log.warning("canary to %s failed after %.2fs (%s) while /health may say 200", rep.id, self.clock() - t0, detail)
+            log.warning(
+                "canary to %s failed after %.2fs (%s) while /health may say 200",
+                rep.id,
+                self.clock() - t0,
+                detail,
+            )
         self.detector.canary_result(rep, ok, detail)
         return ok
 

@@ -183,7 +183,9 @@ class ReplicaMonitor:
         assert self.kv_events is not None
         # vLLM keys base-model blocks with no name at all; the router seeds them with the base
         # model's first served name, never with whichever id (an adapter?) sorts first (audit #11)
-        model = rep.base_model or (rep.spec.models[0] if rep.spec.models else next(iter(sorted(rep.models)), ""))
+        model = rep.base_model or (
+            rep.spec.models[0] if rep.spec.models else next(iter(sorted(rep.models)), "")
+        )
         sources: list[tuple[str, str | None, str, bool]] = []
         explicit = self._explicit_events.get(rep.url) or rep.spec.kv_events
         if explicit:

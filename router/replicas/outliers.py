@@ -50,7 +50,13 @@ from router.replicas.registry import Replica, ReplicaRegistry
 
 log = logging.getLogger("kvrouter.outliers")
 
-HEALTHY, DEGRADED, EJECTED, SLOW_START, CANARY_FAILED = "healthy", "degraded", "ejected", "slow_start", "canary_failed"
+HEALTHY, DEGRADED, EJECTED, SLOW_START, CANARY_FAILED = (
+    "healthy",
+    "degraded",
+    "ejected",
+    "slow_start",
+    "canary_failed",
+)
 STATES = (HEALTHY, DEGRADED, EJECTED, SLOW_START, CANARY_FAILED)
 MIN_TOKENS = 64  # TTFT per token counts at least this many uncached tokens
 KV_PINNED = 0.999
@@ -108,7 +114,9 @@ class OutlierDetector:
         self.rng = rng or random.Random(0)
         self.health: dict[str, ReplicaHealth] = {}
         self.ejections: dict[tuple[str, str], int] = {}  # (replica, reason) -> count
-        self.transitions: list[tuple[float, str, str, str, str]] = []  # (t, replica, from, to, reason), last 256
+        self.transitions: list[
+            tuple[float, str, str, str, str]
+        ] = []  # (t, replica, from, to, reason), last 256
         self._abnormal = 0  # replicas not healthy: admit() is a no-op while 0
         registry.on_change(self._on_registry_change)
 
@@ -127,7 +135,9 @@ class OutlierDetector:
             h.joined_at = min(h.joined_at, now)
             span = self.cfg.slow_start_s
             peers = [
-                r for r in self.registry if r is not rep and r.routable and self._h(r.id).joined_at <= now - span
+                r
+                for r in self.registry
+                if r is not rep and r.routable and self._h(r.id).joined_at <= now - span
             ]
             if peers and span > 0:
                 h.ttft.clear()
@@ -291,7 +301,12 @@ class OutlierDetector:
             self._step(r, h, reason, numbers, reps, now)
 
     def _judge(
-        self, r: Replica, h: ReplicaHealth, summaries: dict[str, dict[str, float]], peers: list[Replica], now: float
+        self,
+        r: Replica,
+        h: ReplicaHealth,
+        summaries: dict[str, dict[str, float]],
+        peers: list[Replica],
+        now: float,
     ) -> tuple[str, dict[str, float]]:
         """The first signal on which ``r`` is worse than its peers (or its engine says sick)."""
         mine = summaries[r.id]
@@ -320,7 +335,13 @@ class OutlierDetector:
         return "", mine
 
     def _step(
-        self, r: Replica, h: ReplicaHealth, reason: str, numbers: dict[str, float], reps: list[Replica], now: float
+        self,
+        r: Replica,
+        h: ReplicaHealth,
+        reason: str,
+        numbers: dict[str, float],
+        reps: list[Replica],
+        now: float,
     ) -> None:
         h.numbers = numbers
         if not reason:
@@ -390,7 +411,9 @@ class OutlierCollector(Collector):
                 state.add_metric([rep.id, s], 1.0 if s == cur else 0.0)
         yield state
         ej = CounterMetricFamily(
-            "kvrouter_outlier_ejections", "Replicas ejected as outliers, by reason", labels=["replica", "reason"]
+            "kvrouter_outlier_ejections",
+            "Replicas ejected as outliers, by reason",
+            labels=["replica", "reason"],
         )
         for (rid, reason), n in sorted(d.ejections.items()):
             ej.add_metric([rid, reason], float(n))

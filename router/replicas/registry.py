@@ -258,7 +258,9 @@ class ReplicaRegistry:
             cached = [
                 r
                 for r in self._replicas.values()
-                if r.routable and r.spec.role != "prefill" and (model is None or not r.models or model in r.models)
+                if r.routable
+                and r.spec.role != "prefill"
+                and (model is None or not r.models or model in r.models)
             ]
             self._candidates[model] = cached
         return cached
@@ -268,7 +270,9 @@ class ReplicaRegistry:
         return [
             r
             for r in self._replicas.values()
-            if r.routable and r.spec.role == "prefill" and (model is None or not r.models or model in r.models)
+            if r.routable
+            and r.spec.role == "prefill"
+            and (model is None or not r.models or model in r.models)
         ]
 
     def serves(self, model: str) -> bool:

@@ -64,7 +64,9 @@ class Explanation:
         for r in self.replicas:
             sc = " ".join(f"{k}={v:.3f}" for k, v in r.scores.items())
             mark = " filtered" if r.filtered_out else ""
-            parts.append(f"[{r.replica} gpu={r.gpu_blocks} cpu={r.any_tier_blocks} {sc} total={r.total:.3f}{mark}]")
+            parts.append(
+                f"[{r.replica} gpu={r.gpu_blocks} cpu={r.any_tier_blocks} {sc} total={r.total:.3f}{mark}]"
+            )
         return " ".join(parts)
 
 
@@ -89,7 +91,9 @@ class Pipeline:
         self.needs_match = True
         self.max_candidates = max_candidates
 
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+    def select(
+        self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None
+    ) -> Replica:
         if len(candidates) == 1 and explain is None:
             return candidates[0]
         self._count += 1
@@ -113,7 +117,9 @@ class Pipeline:
             if explain is not None:
                 per_scorer.append((scorer.type_name, values))  # raw: shows a misbehaving scorer
             if len(values) != len(totals):
-                raise ValueError(f"scorer {scorer.type_name} returned {len(values)} scores for {len(totals)} replicas")
+                raise ValueError(
+                    f"scorer {scorer.type_name} returned {len(values)} scores for {len(totals)} replicas"
+                )
             # Clamp to the [0, 1] contract here, once, rather than trusting every scorer. One
             # in-place pass: this loop runs per scorer per request.
             for i, v in enumerate(values):

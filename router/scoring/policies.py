@@ -41,7 +41,9 @@ class RoundRobin:
         self.name = "round_robin"
         self._next = 0
 
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+    def select(
+        self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None
+    ) -> Replica:
         r = candidates[self._next % len(candidates)]
         self._next += 1
         if explain is not None:
@@ -56,7 +58,9 @@ class RandomPolicy:
         self.name = "random"
         self.rng = rng
 
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+    def select(
+        self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None
+    ) -> Replica:
         r = candidates[self.rng.randrange(len(candidates))]
         if explain is not None:
             explain.chosen = r.id
@@ -72,7 +76,9 @@ class LeastLoaded:
         self.name = "least_loaded"
         self.rng = rng
 
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+    def select(
+        self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None
+    ) -> Replica:
         low = min(r.in_flight for r in candidates)
         ties = [r for r in candidates if r.in_flight == low]
         r = ties[0] if len(ties) == 1 else self.rng.choice(ties)
@@ -90,7 +96,9 @@ class PowerOfTwo:
         self.name = "power_of_two"
         self.rng = rng
 
-    def select(self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None) -> Replica:
+    def select(
+        self, req: RequestInfo, candidates: Sequence[Replica], explain: Explanation | None = None
+    ) -> Replica:
         if len(candidates) == 1:
             r = candidates[0]
         else:
@@ -146,7 +154,9 @@ def _cache_aware(
 
 def _prefix_only(rng: random.Random, cpu_credit: float, plugin_timer: PluginTimer | None) -> Pipeline:
     """Pure affinity, no load term: the baseline that shows why load must be in the score."""
-    return Pipeline("prefix_only", [(PrefixCacheScorer(cpu_credit=cpu_credit), 1.0)], rng=rng, plugin_timer=plugin_timer)
+    return Pipeline(
+        "prefix_only", [(PrefixCacheScorer(cpu_credit=cpu_credit), 1.0)], rng=rng, plugin_timer=plugin_timer
+    )
 
 
 SimpleFactory = Callable[[random.Random], Policy]
@@ -173,7 +183,9 @@ def build_policy(
     if name in SIMPLE:
         return SIMPLE[name](rng)
     if name == "cache_aware":
-        return _cache_aware(rng, weights or {}, load_factor, cpu_credit, plugin_timer, cpu_load_tps=cpu_load_tps)
+        return _cache_aware(
+            rng, weights or {}, load_factor, cpu_credit, plugin_timer, cpu_load_tps=cpu_load_tps
+        )
     if name == "prefix_only":
         return _prefix_only(rng, cpu_credit, plugin_timer)
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")

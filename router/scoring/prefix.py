@@ -25,7 +25,9 @@ from .ttft import cpu_tier_credit
 class PrefixCacheScorer:
     type_name: ClassVar[str] = "prefix-cache"
 
-    def __init__(self, cpu_credit: float = 0.8, uncertain_discount: float = 0.5, cpu_load_tps: float = 0.0) -> None:
+    def __init__(
+        self, cpu_credit: float = 0.8, uncertain_discount: float = 0.5, cpu_load_tps: float = 0.0
+    ) -> None:
         self.cpu_credit = cpu_credit
         self.cpu_load_tps = cpu_load_tps
         self.uncertain_discount = uncertain_discount
@@ -49,7 +51,9 @@ class PrefixCacheScorer:
             else:
                 g = a = 0
             if a > g:
-                v = (g + cpu_tier_credit(r.prefill_tps, r.cpu_load_tps or load_tps, fallback) * (a - g)) / total
+                v = (
+                    g + cpu_tier_credit(r.prefill_tps, r.cpu_load_tps or load_tps, fallback) * (a - g)
+                ) / total
             else:
                 v = g / total
             if s in uncertain:

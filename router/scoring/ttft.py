@@ -77,7 +77,9 @@ class EstimatedTTFTScorer:
                 if a > n:
                     a = n
                 if a > g:
-                    credit = cpu_tier_credit(r.prefill_tps or default_rate, r.cpu_load_tps or load_tps, fallback)
+                    credit = cpu_tier_credit(
+                        r.prefill_tps or default_rate, r.cpu_load_tps or load_tps, fallback
+                    )
                     uncached = n - g - credit * (a - g)
                 else:
                     uncached = n - g
@@ -86,7 +88,9 @@ class EstimatedTTFTScorer:
             running = r.engine_running
             f = r.in_flight
             busy = f if running is None or running < f else running
-            out.append((r.pending_prefill_tokens + uncached) / (r.prefill_tps or default_rate) + step_s * busy)
+            out.append(
+                (r.pending_prefill_tokens + uncached) / (r.prefill_tps or default_rate) + step_s * busy
+            )
         return out
 
     def score(self, req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:

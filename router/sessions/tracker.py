@@ -31,9 +31,7 @@ ADOPT_FRACTION = 0.5  # an unknown key adopts the replica holding at least this 
 
 
 class SessionTracker:
-    def __init__(
-        self, *, capacity: int = 100_000, idle_ttl_s: float = 3600.0, infer: bool = False
-    ) -> None:
+    def __init__(self, *, capacity: int = 100_000, idle_ttl_s: float = 3600.0, infer: bool = False) -> None:
         self.table = SessionTable(capacity, idle_ttl_s)
         self.meter = TurnoverMeter()
         self.infer = infer

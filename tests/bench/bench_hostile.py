@@ -27,13 +27,21 @@ from tests.support.proc_stats import rss_mb
 from tests.support.procs import PY, ROOT, Proc, SimFleet, free_port, http, wait_http
 
 
-def start_router(tree: Path, backends: list[str], log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_router(
+    tree: Path, backends: list[str], log: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     args = [PY, "-m", "router", "serve", "--port", str(port), "--kv-events", "off", "--drain-grace", "0"]
     for b in backends:
         args += ["--backend", b]
-    p = subprocess.Popen([*args, *extra], cwd=tree, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                         env={**os.environ, "PYTHONPATH": str(tree)}, start_new_session=True)
+    p = subprocess.Popen(
+        [*args, *extra],
+        cwd=tree,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", timeout=30)
     return p, url
@@ -126,7 +134,9 @@ def main() -> None:
     ap.add_argument("--trickle-cap", type=float, default=20.0, help="seconds F2 waits at most")
     a = ap.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
-    backend = Proc([PY, "-m", "tests.support.fake_openai", "--port", str(port := free_port())], "backend", logs)
+    backend = Proc(
+        [PY, "-m", "tests.support.fake_openai", "--port", str(port := free_port())], "backend", logs
+    )
     sim = SimFleet(logs, 1, name="sim")
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
@@ -136,8 +146,10 @@ def main() -> None:
             held = f2(tree, f"http://127.0.0.1:{port}", logs / f"{name}-f2.log", a.trickle_cap)
             worst, took = f3(tree, sim.urls[0], logs / f"{name}-f3.log")
             rows.append((name, b1, p1, held, worst, took))
-        print("| router | F1 RSS idle -> 20 x 32 MiB unauthenticated (MB) | F2 trickled head held (s) "
-              "| F3 /health worst during 16.7M ids (ms) | F3 answer (s) |")
+        print(
+            "| router | F1 RSS idle -> 20 x 32 MiB unauthenticated (MB) | F2 trickled head held (s) "
+            "| F3 /health worst during 16.7M ids (ms) | F3 answer (s) |"
+        )
         print("| --- | --- | --- | --- | --- |")
         for name, b1, p1, held, worst, took in rows:
             capped = "+" if held >= a.trickle_cap else ""

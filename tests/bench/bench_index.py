@@ -39,7 +39,10 @@ def pct(xs: list[float], p: float) -> float:
 def build(n_replicas: int, rng: random.Random) -> tuple[Router, list[list[int]]]:
     index = PrefixIndex(capacity_per_replica=TOTAL_BLOCKS // n_replicas + 1024)
     reg = ReplicaRegistry(index)
-    reps = [reg.add(ReplicaSpec(url=f"http://r{i}", name=f"r{i}", models=("bench-model",))) for i in range(n_replicas)]
+    reps = [
+        reg.add(ReplicaSpec(url=f"http://r{i}", name=f"r{i}", models=("bench-model",)))
+        for i in range(n_replicas)
+    ]
     router = Router(index, reg, build_policy("cache_aware", rng=rng), block_size=BLOCK)
     # 1M blocks: 64-block (1k-token) documents; each stored on one replica, half of them
     # extending a shared 512-block system-prompt family so prefixes overlap.
@@ -47,7 +50,7 @@ def build(n_replicas: int, rng: random.Random) -> tuple[Router, list[list[int]]]
     stored = 0
     chains: list[list[int]] = []
     while stored < TOTAL_BLOCKS:
-        head = heads[rng.randrange(16)][:rng.randrange(1, 512)] if rng.random() < 0.5 else []
+        head = heads[rng.randrange(16)][: rng.randrange(1, 512)] if rng.random() < 0.5 else []
         chain = head + [rng.getrandbits(64) for _ in range(64)]
         rep = reps[rng.randrange(n_replicas)]
         index.store(rep.id, chain)  # type: ignore[arg-type]
@@ -82,7 +85,9 @@ def measure_select(router: Router, tokens: int, rng: random.Random, n: int) -> d
     }
 
 
-def measure_select_with_hits(router: Router, blocks: int, chains: list[list[int]], rng: random.Random, n: int) -> dict[str, float]:
+def measure_select_with_hits(
+    router: Router, blocks: int, chains: list[list[int]], rng: random.Random, n: int
+) -> dict[str, float]:
     """Precomputed hashes whose prefix is in the index: match walks far before stopping."""
     times = []
     for _ in range(n):
@@ -126,7 +131,9 @@ def ingest_rate() -> float:
     return 2 * 16 * len(chains) / (time.perf_counter() - t0)
 
 
-def churn_stalls(replicas: int = 16, capacity: int = 26_000, batches: int = 4_000) -> tuple[float, float, int]:
+def churn_stalls(
+    replicas: int = 16, capacity: int = 26_000, batches: int = 4_000
+) -> tuple[float, float, int]:
     """A full fleet's steady state: every replica at ``capacity`` blocks (an H100 Llama-3-8B pool),
     each batch one replica storing a 512-block chunk and removing its oldest (vLLM's BlockStored and
     the BlockRemoved of the blocks it evicted). Returns (mean ms, worst ms, batches over 5 ms): the
@@ -158,7 +165,9 @@ def main() -> None:
     rng = random.Random(0)
     print("kvrouter bench-index (block size 16; times in microseconds)\n")
     print(f"load average: {os.getloadavg()[0]:.2f} (wall p99 includes preemption; CPU p99 does not)\n")
-    print("| replicas | prompt tokens | hash p50 | hash p99 | select p50 | select p99 | select CPU p99 | total p99 |")
+    print(
+        "| replicas | prompt tokens | hash p50 | hash p99 | select p50 | select p99 | select CPU p99 | total p99 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     hit_rows = []
     for n_rep in (8, 64):
@@ -177,13 +186,17 @@ def main() -> None:
         hit_rows.append((n_rep, h, build_s, len(router.index)))
     print("\nselect() with a long cached prefix (8k tokens = 512 blocks, prefix from the index):")
     for n_rep, h, build_s, keys in hit_rows:
-        print(f"  {n_rep} replicas: p50 {h['p50']:.0f} us, p99 {h['p99']:.0f} us (index {keys} keys, built in {build_s:.1f}s)")
+        print(
+            f"  {n_rep} replicas: p50 {h['p50']:.0f} us, p99 {h['p99']:.0f} us (index {keys} keys, built in {build_s:.1f}s)"
+        )
     per_block, n = memory_per_block()
     print(f"\nindex memory: {per_block:.0f} bytes per indexed block ({n} blocks, tracemalloc)")
     print(f"index ingest (store + remove, no decode): {ingest_rate() / 1e3:.0f}k blocks/s")
     mean, worst, over = churn_stalls()
-    print(f"index under churn (16 replicas x 26,000 blocks, 4,000 batches of 512 stored + 512 removed): "
-          f"mean {mean:.2f} ms, worst {worst:.1f} ms, {over} batches over 5 ms")
+    print(
+        f"index under churn (16 replicas x 26,000 blocks, 4,000 batches of 512 stored + 512 removed): "
+        f"mean {mean:.2f} ms, worst {worst:.1f} ms, {over} batches over 5 ms"
+    )
     kv = Path(__file__).with_name("bench_kv_events.py")
     if kv.exists():
         print("\nKV-event decode + apply (bench_kv_events.py):")

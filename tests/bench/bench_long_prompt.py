@@ -50,10 +50,15 @@ from tests.bench.bench_proxy import CLK_TCK, Proc, free_port, wait_serving  # no
 from tests.support.proc_stats import cpu_ticks  # noqa: E402
 
 
-def conversations(n_conv: int, turns: int, system_words: int, user_words: int, reply_words: int, seed: int) -> list[list[bytes]]:
+def conversations(
+    n_conv: int, turns: int, system_words: int, user_words: int, reply_words: int, seed: int
+) -> list[list[bytes]]:
     """Bodies per conversation, turn by turn; each turn resends the whole history."""
     rng = random.Random(seed)
-    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(20000)]
+    vocab = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        for _ in range(20000)
+    ]
 
     def text(n: int) -> str:
         return " ".join(rng.choice(vocab) for _ in range(n))
@@ -64,7 +69,9 @@ def conversations(n_conv: int, turns: int, system_words: int, user_words: int, r
         bodies: list[bytes] = []
         for _t in range(turns):
             msgs.append({"role": "user", "content": text(user_words)})
-            bodies.append(json.dumps({"model": "m", "messages": msgs, "max_tokens": 64, "stream": True}).encode())
+            bodies.append(
+                json.dumps({"model": "m", "messages": msgs, "max_tokens": 64, "stream": True}).encode()
+            )
             msgs.append({"role": "assistant", "content": text(reply_words)})
         out.append(bodies)
     return out
@@ -76,7 +83,9 @@ def make_router(folder: str, cached: bool, replicas: int) -> Router:
     reg = ReplicaRegistry(index)
     for i in range(replicas):
         reg.add(ReplicaSpec(url=f"http://r{i}", name=f"r{i}", models=("m",)))
-    router = Router(index, reg, build_policy("cache_aware", rng=random.Random(0)), block_size=16, tokenizer=tok)
+    router = Router(
+        index, reg, build_policy("cache_aware", rng=random.Random(0)), block_size=16, tokenizer=tok
+    )
     if not cached:
         tok.prefix_cache.enabled = False
         router._chains.max_entries = 0
@@ -111,24 +120,81 @@ def live(args: argparse.Namespace, order: list[tuple[int, bytes]]) -> int:
         if tree is None:
             continue
         py = sys.executable
-        plan.append((name, [py, "-m", "router", "serve", "--host", "127.0.0.1", "--port", "{port}",
-                            "--kv-events", "off", "--log-level", "warning", "--policy", "cache_aware",
-                            "--tokenizer", args.tokenizer, *[a for u in urls for a in ("--backend", u)]], Path(tree)))
+        plan.append(
+            (
+                name,
+                [
+                    py,
+                    "-m",
+                    "router",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "{port}",
+                    "--kv-events",
+                    "off",
+                    "--log-level",
+                    "warning",
+                    "--policy",
+                    "cache_aware",
+                    "--tokenizer",
+                    args.tokenizer,
+                    *[a for u in urls for a in ("--backend", u)],
+                ],
+                Path(tree),
+            )
+        )
     peer_py = Path(args.peers_venv) / "bin" / "python"
     if peer_py.exists():
-        plan.append(("sglang", [str(peer_py), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
-                                "--port", "{port}", "--log-level", "warn", "--policy", "cache_aware",
-                                "--worker-urls", *urls], ROOT))
+        plan.append(
+            (
+                "sglang",
+                [
+                    str(peer_py),
+                    "-m",
+                    "sglang_router.launch_router",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "{port}",
+                    "--log-level",
+                    "warn",
+                    "--policy",
+                    "cache_aware",
+                    "--worker-urls",
+                    *urls,
+                ],
+                ROOT,
+            )
+        )
     cpu: dict[str, list[float]] = {name: [] for name, _, _ in plan}
-    be = Proc([sys.executable, str(ROOT / "tests" / "bench" / "bench_proxy.py"), "--chunks", "16",
-               "--serve-backends", *map(str, ports)], "backends", tmp, args.client_cpus)
+    be = Proc(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "bench" / "bench_proxy.py"),
+            "--chunks",
+            "16",
+            "--serve-backends",
+            *map(str, ports),
+        ],
+        "backends",
+        tmp,
+        args.client_cpus,
+    )
     try:
         wait_serving(be, urls[0] + "/v1/chat/completions", probe, 20)
         for rnd in range(args.rounds):
             for name, cmd, tree in plan:
                 port = free_port()
                 # cwd picks the checkout `python -m router` imports
-                proc = Proc([a.replace("{port}", str(port)) for a in cmd], f"{name}-{rnd}", tmp, args.router_cpus, tree)
+                proc = Proc(
+                    [a.replace("{port}", str(port)) for a in cmd],
+                    f"{name}-{rnd}",
+                    tmp,
+                    args.router_cpus,
+                    tree,
+                )
                 try:
                     url = f"http://127.0.0.1:{port}/v1/chat/completions"
                     wait_serving(proc, url, probe, 60)
@@ -169,12 +235,17 @@ def main() -> int:
     ap.add_argument("--router-cpus", default="1" if (os.cpu_count() or 1) > 1 else None)
     ap.add_argument("--client-cpus", default="0" if (os.cpu_count() or 1) > 1 else None)
     args = ap.parse_args()
-    convs = conversations(args.conversations, args.turns, args.system_words, args.user_words, args.reply_words, args.seed)
+    convs = conversations(
+        args.conversations, args.turns, args.system_words, args.user_words, args.reply_words, args.seed
+    )
     # arrivals interleave the conversations, as concurrent users do
     order = [(t, convs[c][t]) for t in range(args.turns) for c in range(len(convs))]
     if args.live:
         return live(args, order)
-    routers = {"cached": make_router(args.tokenizer, True, args.replicas), "uncached": make_router(args.tokenizer, False, args.replicas)}
+    routers = {
+        "cached": make_router(args.tokenizer, True, args.replicas),
+        "uncached": make_router(args.tokenizer, False, args.replicas),
+    }
     first: dict[str, list[float]] = {k: [] for k in routers}
     later: dict[str, list[float]] = {k: [] for k in routers}
     tokens: list[int] = []
@@ -202,9 +273,13 @@ def main() -> int:
             f"| {name} | {statistics.mean(allv):.2f} | {statistics.mean(first[name]):.2f} | "
             f"{statistics.mean(later[name]):.2f} | {p90:.2f} |"
         )
-    ratio_all = statistics.mean(first["cached"] + later["cached"]) / statistics.mean(first["uncached"] + later["uncached"])
+    ratio_all = statistics.mean(first["cached"] + later["cached"]) / statistics.mean(
+        first["uncached"] + later["uncached"]
+    )
     ratio_later = statistics.mean(later["cached"]) / statistics.mean(later["uncached"])
-    print(f"cached/uncached CPU per request: all {ratio_all:.2f}x, later turns {ratio_later:.2f}x (keys identical)")
+    print(
+        f"cached/uncached CPU per request: all {ratio_all:.2f}x, later turns {ratio_later:.2f}x (keys identical)"
+    )
     tok = routers["cached"].tokenizer
     assert isinstance(tok, HFTokenizer)
     print("prefix cache:", tok.prefix_cache.stats)

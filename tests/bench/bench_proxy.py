@@ -70,24 +70,52 @@ def _chunked(data: bytes) -> bytes:
 def _canned(chunks: int) -> tuple[bytes, list[bytes]]:
     """(non-streaming response, streaming response writes). Same shapes
     as tests/support/fake_openai.py: per-chunk completion events, a usage event, [DONE]."""
-    usage = {"prompt_tokens": 10, "completion_tokens": chunks, "total_tokens": 10 + chunks,
-             "prompt_tokens_details": {"cached_tokens": 0}}
+    usage = {
+        "prompt_tokens": 10,
+        "completion_tokens": chunks,
+        "total_tokens": 10 + chunks,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     text = "".join(f"t{i} " for i in range(chunks))
-    body = json.dumps({"id": "cmpl-fake", "object": "text_completion", "model": MODEL,
-                       "choices": [{"index": 0, "text": text, "finish_reason": "length"}], "usage": usage},
-                      separators=(",", ":")).encode()
-    plain = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    body = json.dumps(
+        {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "model": MODEL,
+            "choices": [{"index": 0, "text": text, "finish_reason": "length"}],
+            "usage": usage,
+        },
+        separators=(",", ":"),
+    ).encode()
+    plain = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
-    events = [_sse({"id": "cmpl-fake", "object": "text_completion", "model": MODEL,
-                    "choices": [{"index": 0, "text": f"t{i} ", "finish_reason": None}]}) for i in range(chunks)]
-    events.append(_sse({"id": "cmpl-fake", "object": "text_completion", "model": MODEL, "choices": [], "usage": usage}))
+    events = [
+        _sse(
+            {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "model": MODEL,
+                "choices": [{"index": 0, "text": f"t{i} ", "finish_reason": None}],
+            }
+        )
+        for i in range(chunks)
+    ]
+    events.append(
+        _sse({"id": "cmpl-fake", "object": "text_completion", "model": MODEL, "choices": [], "usage": usage})
+    )
     writes = [head] + [_chunked(e) for e in events] + [_chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n"]
     return plain, writes
 
 
 def _json_200(obj: object) -> bytes:
     body = json.dumps(obj).encode()
-    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
 
 
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
@@ -97,15 +125,36 @@ _PREFILL_RE = re.compile(rb'"do_remote_decode"\s*:\s*true')
 def _prefill_answer() -> bytes:
     """Leg 1 of a NIXL handoff (``--pd``): a one-token completion with vLLM's top-level
     ``kv_transfer_params``, so the router really sends leg 2 with them."""
-    params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[1, 2]],
-              "remote_engine_id": "bench", "remote_request_id": "cmpl-bench-0", "remote_host": "localhost",
-              "remote_port": 5600, "tp_size": 1, "dcp_size": 1, "pp_size": 1, "remote_num_tokens": 40,
-              "remote_blocks_expiry_time": None, "transfer_mode": "pull"}
-    body = json.dumps({"id": "cmpl-bench-0", "object": "text_completion", "model": MODEL,
-                       "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
-                       "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
-                       "kv_transfer_params": params}, separators=(",", ":")).encode()
-    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    params = {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_block_ids": [[1, 2]],
+        "remote_engine_id": "bench",
+        "remote_request_id": "cmpl-bench-0",
+        "remote_host": "localhost",
+        "remote_port": 5600,
+        "tp_size": 1,
+        "dcp_size": 1,
+        "pp_size": 1,
+        "remote_num_tokens": 40,
+        "remote_blocks_expiry_time": None,
+        "transfer_mode": "pull",
+    }
+    body = json.dumps(
+        {
+            "id": "cmpl-bench-0",
+            "object": "text_completion",
+            "model": MODEL,
+            "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
+            "kv_transfer_params": params,
+        },
+        separators=(",", ":"),
+    ).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
 
 
 _PREFILL_ANSWER = _prefill_answer()
@@ -177,8 +226,11 @@ def serve_backends(ports: Sequence[int], chunks: int) -> None:
     ).encode()
     gets = {
         b"/health": _json_200({"status": "ok"}),
-        b"/v1/models": _json_200({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "fake"}]}),
-        b"/metrics": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(metrics), metrics),
+        b"/v1/models": _json_200(
+            {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "fake"}]}
+        ),
+        b"/metrics": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(metrics), metrics),
         b"/kv_event_sources": b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
         b"*": _json_200({}),
     }
@@ -186,7 +238,9 @@ def serve_backends(ports: Sequence[int], chunks: int) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         servers = [
-            await loop.create_server(lambda: _BackendProtocol(plain, stream, gets), "127.0.0.1", p, backlog=4096)
+            await loop.create_server(
+                lambda: _BackendProtocol(plain, stream, gets), "127.0.0.1", p, backlog=4096
+            )
             for p in ports
         ]
         stop = asyncio.Event()
@@ -239,22 +293,38 @@ end
 """
 
 
-def run_wrk(wrk: str, url: str, body: bytes, conc: int, seconds: float, cpus: str | None, tmp: Path) -> LoadResult:
+def run_wrk(
+    wrk: str, url: str, body: bytes, conc: int, seconds: float, cpus: str | None, tmp: Path
+) -> LoadResult:
     script = tmp / "post.lua"
     script.write_text(_WRK_LUA % body.decode())
-    cmd = [wrk, "-t1", f"-c{conc}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url]
+    cmd = [
+        wrk,
+        "-t1",
+        f"-c{conc}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
     out = subprocess.run(_pinned(cmd, cpus), capture_output=True, text=True, timeout=seconds + 30)
     for line in out.stdout.splitlines():
         if line.startswith("BENCHJSON "):
-            d = json.loads(line[len("BENCHJSON "):])
-            return LoadResult(d["requests"], d["duration_us"] / 1e6, d["errors"], d["p50"], d["p99"], d["max"])
+            d = json.loads(line[len("BENCHJSON ") :])
+            return LoadResult(
+                d["requests"], d["duration_us"] / 1e6, d["errors"], d["p50"], d["p99"], d["max"]
+            )
     raise RuntimeError(f"wrk gave no result: {out.stdout[-500:]} {out.stderr[-500:]}")
 
 
 async def _py_load(host: str, port: int, path: str, body: bytes, conc: int, seconds: float) -> LoadResult:
     """Fallback client: ``conc`` keep-alive connections, one request in flight on each."""
-    req = (b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-           % (path.encode(), host.encode(), port, len(body), body))
+    req = (
+        b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (path.encode(), host.encode(), port, len(body), body)
+    )
     lat: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -341,8 +411,14 @@ class Proc:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen(_pinned(cmd, cpus), cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                  start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.p = subprocess.Popen(
+            _pinned(cmd, cpus),
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
     @property
     def pid(self) -> int:
@@ -396,8 +472,11 @@ def ensure_peers(log: Path) -> str | None:
     probe = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('sglang_router') else 1)"
 
     def ok() -> bool:
-        return py.exists() and (PEERS_VENV / "bin" / "vllm-router").exists() and \
-            subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0
+        return (
+            py.exists()
+            and (PEERS_VENV / "bin" / "vllm-router").exists()
+            and subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0
+        )
 
     if ok():
         return None
@@ -408,8 +487,13 @@ def ensure_peers(log: Path) -> str | None:
                 if not py.exists():
                     base = shutil.which("python3.11") or sys.executable
                     subprocess.run([base, "-m", "venv", str(PEERS_VENV)], stdout=out, stderr=out, check=False)
-                subprocess.run([str(py), "-m", "pip", "install", "-q", "sglang-router", "vllm-router"],
-                               stdout=out, stderr=out, check=False, timeout=900)
+                subprocess.run(
+                    [str(py), "-m", "pip", "install", "-q", "sglang-router", "vllm-router"],
+                    stdout=out,
+                    stderr=out,
+                    check=False,
+                    timeout=900,
+                )
     return None if ok() else f"pip install sglang-router vllm-router into .venv-peers failed (see {log})"
 
 
@@ -453,12 +537,17 @@ def measure(t: Target, args: argparse.Namespace, loadgen: str | None, tmp: Path,
             cpu = (cpu_ticks(t.proc.pid) - before) / CLK_TCK if t.proc else 0.0
             rss, pss = memory_bytes(t.proc.pid) if t.proc else (0, 0)
             t.cells.append(Cell(t.name, stream, conc, res, cpu, rss, pss, loadavg))
-            print(f"  {t.name:<14} {'stream' if stream else 'plain ':6} c={conc:<4} {res.rps:9.0f} req/s  "
-                  f"p50 {res.p50_us / 1000:7.3f} ms  p99 {res.p99_us / 1000:7.3f} ms  errors {res.errors}  "
-                  f"cpu {cpu:.2f}s  load {loadavg:.2f}", flush=True)
+            print(
+                f"  {t.name:<14} {'stream' if stream else 'plain ':6} c={conc:<4} {res.rps:9.0f} req/s  "
+                f"p50 {res.p50_us / 1000:7.3f} ms  p99 {res.p99_us / 1000:7.3f} ms  errors {res.errors}  "
+                f"cpu {cpu:.2f}s  load {loadavg:.2f}",
+                flush=True,
+            )
 
 
-def _load(loadgen: str | None, url: str, body: bytes, conc: int, seconds: float, cpus: str | None, tmp: Path) -> LoadResult:
+def _load(
+    loadgen: str | None, url: str, body: bytes, conc: int, seconds: float, cpus: str | None, tmp: Path
+) -> LoadResult:
     if loadgen:
         return run_wrk(loadgen, url, body, conc, seconds, cpus, tmp)
     return run_py_load(url, body, conc, seconds)
@@ -470,8 +559,11 @@ def render(targets: list[Target], args: argparse.Namespace, loadgen_name: str) -
     routers = [t for t in targets if t.name != "direct" and t.cells]
     lines = [
         f"load generator: {loadgen_name}; "
-        + (f"router on CPU {args.router_cpus}, load generator + backends on CPU {args.client_cpus}; "
-           if args.router_cpus else "not pinned (every process on every CPU); ")
+        + (
+            f"router on CPU {args.router_cpus}, load generator + backends on CPU {args.client_cpus}; "
+            if args.router_cpus
+            else "not pinned (every process on every CPU); "
+        )
         + f"{args.backends} backends; {args.duration:g}s per cell; "
         f"1-min load average {min(c.loadavg for t in targets for c in t.cells):.2f}-"
         f"{max(c.loadavg for t in targets for c in t.cells):.2f} on {os.cpu_count()} CPUs",
@@ -493,14 +585,21 @@ def render(targets: list[Target], args: argparse.Namespace, loadgen_name: str) -
                 per = "" if t is direct or not r.requests else f"{1e6 * c.cpu_s / r.requests:.0f}"
                 rss = "" if t is direct else f"{c.rss / 2**20:.0f}"
                 pss = "" if t is direct else f"{c.pss / 2**20:.0f}"
-                lines.append(f"| {'stream' if stream else 'plain'} | {conc} | {t.name} | {r.rps:.0f} | "
-                             f"{r.p50_us / 1000:.3f} | {r.p99_us / 1000:.3f} | {added} | {added99} | {cpu} | "
-                             f"{per} | {rss} | {pss} | {r.errors} |")
+                lines.append(
+                    f"| {'stream' if stream else 'plain'} | {conc} | {t.name} | {r.rps:.0f} | "
+                    f"{r.p50_us / 1000:.3f} | {r.p99_us / 1000:.3f} | {added} | {added99} | {cpu} | "
+                    f"{per} | {rss} | {pss} | {r.errors} |"
+                )
     kv = [t for t in routers if t.name.startswith("kvrouter")]
     peers = [t for t in routers if not t.name.startswith("kvrouter")]
     if kv and peers:
-        lines += ["", "Ratios kvrouter / peer (req/s: >1 is faster; CPU per request and PSS: <1 is cheaper):", "",
-                  "| mode | conc | kvrouter | peer | req/s | CPU us/req | PSS |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Ratios kvrouter / peer (req/s: >1 is faster; CPU per request and PSS: <1 is cheaper):",
+            "",
+            "| mode | conc | kvrouter | peer | req/s | CPU us/req | PSS |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for stream in (False, True):
             for conc in args.concurrency:
                 for k in kv:
@@ -510,16 +609,20 @@ def render(targets: list[Target], args: argparse.Namespace, loadgen_name: str) -
                         if kc is None or pc is None or not pc.load.requests or not kc.load.requests:
                             continue
                         kper, pper = kc.cpu_s / kc.load.requests, pc.cpu_s / pc.load.requests
-                        lines.append(f"| {'stream' if stream else 'plain'} | {conc} | {k.name} | {p.name} | "
-                                     f"{kc.load.rps / pc.load.rps:.2f} | {kper / pper if pper else float('nan'):.2f} | "
-                                     f"{kc.pss / pc.pss if pc.pss else float('nan'):.2f} |")
+                        lines.append(
+                            f"| {'stream' if stream else 'plain'} | {conc} | {k.name} | {p.name} | "
+                            f"{kc.load.rps / pc.load.rps:.2f} | {kper / pper if pper else float('nan'):.2f} | "
+                            f"{kc.pss / pc.pss if pc.pss else float('nan'):.2f} |"
+                        )
     notes = [f"* {t.name}: {t.note}" for t in targets if t.note]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)
 
 
-def one_run(args: argparse.Namespace, wrk: str | None, tmp: Path, prompt: str, probe: bytes, loadgen_name: str) -> list[Target]:
+def one_run(
+    args: argparse.Namespace, wrk: str | None, tmp: Path, prompt: str, probe: bytes, loadgen_name: str
+) -> list[Target]:
     """Backends, direct, then each router in turn; every process stopped before it returns."""
     ports = [free_port() for _ in range(args.backends)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -527,33 +630,119 @@ def one_run(args: argparse.Namespace, wrk: str | None, tmp: Path, prompt: str, p
     targets: list[Target] = []
     print(f"bench-proxy: {loadgen_name}; uptime: {os.getloadavg()}; logs in {tmp}", flush=True)
     try:
-        be = Proc([sys.executable, str(Path(__file__).resolve()), "--chunks", str(args.chunks), "--serve-backends",
-                   *map(str, ports)], "backends", tmp, args.client_cpus)
+        be = Proc(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--chunks",
+                str(args.chunks),
+                "--serve-backends",
+                *map(str, ports),
+            ],
+            "backends",
+            tmp,
+            args.client_cpus,
+        )
         procs.append(be)
         wait_serving(be, urls[0] + "/v1/completions", probe, 20)
         targets.append(Target("direct", urls[0] + "/v1/completions", None))
         measure(targets[-1], args, wrk, tmp, prompt)
 
         plan: list[tuple[str, list[str]]] = []
-        kv_py = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+        kv_py = (
+            str(ROOT / ".venv" / "bin" / "python")
+            if (ROOT / ".venv" / "bin" / "python").exists()
+            else sys.executable
+        )
         for w in args.kvrouter_workers:
             name = "kvrouter" if w == 1 else f"kvrouter-w{w}"
-            plan.append((name, [kv_py, "-m", "router", "serve", "--host", "127.0.0.1", "--port", "{port}",
-                                "--kv-events", "off", "--log-level", "warning", "--workers", str(w),
-                                *[a for u in urls for a in ("--backend", u)]]))
+            plan.append(
+                (
+                    name,
+                    [
+                        kv_py,
+                        "-m",
+                        "router",
+                        "serve",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        "{port}",
+                        "--kv-events",
+                        "off",
+                        "--log-level",
+                        "warning",
+                        "--workers",
+                        str(w),
+                        *[a for u in urls for a in ("--backend", u)],
+                    ],
+                )
+            )
         if args.pd and len(urls) >= 2:
             # every request split: leg 1 (prefill, one token, kv_transfer_params back) then leg 2
-            plan.append(("kvrouter-pd", [kv_py, "-m", "router", "serve", "--host", "127.0.0.1", "--port", "{port}",
-                                         "--kv-events", "off", "--log-level", "warning", "--pd-rule", "always",
-                                         "--prefill", urls[0], "--decode", urls[1]]))
+            plan.append(
+                (
+                    "kvrouter-pd",
+                    [
+                        kv_py,
+                        "-m",
+                        "router",
+                        "serve",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        "{port}",
+                        "--kv-events",
+                        "off",
+                        "--log-level",
+                        "warning",
+                        "--pd-rule",
+                        "always",
+                        "--prefill",
+                        urls[0],
+                        "--decode",
+                        urls[1],
+                    ],
+                )
+            )
         why_not = ensure_peers(tmp / "peers-install.log") if args.peers else None
         peer_py = str(PEERS_VENV / "bin" / "python")
         if "sglang" in args.peers:
-            plan.append(("sglang", [peer_py, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
-                                    "--port", "{port}", "--log-level", "warn", "--worker-urls", *urls]))
+            plan.append(
+                (
+                    "sglang",
+                    [
+                        peer_py,
+                        "-m",
+                        "sglang_router.launch_router",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        "{port}",
+                        "--log-level",
+                        "warn",
+                        "--worker-urls",
+                        *urls,
+                    ],
+                )
+            )
         if "vllm-router" in args.peers:
-            plan.append(("vllm-router", [str(PEERS_VENV / "bin" / "vllm-router"), "--host", "127.0.0.1",
-                                         "--port", "{port}", "--log-level", "warning", "--worker-urls", *urls]))
+            plan.append(
+                (
+                    "vllm-router",
+                    [
+                        str(PEERS_VENV / "bin" / "vllm-router"),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        "{port}",
+                        "--log-level",
+                        "warning",
+                        "--worker-urls",
+                        *urls,
+                    ],
+                )
+            )
         for name, cmd in plan:
             if why_not and not name.startswith("kvrouter"):
                 targets.append(Target(name, "", None, note=f"skipped: {why_not}"))
@@ -585,11 +774,22 @@ def per_core_summary(runs: list[list[Target]], args: argparse.Namespace) -> str:
     import statistics
 
     def cells(name: str, stream: bool, conc: int) -> list[Cell]:
-        return [c for ts in runs for t in ts if t.name == name for c in t.cells if c.stream == stream and c.conc == conc]
+        return [
+            c
+            for ts in runs
+            for t in ts
+            if t.name == name
+            for c in t.cells
+            if c.stream == stream and c.conc == conc
+        ]
 
     names = [t.name for t in runs[-1] if t.name != "direct"]
-    lines = [f"Median of {len(runs)} runs (req/s per core = requests per CPU-second of the router's process tree):", "",
-             "| mode | conc | target | req/s | req/s per core | runs (req/s per core) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Median of {len(runs)} runs (req/s per core = requests per CPU-second of the router's process tree):",
+        "",
+        "| mode | conc | target | req/s | req/s per core | runs (req/s per core) |",
+        "|---|---|---|---|---|---|",
+    ]
     med: dict[tuple[str, bool, int], float] = {}
     for stream in (False, True):
         for conc in args.concurrency:
@@ -599,17 +799,25 @@ def per_core_summary(runs: list[list[Target]], args: argparse.Namespace) -> str:
                     continue
                 per_core = [c.load.requests / c.cpu_s for c in cs]
                 med[(name, stream, conc)] = statistics.median(per_core)
-                lines.append(f"| {'stream' if stream else 'plain'} | {conc} | {name} | "
-                             f"{statistics.median(c.load.rps for c in cs):.0f} | {med[(name, stream, conc)]:.0f} | "
-                             f"{', '.join(f'{v:.0f}' for v in per_core)} |")
+                lines.append(
+                    f"| {'stream' if stream else 'plain'} | {conc} | {name} | "
+                    f"{statistics.median(c.load.rps for c in cs):.0f} | {med[(name, stream, conc)]:.0f} | "
+                    f"{', '.join(f'{v:.0f}' for v in per_core)} |"
+                )
     peers = [n for n in names if not n.startswith("kvrouter")]
     if peers:
-        lines += ["", "| mode | conc | kvrouter / " + " | kvrouter / ".join(peers) + " (req/s per core) |",
-                  "|---|---|" + "---|" * len(peers)]
+        lines += [
+            "",
+            "| mode | conc | kvrouter / " + " | kvrouter / ".join(peers) + " (req/s per core) |",
+            "|---|---|" + "---|" * len(peers),
+        ]
         for stream in (False, True):
             for conc in args.concurrency:
                 k = med.get(("kvrouter", stream, conc))
-                vals = [f"{k / med[(p, stream, conc)]:.2f}" if k and (p, stream, conc) in med else "n/a" for p in peers]
+                vals = [
+                    f"{k / med[(p, stream, conc)]:.2f}" if k and (p, stream, conc) in med else "n/a"
+                    for p in peers
+                ]
                 lines.append(f"| {'stream' if stream else 'plain'} | {conc} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -621,9 +829,14 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 256])
     ap.add_argument("--backends", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=16, help="SSE chunks per streamed response")
-    ap.add_argument("--kvrouter-workers", type=int, nargs="+", default=[1], help="one kvrouter target per value")
-    ap.add_argument("--pd", action="store_true",
-                    help="add kvrouter-pd: --prefill backend 1 --decode backend 2 --pd-rule always (two legs)")
+    ap.add_argument(
+        "--kvrouter-workers", type=int, nargs="+", default=[1], help="one kvrouter target per value"
+    )
+    ap.add_argument(
+        "--pd",
+        action="store_true",
+        help="add kvrouter-pd: --prefill backend 1 --decode backend 2 --pd-rule always (two legs)",
+    )
     ap.add_argument("--peers", nargs="*", default=["sglang", "vllm-router"], help="peers to include")
     ap.add_argument("--router-cpus", default="1" if (os.cpu_count() or 1) > 1 else None)
     ap.add_argument("--client-cpus", default="0" if (os.cpu_count() or 1) > 1 else None)
@@ -631,7 +844,9 @@ def main() -> int:
     ap.add_argument("--python-loadgen", action="store_true", help="use the asyncio client even if wrk exists")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-proxy.md")
     ap.add_argument("--runs", type=int, default=1, help="repeat the whole sequence; >1 adds a median summary")
-    ap.add_argument("--peers-venv", type=Path, help="venv with sglang-router / vllm-router (default .venv-peers)")
+    ap.add_argument(
+        "--peers-venv", type=Path, help="venv with sglang-router / vllm-router (default .venv-peers)"
+    )
     ap.add_argument("--serve-backends", type=int, nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_backends:

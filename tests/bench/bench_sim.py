@@ -26,7 +26,9 @@ from traces.model import Trace
 from traces.simulate import SimConfig, oracle, run_policy
 
 # The bundled copies (traces/data/README.md); KVROUTER_SHARED_TRACES points elsewhere.
-SHARED = os.environ.get("KVROUTER_SHARED_TRACES", os.path.join(os.path.dirname(__file__), "..", "..", "traces", "data"))
+SHARED = os.environ.get(
+    "KVROUTER_SHARED_TRACES", os.path.join(os.path.dirname(__file__), "..", "..", "traces", "data")
+)
 CONV = os.path.join(SHARED, "mooncake", "conversation_trace.jsonl")
 SYNTH = os.path.join(SHARED, "mooncake", "synthetic_trace.jsonl")
 
@@ -50,7 +52,9 @@ def _trace(path: str) -> Trace:
 def bench(policies: list[str]) -> None:
     trace = _trace(CONV)
     print(f"trace {trace.name}: {len(trace):,} requests (full), profile h100-llama3-8b")
-    print(f"{'replicas':>8} {'speedup':>7} {'policy':<20} {'wall s':>7} {'req/s wall':>10} {'ttft mean':>9} {'hit':>6}")
+    print(
+        f"{'replicas':>8} {'speedup':>7} {'policy':<20} {'wall s':>7} {'req/s wall':>10} {'ttft mean':>9} {'hit':>6}"
+    )
     for replicas, speedup in ((16, 2.0), (256, 32.0)):
         for name in policies:
             cfg = SimConfig(replicas=replicas, speedup=speedup)
@@ -123,7 +127,9 @@ def combos() -> list[tuple[str, dict[str, float], float | None]]:
     return out
 
 
-def _run_scenario(args: tuple[str, str, int, float, list[tuple[str, dict[str, float], float | None]]]) -> dict[str, Any]:
+def _run_scenario(
+    args: tuple[str, str, int, float, list[tuple[str, dict[str, float], float | None]]],
+) -> dict[str, Any]:
     label, path, replicas, speedup, vs = args
     trace = _trace(path)
     cfg = SimConfig(replicas=replicas, speedup=speedup)
@@ -144,9 +150,13 @@ def sweep(vs: list[tuple[str, dict[str, float], float | None]], jobs: int, hotsp
         results = list(ex.map(_run_scenario, tasks))
     names = ["round_robin", "sglang_cache_aware", "vllm_consistent_hash", "llmd_default", *[v[0] for v in vs]]
     print("cells: hit/oracle  mean TTFT/RR  p99 TTFT/RR  (lower TTFT ratios are better)")
-    print("tpot p99 (s) per scenario, for hot-spotting: " + ", ".join(
-        f"{r['label']}: " + " ".join(f"{n}={r['runs'][n]['tpot_p99_s']:.3f}" for n in r["runs"]) for r in results
-    ))
+    print(
+        "tpot p99 (s) per scenario, for hot-spotting: "
+        + ", ".join(
+            f"{r['label']}: " + " ".join(f"{n}={r['runs'][n]['tpot_p99_s']:.3f}" for n in r["runs"])
+            for r in results
+        )
+    )
     head = f"{'variant':<34}" + "".join(f" {r['label']:>20}" for r in results) + f" {'geomean':>20}"
     print(head)
     for r in results:
@@ -168,14 +178,21 @@ def sweep(vs: list[tuple[str, dict[str, float], float | None]], jobs: int, hotsp
             for i, v in enumerate((h, m, p)):
                 logs[i] += math.log(max(v, 1e-9))
         g = [math.exp(x / len(results)) for x in logs]
-        print(f"{n:<34}" + "".join(f" {c:>20}" for c in cells) + f" {g[0]:5.0%} {g[1]:5.2f} {g[2]:5.2f}", flush=True)
+        print(
+            f"{n:<34}" + "".join(f" {c:>20}" for c in cells) + f" {g[0]:5.0%} {g[1]:5.2f} {g[2]:5.2f}",
+            flush=True,
+        )
     print(f"sweep wall time {time.perf_counter() - t0:.0f} s")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sweep", choices=["oat", "combos", "defaults"], default=None,
-                    help="run a weight sweep instead (defaults: the shipped defaults only, a regression check)")
+    ap.add_argument(
+        "--sweep",
+        choices=["oat", "combos", "defaults"],
+        default=None,
+        help="run a weight sweep instead (defaults: the shipped defaults only, a regression check)",
+    )
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--policy", action="append", default=None)
     args = ap.parse_args()

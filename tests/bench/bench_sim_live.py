@@ -97,9 +97,16 @@ def pinned(cmd: list[str], cpu: str | None) -> list[str]:
     return ["taskset", "-c", cpu, *cmd] if cpu and shutil.which("taskset") else cmd
 
 
-def start_sim(group: ProcGroup, replicas: int, time_scale: float, cpu: str | None,
-              kv_event_hashes: str = "vllm", stream_interval: int = 1, processes: int = 1,
-              timeout: float = 60.0) -> tuple[Proc, list[str]]:
+def start_sim(
+    group: ProcGroup,
+    replicas: int,
+    time_scale: float,
+    cpu: str | None,
+    kv_event_hashes: str = "vllm",
+    stream_interval: int = 1,
+    processes: int = 1,
+    timeout: float = 60.0,
+) -> tuple[Proc, list[str]]:
     """The bench's sim, pinned to ``cpu``; launched and awaited by ``traces.fleetproc.start_sim``."""
     extra: list[str] = []
     if processes != 1:  # an older sim (A/B baselines) has no such flag
@@ -108,14 +115,33 @@ def start_sim(group: ProcGroup, replicas: int, time_scale: float, cpu: str | Non
         extra += ["--kv-event-hashes", kv_event_hashes]
     if stream_interval != 1:
         extra += ["--stream-interval", str(stream_interval)]
-    return start_fleet_sim(group, replicas=replicas, profile=PROFILE, time_scale=time_scale, extra=extra,
-                           timeout=timeout, prefix=pinned([], cpu))
+    return start_fleet_sim(
+        group,
+        replicas=replicas,
+        profile=PROFILE,
+        time_scale=time_scale,
+        extra=extra,
+        timeout=timeout,
+        prefix=pinned([], cpu),
+    )
 
 
 def start_router(group: ProcGroup, backends: Sequence[str], cpu: str | None) -> tuple[Proc, str]:
     port = free_port()
-    args = [PY, "-m", "router", "serve", "--port", str(port), "--policy", "cache_aware",
-            "--drain-grace", "0", "--drain-timeout", "2"]
+    args = [
+        PY,
+        "-m",
+        "router",
+        "serve",
+        "--port",
+        str(port),
+        "--policy",
+        "cache_aware",
+        "--drain-grace",
+        "0",
+        "--drain-timeout",
+        "2",
+    ]
     for b in backends:
         args += ["--backend", b]
     proc = group.start(pinned(args, cpu), "router")
@@ -129,8 +155,9 @@ def load_avg() -> str:
 
 
 # -- metrics ----------------------------------------------------------------------------------------
-def parse_lag(text: str) -> tuple[float | None, dict[float, float], float, float, dict[float, float],
-                                  dict[float, float]]:
+def parse_lag(
+    text: str,
+) -> tuple[float | None, dict[float, float], float, float, dict[float, float], dict[float, float]]:
     """(last-step lag gauge, cumulative per-step lag buckets {le: count}, generated tokens,
     dropped simulated seconds, cumulative preparation-time buckets, cumulative delivery-lag
     buckets)."""
@@ -312,13 +339,17 @@ class Sampler:
 
 
 # -- one run ------------------------------------------------------------------------------------------
-async def replay_direct(urls: Sequence[str], planned: Sequence[Planned], cfg: ReplayConfig,
-                        session: aiohttp.ClientSession) -> TargetRun:
+async def replay_direct(
+    urls: Sequence[str], planned: Sequence[Planned], cfg: ReplayConfig, session: aiohttp.ClientSession
+) -> TargetRun:
     """Round robin over the replicas: replica i gets requests i, i+n, ... on the same clock."""
     n = len(urls)
-    runs = await asyncio.gather(*(
-        run_target(Target(name=f"r{i}", url=u), planned[i::n], cfg, session=session) for i, u in enumerate(urls)
-    ))
+    runs = await asyncio.gather(
+        *(
+            run_target(Target(name=f"r{i}", url=u), planned[i::n], cfg, session=session)
+            for i, u in enumerate(urls)
+        )
+    )
     return TargetRun(
         target=Target(name="direct", url=urls[0]),
         records=[r for run in runs for r in run.records],
@@ -329,11 +360,16 @@ async def replay_direct(urls: Sequence[str], planned: Sequence[Planned], cfg: Re
     )
 
 
-async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: Proc,
-                  args: argparse.Namespace) -> dict[str, Any]:
+async def measure(
+    mode: str, urls: Sequence[str], router_url: str | None, sim: Proc, args: argparse.Namespace
+) -> dict[str, Any]:
     trace, _ = load_trace(str(args.trace))
-    cfg = ReplayConfig(speedup=args.speedup, duration_s=args.duration, grace_s=args.grace,
-                       request_timeout_s=args.duration + args.grace)
+    cfg = ReplayConfig(
+        speedup=args.speedup,
+        duration_s=args.duration,
+        grace_s=args.grace,
+        request_timeout_s=args.duration + args.grace,
+    )
     async with new_session() as session:
         model = await detect_model(session, urls[0])
         planned = plan(trace, cfg, model)
@@ -382,7 +418,9 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
         "lag_max_bound": max_bound(steps),
         "lag_within_bound": fraction_within(args.lag_bound_trace_ms / 1000.0 / args.time_scale, steps),
         "steps_over_catchup": max(steps.values(), default=0.0) - steps.get(MAX_CATCHUP_S, 0.0),
-        "lag_p99_worst_interval": max((x for x in sampler.interval_p99 if not math.isnan(x)), default=math.nan),
+        "lag_p99_worst_interval": max(
+            (x for x in sampler.interval_p99 if not math.isnan(x)), default=math.nan
+        ),
         "lag_p99_first_third": third_first,
         "lag_p99_last_third": third_last,
         "writes": max(delivery.values(), default=0.0),
@@ -407,36 +445,56 @@ async def measure(mode: str, urls: Sequence[str], router_url: str | None, sim: P
 
 def report(r: dict[str, Any], args: argparse.Namespace, step_s: float) -> bool:
     ms = 1000.0
-    print(f"\n== {r['mode']}: {r['sent']} requests sent over {args.duration:g} s wall = "
-          f"{r['trace_s']:.0f} trace s at speedup {args.speedup:g} (load avg before {r['load_before']}, "
-          f"after {r['load_after']})")
-    print(f"requests: sent {r['sent']}  ok {r['ok']}  errors {r['errors']}"
-          + (f"  (first: {r['first_error']})" if r["first_error"] else ""))
-    print(f"client: send lateness p99 {r['lateness_p99'] * ms:.1f} ms, run wall {r['wall_s']:.1f} s, "
-          f"TTFT p50 {r['ttft_p50'] * ms:.0f} ms p99 {r['ttft_p99'] * ms:.0f} ms")
-    print(f"tokens streamed: {r['tokens']:,.0f} received = {r['tokens'] / r['wall_s']:,.0f} tok/s over the run; "
-          f"sim generated {r['sim_tokens']:,.0f} = {r['sim_tokens'] / max(r['sample_s'], 1e-9):,.0f} tok/s")
-    print(f"sim CPU: {r['cpu'] * 100:.1f}% of its core over {r['sample_s']:.0f} s "
-          f"(busiest {args.sample_interval:g} s interval {r['cpu_max_interval'] * 100:.1f}%); "
-          f"{r['cpu_s'] / max(r['sim_tokens'], 1) * 1e6:.0f} us CPU per generated token, "
-          f"{r['cpu_s'] / max(r['sent'], 1) * 1e3:.1f} ms per request; RSS {r['rss_mb']:.0f} MB")
-    print(f"step lag over {r['steps']:,.0f} steps: p50 {r['lag_p50'] * ms:.3f} ms  p99 {r['lag_p99'] * ms:.3f} ms  "
-          f"p99.9 {r['lag_p999'] * ms:.3f} ms  max <= {r['lag_max_bound'] * ms:g} ms; "
-          f"worst interval p99 {r['lag_p99_worst_interval'] * ms:.3f} ms; "
-          f"{r['steps_over_catchup']:,.0f} steps woke over {MAX_CATCHUP_S * ms:g} ms late")
+    print(
+        f"\n== {r['mode']}: {r['sent']} requests sent over {args.duration:g} s wall = "
+        f"{r['trace_s']:.0f} trace s at speedup {args.speedup:g} (load avg before {r['load_before']}, "
+        f"after {r['load_after']})"
+    )
+    print(
+        f"requests: sent {r['sent']}  ok {r['ok']}  errors {r['errors']}"
+        + (f"  (first: {r['first_error']})" if r["first_error"] else "")
+    )
+    print(
+        f"client: send lateness p99 {r['lateness_p99'] * ms:.1f} ms, run wall {r['wall_s']:.1f} s, "
+        f"TTFT p50 {r['ttft_p50'] * ms:.0f} ms p99 {r['ttft_p99'] * ms:.0f} ms"
+    )
+    print(
+        f"tokens streamed: {r['tokens']:,.0f} received = {r['tokens'] / r['wall_s']:,.0f} tok/s over the run; "
+        f"sim generated {r['sim_tokens']:,.0f} = {r['sim_tokens'] / max(r['sample_s'], 1e-9):,.0f} tok/s"
+    )
+    print(
+        f"sim CPU: {r['cpu'] * 100:.1f}% of its core over {r['sample_s']:.0f} s "
+        f"(busiest {args.sample_interval:g} s interval {r['cpu_max_interval'] * 100:.1f}%); "
+        f"{r['cpu_s'] / max(r['sim_tokens'], 1) * 1e6:.0f} us CPU per generated token, "
+        f"{r['cpu_s'] / max(r['sent'], 1) * 1e3:.1f} ms per request; RSS {r['rss_mb']:.0f} MB"
+    )
+    print(
+        f"step lag over {r['steps']:,.0f} steps: p50 {r['lag_p50'] * ms:.3f} ms  p99 {r['lag_p99'] * ms:.3f} ms  "
+        f"p99.9 {r['lag_p999'] * ms:.3f} ms  max <= {r['lag_max_bound'] * ms:g} ms; "
+        f"worst interval p99 {r['lag_p99_worst_interval'] * ms:.3f} ms; "
+        f"{r['steps_over_catchup']:,.0f} steps woke over {MAX_CATCHUP_S * ms:g} ms late"
+    )
     if r["writes"]:
-        print(f"delivery lag (stream write vs its step's deadline: step lag + the stream's turn) over "
-              f"{r['writes']:,.0f} writes: p50 {r['delivery_p50'] * ms:.3f} ms  p99 {r['delivery_p99'] * ms:.3f} ms  "
-              f"p99.9 {r['delivery_p999'] * ms:.3f} ms")
+        print(
+            f"delivery lag (stream write vs its step's deadline: step lag + the stream's turn) over "
+            f"{r['writes']:,.0f} writes: p50 {r['delivery_p50'] * ms:.3f} ms  p99 {r['delivery_p99'] * ms:.3f} ms  "
+            f"p99.9 {r['delivery_p999'] * ms:.3f} ms"
+        )
     if r["preparations"]:
-        print(f"preparation (body read -> in the engine's queue) of {r['preparations']:,.0f} requests: "
-              f"p50 {r['prep_p50'] * ms:.3f} ms  p99 {r['prep_p99'] * ms:.3f} ms  max <= {r['prep_max_bound'] * ms:g} ms")
-    print(f"lag gauge (last step, sampled every {args.sample_interval:g} s x {args.replicas} replicas): "
-          f"p99 {r['gauge_p99'] * ms:.3f} ms  max {r['gauge_max'] * ms:.3f} ms")
+        print(
+            f"preparation (body read -> in the engine's queue) of {r['preparations']:,.0f} requests: "
+            f"p50 {r['prep_p50'] * ms:.3f} ms  p99 {r['prep_p99'] * ms:.3f} ms  max <= {r['prep_max_bound'] * ms:g} ms"
+        )
+    print(
+        f"lag gauge (last step, sampled every {args.sample_interval:g} s x {args.replicas} replicas): "
+        f"p99 {r['gauge_p99'] * ms:.3f} ms  max {r['gauge_max'] * ms:.3f} ms"
+    )
     strict = r["lag_p99"] < step_s and r["lag_max_bound"] <= MAX_CATCHUP_S and r["steps"] > 0
-    print(f"{'PASS' if strict else 'FAIL'} strict: step lag p99 {r['lag_p99'] * ms:.3f} ms < one decode "
-          f"step {step_s * ms:.3f} ms, and max <= {r['lag_max_bound'] * ms:g} ms <= catch-up limit "
-          f"{MAX_CATCHUP_S * ms:g} ms (unreachable with 1 ms timers: docs/engine-sim.md)")
+    print(
+        f"{'PASS' if strict else 'FAIL'} strict: step lag p99 {r['lag_p99'] * ms:.3f} ms < one decode "
+        f"step {step_s * ms:.3f} ms, and max <= {r['lag_max_bound'] * ms:g} ms <= catch-up limit "
+        f"{MAX_CATCHUP_S * ms:g} ms (unreachable with 1 ms timers: docs/engine-sim.md)"
+    )
     bound_s = args.lag_bound_trace_ms / 1000.0 / args.time_scale
     first, last = r["lag_p99_first_third"], r["lag_p99_last_third"]
     no_drop = r["dropped_s"] == 0.0
@@ -447,15 +505,17 @@ def report(r: dict[str, Any], args: argparse.Namespace, step_s: float) -> bool:
     # Judged on the bucket counts (exact at a bucket edge), not on the interpolated p99.
     small = r["lag_within_bound"] >= 0.99
     ok = no_drop and steady and prep_steady and small and r["steps"] > 0
-    print(f"{'PASS' if ok else 'FAIL'} not falling behind: "
-          f"[{'ok' if no_drop else 'FAIL'}] simulated time dropped {r['dropped_s'] * ms:.3f} ms (must be 0); "
-          f"[{'ok' if steady else 'FAIL'}] lag p99 first third {first * ms:.3f} ms -> last third "
-          f"{last * ms:.3f} ms (must be <= 1.5x + 1 ms); "
-          f"[{'ok' if prep_steady else 'FAIL'}] preparation p99 first third {pfirst * ms:.3f} ms -> last "
-          f"third {plast * ms:.3f} ms (must be <= 1.5x + 1 ms); "
-          f"[{'ok' if small else 'FAIL'}] p99 <= {bound_s * ms:g} ms "
-          f"(= {args.lag_bound_trace_ms:g} ms of trace time at x{args.time_scale:g}): "
-          f"{r['lag_within_bound']:.2%} of steps within it (must be >= 99%)")
+    print(
+        f"{'PASS' if ok else 'FAIL'} not falling behind: "
+        f"[{'ok' if no_drop else 'FAIL'}] simulated time dropped {r['dropped_s'] * ms:.3f} ms (must be 0); "
+        f"[{'ok' if steady else 'FAIL'}] lag p99 first third {first * ms:.3f} ms -> last third "
+        f"{last * ms:.3f} ms (must be <= 1.5x + 1 ms); "
+        f"[{'ok' if prep_steady else 'FAIL'}] preparation p99 first third {pfirst * ms:.3f} ms -> last "
+        f"third {plast * ms:.3f} ms (must be <= 1.5x + 1 ms); "
+        f"[{'ok' if small else 'FAIL'}] p99 <= {bound_s * ms:g} ms "
+        f"(= {args.lag_bound_trace_ms:g} ms of trace time at x{args.time_scale:g}): "
+        f"{r['lag_within_bound']:.2%} of steps within it (must be >= 99%)"
+    )
     return ok
 
 
@@ -467,21 +527,44 @@ def main() -> int:
     p.add_argument("--speedup", type=float, default=10.0, help="trace arrivals sped up by X")
     p.add_argument("--trace", type=Path, default=TRACE)
     p.add_argument("--target", choices=["router", "direct", "both"], default="router")
-    p.add_argument("--kv-event-hashes", choices=["vllm", "engine"], default="engine",
-                   help="the sim's KV-event block hashes (default engine: kvrouter re-hashes each "
-                        "BlockStored's token_ids, so it needs no more; vllm: vLLM's sha256 values)")
-    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
-                   help="the sim's --stream-interval (vLLM's: first token at once, then every N; default 1)")
-    p.add_argument("--sim-processes", type=int, default=1, metavar="P",
-                   help="the sim's --processes: its replicas over P worker processes, all on --sim-cpu")
+    p.add_argument(
+        "--kv-event-hashes",
+        choices=["vllm", "engine"],
+        default="engine",
+        help="the sim's KV-event block hashes (default engine: kvrouter re-hashes each "
+        "BlockStored's token_ids, so it needs no more; vllm: vLLM's sha256 values)",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the sim's --stream-interval (vLLM's: first token at once, then every N; default 1)",
+    )
+    p.add_argument(
+        "--sim-processes",
+        type=int,
+        default=1,
+        metavar="P",
+        help="the sim's --processes: its replicas over P worker processes, all on --sim-cpu",
+    )
     p.add_argument("--sim-cpu", default="1", help="core of the sim process (taskset -c)")
     p.add_argument("--client-cpu", default="0", help="core of the router and this client")
     p.add_argument("--sample-interval", type=float, default=2.0, help="metrics sampling period, s")
-    p.add_argument("--lag-bound-trace-ms", type=float, default=50.0,
-                   help="p99 step lag bound in trace time (lag x time scale), ms (default 50)")
+    p.add_argument(
+        "--lag-bound-trace-ms",
+        type=float,
+        default=50.0,
+        help="p99 step lag bound in trace time (lag x time scale), ms (default 50)",
+    )
     p.add_argument("--grace", type=float, default=30.0, help="after the last send, wait for streams, s")
-    p.add_argument("--py-spy", type=Path, default=None, metavar="FILE",
-                   help="also sample the sim with py-spy (collapsed stacks to FILE; on the client cpu)")
+    p.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also sample the sim with py-spy (collapsed stacks to FILE; on the client cpu)",
+    )
     p.add_argument("--log-dir", type=Path, default=ROOT / "build" / "bench-sim-live")
     args = p.parse_args()
     if args.client_cpu and hasattr(os, "sched_setaffinity"):
@@ -489,11 +572,13 @@ def main() -> int:
     step = get_profile(PROFILE).step
     # The shortest decode step: batch 1, empty context. Lag under it keeps token timing within a step.
     step_s = step.step_ms(0, 0.0, 1, 0) / 1000.0 / args.time_scale
-    print(f"sim: {args.replicas} x {PROFILE} at time scale {args.time_scale:g} on cpu {args.sim_cpu} "
-          f"in {args.sim_processes} process{'es' if args.sim_processes != 1 else ''}, "
-          f"KV-event hashes {args.kv_event_hashes}, stream interval {args.stream_interval}; "
-          f"router + client on cpu {args.client_cpu}; trace {args.trace.name} at speedup {args.speedup:g}; "
-          f"{os.cpu_count()} cpus, load avg {load_avg()}")
+    print(
+        f"sim: {args.replicas} x {PROFILE} at time scale {args.time_scale:g} on cpu {args.sim_cpu} "
+        f"in {args.sim_processes} process{'es' if args.sim_processes != 1 else ''}, "
+        f"KV-event hashes {args.kv_event_hashes}, stream interval {args.stream_interval}; "
+        f"router + client on cpu {args.client_cpu}; trace {args.trace.name} at speedup {args.speedup:g}; "
+        f"{os.cpu_count()} cpus, load avg {load_avg()}"
+    )
     modes = ["router", "direct"] if args.target == "both" else [args.target]
     passed = True
     try:
@@ -504,8 +589,15 @@ def main() -> int:
         run_async = asyncio.run
     for mode in modes:
         with ProcGroup(args.log_dir / mode) as group:
-            sim, urls = start_sim(group, args.replicas, args.time_scale, args.sim_cpu, args.kv_event_hashes,
-                                  args.stream_interval, args.sim_processes)
+            sim, urls = start_sim(
+                group,
+                args.replicas,
+                args.time_scale,
+                args.sim_cpu,
+                args.kv_event_hashes,
+                args.stream_interval,
+                args.sim_processes,
+            )
             router_url = None
             spy_proc: Proc | None = None
             if mode == "router":
@@ -514,8 +606,21 @@ def main() -> int:
                 out = args.py_spy.with_suffix(f".{mode}.txt")
                 exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
                 # Its own --duration (the send window), so it writes its file before the group stops.
-                spy = [exe, "record", "--format", "raw", "--rate", "200", "--nonblocking", "--output", str(out),
-                       "--duration", str(max(1, int(args.duration))), "--pid", str(sim.p.pid)]
+                spy = [
+                    exe,
+                    "record",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                    "--output",
+                    str(out),
+                    "--duration",
+                    str(max(1, int(args.duration))),
+                    "--pid",
+                    str(sim.p.pid),
+                ]
                 if args.sim_processes != 1:
                     spy.append("--subprocesses")
                 spy_proc = group.start(pinned(spy, args.client_cpu), "py-spy")

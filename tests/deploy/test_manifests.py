@@ -22,8 +22,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-KUSTOMIZATIONS = ["base", "overlays/gateway", "overlays/sidecar", "overlays/monitoring", "engines", "engines-pd",
-                  "overlays/pd"]
+KUSTOMIZATIONS = [
+    "base",
+    "overlays/gateway",
+    "overlays/sidecar",
+    "overlays/monitoring",
+    "engines",
+    "engines-pd",
+    "overlays/pd",
+]
 # Oldest Kubernetes the manifests target (native sidecars: restartPolicy on an init container,
 # on by default since 1.29) and the newest schema bundled with kubernetes-validate.
 K8S_VERSIONS = ["1.29.0", "1.37.0"]
@@ -44,8 +51,13 @@ def kubectl() -> str:
 
 @cache
 def build(path: str) -> tuple[Obj, ...]:
-    proc = subprocess.run([kubectl(), "kustomize", str(DEPLOY / path)], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "KUBECONFIG": os.devnull})
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(DEPLOY / path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": os.devnull},
+    )
     assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
     return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
 
@@ -124,8 +136,11 @@ def test_router_security_context(path: str) -> None:
     psc, csc = pod["securityContext"], c["securityContext"]
     assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 10001  # the Dockerfile's USER
     assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert csc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                   "capabilities": {"drop": ["ALL"]}}
+    assert csc == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     assert pod["serviceAccountName"] == "kvrouter"
 
 
@@ -155,7 +170,11 @@ def test_sidecar_listens_on_loopback_and_probes_from_inside() -> None:
     assert c["restartPolicy"] == "Always"  # native sidecar: up before the app, down after it
     cfg = router_config(objs, "kvrouter-sidecar-config")
     assert cfg["server"]["host"] == "127.0.0.1"
-    for probe, path in [("livenessProbe", "/health"), ("readinessProbe", "/ready"), ("startupProbe", "/health")]:
+    for probe, path in [
+        ("livenessProbe", "/health"),
+        ("readinessProbe", "/ready"),
+        ("startupProbe", "/health"),
+    ]:
         cmd = " ".join(c[probe]["exec"]["command"])
         assert f"http://127.0.0.1:{cfg['server']['port']}{path}" in cmd
     grace = d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
@@ -169,11 +188,19 @@ def test_rbac_is_read_only_endpointslices_in_own_namespace(path: str) -> None:
     objs = build(path)
     assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     role = one(objs, "Role")
-    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                              "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
     binding = one(objs, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kvrouter", "namespace": "inference"}]
     assert one(objs, "ServiceAccount", "kvrouter")
 
@@ -187,11 +214,19 @@ def _discovery_settings(path: str) -> dict[str, str]:
     if path == "overlays/gateway":
         d = one(objs, "Deployment", "kvrouter")
         env = env_of(container(d, "kvrouter"))
-        return {"sources": env["KVROUTER_DISCOVERY"], "service": env["KVROUTER_K8S_SERVICE"],
-                "port": env["KVROUTER_K8S_PORT_NAME"], "events": env["KVROUTER_K8S_EVENTS_PORT_NAME"]}
+        return {
+            "sources": env["KVROUTER_DISCOVERY"],
+            "service": env["KVROUTER_K8S_SERVICE"],
+            "port": env["KVROUTER_K8S_PORT_NAME"],
+            "events": env["KVROUTER_K8S_EVENTS_PORT_NAME"],
+        }
     disc = router_config(objs, "kvrouter-sidecar-config")["discovery"]
-    return {"sources": ",".join(disc["sources"]), "service": disc["k8s_service_name"],
-            "port": disc["k8s_port_name"], "events": disc["k8s_events_port_name"]}
+    return {
+        "sources": ",".join(disc["sources"]),
+        "service": disc["k8s_service_name"],
+        "port": disc["k8s_port_name"],
+        "events": disc["k8s_events_port_name"],
+    }
 
 
 @pytest.mark.parametrize("path", ["overlays/gateway", "overlays/sidecar"])
@@ -235,13 +270,18 @@ def test_vllm_engine_flags() -> None:
 
 def test_router_config_files_load_with_the_router_config() -> None:
     import router.config as config
-    for path, prefix in [("overlays/gateway", "kvrouter-config"), ("overlays/sidecar", "kvrouter-sidecar-config")]:
+
+    for path, prefix in [
+        ("overlays/gateway", "kvrouter-config"),
+        ("overlays/sidecar", "kvrouter-sidecar-config"),
+    ]:
         tree = router_config(build(path), prefix)
         config.build_config(tree, env={})  # raises ConfigError naming the field if a key is wrong
 
 
 def test_kvrouter_env_names_are_router_options() -> None:
     import router.config as config
+
     known = {o.env for o in config.OPTIONS}
     used = set()
     for path in ("overlays/gateway", "overlays/sidecar"):
@@ -270,6 +310,9 @@ def test_dockerfile_contract() -> None:
     assert "PYTHONDONTWRITEBYTECODE=1" in text and "--only-binary=:all:" in text
     for module in ("uvloop", "msgspec", "xxhash", "zmq"):  # the C extensions must import in the image
         assert module in next(ln for ln in lines if "import aiohttp" in ln)
-    ignore = [ln for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-              if ln and not ln.startswith("#")]
+    ignore = [
+        ln
+        for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
     assert ignore[0] == "*" and {"!pyproject.toml", "!router/", "!engines/", "!traces/"} <= set(ignore)

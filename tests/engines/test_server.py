@@ -137,7 +137,9 @@ async def test_stream_spacing_follows_step_time(http: aiohttp.ClientSession) -> 
         assert t[-1] - t[3] > 3 * step * 0.5  # spread out, not one burst
 
 
-async def _stream_texts(http: aiohttp.ClientSession, url: str, body: dict[str, object]) -> tuple[list[str], int]:
+async def _stream_texts(
+    http: aiohttp.ClientSession, url: str, body: dict[str, object]
+) -> tuple[list[str], int]:
     """The text of each content chunk of a streamed completion, and its usage's completion_tokens."""
     texts: list[str] = []
     usage = -1
@@ -275,7 +277,9 @@ async def test_engine_hash_events(http: aiohttp.ClientSession, int_hashes: bool)
     bytes), chained like vLLM's, and /metrics says the hash is none of vLLM's."""
     ctx = zmq.asyncio.Context()
     try:
-        async with start_fleet(FleetConfig(1, "tiny", kv_event_hashes="engine", int_block_hashes=int_hashes)) as f:
+        async with start_fleet(
+            FleetConfig(1, "tiny", kv_event_hashes="engine", int_block_hashes=int_hashes)
+        ) as f:
             sub = await _sub(ctx, f[0].events_endpoint or "")
             for _ in range(2):  # the repeat is a cache hit: no second BlockStored for the prompt
                 body = {"prompt": PROMPT, "max_tokens": 1}
@@ -427,7 +431,10 @@ async def test_deeply_nested_json_is_a_400_not_a_500() -> None:
     """Regression: a body nested past msgspec's depth limit raised RecursionError -> HTTP 500."""
     async with start_fleet(FleetConfig(1, "tiny", events_port=None)) as fleet:
         body = b'{"model":"tiny","prompt":' + b"[" * 5000 + b"]" * 5000 + b"}"
-        async with aiohttp.ClientSession() as s, s.post(fleet.replicas[0].url + "/v1/completions", data=body) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(fleet.replicas[0].url + "/v1/completions", data=body) as r,
+        ):
             assert r.status == 400
 
 
@@ -455,7 +462,9 @@ def test_sse_templates_equal_encoded_chunks(chat: bool, include_usage: bool) -> 
 async def test_cpu_tier_hit_waits_for_its_load_then_streams(http: aiohttp.ClientSession) -> None:
     """A prompt evicted from the GPU but kept by the CPU tier is loaded, not recomputed: the
     engine loop waits for the load (no step can run meanwhile) and then serves it."""
-    async with start_fleet(FleetConfig(1, "tiny", num_gpu_blocks=1 + 20, cpu_tier_tokens=4096, events_port=None)) as f:
+    async with start_fleet(
+        FleetConfig(1, "tiny", num_gpu_blocks=1 + 20, cpu_tier_tokens=4096, events_port=None)
+    ) as f:
         url = f[0].url + "/v1/completions"
         a = [300 + i for i in range(320)]  # 20 blocks: the whole GPU pool
         b = [900 + i for i in range(320)]  # evicts a from the GPU; the CPU tier keeps its whole chunk
@@ -473,6 +482,7 @@ async def test_delivery_lag_is_observed_per_stream_write(http: aiohttp.ClientSes
     """kvrouter_sim_delivery_lag_seconds: one observation per SSE write, none for a unary reply."""
     async with start_fleet(FleetConfig(1, "tiny", time_scale=0.5, events_port=None)) as f:
         url = f[0].url + "/v1/completions"
+
         async def count() -> float:
             async with http.get(f[0].url + "/metrics") as r:
                 fams = {fam.name: fam for fam in text_string_to_metric_families(await r.text())}
@@ -498,7 +508,10 @@ async def test_zmq_threads_run_below_the_engine_loop() -> None:
         with open(f"/proc/self/task/{tid}/comm") as f:
             return f.read().strip()
 
-    async with start_fleet(FleetConfig(1, "tiny", events_port=0)) as f, start_fleet(FleetConfig(1, "tiny", events_port=0)) as g:
+    async with (
+        start_fleet(FleetConfig(1, "tiny", events_port=0)) as f,
+        start_fleet(FleetConfig(1, "tiny", events_port=0)) as g,
+    ):
         assert f[0].events_endpoint and g[0].events_endpoint
         own = nice_of(str(threading.get_native_id()))
         levels = [nice_of(t) for t in os.listdir("/proc/self/task") if comm(t).startswith("ZMQbg/IO")]

@@ -58,7 +58,9 @@ async def _prefill(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     return ktp
 
 
-async def test_handoff_decodes_without_recomputing(pd: tuple[Fleet, Fleet], http: aiohttp.ClientSession) -> None:
+async def test_handoff_decodes_without_recomputing(
+    pd: tuple[Fleet, Fleet], http: aiohttp.ClientSession
+) -> None:
     p, d = pd
     purl, durl = p.urls[0], d.urls[0]
     ktp = await _prefill(http, purl)
@@ -87,7 +89,9 @@ async def test_handoff_decodes_without_recomputing(pd: tuple[Fleet, Fleet], http
     assert status == 200 and again["usage"]["prompt_tokens_details"]["cached_tokens"] >= n - 16
 
 
-async def test_expired_lease_is_counted_and_read_anyway(pd: tuple[Fleet, Fleet], http: aiohttp.ClientSession) -> None:
+async def test_expired_lease_is_counted_and_read_anyway(
+    pd: tuple[Fleet, Fleet], http: aiohttp.ClientSession
+) -> None:
     p, d = pd
     ktp = await _prefill(http, p.urls[0])
     await asyncio.sleep(LEASE_S + 0.3)
@@ -100,7 +104,9 @@ async def test_expired_lease_is_counted_and_read_anyway(pd: tuple[Fleet, Fleet],
     assert pm[("vllm:nixl_num_notifications_after_expiry_total", "")] == 1
 
 
-async def test_failed_read_fails_the_request_by_default(pd: tuple[Fleet, Fleet], http: aiohttp.ClientSession) -> None:
+async def test_failed_read_fails_the_request_by_default(
+    pd: tuple[Fleet, Fleet], http: aiohttp.ClientSession
+) -> None:
     p, d = pd
     ktp = await _prefill(http, p.urls[0])
     bad = dict(ktp, remote_engine_id="not-that-engine")

@@ -35,8 +35,16 @@ def test_partition_is_contiguous_and_balanced() -> None:
 
 
 def _args(**kw: object) -> argparse.Namespace:
-    base = {"replicas": 5, "processes": 2, "first_replica": 0, "seed": 7, "port": 8001,
-            "events_port": 5557, "replay_port": None, "no_events": False}
+    base = {
+        "replicas": 5,
+        "processes": 2,
+        "first_replica": 0,
+        "seed": 7,
+        "port": 8001,
+        "events_port": 5557,
+        "replay_port": None,
+        "no_events": False,
+    }
     base.update(kw)
     return argparse.Namespace(**base)
 

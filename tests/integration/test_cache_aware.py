@@ -35,8 +35,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimFleet, 
     # 3 replicas, block size 32 (the router starts at 16 and must learn 32), 200 blocks each
     fleet = SimFleet(logs, 3, "--block-size", "32", "--num-gpu-blocks", "200", "--max-model-len", "4096")
     router = RouterProc(logs, fleet.urls, "--enable-debug", "--policy", "cache_aware", "--block-size", "16")
-    wait_for(lambda: _replicas(router)["_block_size"] == 32 and all(
-        row["has_kv_events"] for k, row in _replicas(router).items() if k != "_block_size"), 10, "block size 32 and KV events")
+    wait_for(
+        lambda: (
+            _replicas(router)["_block_size"] == 32
+            and all(row["has_kv_events"] for k, row in _replicas(router).items() if k != "_block_size")
+        ),
+        10,
+        "block size 32 and KV events",
+    )
     yield fleet, router
     router.proc.stop()
     fleet.proc.stop()
@@ -50,7 +56,9 @@ def test_block_size_and_capacity_learned_from_cache_config_info(setup: tuple[Sim
         assert row["block_size"] == 32 and row["num_gpu_blocks"] == 200
 
 
-def test_repeated_prompt_goes_where_it_is_cached_and_parity_agrees(setup: tuple[SimFleet, RouterProc]) -> None:
+def test_repeated_prompt_goes_where_it_is_cached_and_parity_agrees(
+    setup: tuple[SimFleet, RouterProc],
+) -> None:
     _, r = setup
     prompt = [100 + (i * 7) % 3000 for i in range(1000)]  # 1000 tokens = 31 full blocks of 32
     code, h1, _ = http("POST", r.url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4})
@@ -65,7 +73,9 @@ def test_repeated_prompt_goes_where_it_is_cached_and_parity_agrees(setup: tuple[
     assert set(rows[first]["scores"]) >= {"estimated-ttft", "prefix-cache", "queue-depth"}
     assert all(rows[o]["gpu_blocks"] == 0 for o in rows if o != first)
     for _ in range(3):
-        code, h, body = http("POST", r.url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4})
+        code, h, body = http(
+            "POST", r.url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4}
+        )
         assert code == 200 and h["x-kvrouter-replica"] == first
         # vLLM reuses every full block except the one holding the last prompt token: 31 * 32
         assert json.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"] == 992
@@ -81,7 +91,9 @@ def test_chat_requests_are_routed_by_prefix_too(setup: tuple[SimFleet, RouterPro
     seen = set()
     for i in range(4):
         msgs = [system, {"role": "user", "content": f"question {i}"}]
-        code, h, _ = http("POST", r.url + "/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": 2})
+        code, h, _ = http(
+            "POST", r.url + "/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": 2}
+        )
         assert code == 200
         seen.add(h["x-kvrouter-replica"])
     assert len(seen) == 1  # same long system prompt -> same replica (byte mode keys)
@@ -93,10 +105,19 @@ def test_evictions_remove_index_entries(setup: tuple[SimFleet, RouterProc]) -> N
     # Fill replica 0's 200-block cache directly (bypassing the router): 8 x 1000-token prompts
     for i in range(8):
         prompt = [5 + i] + [1000 + i * 1000 + j for j in range(999)]
-        assert http("POST", target + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1})[0] == 200
+        assert (
+            http("POST", target + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1})[0]
+            == 200
+        )
     text = http("GET", r.url + "/metrics")[2].decode()
-    wait_for(lambda: _metric(http("GET", r.url + "/metrics")[2].decode(), "kvrouter_kv_events_blocks_removed_total") > 0,
-             10, "BlockRemoved in the index")
+    wait_for(
+        lambda: (
+            _metric(http("GET", r.url + "/metrics")[2].decode(), "kvrouter_kv_events_blocks_removed_total")
+            > 0
+        ),
+        10,
+        "BlockRemoved in the index",
+    )
     row = _replicas(r)[target]
     assert row["index_confirmed"][0] <= 200  # never more than the engine can hold
     assert _metric(text, "kvrouter_kv_events_decode_errors_total") == 0

@@ -19,19 +19,42 @@ def _rows(r: RouterProc) -> dict[str, dict[str, object]]:
     return {row["id"]: row for row in body["replicas"]}
 
 
-def test_each_rank_is_a_target_with_its_own_stream_and_the_rank_header(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_each_rank_is_a_target_with_its_own_stream_and_the_rank_header(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     logs: Path = tmp_path_factory.mktemp("dp")
     engine = Backend(logs, "dp-engine")
     engine.control(dp_sources=[f"tcp://*:{free_port()}", f"tcp://*:{free_port()}"])
-    r = RouterProc(logs, [engine.url], "--policy", "round_robin", "--kv-events", "auto", "--scrape-metrics", "false",
-                   "--enable-debug", "--admin-token", "a", "--drain-grace", "0")
+    r = RouterProc(
+        logs,
+        [engine.url],
+        "--policy",
+        "round_robin",
+        "--kv-events",
+        "auto",
+        "--scrape-metrics",
+        "false",
+        "--enable-debug",
+        "--admin-token",
+        "a",
+        "--drain-grace",
+        "0",
+    )
     try:
         rank1 = f"{engine.url}#dp1"
-        wait_for(lambda: set(_rows(r)) == {engine.url, rank1} and all(
-            row["has_kv_events"] and row["healthy"] for row in _rows(r).values()), 15, "two DP ranks admitted")
+        wait_for(
+            lambda: (
+                set(_rows(r)) == {engine.url, rank1}
+                and all(row["has_kv_events"] and row["healthy"] for row in _rows(r).values())
+            ),
+            15,
+            "two DP ranks admitted",
+        )
         seen: dict[str, str] = {}
         for _ in range(4):
-            code, h, _ = http("POST", r.url + "/v1/completions", {"model": "fake-model", "prompt": "hi", "max_tokens": 1})
+            code, h, _ = http(
+                "POST", r.url + "/v1/completions", {"model": "fake-model", "prompt": "hi", "max_tokens": 1}
+            )
             assert code == 200
             seen[h["x-kvrouter-replica"]] = engine.stats()["last_headers"].get("X-data-parallel-rank", "")
         assert seen == {engine.url: "0", rank1: "1"}

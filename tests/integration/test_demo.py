@@ -26,14 +26,39 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _chat_trace(path: Path) -> None:
-    trace = generate("chat", sessions=16, turns_mean=4.0, rate=4.0, think_time_s=1.0, user_tokens_mean=400.0,
-                     answer_tokens_mean=20.0, system_tokens=64, seed=1)
+    trace = generate(
+        "chat",
+        sessions=16,
+        turns_mean=4.0,
+        rate=4.0,
+        think_time_s=1.0,
+        user_tokens_mean=400.0,
+        answer_tokens_mean=20.0,
+        system_tokens=64,
+        seed=1,
+    )
     write_trace(trace, str(path))
 
 
 def _demo(out: Path, trace: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "traces.demo", "--out", str(out), "--trace", str(trace), "--replicas", "2",
-            "--max-requests", "40", "--speedup", "4", "--grace", "10", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "traces.demo",
+        "--out",
+        str(out),
+        "--trace",
+        str(trace),
+        "--replicas",
+        "2",
+        "--max-requests",
+        "40",
+        "--speedup",
+        "4",
+        "--grace",
+        "10",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -45,9 +70,19 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     r = subprocess.run(_demo(out, trace), cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-3000:]
     assert time.monotonic() - t < 30
-    assert re.search(r"^round_robin\s+\d+/\d+", r.stdout, re.M) and re.search(r"^cache_aware\s+\d+/\d+", r.stdout, re.M)
-    for name in ("report.md", "report.json", "summary.json", "round_robin.jsonl", "cache_aware.jsonl",
-                 "ttft_cdf.png", "hit_ratio.png", "load_over_time.png"):
+    assert re.search(r"^round_robin\s+\d+/\d+", r.stdout, re.M) and re.search(
+        r"^cache_aware\s+\d+/\d+", r.stdout, re.M
+    )
+    for name in (
+        "report.md",
+        "report.json",
+        "summary.json",
+        "round_robin.jsonl",
+        "cache_aware.jsonl",
+        "ttft_cdf.png",
+        "hit_ratio.png",
+        "load_over_time.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     data = json.loads((out / "report.json").read_text())
     rr, ca = data["targets"]["round_robin"], data["targets"]["cache_aware"]
@@ -72,8 +107,13 @@ def _refused(url: str) -> bool:
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     trace = tmp_path / "chat.jsonl"
     _chat_trace(trace)
-    p = subprocess.Popen(_demo(tmp_path / "demo", trace, "--speedup", "0.5"), cwd=ROOT, stderr=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen(
+        _demo(tmp_path / "demo", trace, "--speedup", "0.5"),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     urls: list[str] = []
     try:
         assert p.stderr is not None

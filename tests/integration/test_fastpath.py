@@ -82,7 +82,16 @@ class Conn:
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Backend, RouterProc, RouterProc]]:
     logs: Path = tmp_path_factory.mktemp("fastpath")
     be = Backend(logs, "be")
-    common = ("--kv-events", "off", "--scrape-metrics", "false", "--max-body-bytes", "4096", "--api-key", "k1")
+    common = (
+        "--kv-events",
+        "off",
+        "--scrape-metrics",
+        "false",
+        "--max-body-bytes",
+        "4096",
+        "--api-key",
+        "k1",
+    )
     fast = RouterProc(logs, [be.url], *common, name="fast")
     slow = RouterProc(logs, [be.url], *common, "--fast-path", "false", name="nofast")
     yield be, fast, slow

@@ -24,8 +24,19 @@ class PDReplica:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = Proc(
-            [PY, "-m", "tests.support.fake_pd", "--port", str(self.port), "--role", role, "--version", version],
-            name, log_dir,
+            [
+                PY,
+                "-m",
+                "tests.support.fake_pd",
+                "--port",
+                str(self.port),
+                "--role",
+                role,
+                "--version",
+                version,
+            ],
+            name,
+            log_dir,
         )
         _ready(self.proc, self.url + "/health")
 
@@ -42,11 +53,27 @@ def _router(logs: Path, p: list[str], d: list[str], *extra: str, name: str) -> R
         flags += ["--prefill", u]
     for u in d:
         flags += ["--decode", u]
-    r = RouterProc(logs, [], *flags, "--kv-events", "off", "--metrics-interval", "0.1", "--enable-debug",
-                   "--drain-grace", "0", "--eject-after", "1000", *extra, name=name)
+    r = RouterProc(
+        logs,
+        [],
+        *flags,
+        "--kv-events",
+        "off",
+        "--metrics-interval",
+        "0.1",
+        "--enable-debug",
+        "--drain-grace",
+        "0",
+        "--eject-after",
+        "1000",
+        *extra,
+        name=name,
+    )
     # /ready turns true with the first admitted replica; the tests need all of them
-    wait_for(lambda: len(re.findall(r'kvrouter_replica_healthy\{[^}]*\} 1\.0', r.metrics())) == len(p) + len(d),
-             what="every replica admitted")
+    wait_for(
+        lambda: len(re.findall(r"kvrouter_replica_healthy\{[^}]*\} 1\.0", r.metrics())) == len(p) + len(d),
+        what="every replica admitted",
+    )
     return r
 
 
@@ -91,8 +118,15 @@ def _outcomes(r: RouterProc) -> dict[str, float]:
 
 
 def _stream(r: RouterProc, prompt: str, max_tokens: int = 6, **extra: Any) -> bytes:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}, "min_tokens": 2, **extra}
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "min_tokens": 2,
+        **extra,
+    }
     code, headers, raw = http("POST", r.url + "/v1/completions", body, timeout=30)
     assert code == 200, raw
     assert headers.get("Content-Type", "").startswith("text/event-stream")
@@ -103,13 +137,19 @@ def _expected_stream(max_tokens: int) -> bytes:
     """What the decode replica streams, byte for byte (fake_pd._chunk)."""
     out = b""
     for i in range(max_tokens):
-        obj = {"id": "cmpl-d", "object": "text_completion", "model": MODEL,
-               "choices": [{"index": 0, "text": f"d{i} ", "finish_reason": None}]}
+        obj = {
+            "id": "cmpl-d",
+            "object": "text_completion",
+            "model": MODEL,
+            "choices": [{"index": 0, "text": f"d{i} ", "finish_reason": None}],
+        }
         out += b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
     return out + b"data: [DONE]\n\n"
 
 
-def test_long_uncached_prompt_is_split_and_handed_off_exactly(fleet: tuple[PDReplica, PDReplica, RouterProc]) -> None:
+def test_long_uncached_prompt_is_split_and_handed_off_exactly(
+    fleet: tuple[PDReplica, PDReplica, RouterProc],
+) -> None:
     p, d, r = fleet
     before = _outcomes(r)
     d0, p0 = d.stats(), p.stats()
@@ -124,7 +164,11 @@ def test_long_uncached_prompt_is_split_and_handed_off_exactly(fleet: tuple[PDRep
     leg2 = ds["bodies"][-1]
     # leg 2: the original request (stream options, min_tokens kept) + P's params verbatim,
     # remote_host corrected from "localhost" to P's address
-    assert leg2["stream"] is True and leg2["min_tokens"] == 2 and leg2["stream_options"] == {"include_usage": True}
+    assert (
+        leg2["stream"] is True
+        and leg2["min_tokens"] == 2
+        and leg2["stream_options"] == {"include_usage": True}
+    )
     ktp = leg2["kv_transfer_params"]
     assert ktp["remote_host"] == "127.0.0.1" and ktp["do_remote_prefill"] is True
     assert ktp["remote_request_id"] in ps["handoffs"]
@@ -164,8 +208,9 @@ def test_short_and_decode_cached_prompts_stay_local(fleet: tuple[PDReplica, PDRe
     assert "kv_transfer_params" not in d.stats()["bodies"][-1]
 
 
-@pytest.mark.parametrize(("mode", "outcome"), [("fail", "fallback_prefill_status_500"),
-                                                ("no_params", "fallback_no_params")])
+@pytest.mark.parametrize(
+    ("mode", "outcome"), [("fail", "fallback_prefill_status_500"), ("no_params", "fallback_no_params")]
+)
 def test_failed_prefill_leg_falls_back_to_decode_only(
     fleet: tuple[PDReplica, PDReplica, RouterProc], mode: str, outcome: str
 ) -> None:
@@ -179,7 +224,9 @@ def test_failed_prefill_leg_falls_back_to_decode_only(
 
 def test_debug_route_shows_both_estimates(fleet: tuple[PDReplica, PDReplica, RouterProc]) -> None:
     _, _, r = fleet
-    code, _, raw = http("POST", r.url + "/debug/route", {"model": MODEL, "prompt": _prompt(4000), "max_tokens": 4})
+    code, _, raw = http(
+        "POST", r.url + "/debug/route", {"model": MODEL, "prompt": _prompt(4000), "max_tokens": 4}
+    )
     assert code == 200, raw
     pd = json.loads(raw)["pd"]
     assert pd["outcome"] == "split" and pd["local_ttft_s"] > 0 and pd["remote_ttft_s"] > 0
@@ -189,8 +236,10 @@ def test_debug_route_shows_both_estimates(fleet: tuple[PDReplica, PDReplica, Rou
 def _raw_request(r: RouterProc, body: dict[str, Any]) -> socket.socket:
     data = json.dumps(body).encode()
     s = socket.create_connection(("127.0.0.1", int(r.url.rsplit(":", 1)[1])), timeout=10)
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+    )
     return s
 
 
@@ -202,7 +251,9 @@ def test_disconnect_during_prefill_cancels_it_and_never_sends_leg_2(
     n_d = d.stats()["requests"]
     cancelled = p.stats()["cancelled"]
     s = _raw_request(r, {"model": MODEL, "prompt": _prompt(4000), "max_tokens": 6, "stream": True})
-    wait_for(lambda: p.stats()["requests"] > 0 and p.stats()["bodies"][-1].get("kv_transfer_params"), what="leg 1")
+    wait_for(
+        lambda: p.stats()["requests"] > 0 and p.stats()["bodies"][-1].get("kv_transfer_params"), what="leg 1"
+    )
     time.sleep(0.2)
     s.close()
     wait_for(lambda: p.stats()["cancelled"] > cancelled, what="prefill leg cancelled")
@@ -224,8 +275,12 @@ def test_disconnect_during_decode_cancels_it(fleet: tuple[PDReplica, PDReplica, 
 def test_n_greater_than_one_runs_decode_only(fleet: tuple[PDReplica, PDReplica, RouterProc]) -> None:
     _, d, r = fleet
     before = _outcomes(r)
-    code, _, raw = http("POST", r.url + "/v1/completions", {"model": MODEL, "prompt": _prompt(4000), "max_tokens": 3,
-                                                             "n": 2}, timeout=30)
+    code, _, raw = http(
+        "POST",
+        r.url + "/v1/completions",
+        {"model": MODEL, "prompt": _prompt(4000), "max_tokens": 3, "n": 2},
+        timeout=30,
+    )
     assert code == 200, raw
     assert _outcomes(r).get("local_n", 0) == before.get("local_n", 0) + 1
     assert "kv_transfer_params" not in d.stats()["bodies"][-1]
@@ -237,9 +292,15 @@ def test_version_mismatch_is_refused_loudly(logs: Path) -> None:
     d.control(running=32)
     r = _router(logs, [p.url], [d.url], name="router-pd-version")
     try:
-        wait_for(lambda: re.search(r'kvrouter_engine_running\{replica="[^"]+"\} 32', r.metrics()), what="scrape")
-        wait_for(lambda: (_stream(r, _prompt(4000)), _outcomes(r).get("local_version_mismatch", 0))[1] > 0,
-                 what="version refusal", timeout=10, interval=0.2)
+        wait_for(
+            lambda: re.search(r'kvrouter_engine_running\{replica="[^"]+"\} 32', r.metrics()), what="scrape"
+        )
+        wait_for(
+            lambda: (_stream(r, _prompt(4000)), _outcomes(r).get("local_version_mismatch", 0))[1] > 0,
+            what="version refusal",
+            timeout=10,
+            interval=0.2,
+        )
         assert p.stats()["requests"] == 0
         assert "kvrouter_pd_version_mismatch_total" in r.metrics()
         assert "REFUSING to pair" in r.proc.log_path.read_text()

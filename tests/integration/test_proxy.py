@@ -31,9 +31,24 @@ def pair(logs: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Backend, 
     b = Backend(logs, f"b-{request.param}", chunk_delay=0.0)
     server = ("--fast-path", "false") if request.param == "aiohttp" else ()
     r = RouterProc(
-        logs, [a.url, b.url], "--policy", "round_robin", "--kv-events", "off", "--scrape-metrics", "false",
-        "--first-byte-timeout", "1.0", "--request-timeout", "1.0", "--max-body-bytes", "1048576", "--eject-after", "1000",
-        *server, name=f"router-{request.param}",
+        logs,
+        [a.url, b.url],
+        "--policy",
+        "round_robin",
+        "--kv-events",
+        "off",
+        "--scrape-metrics",
+        "false",
+        "--first-byte-timeout",
+        "1.0",
+        "--request-timeout",
+        "1.0",
+        "--max-body-bytes",
+        "1048576",
+        "--eject-after",
+        "1000",
+        *server,
+        name=f"router-{request.param}",
     )
     yield a, b, r
     for p in (r.proc, a.proc, b.proc):
@@ -112,7 +127,9 @@ async def test_streaming_flushes_each_chunk_without_delay(pair: tuple[Backend, B
         (b"[]", None),
     ],
 )
-def test_bad_completion_bodies_are_400(pair: tuple[Backend, Backend, RouterProc], body: bytes, param: str | None) -> None:
+def test_bad_completion_bodies_are_400(
+    pair: tuple[Backend, Backend, RouterProc], body: bytes, param: str | None
+) -> None:
     _, _, r = pair
     code, _, raw = http("POST", r.url + "/v1/completions", body, {"Content-Type": "application/json"})
     assert code == 400
@@ -125,7 +142,11 @@ def test_bad_completion_bodies_are_400(pair: tuple[Backend, Backend, RouterProc]
 
 def test_bad_chat_bodies_are_400(pair: tuple[Backend, Backend, RouterProc]) -> None:
     _, _, r = pair
-    for body in (b'{"model":"fake-model"}', b'{"model":"fake-model","messages":[]}', b'{"model":"fake-model","messages":[{"content":"x"}]}'):
+    for body in (
+        b'{"model":"fake-model"}',
+        b'{"model":"fake-model","messages":[]}',
+        b'{"model":"fake-model","messages":[{"content":"x"}]}',
+    ):
         code, _, raw = http("POST", r.url + "/v1/chat/completions", body)
         assert code == 400, body
         assert json.loads(raw)["error"]["type"] == "invalid_request_error"
@@ -153,7 +174,7 @@ def test_failure_before_first_byte_is_retried_invisibly(pair: tuple[Backend, Bac
         code, headers, _ = http("POST", r.url + "/v1/completions", COMPLETION)
         assert code == 200
         assert headers["x-kvrouter-replica"] == b.url
-    assert "kvrouter_retries_total{reason=\"status_500\"}" in r.metrics()
+    assert 'kvrouter_retries_total{reason="status_500"}' in r.metrics()
 
 
 def test_stall_is_first_byte_timeout_then_retry(pair: tuple[Backend, Backend, RouterProc]) -> None:
@@ -256,8 +277,17 @@ def test_refused_connection_is_retried_and_ejected(logs: Path) -> None:
     doomed = Backend(logs, "doomed")
     # slow probes: the router still believes `doomed` is healthy when it starts refusing
     r = RouterProc(
-        logs, [live.url, doomed.url], "--kv-events", "off", "--policy", "round_robin",
-        "--probe-interval", "30", "--eject-after", "2", name="router-refused",
+        logs,
+        [live.url, doomed.url],
+        "--kv-events",
+        "off",
+        "--policy",
+        "round_robin",
+        "--probe-interval",
+        "30",
+        "--eject-after",
+        "2",
+        name="router-refused",
     )
     try:
         doomed.proc.stop()  # the port now refuses connections
@@ -328,8 +358,17 @@ def test_poison_request_does_not_eject_healthy_replicas(logs: Path) -> None:
     502, and no replica is ejected however often it is sent (found by the bad-input fuzzing)."""
     a = Backend(logs, "p1")
     b = Backend(logs, "p2")
-    r = RouterProc(logs, [a.url, b.url], "--kv-events", "off", "--eject-after", "2", "--probe-interval", "30",
-                   name="router-poison")
+    r = RouterProc(
+        logs,
+        [a.url, b.url],
+        "--kv-events",
+        "off",
+        "--eject-after",
+        "2",
+        "--probe-interval",
+        "30",
+        name="router-poison",
+    )
     try:
         a.control(mode="fail")
         b.control(mode="fail")
@@ -361,7 +400,8 @@ def test_http10_client_gets_a_close_delimited_stream(pair: tuple[Backend, Backen
     with socket.create_connection(("127.0.0.1", r.port), timeout=10) as sock:
         sock.sendall(
             b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
         data = b""
         while chunk := sock.recv(65536):

@@ -24,7 +24,9 @@ def test_two_routers_agree_after_the_same_events(tmp_path: Path) -> None:
         # Traffic goes through router A only: B learns about it from the engines' events alone.
         for i in range(12):
             prompt = [7 + i % 4] * 64 + list(range(i * 100, i * 100 + 40))
-            code, _, _ = http("POST", a.url + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 2})
+            code, _, _ = http(
+                "POST", a.url + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 2}
+            )
             assert code == 200
         late = RouterProc(tmp_path, fleet.urls, *common, name="router-late")
         try:

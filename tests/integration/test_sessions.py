@@ -14,7 +14,9 @@ from tests.support.procs import Backend, RouterProc, SimFleet, http, quiet_route
 def test_priority_reaches_only_priority_replicas_and_nvext_never_does(tmp_path: Path) -> None:
     a = Backend(tmp_path, "a")
     b = Backend(tmp_path, "b")
-    router = quiet_router(tmp_path, [a.url, b.url], "--policy", "round_robin", "--priority-replica", a.url, name="router")
+    router = quiet_router(
+        tmp_path, [a.url, b.url], "--policy", "round_robin", "--priority-replica", a.url, name="router"
+    )
     with stopping(a.proc, b.proc, router.proc):
         seen: dict[str, dict[str, object]] = {}
         for i in range(4):
@@ -93,7 +95,10 @@ def test_speculative_prefill_warms_history_plus_answer(tmp_path: Path) -> None:
             "messages": messages,
             "max_tokens": 8,
             "stream": True,
-            "nvext": {"session_control": {"session_id": "agent"}, "agent_hints": {"speculative_prefill": True}},
+            "nvext": {
+                "session_control": {"session_id": "agent"},
+                "agent_hints": {"speculative_prefill": True},
+            },
         }
         code, _, _ = http("POST", router.url + "/v1/chat/completions", body)
         assert code == 200

@@ -81,8 +81,13 @@ def test_report_mode_full_reannouncements_leave_no_stale_blocks(replica: Replica
         prompt = token_prompt(4242, PROMPT_BLOCKS * BLOCK_SIZE + 1)
         complete(replica.url, prompt)
         for _ in range(3):  # reuse the prefix with report mode "full": vLLM re-announces it
-            body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0,
-                    "vllm_xargs": {"kv_cache_report_mode": "full"}}
+            body = {
+                "model": "tiny",
+                "prompt": prompt,
+                "max_tokens": 1,
+                "temperature": 0,
+                "vllm_xargs": {"kv_cache_report_mode": "full"},
+            }
             reply = http("POST", f"{replica.url}/v1/completions", body)
             assert reply.status == 200, reply.body
             assert cached_tokens(reply) == PROMPT_BLOCKS * BLOCK_SIZE
@@ -96,7 +101,9 @@ def test_report_mode_full_reannouncements_leave_no_stale_blocks(replica: Replica
     index = PrefixIndex(10_000)
     rid = ReplicaId("r0")
     index.add_replica(rid)
-    stream = ReplicaEvents(rid, index, model="tiny", block_size=BLOCK_SIZE, metrics=KVEventMetrics(CollectorRegistry()))
+    stream = ReplicaEvents(
+        rid, index, model="tiny", block_size=BLOCK_SIZE, metrics=KVEventMetrics(CollectorRegistry())
+    )
     for seq, payload in sorted(frames):
         stream.on_message(seq, payload)
     assert stream.stats.decode_errors == 0 and not stream.uncertain
@@ -107,7 +114,9 @@ def test_report_mode_full_reannouncements_leave_no_stale_blocks(replica: Replica
         1
         for _, payload in frames
         for ev in decode_batch(payload).events
-        if isinstance(ev, BlockStoredView) and ev.parent_block_hash is None and ev.token_ids[:BLOCK_SIZE] == head
+        if isinstance(ev, BlockStoredView)
+        and ev.parent_block_hash is None
+        and ev.token_ids[:BLOCK_SIZE] == head
     )
     assert announced == 4
     router_holds = index.match(keys)[0][0]

@@ -36,23 +36,44 @@ JSON = {"Content-Type": "application/json"}
 def pd_router(pd_pair: PDPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterProc]:
     log_dir: Path = tmp_path_factory.mktemp("vllm-pd-router")
     r = RouterProc(
-        log_dir, [], "--prefill", pd_pair.prefill.url, "--decode", pd_pair.decode.url,
-        "--pd-rule", "threshold", "--pd-threshold-tokens", "256", "--kv-events", "auto", "--enable-debug",
-        "--first-byte-timeout", str(REQUEST_TIMEOUT_S), "--request-timeout", str(REQUEST_TIMEOUT_S),
-        "--eject-after", "1000", name="router-vllm-pd",
+        log_dir,
+        [],
+        "--prefill",
+        pd_pair.prefill.url,
+        "--decode",
+        pd_pair.decode.url,
+        "--pd-rule",
+        "threshold",
+        "--pd-threshold-tokens",
+        "256",
+        "--kv-events",
+        "auto",
+        "--enable-debug",
+        "--first-byte-timeout",
+        str(REQUEST_TIMEOUT_S),
+        "--request-timeout",
+        str(REQUEST_TIMEOUT_S),
+        "--eject-after",
+        "1000",
+        name="router-vllm-pd",
     )
     try:
         # /ready turns true with the first admitted replica; the split needs both
-        wait_for(lambda: len(re.findall(r'kvrouter_replica_healthy\{[^}]*\} 1\.0', r.metrics())) == 2,
-                 timeout=60, what="both replicas admitted")
+        wait_for(
+            lambda: len(re.findall(r"kvrouter_replica_healthy\{[^}]*\} 1\.0", r.metrics())) == 2,
+            timeout=60,
+            what="both replicas admitted",
+        )
         yield r
     finally:
         r.proc.stop(timeout=15)
 
 
 def _outcomes(r: RouterProc) -> dict[str, float]:
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(r'kvrouter_pd_decisions_total\{outcome="([^"]+)"\} ([0-9.e+]+)', r.metrics())}
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'kvrouter_pd_decisions_total\{outcome="([^"]+)"\} ([0-9.e+]+)', r.metrics())
+    }
 
 
 def _stream_text(raw: bytes) -> str:
@@ -68,7 +89,14 @@ def _stream_text(raw: bytes) -> str:
 def test_long_prompt_is_split_and_its_kv_arrives_by_nixl(pd_pair: PDPair, pd_router: RouterProc) -> None:
     d = pd_pair.decode.url
     prompt = token_prompt(1807, PROMPT_TOKENS)
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     transferred = metric_sum(d, BY_SOURCE, source="external_kv_transfer")
     computed = metric_sum(d, BY_SOURCE, source="local_compute")
     failed = metric_sum(d, "vllm:nixl_num_failed_transfers_total")

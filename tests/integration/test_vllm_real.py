@@ -314,8 +314,19 @@ def test_simulator_matches_real_vllm_prefix_cache(replicas: list[Replica], tmp_p
     size -> the same prefix-cache hit tokens and the same BlockStored/BlockRemoved sequence."""
     real = replicas[1]
     reset_prefix_cache(real.url)
-    sim = SimFleet(tmp_path, 1, "--block-size", str(BLOCK_SIZE), "--num-gpu-blocks", str(CACHE_BLOCKS),
-                   "--max-model-len", "2048", "--model", "tiny", name="sim-fidelity")
+    sim = SimFleet(
+        tmp_path,
+        1,
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--num-gpu-blocks",
+        str(CACHE_BLOCKS),
+        "--max-model-len",
+        "2048",
+        "--model",
+        "tiny",
+        name="sim-fidelity",
+    )
     sim_events = sim.replicas[0].events
     logs = {"vllm": _OpLog(real.events_endpoint), "sim": _OpLog(sim_events)}
     try:
@@ -333,7 +344,9 @@ def test_simulator_matches_real_vllm_prefix_cache(replicas: list[Replica], tmp_p
             cached["vllm"].append(cached_tokens(complete(real.url, p, max_tokens=1)))
             cached["sim"].append(cached_tokens(complete(sim.urls[0], p, max_tokens=1)))
         time.sleep(1.0)
-        hits = {k: metric_sum(u, HITS) - hits_before[k] for k, u in (("vllm", real.url), ("sim", sim.urls[0]))}
+        hits = {
+            k: metric_sum(u, HITS) - hits_before[k] for k, u in (("vllm", real.url), ("sim", sim.urls[0]))
+        }
         assert cached["sim"] == cached["vllm"]
         assert hits["sim"] == hits["vllm"] > 0
         ops = {k: [op for op in log.ops if op[0] != "cleared"] for k, log in logs.items()}

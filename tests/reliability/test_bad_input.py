@@ -34,8 +34,18 @@ LIVE = Live()
 def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterProc]:
     logs: Path = tmp_path_factory.mktemp("bad-input")
     sim = SimFleet(logs, 1, "--time-scale", "100", "--max-model-len", "512", name="sim-bad")
-    r = RouterProc(logs, sim.urls, "--enable-debug", "--max-body-bytes", "262144", "--drain-grace", "0",
-                   "--first-byte-timeout", "5", name="r-bad")
+    r = RouterProc(
+        logs,
+        sim.urls,
+        "--enable-debug",
+        "--max-body-bytes",
+        "262144",
+        "--drain-grace",
+        "0",
+        "--first-byte-timeout",
+        "5",
+        name="r-bad",
+    )
     wait_for(lambda: all(x["healthy"] for x in debug_replicas(r.url)["replicas"]), 10, "admitted")
     LIVE.url = r.url
     LIVE.session = requests.Session()
@@ -61,42 +71,76 @@ def check(status: int, ctype: str, raw: bytes, what: object, relayed: bool = Fal
 
 def post(path: str, data: bytes) -> None:
     assert LIVE.session is not None
-    resp = LIVE.session.post(LIVE.url + path, data=data, headers={"Content-Type": "application/json"}, timeout=15)
-    check(resp.status_code, resp.headers.get("Content-Type", ""), resp.content, data[:300],
-          "x-kvrouter-replica" in resp.headers)
+    resp = LIVE.session.post(
+        LIVE.url + path, data=data, headers={"Content-Type": "application/json"}, timeout=15
+    )
+    check(
+        resp.status_code,
+        resp.headers.get("Content-Type", ""),
+        resp.content,
+        data[:300],
+        "x-kvrouter-replica" in resp.headers,
+    )
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(10**40), max_value=10**40)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=20,
 )
 prompts = (
-    st.text(max_size=200) | st.lists(st.text(max_size=20), max_size=3)
+    st.text(max_size=200)
+    | st.lists(st.text(max_size=20), max_size=3)
     | st.lists(st.integers(min_value=-(2**70), max_value=2**70), max_size=40)
-    | st.lists(st.lists(st.integers(min_value=-5, max_value=2**40), max_size=10), max_size=3) | json_values
+    | st.lists(st.lists(st.integers(min_value=-5, max_value=2**40), max_size=10), max_size=3)
+    | json_values
 )
-numbers = st.none() | st.integers(min_value=-(10**30), max_value=10**30) | st.floats() | st.text(max_size=5) | st.booleans()
+numbers = (
+    st.none()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats()
+    | st.text(max_size=5)
+    | st.booleans()
+)
 completion_bodies = st.fixed_dictionaries(
     {"model": st.sampled_from(["tiny", "nope", ""]) | json_values, "prompt": prompts},
-    optional={"max_tokens": numbers, "stream": json_values, "cache_salt": json_values, "n": numbers,
-              "temperature": numbers, "stream_options": json_values},
+    optional={
+        "max_tokens": numbers,
+        "stream": json_values,
+        "cache_salt": json_values,
+        "n": numbers,
+        "temperature": numbers,
+        "stream_options": json_values,
+    },
 )
-messages = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", ""]) | json_values},
-                          optional={"content": json_values | st.text(max_size=100), "name": json_values}),
-    max_size=4,
-) | json_values
+messages = (
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system", "assistant", "tool", ""]) | json_values},
+            optional={"content": json_values | st.text(max_size=100), "name": json_values},
+        ),
+        max_size=4,
+    )
+    | json_values
+)
 chat_bodies = st.fixed_dictionaries(
     {"model": st.sampled_from(["tiny", "nope"]) | json_values, "messages": messages},
     optional={"max_tokens": numbers, "max_completion_tokens": numbers, "stream": json_values},
 )
-raw_bytes = st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()) | st.just(b"[" * 5000) | st.just(
-    b'{"a":' * 3000 + b"1" + b"}" * 3000
+raw_bytes = (
+    st.binary(max_size=300)
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | st.just(b"[" * 5000)
+    | st.just(b'{"a":' * 3000 + b"1" + b"}" * 3000)
 )
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+)
 
 
 @SETTINGS
@@ -116,12 +160,17 @@ def test_random_chat_bodies(body: dict[str, Any]) -> None:
 
 
 @SETTINGS
-@given(data=raw_bytes, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/debug/route", "/tokenize"]))
+@given(
+    data=raw_bytes,
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/debug/route", "/tokenize"]),
+)
 def test_random_bytes(data: bytes, path: str) -> None:
     post(path, data)
 
 
-SCHEMA = schemathesis.openapi.from_dict(openapi_spec(build_config({"server": {"enable_debug": True}}, env={})))
+SCHEMA = schemathesis.openapi.from_dict(
+    openapi_spec(build_config({"server": {"enable_debug": True}}, env={}))
+)
 
 
 @SCHEMA.parametrize()
@@ -131,8 +180,13 @@ def test_openapi_cases(case: Any) -> None:
         case.headers = {**(case.headers or {}), "Accept": "text/plain"}
     resp = case.call(base_url=LIVE.url, session=LIVE.session, timeout=15)
     headers = {k.lower(): v[0] for k, v in resp.headers.items()}  # schemathesis: name -> [values]
-    check(resp.status_code, headers.get("content-type", ""), resp.content, (case.method, case.path, case.body),
-          "x-kvrouter-replica" in headers)
+    check(
+        resp.status_code,
+        headers.get("content-type", ""),
+        resp.content,
+        (case.method, case.path, case.body),
+        "x-kvrouter-replica" in headers,
+    )
     case.validate_response(resp, checks=[schemathesis.checks.not_a_server_error], excluded_checks=[])
 
 
@@ -146,7 +200,7 @@ def test_openapi_cases(case: Any) -> None:
         ("/v1/completions", b'{"model":"tiny","prompt":"x","max_tokens":1e400}'),
         ("/v1/chat/completions", b'{"model":"tiny","messages":[{"role":"user","content":"\\ud800"}]}'),
         ("/v1/completions", b'{"model":"tiny","prompt":"\xff\xfe"}'),
-        ("/v1/completions", b'[' * 100000),
+        ("/v1/completions", b"[" * 100000),
     ],
 )
 def test_known_edge_cases(path: str, data: bytes) -> None:

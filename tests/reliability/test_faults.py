@@ -47,10 +47,27 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimFleet, 
     logs = tmp_path_factory.mktemp("faults")
     sim = SimFleet(logs, 3, "--seed", "7")
     r = RouterProc(
-        logs, sim.urls, "--enable-debug", "--first-byte-timeout", "1.0", "--request-timeout", "1.0", "--eject-after", "3",
-        "--max-retries", "2", "--seed", "1", "--log-level", "info", "--drain-grace", "0",
+        logs,
+        sim.urls,
+        "--enable-debug",
+        "--first-byte-timeout",
+        "1.0",
+        "--request-timeout",
+        "1.0",
+        "--eject-after",
+        "3",
+        "--max-retries",
+        "2",
+        "--seed",
+        "1",
+        "--log-level",
+        "info",
+        "--drain-grace",
+        "0",
     )
-    wait_for(lambda: all(row["healthy"] for row in debug_replicas(r.url)["replicas"]), 10, "all replicas admitted")
+    wait_for(
+        lambda: all(row["healthy"] for row in debug_replicas(r.url)["replicas"]), 10, "all replicas admitted"
+    )
     yield sim, r
     try:
         # the router survived every fault: alive, live, no unhandled error in its log
@@ -68,7 +85,9 @@ def healed(fleet: tuple[SimFleet, RouterProc]) -> Iterator[None]:
     sim, r = fleet
     yield
     sim.clear_faults()
-    wait_for(lambda: all(row["healthy"] for row in debug_replicas(r.url)["replicas"]), 10, "replicas re-admitted")
+    wait_for(
+        lambda: all(row["healthy"] for row in debug_replicas(r.url)["replicas"]), 10, "replicas re-admitted"
+    )
     assert debug_replicas(r.url)["index_invariants"] == "ok"
 
 
@@ -77,9 +96,7 @@ async def test_refused_connections_are_retried_elsewhere(fleet: tuple[SimFleet, 
     sim.replicas[0].faults(refuse_connections=True, refuse_for_s=1.5)
     outs = await burst(r.url, 24)
     assert no_lost(outs) == {"ok": 24}
-    assert 'kvrouter_retries_total{reason="connect"}' in r.metrics() or all(
-        o.kind == "ok" for o in outs
-    )
+    assert 'kvrouter_retries_total{reason="connect"}' in r.metrics() or all(o.kind == "ok" for o in outs)
 
 
 async def test_failing_replicas_are_retried_or_clean_502(fleet: tuple[SimFleet, RouterProc]) -> None:
@@ -140,9 +157,16 @@ async def test_restart_clears_that_replicas_index_then_it_refills(fleet: tuple[S
     outs = await burst(r.url, 9, prefix="before")
     assert no_lost(outs) == {"ok": 9}
     target = wait_for(
-        lambda: next((row for row in debug_replicas(r.url)["replicas"]
-                      if row["index_blocks"] > 0 and row["kv_events"] and row["kv_events"]["batches"] > 0), None),
-        5, "a replica with confirmed blocks",
+        lambda: next(
+            (
+                row
+                for row in debug_replicas(r.url)["replicas"]
+                if row["index_blocks"] > 0 and row["kv_events"] and row["kv_events"]["batches"] > 0
+            ),
+            None,
+        ),
+        5,
+        "a replica with confirmed blocks",
     )
     url = target["id"]
     old = [body(i, False, "before") for i in range(9)]
@@ -181,5 +205,10 @@ async def test_malformed_and_reordered_events_are_counted_and_routing_goes_on(
     outs = await burst(r.url, 12, prefix="clean")
     assert no_lost(outs) == {"ok": 12}
     # clean batches are applied again on every replica that served one
-    wait_for(lambda: sum(x["kv_events"]["batches"] for x in debug_replicas(r.url)["replicas"]) > sum(before.values()),
-             5, "batches applied after the fault")
+    wait_for(
+        lambda: (
+            sum(x["kv_events"]["batches"] for x in debug_replicas(r.url)["replicas"]) > sum(before.values())
+        ),
+        5,
+        "batches applied after the fault",
+    )

@@ -48,8 +48,10 @@ def status_of(answer: bytes) -> int:
 
 
 def post_head(path: str, length: int, extra: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,17 @@ def backend(logs: Path) -> Iterator[Backend]:
 @pytest.fixture(scope="module")
 def router(logs: Path, backend: Backend) -> Iterator[RouterProc]:
     """Short deadlines so the tests stay short; otherwise defaults."""
-    r = quiet_router(logs, [backend.url], "--head-timeout", "1.5", "--body-timeout", "1.5", "--body-min-rate", "1000",
-                     name="r-hostile")
+    r = quiet_router(
+        logs,
+        [backend.url],
+        "--head-timeout",
+        "1.5",
+        "--body-timeout",
+        "1.5",
+        "--body-min-rate",
+        "1000",
+        name="r-hostile",
+    )
     yield r
     r.proc.stop()
 
@@ -167,7 +178,9 @@ def test_f3_huge_token_id_prompt_does_not_block_the_loop(logs: Path) -> None:
         result: dict[str, object] = {}
 
         def send() -> None:
-            result["answer"] = exchange(r.port, post_head("/v1/completions", len(body), "Connection: close\r\n") + body, timeout=30)
+            result["answer"] = exchange(
+                r.port, post_head("/v1/completions", len(body), "Connection: close\r\n") + body, timeout=30
+            )
 
         t = threading.Thread(target=send)
         t.start()
@@ -200,8 +213,11 @@ def test_f4_speculative_memory_is_bounded_by_configuration(logs: Path, backend: 
             assert http("POST", r.url + "/v1/completions", {**COMPLETION, "prompt": prompt})[0] == 200
         text = r.metrics()
         held = float(re.search(r"^kvrouter_index_speculative_hashes (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-        dropped = float(re.search(  # type: ignore[union-attr]
-            r'^kvrouter_index_dropped_blocks_total\{what="expiry_record"\} (\S+)$', text, re.M).group(1))
+        dropped = float(
+            re.search(  # type: ignore[union-attr]
+                r'^kvrouter_index_dropped_blocks_total\{what="expiry_record"\} (\S+)$', text, re.M
+            ).group(1)
+        )
         assert held <= 2 * 4096 + 100, held  # bound: max(4096, capacity x replicas x tiers), x2
         assert dropped > 0
     finally:
@@ -214,24 +230,36 @@ def test_f5_invalid_target_bytes_are_the_routers_400(router: RouterProc, backend
     before = backend.stats()["requests"]
     body = json.dumps(COMPLETION).encode()
     for q in (b"x=\x01", b"x=\x7f", b"x=\xff", b"x=\t"):
-        answer, _ = exchange(router.port, b"POST /v1/completions?" + q + b" HTTP/1.1\r\nHost: x\r\nContent-Length: "
-                             + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        answer, _ = exchange(
+            router.port,
+            b"POST /v1/completions?"
+            + q
+            + b" HTTP/1.1\r\nHost: x\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body,
+        )
         assert status_of(answer) == 400, (q, answer[:200])
     assert backend.stats()["requests"] == before
     assert http("POST", router.url + "/v1/completions", COMPLETION)[0] == 200
 
 
-def test_f6_only_origin_form_and_normalised_paths_reach_the_engine(router: RouterProc, backend: Backend) -> None:
+def test_f6_only_origin_form_and_normalised_paths_reach_the_engine(
+    router: RouterProc, backend: Backend
+) -> None:
     """F6: absolute-form is refused; dot-segments are resolved before the allow-list and the
     engine receives the normalised target."""
     body = b'{"prompt":"x"}'
-    answer, _ = exchange(router.port, post_head("http://evil.example:9999/tokenize", len(body),
-                                                "Connection: close\r\n") + body)
+    answer, _ = exchange(
+        router.port, post_head("http://evil.example:9999/tokenize", len(body), "Connection: close\r\n") + body
+    )
     assert status_of(answer) == 400, answer[:200]
     for path in ("/v1/%2e%2e/metrics", "/v1/../metrics", "/tokenize/../reset_prefix_cache"):
         answer, _ = exchange(router.port, post_head(path, len(body), "Connection: close\r\n") + body)
         assert status_of(answer) == 404, (path, answer[:200])
-    answer, _ = exchange(router.port, post_head("/v1/%2e%2e/tokenize?a=1", len(body), "Connection: close\r\n") + body)
+    answer, _ = exchange(
+        router.port, post_head("/v1/%2e%2e/tokenize?a=1", len(body), "Connection: close\r\n") + body
+    )
     assert status_of(answer) == 200, answer[:300]
     assert backend.stats()["last_target"] == "/tokenize?a=1"
 
@@ -241,8 +269,19 @@ def test_f7_stalled_fleet_answers_within_the_retry_budget(logs: Path) -> None:
     assert build_config(env={}).upstream.first_byte_timeout_s <= 30
     assert build_config(env={}).upstream.retry_budget_s <= 60
     b1, b2 = Backend(logs, "stall-1"), Backend(logs, "stall-2")
-    r = quiet_router(logs, [b1.url, b2.url], "--first-byte-timeout", "2", "--request-timeout", "2",
-                     "--retry-budget", "2.5", "--max-retries", "4", name="r-f7")
+    r = quiet_router(
+        logs,
+        [b1.url, b2.url],
+        "--first-byte-timeout",
+        "2",
+        "--request-timeout",
+        "2",
+        "--retry-budget",
+        "2.5",
+        "--max-retries",
+        "4",
+        name="r-f7",
+    )
     try:
         for b in (b1, b2):
             b.control(mode="stall")
@@ -280,7 +319,9 @@ def test_f9_huge_text_prompt_is_refused_by_the_router(logs: Path) -> None:
         before = rss_mb(pid)
         for size, param in ((30_000_000, "input_text"), (1_000_000, "input_text")):
             t0 = time.monotonic()
-            code, _, raw = http("POST", r.url + "/v1/completions", {"model": model, "prompt": "a" * size}, timeout=30)
+            code, _, raw = http(
+                "POST", r.url + "/v1/completions", {"model": model, "prompt": "a" * size}, timeout=30
+            )
             took = time.monotonic() - t0
             assert code == 400, raw[:300]
             err = json.loads(raw)["error"]
@@ -289,7 +330,10 @@ def test_f9_huge_text_prompt_is_refused_by_the_router(logs: Path) -> None:
             assert took < 3.0
         print(f"\nF9: router RSS {before:.0f} -> {rss_mb(pid):.0f} MB after a 30 MB and a 1 MB text prompt")
         assert http("GET", r.url + "/ready")[0] == 200
-        assert http("POST", r.url + "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2})[0] == 200
+        assert (
+            http("POST", r.url + "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2})[0]
+            == 200
+        )
     finally:
         r.proc.stop()
         sim.proc.stop()
@@ -336,8 +380,15 @@ def test_f2_head_deadline_also_holds_on_connections_aiohttp_serves(router: Route
 def test_per_client_limits_for_gateways(logs: Path, backend: Backend) -> None:
     """Per client address: a third connection gets the canned 503; past the request rate (1/s,
     burst 2), 429 from the head."""
-    r = quiet_router(logs, [backend.url], "--max-connections-per-client", "2", "--max-requests-per-client", "1",
-                     name="r-per-client")
+    r = quiet_router(
+        logs,
+        [backend.url],
+        "--max-connections-per-client",
+        "2",
+        "--max-requests-per-client",
+        "1",
+        name="r-per-client",
+    )
     try:
         a = socket.create_connection(("127.0.0.1", r.port), timeout=5)
         b = socket.create_connection(("127.0.0.1", r.port), timeout=5)

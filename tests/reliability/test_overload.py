@@ -59,7 +59,10 @@ def _saturated_429(url: str) -> tuple[int, dict[str, str], bytes]:
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        busy = [pool.submit(http, "POST", url + "/v1/completions", {**COMPLETION, "stream": True}) for _ in range(4)]
+        busy = [
+            pool.submit(http, "POST", url + "/v1/completions", {**COMPLETION, "stream": True})
+            for _ in range(4)
+        ]
         time.sleep(0.05)
         answer = http("POST", url + "/v1/completions", COMPLETION)
         for f in busy:
@@ -117,7 +120,9 @@ def test_oversized_headers_and_request_line_get_openai_json_errors(logs: Path, b
 
 
 def test_without_the_fast_path_aiohttp_still_refuses_oversized_heads(logs: Path, backend: Backend) -> None:
-    r = quiet_router(logs, [backend.url], "--max-header-bytes", "8192", "--fast-path", "false", name="r-headers-nofast")
+    r = quiet_router(
+        logs, [backend.url], "--max-header-bytes", "8192", "--fast-path", "false", name="r-headers-nofast"
+    )
     try:
         assert http("GET", r.url + "/v1/models", headers={"X-Big": "a" * 20000})[0] == 400  # plain text
         assert http("POST", r.url + "/v1/completions", COMPLETION)[0] == 200
@@ -159,7 +164,9 @@ def test_connection_flood_is_capped_and_memory_bounded(logs: Path, backend: Back
 
 def test_prompt_flood_keeps_the_index_within_capacity(logs: Path) -> None:
     sim = SimFleet(logs, 1, name="sim-capacity")
-    r = RouterProc(logs, sim.urls, "--enable-debug", "--index-capacity", "64", "--drain-grace", "0", name="r-capacity")
+    r = RouterProc(
+        logs, sim.urls, "--enable-debug", "--index-capacity", "64", "--drain-grace", "0", name="r-capacity"
+    )
     try:
         wait_for(lambda: all(x["healthy"] for x in debug_replicas(r.url)["replicas"]), 10, "admitted")
 
@@ -170,8 +177,9 @@ def test_prompt_flood_keeps_the_index_within_capacity(logs: Path) -> None:
                 async def one(i: int) -> Any:
                     async with sem:
                         prompt = f"distinct prompt number {i} " + "with plenty of words to fill blocks " * 20
-                        return await call(s, r.url + "/v1/completions",
-                                          {"model": "tiny", "prompt": prompt, "max_tokens": 2})
+                        return await call(
+                            s, r.url + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 2}
+                        )
 
                 return list(await asyncio.gather(*(one(i) for i in range(40))))
 

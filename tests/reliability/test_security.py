@@ -33,11 +33,24 @@ def backend(logs: Path) -> Iterator[Backend]:
 
 
 def test_router_keys_are_separate_from_the_upstream_key(logs: Path, backend: Backend) -> None:
-    r = quiet_router(logs, [backend.url], "--api-key", "client-key-1", "--api-key", "client-key-2",
-                "--upstream-api-key", "upstream-secret", name="r-keys")
+    r = quiet_router(
+        logs,
+        [backend.url],
+        "--api-key",
+        "client-key-1",
+        "--api-key",
+        "client-key-2",
+        "--upstream-api-key",
+        "upstream-secret",
+        name="r-keys",
+    )
     try:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "client-key-1"},
-                        {"Authorization": "Basic Y2xpZW50LWtleS0xOg=="}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "client-key-1"},
+            {"Authorization": "Basic Y2xpZW50LWtleS0xOg=="},
+        ):
             code, _, raw = http("POST", r.url + "/v1/completions", COMPLETION, headers)
             assert code == 401, headers
             assert json.loads(raw)["error"]["type"] == "authentication_error"
@@ -45,7 +58,9 @@ def test_router_keys_are_separate_from_the_upstream_key(logs: Path, backend: Bac
         for path in ("/health", "/metrics", "/openapi.json"):
             assert http("GET", r.url + path)[0] == 200, path
         for key in ("client-key-1", "client-key-2"):
-            code, headers, raw = http("POST", r.url + "/v1/completions", COMPLETION, {"Authorization": f"Bearer {key}"})
+            code, headers, raw = http(
+                "POST", r.url + "/v1/completions", COMPLETION, {"Authorization": f"Bearer {key}"}
+            )
             assert code == 200
             seen = backend.stats()["last_headers"]
             auth = {k.lower(): v for k, v in seen.items()}["authorization"]
@@ -56,7 +71,9 @@ def test_router_keys_are_separate_from_the_upstream_key(logs: Path, backend: Bac
         r.proc.stop()
 
 
-def test_hop_by_hop_and_connection_listed_headers_are_stripped_towards_the_engine(logs: Path, backend: Backend) -> None:
+def test_hop_by_hop_and_connection_listed_headers_are_stripped_towards_the_engine(
+    logs: Path, backend: Backend
+) -> None:
     r = quiet_router(logs, [backend.url], name="r-hop")
     try:
         sent = {
@@ -72,11 +89,24 @@ def test_hop_by_hop_and_connection_listed_headers_are_stripped_towards_the_engin
         # raw bytes: urllib would replace our Connection header with its own "close"
         body = json.dumps(COMPLETION).encode()
         head = "".join(f"{k}: {v}\r\n" for k, v in sent.items())
-        answer = _raw(r.port, (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{head}Content-Type: application/json\r\n"
-                               f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        answer = _raw(
+            r.port,
+            (
+                f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{head}Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body,
+        )
         assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
         seen = {k.lower() for k in backend.stats()["last_headers"]}
-        for h in ("x-hop-secret", "x-other-hop", "keep-alive", "te", "proxy-authorization", "proxy-connection"):
+        for h in (
+            "x-hop-secret",
+            "x-other-hop",
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+            "proxy-connection",
+        ):
             assert h not in seen, h
         assert "x-end-to-end" in seen
     finally:
@@ -85,10 +115,17 @@ def test_hop_by_hop_and_connection_listed_headers_are_stripped_towards_the_engin
 
 def test_hop_by_hop_headers_are_stripped_towards_the_client() -> None:
     up = [
-        (b"Content-Type", b"application/json"), (b"Connection", b"close, X-Engine-Internal"),
-        (b"X-Engine-Internal", b"1"), (b"Keep-Alive", b"timeout=5"), (b"Transfer-Encoding", b"chunked"),
-        (b"Upgrade", b"h2c"), (b"Trailer", b"x"), (b"Proxy-Authenticate", b"Basic"), (b"X-Request-Id", b"abc"),
-        (b"Server", b"engine"), (b"Content-Length", b"3"),
+        (b"Content-Type", b"application/json"),
+        (b"Connection", b"close, X-Engine-Internal"),
+        (b"X-Engine-Internal", b"1"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Upgrade", b"h2c"),
+        (b"Trailer", b"x"),
+        (b"Proxy-Authenticate", b"Basic"),
+        (b"X-Request-Id", b"abc"),
+        (b"Server", b"engine"),
+        (b"Content-Length", b"3"),
     ]
     out = {k.lower() for k, _ in response_header_pairs(up, None)}
     assert out == {b"content-type", b"x-request-id"}
@@ -107,7 +144,9 @@ def test_debug_endpoints_are_off_unless_enabled(logs: Path, backend: Backend) ->
 
 
 def test_debug_endpoints_need_the_admin_token(logs: Path, backend: Backend) -> None:
-    r = quiet_router(logs, [backend.url], "--enable-debug", "--admin-token", "adm1n", "--api-key", "ck", name="r-admin")
+    r = quiet_router(
+        logs, [backend.url], "--enable-debug", "--admin-token", "adm1n", "--api-key", "ck", name="r-admin"
+    )
     try:
         for headers in ({}, {"Authorization": "Bearer ck"}, {"Authorization": "Bearer wrong"}):
             code, _, raw = http("GET", r.url + "/debug/replicas", headers=headers)
@@ -125,8 +164,11 @@ def test_prompts_stay_out_of_debug_logs_unless_asked(logs: Path, backend: Backen
     canary = f"CANARY-PROMPT-{time.monotonic_ns()}"
     try:
         http("POST", r.url + "/v1/completions", {**COMPLETION, "prompt": f"say {canary}"})
-        http("POST", r.url + "/v1/chat/completions",
-             {"model": "fake-model", "messages": [{"role": "user", "content": canary}], "stream": True})
+        http(
+            "POST",
+            r.url + "/v1/chat/completions",
+            {"model": "fake-model", "messages": [{"role": "user", "content": canary}], "stream": True},
+        )
         http("POST", r.url + "/v1/completions", {**COMPLETION, "prompt": canary, "max_tokens": "bad"})  # 400
         time.sleep(0.2)
     finally:
@@ -180,15 +222,20 @@ def test_requests_cannot_point_the_router_at_another_address(logs: Path, backend
     r = quiet_router(logs, [backend.url], name="r-ssrf")
     evil = f"127.0.0.1:{canary.port}"
     body = json.dumps(COMPLETION).encode()
-    post = (b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
-            + b"\r\nConnection: close\r\n\r\n" + body)
+    post = (
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+        + body
+    )
     get_tail = b"Connection: close\r\n\r\n"
     try:
         attempts = [
             f"POST http://{evil}/v1/completions HTTP/1.1\r\nHost: {evil}\r\n".encode() + post,
             f"GET http://{evil}/v1/models HTTP/1.1\r\nHost: {evil}\r\n".encode() + get_tail,
             f"POST /v1/completions HTTP/1.1\r\nHost: {evil}\r\nX-Forwarded-Host: {evil}\r\n"
-            f"X-Forwarded-Proto: http\r\nForwarded: host={evil}\r\nX-Real-IP: 127.0.0.1\r\n".encode() + post,
+            f"X-Forwarded-Proto: http\r\nForwarded: host={evil}\r\nX-Real-IP: 127.0.0.1\r\n".encode()
+            + post,
             f"GET //{evil}/v1/models HTTP/1.1\r\nHost: x\r\n".encode() + get_tail,
             f"GET /v1//{evil}/models HTTP/1.1\r\nHost: x\r\n".encode() + get_tail,
             f"GET /v1/../..//{evil}/x HTTP/1.1\r\nHost: x\r\n".encode() + get_tail,

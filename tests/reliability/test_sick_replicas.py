@@ -28,7 +28,9 @@ def _body(i: int, max_tokens: int = 12) -> dict[str, Any]:
     return {"model": "tiny", "prompt": f"u{i} {PROMPT}", "max_tokens": max_tokens, "stream": True}
 
 
-async def drive(url: str, seconds: float, conc: int = 4, max_tokens: int = 12) -> list[tuple[float, str, str]]:
+async def drive(
+    url: str, seconds: float, conc: int = 4, max_tokens: int = 12
+) -> list[tuple[float, str, str]]:
     """Closed-loop streaming load for ``seconds``: (start time, replica, outcome kind) per request."""
     out: list[tuple[float, str, str]] = []
     deadline = time.monotonic() + seconds
@@ -53,7 +55,9 @@ async def drive(url: str, seconds: float, conc: int = 4, max_tokens: int = 12) -
     return out
 
 
-def share(rows: list[tuple[float, str, str]], rid: str, since: float = 0.0, until: float = float("inf")) -> float:
+def share(
+    rows: list[tuple[float, str, str]], rid: str, since: float = 0.0, until: float = float("inf")
+) -> float:
     sel = [r for r in rows if since <= r[0] < until]
     return sum(1 for r in sel if r[1] == rid) / max(1, len(sel))
 
@@ -84,11 +88,15 @@ def sim3(logs: Path) -> Iterator[SimFleet]:
 
 def _router(logs: Path, sim: SimFleet, *extra: str) -> RouterProc:
     r = RouterProc(logs, sim.urls, "--enable-debug", "--seed", "1", "--drain-grace", "0", *FAST, *extra)
-    wait_for(lambda: all(row["healthy"] for row in debug_replicas(r.url)["replicas"]), 10, "replicas admitted")
+    wait_for(
+        lambda: all(row["healthy"] for row in debug_replicas(r.url)["replicas"]), 10, "replicas admitted"
+    )
     return r
 
 
-async def test_slowed_replica_loses_traffic_then_returns_through_slow_start(logs: Path, sim3: SimFleet) -> None:
+async def test_slowed_replica_loses_traffic_then_returns_through_slow_start(
+    logs: Path, sim3: SimFleet
+) -> None:
     r = _router(logs, sim3, "--slow-start", "3", "--outlier-ejection-time", "3", "--canary-after", "0")
     try:
         slow = ids(r)[sim3.replicas[0].url]
@@ -161,12 +169,27 @@ async def test_stopped_stream_is_ended_within_idle_timeout_and_upstream_closed(l
 async def test_joining_replica_ramps_up(logs: Path, sim3: SimFleet) -> None:
     sim3.replicas[2].faults(refuse_connections=True, refuse_for_s=8.0)
     r = RouterProc(
-        logs, sim3.urls, "--enable-debug", "--seed", "1", "--drain-grace", "0", "--policy", "round_robin",
-        *FAST, "--slow-start", "4", "--canary-after", "0", wait_ready=True,
+        logs,
+        sim3.urls,
+        "--enable-debug",
+        "--seed",
+        "1",
+        "--drain-grace",
+        "0",
+        "--policy",
+        "round_robin",
+        *FAST,
+        "--slow-start",
+        "4",
+        "--canary-after",
+        "0",
+        wait_ready=True,
     )
     try:
         joiner = ids(r)[sim3.replicas[2].url]
-        wait_for(lambda: state(r, joiner)["state"] == "slow_start", 20, "the joiner starts slow")  # peers joined >= 4 s before
+        wait_for(
+            lambda: state(r, joiner)["state"] == "slow_start", 20, "the joiner starts slow"
+        )  # peers joined >= 4 s before
         t_join = time.monotonic()
         rows = await drive(r.url, 5.0, conc=3, max_tokens=4)
         early = share(rows, joiner, until=t_join + 1.0)
@@ -212,7 +235,10 @@ async def test_client_cancel_is_counted_by_outcome(logs: Path) -> None:
     sim = SimFleet(logs, 1, *SIM, "--fault-slow-factor", "10")
     r = _router(logs, sim, "--canary-after", "0")
     try:
-        async with aiohttp.ClientSession() as s, s.post(r.url + "/v1/completions", json=_body(0, 200)) as resp:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(r.url + "/v1/completions", json=_body(0, 200)) as resp,
+        ):
             assert resp.status == 200
             await resp.content.readany()  # first chunk, then the client walks away
         wait_for(lambda: 'status="client_cancelled"} 1.0' in r.metrics(), 5, "client_cancelled counted")

@@ -58,7 +58,10 @@ def test_bad_input_is_a_400() -> None:
 def test_response_affinity_is_bounded_and_learns_ids_from_bodies_and_streams() -> None:
     aff = ResponseAffinity(capacity=2)
     aff.observe(b'{"id":"resp_a1","object":"response","output":[{"id":"msg_1"}]}', ReplicaId("r1"))
-    aff.observe(b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_b2"}}', ReplicaId("r2"))
+    aff.observe(
+        b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_b2"}}',
+        ReplicaId("r2"),
+    )
     assert aff.lookup("resp_a1") == "r1" and aff.lookup("resp_b2") == "r2"
     assert aff.lookup_path("/v1/responses/resp_b2/cancel") == "r2"
     aff.remember("resp_c3", ReplicaId("r1"))  # capacity 2: the least recently used (a1) goes
@@ -74,7 +77,11 @@ def test_golden_is_current() -> None:
         pytest.skip("KVROUTER_VLLM_VENV is not set")
     script = Path(__file__).parent / "golden" / "vllm_api_forms_capture.py"
     out = subprocess.run(
-        [str(Path(venv) / "bin" / "python"), str(script)], input=GOLDEN.read_text(), capture_output=True,
-        text=True, timeout=300, check=True,
+        [str(Path(venv) / "bin" / "python"), str(script)],
+        input=GOLDEN.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     assert json.loads(out.stdout) == [c["vllm"] for c in CASES]

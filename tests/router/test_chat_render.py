@@ -212,10 +212,14 @@ def test_chat_requests_are_keyed_on_the_prompt_vllm_renders(tmp_path: Path) -> N
     (tmp_path / "tokenizer.json").write_bytes((GOLDEN / "tokenizer.json").read_bytes())
     st = build_state(Config(), HFTokenizer(str(tmp_path)))
     parts = [{"type": "text", "text": "alpha"}, {"type": "text", "text": "beta"}]
-    req = chat_info(st.router, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}).encode())
+    req = chat_info(
+        st.router, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}).encode()
+    )
     assert req.key_mode is KeyMode.TOKENS and req.prompt_tokens > 0
     with pytest.raises(BadRequest) as err:
-        chat_info(st.router, json.dumps({"model": "m", "messages": [{"role": "system", "content": "s"}]}).encode())
+        chat_info(
+            st.router, json.dumps({"model": "m", "messages": [{"role": "system", "content": "s"}]}).encode()
+        )
     assert err.value.status == 400 and "no system role" in str(err.value)
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 4096}}
     req = chat_info(

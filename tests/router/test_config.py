@@ -38,7 +38,12 @@ def test_yaml_env_flag_precedence() -> None:
         ({"routing": {"weights": {"prefix-cache": -2}}}, {}, "routing.weights.prefix-cache", -2),
         ({}, {"KVROUTER_SCRAPE_METRICS": "maybe"}, "health.scrape_metrics", "maybe"),
         ({"routing": {"weights": {"magic": 1}}}, {}, "routing.weights.magic", 1),
-        ({"discovery": {"k8s_resource": "nodes", "k8s_service_name": "v"}}, {}, "discovery.k8s_resource", "'nodes'"),
+        (
+            {"discovery": {"k8s_resource": "nodes", "k8s_service_name": "v"}},
+            {},
+            "discovery.k8s_resource",
+            "'nodes'",
+        ),
     ],
 )
 def test_invalid_values_name_field_value_reason(tree: dict, env: dict, field: str, value: object) -> None:
@@ -58,17 +63,34 @@ def test_cli_refuses_bad_config_at_startup(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("server:\n  port: -5\nbackends: [http://127.0.0.1:1]\n")
     out = subprocess.run(
-        [sys.executable, "-m", "router", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "router", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 2
     assert "server.port=-5" in out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "router", "serve", "--policy", "nope", "--backend", "http://127.0.0.1:1", "--print-config"],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "router",
+            "serve",
+            "--policy",
+            "nope",
+            "--backend",
+            "http://127.0.0.1:1",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 2
     assert "routing.policy='nope'" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "router", "serve"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "router", "serve"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 2
     assert "backends" in out.stderr
 

@@ -34,8 +34,13 @@ def make(events: bool) -> tuple[Router, Clock, RouterMetrics]:
     rep.has_kv_events = events
     metrics = RouterMetrics()
     router = Router(
-        index, reg, build_policy("cache_aware", rng=random.Random(0)), block_size=16, clock=clock,
-        speculative_ttl_s=30, approximate_ttl_s=300,
+        index,
+        reg,
+        build_policy("cache_aware", rng=random.Random(0)),
+        block_size=16,
+        clock=clock,
+        speculative_ttl_s=30,
+        approximate_ttl_s=300,
     )
     metrics.add_state_collector(lambda: reg, index)
     return router, clock, metrics

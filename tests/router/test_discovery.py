@@ -86,11 +86,18 @@ async def stop(task: asyncio.Task[None]) -> None:
         ({"sources": ["consul"]}, "sources=['consul']: 'consul' is not one of static, dns, k8s"),
         ({"sources": ["dns"]}, "dns_name='': the dns source needs a name to resolve"),
         ({"sources": ["k8s"]}, "k8s_service_name='': set it or k8s_label_selector"),
-        ({"k8s_service_name": "vllm", "k8s_resource": "services"},
-         "k8s_resource='services': must be one of endpointslices, pods"),
-        ({"k8s_service_name": "vllm", "k8s_resource": "pods"},
-         "k8s_label_selector='': k8s_resource=pods needs a label selector"),
-        ({"backoff_initial_s": 2.0, "backoff_max_s": 1.0}, "backoff_max_s=1.0: must be >= backoff_initial_s (2.0)"),
+        (
+            {"k8s_service_name": "vllm", "k8s_resource": "services"},
+            "k8s_resource='services': must be one of endpointslices, pods",
+        ),
+        (
+            {"k8s_service_name": "vllm", "k8s_resource": "pods"},
+            "k8s_label_selector='': k8s_resource=pods needs a label selector",
+        ),
+        (
+            {"backoff_initial_s": 2.0, "backoff_max_s": 1.0},
+            "backoff_max_s=1.0: must be >= backoff_initial_s (2.0)",
+        ),
     ],
 )
 def test_config_errors_name_field_value_and_reason(kwargs: dict[str, object], message: str) -> None:
@@ -102,8 +109,12 @@ def test_config_errors_name_field_value_and_reason(kwargs: dict[str, object], me
 def test_build_sources_infers_kinds_and_reads_in_cluster_settings(tmp_path: Path) -> None:
     ns_file = tmp_path / "namespace"
     ns_file.write_text("inference\n")
-    cfg = DiscoveryConfig(static=["http://10.0.0.1:8000/"], dns_name="vllm.inference.svc",
-                          k8s_service_name="vllm", k8s_namespace_path=str(ns_file))
+    cfg = DiscoveryConfig(
+        static=["http://10.0.0.1:8000/"],
+        dns_name="vllm.inference.svc",
+        k8s_service_name="vllm",
+        k8s_namespace_path=str(ns_file),
+    )
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
     static, dns, k8s = build_sources(cfg, environ=env)
     assert isinstance(static, StaticSource) and static.specs == [ReplicaSpec(url="http://10.0.0.1:8000")]
@@ -112,15 +123,20 @@ def test_build_sources_infers_kinds_and_reads_in_cluster_settings(tmp_path: Path
     assert k8s.api_url == "https://10.96.0.1:443"
     assert k8s.path == "/apis/discovery.k8s.io/v1/namespaces/inference/endpointslices"
     assert k8s.selector == "kubernetes.io/service-name=vllm"
-    assert in_cluster_api_url({"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"}) \
+    assert (
+        in_cluster_api_url({"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"})
         == "https://[fd00::1]:6443"
+    )
 
 
 def test_build_sources_outside_a_pod_says_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^k8s_api_url='': not set and KUBERNETES_SERVICE_HOST"):
         build_sources(DiscoveryConfig(k8s_service_name="vllm"), environ={})
-    cfg = DiscoveryConfig(k8s_service_name="vllm", k8s_api_url="http://127.0.0.1:8001",
-                          k8s_namespace_path=str(tmp_path / "missing"))
+    cfg = DiscoveryConfig(
+        k8s_service_name="vllm",
+        k8s_api_url="http://127.0.0.1:8001",
+        k8s_namespace_path=str(tmp_path / "missing"),
+    )
     with pytest.raises(ValueError, match=r"^k8s_namespace='': not set and .*missing is unreadable"):
         build_sources(cfg, environ={})
 
@@ -156,8 +172,13 @@ class FakeResolver:
 
 
 def dns_cfg(**kw: object) -> DiscoveryConfig:
-    base: dict[str, object] = {"dns_name": "vllm.inference.svc", "dns_port": 8000, "dns_interval_s": 0.01,
-                               "backoff_initial_s": 0.005, "backoff_max_s": 0.01}
+    base: dict[str, object] = {
+        "dns_name": "vllm.inference.svc",
+        "dns_port": 8000,
+        "dns_interval_s": 0.01,
+        "backoff_initial_s": 0.005,
+        "backoff_max_s": 0.01,
+    }
     base.update(kw)
     return DiscoveryConfig(**base)  # type: ignore[arg-type]
 
@@ -230,7 +251,9 @@ class SrvResponder(asyncio.DatagramProtocol):
         records = self.records.get(name.lower(), [])
         for target, port in records:
             rdata = struct.pack("!HHH", 0, 100, port) + _dns_name(target)
-            answers += b"\xc0\x0c" + struct.pack("!HHIH", 33, 1, 0, len(rdata)) + rdata  # TTL 0: c-ares caches by TTL
+            answers += (
+                b"\xc0\x0c" + struct.pack("!HHIH", 33, 1, 0, len(rdata)) + rdata
+            )  # TTL 0: c-ares caches by TTL
         rcode = 0 if records else 3
         header = struct.pack("!6H", qid, 0x8400 | rcode, 1, len(records), 0, 0)
         assert self.transport is not None
@@ -239,15 +262,23 @@ class SrvResponder(asyncio.DatagramProtocol):
 
 async def test_dns_srv_via_aiodns_against_a_udp_responder() -> None:
     pytest.importorskip("aiodns", reason="SRV lookups use aiodns: pip install aiodns")
-    responder = SrvResponder({
-        "_http._tcp.vllm.inference.svc": [("vllm-0.vllm.inference.svc", 8000), ("vllm-1.vllm.inference.svc", 8001)],
-        "_kv-events._tcp.vllm.inference.svc": [("vllm-0.vllm.inference.svc", 5557)],
-    })
+    responder = SrvResponder(
+        {
+            "_http._tcp.vllm.inference.svc": [
+                ("vllm-0.vllm.inference.svc", 8000),
+                ("vllm-1.vllm.inference.svc", 8001),
+            ],
+            "_kv-events._tcp.vllm.inference.svc": [("vllm-0.vllm.inference.svc", 5557)],
+        }
+    )
     transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-        lambda: responder, local_addr=("127.0.0.1", 0))
+        lambda: responder, local_addr=("127.0.0.1", 0)
+    )
     port = transport.get_extra_info("sockname")[1]
     resolver = FakeResolver()
-    resolver.answers.update({"vllm-0.vllm.inference.svc": ["10.1.0.7"], "vllm-1.vllm.inference.svc": ["10.1.0.8"]})
+    resolver.answers.update(
+        {"vllm-0.vllm.inference.svc": ["10.1.0.7"], "vllm-1.vllm.inference.svc": ["10.1.0.8"]}
+    )
     cfg = dns_cfg(dns_srv=True, dns_nameservers=[f"127.0.0.1:{port}"])
     got = Published()
     source = DnsSource(cfg, resolver=resolver)
@@ -280,12 +311,20 @@ async def api() -> object:
     await server.close()
 
 
-def k8s_source(api: FakeApiServer, tmp_path: Path, token: str = "good-token", **kw: object) -> KubernetesSource:
+def k8s_source(
+    api: FakeApiServer, tmp_path: Path, token: str = "good-token", **kw: object
+) -> KubernetesSource:
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
-    base: dict[str, object] = {"k8s_service_name": "vllm", "k8s_api_url": api.url, "k8s_namespace": "inference",
-                               "k8s_token_path": str(token_file), "k8s_watch_timeout_s": 30,
-                               "backoff_initial_s": 0.005, "backoff_max_s": 0.02}
+    base: dict[str, object] = {
+        "k8s_service_name": "vllm",
+        "k8s_api_url": api.url,
+        "k8s_namespace": "inference",
+        "k8s_token_path": str(token_file),
+        "k8s_watch_timeout_s": 30,
+        "backoff_initial_s": 0.005,
+        "backoff_max_s": 0.02,
+    }
     base.update(kw)
     (source,) = build_sources(DiscoveryConfig(**base), environ={})  # type: ignore[arg-type]
     assert isinstance(source, KubernetesSource)
@@ -294,8 +333,9 @@ def k8s_source(api: FakeApiServer, tmp_path: Path, token: str = "good-token", **
 
 
 def spec(ip: str, pod_name: str | None, port: int = 8000, events: int | None = 5557) -> ReplicaSpec:
-    return ReplicaSpec(url=f"http://{ip}:{port}", name=pod_name,
-                       kv_events=f"tcp://{ip}:{events}" if events else None)
+    return ReplicaSpec(
+        url=f"http://{ip}:{port}", name=pod_name, kv_events=f"tcp://{ip}:{events}" if events else None
+    )
 
 
 async def test_k8s_initial_list_then_add_modify_delete(api: FakeApiServer, tmp_path: Path) -> None:
@@ -308,17 +348,29 @@ async def test_k8s_initial_list_then_add_modify_delete(api: FakeApiServer, tmp_p
         assert api.lists()[0].query == {"labelSelector": "kubernetes.io/service-name=vllm"}
         await got.until(lambda: api.open_watches == 1, "watch open")
         w = api.watches()[0].query
-        assert w == {"labelSelector": "kubernetes.io/service-name=vllm", "watch": "1",
-                     "resourceVersion": str(api.rv), "allowWatchBookmarks": "true", "timeoutSeconds": "30"}
+        assert w == {
+            "labelSelector": "kubernetes.io/service-name=vllm",
+            "watch": "1",
+            "resourceVersion": str(api.rv),
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": "30",
+        }
 
         rv = api.add(endpoint_slice("vllm-b", "vllm", [("10.0.0.2", "vllm-1", True, False)]))
         await got.until(lambda: len(got.last) == 2, "added slice")
         assert source.resource_version == str(rv)
 
-        api.modify(endpoint_slice("vllm-a", "vllm", [("10.0.0.1", "vllm-0", True, False),
-                                                     ("10.0.0.3", "vllm-2", None, False)]))
+        api.modify(
+            endpoint_slice(
+                "vllm-a", "vllm", [("10.0.0.1", "vllm-0", True, False), ("10.0.0.3", "vllm-2", None, False)]
+            )
+        )
         await got.until(lambda: len(got.last) == 3, "modified slice")
-        assert got.last == [spec("10.0.0.1", "vllm-0"), spec("10.0.0.2", "vllm-1"), spec("10.0.0.3", "vllm-2")]
+        assert got.last == [
+            spec("10.0.0.1", "vllm-0"),
+            spec("10.0.0.2", "vllm-1"),
+            spec("10.0.0.3", "vllm-2"),
+        ]
 
         rv = api.delete("vllm-b")
         await got.until(lambda: len(got.last) == 2, "deleted slice")
@@ -329,20 +381,31 @@ async def test_k8s_initial_list_then_add_modify_delete(api: FakeApiServer, tmp_p
 
 
 async def test_k8s_excludes_not_ready_terminating_and_portless(api: FakeApiServer, tmp_path: Path) -> None:
-    api.add(endpoint_slice("vllm-a", "vllm", [
-        ("10.0.0.1", "ready", True, False),
-        ("10.0.0.2", "not-ready", False, False),
-        ("10.0.0.3", "terminating", True, True),
-        ("10.0.0.4", None, None, False),  # no targetRef: named by URL; ready omitted means ready
-    ]))
-    api.add(endpoint_slice("vllm-b", "vllm", [("10.0.0.5", "metrics-only", True, False)], ports={"metrics": 9090}))
+    api.add(
+        endpoint_slice(
+            "vllm-a",
+            "vllm",
+            [
+                ("10.0.0.1", "ready", True, False),
+                ("10.0.0.2", "not-ready", False, False),
+                ("10.0.0.3", "terminating", True, True),
+                ("10.0.0.4", None, None, False),  # no targetRef: named by URL; ready omitted means ready
+            ],
+        )
+    )
+    api.add(
+        endpoint_slice("vllm-b", "vllm", [("10.0.0.5", "metrics-only", True, False)], ports={"metrics": 9090})
+    )
     api.add(endpoint_slice("vllm-c", "vllm", [("10.0.0.6", "no-events", True, False)], ports={"http": 8001}))
     source, got = k8s_source(api, tmp_path), Published()
     with running(source, got) as task:
         await got.until(lambda: bool(got.sets), "initial list")
         # Sorted by id: a replica without a pod name is named by its URL.
-        assert got.last == [spec("10.0.0.4", None), spec("10.0.0.6", "no-events", port=8001, events=None),
-                            spec("10.0.0.1", "ready")]
+        assert got.last == [
+            spec("10.0.0.4", None),
+            spec("10.0.0.6", "no-events", port=8001, events=None),
+            spec("10.0.0.1", "ready"),
+        ]
         # A ready endpoint going not-ready leaves; coming back re-joins.
         api.modify(endpoint_slice("vllm-a", "vllm", [("10.0.0.1", "ready", False, False)]))
         await got.until(lambda: len(got.last) == 1, "endpoint went not-ready")
@@ -458,21 +521,36 @@ async def test_k8s_pods_mode_readiness_ports_and_annotations(api: FakeApiServer,
     api.add(pod("vllm-0", "10.0.0.1", labels=sel), resource="pods")
     api.add(pod("vllm-1", "10.0.0.2", labels=sel, ready=False), resource="pods")
     api.add(pod("vllm-2", "10.0.0.3", labels=sel, deleting=True), resource="pods")
-    api.add(pod("vllm-3", "10.0.0.4", labels=sel, ports={"http": 8000},
-                annotations={"kvrouter.io/kv-events": "tcp://:6000", "kvrouter.io/kv-replay": "tcp://*:6001"}),
-            resource="pods")
-    api.add(pod("vllm-4", "10.0.0.5", labels=sel, annotations={"kvrouter.io/kv-events": "zmq:nonsense"}),
-            resource="pods")
+    api.add(
+        pod(
+            "vllm-3",
+            "10.0.0.4",
+            labels=sel,
+            ports={"http": 8000},
+            annotations={"kvrouter.io/kv-events": "tcp://:6000", "kvrouter.io/kv-replay": "tcp://*:6001"},
+        ),
+        resource="pods",
+    )
+    api.add(
+        pod("vllm-4", "10.0.0.5", labels=sel, annotations={"kvrouter.io/kv-events": "zmq:nonsense"}),
+        resource="pods",
+    )
     api.add(pod("web-0", "10.0.0.9", labels={"app": "web"}), resource="pods")
-    source = k8s_source(api, tmp_path, k8s_resource="pods", k8s_label_selector="app=vllm", k8s_service_name="")
+    source = k8s_source(
+        api, tmp_path, k8s_resource="pods", k8s_label_selector="app=vllm", k8s_service_name=""
+    )
     got = Published()
     with running(source, got) as task:
         await got.until(lambda: bool(got.sets), "initial pod list")
         assert api.lists("pods")[0].query == {"labelSelector": "app=vllm"}
         assert got.last == [
             spec("10.0.0.1", "vllm-0"),
-            ReplicaSpec(url="http://10.0.0.4:8000", name="vllm-3", kv_events="tcp://10.0.0.4:6000",
-                        kv_replay="tcp://10.0.0.4:6001"),
+            ReplicaSpec(
+                url="http://10.0.0.4:8000",
+                name="vllm-3",
+                kv_events="tcp://10.0.0.4:6000",
+                kv_replay="tcp://10.0.0.4:6001",
+            ),
             spec("10.0.0.5", "vllm-4"),  # bad annotation ignored (and counted): the named port is used
         ]
         assert source.stats.errors == {"annotation": 1}
@@ -514,13 +592,30 @@ async def test_kvrouter_serve_follows_k8s_discovery_end_to_end(api: FakeApiServe
         f"server: {{port: {router_port}, drain_grace_s: 0.2, drain_timeout_s: 2}}\n"
         "discovery:\n  sources: [k8s]\n  k8s_service_name: vllm\n  k8s_namespace: inference\n"
         f"  k8s_api_url: {api.url}\n  k8s_token_path: {tmp_path / 'token'}\n"
-        "  backoff_initial_s: 0.05\n  backoff_max_s: 0.2\n")
-    sim = subprocess.Popen([sys.executable, "-m", "router", "sim", "--port", str(engine_port),
-                            "--events-port", str(events_port), "--profile", "tiny"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        "  backoff_initial_s: 0.05\n  backoff_max_s: 0.2\n"
+    )
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "router",
+            "sim",
+            "--port",
+            str(engine_port),
+            "--events-port",
+            str(events_port),
+            "--profile",
+            "tiny",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = (tmp_path / "router.log").open("w")  # pytest keeps tmp_path: the log is there after a failure
-    router = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(tmp_path / "config.yaml")],
-                              stdout=log, stderr=subprocess.STDOUT)
+    router = subprocess.Popen(
+        [sys.executable, "-m", "router", "serve", "--config", str(tmp_path / "config.yaml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{router_port}"
     slice_ports = {"http": engine_port, "kv-events": events_port}
     try:
@@ -529,14 +624,18 @@ async def test_kvrouter_serve_follows_k8s_discovery_end_to_end(api: FakeApiServe
             assert await _status(session, f"{base}/ready") == 503  # alive, but no replica yet
             await _until_status(session, f"http://127.0.0.1:{engine_port}/health", 200, "engine up")
 
-            api.add(endpoint_slice("vllm-a", "vllm", [("127.0.0.1", "vllm-0", True, False)], ports=slice_ports))
+            api.add(
+                endpoint_slice("vllm-a", "vllm", [("127.0.0.1", "vllm-0", True, False)], ports=slice_ports)
+            )
             await _until_status(session, f"{base}/ready", 200, "engine discovered through the watch")
             body = {"model": "tiny", "prompt": "hello " * 40, "max_tokens": 2}
             async with session.post(f"{base}/v1/completions", json=body) as resp:
                 assert resp.status == 200
                 assert resp.headers.get("x-kvrouter-replica") == "vllm-0"  # named after the pod
 
-            api.modify(endpoint_slice("vllm-a", "vllm", [("127.0.0.1", "vllm-0", False, False)], ports=slice_ports))
+            api.modify(
+                endpoint_slice("vllm-a", "vllm", [("127.0.0.1", "vllm-0", False, False)], ports=slice_ports)
+            )
             await _until_status(session, f"{base}/ready", 503, "engine left when its endpoint went not-ready")
         router.send_signal(signal.SIGTERM)
         assert router.wait(10) == 0

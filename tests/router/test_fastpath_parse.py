@@ -13,7 +13,11 @@ def test_plain_generate_post_is_served() -> None:
     head = parse_head(OK + b"\r\nAuthorization: Bearer k1", 16384)
     assert head is not None
     assert (head.path, head.target, head.length, head.keep_alive, head.auth) == (
-        "/v1/completions", b"/v1/completions", 12, True, "Bearer k1"
+        "/v1/completions",
+        b"/v1/completions",
+        12,
+        True,
+        "Bearer k1",
     )
     assert (b"Content-Type", b"application/json") in head.headers
 

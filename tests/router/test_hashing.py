@@ -61,5 +61,7 @@ def test_render_messages_is_canonical_and_prefix_preserving() -> None:
     reordered = [{"content": "be brief", "role": "system"}, {"content": "hi", "role": "user"}]
     assert render_messages(short) == render_messages(reordered)
     assert render_messages(longer).startswith(render_messages(short))
-    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]}]
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]}
+    ]
     assert "<image_url:" in render_messages(parts)  # the part's identity in place (media_keys.py)

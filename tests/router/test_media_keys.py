@@ -22,8 +22,15 @@ def _router() -> Router:
     return Router(index, reg, build_policy("cache_aware", rng=random.Random(0)), block_size=16)
 
 
-def _chat(url: str, question: str = "Tag this product photo with three keywords. " * 8) -> list[dict[str, object]]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]
+def _chat(
+    url: str, question: str = "Tag this product photo with three keywords. " * 8
+) -> list[dict[str, object]]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
 
 
 def test_byte_mode_keys_differ_per_image_and_share_the_text_before_it() -> None:
@@ -32,9 +39,14 @@ def test_byte_mode_keys_differ_per_image_and_share_the_text_before_it() -> None:
     cat = router.request_info("m", messages=[system, *_chat("https://x/cat.png")])
     dog = router.request_info("m", messages=[system, *_chat("https://x/dog.png")])
     assert cat.key_mode is KeyMode.BYTES and not cat.confirmable
-    common = next(i for i, (a, b) in enumerate(zip(cat.block_hashes, dog.block_hashes, strict=False)) if a != b)
+    common = next(
+        i for i, (a, b) in enumerate(zip(cat.block_hashes, dog.block_hashes, strict=False)) if a != b
+    )
     assert 0 < common < len(cat.block_hashes)  # the system prompt is shared, the image is not
-    assert cat.block_hashes == router.request_info("m", messages=[system, *_chat("https://x/cat.png")]).block_hashes
+    assert (
+        cat.block_hashes
+        == router.request_info("m", messages=[system, *_chat("https://x/cat.png")]).block_hashes
+    )
 
 
 def test_token_mode_placeholder_tokens_do_not_make_images_collide() -> None:
@@ -44,11 +56,22 @@ def test_token_mode_placeholder_tokens_do_not_make_images_collide() -> None:
     b = router.request_info("m", token_ids=same_tokens, messages=_chat("https://x/b.png"))
     assert a.key_mode is KeyMode.TOKENS and not a.confirmable
     assert not set(a.block_hashes) & set(b.block_hashes)
-    uuid = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}, "uuid": "img-1"}]}]
-    uuid2 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://cdn/a.png"}, "uuid": "img-1"}]}]
-    assert router.request_info("m", token_ids=same_tokens, messages=uuid).block_hashes == router.request_info(
-        "m", token_ids=same_tokens, messages=uuid2
-    ).block_hashes  # vLLM keys by the uuid when given
+    uuid = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}, "uuid": "img-1"}],
+        }
+    ]
+    uuid2 = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "https://cdn/a.png"}, "uuid": "img-1"}],
+        }
+    ]
+    assert (
+        router.request_info("m", token_ids=same_tokens, messages=uuid).block_hashes
+        == router.request_info("m", token_ids=same_tokens, messages=uuid2).block_hashes
+    )  # vLLM keys by the uuid when given
 
 
 def test_large_data_url_is_digested_not_rendered() -> None:

@@ -28,7 +28,9 @@ def test_aliases_and_adapters_key_like_vllm() -> None:
     reg.set_models(rep, ["llama-main", "llama", "aaa-lora"], base=["llama-main", "llama"])
     assert rep.base_model == "llama-main"
     router = Router(index, reg, build_policy("cache_aware", rng=random.Random(0)), block_size=4)
-    events = ReplicaEvents(rep.id, index, model=rep.base_model, block_size=4, metrics=KVEventMetrics(CollectorRegistry()))
+    events = ReplicaEvents(
+        rep.id, index, model=rep.base_model, block_size=4, metrics=KVEventMetrics(CollectorRegistry())
+    )
     events.on_message(0, payload([stored(list(range(1, 9)), TOKENS)]))  # base-model blocks
     for name in ("llama-main", "llama"):  # the alias matches the confirmed base blocks
         req = router.request_info(name, token_ids=TOKENS)

@@ -34,7 +34,9 @@ def fleet(n: int, **kw: float) -> tuple[OutlierDetector, list[Replica], Clock]:
     return det, reps, clock
 
 
-def feed(det: OutlierDetector, reps: list[Replica], clock: Clock, seconds: float, slow: dict[int, float]) -> None:
+def feed(
+    det: OutlierDetector, reps: list[Replica], clock: Clock, seconds: float, slow: dict[int, float]
+) -> None:
     """One request per replica per 0.1 s: TTFT 0.1 s for 1000 tokens, ITL 10 ms, x slowness."""
     for _ in range(int(seconds * 10)):
         clock.t += 0.1
@@ -135,7 +137,9 @@ def test_engine_signals_degrade() -> None:
 
 def test_probe_failures_do_not_eject_a_replica_serving_requests() -> None:
     det, reps, clock = fleet(2)
-    passive = PassiveHealth(det.registry, RouterMetrics(), 3, last_success=det.last_success, probe_grace_s=10.0, clock=clock)
+    passive = PassiveHealth(
+        det.registry, RouterMetrics(), 3, last_success=det.last_success, probe_grace_s=10.0, clock=clock
+    )
     det.record_success(reps[0])
     for _ in range(5):
         clock.t += 1.0

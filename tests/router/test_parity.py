@@ -27,7 +27,11 @@ def setup() -> tuple[ParityTracker, Clock, Ticket]:
     metrics = RouterMetrics()
     tracker = ParityTracker(metrics, clock)
     rep = ReplicaRegistry(PrefixIndex(10)).add(ReplicaSpec(url="http://r0", name="r0"))
-    return tracker, clock, Ticket(rep, prompt_tokens=2000, predicted_cached_tokens=1600, pending_tokens=400, dispatched_at=0)
+    return (
+        tracker,
+        clock,
+        Ticket(rep, prompt_tokens=2000, predicted_cached_tokens=1600, pending_tokens=400, dispatched_at=0),
+    )
 
 
 def test_warns_when_predictions_never_materialise(caplog: pytest.LogCaptureFixture) -> None:

@@ -46,7 +46,9 @@ def test_long_uncached_prompt_on_a_busy_decode_replica_splits() -> None:
     d = DecodeView(cached_tokens=0, running=32, prefill_tps=20_000)
     dec = decide(8000, d, IDLE_P, LINK, P)
     assert dec.split and dec.outcome == SPLIT
-    assert dec.remote_ttft_s is not None and dec.remote_ttft_s < dec.local_ttft_s + P.stall_weight * dec.stall_s
+    assert (
+        dec.remote_ttft_s is not None and dec.remote_ttft_s < dec.local_ttft_s + P.stall_weight * dec.stall_s
+    )
     assert dec.chosen_ttft_s == dec.remote_ttft_s
 
 
@@ -124,7 +126,10 @@ def test_pick_decode_prefers_cached_prefix_then_headroom() -> None:
     ch = pick_decode(8000, ds, IDLE_P, LINK, P)
     assert ch.index == 1
     # all out of headroom: still picks one (never nothing)
-    tight = [DecodeView(cached_tokens=0, running=3, kv_free=0.0), DecodeView(cached_tokens=0, running=1, kv_free=0.0)]
+    tight = [
+        DecodeView(cached_tokens=0, running=3, kv_free=0.0),
+        DecodeView(cached_tokens=0, running=1, kv_free=0.0),
+    ]
     assert pick_decode(8000, tight, IDLE_P, LINK, P).index == 1
     with pytest.raises(ValueError):
         pick_decode(10, [], IDLE_P, LINK, P)

@@ -34,17 +34,36 @@ P_PARAMS: dict[str, Any] = {
 
 
 def test_prefill_body_completion() -> None:
-    req = {"model": "m", "prompt": "p", "max_tokens": 64, "stream": True, "stream_options": {"include_usage": True},
-           "min_tokens": 3, "temperature": 0.5, "kv_transfer_params": {"junk": 1}}
+    req = {
+        "model": "m",
+        "prompt": "p",
+        "max_tokens": 64,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "min_tokens": 3,
+        "temperature": 0.5,
+        "kv_transfer_params": {"junk": 1},
+    }
     out = json.loads(prefill_body(req))
-    assert out == {"model": "m", "prompt": "p", "max_tokens": 1, "stream": False, "temperature": 0.5, "n": 1,
-                   "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
+    assert out == {
+        "model": "m",
+        "prompt": "p",
+        "max_tokens": 1,
+        "stream": False,
+        "temperature": 0.5,
+        "n": 1,
+        "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False},
+    }
     assert req["max_tokens"] == 64 and req["stream"] is True  # the client's request is not touched
 
 
 def test_prefill_body_chat_with_max_completion_tokens() -> None:
-    req = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 99,
-           "min_completion_tokens": 2}
+    req = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 99,
+        "min_completion_tokens": 2,
+    }
     out = json.loads(prefill_body(req))
     assert out["max_completion_tokens"] == 1 and out["max_tokens"] == 1
     assert "min_completion_tokens" not in out and out["stream"] is False

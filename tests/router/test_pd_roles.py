@@ -35,8 +35,12 @@ def test_flags_yaml_and_env_give_static_roles() -> None:
     (src,) = build_sources(cfg.discovery)
     assert isinstance(src, StaticSource)
     roles = {s.url: s.role for s in src.specs}
-    assert roles == {"http://a:8000": "both", "http://p1:8000": "prefill", "http://d1:8000": "decode",
-                     "http://d2:8000": "decode"}
+    assert roles == {
+        "http://a:8000": "both",
+        "http://p1:8000": "prefill",
+        "http://d1:8000": "decode",
+        "http://d2:8000": "decode",
+    }
 
 
 def test_prefill_replicas_only_in_the_prefill_pool() -> None:
@@ -62,15 +66,20 @@ def test_dns_one_name_per_pool() -> None:
         assert isinstance(s, DnsSource)
         s._resolver = resolve
         got += asyncio.run(s.resolve_once())
-    assert [(x.url, x.role) for x in got] == [("http://10.0.0.1:8000", "prefill"), ("http://10.0.0.2:8000", "decode"),
-                                             ("http://10.0.0.3:8000", "decode")]
+    assert [(x.url, x.role) for x in got] == [
+        ("http://10.0.0.1:8000", "prefill"),
+        ("http://10.0.0.2:8000", "decode"),
+        ("http://10.0.0.3:8000", "decode"),
+    ]
 
 
 def test_kubernetes_pod_label_gives_the_role() -> None:
     cfg = DiscoveryConfig(k8s_label_selector="app=vllm", k8s_resource="pods")
-    for labels, role in (({"app": "vllm", "llm-d.ai/role": "prefill"}, "prefill"),
-                         ({"app": "vllm", "llm-d.ai/role": "decode"}, "decode"),
-                         ({"app": "vllm"}, "both")):
+    for labels, role in (
+        ({"app": "vllm", "llm-d.ai/role": "prefill"}, "prefill"),
+        ({"app": "vllm", "llm-d.ai/role": "decode"}, "decode"),
+        ({"app": "vllm"}, "both"),
+    ):
         p = msgspec.convert(pod("vllm-0", "10.0.0.9", labels=labels), _Pod)
         (spec,) = pod_replicas(p, cfg)
         assert spec.role == role

@@ -21,8 +21,12 @@ def _setup(**settings: Any) -> tuple[PDRouter, Router, ReplicaRegistry]:
     reg = ReplicaRegistry(index)
     router = Router(index, reg, build_policy("cache_aware"), block_size=16)
     pd = PDRouter(PDSettings(**settings), router, reg, cast(Any, None), cast(Any, None), CollectorRegistry())
-    for url, role in (("http://p1", "prefill"), ("http://p2", "prefill"), ("http://d1", "decode"),
-                      ("http://d2", "decode")):
+    for url, role in (
+        ("http://p1", "prefill"),
+        ("http://p2", "prefill"),
+        ("http://d1", "decode"),
+        ("http://d2", "decode"),
+    ):
         reg.add(ReplicaSpec(url=url, role=role))
     for rid in ("http://d1", "http://d2"):
         rep = reg.get(rid)
@@ -53,7 +57,9 @@ def test_prompt_cached_on_one_decode_replica_goes_there_locally() -> None:
 
 def test_versions_that_differ_are_never_paired() -> None:
     pd, router, _ = _setup()
-    pd.versions.update({"http://p1": "0.31.0", "http://p2": "0.31.0", "http://d1": "0.32.0", "http://d2": "0.32.0"})
+    pd.versions.update(
+        {"http://p1": "0.31.0", "http://p2": "0.31.0", "http://d1": "0.32.0", "http://d2": "0.32.0"}
+    )
     req = router.request_info("m", token_ids=list(range(7, 7 + 4096)))
     plan = pd.plan(req)
     assert plan.decision.outcome == "local_version_mismatch" and not plan.decision.split

@@ -35,7 +35,22 @@ def _tokenizers() -> list[Any]:
     return out
 
 
-WORDS = ["alpha", "beta", "gamma", "delta", "router", "cache", "prefix", "token", "ünï", "数据", "  ", "\n", "42", "x."]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "router",
+    "cache",
+    "prefix",
+    "token",
+    "ünï",
+    "数据",
+    "  ",
+    "\n",
+    "42",
+    "x.",
+]
 
 
 def _text(rng: random.Random, n: int) -> str:

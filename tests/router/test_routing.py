@@ -22,7 +22,9 @@ class Clock:
         return self.t
 
 
-def make(policy: str = "cache_aware", n: int = 2, limits: RouterLimits = RouterLimits()) -> tuple[Router, Clock]:
+def make(
+    policy: str = "cache_aware", n: int = 2, limits: RouterLimits = RouterLimits()
+) -> tuple[Router, Clock]:
     clock = Clock()
     index = PrefixIndex(1000, speculative_ttl_s=10, clock=clock)
     reg = ReplicaRegistry(index)

@@ -24,7 +24,9 @@ def replicas(n: int) -> list[Replica]:
     return [reg.add(ReplicaSpec(url=f"http://r{i}:8000", name=f"r{i}")) for i in range(n)]
 
 
-def req(blocks: int = 4, gpu: list[int] | None = None, cpu: list[int] | None = None, bs: int = 16) -> RequestInfo:
+def req(
+    blocks: int = 4, gpu: list[int] | None = None, cpu: list[int] | None = None, bs: int = 16
+) -> RequestInfo:
     r = RequestInfo(model="m", prompt_tokens=blocks * bs, block_size=bs, key_mode=KeyMode.TOKENS)
     r.block_hashes = [BlockHash(i) for i in range(blocks)]
     r.gpu_blocks = gpu or []
@@ -151,7 +153,11 @@ def test_simple_policies() -> None:
     assert build_policy("least_loaded").select(req(), reps).id == "r1"
     p2 = build_policy("power_of_two", rng=random.Random(1))
     assert all(p2.select(req(), reps).id != "r0" for _ in range(20))  # r0 never wins a pair
-    assert {build_policy("random", rng=random.Random(s)).select(req(), reps).id for s in range(30)} == {"r0", "r1", "r2"}
+    assert {build_policy("random", rng=random.Random(s)).select(req(), reps).id for s in range(30)} == {
+        "r0",
+        "r1",
+        "r2",
+    }
     for name in POLICIES:
         assert build_policy(name).select(req(), reps) in reps
     with pytest.raises(ValueError, match="unknown policy"):

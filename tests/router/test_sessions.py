@@ -58,12 +58,16 @@ def test_body_field_and_plain_priority() -> None:
     assert (h.session_id, h.priority) == ("c1", 3)
     assert set(h.strip) == {"priority", "conversation"}
     # `user` is an OpenAI field: a key, never stripped
-    h = extract_hints(b"", json.dumps({"model": "m", "prompt": "x", "user": "u7"}).encode(), body_field="user")
+    h = extract_hints(
+        b"", json.dumps({"model": "m", "prompt": "x", "user": "u7"}).encode(), body_field="user"
+    )
     assert h.session_id == "u7" and h.strip == ()
 
 
 def test_rewrite_body_strips_rejected_fields_and_sends_priority_only_where_scheduled() -> None:
-    raw = json.dumps({"model": "m", "prompt": "x", "priority": 2, "nvext": {"agent_hints": {"osl": 9}}}).encode()
+    raw = json.dumps(
+        {"model": "m", "prompt": "x", "priority": 2, "nvext": {"agent_hints": {"osl": 9}}}
+    ).encode()
     h = extract_hints(b"", raw)
     plain = json.loads(rewrite_body(raw, h, priority_scheduling=False))
     assert plain == {"model": "m", "prompt": "x"}
@@ -286,7 +290,9 @@ async def test_priority_reorders_the_admission_queue() -> None:
         order.append(name)
         adm.release()
 
-    tasks = [asyncio.create_task(waiter(n, p)) for n, p in (("low", 5), ("default", 0), ("urgent", -3), ("d2", 0))]
+    tasks = [
+        asyncio.create_task(waiter(n, p)) for n, p in (("low", 5), ("default", 0), ("urgent", -3), ("d2", 0))
+    ]
     await asyncio.sleep(0)
     assert adm.queued == 4
     adm.release()
@@ -314,7 +320,10 @@ def test_request_path_close_and_per_replica_body() -> None:
         {
             "model": "m",
             "prompt": "x",
-            "nvext": {"session_control": {"session_id": "agent", "action": "close"}, "agent_hints": {"priority": 2, "osl": 40}},
+            "nvext": {
+                "session_control": {"session_id": "agent", "action": "close"},
+                "agent_hints": {"priority": 2, "osl": 40},
+            },
         }
     ).encode()
     req = router.request_info("m", block_hashes=grow(SYSTEM, 1))

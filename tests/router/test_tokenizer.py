@@ -31,7 +31,8 @@ def make_tokenizer(folder: Path, *, post_bos: bool = False, **config: object) ->
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|begin_of_text|>", "<|user|>", "<|assistant|>", "<|system|>", "<unk>"]
+        vocab_size=300,
+        special_tokens=["<|begin_of_text|>", "<|user|>", "<|assistant|>", "<|system|>", "<unk>"],
     )
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "router", "cache", "prefix", "token"]
@@ -64,7 +65,9 @@ def test_router_uses_token_mode_with_a_tokenizer(tmp_path: Path) -> None:
     router = Router(index, ReplicaRegistry(index), build_policy("cache_aware"), block_size=4, tokenizer=tok)
     req = router.request_info("m", messages=[{"role": "user", "content": "router cache prefix token " * 8}])
     assert req.key_mode is KeyMode.TOKENS
-    assert req.prompt_tokens == len(tok.encode_chat([{"role": "user", "content": "router cache prefix token " * 8}]))
+    assert req.prompt_tokens == len(
+        tok.encode_chat([{"role": "user", "content": "router cache prefix token " * 8}])
+    )
     longer = router.request_info(
         "m",
         messages=[
@@ -115,14 +118,17 @@ def test_completion_bos_comes_from_the_post_processor_not_add_bos_token(
     tok = load_tokenizer(str(make_tokenizer(tmp_path, post_bos=post_bos, add_bos_token=add_bos_token)))
     ids = tok.encode_prompt("alpha beta")
     assert (ids[0] == 0) is bos
-    assert ids[int(bos):] == tok.encode("alpha beta", add_special_tokens=False)
+    assert ids[int(bos) :] == tok.encode("alpha beta", add_special_tokens=False)
     # chat: the template's BOS only, whatever the post-processor does
     chat = tok.encode_chat([{"role": "user", "content": "gamma"}])
     assert chat[0] == 0 and chat.count(0) == 1
 
 
 def test_chat_template_jinja_file_wins_and_named_templates_use_default(tmp_path: Path) -> None:
-    named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "named {{ messages[0].content }}"}]
+    named = [
+        {"name": "tool_use", "template": "tools"},
+        {"name": "default", "template": "named {{ messages[0].content }}"},
+    ]
     tok = load_tokenizer(str(make_tokenizer(tmp_path / "named", chat_template=named)))
     assert tok.render_chat([{"role": "user", "content": "x"}]) == "named x"
     folder = make_tokenizer(tmp_path / "jinja")

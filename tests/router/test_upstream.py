@@ -68,7 +68,10 @@ class Server:
 
 
 def _json(body: bytes, extra: bytes = b"") -> list[bytes]:
-    return [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)]
+    return [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (extra, len(body), body)
+    ]
 
 
 @pytest.fixture
@@ -96,7 +99,7 @@ async def test_keep_alive_reuses_one_connection_and_sends_a_well_formed_request(
         assert srv.connections == 1
         first = srv.requests[0]
         assert first.startswith(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % srv.port)
-        assert b"Content-Length: 7\r\n\r\n{\"a\":1}" in first
+        assert b'Content-Length: 7\r\n\r\n{"a":1}' in first
     finally:
         await srv.close()
 

@@ -96,7 +96,9 @@ async def huge_prompts(url: str, key: str, stop: asyncio.Event, tally: dict[str,
             i += 1
             try:
                 async with asyncio.timeout(20):
-                    async with s.post(url + "/v1/completions", data=text if i % 2 else ids, headers=headers) as r:
+                    async with s.post(
+                        url + "/v1/completions", data=text if i % 2 else ids, headers=headers
+                    ) as r:
                         await r.read()
                         _count(tally, f"huge_prompt:{r.status}")
             except (TimeoutError, aiohttp.ClientError):

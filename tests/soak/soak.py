@@ -61,7 +61,8 @@ API_KEY = "soak-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 PREFIXES = [
-    f"system prompt {k}: you are a careful assistant who answers briefly and cites sources. " * 6 for k in range(5)
+    f"system prompt {k}: you are a careful assistant who answers briefly and cites sources. " * 6
+    for k in range(5)
 ]
 
 
@@ -80,11 +81,21 @@ class KillableReplica:
     def _start(self) -> SimFleet:
         self.starts += 1
         # SimFleet's command asks for free ports; these come after it in the command line, so they win.
-        args = ("--port", str(self.port), "--events-port", str(self.events_port),
-                "--replay-port", str(self.replay_port), "--seed", str(100 + self.starts))
+        args = (
+            "--port",
+            str(self.port),
+            "--events-port",
+            str(self.events_port),
+            "--replay-port",
+            str(self.replay_port),
+            "--seed",
+            str(100 + self.starts),
+        )
         for attempt in range(20):  # the ports may linger a moment after a SIGKILL
             try:
-                return SimFleet(self.log_dir, 1, *args, name=f"sim-killable-{self.starts}-{attempt}", timeout=20)
+                return SimFleet(
+                    self.log_dir, 1, *args, name=f"sim-killable-{self.starts}-{attempt}", timeout=20
+                )
             except (RuntimeError, TimeoutError, AssertionError):
                 time.sleep(0.25)
         raise RuntimeError("killable replica did not come back")
@@ -135,8 +146,21 @@ async def injector(urls: list[str], killable: KillableReplica, stop: asyncio.Eve
             except TimeoutError:
                 pass
             if not deck:  # a shuffled deck, not independent draws: every kind shows up in any ~30 s
-                deck = ["error", "stall", "die", "restart", "events", "refuse", "kill", "clear", "clear",
-                        "slow", "stuck", "stop", "preempt"]
+                deck = [
+                    "error",
+                    "stall",
+                    "die",
+                    "restart",
+                    "events",
+                    "refuse",
+                    "kill",
+                    "clear",
+                    "clear",
+                    "slow",
+                    "stuck",
+                    "stop",
+                    "preempt",
+                ]
                 rng.shuffle(deck)
             target = rng.choice(urls)
             action = deck.pop()
@@ -214,13 +238,35 @@ def main() -> int:
     killable = KillableReplica(log_dir)
     urls = [*sim.urls, killable.url]
     router = RouterProc(
-        log_dir, urls, "--enable-debug", "--first-byte-timeout", "2", "--request-timeout", "2", "--idle-timeout", "5",
-        "--eject-after", "3", "--max-retries", "2", "--drain-grace", "0", "--max-in-flight", "64",
-        "--log-level", "warning", "--api-key", API_KEY, "--head-timeout", "3",
+        log_dir,
+        urls,
+        "--enable-debug",
+        "--first-byte-timeout",
+        "2",
+        "--request-timeout",
+        "2",
+        "--idle-timeout",
+        "5",
+        "--eject-after",
+        "3",
+        "--max-retries",
+        "2",
+        "--drain-grace",
+        "0",
+        "--max-in-flight",
+        "64",
+        "--log-level",
+        "warning",
+        "--api-key",
+        API_KEY,
+        "--head-timeout",
+        "3",
     )
     code = 0
     try:
-        wait_for(lambda: all(r["healthy"] for r in debug_replicas(router.url)["replicas"]), 15, "fleet admitted")
+        wait_for(
+            lambda: all(r["healthy"] for r in debug_replicas(router.url)["replicas"]), 15, "fleet admitted"
+        )
         pid = router.proc.p.pid
         rss0, fds0 = proc_stats(pid)
         t0 = time.monotonic()
@@ -239,8 +285,10 @@ def main() -> int:
         for o in outs:
             key = f"{o.kind}:{o.status}"
             statuses[key] = statuses.get(key, 0) + 1
-        print(f"soak: {wall:.0f}s, concurrency {CONCURRENCY}, {len(faults)} faults injected, "
-              f"killable replica started {killable.starts}x; logs in {log_dir}")
+        print(
+            f"soak: {wall:.0f}s, concurrency {CONCURRENCY}, {len(faults)} faults injected, "
+            f"killable replica started {killable.starts}x; logs in {log_dir}"
+        )
         actions: dict[str, int] = {}
         for f in faults:
             actions[f.split()[1]] = actions.get(f.split()[1], 0) + 1
@@ -256,8 +304,10 @@ def main() -> int:
             code = 1
         if kinds["lost"] or not alive or invariants != "ok":
             code = 1
-        print(f"soak: sent={len(outs)} ok={kinds['ok']} failed_clean={kinds['failed_clean']} lost={kinds['lost']} "
-              f"p99_ms={p99_ms(outs):.0f} rss_mb={rss0:.0f}->{rss1:.0f} peak_rss_mb={peak[0]:.0f} fds={fds0}->{fds1}")
+        print(
+            f"soak: sent={len(outs)} ok={kinds['ok']} failed_clean={kinds['failed_clean']} lost={kinds['lost']} "
+            f"p99_ms={p99_ms(outs):.0f} rss_mb={rss0:.0f}->{rss1:.0f} peak_rss_mb={peak[0]:.0f} fds={fds0}->{fds1}"
+        )
     finally:
         router.proc.stop()
         killable.fleet.proc.stop()

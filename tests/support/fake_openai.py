@@ -56,7 +56,9 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     mode = ctrl["mode"]
     if mode == "fail":
         stats["completed"] += 1
-        return web.json_response({"error": {"message": "injected failure", "type": "internal_error"}}, status=500)
+        return web.json_response(
+            {"error": {"message": "injected failure", "type": "internal_error"}}, status=500
+        )
     if mode == "stall":
         try:
             await asyncio.sleep(3600)
@@ -79,8 +81,13 @@ async def _generate(request: web.Request) -> web.StreamResponse:
         choice = {"index": 0, "finish_reason": "length"}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return web.json_response(
-            {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion", "model": model,
-             "choices": [choice], "usage": usage}
+            {
+                "id": "cmpl-fake",
+                "object": "chat.completion" if chat else "text_completion",
+                "model": model,
+                "choices": [choice],
+                "usage": usage,
+            }
         )
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -97,7 +104,13 @@ async def _generate(request: web.Request) -> web.StreamResponse:
                 request.transport.abort()
                 return resp
             await resp.write(_chunk(i, model, chat))
-        final = {"id": "cmpl-fake", "object": "text_completion", "model": model, "choices": [], "usage": usage}
+        final = {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "model": model,
+            "choices": [],
+            "usage": usage,
+        }
         await resp.write(b"data: " + json.dumps(final).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
@@ -125,7 +138,10 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _models(request: web.Request) -> web.Response:
     return web.json_response(
-        {"object": "list", "data": [{"id": request.app[CTRL]["model"], "object": "model", "owned_by": "fake"}]}
+        {
+            "object": "list",
+            "data": [{"id": request.app[CTRL]["model"], "object": "model", "owned_by": "fake"}],
+        }
     )
 
 
@@ -146,14 +162,29 @@ async def _responses(request: web.Request) -> web.StreamResponse:
     req = json.loads(body)
     prev = req.get("previous_response_id")
     if prev is not None and prev not in store:
-        err = {"message": f"Response with id '{prev}' not found.", "type": "invalid_request_error",
-               "param": "response_id", "code": 404}
+        err = {
+            "message": f"Response with id '{prev}' not found.",
+            "type": "invalid_request_error",
+            "param": "response_id",
+            "code": 404,
+        }
         return web.json_response({"error": err}, status=404)
     rid = f"resp_{request.app[CTRL]['name']}{len(store)}"
-    out = {"id": rid, "object": "response", "status": "completed", "model": request.app[CTRL]["model"],
-           "output": [{"id": f"msg_{len(store)}", "type": "message", "role": "assistant",
-                       "content": [{"type": "output_text", "text": "ok"}]}],
-           "usage": {"input_tokens": 10, "output_tokens": 1, "input_tokens_details": {"cached_tokens": 0}}}
+    out = {
+        "id": rid,
+        "object": "response",
+        "status": "completed",
+        "model": request.app[CTRL]["model"],
+        "output": [
+            {
+                "id": f"msg_{len(store)}",
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "ok"}],
+            }
+        ],
+        "usage": {"input_tokens": 10, "output_tokens": 1, "input_tokens_details": {"cached_tokens": 0}},
+    }
     store[rid] = out
     stats["completed"] += 1
     if not req.get("stream"):
@@ -173,8 +204,9 @@ async def _responses(request: web.Request) -> web.StreamResponse:
 async def _get_response(request: web.Request) -> web.Response:
     out = request.app[STORE].get(request.match_info["rid"])
     if out is None:
-        return web.json_response({"error": {"message": "not found", "type": "invalid_request_error", "code": 404}},
-                                 status=404)
+        return web.json_response(
+            {"error": {"message": "not found", "type": "invalid_request_error", "code": 404}}, status=404
+        )
     return web.json_response(out)
 
 
@@ -183,7 +215,9 @@ async def _kv_event_sources(request: web.Request) -> web.Response:
     eps = request.app[CTRL].get("dp_sources")
     if not eps:
         return web.json_response({"detail": "Not Found"}, status=404)
-    return web.json_response([{"data_parallel_rank": r, "endpoint": ep, "topic": ""} for r, ep in enumerate(eps)])
+    return web.json_response(
+        [{"data_parallel_rank": r, "endpoint": ep, "topic": ""} for r, ep in enumerate(eps)]
+    )
 
 
 async def _reset_prefix_cache(request: web.Request) -> web.Response:
@@ -191,9 +225,18 @@ async def _reset_prefix_cache(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-def make_app(model: str = "fake-model", name: str = "fake", chunks: int = 16, chunk_delay: float = 0.0) -> web.Application:
+def make_app(
+    model: str = "fake-model", name: str = "fake", chunks: int = 16, chunk_delay: float = 0.0
+) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[STATS] = {"requests": 0, "completed": 0, "cancelled": 0, "died": 0, "last_body": "", "started": time.time()}
+    app[STATS] = {
+        "requests": 0,
+        "completed": 0,
+        "cancelled": 0,
+        "died": 0,
+        "last_body": "",
+        "started": time.time(),
+    }
     app[CTRL] = {"mode": "ok", "model": model, "name": name, "chunks": chunks, "chunk_delay": chunk_delay}
     app[STORE] = {}
     app.router.add_post("/v1/completions", _generate)

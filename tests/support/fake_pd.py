@@ -61,7 +61,9 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     _record(request, req)
     mode = ctrl["mode"]
     if mode == "fail":
-        return web.json_response({"error": {"message": "injected failure", "type": "internal_error"}}, status=500)
+        return web.json_response(
+            {"error": {"message": "injected failure", "type": "internal_error"}}, status=500
+        )
     if mode == "stall":
         try:
             await asyncio.sleep(3600)
@@ -91,7 +93,9 @@ async def _prefill(request: web.Request, req: dict[str, Any], ktp: dict[str, Any
         problems.append("do_remote_prefill must be false")
     if problems:
         stats["violations"].extend(problems)
-        return web.json_response({"error": {"message": "; ".join(problems), "type": "BadRequestError"}}, status=400)
+        return web.json_response(
+            {"error": {"message": "; ".join(problems), "type": "BadRequestError"}}, status=400
+        )
     n = _prompt_tokens(req)
     try:
         await asyncio.sleep(float(ctrl["prefill_delay"]) + n / float(ctrl["prefill_tps"]))
@@ -122,11 +126,16 @@ async def _prefill(request: web.Request, req: dict[str, Any], ktp: dict[str, Any
     chat = request.path.endswith("/chat/completions")
     choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
     choice.update({"message": {"role": "assistant", "content": "x"}} if chat else {"text": "x"})
-    return web.json_response({
-        "id": rrid, "object": "chat.completion" if chat else "text_completion", "model": ctrl["model"],
-        "choices": [choice], "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
-        "kv_transfer_params": params,
-    })
+    return web.json_response(
+        {
+            "id": rrid,
+            "object": "chat.completion" if chat else "text_completion",
+            "model": ctrl["model"],
+            "choices": [choice],
+            "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
+            "kv_transfer_params": params,
+        }
+    )
 
 
 def _chunk(i: int, model: str, chat: bool) -> bytes:
@@ -134,8 +143,12 @@ def _chunk(i: int, model: str, chat: bool) -> bytes:
         choice: dict[str, Any] = {"index": 0, "delta": {"content": f"d{i} "}, "finish_reason": None}
     else:
         choice = {"index": 0, "text": f"d{i} ", "finish_reason": None}
-    obj = {"id": "cmpl-d", "object": "chat.completion.chunk" if chat else "text_completion", "model": model,
-           "choices": [choice]}
+    obj = {
+        "id": "cmpl-d",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "model": model,
+        "choices": [choice],
+    }
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
@@ -170,8 +183,9 @@ async def _decode(request: web.Request, req: dict[str, Any], ktp: dict[str, Any]
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         stats["completed"] += 1
-        return web.json_response({"id": "cmpl-d", "object": "text_completion", "model": model, "choices": [choice],
-                                  "usage": usage})
+        return web.json_response(
+            {"id": "cmpl-d", "object": "text_completion", "model": model, "choices": [choice], "usage": usage}
+        )
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     try:
@@ -195,9 +209,9 @@ async def _metrics(request: web.Request) -> web.Response:
         f'vllm:num_requests_waiting{{model_name="{ctrl["model"]}"}} 0.0',
         f'vllm:kv_cache_usage_perc{{model_name="{ctrl["model"]}"}} 0.1',
         f'vllm:prompt_tokens_by_source_total{{model_name="{ctrl["model"]}",source="local_compute"}} '
-        f'{float(stats["local_compute"])}',
+        f"{float(stats['local_compute'])}",
         f'vllm:prompt_tokens_by_source_total{{model_name="{ctrl["model"]}",source="external_kv_transfer"}} '
-        f'{float(stats["external_kv_transfer"])}',
+        f"{float(stats['external_kv_transfer'])}",
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
@@ -220,17 +234,38 @@ async def _version(request: web.Request) -> web.Response:
 
 
 async def _models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": request.app[CTRL]["model"], "object": "model"}]})
+    return web.json_response(
+        {"object": "list", "data": [{"id": request.app[CTRL]["model"], "object": "model"}]}
+    )
 
 
 def make_app(role: str, model: str = "fake-model", version: str = "0.32.0") -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[STATS] = {"requests": 0, "completed": 0, "cancelled": 0, "bodies": [], "request_ids": [], "handoffs": {},
-                  "violations": [], "remote_hosts": [], "local_compute": 0, "external_kv_transfer": 0,
-                  "prefilled_tokens": 0}
-    app[CTRL] = {"role": role, "mode": "ok", "model": model, "version": version, "running": 0,
-                 "chunk_delay": 0.0, "prefill_delay": 0.0, "prefill_tps": 50_000.0, "transfer_mode": "pull",
-                 "engine_id": str(uuid.uuid4())}
+    app[STATS] = {
+        "requests": 0,
+        "completed": 0,
+        "cancelled": 0,
+        "bodies": [],
+        "request_ids": [],
+        "handoffs": {},
+        "violations": [],
+        "remote_hosts": [],
+        "local_compute": 0,
+        "external_kv_transfer": 0,
+        "prefilled_tokens": 0,
+    }
+    app[CTRL] = {
+        "role": role,
+        "mode": "ok",
+        "model": model,
+        "version": version,
+        "running": 0,
+        "chunk_delay": 0.0,
+        "prefill_delay": 0.0,
+        "prefill_tps": 50_000.0,
+        "transfer_mode": "pull",
+        "engine_id": str(uuid.uuid4()),
+    }
     app.router.add_post("/v1/completions", _generate)
     app.router.add_post("/v1/chat/completions", _generate)
     app.router.add_get("/v1/models", _models)
@@ -250,8 +285,14 @@ def main() -> None:
     ap.add_argument("--model", default="fake-model")
     ap.add_argument("--version", default="0.32.0")
     a = ap.parse_args()
-    web.run_app(make_app(a.role, a.model, a.version), host=a.host, port=a.port, access_log=None, print=None,
-                handler_cancellation=True)
+    web.run_app(
+        make_app(a.role, a.model, a.version),
+        host=a.host,
+        port=a.port,
+        access_log=None,
+        print=None,
+        handler_cancellation=True,
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from traces import fleetproc
 
 __all__ = ["Outcome", "SimFleet", "SimReplica", "call", "classify_sse", "debug_replicas", "wait_for"]
 
+
 class SimReplica(fleetproc.SimReplica):
     """A replica announced by ``kvrouter sim``, with its fault knobs (``/sim/faults``)."""
 
@@ -105,7 +106,11 @@ def classify_sse(raw: bytes) -> tuple[str, str]:
 
 
 async def call(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any] | bytes, *, timeout: float = 15.0,
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any] | bytes,
+    *,
+    timeout: float = 15.0,
     headers: dict[str, str] | None = None,
 ) -> Outcome:
     """One request, classified; never raises for what a server can do to a client."""
@@ -135,11 +140,12 @@ async def call(
         ok = "choices" in json.loads(raw)
     except ValueError:
         ok = False
-    return Outcome("ok", status, dt) if ok else Outcome("lost", status, dt, f"malformed 200 body: {raw[:120]!r}")
+    return (
+        Outcome("ok", status, dt) if ok else Outcome("lost", status, dt, f"malformed 200 body: {raw[:120]!r}")
+    )
 
 
 def debug_replicas(router_url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     code, _, body = http("GET", router_url + "/debug/replicas", headers=headers)
     assert code == 200, body
     return dict(json.loads(body))
-

@@ -68,8 +68,16 @@ def endpoint_slice(
                 "kubernetes.io/service-name": service,
                 "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
             },
-            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": service, "uid": "uid-svc",
-                                 "controller": True, "blockOwnerDeletion": True}],
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "name": service,
+                    "uid": "uid-svc",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
         },
         "addressType": address_type,
         "endpoints": eps,
@@ -90,8 +98,12 @@ def pod(
     namespace: str = "inference",
 ) -> Obj:
     ports = {"http": 8000, "kv-events": 5557} if ports is None else ports
-    meta: Obj = {"name": name, "namespace": namespace, "uid": f"uid-{name}",
-                 "labels": labels or {"app": "vllm"}}
+    meta: Obj = {
+        "name": name,
+        "namespace": namespace,
+        "uid": f"uid-{name}",
+        "labels": labels or {"app": "vllm"},
+    }
     if annotations:
         meta["annotations"] = annotations
     if deleting:
@@ -100,15 +112,23 @@ def pod(
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": meta,
-        "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai",
-                                 "ports": [{"name": n, "containerPort": p, "protocol": "TCP"}
-                                           for n, p in ports.items()]}]},
+        "spec": {
+            "containers": [
+                {
+                    "name": "vllm",
+                    "image": "vllm/vllm-openai",
+                    "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports.items()],
+                }
+            ]
+        },
         "status": {
             "phase": phase,
             "podIP": ip,
             "podIPs": [{"ip": ip}],
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"},
-                           {"type": "PodScheduled", "status": "True"}],
+            "conditions": [
+                {"type": "Ready", "status": "True" if ready else "False"},
+                {"type": "PodScheduled", "status": "True"},
+            ],
         },
     }
 
@@ -162,8 +182,9 @@ class FakeApiServer:
 
     async def start(self) -> str:
         app = web.Application()
-        app.router.add_get(f"/apis/discovery.k8s.io/v1/namespaces/{self.namespace}/endpointslices",
-                           self._endpointslices)
+        app.router.add_get(
+            f"/apis/discovery.k8s.io/v1/namespaces/{self.namespace}/endpointslices", self._endpointslices
+        )
         app.router.add_get(f"/api/v1/namespaces/{self.namespace}/pods", self._pods)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
@@ -254,8 +275,15 @@ class FakeApiServer:
 
     @staticmethod
     def _status(code: int, reason: str, message: str) -> Obj:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": message, "reason": reason, "code": code}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
 
     async def _serve(self, request: web.Request, resource: str) -> web.StreamResponse:
         authorized = request.headers.get("Authorization") == f"Bearer {self.token}"
@@ -267,10 +295,19 @@ class FakeApiServer:
         selector = request.query.get("labelSelector", "")
         api_version, kind = RESOURCES[resource]
         if request.query.get("watch") not in ("1", "true"):
-            items = [o for o in self.objects[resource].values()
-                     if _selector_matches(selector, o["metadata"].get("labels", {}))]
-            return web.json_response({"kind": f"{kind}List", "apiVersion": api_version,
-                                      "metadata": {"resourceVersion": str(self.rv)}, "items": items})
+            items = [
+                o
+                for o in self.objects[resource].values()
+                if _selector_matches(selector, o["metadata"].get("labels", {}))
+            ]
+            return web.json_response(
+                {
+                    "kind": f"{kind}List",
+                    "apiVersion": api_version,
+                    "metadata": {"resourceVersion": str(self.rv)},
+                    "items": items,
+                }
+            )
 
         since = int(request.query["resourceVersion"])
         if since < self.compacted_rv:
@@ -281,14 +318,20 @@ class FakeApiServer:
             resp = web.StreamResponse()
             resp.content_type = "application/json"
             await resp.prepare(request)
-            await resp.write(json.dumps({"type": "ERROR", "object": self._status(410, "Expired", message)})
-                             .encode() + b"\n")
+            await resp.write(
+                json.dumps({"type": "ERROR", "object": self._status(410, "Expired", message)}).encode()
+                + b"\n"
+            )
             await resp.write_eof()
             return resp
 
         watcher = _Watcher(resource, selector, request.query.get("allowWatchBookmarks") == "true")
         for rv, res, typ, obj in self.history:
-            if rv > since and res == resource and _selector_matches(selector, obj["metadata"].get("labels", {})):
+            if (
+                rv > since
+                and res == resource
+                and _selector_matches(selector, obj["metadata"].get("labels", {}))
+            ):
                 watcher.queue.put_nowait(json.dumps({"type": typ, "object": obj}).encode() + b"\n")
         resp = web.StreamResponse()
         resp.content_type = "application/json"

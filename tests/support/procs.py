@@ -17,14 +17,28 @@ from typing import Any, TypeVar
 
 from traces.fleetproc import PY, ROOT, Proc, SimReplica, free_port, sim_command, wait_http, wait_sim_ready
 
-__all__ = ["PY", "ROOT", "Backend", "Proc", "RouterProc", "SimFleet", "SimReplica", "free_port", "http",
-           "quiet_router", "stopping", "wait_for", "wait_http"]
+__all__ = [
+    "PY",
+    "ROOT",
+    "Backend",
+    "Proc",
+    "RouterProc",
+    "SimFleet",
+    "SimReplica",
+    "free_port",
+    "http",
+    "quiet_router",
+    "stopping",
+    "wait_for",
+    "wait_http",
+]
 
 T = TypeVar("T")
 
 
-def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 10.0
-         ) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
@@ -34,7 +48,9 @@ def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None
         return e.code, dict(e.headers), e.read()
 
 
-def wait_for(pred: Callable[[], T], timeout: float = 10.0, what: str = "condition", interval: float = 0.05) -> T:
+def wait_for(
+    pred: Callable[[], T], timeout: float = 10.0, what: str = "condition", interval: float = 0.05
+) -> T:
     """Poll ``pred`` until it returns something truthy and return that; AssertionError naming
     ``what`` and the last value after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -58,13 +74,29 @@ def _ready(proc: Proc, *urls: str) -> None:
 
 
 class Backend:
-    def __init__(self, log_dir: Path, name: str, model: str = "fake-model", chunks: int = 16, chunk_delay: float = 0.0) -> None:
+    def __init__(
+        self, log_dir: Path, name: str, model: str = "fake-model", chunks: int = 16, chunk_delay: float = 0.0
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = Proc(
-            [PY, "-m", "tests.support.fake_openai", "--port", str(self.port), "--name", name, "--model", model,
-             "--chunks", str(chunks), "--chunk-delay", str(chunk_delay)],
-            name, log_dir,
+            [
+                PY,
+                "-m",
+                "tests.support.fake_openai",
+                "--port",
+                str(self.port),
+                "--name",
+                name,
+                "--model",
+                model,
+                "--chunks",
+                str(chunks),
+                "--chunk-delay",
+                str(chunk_delay),
+            ],
+            name,
+            log_dir,
         )
         _ready(self.proc, self.url + "/health")
 
@@ -76,8 +108,15 @@ class Backend:
 
 
 class RouterProc:
-    def __init__(self, log_dir: Path, backends: Sequence[str], *extra: str, name: str = "router",
-                 env: dict[str, str] | None = None, wait_ready: bool = True) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        backends: Sequence[str],
+        *extra: str,
+        name: str = "router",
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [PY, "-m", "router", "serve", "--port", str(self.port), "--probe-interval", "0.2"]
@@ -93,8 +132,18 @@ class RouterProc:
 def quiet_router(log_dir: Path, backends: Sequence[str], *extra: str, name: str) -> RouterProc:
     """A router for tests of the request path alone: no KV events, no metric scrapes, no drain grace
     (so a stop is immediate)."""
-    return RouterProc(log_dir, backends, "--kv-events", "off", "--scrape-metrics", "false", "--drain-grace", "0",
-                      *extra, name=name)
+    return RouterProc(
+        log_dir,
+        backends,
+        "--kv-events",
+        "off",
+        "--scrape-metrics",
+        "false",
+        "--drain-grace",
+        "0",
+        *extra,
+        name=name,
+    )
 
 
 @contextlib.contextmanager
@@ -109,8 +158,15 @@ def stopping(*procs: Proc) -> Iterator[None]:
 class SimFleet:
     """`kvrouter sim` in a subprocess: N simulated vLLM replicas with KV events, on free ports."""
 
-    def __init__(self, log_dir: Path, replicas: int = 2, *extra: str, profile: str = "tiny", name: str = "sim",
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        replicas: int = 2,
+        *extra: str,
+        profile: str = "tiny",
+        name: str = "sim",
+        timeout: float = 30.0,
+    ) -> None:
         self.proc = Proc(sim_command(replicas, profile=profile, extra=extra), name, log_dir)
         self.replicas: list[SimReplica] = wait_sim_ready(self.proc, replicas, timeout)
         _ready(self.proc, *(u + "/health" for u in self.urls))

@@ -108,6 +108,7 @@ def test_trace_pauses_follow_the_law_and_overrides_apply() -> None:
     assert statistics.median(gaps) == pytest.approx(30.0, rel=0.15)
     # Pause presets change timing only: same seed, same prompts.
     short, long = _trace(seed=9, pause="short"), _trace(seed=9, pause="long")
+
     def key(tr: Trace) -> list[tuple[str, tuple[int, ...], int]]:
         return sorted((r.request_id, r.hash_ids, r.output_length) for r in tr.requests)
 
@@ -296,7 +297,9 @@ def _fleet(n: int) -> list[Replica]:
 
 
 def _req(blocks: tuple[int, ...] = (1, 2, 3)) -> RequestInfo:
-    return RequestInfo(model="m", prompt_tokens=16 * len(blocks), block_size=16, block_hashes=[BlockHash(b) for b in blocks])
+    return RequestInfo(
+        model="m", prompt_tokens=16 * len(blocks), block_size=16, block_hashes=[BlockHash(b) for b in blocks]
+    )
 
 
 def test_sticky_least_loaded_rule() -> None:

@@ -12,16 +12,49 @@ from traces.fleetproc import PY, Proc, SimReplica, sim_command, wait_sim_ready
 
 def test_sim_command_defaults() -> None:
     assert sim_command(2, profile="tiny") == [
-        PY, "-m", "router", "sim", "--replicas", "2", "--port", "0", "--events-port", "0", "--profile", "tiny",
+        PY,
+        "-m",
+        "router",
+        "sim",
+        "--replicas",
+        "2",
+        "--port",
+        "0",
+        "--events-port",
+        "0",
+        "--profile",
+        "tiny",
     ]
 
 
 def test_sim_command_prefix_first_extra_last() -> None:
-    cmd = sim_command(16, profile="h100-llama3-8b", time_scale=10.0, extra=["--stream-interval", "4"],
-                      prefix=["taskset", "-c", "1"])
+    cmd = sim_command(
+        16,
+        profile="h100-llama3-8b",
+        time_scale=10.0,
+        extra=["--stream-interval", "4"],
+        prefix=["taskset", "-c", "1"],
+    )
     assert cmd == [
-        "taskset", "-c", "1", PY, "-m", "router", "sim", "--replicas", "16", "--port", "0", "--events-port", "0",
-        "--profile", "h100-llama3-8b", "--time-scale", "10.0", "--stream-interval", "4",
+        "taskset",
+        "-c",
+        "1",
+        PY,
+        "-m",
+        "router",
+        "sim",
+        "--replicas",
+        "16",
+        "--port",
+        "0",
+        "--events-port",
+        "0",
+        "--profile",
+        "h100-llama3-8b",
+        "--time-scale",
+        "10.0",
+        "--stream-interval",
+        "4",
     ]
 
 
@@ -33,12 +66,15 @@ def _printer(tmp_path: Path, lines: list[str], then_sleep: bool = True) -> Proc:
 
 
 def test_wait_sim_ready_parses_replicas(tmp_path: Path) -> None:
-    proc = _printer(tmp_path, [
-        "INFO something first",
-        "replica r0 url=http://127.0.0.1:4001 events=tcp://127.0.0.1:5001 replay=tcp://127.0.0.1:5101",
-        "replica r1 url=http://127.0.0.1:4002 events=None replay=None",
-        "ready",
-    ])
+    proc = _printer(
+        tmp_path,
+        [
+            "INFO something first",
+            "replica r0 url=http://127.0.0.1:4001 events=tcp://127.0.0.1:5001 replay=tcp://127.0.0.1:5101",
+            "replica r1 url=http://127.0.0.1:4002 events=None replay=None",
+            "ready",
+        ],
+    )
     try:
         assert wait_sim_ready(proc, 2, timeout=10) == [
             SimReplica("r0", "http://127.0.0.1:4001", "tcp://127.0.0.1:5001"),

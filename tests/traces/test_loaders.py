@@ -20,7 +20,9 @@ from traces.loaders import (
 from traces.model import Trace, TraceRequest
 
 # The public traces are vendored (traces/data/README.md); KVROUTER_SHARED_TRACES can point elsewhere.
-SHARED = Path(os.environ.get("KVROUTER_SHARED_TRACES", Path(__file__).resolve().parents[2] / "traces" / "data"))
+SHARED = Path(
+    os.environ.get("KVROUTER_SHARED_TRACES", Path(__file__).resolve().parents[2] / "traces" / "data")
+)
 CONV = SHARED / "mooncake" / "conversation_trace.jsonl"
 AZURE_CODE = SHARED / "azure_llm_2023" / "AzureLLMInferenceTrace_code.csv"
 
@@ -214,7 +216,9 @@ def test_mooncake_conversation_loads_fast() -> None:
     trace, report = load_trace(CONV)
     elapsed = time.perf_counter() - t0
     assert report.ok and report.warned == 0 and len(trace) == 12031
-    assert elapsed < 3.0, f"loading the 3 MB Mooncake trace took {elapsed:.3f} s"  # ~40 ms quiet; CI is shared
+    assert elapsed < 3.0, (
+        f"loading the 3 MB Mooncake trace took {elapsed:.3f} s"
+    )  # ~40 ms quiet; CI is shared
 
 
 def test_azure_file_rebased_to_first_request() -> None:

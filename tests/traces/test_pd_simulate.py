@@ -44,7 +44,11 @@ def test_always_splits_every_request_and_moves_its_kv(trace: Trace) -> None:
 def test_never_splits_nothing_and_threshold_follows_its_n(trace: Trace) -> None:
     never = run_pd(trace, _cfg(), PDConfig(prefill_replicas=1, decode_replicas=3, rule="never"))
     assert never.extra["split_share"] == 0.0 and never.extra["kv_transfer_tokens"] == 0
-    thr = run_pd(trace, _cfg(), PDConfig(prefill_replicas=1, decode_replicas=3, rule="threshold", threshold_tokens=8000))
+    thr = run_pd(
+        trace,
+        _cfg(),
+        PDConfig(prefill_replicas=1, decode_replicas=3, rule="threshold", threshold_tokens=8000),
+    )
     split = thr.extra["pd_outcomes"].get("split", 0)
     assert 0 < split < N
     long_prompts = sum(1 for r in thr.records if r.prompt_tokens >= 8000)

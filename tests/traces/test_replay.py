@@ -36,8 +36,15 @@ def _trace(n: int, gap_s: float, *, block: int = 16, shared: bool = True, out_le
     for i in range(n):
         # Every request starts with block 0 (a shared "system prompt") when shared.
         ids = ((0,) if shared else ()) + (1000 + i,)
-        reqs.append(TraceRequest(timestamp_s=i * gap_s, input_length=len(ids) * block, output_length=out_len,
-                                 hash_ids=ids, request_id=str(i)))
+        reqs.append(
+            TraceRequest(
+                timestamp_s=i * gap_s,
+                input_length=len(ids) * block,
+                output_length=out_len,
+                hash_ids=ids,
+                request_id=str(i),
+            )
+        )
     return Trace(requests=tuple(reqs), block_tokens=block, name="t")
 
 
@@ -45,7 +52,9 @@ class Fake:
     """A streaming completions server: ``delay`` before the first token, HTTP 500 for every
     ``fail_every``-th request, and requests with ``stall`` in their id set never answered."""
 
-    def __init__(self, delay: float = 0.0, fail_every: int = 0, stall_ids: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self, delay: float = 0.0, fail_every: int = 0, stall_ids: frozenset[int] = frozenset()
+    ) -> None:
         self.delay, self.fail_every, self.stall_ids = delay, fail_every, stall_ids
         self.arrivals: list[float] = []
         self.n = 0
@@ -59,14 +68,19 @@ class Fake:
         if body["prompt"][-1] in self.stall_ids:
             await asyncio.sleep(3600)
         await asyncio.sleep(self.delay)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-kvrouter-replica": "r-fake"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "x-kvrouter-replica": "r-fake"}
+        )
         await resp.prepare(request)
         for i in range(body["max_tokens"]):
             chunk = {"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}], "usage": None}
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await asyncio.sleep(0.002)
-        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"],
-                 "prompt_tokens_details": {"cached_tokens": 16}}
+        usage = {
+            "prompt_tokens": len(body["prompt"]),
+            "completion_tokens": body["max_tokens"],
+            "prompt_tokens_details": {"cached_tokens": 16},
+        }
         await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         return resp

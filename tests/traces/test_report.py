@@ -11,22 +11,39 @@ from traces.records import SLO, RequestRecord, summarize
 from traces.report import in_flight_series, load_max_over_mean, oracle, text_table, why, write_report
 
 
-def _records(target: str, n: int, ttft: float, cached_frac: float, replicas: list[str]) -> list[RequestRecord]:
+def _records(
+    target: str, n: int, ttft: float, cached_frac: float, replicas: list[str]
+) -> list[RequestRecord]:
     out = []
     for i in range(n):
-        out.append(RequestRecord(
-            request_id=str(i), target=target, send_s=0.1 * i, prompt_tokens=1000, output_tokens=11,
-            ttft_s=ttft * (1 + i % 5 / 10), e2e_s=ttft + 0.5, itl_s=[0.05] * 10,
-            cached_tokens=int(1000 * cached_frac), replica=replicas[i % len(replicas)], status=200,
-        ))
-    out.append(RequestRecord(request_id="bad", target=target, send_s=0.0, prompt_tokens=10, status=500,
-                             error="HTTP 500: boom"))
+        out.append(
+            RequestRecord(
+                request_id=str(i),
+                target=target,
+                send_s=0.1 * i,
+                prompt_tokens=1000,
+                output_tokens=11,
+                ttft_s=ttft * (1 + i % 5 / 10),
+                e2e_s=ttft + 0.5,
+                itl_s=[0.05] * 10,
+                cached_tokens=int(1000 * cached_frac),
+                replica=replicas[i % len(replicas)],
+                status=200,
+            )
+        )
+    out.append(
+        RequestRecord(
+            request_id="bad", target=target, send_s=0.0, prompt_tokens=10, status=500, error="HTTP 500: boom"
+        )
+    )
     return out
 
 
 def _summary(records: dict[str, list[RequestRecord]]) -> dict[str, object]:
     return {
-        "trace": "synthetic", "requests": 21, "model": "m",
+        "trace": "synthetic",
+        "requests": 21,
+        "model": "m",
         "config": {"speedup": 2.0, "prompt": "tokens", "slo": {"ttft_s": 2.0, "tpot_s": 0.1}},
         "targets": {n: summarize(r, slo=SLO()) for n, r in records.items()},
     }
@@ -39,8 +56,13 @@ def test_report_files_and_contents(tmp_path: Path) -> None:
         "round_robin": _records("round_robin", 20, 0.8, 0.0, ["a", "b"]),
     }
     summary = _summary(records)
-    oracle_info = {"fleet_cache_tokens": 10_000, "cache_blocks": 19, "block_tokens": 512,
-                   "token_hit_lru": 0.6, "token_hit_inf": 0.7}
+    oracle_info = {
+        "fleet_cache_tokens": 10_000,
+        "cache_blocks": 19,
+        "block_tokens": 512,
+        "token_hit_lru": 0.6,
+        "token_hit_inf": 0.7,
+    }
     files = write_report(str(tmp_path), summary, records, oracle_info=oracle_info, notes=["a note"])
     for name in ("report.md", "report.json", "ttft_cdf.png", "hit_ratio.png", "load_over_time.png"):
         path = tmp_path / name
@@ -65,16 +87,24 @@ def test_why_with_one_target_and_without_plots(tmp_path: Path) -> None:
     records = {"only": _records("only", 5, 0.1, 0.0, ["a"])}
     files = write_report(str(tmp_path), _summary(records), records, plots=False)
     assert set(files) == {"json", "markdown"}
-    assert why(_summary(records)["targets"], None) == ["Only one target completed requests: nothing to compare."]  # type: ignore[arg-type]
+    assert why(_summary(records)["targets"], None) == [
+        "Only one target completed requests: nothing to compare."
+    ]  # type: ignore[arg-type]
     assert "only" in text_table(_summary(records)["targets"])  # type: ignore[arg-type]
 
 
 def test_in_flight_series_counts_overlaps() -> None:
     recs = [
-        RequestRecord(request_id="1", target="t", send_s=0.0, prompt_tokens=1, ttft_s=0.1, e2e_s=2.0, replica="a"),
-        RequestRecord(request_id="2", target="t", send_s=1.0, prompt_tokens=1, ttft_s=0.1, e2e_s=2.0, replica="a"),
+        RequestRecord(
+            request_id="1", target="t", send_s=0.0, prompt_tokens=1, ttft_s=0.1, e2e_s=2.0, replica="a"
+        ),
+        RequestRecord(
+            request_id="2", target="t", send_s=1.0, prompt_tokens=1, ttft_s=0.1, e2e_s=2.0, replica="a"
+        ),
         RequestRecord(request_id="3", target="t", send_s=0.5, prompt_tokens=1, ttft_s=0.2, error="cut"),
-        RequestRecord(request_id="4", target="t", send_s=0.5, prompt_tokens=1, error="refused"),  # no duration
+        RequestRecord(
+            request_id="4", target="t", send_s=0.5, prompt_tokens=1, error="refused"
+        ),  # no duration
     ]
     s = in_flight_series(recs)
     ts, ns = s["a"]
@@ -91,8 +121,13 @@ def test_load_spread_falls_back_to_engine_counters() -> None:
 
 def test_oracle_for_the_replayed_requests() -> None:
     reqs = tuple(
-        TraceRequest(timestamp_s=float(i), input_length=1024, output_length=1, hash_ids=(0, 100 + i % 2),
-                     request_id=str(i))
+        TraceRequest(
+            timestamp_s=float(i),
+            input_length=1024,
+            output_length=1,
+            hash_ids=(0, 100 + i % 2),
+            request_id=str(i),
+        )
         for i in range(4)
     )
     trace = Trace(requests=reqs, block_tokens=512, name="t")
@@ -106,7 +141,16 @@ def test_load_spread_counts_replicas_that_got_nothing() -> None:
     from traces.records import RequestRecord, summarize
 
     recs = [
-        RequestRecord(request_id=str(i), target="t", send_s=i, prompt_tokens=10, output_tokens=2, ttft_s=0.1, e2e_s=0.2, replica="r0")
+        RequestRecord(
+            request_id=str(i),
+            target="t",
+            send_s=i,
+            prompt_tokens=10,
+            output_tokens=2,
+            ttft_s=0.1,
+            e2e_s=0.2,
+            replica="r0",
+        )
         for i in range(8)
     ]
     spread = summarize(recs, replicas=["r0", "r1", "r2", "r3"])["load_spread"]

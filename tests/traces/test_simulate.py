@@ -116,7 +116,15 @@ def test_cli_json_is_one_object(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     assert set(out["policies"]) == {"round_robin", "sglang_cache_aware"}
     assert 0.0 <= out["oracle_hit_ratio"] <= 1.0
     for p in out["policies"].values():
-        for key in ("ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "hit_ratio", "throughput_rps", "wall_s", "wall_rps"):
+        for key in (
+            "ttft_mean_s",
+            "ttft_p50_s",
+            "ttft_p99_s",
+            "hit_ratio",
+            "throughput_rps",
+            "wall_s",
+            "wall_rps",
+        ):
             assert isinstance(p[key], float), key
         assert p["requests"] == 40
     assert (tmp_path / "records-round_robin.jsonl").read_text().count("\n") == 40

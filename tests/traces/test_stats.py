@@ -21,7 +21,9 @@ from traces.stats import (
 )
 
 # The public traces are vendored (traces/data/README.md); KVROUTER_SHARED_TRACES can point elsewhere.
-SHARED = Path(os.environ.get("KVROUTER_SHARED_TRACES", Path(__file__).resolve().parents[2] / "traces" / "data"))
+SHARED = Path(
+    os.environ.get("KVROUTER_SHARED_TRACES", Path(__file__).resolve().parents[2] / "traces" / "data")
+)
 
 
 def _trace(*ids: tuple[int, ...], block_tokens: int = 4, lengths: list[int] | None = None) -> Trace:

@@ -106,7 +106,6 @@ def default_output_token(request_id: str, i: int) -> int:
     return _xxh3(request_id.encode(), seed=i) % 32000
 
 
-
 # -- internal request state ---------------------------------------------------------------------
 class _Req:
     __slots__ = (
@@ -502,7 +501,9 @@ class EngineModel:
                         m.queue_time.observe(now - r.arrival)
                     r.num_computed += gpu_hit + ext
                     r.num_external = ext
-                    load_ms = self.profile.kv_link.transfer_ms(ext) if remote else self.step_model.cpu_load_ms(ext)
+                    load_ms = (
+                        self.profile.kv_link.transfer_ms(ext) if remote else self.step_model.cpu_load_ms(ext)
+                    )
                     r.ready_at = now + load_ms * self._ms_to_s
                     self.loading.append(r)
                     continue
@@ -523,7 +524,9 @@ class EngineModel:
                         out.cached_tokens[r.id] = CachedTokens(
                             r.num_computed - r.num_external,
                             r.num_external,
-                            ntok - r.num_computed + r.num_external if cpu is not None or r.num_external else 0,
+                            ntok - r.num_computed + r.num_external
+                            if cpu is not None or r.num_external
+                            else 0,
                         )
                 sched[r] = n
                 budget -= n

@@ -56,7 +56,9 @@ class FaultConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
 
     def validate(self) -> None:
         if not (1.0 <= self.slow_factor <= 1000.0):
-            raise ValueError(f"invalid fault slow_factor: must be within [1, 1000] (current value: {self.slow_factor})")
+            raise ValueError(
+                f"invalid fault slow_factor: must be within [1, 1000] (current value: {self.slow_factor})"
+            )
         if self.stop_after_chunks is not None and self.stop_after_chunks < 0:
             raise ValueError(
                 f"invalid fault stop_after_chunks: must be >= 0 (current value: {self.stop_after_chunks})"

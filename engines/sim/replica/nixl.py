@@ -59,10 +59,14 @@ class Nixl:
         self._session: aiohttp.ClientSession | None = None
 
     def prefills(self, ktp: Any) -> bool:
-        return self.role in ("prefill", "both") and isinstance(ktp, dict) and ktp.get("do_remote_decode") is True
+        return (
+            self.role in ("prefill", "both") and isinstance(ktp, dict) and ktp.get("do_remote_decode") is True
+        )
 
     def decodes(self, ktp: Any) -> bool:
-        return self.role in ("decode", "both") and isinstance(ktp, dict) and ktp.get("do_remote_prefill") is True
+        return (
+            self.role in ("decode", "both") and isinstance(ktp, dict) and ktp.get("do_remote_prefill") is True
+        )
 
     @staticmethod
     def valid(ktp: dict[str, Any]) -> bool:

@@ -19,7 +19,9 @@ BYTES_BUCKETS = (1048576.0, 5242880.0, 10485760.0, 20971520.0, 41943040.0, 83886
 
 
 class PDMetrics:
-    def __init__(self, registry: CollectorRegistry, labelnames: list[str], labelvalues: dict[str, str]) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, labelnames: list[str], labelvalues: dict[str, str]
+    ) -> None:
         lv = labelvalues
         by_source = Counter(
             "vllm:prompt_tokens_by_source", "Number of prompt tokens by source.", [*labelnames, "source"],
@@ -37,7 +39,9 @@ class PDMetrics:
         self.failed_notifications = counter(
             "vllm:nixl_num_failed_notifications", "Number of failed NIXL KV Cache notifications."
         )
-        self.expired = counter("vllm:nixl_num_kv_expired_reqs", "Number of requests that had their KV expire.")
+        self.expired = counter(
+            "vllm:nixl_num_kv_expired_reqs", "Number of requests that had their KV expire."
+        )
         self.after_expiry = counter(
             "vllm:nixl_num_notifications_after_expiry",
             "Number of completion notifications for requests that were no longer tracked.",

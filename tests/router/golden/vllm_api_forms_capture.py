@@ -21,12 +21,17 @@ def _plain(o: Any) -> Any:
 
 def convert(case: dict[str, Any]) -> dict[str, Any]:
     if case["api"] == "anthropic":
-        chat = AnthropicServingMessages.to_chat_completion_request(AnthropicMessagesRequest.model_validate(case["body"]))
+        chat = AnthropicServingMessages.to_chat_completion_request(
+            AnthropicMessagesRequest.model_validate(case["body"])
+        )
         tools = [t.model_dump() for t in chat.tools] if chat.tools else None
         return {"messages": chat.messages, "tools": tools, "reasoning_effort": chat.reasoning_effort}
     req = ResponsesRequest.model_validate(case["body"])
     msgs = construct_input_messages(request_instructions=req.instructions, request_input=req.input)
-    return {"messages": json.loads(json.dumps(msgs, default=_plain)), "tools": construct_tool_dicts(req.tools, req.tool_choice)}
+    return {
+        "messages": json.loads(json.dumps(msgs, default=_plain)),
+        "tools": construct_tool_dicts(req.tools, req.tool_choice),
+    }
 
 
 if __name__ == "__main__":
