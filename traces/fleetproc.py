@@ -260,7 +260,9 @@ def start_kvrouter(
     group: ProcGroup, backends: Sequence[str], policy: str, name: str, extra: Sequence[str] = ()
 ) -> tuple[Proc, str]:
     port = free_port()
-    # No drain grace: nothing deregisters a demo router, and stopping should take no time.
+    # No drain grace: nothing deregisters a demo router, and stopping should take no time. No
+    # generation canary: its one-token requests to idle replicas would enter the engines' counters
+    # that the replay report compares with the router's own.
     args = [
         PY,
         "-m",
@@ -276,6 +278,8 @@ def start_kvrouter(
         "0",
         "--drain-timeout",
         "2",
+        "--canary-after",
+        "0",
     ]
     for b in backends:
         args += ["--backend", b]
