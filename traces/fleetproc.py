@@ -28,10 +28,20 @@ PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and never handed out before by this process: two calls in a row can get the
+    same ephemeral port back from the kernel, and the second of the two servers then fails to bind."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port that was not handed out before")
 
 
 def http_get(url: str, timeout: float = 2.0) -> int:

@@ -72,6 +72,7 @@ def router(fleet: LMCacheFleet, tmp_path_factory: pytest.TempPathFactory) -> Ite
         tmp_path_factory.mktemp("kvrouter"),
         fleet.urls,
         *("--policy", "cache_aware", "--kv-events", "auto", "--enable-debug", *instances),
+        *("--canary-after", "0"),  # canary requests would enter the engines' hit counters
     )
     try:
         yield proc.url

@@ -40,7 +40,7 @@ def router(lmcache_lookup_mode: LMCacheFleet, tmp_path_factory: pytest.TempPathF
     proc = procs.RouterProc(
         tmp_path_factory.mktemp("kvrouter"),
         fleet.urls,
-        *("--policy", "cache_aware", "--kv-events", "auto", "--enable-debug"),
+        *("--policy", "cache_aware", "--kv-events", "auto", "--enable-debug", "--canary-after", "0"),
         *("--lmcache-coordinator", fleet.coordinator_url, "--lmcache-model", str(fleet.model)),
         *("--lmcache-instance", f"{lr.server.instance_id}={lr.replica.url}", "--lmcache-lookup-timeout", "2"),
     )

@@ -48,6 +48,9 @@ def pd_router(pd_pair: PDPair, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "256",
         "--kv-events",
         "auto",
+        # no generation canary: its one-token requests would enter the decode replica's counters
+        "--canary-after",
+        "0",
         "--enable-debug",
         "--first-byte-timeout",
         str(REQUEST_TIMEOUT_S),
