@@ -46,7 +46,7 @@ from router.routing import Router  # noqa: E402
 from router.scoring.policies import build_policy  # noqa: E402
 from router.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
 from router.types import ReplicaSpec, RequestInfo  # noqa: E402
-from tests.bench.bench_proxy import CLK_TCK, Proc, free_port, wait_serving  # noqa: E402
+from tests.bench.bench_proxy import CLK_TCK, Proc, free_port, kvrouter_serve, wait_serving  # noqa: E402
 from tests.support.proc_stats import cpu_ticks  # noqa: E402
 
 
@@ -124,18 +124,7 @@ def live(args: argparse.Namespace, order: list[tuple[int, bytes]]) -> int:
             (
                 name,
                 [
-                    py,
-                    "-m",
-                    "router",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "{port}",
-                    "--kv-events",
-                    "off",
-                    "--log-level",
-                    "warning",
+                    *kvrouter_serve(py),
                     "--policy",
                     "cache_aware",
                     "--tokenizer",

@@ -453,6 +453,13 @@ def post_ok(url: str, body: bytes, timeout: float = 2.0) -> bool:
         return False
 
 
+def kvrouter_serve(py: str) -> list[str]:
+    """``kvrouter serve`` as every kvrouter target of the benches starts it: loopback, the port
+    filled in per run, no KV events (the fake backends publish none), quiet logs."""
+    serve = [py, "-m", "router", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+    return [*serve, "--kv-events", "off", "--log-level", "warning"]
+
+
 def wait_serving(proc: Proc, url: str, body: bytes, timeout: float) -> None:
     """Ready = a real completion goes through (every router has its own idea of /health)."""
     deadline = time.monotonic() + timeout
@@ -660,18 +667,7 @@ def one_run(
                 (
                     name,
                     [
-                        kv_py,
-                        "-m",
-                        "router",
-                        "serve",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        "{port}",
-                        "--kv-events",
-                        "off",
-                        "--log-level",
-                        "warning",
+                        *kvrouter_serve(kv_py),
                         "--workers",
                         str(w),
                         *[a for u in urls for a in ("--backend", u)],
@@ -684,18 +680,7 @@ def one_run(
                 (
                     "kvrouter-pd",
                     [
-                        kv_py,
-                        "-m",
-                        "router",
-                        "serve",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        "{port}",
-                        "--kv-events",
-                        "off",
-                        "--log-level",
-                        "warning",
+                        *kvrouter_serve(kv_py),
                         "--pd-rule",
                         "always",
                         "--prefill",
