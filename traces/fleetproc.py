@@ -329,28 +329,8 @@ def start_sglang_router(
     name: str = "sglang-router",
 ) -> tuple[Proc, str]:
     """SGLang Model Gateway (pip ``sglang-router``) in its plain HTTP-proxy mode (no tokenizer)."""
-    port = free_port()
-    args = [
-        str(venv / "bin" / "python"),
-        "-m",
-        "sglang_router.launch_router",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--policy",
-        policy,
-        "--worker-urls",
-        *backends,
-        "--prometheus-port",
-        str(free_port()),
-        "--log-level",
-        "warn",
-    ]
-    proc = group.start(args, name)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/health", proc, timeout=60)
-    return proc, url
+    command = [str(venv / "bin" / "python"), "-m", "sglang_router.launch_router"]
+    return _start_peer_router(group, command, backends, policy, "warn", name)
 
 
 def start_vllm_router(
@@ -365,9 +345,16 @@ def start_vllm_router(
     In 0.1.17 cache_aware routes on token ids: before each text-prompt request it POSTs the body to
     ``/v1/completions/render`` on every worker, then ``/tokenize`` where that is 404 (the sim),
     with a 1 s budget; no flag turns this off. Token-id prompts skip it."""
+    return _start_peer_router(group, [str(venv / "bin" / "vllm-router")], backends, policy, "warning", name)
+
+
+def _start_peer_router(
+    group: ProcGroup, command: Sequence[str], backends: Sequence[str], policy: str, log_level: str, name: str
+) -> tuple[Proc, str]:
+    """The SGLang router and its vllm-router fork share their flags (only the log-level names differ)."""
     port = free_port()
     args = [
-        str(venv / "bin" / "vllm-router"),
+        *command,
         "--host",
         "127.0.0.1",
         "--port",
@@ -376,11 +363,8 @@ def start_vllm_router(
         policy,
         "--worker-urls",
         *backends,
-        "--prometheus-port",
-        str(free_port()),
-        "--log-level",
-        "warning",
     ]
+    args += ["--prometheus-port", str(free_port()), "--log-level", log_level]
     proc = group.start(args, name)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc, timeout=60)
