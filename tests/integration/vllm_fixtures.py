@@ -247,20 +247,20 @@ class ReplicaEvents:
         return {h for ev in self.removed for h in ev.block_hashes}
 
 
-class EventCollector:
-    """A ZMQ SUB per replica, drained by one background thread into ReplicaEvents.
+class EventSubscriber:
+    """A ZMQ SUB per replica, drained by one background thread: each decoded batch goes to
+    ``_record`` under ``_lock``; topic and decode errors to ``errors``.
 
     Connect it before sending requests: PUB/SUB drops whatever was published before the subscription
     reached the publisher (slow joiner), which `settle()` waits out.
     """
 
-    def __init__(self, replicas: Sequence[Replica]) -> None:
+    def __init__(self, replicas: Sequence[Replica], thread_name: str) -> None:
         self._ctx = zmq.Context()
         self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._socks: dict[zmq.Socket[bytes], str] = {}
-        self.events: dict[str, ReplicaEvents] = {r.name: ReplicaEvents() for r in replicas}
         self.errors: list[str] = []
         for r in replicas:
             sock: zmq.Socket[bytes] = self._ctx.socket(zmq.SUB)
@@ -268,8 +268,11 @@ class EventCollector:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.connect(r.events_endpoint)
             self._socks[sock] = r.name
-        self._thread = threading.Thread(target=self._run, name="kv-event-collector", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self._thread.start()
+
+    def _record(self, name: str, topic: bytes, seq: bytes, payload: bytes, batch: KVEventBatch) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -287,15 +290,10 @@ class EventCollector:
                     self.errors.append(f"{name} seq {int.from_bytes(seq, 'big')}: {exc}")
                     continue
                 with self._lock:
-                    self.events[name].apply(int.from_bytes(seq, "big"), batch)
+                    self._record(name, topic, seq, payload, batch)
 
     def settle(self, seconds: float = 1.0) -> None:
         time.sleep(seconds)
-
-    def snapshot(self, name: str) -> ReplicaEvents:
-        with self._lock:
-            ev = self.events[name]
-            return ReplicaEvents(list(ev.seqs), list(ev.stored), list(ev.removed), ev.cleared, dict(ev.live))
 
     def close(self) -> None:
         self._stop.set()
@@ -303,6 +301,22 @@ class EventCollector:
         for sock in self._socks:
             sock.close(linger=0)
         self._ctx.term()
+
+
+class EventCollector(EventSubscriber):
+    """Each replica's stream applied to a ReplicaEvents (sequence numbers, stores, removals)."""
+
+    def __init__(self, replicas: Sequence[Replica]) -> None:
+        self.events: dict[str, ReplicaEvents] = {r.name: ReplicaEvents() for r in replicas}
+        super().__init__(replicas, "kv-event-collector")
+
+    def _record(self, name: str, topic: bytes, seq: bytes, payload: bytes, batch: KVEventBatch) -> None:
+        self.events[name].apply(int.from_bytes(seq, "big"), batch)
+
+    def snapshot(self, name: str) -> ReplicaEvents:
+        with self._lock:
+            ev = self.events[name]
+            return ReplicaEvents(list(ev.seqs), list(ev.stored), list(ev.removed), ev.cleared, dict(ev.live))
 
 
 # --- the router ------------------------------------------------------------------------------------

@@ -26,21 +26,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-import msgspec
 import pytest
-import zmq
 
 from router.kv.wire import BlockStored, KVEventBatch
 from tests.integration.vllm_fixtures import (
-    KV_TOPIC,
     REPO,
+    EventSubscriber,
     Replica,
     Reply,
     _resolve,
@@ -365,57 +362,23 @@ class FrameLog:
         ]
 
 
-class RawEventCollector:
-    """ZMQ SUB on each replica's KV-event endpoint, keeping every frame byte for byte (for golden captures).
+class RawEventCollector(EventSubscriber):
+    """Every frame of each replica's KV-event stream kept byte for byte (for golden captures).
 
     Connect it before sending requests (PUB/SUB slow joiner: anything published before the subscription
     reaches the publisher is lost); the fixtures below give it a second to settle.
     """
 
     def __init__(self, replicas: Sequence[Replica]) -> None:
-        self._ctx = zmq.Context()
-        self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._log = FrameLog()
-        self._socks: dict[zmq.Socket[bytes], str] = {}
-        for r in replicas:
-            sock: zmq.Socket[bytes] = self._ctx.socket(zmq.SUB)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SUBSCRIBE, b"")
-            sock.connect(r.events_endpoint)
-            self._socks[sock] = r.name
-        self._thread = threading.Thread(target=self._run, name="raw-kv-event-collector", daemon=True)
-        self._thread.start()
+        self._frames: list[Frame] = []
+        super().__init__(replicas, "raw-kv-event-collector")
 
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        for sock in self._socks:
-            poller.register(sock, zmq.POLLIN)
-        while not self._stop.is_set():
-            for sock, _ in poller.poll(100):
-                topic, seq, payload = sock.recv_multipart()
-                name = self._socks[sock]
-                with self._lock:
-                    if topic != KV_TOPIC:
-                        self._log.errors.append(f"{name}: topic {topic!r}, expected {KV_TOPIC!r}")
-                    try:
-                        batch = self._decoder.decode(payload)
-                    except msgspec.DecodeError as exc:
-                        self._log.errors.append(f"{name} seq {int.from_bytes(seq, 'big')}: {exc}")
-                        continue
-                    self._log.frames.append(Frame(name, topic, seq, payload, batch))
+    def _record(self, name: str, topic: bytes, seq: bytes, payload: bytes, batch: KVEventBatch) -> None:
+        self._frames.append(Frame(name, topic, seq, payload, batch))
 
     def snapshot(self) -> FrameLog:
         with self._lock:
-            return FrameLog(list(self._log.frames), list(self._log.errors))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        for sock in self._socks:
-            sock.close(linger=0)
-        self._ctx.term()
+            return FrameLog(list(self._frames), list(self.errors))
 
 
 # --- pytest fixtures -------------------------------------------------------------------------------
