@@ -273,6 +273,18 @@ def register_simulate(sub: Any) -> None:
         default="off",
         help="the router's outlier detector on kvrouter's policies, not peers (default off)",
     )
+    p.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help="a session's turn is sent when its previous turn finished plus its tool pause "
+        "(docs/sessions.md); default: every request at its trace time",
+    )
+    p.add_argument(
+        "--decode-tps",
+        type=float,
+        default=None,
+        help="closed loop: decode speed the trace's timestamps assumed (default: trace metadata, else 50)",
+    )
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--out", default=None, metavar="DIR", help="write records-<policy>.jsonl and summary.json")
 
