@@ -346,6 +346,7 @@ class _Fleet:
         self.trace = trace
         # Closed loop: told of every finished (or failed) request, to release what waits for it.
         self.on_done: Callable[[str, float], None] | None = None
+        self._finishes: list[float] = []  # closed loop: times of finishes not delivered yet
         self._t0 = 0.0
         self._last_tick = -1
         self._edges: list[tuple[float, float]] = []
@@ -395,6 +396,29 @@ class _Fleet:
         else:
             self.seq += 1
             heapq.heappush(self.heap, (ts, kind, self.seq, i, payload))
+            if kind == _FINISH and self.on_done is not None:
+                heapq.heappush(self._finishes, ts)
+
+    def _next_finish(self, now: float) -> float:
+        """Closed loop: no request finishes before this. Finishes already computed (waiting in the
+        callback heap) are exact; an unfinished request needs at least its remaining output
+        tokens in steps, each at least the profile's fixed step cost, after its engine's clock."""
+        fin = self._finishes
+        while fin and fin[0] <= now:
+            heapq.heappop(fin)
+        lo = fin[0] if fin else math.inf
+        for i in self.busy:
+            eng = self.engines[i]
+            step = eng.step_model.step_ms(0, 0.0, 0, 0) * eng._ms_to_s
+            if step <= 0:
+                return now
+            left = min(
+                (r.max_tokens - r.num_output for q in (eng.running, eng.waiting, eng.loading) for r in q),
+                default=0,
+            )
+            if left > 0:
+                lo = min(lo, max(eng.now, now) + left * step)
+        return lo
 
     def deliver_until(self, t: float) -> None:
         heap = self.heap
@@ -512,8 +536,9 @@ class _Fleet:
     ) -> None:
         """Closed loop (traces/closed_loop.py): a turn is due when what it waits for has finished,
         plus its pause. Finishes are only known by advancing the engines, so while anything runs
-        time moves in steps of ``CLOSED_LOOP_STEP_S``; a turn released inside a step is sent at the
-        step's end (late by at most one step, the same for every policy)."""
+        time moves to the earliest possible finish (``_next_finish``) in steps of at least
+        ``CLOSED_LOOP_STEP_S``; a turn released inside a step is sent at the step's end (late by
+        at most one step, the same for every policy)."""
         loop = ClosedLoop(reqs, self.cfg.speedup, self.cfg.decode_tps or trace_decode_tps(self.trace))
         due = ArrivalQueue(loop.roots())
 
@@ -528,10 +553,13 @@ class _Fleet:
             running = bool(self.busy or self.heap)
             if not running and nxt == math.inf:
                 break
-            if running and nxt > now + CLOSED_LOOP_STEP_S:
-                now += CLOSED_LOOP_STEP_S
-                self._advance_to(now)
-                continue
+            if running:
+                # Jump to the earliest possible finish (it may release a turn), at least one step.
+                horizon = max(now + CLOSED_LOOP_STEP_S, min(self._next_finish(now), nxt))
+                if horizon < nxt:
+                    now = horizon
+                    self._advance_to(now)
+                    continue
             t, r = due.pop()
             now = max(now, t)
             self._arrive(r, now, name, on_route)
