@@ -56,11 +56,16 @@ def cell_trace(load: str, pause: str, seed: int) -> Trace:
     return trace
 
 
-def _run(job: tuple[str, str, int, SimConfig, str]) -> tuple[str, str, dict[str, Any]]:
-    load, pause, seed, cfg, name = job
+def _run(job: tuple[str, str, int, SimConfig, str, str | None]) -> tuple[str, str, dict[str, Any]]:
+    load, pause, seed, cfg, name, log = job
     run = run_policy(cell_trace(load, pause, seed), cfg, name, FACTORIES.get(name))
+    report = run.report()
     print(f"{load} {pause} {name} done ({run.wall_s:.0f} s)", file=sys.stderr, flush=True)
-    return load, pause, run.report()
+    if log is not None:  # one line per finished run, so a long benchmark keeps what it measured
+        with open(log, "a") as f:
+            f.write(json.dumps({"load": load, "pause": pause, "policy": name, "report": report}, default=str))
+            f.write("\n")
+    return load, pause, report
 
 
 def _mark(v: float, others: list[float], fmt: str) -> str:
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="parallel runs (processes)")
     ap.add_argument("--policy", action="append", default=None, help="only these (repeatable)")
     ap.add_argument("--json", default=None, help="also write every report here")
+    ap.add_argument("--log", default=None, help="append each run's report here as it finishes (JSONL)")
     ap.add_argument(
         "--cell", action="append", default=None, help="LOAD/PAUSE, e.g. loaded/medium (repeatable)"
     )
@@ -118,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         for pause in PAUSE_PRESETS
         if not args.cell or f"{load}/{pause}" in args.cell
     ]
-    jobs = [(load, pause, args.seed, cfg, name) for load, pause in cells for name in policies]
+    # The longest runs first, so a parallel pool does not end on one of them.
+    by_size = sorted(cells, key=lambda c: -LOADS[c[0]][1]) if args.jobs > 1 else cells
+    jobs = [(load, pause, args.seed, cfg, name, args.log) for load, pause in by_size for name in policies]
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as ex:
             results = list(ex.map(_run, jobs))
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         trace = cell_trace(load, pause, args.seed)
         report = build_report(trace, cfg, select_requests(trace, cfg), [])
         report["policies"] = {
-            name: rep for (ld, ps, rep), (_, _, _, _, name) in zip(results, jobs, strict=True)
+            name: rep for (ld, ps, rep), (_, _, _, _, name, _) in zip(results, jobs, strict=True)
             if (ld, ps) == (load, pause)
         }
         out.append({"load": load, "pause": pause, "alive": sessions_alive(trace), "report": report})
