@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 _Out = Callable[[bool, str, str], "Decision"]
@@ -115,6 +115,8 @@ class DecisionParams:
     stall_weight: float = 0.1  # TTFT seconds one request-second of decode slow-down is worth
     min_gain_s: float = 0.0  # remote must win by this much (hysteresis against noise)
     min_split_tokens: int = 64  # below this many uncached tokens: never a second leg (local_short)
+    same_rate_ratio: float = 1.5  # P and D rates closer than this ratio count as one GPU kind
+    leg1_drift: float = 0.25  # remote path's extra wait on D, as a share of leg 1's estimate
     # Baseline "threshold" rule (llm-d nonCachedTokens / Dynamo eff-isl-threshold).
     threshold_tokens: int = 2048
     threshold_max_cached_ratio: float | None = None  # Dynamo isl_bounding's 0.7 when set
@@ -162,6 +164,18 @@ def _rate(tps: float, params: DecisionParams) -> float:
     return tps if tps > 0 else params.default_prefill_tps
 
 
+def _rates(p_tps: float, d_tps: float, params: DecisionParams) -> tuple[float, float]:
+    """P's and D's rates for one comparison. Within ``same_rate_ratio`` of each other they are
+    taken as one (their geometric mean): a measured rate moves with the prompts a replica happened
+    to serve (attention makes long prompts slower per token), and on one kind of GPU a split
+    chosen because P read faster than D by that noise pays the transfer for nothing."""
+    rp, rd = _rate(p_tps, params), _rate(d_tps, params)
+    if max(rp, rd) <= params.same_rate_ratio * min(rp, rd):
+        g = math.sqrt(rp * rd)
+        return g, g
+    return rp, rd
+
+
 def local_ttft(prompt_tokens: int, d: DecodeView, params: DecisionParams) -> tuple[float, float, int]:
     """(estimated TTFT, stall request-seconds, uncached tokens) of prefilling on D itself."""
     uncached = max(0, prompt_tokens - d.cached_tokens)
@@ -178,13 +192,19 @@ def remote_ttft(
     uncached_p = max(0, prompt_tokens - p.cached_tokens)
     uncached_d = max(0, prompt_tokens - d.cached_tokens)
     xfer = link.transfer_s(uncached_d)
-    est = (
-        (p.pending_prefill_tokens + uncached_p) / _rate(p.prefill_tps, params)
+    rate_p, rate_d = _rates(p.prefill_tps, d.prefill_tps, params)
+    ready = (
+        (p.pending_prefill_tokens + uncached_p) / rate_p
         + params.step_s * p.running
         + params.handoff_overhead_s
         + xfer
-        + params.step_s * d.running
     )
+    # While leg 1 runs, D keeps taking new prefills that leg 2 will queue behind (and step
+    # boundaries it must wait for): a share of leg 1's time, measured offline (docs).
+    ready *= 1.0 + params.leg1_drift
+    # Leg 2 queues on D behind the prefills already there (vLLM schedules waiting requests in
+    # order, and a chunked prefill in progress takes the step's token budget first).
+    est = max(ready, d.pending_prefill_tokens / rate_d) + params.step_s * d.running
     return est, xfer, uncached_p
 
 
@@ -213,6 +233,10 @@ def decide(
     n: int = 1,
 ) -> Decision:
     """Split (remote prefill on ``prefill``, decode on ``decode``) or run locally on ``decode``."""
+    if prefill is not None:
+        rate_p, rate_d = _rates(prefill.prefill_tps, decode.prefill_tps, params)
+        decode = replace(decode, prefill_tps=rate_d)
+        prefill = replace(prefill, prefill_tps=rate_p)
     loc, stall, unc_d = local_ttft(prompt_tokens, decode, params)
     if prefill is None:
         return Decision(
