@@ -171,6 +171,8 @@ class PDSettings(msgspec.Struct, forbid_unknown_fields=True):
     check_version: bool = True  # pair only replicas whose GET /version agree
     prefill_timeout_s: Pos = 60.0  # leg 1 budget; past it: decode-only fallback
     both_prefill: bool = False  # `both` replicas run NixlConnector kv_both: remote prefill targets too
+    min_gain_ratio: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.3  # auto: remote must beat local by this share
+    leg1_drift: NonNeg = 0.25  # auto: extra wait on D while leg 1 runs, share of leg 1's estimate
 
 
 class LMCacheSettings(msgspec.Struct, forbid_unknown_fields=True):

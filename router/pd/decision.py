@@ -17,8 +17,10 @@ replica P:
     stall      = uncached_D / D.rate * D.running                 request-seconds the D batch is slowed
     stall_P    = uncached_P / P.rate * P.running                 the same on P (0 for a prefill-only P)
 
-and the ``auto`` rule splits iff ``remote + stall_weight * stall_P + min_gain_s < local +
-stall_weight * stall``. ``P.running`` is the decode batch of a ``both`` replica (vLLM NixlConnector
+and the ``auto`` rule splits iff ``remote + stall_weight * stall_P + min_gain_s < (1 - min_gain_ratio)
+* (local + stall_weight * stall)``: a split must win clearly, because the best of several noisy
+estimates is biased towards the one that happened to read low (and a wrong split pays a transfer
+and a second queue). ``P.running`` is the decode batch of a ``both`` replica (vLLM NixlConnector
 ``kv_role: kv_both``: it prefills for others and decodes its own requests), 0 for a prefill-only
 one: lending a busy decoder's steps to another replica's prefill stalls its batch just as local
 prefill would, so a ``both`` fleet splits only towards a replica with spare prefill capacity.
@@ -114,6 +116,7 @@ class DecisionParams:
     handoff_overhead_s: float = 0.002  # leg 1 round trip through the router + leg 2 set-up
     stall_weight: float = 0.1  # TTFT seconds one request-second of decode slow-down is worth
     min_gain_s: float = 0.0  # remote must win by this much (hysteresis against noise)
+    min_gain_ratio: float = 0.3  # ... and by this share of the local cost (estimates' noise)
     min_split_tokens: int = 64  # below this many uncached tokens: never a second leg (local_short)
     same_rate_ratio: float = 1.5  # P and D rates closer than this ratio count as one GPU kind
     leg1_drift: float = 0.25  # remote path's extra wait on D, as a share of leg 1's estimate
@@ -265,7 +268,7 @@ def decide(
             )
         return out(False, LOCAL_SHORT, f"{unc_d} uncached tokens < {params.min_split_tokens}")
     local_cost = loc + params.stall_weight * stall
-    if rem + params.stall_weight * rstall + params.min_gain_s < local_cost:
+    if rem + params.stall_weight * rstall + params.min_gain_s < (1.0 - params.min_gain_ratio) * local_cost:
         on_p = f" + P stall {rstall * 1e3:.1f} ms·req" if rstall else ""
         return out(
             True,

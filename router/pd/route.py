@@ -129,6 +129,8 @@ class PDRouter:
             min_split_tokens=settings.min_split_tokens,
             threshold_tokens=settings.threshold_tokens,
             threshold_max_cached_ratio=settings.threshold_max_cached_ratio,
+            min_gain_ratio=settings.min_gain_ratio,
+            leg1_drift=settings.leg1_drift,
         )
         self.link = LinkModel(
             settings.link_bandwidth_bytes_s, settings.link_latency_s, settings.kv_bytes_per_token
