@@ -304,7 +304,9 @@ class _PDRun:
         ticket = f.router.dispatch(info, drep)
         try:
             f.engines[di].add_request(
-                SimRequest(r.request_id, max(1, r.output_length), prompt_len=r.input_length, block_hashes=full),
+                SimRequest(
+                    r.request_id, max(1, r.output_length), prompt_len=r.input_length, block_hashes=full
+                ),
                 now=t,
             )
         except ValueError as exc:

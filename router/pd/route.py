@@ -251,7 +251,9 @@ class PDRouter:
 
     def _ranked_prefills(self, req: RequestInfo, prefills: Sequence[Replica]) -> list[Replica]:
         """Cheapest first by ``decision.prefill_cost`` (queue, compute, own decode batch)."""
-        costs = [(prefill_cost(req.prompt_tokens, self._prefill_view(req, p), self.params), p) for p in prefills]
+        costs = [
+            (prefill_cost(req.prompt_tokens, self._prefill_view(req, p), self.params), p) for p in prefills
+        ]
         return [p for _, p in sorted(costs, key=lambda c: c[0])]
 
     def _best_prefill(

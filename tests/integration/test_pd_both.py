@@ -19,7 +19,9 @@ PROMPT = " ".join(f"word{i}" for i in range(600))
 
 def _source(url: str, source: str) -> float:
     page = http("GET", url + "/metrics")[2].decode()
-    m = re.search(r'vllm:prompt_tokens_by_source_total\{[^}]*source="' + source + r'"[^}]*\} ([0-9.e+]+)', page)
+    m = re.search(
+        r'vllm:prompt_tokens_by_source_total\{[^}]*source="' + source + r'"[^}]*\} ([0-9.e+]+)', page
+    )
     return float(m.group(1)) if m else 0.0
 
 
