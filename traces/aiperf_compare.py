@@ -125,16 +125,16 @@ def _optional(export: Mapping[str, Any], key: str, stat: str = "avg") -> float |
 
 
 def summarize_export(export: Mapping[str, Any]) -> AiperfSummary:
-    """The comparison's numbers from a parsed AIPerf 0.13 export (schema 1.4).
-
-    A run where every request failed has no latency metrics at all: its latency fields are NaN, and
-    ``requests_ok`` is 0, rather than the parse failing, so the table can show what happened."""
+    """The comparison's numbers from a parsed AIPerf 0.13 export (schema 1.4). AIPerf writes no export
+    when every request failed (it exits 1), so latency fields are required here."""
     errors: dict[str, int] = {}
     for item in export.get("error_summary") or []:
         detail = item.get("error_details") or {}
-        kind = str(detail.get("type") or detail.get("code") or detail.get("message") or "error")
+        kind = " ".join(str(detail[k]) for k in ("code", "type") if detail.get(k) is not None) or "error"
         errors[kind] = errors.get(kind, 0) + int(item.get("count", 0))
-    n_err = sum(errors.values())
+    # error_request_count is AIPerf's own total; the summary groups distinct messages (same total).
+    counted = _optional(export, "error_request_count")
+    n_err = int(counted) if counted is not None else sum(errors.values())
     # completed_request_count counts successes and errors; request_count only successes with records.
     ok = _optional(export, "request_count")
     if ok is None:
@@ -142,20 +142,15 @@ def summarize_export(export: Mapping[str, Any]) -> AiperfSummary:
         if completed is None:
             raise ExportError("AIPerf export has neither request_count nor completed_request_count")
         ok = completed - n_err
-    has_latency = "time_to_first_token" in export
-
-    def lat(key: str, stat: str) -> float:
-        return _stat(export, key, stat) if has_latency else math.nan
-
     return AiperfSummary(
         aiperf_version=str(export.get("aiperf_version", "?")),
         requests_ok=int(ok),
         errors=n_err,
-        ttft_mean_ms=lat("time_to_first_token", "avg"),
-        ttft_p50_ms=lat("time_to_first_token", "p50"),
-        ttft_p99_ms=lat("time_to_first_token", "p99"),
-        itl_mean_ms=lat("inter_token_latency", "avg"),
-        itl_p50_ms=lat("inter_token_latency", "p50"),
+        ttft_mean_ms=_stat(export, "time_to_first_token", "avg"),
+        ttft_p50_ms=_stat(export, "time_to_first_token", "p50"),
+        ttft_p99_ms=_stat(export, "time_to_first_token", "p99"),
+        itl_mean_ms=_stat(export, "inter_token_latency", "avg"),
+        itl_p50_ms=_stat(export, "inter_token_latency", "p50"),
         req_per_s=_optional(export, "request_throughput") or 0.0,
         output_tok_per_s=_optional(export, "output_token_throughput") or 0.0,
         duration_s=_optional(export, "benchmark_duration") or 0.0,
@@ -205,7 +200,9 @@ class EngineDelta:
     dropped_s: float
 
 
-def engine_delta(before: Mapping[str, Mapping[str, float]], after: Mapping[str, Mapping[str, float]]) -> EngineDelta:
+def engine_delta(
+    before: Mapping[str, Mapping[str, float]], after: Mapping[str, Mapping[str, float]]
+) -> EngineDelta:
     d = {u: {k: after[u][k] - before.get(u, {}).get(k, 0.0) for k in ENGINE_SERIES} for u in after}
     hits = sum(x["vllm:prefix_cache_hits_total"] for x in d.values())
     queries = sum(x["vllm:prefix_cache_queries_total"] for x in d.values())
@@ -545,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hugging Face tokenizer folder for the sim, kvrouter and AIPerf (default: the tiny test model)",
     )
     p.add_argument("--model", default=None, help="served model name (default: the tokenizer folder's name)")
-    p.add_argument("--aiperf-venv", default=str(AIPERF_VENV), help="virtualenv with aiperf (tools/install_aiperf.sh)")
+    p.add_argument(
+        "--aiperf-venv", default=str(AIPERF_VENV), help="virtualenv with aiperf (tools/install_aiperf.sh)"
+    )
     p.add_argument("--peers-venv", default=str(PEERS_VENV), help="virtualenv with sglang-router")
     p.add_argument("--no-install", action="store_true", help="do not create the peers' virtualenv")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: synthetic, mooncake")
@@ -565,8 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-length", type=int, default=4096, help="synthetic: prefix tokens (default 4096)")
     p.add_argument("--isl", type=int, default=256, help="synthetic: unique suffix tokens (default 256)")
     p.add_argument("--osl", type=int, default=128, help="synthetic: output tokens (default 128)")
-    p.add_argument("--mooncake-trace", default=str(MOONCAKE_TRACE), help="Mooncake trace for the mooncake workload")
-    p.add_argument("--mooncake-rows", type=int, default=100, help="mooncake: first N rows (default 100, ~36 s)")
+    p.add_argument(
+        "--mooncake-trace", default=str(MOONCAKE_TRACE), help="Mooncake trace for the mooncake workload"
+    )
+    p.add_argument(
+        "--mooncake-rows", type=int, default=100, help="mooncake: first N rows (default 100, ~36 s)"
+    )
     p.add_argument("--duration", type=float, default=120.0, help="AIPerf --benchmark-duration per run (s)")
     p.add_argument(
         "--aiperf-overhead", type=float, default=180.0, help="seconds AIPerf may take beyond duration + grace"
@@ -574,8 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901
-    # One piece: argument checks, the run loop and the report read top to bottom.
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     args.tokenizer = Path(args.tokenizer).resolve()
