@@ -365,6 +365,10 @@ def aiperf_command(
 # --- one run --------------------------------------------------------------------------------------------
 
 
+# More simulated time dropped than this and a run is flagged (docs/aiperf.md, "Reading the table").
+MAX_DROPPED_S = 3.0
+
+
 @dataclass
 class RunResult:
     workload: str
@@ -376,6 +380,11 @@ class RunResult:
     load_before: float = 0.0
     load_after: float = 0.0
     error: str | None = None
+
+    def starved(self, max_dropped_s: float = MAX_DROPPED_S) -> bool:
+        """The sim fell behind by more than ``max_dropped_s`` of simulated time: the run measured a
+        CPU-starved machine (AIPerf, the routers and the sim share the cores), not routing."""
+        return self.engines is not None and self.engines.dropped_s > max_dropped_s
 
 
 StartRouter = Callable[[ProcGroup, Sequence[str]], tuple[Proc, str]]
@@ -466,7 +475,7 @@ def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
     rows = []
     for r in results:
         a, e = r.aiperf, r.engines
-        head = [r.workload, str(r.repeat), r.target]
+        head = [r.workload, str(r.repeat) + (" starved" if r.starved() else ""), r.target]
         if a is None:
             rows.append([*head, "failed", *["—"] * (len(COLUMNS) - 4)])
             continue
@@ -492,10 +501,11 @@ def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
 def ratio_rows(results: Sequence[RunResult], base: str = "sglang-router", new: str = "kvrouter") -> list[str]:
     """Per workload and repeat: kvrouter / SGLang router on TTFT mean, p50, p99 (below 1: kvrouter better)."""
     lines = []
-    by = {(r.workload, r.repeat, r.target): r.aiperf for r in results}
-    for (wl, rep, tgt), a in by.items():
-        b = by.get((wl, rep, base))
-        if tgt != new or a is None or b is None:
+    by = {(r.workload, r.repeat, r.target): r for r in results}
+    for (wl, rep, tgt), ra in by.items():
+        rb = by.get((wl, rep, base))
+        a, b = ra.aiperf, rb.aiperf if rb is not None else None
+        if tgt != new or rb is None or a is None or b is None:
             continue
         parts = [
             f"{name} {x / y:.2f}"
@@ -506,7 +516,8 @@ def ratio_rows(results: Sequence[RunResult], base: str = "sglang-router", new: s
             )
             if y > 0
         ]
-        lines.append(f"{wl} run {rep}: {new} / {base}: " + ", ".join(parts))
+        flag = " (starved: not a routing measurement)" if ra.starved() or rb.starved() else ""
+        lines.append(f"{wl} run {rep}: {new} / {base}: " + ", ".join(parts) + flag)
     return lines
 
 
@@ -639,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "engine hit: prefix-cache hit tokens / queried tokens over the run, from the replicas' /metrics; "
         "AIPerf cached %: usage cached_tokens / prompt tokens as AIPerf saw them.",
         "sim dropped s: simulated time the sim lost because it fell behind (CPU starvation); "
-        "a run with more than a few seconds measures the machine, not the router.",
+        f"runs with more than {MAX_DROPPED_S:g} s are marked starved: they measure the machine, not the router.",
     ]
     report = [
         "# kvrouter vs SGLang router under AIPerf",

@@ -22,6 +22,7 @@ from traces.aiperf_compare import (
     COLUMNS,
     EXPORT_FILE,
     FAKE_REVISION,
+    MAX_DROPPED_S,
     AiperfSummary,
     EngineDelta,
     ExportError,
@@ -172,3 +173,7 @@ def test_table_and_ratios_from_parsed_exports() -> None:
     assert ratio_rows(results) == [
         "synthetic run 1: kvrouter / sglang-router: TTFT mean 0.50, p50 1.00, p99 1.00"
     ]
+    # A run whose sim fell behind by more than MAX_DROPPED_S is flagged in the table and the ratios.
+    results[1].engines = EngineDelta(hit_ratio=0.5, requests_per_replica=[], dropped_s=MAX_DROPPED_S + 0.1)
+    assert [r[1] for r in table_rows(results)] == ["1", "1 starved", "1"]
+    assert ratio_rows(results)[0].endswith("p99 1.00 (starved: not a routing measurement)")
