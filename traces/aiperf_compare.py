@@ -255,10 +255,14 @@ def fake_hub_tokenizer(folder: Path, hf_home: Path) -> str:
     return f"local/{name}"
 
 
-def mooncake_window(src: Path, rows: int, dest: Path) -> tuple[int, float]:
+def mooncake_window(src: Path, rows: int, dest: Path, slowdown: float = 1.0) -> tuple[int, float]:
     """The first ``rows`` rows of a Mooncake trace with timestamps made relative to the first row (AIPerf's
-    fixed schedule starts at the first timestamp anyway; this keeps the file honest on its own).
+    fixed schedule starts at the first timestamp anyway; this keeps the file honest on its own) and
+    multiplied by ``slowdown``: AIPerf 0.13 cannot slow a Mooncake replay down, and a small machine
+    that runs AIPerf, the router and the sim side by side may need the offered load lowered.
     Returns (rows written, span in seconds)."""
+    if slowdown <= 0:
+        raise ValueError(f"slowdown must be > 0, got {slowdown}")
     out: list[str] = []
     t0: float | None = None
     last = 0.0
@@ -270,7 +274,7 @@ def mooncake_window(src: Path, rows: int, dest: Path) -> tuple[int, float]:
                 continue
             row = json.loads(line)
             t0 = row["timestamp"] if t0 is None else t0
-            row["timestamp"] = row["timestamp"] - t0
+            row["timestamp"] = round((row["timestamp"] - t0) * slowdown)
             last = row["timestamp"]
             out.append(json.dumps(row))
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +316,8 @@ def synthetic_workload(args: argparse.Namespace) -> Workload:
 
 def mooncake_workload(args: argparse.Namespace, out: Path) -> Workload:
     window = out / "mooncake_window.jsonl"
-    n, span = mooncake_window(Path(args.mooncake_trace), args.mooncake_rows, window)
+    n, span = mooncake_window(Path(args.mooncake_trace), args.mooncake_rows, window, args.mooncake_slowdown)
+    rate = "" if args.mooncake_slowdown == 1 else f", timestamps x{args.mooncake_slowdown:g}"
     flags = [
         "--custom-dataset-type",
         "mooncake_trace",
@@ -324,7 +329,7 @@ def mooncake_workload(args: argparse.Namespace, out: Path) -> Workload:
         "mooncake",
         flags,
         f"AIPerf mooncake_trace: the first {n} rows of {Path(args.mooncake_trace).name} at their recorded "
-        f"timestamps ({span:.0f} s), prompts synthesized by AIPerf to each row's input_length",
+        f"timestamps{rate} ({span:.0f} s), prompts synthesized by AIPerf to each row's input_length",
     )
 
 
@@ -579,7 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--mooncake-trace", default=str(MOONCAKE_TRACE), help="Mooncake trace for the mooncake workload"
     )
     p.add_argument(
-        "--mooncake-rows", type=int, default=100, help="mooncake: first N rows (default 100, ~36 s)"
+        "--mooncake-rows", type=int, default=100, help="mooncake: first N rows (default 100, 33 s)"
+    )
+    p.add_argument(
+        "--mooncake-slowdown",
+        type=float,
+        default=1.0,
+        help="mooncake: multiply the timestamps (2 = half the recorded request rate; default 1)",
     )
     p.add_argument("--duration", type=float, default=120.0, help="AIPerf --benchmark-duration per run (s)")
     p.add_argument(

@@ -133,6 +133,12 @@ def test_mooncake_window_keeps_rows_and_rebases_time(tmp_path: Path) -> None:
     assert [r["timestamp"] for r in got] == [0, 250, 500, 750]
     assert [r["hash_ids"] for r in got] == [[0], [1], [2], [3]]
     assert mooncake_window(src, 100, tmp_path / "all.jsonl")[0] == 6
+    # slowdown 2: half the request rate, same rows.
+    assert mooncake_window(src, 3, tmp_path / "slow.jsonl", slowdown=2.0) == (3, 1.0)
+    slow = [json.loads(x)["timestamp"] for x in (tmp_path / "slow.jsonl").read_text().splitlines()]
+    assert slow == [0, 500, 1000]
+    with pytest.raises(ValueError, match="slowdown"):
+        mooncake_window(src, 3, tmp_path / "bad.jsonl", slowdown=0)
 
 
 def test_fake_hub_entry_for_a_tokenizer_folder(tmp_path: Path) -> None:
