@@ -317,7 +317,7 @@ def synthetic_workload(args: argparse.Namespace) -> Workload:
 def mooncake_workload(args: argparse.Namespace, out: Path) -> Workload:
     window = out / "mooncake_window.jsonl"
     n, span = mooncake_window(Path(args.mooncake_trace), args.mooncake_rows, window, args.mooncake_slowdown)
-    rate = "" if args.mooncake_slowdown == 1 else f", timestamps x{args.mooncake_slowdown:g}"
+    rate = "recorded" if args.mooncake_slowdown == 1 else f"x{args.mooncake_slowdown:g} stretched"
     flags = [
         "--custom-dataset-type",
         "mooncake_trace",
@@ -328,8 +328,8 @@ def mooncake_workload(args: argparse.Namespace, out: Path) -> Workload:
     return Workload(
         "mooncake",
         flags,
-        f"AIPerf mooncake_trace: the first {n} rows of {Path(args.mooncake_trace).name} at their recorded "
-        f"timestamps{rate} ({span:.0f} s), prompts synthesized by AIPerf to each row's input_length",
+        f"AIPerf mooncake_trace: the first {n} rows of {Path(args.mooncake_trace).name} at their {rate} "
+        f"timestamps ({span:.0f} s), prompts synthesized by AIPerf to each row's input_length",
     )
 
 
