@@ -167,6 +167,45 @@ def parse_export(path: Path) -> AiperfSummary:
     return summarize_export(json.loads(path.read_text()))
 
 
+PER_REQUEST_FILE = "profile_export.jsonl"
+
+
+@dataclass(frozen=True)
+class CacheSplit:
+    """Mean TTFT of the successful requests that read part of their prompt from the engines' prefix cache
+    (``usage.prompt_tokens_details.cached_tokens`` > 0) and of those that read none: tells placement
+    (how many requests miss) apart from cost per request (how slow each kind is)."""
+
+    cached: int
+    cached_ttft_mean_ms: float
+    uncached: int
+    uncached_ttft_mean_ms: float
+
+
+def ttft_by_cache(path: Path) -> CacheSplit:
+    """``CacheSplit`` from AIPerf's per-request records (``profile_export.jsonl``, or its folder).
+    Failed requests (``error`` set) and requests without a TTFT are left out."""
+    if path.is_dir():
+        path = path / PER_REQUEST_FILE
+    cached: list[float] = []
+    uncached: list[float] = []
+    with path.open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            metrics = rec.get("metrics") or {}
+            if rec.get("error") or "time_to_first_token" not in metrics:
+                continue
+            read = (metrics.get("usage_prompt_cache_read_tokens") or {}).get("value") or 0
+            (cached if read > 0 else uncached).append(float(metrics["time_to_first_token"]["value"]))
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else math.nan
+
+    return CacheSplit(len(cached), mean(cached), len(uncached), mean(uncached))
+
+
 # --- engine metrics -------------------------------------------------------------------------------------
 
 ENGINE_SERIES = (
@@ -381,6 +420,7 @@ class RunResult:
     target: str
     aiperf: AiperfSummary | None = None
     engines: EngineDelta | None = None
+    split: CacheSplit | None = None
     router_cpu_s: float | None = None
     load_before: float = 0.0
     load_after: float = 0.0
@@ -443,6 +483,7 @@ def run_one(
         if rc != 0:
             raise RuntimeError(f"aiperf exited {rc}:\n{client.log(2000)}")
         res.aiperf = parse_export(run_dir / "aiperf")
+        res.split = ttft_by_cache(run_dir / "aiperf")
     except (RuntimeError, TimeoutError, OSError, ExportError) as exc:
         res.error = str(exc)[-1500:]
         log(f"  {workload.name} #{repeat} {target} failed: {res.error}")
@@ -462,6 +503,8 @@ COLUMNS = (
     "TTFT mean ms",
     "TTFT p50",
     "TTFT p99",
+    "TTFT cached (n)",
+    "TTFT uncached (n)",
     "ITL mean ms",
     "req/s",
     "engine hit",
@@ -474,6 +517,10 @@ COLUMNS = (
 
 def _f(x: float | None, fmt: str = ".1f") -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _split(mean_ms: float, n: int) -> str:
+    return f"{_f(mean_ms)} ({n})"
 
 
 def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
@@ -491,6 +538,8 @@ def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
                 _f(a.ttft_mean_ms),
                 _f(a.ttft_p50_ms),
                 _f(a.ttft_p99_ms),
+                _split(r.split.cached_ttft_mean_ms, r.split.cached) if r.split else "—",
+                _split(r.split.uncached_ttft_mean_ms, r.split.uncached) if r.split else "—",
                 _f(a.itl_mean_ms, ".2f"),
                 _f(a.req_per_s, ".2f"),
                 _f(e.hit_ratio if e else None, ".3f"),
@@ -658,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"--tokenizer {args.tokenizer.name}`, a fresh fleet per run; kvrouter `--policy cache_aware "
         f"--tokenizer`, SGLang router `--policy cache_aware` (sglang-router from {peers.name}).",
         *[f"{w.name}: {w.describe}." for w in plan],
+        "TTFT cached / uncached: mean TTFT (and count) of the requests that read some / none of their "
+        "prompt from the prefix cache, from AIPerf's per-request records.",
         "engine hit: prefix-cache hit tokens / queried tokens over the run, from the replicas' /metrics; "
         "AIPerf cached %: usage cached_tokens / prompt tokens as AIPerf saw them.",
         "sim dropped s: simulated time the sim lost because it fell behind (CPU starvation); "

@@ -2,9 +2,11 @@
 the Mooncake window, the fake hub entry for the tokenizer and the table. No AIPerf is run here (it lives
 in its own venv; `make compare-aiperf` runs it live).
 
-The exports in data/aiperf/ are real ``profile_export_aiperf.json`` files written by aiperf 0.13.0 against
+The exports in data/aiperf/ are real ``profile_export_aiperf.json`` (.json) and per-request
+``profile_export.jsonl`` (.jsonl) files written by aiperf 0.13.0 against
 ``kvrouter serve --policy cache_aware`` on simulated replicas, trimmed to the keys the parser reads plus
-their provenance (schema_version, run_info.cli_command, timestamps); every value is as AIPerf wrote it.
+their provenance (schema_version, run_info.cli_command, timestamps, x_request_id); every value is as
+AIPerf wrote it.
 ``kvrouter_synthetic.json``: the shared-prefix synthetic workload, 24 requests, no errors.
 ``kvrouter_context_errors.json``: replicas with ``--max-model-len 160`` and ``--isl 110 --isl-stddev 40``,
 so 5 of 16 prompts were too long and the engines' 400s came back through the router.
@@ -24,6 +26,7 @@ from traces.aiperf_compare import (
     FAKE_REVISION,
     MAX_DROPPED_S,
     AiperfSummary,
+    CacheSplit,
     EngineDelta,
     ExportError,
     RunResult,
@@ -35,6 +38,7 @@ from traces.aiperf_compare import (
     ratio_rows,
     summarize_export,
     table_rows,
+    ttft_by_cache,
 )
 
 DATA = Path(__file__).parent / "data" / "aiperf"
@@ -74,6 +78,28 @@ def test_error_count_from_summary_when_total_absent() -> None:
 def test_parse_export_reads_the_artifact_folder(tmp_path: Path) -> None:
     (tmp_path / EXPORT_FILE).write_text((DATA / "kvrouter_synthetic.json").read_text())
     assert parse_export(tmp_path) == parse_export(DATA / "kvrouter_synthetic.json")
+
+
+def test_ttft_split_by_cache_read_recombines_to_aiperfs_mean() -> None:
+    s = ttft_by_cache(DATA / "kvrouter_synthetic.jsonl")
+    assert (s.cached, s.uncached) == (17, 7)
+    assert s.cached_ttft_mean_ms == pytest.approx(67.33192464705883)
+    assert s.uncached_ttft_mean_ms == pytest.approx(124.59764142857144)
+    whole = parse_export(DATA / "kvrouter_synthetic.json")
+    recombined = (s.cached * s.cached_ttft_mean_ms + s.uncached * s.uncached_ttft_mean_ms) / whole.requests_ok
+    assert recombined == pytest.approx(whole.ttft_mean_ms)
+
+
+def test_ttft_split_leaves_failed_requests_out(tmp_path: Path) -> None:
+    s = ttft_by_cache(DATA / "kvrouter_context_errors.jsonl")
+    # 16 records: the 5 context-length errors are skipped, the 11 successes read nothing from cache.
+    assert (s.cached, s.uncached) == (0, 11)
+    assert math.isnan(s.cached_ttft_mean_ms)
+    assert s.uncached_ttft_mean_ms == pytest.approx(
+        parse_export(DATA / "kvrouter_context_errors.json").ttft_mean_ms
+    )
+    (tmp_path / "profile_export.jsonl").write_text((DATA / "kvrouter_synthetic.jsonl").read_text())
+    assert ttft_by_cache(tmp_path) == ttft_by_cache(DATA / "kvrouter_synthetic.jsonl")
 
 
 @pytest.mark.parametrize(
@@ -166,15 +192,27 @@ def test_table_and_ratios_from_parsed_exports() -> None:
         **{**kv.__dict__, "ttft_mean_ms": 2 * kv.ttft_mean_ms, "ttft_p50_ms": kv.ttft_p50_ms}
     )
     eng = EngineDelta(hit_ratio=0.564, requests_per_replica=[6, 6, 6, 6], dropped_s=0.0)
+    split = CacheSplit(17, 67.33, 7, 124.6)
     results = [
-        RunResult("synthetic", 1, "kvrouter", kv, eng, 1.1, 4.2, 5.4),
-        RunResult("synthetic", 1, "sglang-router", other, eng, 0.6, 5.4, 6.6),
+        RunResult("synthetic", 1, "kvrouter", kv, eng, split, 1.1, 4.2, 5.4),
+        RunResult("synthetic", 1, "sglang-router", other, eng, None, 0.6, 5.4, 6.6),
         RunResult("mooncake", 1, "kvrouter", error="aiperf exited 1"),
     ]
     rows = table_rows(results)
     assert all(len(r) == len(COLUMNS) for r in rows)
-    assert rows[0][:9] == ["synthetic", "1", "kvrouter", "24/0", "84.0", "69.9", "156.6", "6.76", "23.40"]
-    assert rows[0][9:] == ["0.564", "56.4", "0.0", "1.1", "4.2→5.4"]
+    assert rows[0][:7] == ["synthetic", "1", "kvrouter", "24/0", "84.0", "69.9", "156.6"]
+    assert rows[0][7:] == [
+        "67.3 (17)",
+        "124.6 (7)",
+        "6.76",
+        "23.40",
+        "0.564",
+        "56.4",
+        "0.0",
+        "1.1",
+        "4.2→5.4",
+    ]
+    assert rows[1][7:9] == ["—", "—"]
     assert rows[2][3] == "failed"
     assert ratio_rows(results) == [
         "synthetic run 1: kvrouter / sglang-router: TTFT mean 0.50, p50 1.00, p99 1.00"
