@@ -65,7 +65,7 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
     )
 )
-_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"expect"}
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"expect"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server", b"date"}
 RETRYABLE_STATUS = frozenset((500, 502, 503, 504))
 REPLICA_HEADER = "x-kvrouter-replica"
@@ -109,7 +109,7 @@ def request_header_lines(headers: Iterable[tuple[bytes, bytes]], upstream_key: s
     Content-Length and the client's Authorization are the proxy's own)."""
     headers = list(headers)
     listed = _connection_listed(headers)
-    drop = _REQUEST_DROP | listed if listed else _REQUEST_DROP  # one lower() per header
+    drop = REQUEST_DROP | listed if listed else REQUEST_DROP  # one lower() per header
     out = [k + b": " + v + b"\r\n" for k, v in headers if k.lower() not in drop]
     if upstream_key:
         out.append(b"Authorization: Bearer " + upstream_key.encode() + b"\r\n")
