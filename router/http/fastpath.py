@@ -138,8 +138,8 @@ def parse_head(raw: bytes, max_line: int) -> _Head | None:
             fwd.append(name + b": " + value + b"\r\n")
     if length is None:
         return None
-    lines = None if listed else b"".join(fwd)
-    return _Head(route[0], route[1], target, headers, length, keep_alive, auth, lines)
+    engine_lines = None if listed else b"".join(fwd)
+    return _Head(route[0], route[1], target, headers, length, keep_alive, auth, engine_lines)
 
 
 def _connection(value: bytes) -> tuple[bool, bool]:
