@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .fast_histogram import FastHistogram
 from .index import PrefixIndex
 from .replicas.registry import Replica
 from .types import Tier
@@ -42,7 +43,8 @@ class RouterMetrics:
             ["status"],
             registry=r,
         )
-        self.decision_seconds = Histogram(
+        # Observed on every request: the cheap histogram (fast_histogram.py).
+        self.decision_seconds = FastHistogram(
             "kvrouter_routing_decision_seconds",
             "Time to select a replica (hashing excluded: index match + scoring + pick)",
             buckets=DECISION_BUCKETS,
@@ -55,14 +57,14 @@ class RouterMetrics:
             buckets=DECISION_BUCKETS,
             registry=r,
         )
-        self.ttfb = Histogram(
+        self.ttfb = FastHistogram(
             "kvrouter_upstream_ttfb_seconds",
             "Upstream time to first body byte per replica (TTFT for streams)",
             ["replica"],
             buckets=TTFB_BUCKETS,
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = FastHistogram(
             "kvrouter_request_duration_seconds",
             "End-to-end proxied request duration",
             buckets=LATENCY_BUCKETS,
