@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .fast_histogram import FastHistogram
+from .fast_metrics import FastCounter, FastHistogram
 from .index import PrefixIndex
 from .replicas.registry import Replica
 from .types import Tier
@@ -31,7 +31,8 @@ class RouterMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        # Updated on every request: the cheap counters and histograms (fast_metrics.py).
+        self.requests = FastCounter(
             "kvrouter_requests",
             "Proxied requests by replica and final HTTP status",
             ["replica", "status"],
@@ -43,7 +44,6 @@ class RouterMetrics:
             ["status"],
             registry=r,
         )
-        # Observed on every request: the cheap histogram (fast_histogram.py).
         self.decision_seconds = FastHistogram(
             "kvrouter_routing_decision_seconds",
             "Time to select a replica (hashing excluded: index match + scoring + pick)",
@@ -88,19 +88,19 @@ class RouterMetrics:
             ["scope"],
             registry=r,
         )
-        self.predicted_cached = Counter(
+        self.predicted_cached = FastCounter(
             "kvrouter_predicted_cached_tokens",
             "Prompt tokens the router predicted the engine would reuse",
             ["replica"],
             registry=r,
         )
-        self.actual_cached = Counter(
+        self.actual_cached = FastCounter(
             "kvrouter_actual_cached_tokens",
             "Prompt tokens the engine reported reused (usage.cached_tokens, or prefix_cache_hits deltas)",
             ["replica", "source"],
             registry=r,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = FastCounter(
             "kvrouter_prompt_tokens", "Prompt tokens routed per replica", ["replica"], registry=r
         )
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
