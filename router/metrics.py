@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .fast_metrics import FastCounter, FastHistogram
+from .fast_metrics import CounterChild, FastCounter, FastHistogram, HistogramChild
 from .index import PrefixIndex
 from .replicas.registry import Replica
 from .types import Tier
@@ -104,6 +104,8 @@ class RouterMetrics:
             "kvrouter_prompt_tokens", "Prompt tokens routed per replica", ["replica"], registry=r
         )
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._requests: dict[tuple[str, int | str], CounterChild] = {}
+        self._ttfb: dict[str, HistogramChild] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: prometheus_client's labels() validates and joins
@@ -115,10 +117,17 @@ class RouterMetrics:
         return c
 
     def count_request(self, replica: str, status: int | str) -> None:
-        self.child(self.requests, replica, str(status)).inc()
+        # Once per request: its own cache, keyed as called (no str() or key tuple of child()).
+        c = self._requests.get((replica, status))
+        if c is None:
+            c = self._requests[(replica, status)] = self.requests.labels(replica, str(status))
+        c.inc()
 
     def observe_ttfb(self, replica: str, seconds: float) -> None:
-        self.child(self.ttfb, replica).observe(seconds)
+        c = self._ttfb.get(replica)
+        if c is None:
+            c = self._ttfb[replica] = self.ttfb.labels(replica)
+        c.observe(seconds)
 
     def plugin_timer(self, plugin: str, seconds: float) -> None:
         self.child(self.plugin_seconds, plugin).observe(seconds)
