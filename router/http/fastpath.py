@@ -46,6 +46,22 @@ log = logging.getLogger("kvrouter.server")
 
 MAX_FIELDS = 128  # header fields per request (aiohttp's limit)
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Header names most clients send, valid tokens by construction: a set lookup instead of the
+# token regex for each (2 us per request with five headers).
+_COMMON_NAMES = frozenset(
+    v
+    for n in (
+        "Host",
+        "Content-Type",
+        "Content-Length",
+        "Accept",
+        "Accept-Encoding",
+        "User-Agent",
+        "Authorization",
+        "Connection",
+    )
+    for v in (n.encode(), n.lower().encode())
+)
 # Connection tokens that name no other header (hop-by-hop already): the header lines for the
 # engine can be built while parsing.
 _CONNECTION_PLAIN = frozenset((b"", b"close", b"keep-alive"))
@@ -117,7 +133,7 @@ def parse_head(raw: bytes, max_line: int) -> _Head | None:
         if len(line) > max_line:
             return None
         name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None:
+        if not colon or (name not in _COMMON_NAMES and _TOKEN.fullmatch(name) is None):
             return None  # no colon, whitespace before it, obs-fold
         value = value.strip(b" \t")
         low = name.lower()
