@@ -63,8 +63,8 @@ class SessionBoundedLoadFilter(BoundedLoadFilter):
     session's turn that is the wrong trade: leaving the home recomputes the session's whole
     history elsewhere (tens of thousands of tokens), while staying waits behind a few requests
     that share the batch. Measured on the agentic workload (docs/sessions.md), light load, medium
-    pauses: 830 of 10,800 later turns were moved by the plain rule, each missing ~60% of its
-    prompt. The home's limit adds one request of headroom per replica to the fair share, so a
+    pauses: the plain rule moved 830 of 10,800 later turns off a home holding their KV (turns
+    that moved missed ~60% of their prompt, turns that stayed 4%). The home's limit adds one request of headroom per replica to the fair share, so a
     home is left for load only when it runs ``load_factor`` times more than an average replica
     plus one; then the estimated-TTFT and queue scorers weigh the wait against the recompute.
     Requests without a session home (``session_home < 0``) or whose home lost its KV (``keep`` 0)
