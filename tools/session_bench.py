@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         trace = cell_trace(load, pause, args.seed)
         report = build_report(trace, cfg, select_requests(trace, cfg), [])
         report["policies"] = {
-            name: rep for (ld, ps, rep), (_, _, _, _, name, _) in zip(results, jobs, strict=True)
+            name: rep
+            for (ld, ps, rep), (_, _, _, _, name, _) in zip(results, jobs, strict=True)
             if (ld, ps) == (load, pause)
         }
         out.append({"load": load, "pause": pause, "alive": sessions_alive(trace), "report": report})

@@ -253,7 +253,9 @@ CLOSED_LOOP_STEP_S = 0.02
 def trace_decode_tps(trace: Trace) -> float:
     """The decode speed a generated trace assumed to space its turns (its metadata), else 50."""
     v = trace.meta.get("decode_tps")
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else DEFAULT_DECODE_TPS
+    return (
+        float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else DEFAULT_DECODE_TPS
+    )
 
 
 # Callback kinds in the pending heap; at equal times, KV events land first (the engine publishes
