@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +34,6 @@ from tests.integration.vllm_pd_fixtures import (
     ReplicaSpec,
     complete_slow,
     lmcache_fleet,
-    lmcache_setup_or_skip_reason,
-    skip_or_fail,
 )
 from tests.support import procs
 from tests.support.procs import wait_for
@@ -49,11 +48,10 @@ EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMCacheFleet]:
-    setup = lmcache_setup_or_skip_reason()
-    if isinstance(setup, str):
-        skip_or_fail(setup)
-    venv, model = setup
+def fleet(
+    lmcache_setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LMCacheFleet]:
+    venv, model = lmcache_setup
     specs = [ReplicaSpec("r0", 0, 0), ReplicaSpec("r1", 1, 1), ReplicaSpec("r2", 0, 1)]
     # float32: with bf16 on a Xeon with AMX tiles, a replica's worker died of SIGILL (exit -4) on its first decode
     # step after loading a chunk another replica had put in the shared tier, as serve_pd.sh records for NIXL loads.
