@@ -265,15 +265,26 @@ class ReplicaSpec:
 
 @contextmanager
 def lmcache_fleet(
-    venv: Path, model: Path, run_dir: Path, specs: Sequence[ReplicaSpec], l1_size_gb: float = 1.0
+    venv: Path,
+    model: Path,
+    run_dir: Path,
+    specs: Sequence[ReplicaSpec],
+    l1_size_gb: float = 1.0,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[LMCacheFleet]:
     """An MP coordinator, one LMCache MP server per distinct ReplicaSpec.server, and the replicas; all healthy.
 
     Every server registers with the coordinator (instance ids mp0, mp1, ...) and reports its stores and
     evictions to it. On exit: replicas first, then servers and the coordinator; stop removes the
-    /dev/shm/lmcache_kv_<pid>_* segments lmcache_driven workers leave behind.
+    /dev/shm/lmcache_kv_<pid>_* segments lmcache_driven workers leave behind. ``extra_env`` goes to the
+    serve_lmcache.sh calls (e.g. DTYPE), not to this process's environment.
     """
-    env = {**_base_env(run_dir, model), "LMCACHE_VENV": str(venv), "L1_SIZE_GB": str(l1_size_gb)}
+    env = {
+        **_base_env(run_dir, model),
+        "LMCACHE_VENV": str(venv),
+        "L1_SIZE_GB": str(l1_size_gb),
+        **(extra_env or {}),
+    }
     coord_port = free_port()
     coordinator_url = f"http://127.0.0.1:{coord_port}"
     servers = [
