@@ -3,6 +3,7 @@ started in the background, a failed start not retried."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -57,7 +58,7 @@ def test_the_next_resource_starts_in_the_background_while_the_one_before_is_in_u
     rec, pool = Recorder(), EnginePool(max_live=2)
     pool.plan([("t0", []), ("t1", ["a"]), ("t2", ["b"]), ("t3", ["c"]), ("t4", ["d"])])
     for key in "abcd":
-        pool.register(key, lambda key=key: rec.resource(key), prefetch=key != "d")
+        pool.register(key, functools.partial(rec.resource, key), prefetch=key != "d")
     pool.prefetch()  # nothing needed yet by t0, but "a" is next: it starts now
     pool.prefetch()  # one start at a time: "b" waits for "a"
     assert pool.get("a") == "a-handle"  # waits for the prefetch, then lets "b" start

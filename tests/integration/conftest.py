@@ -23,10 +23,11 @@ under KVROUTER_REQUIRE_VLLM=1, when the environment is missing.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -49,22 +50,37 @@ from tests.integration.vllm_pd_fixtures import (
 )
 from tests.support.engine_pool import EnginePool
 
+T = TypeVar("T")
 POOL = pytest.StashKey[EnginePool]()
 # The pool keys are these fixtures' names: a test needs a fleet when the fixture is in its closure.
 SHARED_FLEETS = ("vllm_pair", "lmcache_shared", "lmcache_lookup_mode", "lmcache_three", "pd_pair")
 NO_PREFETCH = {"pd_pair"}
 
-# Each environment check imports vLLM in a subprocess (seconds): once per session, from any thread.
-_vllm_reason = functools.cache(vllm_setup_or_skip_reason)
-_pd_reason = functools.cache(pd_setup_or_skip_reason)
-_lmcache_reason = functools.cache(lmcache_setup_or_skip_reason)
+_check_lock = threading.Lock()
+
+
+def _once(check: Callable[[], T]) -> Callable[[], T]:
+    """Each environment check imports vLLM in a subprocess (seconds) and may build the tiny model: once
+    per session, and never twice at the same time (a prefetch thread and a fixture may both ask)."""
+    cached = functools.cache(check)
+
+    def run() -> T:
+        with _check_lock:
+            return cached()
+
+    return run
+
+
+_vllm_reason = _once(vllm_setup_or_skip_reason)
+_pd_reason = _once(pd_setup_or_skip_reason)
+_lmcache_reason = _once(lmcache_setup_or_skip_reason)
 
 
 class EnvironmentMissing(RuntimeError):
     """A prefetch found the environment missing; the fixture's own check skips or fails the tests."""
 
 
-def _checked(reason: Callable[[], Any]) -> Any:
+def _checked(reason: Callable[[], tuple[Path, ...] | str]) -> tuple[Path, ...]:
     setup = reason()
     if isinstance(setup, str):
         raise EnvironmentMissing(setup)
@@ -123,24 +139,35 @@ def engine_pool(request: pytest.FixtureRequest) -> EnginePool:
 @pytest.fixture(scope="session", autouse=True)
 def _start_fleets_early(engine_pool: EnginePool, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Register how to start each fleet, then let the pool start the first one in the background."""
+
+    def plain_pair(run_dir: Path) -> AbstractContextManager[list[Replica]]:
+        venv, model = _checked(_vllm_reason)
+        return vllm_replicas(venv, model, run_dir, cores=[0, 1])
+
+    def nixl_pair(run_dir: Path) -> AbstractContextManager[PDPair]:
+        venv, model, nixl = _checked(_pd_reason)
+        return pd_pair(venv, model, nixl, run_dir)
+
+    def lmcache(
+        specs: list[ReplicaSpec], **kw: Any
+    ) -> Callable[[Path], AbstractContextManager[LMCacheFleet]]:
+        def start(run_dir: Path) -> AbstractContextManager[LMCacheFleet]:
+            venv, model = _checked(_lmcache_reason)
+            return lmcache_fleet(venv, model, run_dir, specs, **kw)
+
+        return start
+
     starts: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
-        "vllm_pair": lambda d: vllm_replicas(*_checked(_vllm_reason), d, cores=[0, 1]),
-        "pd_pair": lambda d: pd_pair(*_checked(_pd_reason), d),
-        "lmcache_shared": lambda d: lmcache_fleet(
-            *_checked(_lmcache_reason),
-            d,
-            [ReplicaSpec("r0", 0, 0), ReplicaSpec("r1", 1, 0)],
-            l1_size_gb=LMCACHE_SMALL_L1_GB,
+        "vllm_pair": plain_pair,
+        "pd_pair": nixl_pair,
+        "lmcache_shared": lmcache(
+            [ReplicaSpec("r0", 0, 0), ReplicaSpec("r1", 1, 0)], l1_size_gb=LMCACHE_SMALL_L1_GB
         ),
-        "lmcache_lookup_mode": lambda d: lmcache_fleet(
-            *_checked(_lmcache_reason), d, [ReplicaSpec("r0", 0, 0, transfer_mode="engine_driven")]
-        ),
+        "lmcache_lookup_mode": lmcache([ReplicaSpec("r0", 0, 0, transfer_mode="engine_driven")]),
         # float32: with bf16 on a Xeon with AMX tiles, a replica's worker died of SIGILL (exit -4) on its
         # first decode step after loading a chunk another replica had put in the shared tier, as
         # serve_pd.sh records for NIXL loads.
-        "lmcache_three": lambda d: lmcache_fleet(
-            *_checked(_lmcache_reason),
-            d,
+        "lmcache_three": lmcache(
             [ReplicaSpec("r0", 0, 0), ReplicaSpec("r1", 1, 1), ReplicaSpec("r2", 0, 1)],
             extra_env={"DTYPE": "float32"},
         ),
