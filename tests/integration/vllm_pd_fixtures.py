@@ -34,6 +34,7 @@ from tests.integration.vllm_fixtures import (
     Reply,
     _resolve,
     http,
+    run_script,
     vllm_setup_or_skip_reason,
 )
 from tests.support import procs
@@ -104,8 +105,7 @@ def lmcache_setup_or_skip_reason() -> tuple[Path, Path] | str:
     return venv, model
 
 
-def _script(script: Path, args: Sequence[str], env: dict[str, str], timeout: float) -> None:
-    subprocess.run(["bash", str(script), *args], env=env, check=True, timeout=timeout, cwd=REPO)
+_script = run_script
 
 
 def _base_env(run_dir: Path, model: Path) -> dict[str, str]:
