@@ -23,6 +23,7 @@ under KVROUTER_REQUIRE_VLLM=1, when the environment is missing.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -172,9 +173,14 @@ def _start_fleets_early(engine_pool: EnginePool, tmp_path_factory: pytest.TempPa
             extra_env={"DTYPE": "float32"},
         ),
     }
+    # KVROUTER_TEST_PREFETCH=0: every fleet starts when its first test asks for it (still once per session),
+    # for a box where start-ups beside the other integration tests would overload the cores.
+    early = os.environ.get("KVROUTER_TEST_PREFETCH", "1") != "0"
     for key, start in starts.items():
         run_dir = tmp_path_factory.mktemp(f"fleet-{key}")  # here: mktemp is not for background threads
-        engine_pool.register(key, functools.partial(start, run_dir), prefetch=key not in NO_PREFETCH)
+        engine_pool.register(
+            key, functools.partial(start, run_dir), prefetch=early and key not in NO_PREFETCH
+        )
     engine_pool.prefetch()
 
 
