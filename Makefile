@@ -9,10 +9,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: eval tune help venv test test-fast lint fmt typecheck import-rules demo compare bench-proxy bench-long-prompt bench-index bench-sim bench-sim-live soak clean
+.PHONY: eval tune help venv test test-fast lint fmt typecheck import-rules demo compare compare-aiperf aiperf-env bench-proxy bench-long-prompt bench-index bench-sim bench-sim-live soak clean
 
 help:
-	@echo "make demo | test | test-fast | lint | fmt | typecheck | import-rules | compare | bench-proxy | bench-long-prompt | bench-index | bench-sim | bench-sim-live | soak | test-vllm"
+	@echo "make demo | test | test-fast | lint | fmt | typecheck | import-rules | compare | compare-aiperf | bench-proxy | bench-long-prompt | bench-index | bench-sim | bench-sim-live | soak | test-vllm"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,18 @@ demo: $(STAMP)
 
 compare: $(STAMP)
 	$(PY) -m traces.compare --out reports/compare
+
+# The live comparison driven by AIPerf (docs/aiperf.md): kvrouter vs the SGLang router on fresh simulated
+# fleets, synthetic shared-prefix + Mooncake workloads, each twice (~10 min on 2 cores). AIPerf lives in
+# its own venv ($(AIPERF_VENV), ~2 min the first time); nothing in `make test` / CI installs it.
+AIPERF_VENV ?= .venv-aiperf
+AIPERF_ARGS ?= --repeat 2
+aiperf-env:
+	bash tools/install_aiperf.sh $(AIPERF_VENV)
+
+compare-aiperf: $(STAMP) aiperf-env tiny-model
+	$(PY) -m traces.aiperf_compare --out reports/compare-aiperf --aiperf-venv $(AIPERF_VENV) \
+		--tokenizer $(TINY_MODEL) $(AIPERF_ARGS)
 
 bench-proxy: $(STAMP)
 	$(PY) tests/bench/bench_proxy.py

@@ -170,6 +170,10 @@ class PDSettings(msgspec.Struct, forbid_unknown_fields=True):
     kv_bytes_per_token: PosInt = 131_072  # Llama-3-8B bf16
     check_version: bool = True  # pair only replicas whose GET /version agree
     prefill_timeout_s: Pos = 60.0  # leg 1 budget; past it: decode-only fallback
+    both_prefill: bool = False  # `both` replicas run NixlConnector kv_both: remote prefill targets too
+    # auto: remote must beat local by this share
+    min_gain_ratio: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.3
+    leg1_drift: NonNeg = 0.25  # auto: extra wait on D while leg 1 runs, share of leg 1's estimate
 
 
 class LMCacheSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -223,6 +227,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefill", "prefill", "prefill-role replica base URL (repeatable; env: comma-separated)", "list"),
     Option("decode", "decode", "decode-role replica base URL (repeatable; env: comma-separated)", "list"),
     Option("pd.rule", "pd-rule", "split rule: auto | threshold | always | never"),
+    Option("pd.both_prefill", "pd-both-prefill", "`both` replicas (kv_both) also prefill for others", "bool"),
     Option(
         "pd.threshold_tokens", "pd-threshold-tokens", "threshold rule: uncached tokens to split at", "int"
     ),

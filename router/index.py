@@ -220,17 +220,21 @@ class PrefixIndex:
             deadline = now_ms + int(1000 * (self.speculative_ttl_s if ttl_s is None else ttl_s))
             neg = -deadline
             fresh: list[int] = []
+            # A block already held moves to the recent end in place (move_to_end, not pop and
+            # insert: 4x cheaper; a long conversation re-sends a thousand held blocks per turn).
+            get = lru.get
+            touch = lru.move_to_end
             for h in reversed(hashes):  # tail first: the head ends up most recent
-                state = lru.pop(h, None)
+                state = get(h)
                 if state is None:
                     lru[h] = neg
                     mask = shards[h & m]
                     mask[h] = mask.get(h, 0) | bit
                     fresh.append(h)
-                elif state > 0:
-                    lru[h] = state
                 else:
-                    lru[h] = min(state, neg)  # keep the later deadline
+                    if neg < state < 0:
+                        lru[h] = neg  # keep the later deadline
+                    touch(h)
             # Only blocks that just became speculative get an expiry entry. A block already
             # speculative keeps its entry, which re-schedules itself when it fires early
             # (_expire): one entry per speculative block at most, not one per request, so a
@@ -242,14 +246,17 @@ class PrefixIndex:
                 if self._spec_held > self._spec_limit:
                     self._maybe_compact()
         else:
+            get = lru.get
+            touch = lru.move_to_end
             for h in reversed(hashes):
-                state = lru.pop(h, None)
+                state = get(h)
                 if state is None:
                     lru[h] = 1
                     mask = shards[h & m]
                     mask[h] = mask.get(h, 0) | bit
                 else:
                     lru[h] = state + 1 if state > 0 else 1
+                    touch(h)
         if len(lru) > entry.bound(tier):
             self._enforce_capacity(entry, tier)
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .fast_metrics import CounterChild, FastCounter, FastHistogram, HistogramChild
 from .index import PrefixIndex
 from .replicas.registry import Replica
 from .types import Tier
@@ -30,7 +31,8 @@ class RouterMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        # Updated on every request: the cheap counters and histograms (fast_metrics.py).
+        self.requests = FastCounter(
             "kvrouter_requests",
             "Proxied requests by replica and final HTTP status",
             ["replica", "status"],
@@ -42,7 +44,7 @@ class RouterMetrics:
             ["status"],
             registry=r,
         )
-        self.decision_seconds = Histogram(
+        self.decision_seconds = FastHistogram(
             "kvrouter_routing_decision_seconds",
             "Time to select a replica (hashing excluded: index match + scoring + pick)",
             buckets=DECISION_BUCKETS,
@@ -55,14 +57,14 @@ class RouterMetrics:
             buckets=DECISION_BUCKETS,
             registry=r,
         )
-        self.ttfb = Histogram(
+        self.ttfb = FastHistogram(
             "kvrouter_upstream_ttfb_seconds",
             "Upstream time to first body byte per replica (TTFT for streams)",
             ["replica"],
             buckets=TTFB_BUCKETS,
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = FastHistogram(
             "kvrouter_request_duration_seconds",
             "End-to-end proxied request duration",
             buckets=LATENCY_BUCKETS,
@@ -86,22 +88,24 @@ class RouterMetrics:
             ["scope"],
             registry=r,
         )
-        self.predicted_cached = Counter(
+        self.predicted_cached = FastCounter(
             "kvrouter_predicted_cached_tokens",
             "Prompt tokens the router predicted the engine would reuse",
             ["replica"],
             registry=r,
         )
-        self.actual_cached = Counter(
+        self.actual_cached = FastCounter(
             "kvrouter_actual_cached_tokens",
             "Prompt tokens the engine reported reused (usage.cached_tokens, or prefix_cache_hits deltas)",
             ["replica", "source"],
             registry=r,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = FastCounter(
             "kvrouter_prompt_tokens", "Prompt tokens routed per replica", ["replica"], registry=r
         )
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._requests: dict[tuple[str, int | str], CounterChild] = {}
+        self._ttfb: dict[str, HistogramChild] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: prometheus_client's labels() validates and joins
@@ -113,10 +117,17 @@ class RouterMetrics:
         return c
 
     def count_request(self, replica: str, status: int | str) -> None:
-        self.child(self.requests, replica, str(status)).inc()
+        # Once per request: its own cache, keyed as called (no str() or key tuple of child()).
+        c = self._requests.get((replica, status))
+        if c is None:
+            c = self._requests[(replica, status)] = self.requests.labels(replica, str(status))
+        c.inc()
 
     def observe_ttfb(self, replica: str, seconds: float) -> None:
-        self.child(self.ttfb, replica).observe(seconds)
+        c = self._ttfb.get(replica)
+        if c is None:
+            c = self._ttfb[replica] = self.ttfb.labels(replica)
+        c.observe(seconds)
 
     def plugin_timer(self, plugin: str, seconds: float) -> None:
         self.child(self.plugin_seconds, plugin).observe(seconds)

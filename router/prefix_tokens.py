@@ -24,6 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from .hashing import chain_from
 from .types import BlockHash
 
 KEY_CHARS = 256  # prompts are grouped by their first characters (the system prompt's start)
@@ -188,8 +189,6 @@ class ChainCache:
         self._groups: OrderedDict[tuple[int, int, bytes], list[tuple[bytes, list[BlockHash]]]] = OrderedDict()
 
     def hashes(self, data: bytes, unit: int, seed: int, max_blocks: int) -> list[BlockHash]:
-        from .hashing import chain_from
-
         if len(data) < MIN_CHAIN_BLOCKS * unit:  # short prompts: hashing is cheaper than the lookup
             return chain_from(data, unit, seed, max_blocks)
         key = (seed, unit, data[:unit])

@@ -73,6 +73,7 @@ class RequestInfo:
     session_id: str | None = None
     session_home: int = -1  # slot of the replica holding the session's KV; -1 new, -2 home gone
     session_keep: float = 0.0  # fraction of the session's last prompt the home still holds (0..1)
+    session_overlap: float = 1.0  # share of this prompt that is the session's last prompt (0: not extended)
 
     @property
     def total_blocks(self) -> int:

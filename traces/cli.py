@@ -240,6 +240,18 @@ def register_simulate(sub: Any) -> None:
     )
     p.add_argument("--decode-replicas", default=None, metavar="D[,D..]", help="PD fleets: decode pool sizes")
     p.add_argument(
+        "--both-replicas",
+        default=None,
+        metavar="B[,B..]",
+        help="PD fleets: replicas that prefill for others and decode (NIXL kv_both), paired likewise",
+    )
+    p.add_argument(
+        "--pd-rate",
+        choices=["compute", "ttft"],
+        default="compute",
+        help="prefill rate the PD decision divides by: compute (no queue) or ttft (queue included)",
+    )
+    p.add_argument(
         "--pd",
         action="append",
         default=None,

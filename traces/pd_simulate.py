@@ -37,8 +37,9 @@ import msgspec
 
 from engines.sim.model.profiles import get_profile
 from engines.sim.model.structs import SimRequest
-from router.pd.decision import DecisionParams, DecodeView, LinkModel, PrefillView, decide
-from router.types import BlockHash
+from router.pd.decision import DecisionParams, DecodeView, LinkModel, PrefillView, decide, prefill_cost
+from router.replicas.registry import Replica
+from router.types import BlockHash, RequestInfo
 
 from .model import Trace, TraceRequest
 from .records import SLO, RequestRecord, summarize
@@ -54,28 +55,53 @@ from .simulate import (
 )
 
 PD_RULES = ("always", "auto", "threshold", "never")
+RATES = ("compute", "ttft")
+SUBSTEP_S = 0.005  # while a leg 1 runs on a replica that may also receive leg 2s: handoff resolution
 
 
 class PDConfig(msgspec.Struct, frozen=True, kw_only=True):
     prefill_replicas: int
     decode_replicas: int
+    both_replicas: int = 0  # NIXL kv_both: prefill for others (leg 1) and serve/decode their own
     rule: str = "auto"  # always | auto | threshold | never
     threshold_tokens: int = 2048  # the threshold rule's N (llm-d nonCachedTokens)
     handoff_s: float = 0.001  # leg 1's answer through the router to leg 2's arrival on D
-    policy: str = "cache_aware"  # each pool's routing policy
+    policy: str = "cache_aware"  # the routing policy that picks D
+    # Which measured rate the decision divides by: "compute" (Replica.prefill_compute_tps, from
+    # requests with no queue ahead; the live router's) or "ttft" (prefill_tps, queue included).
+    rate: str = "compute"
 
     def __post_init__(self) -> None:
-        if self.prefill_replicas < 1 or self.decode_replicas < 1:
+        p, d, b = self.prefill_replicas, self.decode_replicas, self.both_replicas
+        if min(p, d, b) < 0 or d + b < 1 or p + b < 1:
             raise ValueError(
-                f"invalid PD fleet: {self.prefill_replicas}P + {self.decode_replicas}D (each pool needs >= 1)"
+                f"invalid PD fleet: {p}P + {d}D + {b}B (needs a decode-capable and a prefill-capable replica)"
             )
         if self.rule not in PD_RULES:
             raise ValueError(f"invalid pd rule {self.rule!r}: one of {', '.join(PD_RULES)} (threshold:N)")
+        if self.rate not in RATES:
+            raise ValueError(f"invalid pd rate {self.rate!r}: one of {', '.join(RATES)}")
+
+    @property
+    def replicas(self) -> int:
+        return self.prefill_replicas + self.decode_replicas + self.both_replicas
+
+    @property
+    def roles(self) -> list[str]:
+        p, d, b = self.prefill_replicas, self.decode_replicas, self.both_replicas
+        return ["prefill"] * p + ["decode"] * d + ["both"] * b
+
+    @property
+    def fleet(self) -> str:
+        """``2P+6D``, ``8B``, ``2P+6B``: pool sizes, B for ``both`` (kv_both) replicas."""
+        parts = [(self.prefill_replicas, "P"), (self.decode_replicas, "D"), (self.both_replicas, "B")]
+        return "+".join(f"{n}{k}" for n, k in parts if n)
 
     @property
     def name(self) -> str:
         rule = f"threshold:{self.threshold_tokens}" if self.rule == "threshold" else self.rule
-        return f"{self.prefill_replicas}P+{self.decode_replicas}D {rule}"
+        suffix = "" if self.rate == "compute" else f" rate:{self.rate}"
+        return f"{self.fleet} {rule}{suffix}"
 
 
 def parse_rule(text: str) -> tuple[str, int | None]:
@@ -89,35 +115,46 @@ def parse_rule(text: str) -> tuple[str, int | None]:
         raise ValueError(f"invalid --pd {text!r}: N must be an integer") from None
 
 
-class _PrefillPool(_Fleet):
-    """The prefill pool: leg 1's finishes are collected as handoffs for the decode pool."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.handoffs: list[tuple[float, str, int]] = []
-
-    def _deliver(self, ts: float, kind: int, i: int, payload: Any) -> None:
-        super()._deliver(ts, kind, i, payload)
-        if kind == _FINISH:
-            self.handoffs.append((ts, payload.request_id, i))
-
-
 class _Leg2(msgspec.Struct):
     decode: int
     request: SimRequest
     arrival: float  # the client's send time
 
 
+class _PDFleet(_Fleet):
+    """One fleet with roles; leg 1's finishes are collected as handoffs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.leg2: dict[str, _Leg2] = {}  # leg 1's request id -> leg 2
+        self.leg1_on: dict[int, int] = {}  # replica index -> leg 1s in flight there
+        self.handoffs: list[tuple[float, str, int]] = []
+
+    def _deliver(self, ts: float, kind: int, i: int, payload: Any) -> None:
+        super()._deliver(ts, kind, i, payload)
+        if kind == _FINISH and payload.request_id in self.leg2:
+            self.handoffs.append((ts, payload.request_id, i))
+            left = self.leg1_on[i] - 1
+            if left:
+                self.leg1_on[i] = left
+            else:
+                del self.leg1_on[i]
+
+
+def _leg1_id(rid: str) -> str:
+    return rid + "#prefill"
+
+
 class _PDRun:
     def __init__(self, trace: Trace, cfg: SimConfig, pd: PDConfig) -> None:
-        self.cfg = cfg
+        self.cfg = msgspec.structs.replace(cfg, replicas=pd.replicas)
         self.pd = pd
         self.clock = VirtualClock()
         factory = policy_factory(pd.policy, cfg)
-        pcfg = msgspec.structs.replace(cfg, replicas=pd.prefill_replicas)
-        dcfg = msgspec.structs.replace(cfg, replicas=pd.decode_replicas)
-        self.p = _PrefillPool(trace, pcfg, factory, random.Random(cfg.seed), clock=self.clock)
-        self.d = _Fleet(trace, dcfg, factory, random.Random(cfg.seed + 1), clock=self.clock)
+        self.f = _PDFleet(trace, self.cfg, factory, random.Random(cfg.seed), clock=self.clock, roles=pd.roles)
+        self.roles = pd.roles
+        # Replicas a leg 2 may land on while they run a leg 1: their advances are sub-stepped.
+        self.both = {i for i, r in enumerate(self.roles) if r == "both"}
         prof = get_profile(cfg.profile)
         link = prof.kv_link
         self.link = LinkModel(
@@ -126,104 +163,165 @@ class _PDRun:
             kv_bytes_per_token=link.bytes_per_token,
         )
         self.params = DecisionParams(rule=pd.rule, threshold_tokens=pd.threshold_tokens)  # type: ignore[arg-type]
-        self.leg2: dict[str, _Leg2] = {}
         self.split_at: dict[str, float] = {}  # request id -> leg 2's arrival on D
         self.outcomes: dict[str, int] = {}
         self.bs = trace.block_tokens
+        self.now = 0.0
+
+    # ---- time -----------------------------------------------------------------------------
 
     def advance(self, t: float) -> None:
-        """Both pools to ``t``; every handoff that finished by then goes to its decode replica."""
-        self.p.advance_all(t)
-        hand = sorted(self.p.handoffs)
-        self.p.handoffs.clear()
-        for tf, rid, pi in hand:
-            leg = self.leg2.pop(rid)
+        """The fleet to ``t``; every handoff that finished by then goes to its decode replica at
+        its own time. While a ``both`` replica runs a leg 1, time moves in SUBSTEP_S slices so a
+        leg 2 bound for a replica that is itself being advanced starts at most that late."""
+        f = self.f
+        while self.now < t:
+            sub = t
+            if f.leg1_on and not self.both.isdisjoint(f.leg1_on):
+                sub = min(t, self.now + SUBSTEP_S)
+            for i in list(f.leg1_on):
+                if f.engines[i].now < sub:
+                    f.advance(i, sub)
+            f.deliver_until(sub)
+            self._hand_over()
+            f.advance_all(sub)
+            self._hand_over()
+            self.now = sub
+
+    def _hand_over(self) -> None:
+        f = self.f
+        hand = sorted(f.handoffs)
+        f.handoffs.clear()
+        for tf, lid, pi in hand:
+            leg = f.leg2.pop(lid)
             at = tf + self.pd.handoff_s
-            self.d.advance_all(at)
-            self.clock.t = max(self.clock.t, at)
+            di = leg.decode
+            if f.engines[di].now < at:
+                f.advance(di, at)
+            f.deliver_until(at)
+            saved = self.clock.t
+            self.clock.t = max(saved, at)
+            rid = leg.request.request_id
             self.split_at[rid] = at
             try:
-                self.d.engines[leg.decode].add_request(leg.request, now=at)
+                f.engines[di].add_request(leg.request, now=at)
             except ValueError as exc:
-                self.d.records[rid].error = str(exc)
-                self.d.router.finish(self.d.tickets.pop(rid), False, None)
+                f.records[rid].error = str(exc)
+                f.router.finish(f.tickets.pop(rid), False, None)
             else:
-                self.d.busy.add(leg.decode)
-            self.p.engines[pi].release_kv(rid)
-        self.d.advance_all(t)
+                f.busy.add(di)
+            f.engines[pi].release_kv(lid)
+            self.clock.t = max(saved, self.clock.t)
+
+    # ---- one request ----------------------------------------------------------------------
+
+    def _rate(self, rep: Replica) -> float:
+        if self.pd.rate == "compute":
+            return rep.prefill_compute_tps or rep.prefill_tps
+        return rep.prefill_tps
+
+    def _running(self, rep: Replica) -> float:
+        return max(float(rep.in_flight), rep.engine_running or 0.0)
+
+    def _best_prefill(
+        self, n: int, info: RequestInfo, exclude: Replica
+    ) -> tuple[Replica | None, PrefillView | None]:
+        """The live router's choice (router/pd/route.py): lowest ``decision.prefill_cost``."""
+        f = self.f
+        best: tuple[float, Replica, PrefillView] | None = None
+        for i, rep in enumerate(f.replicas):
+            role = self.roles[i]
+            if role == "decode" or rep is exclude:
+                continue
+            view = PrefillView(
+                cached_tokens=f.router.predicted_cached_tokens(info, rep),
+                pending_prefill_tokens=rep.pending_prefill_tokens,
+                prefill_tps=self._rate(rep),
+                running=self._running(rep) if role == "both" else 0.0,
+            )
+            cost = prefill_cost(n, view, self.params)
+            if best is None or cost < best[0]:
+                best = (cost, rep, view)
+        return (None, None) if best is None else (best[1], best[2])
 
     def route(self, r: TraceRequest, t: float) -> None:
         n = r.input_length
         full: list[BlockHash] = list(r.hash_ids[: n // self.bs])  # type: ignore[arg-type]
         out_tokens = max(1, r.output_length)
-        d, p = self.d, self.p
-        info = d.router.request_info(MODEL, block_hashes=full, prompt_tokens=n, max_tokens=out_tokens)
-        drep = d.router.select(info)
-        di = d.rid_to_idx[drep.id]
-        pinfo = p.router.request_info(MODEL, block_hashes=full, prompt_tokens=n, max_tokens=1)
-        prep = p.router.select(pinfo)
+        f = self.f
+        info = f.router.request_info(MODEL, block_hashes=full, prompt_tokens=n, max_tokens=out_tokens)
+        drep = f.router.select(info)  # decode-capable replicas only (prefill role excluded)
+        di = f.rid_to_idx[drep.id]
+        prep, pview = self._best_prefill(n, info, drep)
         dview = DecodeView(
-            cached_tokens=d.router.predicted_cached_tokens(info, drep),
-            running=max(float(drep.in_flight), drep.engine_running or 0.0),
+            cached_tokens=f.router.predicted_cached_tokens(info, drep),
+            running=self._running(drep),
             pending_prefill_tokens=drep.pending_prefill_tokens,
             kv_free=None if drep.kv_usage is None else 1.0 - drep.kv_usage,
-            prefill_tps=drep.prefill_tps,
-        )
-        pview = PrefillView(
-            cached_tokens=p.router.predicted_cached_tokens(pinfo, prep),
-            pending_prefill_tokens=prep.pending_prefill_tokens,
-            prefill_tps=prep.prefill_tps,
+            prefill_tps=self._rate(drep),
         )
         dec = decide(n, dview, pview, self.link, self.params)
         self.outcomes[dec.outcome] = self.outcomes.get(dec.outcome, 0) + 1
         rec = RequestRecord(request_id=r.request_id, target=self.pd.name, send_s=t, prompt_tokens=n)
         rec.replica = drep.id
-        d.records[r.request_id] = rec
-        if not dec.split:
-            ticket = d.router.dispatch(info, drep)
-            try:
-                d.engines[di].add_request(
-                    SimRequest(r.request_id, out_tokens, prompt_len=n, block_hashes=full), now=t
-                )
-            except ValueError as exc:
-                rec.error = str(exc)
-                d.router.finish(ticket, False, None)
-                return
-            d.tickets[r.request_id] = ticket
-            d.awaiting[di][r.request_id] = ticket
-            d.busy.add(di)
+        f.records[r.request_id] = rec
+        if not dec.split or prep is None:
+            self._local(r, full, info, drep, di, t)
             return
         # Leg 2 is committed to D now (its load counts there from the decision), with nothing to
         # prefill (as the live router's ticket): D's pending prefill and measured rate stay clean.
+        pinfo = f.router.request_info(MODEL, block_hashes=full, prompt_tokens=n, max_tokens=1)
+        pinfo.gpu_blocks, pinfo.any_tier_blocks = info.gpu_blocks, info.any_tier_blocks
         info.remote_prefill = True
-        dticket = d.router.dispatch(info, drep)
-        d.tickets[r.request_id] = dticket
-        d.awaiting[di][r.request_id] = dticket
-        pi = p.rid_to_idx[prep.id]
-        p.records[r.request_id] = RequestRecord(
-            request_id=r.request_id, target="leg1", send_s=t, prompt_tokens=n
-        )
-        pticket = p.router.dispatch(pinfo, prep)
+        dticket = f.router.dispatch(info, drep)
+        f.tickets[r.request_id] = dticket
+        f.awaiting[di][r.request_id] = dticket
+        pi = f.rid_to_idx[prep.id]
+        lid = _leg1_id(r.request_id)
+        f.records[lid] = RequestRecord(request_id=lid, target="leg1", send_s=t, prompt_tokens=n)
+        pticket = f.router.dispatch(pinfo, prep)
         try:
-            p.engines[pi].add_request(
-                SimRequest(r.request_id, 1, prompt_len=n, block_hashes=full, hold_kv=True), now=t
+            f.engines[pi].add_request(
+                SimRequest(lid, 1, prompt_len=n, block_hashes=full, hold_kv=True), now=t
             )
         except ValueError as exc:
             rec.error = str(exc)
-            p.router.finish(pticket, False, None)
-            d.router.finish(d.tickets.pop(r.request_id), False, None)
+            f.router.finish(pticket, False, None)
+            f.router.finish(f.tickets.pop(r.request_id), False, None)
             return
-        p.tickets[r.request_id] = pticket
-        p.awaiting[pi][r.request_id] = pticket
-        p.busy.add(pi)
-        self.leg2[r.request_id] = _Leg2(
+        f.tickets[lid] = pticket
+        f.awaiting[pi][lid] = pticket
+        f.busy.add(pi)
+        f.leg1_on[pi] = f.leg1_on.get(pi, 0) + 1
+        f.leg2[lid] = _Leg2(
             di, SimRequest(r.request_id, out_tokens, prompt_len=n, block_hashes=full, remote_tokens=n), t
         )
+
+    def _local(
+        self, r: TraceRequest, full: list[BlockHash], info: RequestInfo, drep: Replica, di: int, t: float
+    ) -> None:
+        f = self.f
+        ticket = f.router.dispatch(info, drep)
+        try:
+            f.engines[di].add_request(
+                SimRequest(
+                    r.request_id, max(1, r.output_length), prompt_len=r.input_length, block_hashes=full
+                ),
+                now=t,
+            )
+        except ValueError as exc:
+            f.records[r.request_id].error = str(exc)
+            f.router.finish(ticket, False, None)
+            return
+        f.tickets[r.request_id] = ticket
+        f.awaiting[di][r.request_id] = ticket
+        f.busy.add(di)
 
     def run(self, reqs: Sequence[TraceRequest]) -> None:
         interval = self.cfg.scrape_interval_s
         t0 = reqs[0].timestamp_s if reqs else 0.0
         last_tick = -1
+        f = self.f
         for r in reqs:
             t = (r.timestamp_s - t0) / self.cfg.speedup
             tick = math.floor(t / interval)
@@ -232,14 +330,13 @@ class _PDRun:
                 ts = tick * interval
                 self.advance(ts)
                 self.clock.t = max(self.clock.t, ts)
-                self.p.scrape()
-                self.d.scrape()
+                f.scrape()
             self.advance(t)
             self.clock.t = t
             self.route(r, t)
-        # Drain in scrape-interval rounds until both pools are idle and every leg 2 has run.
+        # Drain in scrape-interval rounds until the fleet is idle and every leg 2 has run.
         t = t_end = self.clock.t
-        while self.p.busy or self.d.busy or self.p.heap or self.d.heap or self.leg2 or self.p.handoffs:
+        while f.busy or f.heap or f.leg2 or f.handoffs:
             t += interval
             self.advance(t)
             if t - t_end > 1e7:  # pragma: no cover - engines always progress; a guard, not a path
@@ -249,14 +346,15 @@ class _PDRun:
 def run_pd(
     trace: Trace, cfg: SimConfig, pd: PDConfig, reqs: Sequence[TraceRequest] | None = None
 ) -> PolicyRun:
-    """Play the trace against ``pd.prefill_replicas`` + ``pd.decode_replicas`` replicas."""
+    """Play the trace against ``pd.prefill_replicas`` + ``pd.decode_replicas`` + ``pd.both_replicas``."""
     if reqs is None:
         reqs = select_requests(trace, cfg)
     start = time.perf_counter()
     run = _PDRun(trace, cfg, pd)
     run.run(reqs)
     wall = time.perf_counter() - start
-    records = [run.d.records[r.request_id] for r in reqs]
+    f = run.f
+    records = [f.records[r.request_id] for r in reqs]
     for rec in records:
         at = run.split_at.get(rec.request_id)
         if at is not None:  # D's clock starts at leg 2's arrival; the client's at its send
@@ -265,26 +363,25 @@ def run_pd(
             if rec.e2e_s is not None:
                 rec.e2e_s += at - rec.send_s
     end = max((rec.send_s + (rec.e2e_s or 0.0) for rec in records), default=0.0)
-    engines = [*run.p.engines, *run.d.engines]
     split = len(run.split_at)
     extra: dict[str, Any] = {
         "prefill_replicas": pd.prefill_replicas,
         "decode_replicas": pd.decode_replicas,
+        "both_replicas": pd.both_replicas,
         "pd_rule": pd.name.split(" ", 1)[1],
         "split_share": split / len(records) if records else math.nan,
         "pd_outcomes": dict(sorted(run.outcomes.items())),
-        "kv_transfer_tokens": sum(e.metrics.external_prefix_cache_hits for e in run.d.engines),
+        "kv_transfer_tokens": sum(e.metrics.external_prefix_cache_hits for e in f.engines),
     }
+    serving = [r.id for r, role in zip(f.replicas, run.roles, strict=True) if role != "prefill"]
     return PolicyRun(
         name=pd.name,
         records=records,
-        summary=summarize(
-            records, slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s), replicas=[r.id for r in run.d.replicas]
-        ),
+        summary=summarize(records, slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s), replicas=serving),
         wall_s=wall,
         sim_end_s=end,
-        engine_steps=run.p.steps + run.d.steps,
-        preemptions=sum(e.metrics.num_preemptions for e in engines),
-        kv_events_applied=run.p.kv_events_applied + run.d.kv_events_applied,
+        engine_steps=f.steps,
+        preemptions=sum(e.metrics.num_preemptions for e in f.engines),
+        kv_events_applied=f.kv_events_applied,
         extra=extra,
     )

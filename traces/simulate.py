@@ -252,7 +252,8 @@ class _Fleet:
         make_policy: PolicyFactory,
         rng: random.Random,
         outliers: bool = False,
-        clock: VirtualClock | None = None,  # shared by the two pools of a PD run
+        clock: VirtualClock | None = None,
+        roles: Sequence[str] = (),  # PD runs: replica i's role (default both)
     ) -> None:
         bs = trace.block_tokens
         if bs <= 0:
@@ -302,7 +303,10 @@ class _Fleet:
         self.engines: list[EngineModel] = []
         self.replicas: list[Replica] = []
         for i, (profile, econf) in enumerate(zip(profiles, econfs, strict=True)):
-            rep = self.registry.add(ReplicaSpec(url=f"sim://replica-{i}", name=f"r{i}", models=(MODEL,)))
+            role = roles[i] if i < len(roles) else "both"
+            rep = self.registry.add(
+                ReplicaSpec(url=f"sim://replica-{i}", name=f"r{i}", models=(MODEL,), role=role)
+            )
             self.index.set_capacity(rep.id, econf.num_gpu_blocks - 1)
             rep.has_kv_events = cfg.kv_events
             rep.block_size = bs

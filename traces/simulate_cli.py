@@ -78,20 +78,25 @@ def _ints(text: str | None) -> list[int]:
 
 
 def pd_configs(args: Any) -> list[PDConfig]:
-    """``--prefill-replicas 2,3 --decode-replicas 6,5 --pd always --pd auto`` -> one config per
-    (pool sizes, rule). Raises ValueError on mismatched lists or an unknown rule."""
-    ps, ds = _ints(getattr(args, "prefill_replicas", None)), _ints(getattr(args, "decode_replicas", None))
-    if not ps and not ds:
+    """``--prefill-replicas 2,3 --decode-replicas 6,5 [--both-replicas 0,0] --pd always --pd auto``
+    -> one config per (pool sizes, rule). Lists pair by position; a missing list is all zeros.
+    Raises ValueError on mismatched lists or an unknown rule."""
+    pools = [_ints(getattr(args, k, None)) for k in ("prefill_replicas", "decode_replicas", "both_replicas")]
+    size = max(len(x) for x in pools)
+    if size == 0:
         return []
-    if len(ps) != len(ds):
+    if any(x and len(x) != size for x in pools):
         raise ValueError(
-            "--prefill-replicas and --decode-replicas need as many values each (e.g. 2,3 and 6,5)"
+            "--prefill-replicas, --decode-replicas and --both-replicas need as many values each "
+            "(e.g. 2,3 and 6,5)"
         )
+    ps, ds, bs = (x or [0] * size for x in pools)
+    rate = getattr(args, "pd_rate", None) or "compute"
     out: list[PDConfig] = []
-    for p, d in zip(ps, ds, strict=True):
+    for p, d, b in zip(ps, ds, bs, strict=True):
         for text in getattr(args, "pd", None) or ["always", "auto", "threshold"]:
             rule, n = parse_rule(text)
-            cfg = PDConfig(prefill_replicas=p, decode_replicas=d, rule=rule)
+            cfg = PDConfig(prefill_replicas=p, decode_replicas=d, both_replicas=b, rule=rule, rate=rate)
             if n is not None:
                 cfg = msgspec.structs.replace(cfg, threshold_tokens=n)
             out.append(cfg)

@@ -203,6 +203,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         passive.record_failure(rep, reason)
         outliers.record_failure(rep, reason)
 
+    pool = UpstreamPool(
+        connect_timeout_s=cfg.upstream.connect_timeout_s, max_idle_per_origin=cfg.upstream.pool_per_replica
+    )
     monitor = ReplicaMonitor(
         cfg,
         st.registry,
@@ -212,9 +215,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         kv_events,
         passive,
         on_engine_metrics=on_engine_metrics,
-    )
-    pool = UpstreamPool(
-        connect_timeout_s=cfg.upstream.connect_timeout_s, max_idle_per_origin=cfg.upstream.pool_per_replica
+        pool=pool,
     )
     forwarder = Forwarder(
         pool,

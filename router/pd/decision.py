@@ -10,12 +10,24 @@ replica P:
     uncached_P = prompt - P.cached_tokens           tokens P computes
     local      = (D.pending_prefill + uncached_D) / D.rate + step_s * D.running
     remote     = (P.pending_prefill + uncached_P) / P.rate       P's queue and compute
+               + step_s * P.running                              P's own decode batch (role both)
                + handoff_overhead_s + link.latency_s             one more HTTP leg, one more hop
                + uncached_D * link.kv_bytes_per_token / link.bandwidth
                + step_s * D.running                              D's first step after the load
     stall      = uncached_D / D.rate * D.running                 request-seconds the D batch is slowed
+    stall_P    = uncached_P / P.rate * P.running                 the same on P (0 for a prefill-only P)
 
-and the ``auto`` rule splits iff ``remote + min_gain_s < local + stall_weight * stall``. Only the KV
+and the ``auto`` rule splits iff ``remote + stall_weight * stall_P + min_gain_s < (1 - min_gain_ratio)
+* (local + stall_weight * stall)``: a split must win clearly, because the best of several noisy
+estimates is biased towards the one that happened to read low (and a wrong split pays a transfer
+and a second queue). ``P.running`` is the decode batch of a ``both`` replica (vLLM NixlConnector
+``kv_role: kv_both``: it prefills for others and decodes its own requests), 0 for a prefill-only
+one: lending a busy decoder's steps to another replica's prefill stalls its batch just as local
+prefill would, so a ``both`` fleet splits only towards a replica with spare prefill capacity.
+
+The rates are prefill *compute* rates (``Replica.prefill_compute_tps``, learned from requests that
+had no prefill queued ahead of them): the estimates add the queue themselves (``pending / rate``),
+so a rate measured from TTFTs that include queueing would count it twice. Only the KV
 D lacks crosses the link: vLLM's NixlConnector asks P for ``prompt - D's local hit`` tokens
 (``get_num_new_matched_tokens``), so a decode-cached prefix is never transferred twice.
 
@@ -32,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 _Out = Callable[[bool, str, str], "Decision"]
@@ -69,7 +81,7 @@ class DecodeView:
     running: float  # decode batch: requests running on D (max of engine and router counts)
     pending_prefill_tokens: int = 0  # uncached prompt tokens queued on D, first token not seen
     kv_free: float | None = None  # 1 - KV usage; None until scraped
-    prefill_tps: float = 0.0  # D's measured prefill rate; 0 = unmeasured
+    prefill_tps: float = 0.0  # D's measured prefill compute rate; 0 = unmeasured
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +91,7 @@ class PrefillView:
     cached_tokens: int
     pending_prefill_tokens: int = 0
     prefill_tps: float = 0.0
+    running: float = 0.0  # P's own decode batch: > 0 only for a ``both`` (kv_both) replica
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +116,10 @@ class DecisionParams:
     handoff_overhead_s: float = 0.002  # leg 1 round trip through the router + leg 2 set-up
     stall_weight: float = 0.1  # TTFT seconds one request-second of decode slow-down is worth
     min_gain_s: float = 0.0  # remote must win by this much (hysteresis against noise)
+    min_gain_ratio: float = 0.3  # ... and by this share of the local cost (estimates' noise)
     min_split_tokens: int = 64  # below this many uncached tokens: never a second leg (local_short)
+    same_rate_ratio: float = 1.5  # P and D rates closer than this ratio count as one GPU kind
+    leg1_drift: float = 0.25  # remote path's extra wait on D, as a share of leg 1's estimate
     # Baseline "threshold" rule (llm-d nonCachedTokens / Dynamo eff-isl-threshold).
     threshold_tokens: int = 2048
     threshold_max_cached_ratio: float | None = None  # Dynamo isl_bounding's 0.7 when set
@@ -120,6 +136,9 @@ class Decision:
     uncached_decode: int  # tokens D would compute locally (= tokens the link would carry)
     uncached_prefill: int  # tokens P would compute
     transfer_s: float  # estimated link time of the KV D lacks
+    remote_stall_s: float = 0.0  # request-seconds of decode slow-down remote prefill causes on P
+    local_rate_tps: float = 0.0  # the prefill rates the estimates divided by
+    remote_rate_tps: float = 0.0
 
     @property
     def chosen_ttft_s(self) -> float:
@@ -138,11 +157,26 @@ class Decision:
             "uncached_decode": self.uncached_decode,
             "uncached_prefill": self.uncached_prefill,
             "transfer_s": round(self.transfer_s, 6),
+            "remote_stall_s": round(self.remote_stall_s, 6),
+            "local_rate_tps": round(self.local_rate_tps, 1),
+            "remote_rate_tps": round(self.remote_rate_tps, 1),
         }
 
 
 def _rate(tps: float, params: DecisionParams) -> float:
     return tps if tps > 0 else params.default_prefill_tps
+
+
+def _rates(p_tps: float, d_tps: float, params: DecisionParams) -> tuple[float, float]:
+    """P's and D's rates for one comparison. Within ``same_rate_ratio`` of each other they are
+    taken as one (their geometric mean): a measured rate moves with the prompts a replica happened
+    to serve (attention makes long prompts slower per token), and on one kind of GPU a split
+    chosen because P read faster than D by that noise pays the transfer for nothing."""
+    rp, rd = _rate(p_tps, params), _rate(d_tps, params)
+    if max(rp, rd) <= params.same_rate_ratio * min(rp, rd):
+        g = math.sqrt(rp * rd)
+        return g, g
+    return rp, rd
 
 
 def local_ttft(prompt_tokens: int, d: DecodeView, params: DecisionParams) -> tuple[float, float, int]:
@@ -161,13 +195,36 @@ def remote_ttft(
     uncached_p = max(0, prompt_tokens - p.cached_tokens)
     uncached_d = max(0, prompt_tokens - d.cached_tokens)
     xfer = link.transfer_s(uncached_d)
-    est = (
-        (p.pending_prefill_tokens + uncached_p) / _rate(p.prefill_tps, params)
+    rate_p, rate_d = _rates(p.prefill_tps, d.prefill_tps, params)
+    ready = (
+        (p.pending_prefill_tokens + uncached_p) / rate_p
+        + params.step_s * p.running
         + params.handoff_overhead_s
         + xfer
-        + params.step_s * d.running
     )
+    # While leg 1 runs, D keeps taking new prefills that leg 2 will queue behind (and step
+    # boundaries it must wait for): a share of leg 1's time, measured offline (docs).
+    ready *= 1.0 + params.leg1_drift
+    # Leg 2 queues on D behind the prefills already there (vLLM schedules waiting requests in
+    # order, and a chunked prefill in progress takes the step's token budget first).
+    est = max(ready, d.pending_prefill_tokens / rate_d) + params.step_s * d.running
     return est, xfer, uncached_p
+
+
+def remote_stall(prompt_tokens: int, p: PrefillView, params: DecisionParams) -> float:
+    """Request-seconds P's own decode batch is slowed by prefilling this prompt (0 if P has none)."""
+    return max(0, prompt_tokens - p.cached_tokens) / _rate(p.prefill_tps, params) * p.running
+
+
+def prefill_cost(prompt_tokens: int, p: PrefillView, params: DecisionParams) -> float:
+    """How the best prefill replica is chosen: its queue and compute for this prompt, its own
+    decode steps, and the stall it would cause on its decode batch (role both), weighted."""
+    uncached = max(0, prompt_tokens - p.cached_tokens)
+    return (
+        (p.pending_prefill_tokens + uncached) / _rate(p.prefill_tps, params)
+        + params.step_s * p.running
+        + params.stall_weight * remote_stall(prompt_tokens, p, params)
+    )
 
 
 def decide(
@@ -179,15 +236,21 @@ def decide(
     n: int = 1,
 ) -> Decision:
     """Split (remote prefill on ``prefill``, decode on ``decode``) or run locally on ``decode``."""
+    if prefill is not None:
+        rate_p, rate_d = _rates(prefill.prefill_tps, decode.prefill_tps, params)
+        decode = replace(decode, prefill_tps=rate_d)
+        prefill = replace(prefill, prefill_tps=rate_p)
     loc, stall, unc_d = local_ttft(prompt_tokens, decode, params)
     if prefill is None:
         return Decision(
             False, LOCAL_NO_PREFILL, "no routable prefill replica", loc, None, stall, unc_d, 0, 0.0
         )
     rem, xfer, unc_p = remote_ttft(prompt_tokens, decode, prefill, link, params)
+    rstall = remote_stall(prompt_tokens, prefill, params)
+    rates = (_rate(decode.prefill_tps, params), _rate(prefill.prefill_tps, params))
 
     def out(split: bool, outcome: str, reason: str) -> Decision:
-        return Decision(split, outcome, reason, loc, rem, stall, unc_d, unc_p, xfer)
+        return Decision(split, outcome, reason, loc, rem, stall, unc_d, unc_p, xfer, rstall, *rates)
 
     if n > 1:
         return out(False, LOCAL_N, f"n={n}: one NIXL handoff feeds one sequence")
@@ -205,11 +268,12 @@ def decide(
             )
         return out(False, LOCAL_SHORT, f"{unc_d} uncached tokens < {params.min_split_tokens}")
     local_cost = loc + params.stall_weight * stall
-    if rem + params.min_gain_s < local_cost:
+    if rem + params.stall_weight * rstall + params.min_gain_s < (1.0 - params.min_gain_ratio) * local_cost:
+        on_p = f" + P stall {rstall * 1e3:.1f} ms·req" if rstall else ""
         return out(
             True,
             SPLIT,
-            f"remote {rem * 1e3:.1f} ms < local {loc * 1e3:.1f} ms + stall {stall * 1e3:.1f} ms·req",
+            f"remote {rem * 1e3:.1f} ms{on_p} < local {loc * 1e3:.1f} ms + stall {stall * 1e3:.1f} ms·req",
         )
     if decode.cached_tokens > 0 and unc_p > unc_d:
         return out(
@@ -251,11 +315,16 @@ def pick_decode(
     n: int = 1,
     min_kv_free: float = 0.05,
     itl_weight: float = 0.001,
+    prefill_for: Sequence[PrefillView | None] | None = None,
 ) -> DecodeChoice:
     """Decode replica first (llm-d's order): among those with KV headroom, the one whose best
     mode (local or split, as ``decide`` would pick) gives the lowest TTFT, plus ``itl_weight`` per
     running request for the decode batch this request joins. A cached prefix on D helps only
-    through that estimate (it shortens local prefill and the transfer). Ties: the first."""
+    through that estimate (it shortens local prefill and the transfer). Ties: the first.
+
+    ``prefill_for[i]``, when given, replaces ``prefill`` for candidate ``i``: in a fleet of
+    ``both`` replicas the best prefill replica may be the decode candidate itself, and then the
+    split option for that candidate is the next best one (or none)."""
     if not decodes:
         raise ValueError("pick_decode needs at least one decode candidate")
     roomy = [i for i, d in enumerate(decodes) if d.kv_free is None or d.kv_free >= min_kv_free]
@@ -265,10 +334,11 @@ def pick_decode(
     best_dec: Decision | None = None
     for i in pool:
         d = decodes[i]
-        dec = decide(prompt_tokens, d, prefill, link, params, n)
+        p = prefill if prefill_for is None else prefill_for[i]
+        dec = decide(prompt_tokens, d, p, link, params, n)
         cost = (
             dec.chosen_ttft_s
-            + params.stall_weight * (0.0 if dec.split else dec.stall_s)
+            + params.stall_weight * (dec.remote_stall_s if dec.split else dec.stall_s)
             + itl_weight * d.running
         )
         if cost < best_cost:

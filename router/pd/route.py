@@ -1,6 +1,9 @@
 """The PD request path: choose the decode replica, decide per request, run the NIXL handoff.
 
-Active when the fleet has at least one ``prefill`` replica (router/pd/roles.py). Per request:
+Active when the fleet has at least one ``prefill`` replica (router/pd/roles.py), or, with
+``pd.both_prefill`` (every ``both`` replica runs vLLM's NixlConnector with ``kv_role: kv_both``),
+at least two ``both`` replicas: then a ``both`` replica is a remote prefill target for another one's
+decode as well as a decode target that prefills locally. Per request:
 
 1. Decode replica first, among ``decode`` and ``both`` replicas: ``decision.pick_decode`` (KV
    headroom, running batch, its cached prefix of this prompt, through the two TTFT estimates).
@@ -43,6 +46,7 @@ from router.pd.decision import (
     PrefillView,
     decide,
     pick_decode,
+    prefill_cost,
 )
 from router.pd.handoff import (
     HandoffError,
@@ -125,6 +129,8 @@ class PDRouter:
             min_split_tokens=settings.min_split_tokens,
             threshold_tokens=settings.threshold_tokens,
             threshold_max_cached_ratio=settings.threshold_max_cached_ratio,
+            min_gain_ratio=settings.min_gain_ratio,
+            leg1_drift=settings.leg1_drift,
         )
         self.link = LinkModel(
             settings.link_bandwidth_bytes_s, settings.link_latency_s, settings.kv_bytes_per_token
@@ -132,7 +138,7 @@ class PDRouter:
         self.versions: dict[str, str | None] = {}  # replica id -> GET /version body (None: unknown)
         self._warned: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._prefill_ids: set[str] = {r.id for r in registry if r.spec.role == "prefill"}
+        self._prefill_ids: set[str] = {r.id for r in registry if self._lends_prefill(r)}
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=64)
         registry.on_change(self._on_replica)
 
@@ -143,7 +149,7 @@ class PDRouter:
             self.versions.pop(rep.id, None)
             self._prefill_ids.discard(rep.id)
             return
-        if event == "added" and rep.spec.role == "prefill":
+        if event == "added" and self._lends_prefill(rep):
             self._prefill_ids.add(rep.id)
         # at start-up the engine may still be loading: ask again when it turns healthy
         refetch = event == "health" and rep.healthy and self.versions.get(rep.id) is None
@@ -198,14 +204,27 @@ class PDRouter:
 
     # ---- planning (sync) ------------------------------------------------------------------
 
+    def _lends_prefill(self, r: Replica) -> bool:
+        return r.spec.role == "prefill" or (self.settings.both_prefill and r.spec.role == "both")
+
     def active(self, model: str | None) -> bool:
-        """PD applies when this model has prefill replicas configured (healthy or not)."""
+        """PD applies when this model has prefill replicas configured (healthy or not), or two
+        ``both`` replicas with ``pd.both_prefill`` (one prefills, the other decodes)."""
         if not self._prefill_ids:  # aggregated fleet: one set lookup per request
             return False
-        return any(
-            r.spec.role == "prefill" and (model is None or not r.models or model in r.models)
+        lenders = [
+            r
             for r in self.registry
-        )
+            if self._lends_prefill(r) and (model is None or not r.models or model in r.models)
+        ]
+        return any(r.spec.role == "prefill" for r in lenders) or len(lenders) >= 2
+
+    def prefill_candidates(self, model: str | None) -> list[Replica]:
+        """Routable replicas that take leg 1: ``prefill``, and ``both`` with ``pd.both_prefill``."""
+        out = self.registry.prefill_candidates(model)
+        if self.settings.both_prefill:
+            out += [r for r in self.registry.candidates(model) if r.spec.role == "both"]
+        return out
 
     def _cached(self, req: RequestInfo, rep: Replica) -> int:
         s = rep.slot
@@ -221,37 +240,54 @@ class PDRouter:
             running=busy,
             pending_prefill_tokens=r.pending_prefill_tokens,
             kv_free=None if r.kv_usage is None else 1.0 - r.kv_usage,
-            prefill_tps=r.prefill_tps,
+            prefill_tps=_compute_rate(r),
         )
 
     def _prefill_view(self, req: RequestInfo, r: Replica) -> PrefillView:
-        return PrefillView(self._cached(req, r), r.pending_prefill_tokens, r.prefill_tps)
+        running = 0.0
+        if r.spec.role == "both":  # its own decode batch shares the steps leg 1 would take
+            running = max(float(r.in_flight), r.engine_running or 0.0)
+        return PrefillView(self._cached(req, r), r.pending_prefill_tokens, _compute_rate(r), running)
 
-    def _best_prefill(self, req: RequestInfo, prefills: Sequence[Replica]) -> Replica | None:
-        best: Replica | None = None
-        best_est = 0.0
-        for p in prefills:
-            v = self._prefill_view(req, p)
-            rate = v.prefill_tps or self.params.default_prefill_tps
-            est = (v.pending_prefill_tokens + req.prompt_tokens - v.cached_tokens) / rate
-            if best is None or est < best_est:
-                best, best_est = p, est
-        return best
+    def _ranked_prefills(self, req: RequestInfo, prefills: Sequence[Replica]) -> list[Replica]:
+        """Cheapest first by ``decision.prefill_cost`` (queue, compute, own decode batch)."""
+        costs = [
+            (prefill_cost(req.prompt_tokens, self._prefill_view(req, p), self.params), p) for p in prefills
+        ]
+        return [p for _, p in sorted(costs, key=lambda c: c[0])]
+
+    def _best_prefill(
+        self, req: RequestInfo, prefills: Sequence[Replica], exclude: Replica | None = None
+    ) -> Replica | None:
+        for p in self._ranked_prefills(req, prefills):
+            if p is not exclude:
+                return p
+        return None
 
     def plan(self, req: RequestInfo, n: int = 1, exclude_prefill: Sequence[str] = ()) -> Plan:
         """Decode replica, prefill replica and the decision (raises NoReplicaAvailable etc.)."""
         decodes = self.router.candidates(req.model)
         if req.block_hashes and not req.gpu_blocks:
             req.gpu_blocks, req.any_tier_blocks = self.router.index.match(req.block_hashes)
-        prefills = [p for p in self.registry.prefill_candidates(req.model) if p.id not in exclude_prefill]
-        p = self._best_prefill(req, prefills)
+        prefills = [p for p in self.prefill_candidates(req.model) if p.id not in exclude_prefill]
+        ranked = self._ranked_prefills(req, prefills)
+        p = ranked[0] if ranked else None
         pv = self._prefill_view(req, p) if p is not None else None
         views = [self._decode_view(req, d) for d in decodes]
-        choice = pick_decode(req.prompt_tokens, views, pv, self.link, self.params, n)
+        # A `both` decode candidate cannot prefill remotely for itself: its split option is the
+        # next cheapest prefill replica.
+        per: list[PrefillView | None] | None = None
+        if p is not None and p.spec.role == "both":
+            second = ranked[1] if len(ranked) > 1 else None
+            sv = self._prefill_view(req, second) if second is not None else None
+            per = [sv if d is p else pv for d in decodes]
+        choice = pick_decode(req.prompt_tokens, views, pv, self.link, self.params, n, prefill_for=per)
         d = decodes[choice.index]
         dec = choice.decision
+        if p is d:
+            p = ranked[1] if len(ranked) > 1 else None
         if p is not None and not self.compatible(p, d):
-            p = self._best_prefill(req, [q for q in prefills if self.compatible(q, d)])
+            p = self._best_prefill(req, [q for q in prefills if self.compatible(q, d)], exclude=d)
             if p is None:
                 loc = decide(req.prompt_tokens, views[choice.index], None, self.link, self.params, n)
                 dec = Decision(
@@ -317,9 +353,10 @@ class PDRouter:
                     req,
                     [
                         p
-                        for p in self.registry.prefill_candidates(req.model)
+                        for p in self.prefill_candidates(req.model)
                         if p.id not in tried and self.compatible(p, plan.decode)
                     ],
+                    exclude=plan.decode,
                 )
                 continue
             if status != 200:
@@ -385,6 +422,12 @@ class _LegFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def _compute_rate(r: Replica) -> float:
+    """The prefill rate the estimates divide by: measured without a queue ahead when there is one
+    (the estimates add the queue themselves), else the TTFT-based rate, else unmeasured (0)."""
+    return r.prefill_compute_tps or r.prefill_tps
 
 
 def _n_of(obj: dict[str, Any]) -> int:

@@ -56,6 +56,9 @@ class Replica:
     _ttft_pos: int = 0
     _tail_cache: float | None = None
     prefill_tps: float = 0.0
+    # The same from requests with no prefill queued ahead: compute alone, for estimates that add
+    # the queue themselves (router/pd/decision.py). 0 until such a request was seen.
+    prefill_compute_tps: float = 0.0
     cpu_load_tps: float = 0.0  # measured CPU-tier (LMCache) load rate, tokens/s (0: not yet)
     # Uncached prompt tokens routed here, exponentially decayed (see scoring/churn.py): how fast
     # this replica's cache is being overwritten, and how much prefill it has been given.
@@ -99,6 +102,9 @@ class Replica:
         if uncached_tokens >= 256 and ttft_s > 0:
             rate = work / ttft_s
             self.prefill_tps = rate if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * rate
+            if ahead_tokens == 0:
+                c = self.prefill_compute_tps
+                self.prefill_compute_tps = rate if c == 0 else 0.8 * c + 0.2 * rate
 
     def observe_cpu_load(self, ttft_s: float, recompute_tokens: int, loaded_tokens: int) -> None:
         """Learn the CPU-tier load rate from a request that loaded ``loaded_tokens`` and

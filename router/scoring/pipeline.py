@@ -121,9 +121,11 @@ class Pipeline:
                     f"scorer {scorer.type_name} returned {len(values)} scores for {len(totals)} replicas"
                 )
             # Clamp to the [0, 1] contract here, once, rather than trusting every scorer. One
-            # in-place pass: this loop runs per scorer per request.
-            for i, v in enumerate(values):
-                totals[i] += weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
+            # comprehension: this runs per scorer per request.
+            totals = [
+                t + weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
+                for t, v in zip(totals, values, strict=True)
+            ]
         choice = kept[self.picker.pick(totals, kept, self.rng)]
         if explain is not None:
             self._explain(explain, req, candidates, kept, per_scorer, totals, choice)

@@ -7,7 +7,8 @@ here and its answer travels on the request (``RequestInfo.session_home`` / ``ses
   prefix), its home's slot, and the fraction of the session's last prompt the home still holds:
   **measured** when the home publishes KV events (the index match on that replica is what the
   engine reported), else **estimated** from the home's cache turnover during the pause
-  (survival.py).
+  (survival.py); and the share of this prompt that extends the session's last one
+  (``session_overlap``, 0 when it does not: a key that is a user, not a conversation).
 * A key this router has never seen (another router replica served the earlier turns) takes as
   home the replica whose KV-event view holds most of the prompt: every router replica sees the
   same events, so they agree without talking to each other. A new session (no such replica) is
@@ -21,13 +22,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..replicas.registry import Replica
-from ..types import KeyMode, RequestInfo
+from ..types import BlockHash, KeyMode, RequestInfo
 from .survival import TurnoverMeter, surviving_fraction
 from .table import SessionTable
 
 NEW = -1  # session_home: a session with no home yet (placed by rendezvous hashing)
 HOMELESS = -2  # session_home: a known session whose home left the candidates (placed by prefix)
 ADOPT_FRACTION = 0.5  # an unknown key adopts the replica holding at least this much of its prompt
+
+
+def continuation(hashes: Sequence[BlockHash], last_blocks: int, last_tail: BlockHash | None) -> float:
+    """Share of this prompt that is the session's last prompt, 0 when it does not extend it.
+
+    Chained block hashes make the test exact and O(1): the prompt extends the last one iff its
+    block at the last prompt's tail position is that tail. A key whose requests share a prefix
+    but do not extend each other (a *user* id on single-turn requests) scores 0: its shared
+    part is what the prefix scorers already price.
+    """
+    n = len(hashes)
+    if last_tail is None or not 0 < last_blocks <= n or hashes[last_blocks - 1] != last_tail:
+        return 0.0
+    return last_blocks / n
 
 
 class SessionTracker:
@@ -67,6 +82,7 @@ class SessionTracker:
         else:
             written = self.meter.written(home.id) - s.turnover_mark
             req.session_keep = surviving_fraction(written, s.blocks, home.num_gpu_blocks or 0)
+        req.session_overlap = continuation(req.block_hashes, s.blocks, s.tail)
 
     @staticmethod
     def _adopt(req: RequestInfo, candidates: Sequence[Replica]) -> tuple[int, float]:

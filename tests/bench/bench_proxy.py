@@ -655,7 +655,7 @@ def one_run(
         targets.append(Target("direct", urls[0] + "/v1/completions", None))
         measure(targets[-1], args, wrk, tmp, prompt)
 
-        plan: list[tuple[str, list[str]]] = []
+        plan: list[tuple[str, list[str], Path]] = []  # name, command, cwd (the checkout it imports)
         kv_py = (
             str(ROOT / ".venv" / "bin" / "python")
             if (ROOT / ".venv" / "bin" / "python").exists()
@@ -672,8 +672,13 @@ def one_run(
                         str(w),
                         *[a for u in urls for a in ("--backend", u)],
                     ],
+                    ROOT,
                 )
             )
+        if args.baseline_tree is not None:
+            # the same command from another checkout (python -m router imports the cwd's tree)
+            base = [*kvrouter_serve(kv_py), "--workers", "1", *[a for u in urls for a in ("--backend", u)]]
+            plan.append(("kvrouter-baseline", base, args.baseline_tree.resolve()))
         if args.pd and len(urls) >= 2:
             # every request split: leg 1 (prefill, one token, kv_transfer_params back) then leg 2
             plan.append(
@@ -688,6 +693,7 @@ def one_run(
                         "--decode",
                         urls[1],
                     ],
+                    ROOT,
                 )
             )
         why_not = ensure_peers(tmp / "peers-install.log") if args.peers else None
@@ -709,6 +715,7 @@ def one_run(
                         "--worker-urls",
                         *urls,
                     ],
+                    ROOT,
                 )
             )
         if "vllm-router" in args.peers:
@@ -726,15 +733,16 @@ def one_run(
                         "--worker-urls",
                         *urls,
                     ],
+                    ROOT,
                 )
             )
-        for name, cmd in plan:
+        for name, cmd, cwd in plan:
             if why_not and not name.startswith("kvrouter"):
                 targets.append(Target(name, "", None, note=f"skipped: {why_not}"))
                 print(f"  {name}: skipped: {why_not}", flush=True)
                 continue
             port = free_port()
-            proc = Proc([a.replace("{port}", str(port)) for a in cmd], name, tmp, args.router_cpus)
+            proc = Proc([a.replace("{port}", str(port)) for a in cmd], name, tmp, args.router_cpus, cwd)
             procs.append(proc)
             url = f"http://127.0.0.1:{port}/v1/completions"
             t = Target(name, url, proc)
@@ -789,7 +797,7 @@ def per_core_summary(runs: list[list[Target]], args: argparse.Namespace) -> str:
                     f"{statistics.median(c.load.rps for c in cs):.0f} | {med[(name, stream, conc)]:.0f} | "
                     f"{', '.join(f'{v:.0f}' for v in per_core)} |"
                 )
-    peers = [n for n in names if not n.startswith("kvrouter")]
+    peers = [n for n in names if not n.startswith("kvrouter") or n == "kvrouter-baseline"]
     if peers:
         lines += [
             "",
@@ -831,6 +839,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1, help="repeat the whole sequence; >1 adds a median summary")
     ap.add_argument(
         "--peers-venv", type=Path, help="venv with sglang-router / vllm-router (default .venv-peers)"
+    )
+    ap.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also run kvrouter-baseline: the same kvrouter command from this checkout (e.g. main)",
     )
     ap.add_argument("--serve-backends", type=int, nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from router.http.fastpath import parse_head
+from router.http.proxy import request_header_lines
 
 OK = b"POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\nContent-Length: 12"
 
@@ -59,3 +60,23 @@ def test_header_line_over_the_limit_is_left_to_aiohttp() -> None:
     raw = OK + b"\r\nX-Long: " + b"a" * 100
     assert parse_head(raw, 64) is None
     assert parse_head(raw, 16384) is not None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"",
+        b"\r\nConnection: keep-alive\r\nAuthorization: Bearer k\r\nX-Trace: 1",
+        b"\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nExpect-CT: x",
+        b"\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nX-Trace: 1",  # lists a header
+    ],
+)
+def test_header_lines_for_the_engine_match_request_header_lines(extra: bytes) -> None:
+    """The lines built while parsing are what request_header_lines makes of the same head; a
+    Connection header naming other headers leaves the decision to request_header_lines."""
+    head = parse_head(OK + extra, 16384)
+    assert head is not None
+    expected = request_header_lines(head.headers, None)
+    assert head.lines in (None, expected)
+    assert (head.lines is None) == (b"X-Secret" in extra)
+    assert b"X-Secret" not in expected and b"Host:" not in expected and b"Content-Length" not in expected

@@ -20,6 +20,7 @@ from router.pd.decision import (
     decide,
     local_ttft,
     pick_decode,
+    prefill_cost,
     remote_ttft,
 )
 
@@ -39,7 +40,8 @@ def test_estimates_follow_the_documented_formulas() -> None:
     assert unc_p == 2000
     # only the 4000 tokens D lacks cross the link
     assert xfer == pytest.approx(1e-4 + 4000 * 100_000 / 10e9)
-    assert rem == pytest.approx((500 + 2000) / 20_000 + P.handoff_overhead_s + xfer + P.step_s * 8)
+    ready = ((500 + 2000) / 20_000 + P.handoff_overhead_s + xfer) * (1 + P.leg1_drift)
+    assert rem == pytest.approx(max(ready, 2000 / 10_000) + P.step_s * 8)
 
 
 def test_long_uncached_prompt_on_a_busy_decode_replica_splits() -> None:
@@ -138,3 +140,42 @@ def test_pick_decode_prefers_cached_prefix_then_headroom() -> None:
 def test_decision_as_dict_has_both_estimates() -> None:
     d = decide(8000, DecodeView(cached_tokens=0, running=32), IDLE_P, LINK, P).as_dict()
     assert {"local_ttft_s", "remote_ttft_s", "outcome", "reason", "transfer_s"} <= set(d)
+
+
+def test_remote_waits_for_the_decode_replicas_own_queue() -> None:
+    # Leg 2 queues on D behind D's pending prefill: remote can never beat D draining its queue.
+    d = DecodeView(cached_tokens=0, running=0, pending_prefill_tokens=40_000, prefill_tps=20_000)
+    rem, _, _ = remote_ttft(1000, d, IDLE_P, LINK, P)
+    assert rem >= 40_000 / 20_000
+
+
+def test_rates_of_one_gpu_kind_compare_as_one() -> None:
+    # D reads 25% slower than P (noise of the prompts each served): no split for that alone.
+    d = DecodeView(cached_tokens=0, running=0, prefill_tps=16_000)
+    dec = decide(8000, d, PrefillView(cached_tokens=0, prefill_tps=20_000), LINK, P)
+    assert not dec.split and dec.local_rate_tps == dec.remote_rate_tps
+    # A 3x faster prefill GPU is a real difference: its rate is kept, and it wins.
+    fast = decide(8000, DecodeView(cached_tokens=0, running=0, prefill_tps=10_000),
+                  PrefillView(cached_tokens=0, prefill_tps=30_000), LINK, P)  # fmt: skip
+    assert fast.split and fast.remote_rate_tps == 30_000
+
+
+def test_a_both_replica_lending_prefill_prices_its_own_decode_batch() -> None:
+    busy_d = DecodeView(cached_tokens=0, running=16, prefill_tps=20_000)
+    idle_both = PrefillView(cached_tokens=0, prefill_tps=20_000, running=0)
+    busy_both = PrefillView(cached_tokens=0, prefill_tps=20_000, running=16)
+    assert decide(8000, busy_d, idle_both, LINK, P).split
+    dec = decide(8000, busy_d, busy_both, LINK, P)
+    assert not dec.split and dec.remote_stall_s == pytest.approx(8000 / 20_000 * 16)
+    assert prefill_cost(8000, idle_both, P) < prefill_cost(8000, busy_both, P)
+
+
+def test_pick_decode_uses_the_next_prefill_replica_for_the_one_that_is_best_at_prefill() -> None:
+    # Two both replicas: 0 is busy decoding, 1 is idle. For candidate 1 the best prefill replica
+    # would be itself; its split option is replica 0, which is busy, so it runs locally.
+    d0 = DecodeView(cached_tokens=0, running=16, prefill_tps=20_000)
+    d1 = DecodeView(cached_tokens=0, running=0, prefill_tps=20_000)
+    v0 = PrefillView(cached_tokens=0, prefill_tps=20_000, running=16)
+    v1 = PrefillView(cached_tokens=0, prefill_tps=20_000, running=0)
+    choice = pick_decode(8000, [d0, d1], v1, LINK, P, prefill_for=[v1, v0])
+    assert choice.index == 1 and not choice.decision.split

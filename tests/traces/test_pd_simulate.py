@@ -113,3 +113,37 @@ def test_replay_reads_the_split_share_of_a_live_pd_fleet_from_its_engines() -> N
     assert s["split_share"] == 0.75
     row = table_rows({"pd": s})[0]
     assert row[COLUMNS.index("split")] == "75.0%"
+
+
+def test_both_replicas_never_splitting_is_the_aggregated_fleet(trace: Trace) -> None:
+    """kv_both replicas under rule never serve exactly like the aggregated cache_aware fleet."""
+    from traces.simulate import simulate_runs
+
+    cfg = _cfg()
+    agg = simulate_runs(trace, cfg, ["cache_aware"])[0]
+    never = run_pd(trace, cfg, PDConfig(prefill_replicas=0, decode_replicas=0, both_replicas=4, rule="never"))
+    assert never.name == "4B never"
+    assert [r.ttft_s for r in never.records] == [r.ttft_s for r in agg.records]
+    assert [r.replica for r in never.records] == [r.replica for r in agg.records]
+
+
+def test_both_replicas_split_to_another_both_replica(trace: Trace) -> None:
+    run = run_pd(
+        trace, _cfg(), PDConfig(prefill_replicas=0, decode_replicas=0, both_replicas=4, rule="always")
+    )
+    assert run.extra["split_share"] == 1.0 and run.summary["ok"] == N
+    assert run.extra["kv_transfer_tokens"] > 0
+    for rec in run.records:
+        assert rec.cached_tokens is not None and rec.cached_tokens >= rec.prompt_tokens - 1
+    mixed = run_pd(
+        trace, _cfg(), PDConfig(prefill_replicas=1, decode_replicas=0, both_replicas=3, rule="auto")
+    )
+    assert mixed.name == "1P+3B auto" and mixed.summary["ok"] == N
+
+
+def test_pd_config_needs_a_decode_and_a_prefill_capable_replica() -> None:
+    with pytest.raises(ValueError):
+        PDConfig(prefill_replicas=2, decode_replicas=0)
+    with pytest.raises(ValueError):
+        PDConfig(prefill_replicas=0, decode_replicas=2)
+    assert PDConfig(prefill_replicas=0, decode_replicas=0, both_replicas=1).fleet == "1B"
