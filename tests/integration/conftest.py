@@ -4,9 +4,10 @@ Starting a vLLM CPU replica costs tens of seconds on 2 cores, so each engine con
 is started once per session (tests/support/engine_pool.py) and stopped right after the last test that uses
 it, not at the end of the session: a NIXL agent busy-polls a core even when idle, and LMCache replicas hold
 1+ GB each. The modules that need a fleet run at the end of the session, those sharing one next to each
-other (``pytest_collection_modifyitems``), and the pool starts the first fleet in the background when the
-first integration test runs, and each next one while the tests of the one before run; the NIXL pair only
-on demand (its busy-polling agents would slow everything beside it). Each module gets the fleet in a known
+other (``pytest_collection_modifyitems``). Each fleet starts when its first test asks for it; with
+KVROUTER_TEST_PREFETCH=1 the pool starts the first one in the background when the first integration test
+runs, and each next one while the tests of the one before run (off by default: see _start_fleets_early),
+the NIXL pair always on demand (its busy-polling agents would slow everything beside it). Each module gets the fleet in a known
 state: the plain pair with empty prefix caches; the connector fleets with whatever earlier modules left,
 which their tests tolerate by using prompts no other module sends and by asserting counter deltas.
 
@@ -173,9 +174,11 @@ def _start_fleets_early(engine_pool: EnginePool, tmp_path_factory: pytest.TempPa
             extra_env={"DTYPE": "float32"},
         ),
     }
-    # KVROUTER_TEST_PREFETCH=0: every fleet starts when its first test asks for it (still once per session),
-    # for a box where start-ups beside the other integration tests would overload the cores.
-    early = os.environ.get("KVROUTER_TEST_PREFETCH", "1") != "0"
+    # Off unless KVROUTER_TEST_PREFETCH=1: a vLLM start-up binds ephemeral ports of its own, and beside the
+    # other integration tests it took ports free_port() had just handed them (2 "address already in use"
+    # failures in 3 full runs with early starts). Off, each fleet starts when its first test asks for it,
+    # still once per session.
+    early = os.environ.get("KVROUTER_TEST_PREFETCH", "0") == "1"
     for key, start in starts.items():
         run_dir = tmp_path_factory.mktemp(f"fleet-{key}")  # here: mktemp is not for background threads
         engine_pool.register(
