@@ -180,6 +180,17 @@ def register_replay(sub: Any) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="per-request limit")
     p.add_argument("--endpoint", default="/v1/completions", help="request path (default /v1/completions)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help="a session's turn is sent when its previous turn finished plus its tool pause (docs/sessions.md)",
+    )
+    p.add_argument(
+        "--decode-tps",
+        type=float,
+        default=None,
+        help="closed loop: decode speed the trace's timestamps assumed (default 50)",
+    )
 
     def _run(args: argparse.Namespace) -> int:
         from .replay import cmd_replay  # aiohttp and the report load only when replaying
@@ -284,6 +295,18 @@ def register_simulate(sub: Any) -> None:
         choices=["on", "off"],
         default="off",
         help="the router's outlier detector on kvrouter's policies, not peers (default off)",
+    )
+    p.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help="a session's turn is sent when its previous turn finished plus its tool pause "
+        "(docs/sessions.md); default: every request at its trace time",
+    )
+    p.add_argument(
+        "--decode-tps",
+        type=float,
+        default=None,
+        help="closed loop: decode speed the trace's timestamps assumed (default: trace metadata, else 50)",
     )
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--out", default=None, metavar="DIR", help="write records-<policy>.jsonl and summary.json")

@@ -30,6 +30,7 @@ import msgspec
 
 from router.replicas.engine_metrics import parse_labels, samples
 
+from .closed_loop import session_completion
 from .model import Trace, TraceRequest
 from .records import SLO, RequestRecord, percentile, summarize
 from .synth import PromptSynth
@@ -66,6 +67,10 @@ class ReplayConfig(msgspec.Struct, kw_only=True):
     request_timeout_s: float = 600.0
     slo: SLO = SLO()
     endpoint: str = "/v1/completions"
+    # Closed loop (traces/replay_closed.py): a session's turn waits for its previous turn plus the
+    # tool pause; decode_tps is the decode speed the trace assumed (None: 50 tokens/s).
+    closed_loop: bool = False
+    decode_tps: float | None = None
 
 
 # --- the plan: which requests, when, with which body -----------------------------------------
@@ -257,6 +262,14 @@ async def run_target(  # noqa: C901 -- the open-loop send schedule and its settl
     """Send ``planned`` to one target on the trace clock; return when every request has settled."""
     own = session is None
     sess = session or new_session()
+    if cfg.closed_loop:
+        from .replay_closed import run_target_closed
+
+        try:
+            return await run_target_closed(target, planned, cfg, sess=sess, progress=progress)
+        finally:
+            if own:
+                await sess.close()
     records: list[RequestRecord] = []
     tasks: list[asyncio.Task[None]] = []
     lateness: list[float] = []
@@ -499,6 +512,10 @@ async def replay(
             engine = engine_delta(before, await scrape(session, engine_urls)) if engine_urls else None
             runs[tgt.name] = run
             summaries[tgt.name] = target_summary(run, cfg, engine)
+            reqs = [p.req for p in planned]
+            if any(r.session_id is not None for r in reqs):
+                recs = {r.request_id: r for r in run.records}
+                summaries[tgt.name].update(session_completion(reqs, recs))
         return {
             "runs": runs,
             "summary": {
@@ -591,6 +608,8 @@ def cmd_replay(args: Any) -> int:
         request_timeout_s=args.request_timeout,
         slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
         endpoint=args.endpoint,
+        closed_loop=getattr(args, "closed_loop", False),
+        decode_tps=getattr(args, "decode_tps", None),
     )
     try:
         result = run_sync(

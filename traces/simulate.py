@@ -66,6 +66,7 @@ from router.scoring.policies import POLICIES, Policy, build_policy
 from router.sessions.tracker import SessionTracker
 from router.types import BlockHash, ReplicaId, ReplicaSpec, Tier
 
+from .closed_loop import DEFAULT_DECODE_TPS, ArrivalQueue, ClosedLoop, session_completion
 from .model import Trace, TraceRequest
 from .records import SLO, RequestRecord, summarize
 from .stats import oracle_hit_ratio
@@ -104,6 +105,12 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     # (engines/sim BlockPool.pin: a model of router-requested retention; docs/sessions.md).
     retain_s: float = 0.0
     infer_sessions: bool = False  # infer session continuity from the prefix for requests without an id
+    # Closed loop (traces/closed_loop.py): a session's turn is sent when its previous turn (and any
+    # sub-agents it spawned) finished, plus the tool pause the trace put between them; off: every
+    # request at its trace time. ``decode_tps``: the decode speed the trace's timestamps assumed
+    # (None: the trace's metadata, else the generators' 50 tokens/s).
+    closed_loop: bool = False
+    decode_tps: float | None = None
     # One sick replica (docs/reliability.md): engine ``slow_replica`` runs ``slow_factor`` times
     # slower from ``slow_window[0]`` to ``slow_window[1]`` simulated seconds.
     slow_replica: int | None = None
@@ -124,6 +131,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"invalid speedup: {self.speedup} (must be > 0)")
         if not self.scrape_interval_s > 0:
             raise ValueError(f"invalid scrape_interval_s: {self.scrape_interval_s} (must be > 0)")
+        if self.decode_tps is not None and not self.decode_tps > 0:
+            raise ValueError(f"invalid decode_tps: {self.decode_tps} (must be > 0)")
         if self.max_requests is not None and self.max_requests < 1:
             raise ValueError(f"invalid max_requests: {self.max_requests} (must be >= 1)")
         if self.duration_s is not None and not self.duration_s > 0:
@@ -237,6 +246,18 @@ def known_policies() -> list[str]:
     return [*POLICIES, *sorted(PEER_POLICIES)]
 
 
+# Closed loop: time step while engines run (a released turn is late by at most this; ~1 decode step).
+CLOSED_LOOP_STEP_S = 0.02
+
+
+def trace_decode_tps(trace: Trace) -> float:
+    """The decode speed a generated trace assumed to space its turns (its metadata), else 50."""
+    v = trace.meta.get("decode_tps")
+    return (
+        float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else DEFAULT_DECODE_TPS
+    )
+
+
 # Callback kinds in the pending heap; at equal times, KV events land first (the engine publishes
 # a step's batch as the step ends, before the HTTP layer streams the token).
 _KV, _FIRST, _FINISH = 0, 1, 2
@@ -328,6 +349,15 @@ class _Fleet:
         self.kv_events_applied = 0
         self.steps = 0
         self.records: dict[str, RequestRecord] = {}
+        self.trace = trace
+        # Closed loop: told of every finished (or failed) request, to release what waits for it.
+        self.on_done: Callable[[str, float], None] | None = None
+        self._finishes: list[float] = []  # closed loop: times of finishes not delivered yet
+        self._t0 = 0.0
+        self._last_tick = -1
+        self._edges: list[tuple[float, float]] = []
+        self._next_eval = 0.0
+        self._last_turn: dict[str, str] = {}
 
     # ---- engine side ----------------------------------------------------------------------
 
@@ -372,6 +402,29 @@ class _Fleet:
         else:
             self.seq += 1
             heapq.heappush(self.heap, (ts, kind, self.seq, i, payload))
+            if kind == _FINISH and self.on_done is not None:
+                heapq.heappush(self._finishes, ts)
+
+    def _next_finish(self, now: float) -> float:
+        """Closed loop: no request finishes before this. Finishes already computed (waiting in the
+        callback heap) are exact; an unfinished request needs at least its remaining output
+        tokens in steps, each at least the profile's fixed step cost, after its engine's clock."""
+        fin = self._finishes
+        while fin and fin[0] <= now:
+            heapq.heappop(fin)
+        lo = fin[0] if fin else math.inf
+        for i in self.busy:
+            eng = self.engines[i]
+            step = eng.step_model.step_ms(0, 0.0, 0, 0) * eng._ms_to_s
+            if step <= 0:
+                return now
+            left = min(
+                (r.max_tokens - r.num_output for q in (eng.running, eng.waiting, eng.loading) for r in q),
+                default=0,
+            )
+            if left > 0:
+                lo = min(lo, max(eng.now, now) + left * step)
+        return lo
 
     def deliver_until(self, t: float) -> None:
         heap = self.heap
@@ -406,6 +459,8 @@ class _Fleet:
             if f.first_token_time is not None:
                 rec.ttft_s = f.first_token_time - f.arrival
             rec.e2e_s = f.finish_time - f.arrival
+            if self.on_done is not None:
+                self.on_done(f.request_id, ts)
         clock.t = saved if saved > ts else ts
 
     def _apply_events(self, rid: ReplicaId, events: Sequence[KVEvent]) -> None:
@@ -462,79 +517,123 @@ class _Fleet:
     def run(
         self, reqs: Sequence[TraceRequest], name: str, on_route: Callable[[TraceRequest], None] | None
     ) -> None:
-        cfg = self.cfg
-        bs = self.bs
-        speedup = cfg.speedup
-        interval = cfg.scrape_interval_s
-        t0 = reqs[0].timestamp_s if reqs else 0.0
-        router = self.router
-        engines = self.engines
-        clock = self.clock
-        records = self.records
-        last_tick = -1
+        self._t0 = reqs[0].timestamp_s if reqs else 0.0
+        self._last_tick = -1
+        self._edges = self._slow_edges()
+        self._next_eval = 0.0
         # Retention is asked for turns whose session returns (a client that closes its last turn).
-        last_turn = (
-            {r.session_id: r.request_id for r in reqs if r.session_id is not None} if cfg.retain_s else {}
+        self._last_turn = (
+            {r.session_id: r.request_id for r in reqs if r.session_id is not None}
+            if self.cfg.retain_s
+            else {}
         )
-        edges = self._slow_edges()
-        next_eval = 0.0
-        for r in reqs:
-            t = (r.timestamp_s - t0) / speedup
-            next_eval = self._ticks(t, edges, next_eval)
-            # Scrapes are lazy: the router only reads the gauges when it decides, so only the last
-            # scrape tick at or before this arrival is taken (the values are those a live scraper
-            # would have stored then); ticks with no decision after them cost nothing.
-            tick = math.floor(t / interval)
-            if tick > last_tick:
-                last_tick = tick
-                ts = tick * interval
-                self.advance_all(ts)
-                clock.t = max(clock.t, ts)
-                self.scrape()
-            self.advance_all(t)
-            clock.t = t
-            n = r.input_length
-            # Full blocks only, as vLLM and the router hash; trace ids serve as both sides' hashes.
-            full: list[BlockHash] = list(r.hash_ids[: n // bs])  # type: ignore[arg-type]
-            rec = RequestRecord(request_id=r.request_id, target=name, send_s=t, prompt_tokens=n)
-            records[r.request_id] = rec
-            if on_route is not None:
-                on_route(r)
-            info = router.request_info(
-                MODEL,
-                block_hashes=full,
-                prompt_tokens=n,
-                max_tokens=max(1, r.output_length),
-                session_id=r.session_id,
-            )
-            replica = router.select(info)
-            ticket = router.dispatch(info, replica)
-            i = self.rid_to_idx[replica.id]
-            rec.replica = replica.id
-            try:
-                engines[i].add_request(
-                    SimRequest(
-                        r.request_id,
-                        max(1, r.output_length),
-                        prompt_len=n,
-                        block_hashes=full,
-                        retain_s=cfg.retain_s
-                        if r.session_id is not None and last_turn.get(r.session_id) != r.request_id
-                        else 0.0,
-                    ),
-                    now=t,
-                )
-            except ValueError as exc:
-                rec.error = str(exc)
-                router.finish(ticket, False, None)
-                continue
-            self.tickets[r.request_id] = ticket
-            self.awaiting[i][r.request_id] = ticket
-            self.busy.add(i)
+        if self.cfg.closed_loop:
+            self._run_closed(reqs, name, on_route)
+        else:
+            for r in reqs:
+                self._arrive(r, (r.timestamp_s - self._t0) / self.cfg.speedup, name, on_route)
         # Drain: no more arrivals, so every engine runs to idle and every callback is delivered.
         for i in list(self.busy):
             self.advance(i, math.inf)
         self.deliver_until(math.inf)
+
+    def _run_closed(
+        self, reqs: Sequence[TraceRequest], name: str, on_route: Callable[[TraceRequest], None] | None
+    ) -> None:
+        """Closed loop (traces/closed_loop.py): a turn is due when what it waits for has finished,
+        plus its pause. Finishes are only known by advancing the engines, so while anything runs
+        time moves to the earliest possible finish (``_next_finish``) in steps of at least
+        ``CLOSED_LOOP_STEP_S``; a turn released inside a step is sent at the step's end (late by
+        at most one step, the same for every policy)."""
+        loop = ClosedLoop(reqs, self.cfg.speedup, self.cfg.decode_tps or trace_decode_tps(self.trace))
+        due = ArrivalQueue(loop.roots())
+
+        def released(request_id: str, t: float) -> None:
+            for at, r in loop.finished(request_id, t):
+                due.push(at, r)
+
+        self.on_done = released
+        now = 0.0
+        while True:
+            nxt = due.peek()
+            running = bool(self.busy or self.heap)
+            if not running and nxt == math.inf:
+                break
+            if running:
+                # Jump to the earliest possible finish (it may release a turn), at least one step.
+                horizon = max(now + CLOSED_LOOP_STEP_S, min(self._next_finish(now), nxt))
+                if horizon < nxt:
+                    now = horizon
+                    self._advance_to(now)
+                    continue
+            t, r = due.pop()
+            now = max(now, t)
+            self._arrive(r, now, name, on_route)
+        self.on_done = None
+
+    def _advance_to(self, t: float) -> None:
+        self._next_eval = self._ticks(t, self._edges, self._next_eval)
+        # Scrapes are lazy: the router only reads the gauges when it decides, so only the last
+        # scrape tick at or before this arrival is taken (the values are those a live scraper
+        # would have stored then); ticks with no decision after them cost nothing.
+        interval = self.cfg.scrape_interval_s
+        tick = math.floor(t / interval)
+        if tick > self._last_tick:
+            self._last_tick = tick
+            ts = tick * interval
+            self.advance_all(ts)
+            self.clock.t = max(self.clock.t, ts)
+            self.scrape()
+        self.advance_all(t)
+
+    def _arrive(
+        self, r: TraceRequest, t: float, name: str, on_route: Callable[[TraceRequest], None] | None
+    ) -> None:
+        cfg = self.cfg
+        bs = self.bs
+        router = self.router
+        self._advance_to(t)
+        self.clock.t = t
+        n = r.input_length
+        # Full blocks only, as vLLM and the router hash; trace ids serve as both sides' hashes.
+        full: list[BlockHash] = list(r.hash_ids[: n // bs])  # type: ignore[arg-type]
+        rec = RequestRecord(request_id=r.request_id, target=name, send_s=t, prompt_tokens=n)
+        self.records[r.request_id] = rec
+        if on_route is not None:
+            on_route(r)
+        info = router.request_info(
+            MODEL,
+            block_hashes=full,
+            prompt_tokens=n,
+            max_tokens=max(1, r.output_length),
+            session_id=r.session_id,
+        )
+        replica = router.select(info)
+        ticket = router.dispatch(info, replica)
+        i = self.rid_to_idx[replica.id]
+        rec.replica = replica.id
+        try:
+            self.engines[i].add_request(
+                SimRequest(
+                    r.request_id,
+                    max(1, r.output_length),
+                    prompt_len=n,
+                    block_hashes=full,
+                    retain_s=cfg.retain_s
+                    if r.session_id is not None and self._last_turn.get(r.session_id) != r.request_id
+                    else 0.0,
+                ),
+                now=t,
+            )
+        except ValueError as exc:
+            rec.error = str(exc)
+            router.finish(ticket, False, None)
+            if self.on_done is not None:
+                self.on_done(r.request_id, t)
+            return
+        self.tickets[r.request_id] = ticket
+        self.awaiting[i][r.request_id] = ticket
+        self.busy.add(i)
 
 
 def run_policy(
@@ -579,6 +678,8 @@ def run_policy(
         spread["slow_replica_share_in_window"] = (
             sum(1 for rec in inside if rec.replica == slow_id) / len(inside) if inside else math.nan
         )
+    if any(r.session_id is not None for r in reqs):
+        spread.update(session_completion(reqs, fleet.records))
     if cfg.cpu_tier_tokens:
         # Tokens loaded from the CPU tier (vLLM's external_prefix_cache_hits), over all prompt
         # tokens: the part of hit_ratio (which counts both tiers) that the LMCache tier served.

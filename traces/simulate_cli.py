@@ -70,6 +70,15 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append("  ".join(cells))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    sessions = [(n, p) for n, p in report["policies"].items() if "session_completion_mean_s" in p]
+    if sessions:
+        loop = "closed loop" if cfg.get("closed_loop") else "open loop: fixed by the trace"
+        lines += ["", f"session completion, first send to last token ({loop}):"]
+        for n, p in sessions:
+            lines.append(
+                f"  {n}: {p['sessions']} sessions, mean {p['session_completion_mean_s']:.1f} s, "
+                f"p99 {p['session_completion_p99_s']:.1f} s"
+            )
     return "\n".join(lines)
 
 
@@ -162,6 +171,8 @@ def cmd_simulate(args: Any) -> int:
             outliers=getattr(args, "outliers", "off") == "on",
             slo_ttft_s=getattr(args, "slo_ttft", 2.0),
             slo_tpot_s=getattr(args, "slo_tpot", 0.1),
+            closed_loop=getattr(args, "closed_loop", False),
+            decode_tps=getattr(args, "decode_tps", None),
         )
         get_profile(cfg.profile)
         pds = pd_configs(args)

@@ -15,13 +15,12 @@ from ..replicas.registry import Replica
 from ..types import RequestInfo
 from .base import Scorer
 from .churn import CacheChurnScorer
-from .guard import BoundedLoadFilter
 from .kv_usage import KVUsageScorer
 from .latency import TailLatencyScorer
 from .pipeline import Explanation, Pipeline, PluginTimer
 from .prefix import PrefixCacheScorer
 from .queue import QueueDepthScorer
-from .session import SessionAffinityScorer
+from .session import SessionAffinityScorer, SessionBoundedLoadFilter
 from .ttft import EstimatedTTFTScorer
 
 
@@ -149,7 +148,9 @@ def _cache_aware(
         (TailLatencyScorer(), w["tail-latency"]),
         (SessionAffinityScorer(), w["session-affinity"]),
     ]
-    return Pipeline(name, scorers, [BoundedLoadFilter(load_factor)], rng=rng, plugin_timer=plugin_timer)
+    return Pipeline(
+        name, scorers, [SessionBoundedLoadFilter(load_factor)], rng=rng, plugin_timer=plugin_timer
+    )
 
 
 def _prefix_only(rng: random.Random, cpu_credit: float, plugin_timer: PluginTimer | None) -> Pipeline:

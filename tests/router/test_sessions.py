@@ -15,8 +15,9 @@ from router.errors import BadRequest
 from router.index import PrefixIndex
 from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router
+from router.scoring.guard import BoundedLoadFilter
 from router.scoring.policies import build_policy
-from router.scoring.session import rendezvous_weight
+from router.scoring.session import SessionBoundedLoadFilter, rendezvous_weight
 from router.sessions.identity import extract_hints, rewrite_body
 from router.sessions.survival import surviving_fraction
 from router.sessions.table import SessionTable
@@ -192,6 +193,28 @@ def test_turns_stick_while_the_kv_survives_even_when_home_is_busier() -> None:
         clock.t += 30.0  # a tool pause
         prompt = grow(prompt, 100 * k)
         assert turn(router, "s", prompt) is home
+
+
+def test_turn_stays_at_light_load_where_plain_bounded_load_would_move_it() -> None:
+    # 8 replicas, the home runs 3 requests and the rest of the fleet 1: the plain limit
+    # 4 * (3 + 1) / 8 = 2 removes the home, but leaving it would recompute the session's history.
+    router, reps, clock = fleet()
+    prompt = grow(SYSTEM, 1)
+    home = turn(router, "s", prompt)
+    others = [r for r in reps if r is not home]
+    for r in reps:
+        r.in_flight = 0
+    home.in_flight = 3
+    others[0].in_flight = 1
+    plain = BoundedLoadFilter(4.0)
+    req = router.request_info("m", block_hashes=grow(prompt, 100), session_id="s", max_tokens=16)
+    assert home not in plain.filter(req, reps)
+    clock.t += 30.0
+    prompt = grow(prompt, 100)
+    assert turn(router, "s", prompt) is home
+    # A sessionless request sees the plain rule.
+    anon = router.request_info("m", block_hashes=prompt, max_tokens=16)
+    assert list(SessionBoundedLoadFilter(4.0).filter(anon, reps)) == list(plain.filter(anon, reps))
 
 
 def test_turn_moves_when_home_is_saturated() -> None:
