@@ -10,8 +10,9 @@ router loads) must equal vLLM's ``POST /tokenize`` with ``messages`` and ``tools
 conversation and that replica's ``vllm:prefix_cache_hits_total`` must grow by at least the previous
 turn's full blocks.
 
-The tiny model must carry the tools template of engines/vllm/make_tiny_model.py; a folder with an
-older template is not used: a fresh one is built in a temporary directory (~10 s).
+The tiny model must carry the tools template of engines/vllm/make_tiny_model.py: then the module runs on
+the shared `vllm_pair` (tests/integration/conftest.py). A folder with an older template is not used: a
+fresh one is built in a temporary directory (~10 s) and two more replicas serve it.
 
 ``KVROUTER_WRITE_CHAT_GOLDEN=1`` also (re)writes tests/router/golden/chat-render/ from vLLM's answers,
 which the unit test (tests/router/test_chat_render.py) checks without vLLM.
@@ -42,7 +43,6 @@ from tests.integration.vllm_fixtures import (
     metric_samples,
     metric_sum,
     vllm_replicas,
-    vllm_setup_or_skip_reason,
 )
 from tests.support.procs import wait_for
 
@@ -79,13 +79,8 @@ def _template_of_make_tiny_model() -> str:
 
 
 @pytest.fixture(scope="module")
-def tools_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    setup = vllm_setup_or_skip_reason()
-    if isinstance(setup, str):
-        if os.environ.get("KVROUTER_REQUIRE_VLLM"):
-            pytest.fail(setup)
-        pytest.skip(setup)
-    venv, model = setup
+def tools_env(vllm_setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    venv, model = vllm_setup
     cfg = json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))
     if cfg.get("chat_template") != _template_of_make_tiny_model():
         model = tmp_path_factory.mktemp("tiny-llama-tools")
@@ -95,9 +90,15 @@ def tools_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def replicas(
-    tools_env: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+    tools_env: tuple[Path, Path],
+    vllm_setup: tuple[Path, Path],
+    vllm_pair: list[Replica],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[list[Replica]]:
     venv, model = tools_env
+    if model == vllm_setup[1]:  # the shared pair serves the tools template already
+        yield vllm_pair
+        return
     with vllm_replicas(venv, model, tmp_path_factory.mktemp("vllm-chat-run"), cores=[0, 1]) as reps:
         yield reps
 

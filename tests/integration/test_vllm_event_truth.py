@@ -6,10 +6,8 @@ BlockRemoved ever took back)."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import zmq
@@ -29,8 +27,6 @@ from tests.integration.vllm_fixtures import (
     complete,
     http,
     token_prompt,
-    vllm_replicas,
-    vllm_setup_or_skip_reason,
 )
 
 pytestmark = pytest.mark.vllm
@@ -38,15 +34,9 @@ PROMPT_BLOCKS = 20
 
 
 @pytest.fixture(scope="module")
-def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    setup = vllm_setup_or_skip_reason()
-    if isinstance(setup, str):
-        if os.environ.get("KVROUTER_REQUIRE_VLLM"):
-            pytest.fail(setup)
-        pytest.skip(setup)
-    venv, model = setup
-    with vllm_replicas(venv, model, tmp_path_factory.mktemp("vllm-truth"), cores=[1]) as reps:
-        yield reps[0]
+def replica(vllm_pair: list[Replica]) -> Replica:
+    """One plain replica with an empty prefix cache (conftest.py's shared pair, reset for this module)."""
+    return vllm_pair[1]
 
 
 class RawFrames:

@@ -41,9 +41,6 @@ from tests.integration.vllm_pd_fixtures import (
     complete_slow,
     directory_lookup,
 )
-from tests.integration.vllm_pd_fixtures import (
-    lmcache_shared_fixture as lmcache_shared_fixture,  # "lmcache_shared"
-)
 from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.vllm

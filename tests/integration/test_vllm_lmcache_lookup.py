@@ -23,9 +23,6 @@ from tests.integration.vllm_pd_fixtures import (
     complete_slow,
     directory_lookup,
 )
-from tests.integration.vllm_pd_fixtures import (
-    lmcache_lookup_mode_fixture as lmcache_lookup_mode_fixture,  # fixture "lmcache_lookup_mode"
-)
 from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.vllm

@@ -30,11 +30,7 @@ from tests.integration.vllm_pd_fixtures import (
     LMCACHE_CHUNK,
     REQUEST_TIMEOUT_S,
     LMCacheFleet,
-    ReplicaSpec,
     complete_slow,
-    lmcache_fleet,
-    lmcache_setup_or_skip_reason,
-    skip_or_fail,
 )
 from tests.support import procs
 from tests.support.procs import wait_for
@@ -49,18 +45,8 @@ EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMCacheFleet]:
-    setup = lmcache_setup_or_skip_reason()
-    if isinstance(setup, str):
-        skip_or_fail(setup)
-    venv, model = setup
-    specs = [ReplicaSpec("r0", 0, 0), ReplicaSpec("r1", 1, 1), ReplicaSpec("r2", 0, 1)]
-    # float32: with bf16 on a Xeon with AMX tiles, a replica's worker died of SIGILL (exit -4) on its first decode
-    # step after loading a chunk another replica had put in the shared tier, as serve_pd.sh records for NIXL loads.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DTYPE", "float32")
-        with lmcache_fleet(venv, model, tmp_path_factory.mktemp("vllm-lmcache-router"), specs) as f:
-            yield f
+def fleet(lmcache_three: LMCacheFleet) -> LMCacheFleet:
+    return lmcache_three
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,6 @@ from tests.integration.vllm_pd_fixtures import (
     LMCacheFleet,
     complete_slow,
 )
-from tests.integration.vllm_pd_fixtures import (
-    lmcache_lookup_mode_fixture as lmcache_lookup_mode_fixture,  # fixture "lmcache_lookup_mode"
-)
 from tests.support import procs
 
 pytestmark = pytest.mark.vllm

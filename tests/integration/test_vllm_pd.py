@@ -15,7 +15,6 @@ import pytest
 
 from tests.integration.vllm_fixtures import metric_sum, token_prompt
 from tests.integration.vllm_pd_fixtures import PDPair, complete_slow, pd_handoff
-from tests.integration.vllm_pd_fixtures import pd_pair_fixture as pd_pair_fixture  # fixture "pd_pair"
 
 pytestmark = pytest.mark.vllm
 

@@ -22,7 +22,6 @@ import pytest
 
 from tests.integration.vllm_fixtures import metric_sum, token_prompt
 from tests.integration.vllm_pd_fixtures import REQUEST_TIMEOUT_S, PDPair, complete_slow
-from tests.integration.vllm_pd_fixtures import pd_pair_fixture as pd_pair_fixture  # fixture "pd_pair"
 from tests.support.procs import RouterProc, http, wait_for
 
 pytestmark = pytest.mark.vllm

@@ -3,9 +3,10 @@
     make vllm-env tiny-model test-vllm        # or: KVROUTER_VLLM_VENV=.venv-vllm pytest -m vllm tests/integration
 
 Skipped unless KVROUTER_VLLM_VENV names a venv where vllm imports (engines/vllm/install_cpu.sh).
-Two replicas of the tiny local Llama (engines/vllm/make_tiny_model.py) start once per session, one per
-core, with a 96-block (3072-token) prefix cache so that a handful of prompts forces eviction. Start-up
-is ~30-45 s; the tests themselves take a few seconds.
+Two replicas of the tiny local Llama (engines/vllm/make_tiny_model.py), one per core, with a 96-block
+(3072-token) prefix cache so that a handful of prompts forces eviction: the `vllm_pair` of
+tests/integration/conftest.py, shared with the other modules that need plain replicas and reset for this
+one. Start-up is ~30-45 s; the tests themselves take a few seconds.
 
 The first group checks the engine contract the router relies on, straight from vLLM: BlockStored
 carries the prompt's full blocks, a repeat is a prefix hit (metrics and usage.cached_tokens agree),
@@ -17,7 +18,6 @@ know where they are cached is the KV-event stream.
 from __future__ import annotations
 
 import json
-import os
 import random
 import threading
 import time
@@ -46,8 +46,6 @@ from tests.integration.vllm_fixtures import (
     reset_prefix_cache,
     text_prompt,
     token_prompt,
-    vllm_replicas,
-    vllm_setup_or_skip_reason,
 )
 from tests.support.procs import SimFleet, wait_for
 
@@ -64,26 +62,12 @@ def expected_hit(prompt_tokens: int) -> int:
     return (prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
 
 
-@pytest.fixture(scope="session")
-def vllm_env() -> tuple[Path, Path]:
-    setup = vllm_setup_or_skip_reason()
-    if isinstance(setup, str):
-        if os.environ.get("KVROUTER_REQUIRE_VLLM"):  # make test: a broken vLLM venv must fail CI
-            pytest.fail(setup)
-        pytest.skip(setup)
-    return setup
+@pytest.fixture(scope="module")
+def replicas(vllm_pair: list[Replica]) -> list[Replica]:
+    return vllm_pair
 
 
-@pytest.fixture(scope="session")
-def replicas(
-    vllm_env: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[Replica]]:
-    venv, model = vllm_env
-    with vllm_replicas(venv, model, tmp_path_factory.mktemp("vllm-run"), cores=[0, 1]) as reps:
-        yield reps
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def events(replicas: list[Replica]) -> Iterator[EventCollector]:
     collector = EventCollector(replicas)
     collector.settle()
@@ -179,13 +163,13 @@ def test_reset_publishes_all_blocks_cleared(replicas: list[Replica], events: Eve
 def router(
     replicas: list[Replica],
     events: EventCollector,
-    vllm_env: tuple[Path, Path],
+    vllm_setup: tuple[Path, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     for r in replicas:  # a clean slate: earlier tests left blocks behind
         reset_prefix_cache(r.url)
     log_dir = tmp_path_factory.mktemp("kvrouter")
-    with kvrouter([r.url for r in replicas], tokenizer=vllm_env[1], log_dir=log_dir) as url:
+    with kvrouter([r.url for r in replicas], tokenizer=vllm_setup[1], log_dir=log_dir) as url:
         # The router subscribes when it discovers /kv_event_sources; give the SUB time to join.
         events.settle(1.5)
         yield url

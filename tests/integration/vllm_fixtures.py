@@ -88,8 +88,21 @@ class Replica:
         return f"tcp://127.0.0.1:{self.zmq_port}"
 
 
+def run_script(script: Path, args: Sequence[str], env: dict[str, str], timeout: float) -> None:
+    """``bash script args...``; its output is kept, not printed: fleets start and stop in background
+    threads (tests/integration/conftest.py), where it would land between pytest's progress dots. On a
+    non-zero exit the error carries the output, which ends with the failing process's log tail."""
+    done = subprocess.run(
+        ["bash", str(script), *args], env=env, timeout=timeout, cwd=REPO, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{script.name} {' '.join(args)}: exit {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-6000:]}"
+        )
+
+
 def _serve(args: Sequence[str], env: dict[str, str], timeout: float) -> None:
-    subprocess.run(["bash", str(SERVE), *args], env=env, check=True, timeout=timeout, cwd=REPO)
+    run_script(SERVE, args, env, timeout)
 
 
 @contextmanager

