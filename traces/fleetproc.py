@@ -31,14 +31,40 @@ ROOT = Path(__file__).resolve().parents[1]
 _handed_out: set[int] = set()
 
 
+def _explicit_port_range() -> range:
+    """Ports below the kernel's ephemeral range: the kernel never picks them for a ``bind(0)`` or an
+    outgoing connection, so a port handed out here can only be taken by another explicit bind."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(10000, max(low, 10001))
+
+
+def _bindable(port: int) -> bool:
+    # The wildcard address: engines (ZMQ publishers, NIXL side channels) bind every interface.
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+_PORTS = _explicit_port_range()
+# Each process walks the range from its own place so two test runs on one machine rarely meet.
+_next_port = [_PORTS.start + (os.getpid() * 7919) % len(_PORTS)]
+
+
 def free_port() -> int:
-    """A port free now and never handed out before by this process: two calls in a row can get the
-    same ephemeral port back from the kernel, and the second of the two servers then fails to bind."""
-    for _ in range(1000):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _handed_out:
+    """A port free now, never handed out before by this process, and outside the kernel's
+    ephemeral range: an ephemeral port that is free when asked for can be taken a moment later by a
+    starting engine's own sockets (a vLLM replica's KV-event port was lost that way in CI)."""
+    for _ in range(len(_PORTS)):
+        port = _next_port[0]
+        _next_port[0] = port + 1 if port + 1 < _PORTS.stop else _PORTS.start
+        if port not in _handed_out and _bindable(port):
             _handed_out.add(port)
             return port
     raise RuntimeError("no free port that was not handed out before")
