@@ -62,6 +62,11 @@ async def run_target_closed(  # noqa: C901 -- the closed-loop schedule and its s
         except TimeoutError:
             rec.error = f"timeout after {cfg.request_timeout_s:g} s"
             rec.e2e_s = None
+        except Exception as exc:
+            # A request that fails in an unexpected way (a malformed usage field, ...) must still
+            # settle and release its session's next turns, or the run would wait for it forever.
+            rec.error = f"{type(exc).__name__}: {exc}"[:300]
+            rec.e2e_s = None
         for at2, r in loop.finished(p.req.request_id, time.perf_counter() - t0):
             spawn(at2, by_id[r.request_id])
         left -= 1

@@ -50,12 +50,18 @@ def _trace(n: int, gap_s: float, *, block: int = 16, shared: bool = True, out_le
 
 class Fake:
     """A streaming completions server: ``delay`` before the first token, HTTP 500 for every
-    ``fail_every``-th request, and requests with ``stall`` in their id set never answered."""
+    ``fail_every``-th request, requests with ``stall`` in their id set never answered, and with
+    ``bad_usage`` a usage block whose token count is not a number."""
 
     def __init__(
-        self, delay: float = 0.0, fail_every: int = 0, stall_ids: frozenset[int] = frozenset()
+        self,
+        delay: float = 0.0,
+        fail_every: int = 0,
+        stall_ids: frozenset[int] = frozenset(),
+        bad_usage: bool = False,
     ) -> None:
         self.delay, self.fail_every, self.stall_ids = delay, fail_every, stall_ids
+        self.bad_usage = bad_usage
         self.arrivals: list[float] = []
         self.n = 0
 
@@ -78,7 +84,7 @@ class Fake:
             await asyncio.sleep(0.002)
         usage = {
             "prompt_tokens": len(body["prompt"]),
-            "completion_tokens": body["max_tokens"],
+            "completion_tokens": "many" if self.bad_usage else body["max_tokens"],
             "prompt_tokens_details": {"cached_tokens": 16},
         }
         await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")

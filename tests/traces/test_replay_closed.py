@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from traces.model import Trace, TraceRequest
@@ -56,3 +57,15 @@ async def test_a_turn_behind_a_stalled_one_is_recorded_not_sent(fake_factory: Fa
     assert recs["a1"].error is not None and recs["a1"].error.startswith("cancelled")
     assert recs["a2"].error == NOT_SENT
     assert run.cancelled == 1 and run.wall_s < 3.0
+
+
+async def test_a_turn_that_fails_unexpectedly_still_releases_the_next(fake_factory: Factory) -> None:  # noqa: F811
+    # A malformed usage block makes reading the answer raise; the run must still settle (no
+    # duration bound here: a lost release would wait forever) and send the session's next turn.
+    url = await fake_factory(Fake(bad_usage=True))
+    trace = Trace(requests=(_req("a1", 0.0, "a"), _req("a2", 0.1, "a", "a1")), block_tokens=16, name="t")
+    cfg = ReplayConfig(model="m", closed_loop=True, grace_s=1)
+    run = await asyncio.wait_for(run_target(Target("fake", url), plan(trace, cfg, "m"), cfg), 10)
+    recs = {r.request_id: r for r in run.records}
+    assert recs["a1"].error is not None and recs["a1"].error.startswith("ValueError")
+    assert recs["a2"].error is not None and recs["a2"].error != NOT_SENT  # sent, failed the same way
