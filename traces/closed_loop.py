@@ -66,7 +66,7 @@ def _deps(reqs: Sequence[TraceRequest]) -> dict[str, list[str]]:
             d.append(par.request_id)
             if par.session_id is not None and par.session_id == r.session_id:
                 d.extend(spawned.get(par.request_id, ()))
-        elif r.parent_id is None and r.session_id is not None and r.session_id in prev_in_session:
+        elif r.session_id is not None and r.session_id in prev_in_session:
             d.append(prev_in_session[r.session_id])
         if r.session_id is not None:
             prev_in_session[r.session_id] = r.request_id
