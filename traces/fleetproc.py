@@ -39,7 +39,13 @@ def _explicit_port_range() -> range:
             low = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    return range(10000, max(low, 10001))
+    # Hosts that widen the ephemeral range (e.g. 1024-65535) leave few ports below it: use what
+    # there is, or the ports above it when it ends early.
+    if low - 10000 >= 1000:
+        return range(10000, low)
+    if low - 1024 >= 1000:
+        return range(1024, low)
+    return range(1024, 65536)
 
 
 def _bindable(port: int) -> bool:
