@@ -79,6 +79,9 @@ class EnginePool:
                 run_here = False
         if run_here:
             assert start is not None
+            # Let the fleets being stopped go first: a vLLM start-up beside another fleet's shutdown
+            # splits the two cores and the memory between them.
+            self._wait_for_stops()
             self._start(slot, start)
         slot.done.wait()
         if slot.error is not None:
@@ -92,6 +95,8 @@ class EnginePool:
         with self._lock:
             if any(not s.done.is_set() for s in self._slots.values()):
                 return  # one start at a time: two would split the cores and finish no sooner
+            if any(t.is_alive() for t in self._stoppers):
+                return  # nor a start beside a stop, for the same reason
             if sum(1 for s in self._slots.values() if s.stack is not None) >= self.max_live:
                 return
             upcoming = sorted(
@@ -169,6 +174,11 @@ class EnginePool:
         t = threading.Thread(target=stop, name=f"stop-{key}", daemon=True)
         self._stoppers.append(t)
         t.start()
+
+    def _wait_for_stops(self) -> None:
+        """Wait for the stops under way; their errors surface at the next ``get`` or ``join_stops``."""
+        for t in list(self._stoppers):
+            t.join()
 
     def _raise_stop_errors(self) -> None:
         if self._stop_errors:
