@@ -321,9 +321,6 @@ async def run_target(  # noqa: C901 -- the open-loop send schedule and its settl
             cancelled = len(pending)
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
-        for rec in records:
-            if rec.error is not None and rec.error.startswith("cancelled"):
-                rec.e2e_s = None
         wall = time.perf_counter() - t0
     finally:
         for t in tasks:
@@ -331,10 +328,21 @@ async def run_target(  # noqa: C901 -- the open-loop send schedule and its settl
                 t.cancel()
         if own:
             await sess.close()
+    return finish_run(target, records, wall, lateness, cancelled)
+
+
+def finish_run(
+    target: Target, records: list[RequestRecord], wall_s: float, lateness: list[float], cancelled: int
+) -> TargetRun:
+    """One target's run as the report reads it (open and closed loop): a request cancelled at the end
+    has no end-to-end time, and how late the sends were is summarised."""
+    for rec in records:
+        if rec.error is not None and rec.error.startswith("cancelled"):
+            rec.e2e_s = None
     return TargetRun(
         target=target,
         records=records,
-        wall_s=wall,
+        wall_s=wall_s,
         lateness_p99_s=percentile(lateness, 99) if lateness else 0.0,
         lateness_max_s=max(lateness, default=0.0),
         cancelled=cancelled,

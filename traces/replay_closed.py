@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 import aiohttp
 
 from .closed_loop import DEFAULT_DECODE_TPS, ClosedLoop
-from .records import RequestRecord, percentile
-from .replay import Planned, ReplayConfig, Target, TargetRun, _send_one
+from .records import RequestRecord
+from .replay import Planned, ReplayConfig, Target, TargetRun, _send_one, finish_run
 
 NOT_SENT = "not sent: a turn it waits for did not finish before the run ended"
 
@@ -104,14 +104,5 @@ async def run_target_closed(  # noqa: C901 -- the closed-loop schedule and its s
                 request_id=p.req.request_id, target=target.name, send_s=wall, prompt_tokens=p.req.input_length
             )
             rec.error = NOT_SENT
-        elif rec.error is not None and rec.error.startswith("cancelled"):
-            rec.e2e_s = None
         out.append(rec)
-    return TargetRun(
-        target=target,
-        records=out,
-        wall_s=wall,
-        lateness_p99_s=percentile(lateness, 99) if lateness else 0.0,
-        lateness_max_s=max(lateness, default=0.0),
-        cancelled=cancelled,
-    )
+    return finish_run(target, out, wall, lateness, cancelled)
