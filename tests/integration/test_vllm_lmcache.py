@@ -34,6 +34,8 @@ from tests.integration.vllm_fixtures import (
     token_prompt,
 )
 from tests.integration.vllm_pd_fixtures import (
+    FLOOD_PROMPTS,
+    FLOOD_TOKENS,
     LMCACHE_CHUNK,
     FrameLog,
     LMCacheFleet,
@@ -48,10 +50,6 @@ pytestmark = pytest.mark.vllm
 GOLDEN = Path(__file__).resolve().parents[1] / "router" / "golden"
 CAPTURE = bool(os.environ.get("KVROUTER_CAPTURE_GOLDEN"))
 PROMPT_TOKENS = 600  # two full LMCache chunks and a partial one, which LMCache never stores
-# 6 x 32 blocks against the 96-block vLLM cache: LMCache's asynchronous save can hold a finished prompt's
-# blocks past the next two prompts, which puts them that far back in vLLM's LRU free queue (with 4, one
-# head block of the prompt survived on a loaded CI host and came back as a local hit)
-FLOOD_PROMPTS, FLOOD_TOKENS = 6, 1000
 EVICT_PROMPTS = 30  # 30 x 3 chunks > the ~80 chunks of the fleet's small LMCache L1
 HITS = "vllm:prefix_cache_hits_total"
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"

@@ -22,16 +22,13 @@ from tests.integration.vllm_pd_fixtures import (
     RawEventCollector,
     complete_slow,
     directory_lookup,
+    flood_vllm_cache,
 )
 from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.vllm
 
 PROMPT_TOKENS = 600
-# 6 x 32 blocks against the 96-block vLLM cache: LMCache's asynchronous save can hold a finished prompt's
-# blocks past the next two prompts, which puts them that far back in vLLM's LRU free queue (with 4, one
-# head block of the prompt survived on a loaded CI host and came back as a local hit)
-FLOOD_PROMPTS, FLOOD_TOKENS = 6, 1000
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +48,7 @@ def test_engine_driven_mode_hits_without_cpu_events_and_the_coordinator_still_kn
     external0 = metric_sum(r0.url, "vllm:external_prefix_cache_hits_total")
     prompt = token_prompt(1601, PROMPT_TOKENS)
     complete_slow(r0.url, prompt)
-    for i in range(FLOOD_PROMPTS):
-        complete_slow(r0.url, token_prompt(1610 + i, FLOOD_TOKENS))
+    flood_vllm_cache(r0.url, 1610)
     held = len(prompt) // LMCACHE_CHUNK * LMCACHE_CHUNK
 
     # The coordinator learns the chunks from the MP server's reports, events or not.

@@ -31,6 +31,7 @@ from tests.integration.vllm_pd_fixtures import (
     REQUEST_TIMEOUT_S,
     LMCacheFleet,
     complete_slow,
+    flood_vllm_cache,
 )
 from tests.support import procs
 from tests.support.procs import wait_for
@@ -40,10 +41,6 @@ pytestmark = pytest.mark.vllm
 PROMPT_TOKENS = 600  # two whole LMCache chunks (512 tokens) and a partial one LMCache never stores
 HELD = PROMPT_TOKENS // LMCACHE_CHUNK * LMCACHE_CHUNK
 HELD_BLOCKS = HELD // 32
-# 6 x 32 blocks against the 96-block vLLM cache: LMCache's asynchronous save can hold a finished prompt's
-# blocks past the next two prompts, which puts them that far back in vLLM's LRU free queue (with 4, one
-# head block of the prompt survived on a loaded CI host and came back as a local hit)
-FLOOD_PROMPTS, FLOOD_TOKENS = 6, 1000
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 
 
@@ -94,11 +91,6 @@ def wait_view(
     wait_for(ok, 60, f"the router's index to show {want} for a {len(prompt)}-token prompt", interval=0.5)
 
 
-def flood(url: str, seed: int) -> None:
-    for i in range(FLOOD_PROMPTS):
-        complete_slow(url, token_prompt(seed + i, FLOOD_TOKENS))
-
-
 def via_router(router: str, prompt: list[int]) -> Reply:
     return http(
         "POST",
@@ -114,7 +106,7 @@ def test_a_prompt_evicted_from_vllm_but_held_by_lmcache_routes_back_as_a_cpu_tie
     r0, r1, r2 = (lr.replica for lr in fleet.replicas)
     prompt = token_prompt(4201, PROMPT_TOKENS)
     assert cached_tokens(complete_slow(r0.url, prompt)) == 0
-    flood(r0.url, 4210)
+    flood_vllm_cache(r0.url, 4210)
     # Evicted from r0's GPU, held by mp0: the router credits r0 with the 16 blocks of LMCache's two
     # chunks (re-hashed from the chunk events' tokens) and nobody else with anything.
     wait_view(router, prompt, {r0.url: (0, HELD_BLOCKS), r1.url: (0, 0), r2.url: (0, 0)}, [r0.url])
@@ -134,7 +126,7 @@ def test_a_shared_lmcache_tier_spreads_its_prompts_over_the_replicas_attached_to
     prompts = [token_prompt(4301 + i, PROMPT_TOKENS) for i in range(4)]
     for p in prompts:  # computed by r1 only: into mp1, which r2 shares
         assert cached_tokens(complete_slow(r1.url, p)) == 0
-    flood(r1.url, 4320)
+    flood_vllm_cache(r1.url, 4320)
     for p in prompts:
         wait_view(
             router, p, {r1.url: (0, HELD_BLOCKS), r2.url: (0, HELD_BLOCKS), r0.url: (0, 0)}, [r1.url, r2.url]

@@ -19,6 +19,7 @@ from tests.integration.vllm_pd_fixtures import (
     REQUEST_TIMEOUT_S,
     LMCacheFleet,
     complete_slow,
+    flood_vllm_cache,
 )
 from tests.support import procs
 
@@ -26,10 +27,6 @@ pytestmark = pytest.mark.vllm
 
 PROMPT_TOKENS = 600
 HELD = PROMPT_TOKENS // LMCACHE_CHUNK * LMCACHE_CHUNK
-# 6 x 32 blocks against the 96-block vLLM cache: LMCache's asynchronous save can hold a finished prompt's
-# blocks past the next two prompts, which puts them that far back in vLLM's LRU free queue (with 4, one
-# head block of the prompt survived on a loaded CI host and came back as a local hit)
-FLOOD_PROMPTS, FLOOD_TOKENS = 6, 1000
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 
 
@@ -56,8 +53,7 @@ def test_lookup_mode_learns_the_cpu_tier_from_the_coordinator(
     r0 = lmcache_lookup_mode.replicas[0].replica
     prompt = token_prompt(4401, PROMPT_TOKENS)
     assert cached_tokens(complete_slow(r0.url, prompt)) == 0
-    for i in range(FLOOD_PROMPTS):
-        complete_slow(r0.url, token_prompt(4410 + i, FLOOD_TOKENS))
+    flood_vllm_cache(r0.url, 4410)
     assert metric_sum(router, "kvrouter_cpu_tier_mode", replica=r0.url, mode="lookup") == 1.0
     ok0 = metric_sum(router, "kvrouter_lmcache_lookups_total", outcome="ok")
     external0 = metric_sum(r0.url, EXTERNAL_HITS)

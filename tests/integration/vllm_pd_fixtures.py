@@ -35,6 +35,7 @@ from tests.integration.vllm_fixtures import (
     _resolve,
     http,
     run_script,
+    token_prompt,
     vllm_setup_or_skip_reason,
 )
 from tests.support import procs
@@ -219,6 +220,18 @@ def complete_slow(base_url: str, prompt: str | list[int], max_tokens: int = 1) -
 
 
 # --- LMCache ---------------------------------------------------------------------------------------
+
+# Enough prompts to push a 600-token prompt out of a replica's 96-block vLLM cache (32-token blocks):
+# 6 x 32 blocks, because LMCache's asynchronous save can hold a finished prompt's blocks past the next
+# two prompts, which puts them that far back in vLLM's LRU free queue (with 4, one head block of the
+# prompt survived on a loaded CI host and came back as a local hit).
+FLOOD_PROMPTS, FLOOD_TOKENS = 6, 1000
+
+
+def flood_vllm_cache(base_url: str, seed: int) -> None:
+    """Evict what the replica's vLLM cache held (LMCache keeps its copy): FLOOD_PROMPTS new prompts."""
+    for i in range(FLOOD_PROMPTS):
+        complete_slow(base_url, token_prompt(seed + i, FLOOD_TOKENS))
 
 
 @dataclass(frozen=True)
