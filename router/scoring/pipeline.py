@@ -19,7 +19,9 @@ from .fused import kernel_for
 from .picker import MaxScorePicker
 
 PluginTimer = Callable[[str, float], None]
-TIMING_SAMPLE = 16  # time the plugins on one request in 16: cheap enough for the hot path
+# Time the plugins on one request in 64: a timed decision runs plugin by plugin (not fused),
+# ~30 us with its eight observations, so one in 16 cost ~2 us on every request.
+TIMING_SAMPLE = 64
 
 
 @dataclass(slots=True)
