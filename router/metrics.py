@@ -79,6 +79,12 @@ class RouterMetrics:
             ["replica"],
             registry=r,
         )
+        self.ejections_capped = Counter(
+            "kvrouter_ejections_capped",
+            "Ejections for request failures not made: the pool was at health.max_ejected_fraction",
+            ["replica"],
+            registry=r,
+        )
         self.stream_aborts = Counter(
             "kvrouter_stream_aborts", "Streams ended early, by side", ["side"], registry=r
         )
