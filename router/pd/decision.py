@@ -82,6 +82,8 @@ class DecodeView:
     pending_prefill_tokens: int = 0  # uncached prompt tokens queued on D, first token not seen
     kv_free: float | None = None  # 1 - KV usage; None until scraped
     prefill_tps: float = 0.0  # D's measured prefill compute rate; 0 = unmeasured
+    arrival_rate: float = 0.0  # prefill-bearing requests/s the router sends D (dispatch history)
+    rate_log_var: float = 0.0  # spread of the rate's samples: variance of ln(sample) (0 = unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,9 @@ class PrefillView:
     pending_prefill_tokens: int = 0
     prefill_tps: float = 0.0
     running: float = 0.0  # P's own decode batch: > 0 only for a ``both`` (kv_both) replica
+    decodes: bool = False  # P is a ``both`` replica: it serves the same mix of work as D
+    arrival_rate: float = 0.0  # prefill-bearing requests/s the router sends P (dispatch history)
+    rate_log_var: float = 0.0  # spread of the rate's samples: variance of ln(sample) (0 = unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,8 @@ class DecisionParams:
     min_split_tokens: int = 64  # below this many uncached tokens: never a second leg (local_short)
     same_rate_ratio: float = 1.5  # P and D rates closer than this ratio count as one GPU kind
     leg1_drift: float = 0.25  # remote path's extra wait on D, as a share of leg 1's estimate
+    rate_z: float = 2.0  # rates differ only beyond this many standard errors of their difference
+    occupancy_weight: float = 1.0  # TTFT seconds per request-second of delay imposed on later arrivals
     # Baseline "threshold" rule (llm-d nonCachedTokens / Dynamo eff-isl-threshold).
     threshold_tokens: int = 2048
     threshold_max_cached_ratio: float | None = None  # Dynamo isl_bounding's 0.7 when set
@@ -139,6 +146,8 @@ class Decision:
     remote_stall_s: float = 0.0  # request-seconds of decode slow-down remote prefill causes on P
     local_rate_tps: float = 0.0  # the prefill rates the estimates divided by
     remote_rate_tps: float = 0.0
+    imposed_s: float = 0.0  # request-seconds of TTFT a split adds to requests arriving at P
+    local_imposed_s: float = 0.0  # the same for local prefill, on requests arriving at D
 
     @property
     def chosen_ttft_s(self) -> float:
@@ -160,6 +169,8 @@ class Decision:
             "remote_stall_s": round(self.remote_stall_s, 6),
             "local_rate_tps": round(self.local_rate_tps, 1),
             "remote_rate_tps": round(self.remote_rate_tps, 1),
+            "imposed_s": round(self.imposed_s, 6),
+            "local_imposed_s": round(self.local_imposed_s, 6),
         }
 
 
@@ -167,13 +178,23 @@ def _rate(tps: float, params: DecisionParams) -> float:
     return tps if tps > 0 else params.default_prefill_tps
 
 
-def _rates(p_tps: float, d_tps: float, params: DecisionParams) -> tuple[float, float]:
+_EWMA_SE2 = 0.2 / (2 - 0.2)  # variance of an EWMA (weight 0.2) over one sample's variance
+
+
+def _rates(p_tps: float, d_tps: float, params: DecisionParams, log_var: float = 0.0) -> tuple[float, float]:
     """P's and D's rates for one comparison. Within ``same_rate_ratio`` of each other they are
     taken as one (their geometric mean): a measured rate moves with the prompts a replica happened
     to serve (attention makes long prompts slower per token), and on one kind of GPU a split
     chosen because P read faster than D by that noise pays the transfer for nothing."""
+    # A replica nobody has measured yet serves the same model as the one that has been: the
+    # measured rate is a better guess for it than the fleet-wide default.
+    if p_tps <= 0 < d_tps:
+        p_tps = d_tps
+    elif d_tps <= 0 < p_tps:
+        d_tps = p_tps
     rp, rd = _rate(p_tps, params), _rate(d_tps, params)
-    if max(rp, rd) <= params.same_rate_ratio * min(rp, rd):
+    tol = max(math.log(params.same_rate_ratio), params.rate_z * math.sqrt(log_var * _EWMA_SE2))
+    if abs(math.log(rp / rd)) <= tol:
         g = math.sqrt(rp * rd)
         return g, g
     return rp, rd
@@ -216,6 +237,17 @@ def remote_stall(prompt_tokens: int, p: PrefillView, params: DecisionParams) -> 
     return max(0, prompt_tokens - p.cached_tokens) / _rate(p.prefill_tps, params) * p.running
 
 
+def imposed_delay(uncached: int, pending: int, rate: float, arrival_rate: float) -> float:
+    """Request-seconds of TTFT that ``uncached`` tokens of prefill add to the requests arriving at a
+    replica after it: every arrival before the replica's queue (``pending``) and this prefill have
+    drained waits for this prefill too, by all of it if it arrives while the queue ahead still
+    runs, by what is left of it (on average half) if it arrives during it. First order: the work
+    those arrivals bring is not compounded (they are a share of the replica's arrivals, and the
+    router steers later ones by the pending count this prefill adds)."""
+    work = uncached / rate
+    return arrival_rate * work * (pending / rate + work / 2)
+
+
 def prefill_cost(prompt_tokens: int, p: PrefillView, params: DecisionParams) -> float:
     """How the best prefill replica is chosen: its queue and compute for this prompt, its own
     decode steps, and the stall it would cause on its decode batch (role both), weighted."""
@@ -237,7 +269,8 @@ def decide(
 ) -> Decision:
     """Split (remote prefill on ``prefill``, decode on ``decode``) or run locally on ``decode``."""
     if prefill is not None:
-        rate_p, rate_d = _rates(prefill.prefill_tps, decode.prefill_tps, params)
+        var = prefill.rate_log_var + decode.rate_log_var if prefill.decodes else 0.0
+        rate_p, rate_d = _rates(prefill.prefill_tps, decode.prefill_tps, params, var)
         decode = replace(decode, prefill_tps=rate_d)
         prefill = replace(prefill, prefill_tps=rate_p)
     loc, stall, unc_d = local_ttft(prompt_tokens, decode, params)
@@ -248,9 +281,17 @@ def decide(
     rem, xfer, unc_p = remote_ttft(prompt_tokens, decode, prefill, link, params)
     rstall = remote_stall(prompt_tokens, prefill, params)
     rates = (_rate(decode.prefill_tps, params), _rate(prefill.prefill_tps, params))
+    imp_p = (
+        imposed_delay(unc_p, prefill.pending_prefill_tokens, rates[1], prefill.arrival_rate)
+        if prefill.decodes
+        else 0.0
+    )
+    imp_d = imposed_delay(unc_d, decode.pending_prefill_tokens, rates[0], decode.arrival_rate)
 
     def out(split: bool, outcome: str, reason: str) -> Decision:
-        return Decision(split, outcome, reason, loc, rem, stall, unc_d, unc_p, xfer, rstall, *rates)
+        return Decision(
+            split, outcome, reason, loc, rem, stall, unc_d, unc_p, xfer, rstall, *rates, imp_p, imp_d
+        )
 
     if n > 1:
         return out(False, LOCAL_N, f"n={n}: one NIXL handoff feeds one sequence")
@@ -268,7 +309,8 @@ def decide(
             )
         return out(False, LOCAL_SHORT, f"{unc_d} uncached tokens < {params.min_split_tokens}")
     local_cost = loc + params.stall_weight * stall
-    if rem + params.stall_weight * rstall + params.min_gain_s < (1.0 - params.min_gain_ratio) * local_cost:
+    remote_cost = rem + params.stall_weight * rstall + params.occupancy_weight * imp_p
+    if remote_cost + params.min_gain_s < (1.0 - params.min_gain_ratio) * local_cost:
         on_p = f" + P stall {rstall * 1e3:.1f} ms·req" if rstall else ""
         return out(
             True,

@@ -59,11 +59,16 @@ class Replica:
     # The same from requests with no prefill queued ahead: compute alone, for estimates that add
     # the queue themselves (router/pd/decision.py). 0 until such a request was seen.
     prefill_compute_tps: float = 0.0
+    prefill_compute_log_var: float = 0.0  # variance of ln(sample rate) around the EWMA
     cpu_load_tps: float = 0.0  # measured CPU-tier (LMCache) load rate, tokens/s (0: not yet)
     # Uncached prompt tokens routed here, exponentially decayed (see scoring/churn.py): how fast
     # this replica's cache is being overwritten, and how much prefill it has been given.
     churn_tokens: float = 0.0
     churn_at: float = 0.0
+    # Requests routed here with a prefill to do, exponentially decayed the same way: their arrival
+    # rate (``arrival_rate``), which prices the delay a remote prefill imposes (router/pd/decision.py).
+    arrivals: float = 0.0
+    arrivals_at: float = 0.0
 
     def add_churn(self, tokens: int, now: float, tau_s: float) -> None:
         self.churn_tokens = self.churn(now, tau_s) + tokens
@@ -74,6 +79,17 @@ class Replica:
         if dt <= 0 or self.churn_tokens == 0.0:
             return self.churn_tokens
         return self.churn_tokens * math.exp(-dt / tau_s)
+
+    def add_arrival(self, now: float, tau_s: float) -> None:
+        self.arrivals = self.arrival_rate(now, tau_s) * tau_s + 1.0
+        self.arrivals_at = now
+
+    def arrival_rate(self, now: float, tau_s: float) -> float:
+        """Prefill-bearing requests per second routed here (decayed count / tau)."""
+        dt = now - self.arrivals_at
+        if dt <= 0 or self.arrivals == 0.0:
+            return self.arrivals / tau_s
+        return self.arrivals * math.exp(-dt / tau_s) / tau_s
 
     @property
     def role(self) -> str:
@@ -105,6 +121,10 @@ class Replica:
             if ahead_tokens == 0:
                 c = self.prefill_compute_tps
                 self.prefill_compute_tps = rate if c == 0 else 0.8 * c + 0.2 * rate
+                # The samples' spread (EWMA of squared log deviation, same weight): how far apart
+                # two replicas' rates may read on identical GPUs (router/pd/decision.py).
+                dev = math.log(rate) - (math.log(c) if c else math.log(rate))
+                self.prefill_compute_log_var = 0.8 * self.prefill_compute_log_var + 0.2 * dev * dev
 
     def observe_cpu_load(self, ttft_s: float, recompute_tokens: int, loaded_tokens: int) -> None:
         """Learn the CPU-tier load rate from a request that loaded ``loaded_tokens`` and
