@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from router.pd.decision import (
@@ -18,6 +20,7 @@ from router.pd.decision import (
     LinkModel,
     PrefillView,
     decide,
+    imposed_delay,
     local_ttft,
     pick_decode,
     prefill_cost,
@@ -179,3 +182,62 @@ def test_pick_decode_uses_the_next_prefill_replica_for_the_one_that_is_best_at_p
     v1 = PrefillView(cached_tokens=0, prefill_tps=20_000, running=0)
     choice = pick_decode(8000, [d0, d1], v1, LINK, P, prefill_for=[v1, v0])
     assert choice.index == 1 and not choice.decision.split
+
+
+def test_imposed_delay_prices_later_arrivals_on_a_both_helper() -> None:
+    # 8000 tokens at 20k tok/s = 0.4 s on P, behind 0.1 s of queue; 2 arrivals/s: every one in the
+    # next 0.1 s waits 0.4 s, every one during the prefill on average 0.2 s.
+    assert imposed_delay(8000, 2000, 20_000, 2.0) == pytest.approx(2.0 * 0.4 * (0.1 + 0.2))
+    d = DecodeView(cached_tokens=0, running=0, pending_prefill_tokens=12_000, prefill_tps=20_000)
+    quiet = PrefillView(cached_tokens=0, prefill_tps=20_000, decodes=True)
+    assert decide(8000, d, quiet, LINK, P).split
+    # The same helper with its own clients arriving at 2/s: the split's margin (local 1.0 s less
+    # 30%, against remote 0.60 s) is less than the 0.16 s it adds to theirs: local.
+    crowded = PrefillView(cached_tokens=0, prefill_tps=20_000, decodes=True, arrival_rate=2.0)
+    dec = decide(8000, d, crowded, LINK, P)
+    assert not dec.split and dec.imposed_s == pytest.approx(2.0 * 0.4 * 0.2)
+    assert dec.as_dict()["imposed_s"] == pytest.approx(dec.imposed_s, abs=1e-6)
+    # A prefill-only replica's arrivals are leg 1s, each chosen knowing its queue: not priced.
+    only = PrefillView(cached_tokens=0, prefill_tps=20_000, arrival_rate=8.0)
+    assert decide(8000, d, only, LINK, P).imposed_s == 0.0
+
+
+def test_both_replicas_rates_differ_only_beyond_their_measured_spread() -> None:
+    d = DecodeView(cached_tokens=0, running=0, prefill_tps=10_000, rate_log_var=0.8)
+    # Samples whose log-rate varies with sd 0.9: an EWMA ratio of 2x is within 2 standard errors.
+    noisy = PrefillView(cached_tokens=0, prefill_tps=20_000, decodes=True, rate_log_var=0.8)
+    dec = decide(8000, d, noisy, LINK, P)
+    assert not dec.split and dec.local_rate_tps == dec.remote_rate_tps
+    # Steady samples: 2x is a real difference and is kept.
+    steady = PrefillView(cached_tokens=0, prefill_tps=20_000, decodes=True, rate_log_var=0.01)
+    d_steady = DecodeView(cached_tokens=0, running=0, prefill_tps=10_000, rate_log_var=0.01)
+    assert decide(8000, d_steady, steady, LINK, P).remote_rate_tps == 20_000
+    # A prefill-only replica differs from a decoder systematically: only same_rate_ratio applies.
+    only = PrefillView(cached_tokens=0, prefill_tps=20_000, rate_log_var=0.8)
+    assert decide(8000, d, only, LINK, P).remote_rate_tps == 20_000
+
+
+def test_an_unmeasured_replica_takes_the_measured_ones_rate() -> None:
+    d = DecodeView(cached_tokens=0, running=0, prefill_tps=0.0)
+    dec = decide(8000, d, PrefillView(cached_tokens=0, prefill_tps=40_000), LINK, P)
+    assert dec.local_rate_tps == dec.remote_rate_tps == 40_000
+
+
+def test_replica_measures_its_arrival_rate_and_rate_spread() -> None:
+    from router.index import PrefixIndex
+    from router.replicas.registry import ReplicaRegistry
+    from router.types import ReplicaSpec
+
+    rep = ReplicaRegistry(PrefixIndex(100)).add(ReplicaSpec(url="http://r0:8000", name="r0"))
+    for i in range(300):  # 2 requests/s for 150 s: the decayed count settles at rate x tau
+        rep.add_arrival(i * 0.5, 30.0)
+    assert rep.arrival_rate(149.5, 30.0) == pytest.approx(2.0, rel=0.02)
+    assert rep.arrival_rate(179.5, 30.0) == pytest.approx(2.0 / math.e, rel=0.02)
+    for _ in range(20):  # identical samples: no spread
+        rep.observe_ttft(0.5, 10_000)
+    assert rep.prefill_compute_tps == pytest.approx(20_000) and rep.prefill_compute_log_var < 1e-9
+    for ttft in (0.25, 1.0) * 20:  # samples 2x either side of 20k: ln 2 around the mean
+        rep.observe_ttft(ttft, 10_000)
+    assert 0.2 < rep.prefill_compute_log_var < 1.0
+    rep.observe_ttft(5.0, 10_000, ahead_tokens=40_000)  # queued behind others: not a compute sample
+    assert 0.2 < rep.prefill_compute_log_var < 1.0
