@@ -240,7 +240,7 @@ class _PDRun:
                 prefill_tps=self._rate(rep),
                 running=self._running(rep) if role == "both" else 0.0,
                 arrival_rate=rep.arrival_rate(self.clock.t, CHURN_TAU_S),
-                rate_log_var=rep.prefill_compute_log_var,
+                rate_log_se2=rep.prefill_compute_log_se2,
                 decodes=role == "both",
             )
             cost = prefill_cost(n, view, self.params)
@@ -264,7 +264,7 @@ class _PDRun:
             kv_free=None if drep.kv_usage is None else 1.0 - drep.kv_usage,
             prefill_tps=self._rate(drep),
             arrival_rate=drep.arrival_rate(t, CHURN_TAU_S),
-            rate_log_var=drep.prefill_compute_log_var,
+            rate_log_se2=drep.prefill_compute_log_se2,
         )
         dec = decide(n, dview, pview, self.link, self.params)
         self.outcomes[dec.outcome] = self.outcomes.get(dec.outcome, 0) + 1

@@ -83,7 +83,8 @@ class DecodeView:
     kv_free: float | None = None  # 1 - KV usage; None until scraped
     prefill_tps: float = 0.0  # D's measured prefill compute rate; 0 = unmeasured
     arrival_rate: float = 0.0  # prefill-bearing requests/s the router sends D (dispatch history)
-    rate_log_var: float = 0.0  # spread of the rate's samples: variance of ln(sample) (0 = unknown)
+    # squared standard error of ln(prefill_tps), from its samples' spread (inf: not known yet)
+    rate_log_se2: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,8 @@ class PrefillView:
     running: float = 0.0  # P's own decode batch: > 0 only for a ``both`` (kv_both) replica
     decodes: bool = False  # P is a ``both`` replica: it serves the same mix of work as D
     arrival_rate: float = 0.0  # prefill-bearing requests/s the router sends P (dispatch history)
-    rate_log_var: float = 0.0  # spread of the rate's samples: variance of ln(sample) (0 = unknown)
+    # squared standard error of ln(prefill_tps), from its samples' spread (inf: not known yet)
+    rate_log_se2: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,22 +180,29 @@ def _rate(tps: float, params: DecisionParams) -> float:
     return tps if tps > 0 else params.default_prefill_tps
 
 
-_EWMA_SE2 = 0.2 / (2 - 0.2)  # variance of an EWMA (weight 0.2) over one sample's variance
-
-
-def _rates(p_tps: float, d_tps: float, params: DecisionParams, log_var: float = 0.0) -> tuple[float, float]:
+def _rates(
+    p_tps: float, d_tps: float, params: DecisionParams, log_se2: float | None = None
+) -> tuple[float, float]:
     """P's and D's rates for one comparison. Within ``same_rate_ratio`` of each other they are
     taken as one (their geometric mean): a measured rate moves with the prompts a replica happened
     to serve (attention makes long prompts slower per token), and on one kind of GPU a split
-    chosen because P read faster than D by that noise pays the transfer for nothing."""
-    # A replica nobody has measured yet serves the same model as the one that has been: the
-    # measured rate is a better guess for it than the fleet-wide default.
-    if p_tps <= 0 < d_tps:
-        p_tps = d_tps
-    elif d_tps <= 0 < p_tps:
-        d_tps = p_tps
+    chosen because P read faster than D by that noise pays the transfer for nothing.
+
+    ``log_se2`` (the squared standard errors of ln rate, summed) is given when P is a ``both``
+    replica, serving the same mix of work as D: their rates then differ only by hardware, so they
+    count as one unless they differ by more than ``rate_z`` standard errors of their difference
+    (infinite while either has under two samples), and an unmeasured one takes the measured one's
+    rate. A prefill-only
+    P's rate differs from a decoder's systematically (no decode steps in its prefill), so neither
+    inference is made across those roles."""
+    tol = math.log(params.same_rate_ratio)
+    if log_se2 is not None:
+        if p_tps <= 0 < d_tps:
+            p_tps = d_tps
+        elif d_tps <= 0 < p_tps:
+            d_tps = p_tps
+        tol = max(tol, params.rate_z * math.sqrt(log_se2))
     rp, rd = _rate(p_tps, params), _rate(d_tps, params)
-    tol = max(math.log(params.same_rate_ratio), params.rate_z * math.sqrt(log_var * _EWMA_SE2))
     if abs(math.log(rp / rd)) <= tol:
         g = math.sqrt(rp * rd)
         return g, g
@@ -269,8 +278,8 @@ def decide(
 ) -> Decision:
     """Split (remote prefill on ``prefill``, decode on ``decode``) or run locally on ``decode``."""
     if prefill is not None:
-        var = prefill.rate_log_var + decode.rate_log_var if prefill.decodes else 0.0
-        rate_p, rate_d = _rates(prefill.prefill_tps, decode.prefill_tps, params, var)
+        se2 = prefill.rate_log_se2 + decode.rate_log_se2 if prefill.decodes else None
+        rate_p, rate_d = _rates(prefill.prefill_tps, decode.prefill_tps, params, se2)
         decode = replace(decode, prefill_tps=rate_d)
         prefill = replace(prefill, prefill_tps=rate_p)
     loc, stall, unc_d = local_ttft(prompt_tokens, decode, params)

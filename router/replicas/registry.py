@@ -59,7 +59,9 @@ class Replica:
     # The same from requests with no prefill queued ahead: compute alone, for estimates that add
     # the queue themselves (router/pd/decision.py). 0 until such a request was seen.
     prefill_compute_tps: float = 0.0
-    prefill_compute_log_var: float = 0.0  # variance of ln(sample rate) around the EWMA
+    prefill_compute_samples: int = 0
+    _compute_var: float = 0.0  # EWMA of squared ln deviations of the samples (spread)
+    _compute_w2: float = 0.0  # sum of the EWMA's squared sample weights
     cpu_load_tps: float = 0.0  # measured CPU-tier (LMCache) load rate, tokens/s (0: not yet)
     # Uncached prompt tokens routed here, exponentially decayed (see scoring/churn.py): how fast
     # this replica's cache is being overwritten, and how much prefill it has been given.
@@ -119,12 +121,30 @@ class Replica:
             rate = work / ttft_s
             self.prefill_tps = rate if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * rate
             if ahead_tokens == 0:
-                c = self.prefill_compute_tps
-                self.prefill_compute_tps = rate if c == 0 else 0.8 * c + 0.2 * rate
-                # The samples' spread (EWMA of squared log deviation, same weight): how far apart
-                # two replicas' rates may read on identical GPUs (router/pd/decision.py).
-                dev = math.log(rate) - (math.log(c) if c else math.log(rate))
-                self.prefill_compute_log_var = 0.8 * self.prefill_compute_log_var + 0.2 * dev * dev
+                self._observe_compute_rate(rate)
+
+    def _observe_compute_rate(self, rate: float) -> None:
+        """EWMA (weight 0.2) of queue-free rate samples, with what router/pd/decision.py needs to
+        tell two replicas' rates apart: the samples' spread (EWMA of the squared deviation of
+        ln(sample) from the running estimate, bias-corrected for its zero start) and the sum of
+        the EWMA's squared weights (1 after one sample, 0.2 / 1.8 in the long run)."""
+        c = self.prefill_compute_tps
+        self.prefill_compute_samples += 1
+        if c == 0:
+            self.prefill_compute_tps, self._compute_w2 = rate, 1.0
+            return
+        dev = math.log(rate / c)
+        self._compute_var = 0.8 * self._compute_var + 0.2 * dev * dev
+        self.prefill_compute_tps = 0.8 * c + 0.2 * rate
+        self._compute_w2 = 0.64 * self._compute_w2 + 0.04
+
+    @property
+    def prefill_compute_log_se2(self) -> float:
+        """Squared standard error of ln(prefill_compute_tps); infinite until two samples."""
+        k = self.prefill_compute_samples
+        if k < 2:
+            return math.inf
+        return self._compute_var / (1.0 - 0.8 ** (k - 1)) * self._compute_w2
 
     def observe_cpu_load(self, ttft_s: float, recompute_tokens: int, loaded_tokens: int) -> None:
         """Learn the CPU-tier load rate from a request that loaded ``loaded_tokens`` and

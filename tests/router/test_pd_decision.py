@@ -217,10 +217,13 @@ def test_both_replicas_rates_differ_only_beyond_their_measured_spread() -> None:
     assert decide(8000, d, only, LINK, P).remote_rate_tps == 20_000
 
 
-def test_an_unmeasured_replica_takes_the_measured_ones_rate() -> None:
+def test_an_unmeasured_both_replica_takes_the_measured_ones_rate() -> None:
     d = DecodeView(cached_tokens=0, running=0, prefill_tps=0.0)
-    dec = decide(8000, d, PrefillView(cached_tokens=0, prefill_tps=40_000), LINK, P)
+    dec = decide(8000, d, PrefillView(cached_tokens=0, prefill_tps=40_000, decodes=True), LINK, P)
     assert dec.local_rate_tps == dec.remote_rate_tps == 40_000
+    # Not across roles: a prefill-only replica's rate says little about a decoder's.
+    dec = decide(8000, d, PrefillView(cached_tokens=0, prefill_tps=40_000), LINK, P)
+    assert dec.local_rate_tps == P.default_prefill_tps and dec.remote_rate_tps == 40_000
 
 
 def test_replica_measures_its_arrival_rate_and_rate_spread() -> None:
