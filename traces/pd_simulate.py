@@ -240,6 +240,7 @@ class _PDRun:
                 prefill_tps=self._rate(rep),
                 running=self._running(rep) if role == "both" else 0.0,
                 arrival_rate=rep.arrival_rate(self.clock.t, CHURN_TAU_S),
+                rate_log=rep.prefill_compute_log_tps,
                 rate_log_se2=rep.prefill_compute_log_se2,
                 decodes=role == "both",
             )
@@ -264,6 +265,7 @@ class _PDRun:
             kv_free=None if drep.kv_usage is None else 1.0 - drep.kv_usage,
             prefill_tps=self._rate(drep),
             arrival_rate=drep.arrival_rate(t, CHURN_TAU_S),
+            rate_log=drep.prefill_compute_log_tps,
             rate_log_se2=drep.prefill_compute_log_se2,
         )
         dec = decide(n, dview, pview, self.link, self.params)

@@ -83,7 +83,9 @@ class DecodeView:
     kv_free: float | None = None  # 1 - KV usage; None until scraped
     prefill_tps: float = 0.0  # D's measured prefill compute rate; 0 = unmeasured
     arrival_rate: float = 0.0  # prefill-bearing requests/s the router sends D (dispatch history)
-    # squared standard error of ln(prefill_tps), from its samples' spread (inf: not known yet)
+    # Log-space estimate of the rate (EWMA of ln samples) and its squared standard error, from
+    # the samples' spread (inf: not known yet): what tells two replicas' rates apart.
+    rate_log: float = 0.0
     rate_log_se2: float = math.inf
 
 
@@ -97,7 +99,9 @@ class PrefillView:
     running: float = 0.0  # P's own decode batch: > 0 only for a ``both`` (kv_both) replica
     decodes: bool = False  # P is a ``both`` replica: it serves the same mix of work as D
     arrival_rate: float = 0.0  # prefill-bearing requests/s the router sends P (dispatch history)
-    # squared standard error of ln(prefill_tps), from its samples' spread (inf: not known yet)
+    # Log-space estimate of the rate (EWMA of ln samples) and its squared standard error, from
+    # the samples' spread (inf: not known yet): what tells two replicas' rates apart.
+    rate_log: float = 0.0
     rate_log_se2: float = math.inf
 
 
@@ -127,7 +131,7 @@ class DecisionParams:
     min_split_tokens: int = 64  # below this many uncached tokens: never a second leg (local_short)
     same_rate_ratio: float = 1.5  # P and D rates closer than this ratio count as one GPU kind
     leg1_drift: float = 0.25  # remote path's extra wait on D, as a share of leg 1's estimate
-    rate_z: float = 2.0  # rates differ only beyond this many standard errors of their difference
+    rate_z: float = 3.0  # rates differ only beyond this many standard errors of their difference
     occupancy_weight: float = 1.0  # TTFT seconds per request-second of delay imposed on later arrivals
     # Baseline "threshold" rule (llm-d nonCachedTokens / Dynamo eff-isl-threshold).
     threshold_tokens: int = 2048
@@ -181,29 +185,30 @@ def _rate(tps: float, params: DecisionParams) -> float:
 
 
 def _rates(
-    p_tps: float, d_tps: float, params: DecisionParams, log_se2: float | None = None
+    p_tps: float, d_tps: float, params: DecisionParams, spread: tuple[float, float] | None = None
 ) -> tuple[float, float]:
     """P's and D's rates for one comparison. Within ``same_rate_ratio`` of each other they are
     taken as one (their geometric mean): a measured rate moves with the prompts a replica happened
     to serve (attention makes long prompts slower per token), and on one kind of GPU a split
     chosen because P read faster than D by that noise pays the transfer for nothing.
 
-    ``log_se2`` (the squared standard errors of ln rate, summed) is given when P is a ``both``
-    replica, serving the same mix of work as D: their rates then differ only by hardware, so they
-    count as one unless they differ by more than ``rate_z`` standard errors of their difference
-    (infinite while either has under two samples), and an unmeasured one takes the measured one's
-    rate. A prefill-only
-    P's rate differs from a decoder's systematically (no decode steps in its prefill), so neither
-    inference is made across those roles."""
-    tol = math.log(params.same_rate_ratio)
-    if log_se2 is not None:
+    ``spread`` (the difference of the two log-space estimates and its squared standard error) is
+    given when P is a ``both`` replica, serving the same mix of work as D: their rates then differ
+    only by hardware, so they count as one unless that difference exceeds ``rate_z`` standard
+    errors (never while either has under two samples), and an unmeasured one takes the measured
+    one's rate. A prefill-only P's rate differs from a decoder's systematically (no decode steps
+    in its prefill), so neither inference is made across those roles."""
+    if spread is not None:
         if p_tps <= 0 < d_tps:
             p_tps = d_tps
         elif d_tps <= 0 < p_tps:
             d_tps = p_tps
-        tol = max(tol, params.rate_z * math.sqrt(log_se2))
     rp, rd = _rate(p_tps, params), _rate(d_tps, params)
-    if abs(math.log(rp / rd)) <= tol:
+    same = max(rp, rd) <= params.same_rate_ratio * min(rp, rd)
+    if spread is not None and p_tps > 0 and d_tps > 0:
+        diff, se2 = spread
+        same = same or abs(diff) <= params.rate_z * math.sqrt(se2)
+    if same:
         g = math.sqrt(rp * rd)
         return g, g
     return rp, rd
@@ -278,8 +283,10 @@ def decide(
 ) -> Decision:
     """Split (remote prefill on ``prefill``, decode on ``decode``) or run locally on ``decode``."""
     if prefill is not None:
-        se2 = prefill.rate_log_se2 + decode.rate_log_se2 if prefill.decodes else None
-        rate_p, rate_d = _rates(prefill.prefill_tps, decode.prefill_tps, params, se2)
+        spread = None
+        if prefill.decodes:
+            spread = (prefill.rate_log - decode.rate_log, prefill.rate_log_se2 + decode.rate_log_se2)
+        rate_p, rate_d = _rates(prefill.prefill_tps, decode.prefill_tps, params, spread)
         decode = replace(decode, prefill_tps=rate_d)
         prefill = replace(prefill, prefill_tps=rate_p)
     loc, stall, unc_d = local_ttft(prompt_tokens, decode, params)

@@ -245,6 +245,7 @@ class PDRouter:
             kv_free=None if r.kv_usage is None else 1.0 - r.kv_usage,
             prefill_tps=_compute_rate(r),
             arrival_rate=r.arrival_rate(req.now or self.router.clock(), CHURN_TAU_S),
+            rate_log=r.prefill_compute_log_tps,
             rate_log_se2=r.prefill_compute_log_se2,
         )
 
@@ -259,6 +260,7 @@ class PDRouter:
             _compute_rate(r),
             running,
             arrival_rate=r.arrival_rate(req.now or self.router.clock(), CHURN_TAU_S),
+            rate_log=r.prefill_compute_log_tps,
             rate_log_se2=r.prefill_compute_log_se2,
             decodes=both,
         )

@@ -60,6 +60,7 @@ class Replica:
     # the queue themselves (router/pd/decision.py). 0 until such a request was seen.
     prefill_compute_tps: float = 0.0
     prefill_compute_samples: int = 0
+    prefill_compute_log_tps: float = 0.0  # EWMA of ln(sample), same weight (decision's rate test)
     _compute_var: float = 0.0  # EWMA of squared ln deviations of the samples (spread)
     _compute_w2: float = 0.0  # sum of the EWMA's squared sample weights
     cpu_load_tps: float = 0.0  # measured CPU-tier (LMCache) load rate, tokens/s (0: not yet)
@@ -124,18 +125,22 @@ class Replica:
                 self._observe_compute_rate(rate)
 
     def _observe_compute_rate(self, rate: float) -> None:
-        """EWMA (weight 0.2) of queue-free rate samples, with what router/pd/decision.py needs to
-        tell two replicas' rates apart: the samples' spread (EWMA of the squared deviation of
-        ln(sample) from the running estimate, bias-corrected for its zero start) and the sum of
-        the EWMA's squared weights (1 after one sample, 0.2 / 1.8 in the long run)."""
+        """EWMA (weight 0.2) of queue-free rate samples, and what router/pd/decision.py needs to
+        tell two replicas' rates apart, in log space where one absurd sample (a prompt the index
+        thought uncached but the engine held reads a million tokens/s) moves the estimate by its
+        weight, not by 0.2 x its value: the EWMA of ln(sample), the samples' spread around it (EWMA
+        of the squared deviation, bias-corrected for its zero start) and the sum of the EWMA's
+        squared weights (1 after one sample, 0.2 / 1.8 in the long run)."""
         c = self.prefill_compute_tps
         self.prefill_compute_samples += 1
+        ln = math.log(rate)
         if c == 0:
-            self.prefill_compute_tps, self._compute_w2 = rate, 1.0
+            self.prefill_compute_tps, self.prefill_compute_log_tps, self._compute_w2 = rate, ln, 1.0
             return
-        dev = math.log(rate / c)
+        dev = ln - self.prefill_compute_log_tps
         self._compute_var = 0.8 * self._compute_var + 0.2 * dev * dev
         self.prefill_compute_tps = 0.8 * c + 0.2 * rate
+        self.prefill_compute_log_tps += 0.2 * dev
         self._compute_w2 = 0.64 * self._compute_w2 + 0.04
 
     @property

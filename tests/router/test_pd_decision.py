@@ -202,18 +202,32 @@ def test_imposed_delay_prices_later_arrivals_on_a_both_helper() -> None:
     assert decide(8000, d, only, LINK, P).imposed_s == 0.0
 
 
+def _measured(tps: float, se2: float) -> dict[str, float]:
+    return {"prefill_tps": tps, "rate_log": math.log(tps), "rate_log_se2": se2}
+
+
 def test_both_replicas_rates_differ_only_beyond_their_measured_spread() -> None:
-    d = DecodeView(cached_tokens=0, running=0, prefill_tps=10_000, rate_log_var=0.8)
-    # Samples whose log-rate varies with sd 0.9: an EWMA ratio of 2x is within 2 standard errors.
-    noisy = PrefillView(cached_tokens=0, prefill_tps=20_000, decodes=True, rate_log_var=0.8)
+    # Standard error 0.3 each in ln rate: a 2x difference (ln 2 = 0.69) is within 3 standard
+    # errors of the difference (0.42): one GPU kind, one rate, no split for it.
+    d = DecodeView(cached_tokens=0, running=0, **_measured(10_000, 0.09))
+    noisy = PrefillView(cached_tokens=0, decodes=True, **_measured(20_000, 0.09))
     dec = decide(8000, d, noisy, LINK, P)
     assert not dec.split and dec.local_rate_tps == dec.remote_rate_tps
-    # Steady samples: 2x is a real difference and is kept.
-    steady = PrefillView(cached_tokens=0, prefill_tps=20_000, decodes=True, rate_log_var=0.01)
-    d_steady = DecodeView(cached_tokens=0, running=0, prefill_tps=10_000, rate_log_var=0.01)
+    # Steady samples (standard error 0.05): 2x is a real difference and is kept.
+    steady = PrefillView(cached_tokens=0, decodes=True, **_measured(20_000, 0.0025))
+    d_steady = DecodeView(cached_tokens=0, running=0, **_measured(10_000, 0.0025))
     assert decide(8000, d_steady, steady, LINK, P).remote_rate_tps == 20_000
+    # The test reads the log-space estimates: an arithmetic rate thrown off by one absurd sample
+    # (P reads 6x D, its log estimate only 1.2x) is not a different GPU.
+    outlier = PrefillView(cached_tokens=0, decodes=True, prefill_tps=200_000, rate_log=math.log(38_000),
+                          rate_log_se2=0.03)  # fmt: skip
+    d_calm = DecodeView(cached_tokens=0, running=0, **_measured(32_000, 0.001))
+    assert not decide(8000, d_calm, outlier, LINK, P).split
+    # Unknown spread (under two samples): not told apart.
+    fresh = PrefillView(cached_tokens=0, decodes=True, prefill_tps=40_000)
+    assert decide(8000, d_steady, fresh, LINK, P).remote_rate_tps == pytest.approx(20_000)
     # A prefill-only replica differs from a decoder systematically: only same_rate_ratio applies.
-    only = PrefillView(cached_tokens=0, prefill_tps=20_000, rate_log_var=0.8)
+    only = PrefillView(cached_tokens=0, **_measured(20_000, 0.09))
     assert decide(8000, d, only, LINK, P).remote_rate_tps == 20_000
 
 
@@ -236,11 +250,16 @@ def test_replica_measures_its_arrival_rate_and_rate_spread() -> None:
         rep.add_arrival(i * 0.5, 30.0)
     assert rep.arrival_rate(149.5, 30.0) == pytest.approx(2.0, rel=0.02)
     assert rep.arrival_rate(179.5, 30.0) == pytest.approx(2.0 / math.e, rel=0.02)
+    assert rep.prefill_compute_log_se2 == math.inf
     for _ in range(20):  # identical samples: no spread
         rep.observe_ttft(0.5, 10_000)
-    assert rep.prefill_compute_tps == pytest.approx(20_000) and rep.prefill_compute_log_var < 1e-9
+    assert rep.prefill_compute_tps == pytest.approx(20_000)
+    assert rep.prefill_compute_log_tps == pytest.approx(math.log(20_000))
+    assert rep.prefill_compute_log_se2 < 1e-9
     for ttft in (0.25, 1.0) * 20:  # samples 2x either side of 20k: ln 2 around the mean
         rep.observe_ttft(ttft, 10_000)
-    assert 0.2 < rep.prefill_compute_log_var < 1.0
+    spread = math.log(2) ** 2 * 0.2 / 1.8  # the samples' variance x the EWMA's squared weights
+    assert rep.prefill_compute_log_se2 == pytest.approx(spread, rel=0.3)  # the mean moves too
+    se2 = rep.prefill_compute_log_se2
     rep.observe_ttft(5.0, 10_000, ahead_tokens=40_000)  # queued behind others: not a compute sample
-    assert 0.2 < rep.prefill_compute_log_var < 1.0
+    assert rep.prefill_compute_log_se2 == se2
