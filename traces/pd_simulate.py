@@ -264,7 +264,6 @@ class _PDRun:
             pending_prefill_tokens=drep.pending_prefill_tokens,
             kv_free=None if drep.kv_usage is None else 1.0 - drep.kv_usage,
             prefill_tps=self._rate(drep),
-            arrival_rate=drep.arrival_rate(t, CHURN_TAU_S),
             rate_log=drep.prefill_compute_log_tps,
             rate_log_se2=drep.prefill_compute_log_se2,
         )

@@ -82,7 +82,6 @@ class DecodeView:
     pending_prefill_tokens: int = 0  # uncached prompt tokens queued on D, first token not seen
     kv_free: float | None = None  # 1 - KV usage; None until scraped
     prefill_tps: float = 0.0  # D's measured prefill compute rate; 0 = unmeasured
-    arrival_rate: float = 0.0  # prefill-bearing requests/s the router sends D (dispatch history)
     # Log-space estimate of the rate (EWMA of ln samples) and its squared standard error, from
     # the samples' spread (inf: not known yet): what tells two replicas' rates apart.
     rate_log: float = 0.0
@@ -131,7 +130,7 @@ class DecisionParams:
     min_split_tokens: int = 64  # below this many uncached tokens: never a second leg (local_short)
     same_rate_ratio: float = 1.5  # P and D rates closer than this ratio count as one GPU kind
     leg1_drift: float = 0.25  # remote path's extra wait on D, as a share of leg 1's estimate
-    rate_z: float = 3.0  # rates differ only beyond this many standard errors of their difference
+    rate_z: float = 2.0  # rates differ only beyond this many standard errors of their difference
     occupancy_weight: float = 1.0  # TTFT seconds per request-second of delay imposed on later arrivals
     # Baseline "threshold" rule (llm-d nonCachedTokens / Dynamo eff-isl-threshold).
     threshold_tokens: int = 2048
@@ -153,7 +152,6 @@ class Decision:
     local_rate_tps: float = 0.0  # the prefill rates the estimates divided by
     remote_rate_tps: float = 0.0
     imposed_s: float = 0.0  # request-seconds of TTFT a split adds to requests arriving at P
-    local_imposed_s: float = 0.0  # the same for local prefill, on requests arriving at D
 
     @property
     def chosen_ttft_s(self) -> float:
@@ -176,7 +174,6 @@ class Decision:
             "local_rate_tps": round(self.local_rate_tps, 1),
             "remote_rate_tps": round(self.remote_rate_tps, 1),
             "imposed_s": round(self.imposed_s, 6),
-            "local_imposed_s": round(self.local_imposed_s, 6),
         }
 
 
@@ -302,12 +299,9 @@ def decide(
         if prefill.decodes
         else 0.0
     )
-    imp_d = imposed_delay(unc_d, decode.pending_prefill_tokens, rates[0], decode.arrival_rate)
 
     def out(split: bool, outcome: str, reason: str) -> Decision:
-        return Decision(
-            split, outcome, reason, loc, rem, stall, unc_d, unc_p, xfer, rstall, *rates, imp_p, imp_d
-        )
+        return Decision(split, outcome, reason, loc, rem, stall, unc_d, unc_p, xfer, rstall, *rates, imp_p)
 
     if n > 1:
         return out(False, LOCAL_N, f"n={n}: one NIXL handoff feeds one sequence")

@@ -244,7 +244,6 @@ class PDRouter:
             pending_prefill_tokens=r.pending_prefill_tokens,
             kv_free=None if r.kv_usage is None else 1.0 - r.kv_usage,
             prefill_tps=_compute_rate(r),
-            arrival_rate=r.arrival_rate(req.now or self.router.clock(), CHURN_TAU_S),
             rate_log=r.prefill_compute_log_tps,
             rate_log_se2=r.prefill_compute_log_se2,
         )

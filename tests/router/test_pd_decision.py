@@ -207,7 +207,7 @@ def _measured(tps: float, se2: float) -> dict[str, float]:
 
 
 def test_both_replicas_rates_differ_only_beyond_their_measured_spread() -> None:
-    # Standard error 0.3 each in ln rate: a 2x difference (ln 2 = 0.69) is within 3 standard
+    # Standard error 0.3 each in ln rate: a 2x difference (ln 2 = 0.69) is within 2 standard
     # errors of the difference (0.42): one GPU kind, one rate, no split for it.
     d = DecodeView(cached_tokens=0, running=0, **_measured(10_000, 0.09))
     noisy = PrefillView(cached_tokens=0, decodes=True, **_measured(20_000, 0.09))
