@@ -17,8 +17,10 @@ replica P:
     stall      = uncached_D / D.rate * D.running                 request-seconds the D batch is slowed
     stall_P    = uncached_P / P.rate * P.running                 the same on P (0 for a prefill-only P)
 
-and the ``auto`` rule splits iff ``remote + stall_weight * stall_P + min_gain_s < (1 - min_gain_ratio)
-* (local + stall_weight * stall)``: a split must win clearly, because the best of several noisy
+and the ``auto`` rule splits iff ``remote + stall_weight * stall_P + occupancy_weight * imposed +
+min_gain_s < (1 - min_gain_ratio) * (local + stall_weight * stall)``, where ``imposed`` (for a
+``both`` P only, ``imposed_delay``) is the TTFT the split's prefill adds to the requests the router
+will send P meanwhile (P's measured arrival rate x its busy time): a split must win clearly, because the best of several noisy
 estimates is biased towards the one that happened to read low (and a wrong split pays a transfer
 and a second queue). ``P.running`` is the decode batch of a ``both`` replica (vLLM NixlConnector
 ``kv_role: kv_both``: it prefills for others and decodes its own requests), 0 for a prefill-only
@@ -27,7 +29,9 @@ prefill would, so a ``both`` fleet splits only towards a replica with spare pref
 
 The rates are prefill *compute* rates (``Replica.prefill_compute_tps``, learned from requests that
 had no prefill queued ahead of them): the estimates add the queue themselves (``pending / rate``),
-so a rate measured from TTFTs that include queueing would count it twice. Only the KV
+so a rate measured from TTFTs that include queueing would count it twice. Two ``both`` replicas'
+rates count as one unless their log-space estimates differ by more than ``rate_z`` standard errors
+(``_rates``): they serve the same mix of work, so only hardware can separate them. Only the KV
 D lacks crosses the link: vLLM's NixlConnector asks P for ``prompt - D's local hit`` tokens
 (``get_num_new_matched_tokens``), so a decode-cached prefix is never transferred twice.
 
