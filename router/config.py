@@ -84,6 +84,9 @@ class HealthConfig(msgspec.Struct, forbid_unknown_fields=True):
     probe_interval_s: Pos = 2.0
     probe_timeout_s: Pos = 1.0
     eject_after_failures: PosInt = 3  # consecutive failed requests or probes
+    # Request failures (not probes) never eject more than this share of a pool at once (at least
+    # one of two or more): a fleet too loaded to accept connections must not be emptied.
+    max_ejected_fraction: Ratio = 0.5
     readmit_after_successes: PosInt = 1  # consecutive passing probes
     metrics_interval_s: Pos = 0.25  # engine /metrics scrape (off: scrape_metrics false)
     scrape_metrics: bool = True
@@ -303,6 +306,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("upstream.api_key", "upstream-api-key", "Bearer key sent to engines"),
     Option("health.probe_interval_s", "probe-interval", "active /health probe interval (s)", "float"),
     Option("health.eject_after_failures", "eject-after", "consecutive failures before ejection", "int"),
+    Option(
+        "health.max_ejected_fraction",
+        "max-ejected",
+        "share of a pool that request failures may eject at once (probes are not capped)",
+        "float",
+    ),
     Option("health.metrics_interval_s", "metrics-interval", "engine /metrics scrape interval (s)", "float"),
     Option("health.scrape_metrics", "scrape-metrics", "scrape engine /metrics", "bool"),
     Option("outliers.enabled", "outliers", "eject replicas slower/failing more than their peers", "bool"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -50,7 +50,7 @@ class RouterMetrics:
             buckets=DECISION_BUCKETS,
             registry=r,
         )
-        self.plugin_seconds = Histogram(
+        self.plugin_seconds = FastHistogram(
             "kvrouter_plugin_seconds",
             "Per-plugin latency (sampled)",
             ["plugin"],
@@ -76,6 +76,12 @@ class RouterMetrics:
         self.ejections = Counter(
             "kvrouter_ejections",
             "Replicas ejected from routing after consecutive failures",
+            ["replica"],
+            registry=r,
+        )
+        self.ejections_capped = Counter(
+            "kvrouter_ejections_capped",
+            "Ejections for request failures not made: the pool was at health.max_ejected_fraction",
             ["replica"],
             registry=r,
         )
@@ -130,7 +136,7 @@ class RouterMetrics:
         c.observe(seconds)
 
     def plugin_timer(self, plugin: str, seconds: float) -> None:
-        self.child(self.plugin_seconds, plugin).observe(seconds)
+        self.plugin_seconds.labels(plugin).observe(seconds)
 
     def add_state_collector(
         self,

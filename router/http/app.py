@@ -187,6 +187,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         st.registry,
         st.metrics,
         cfg.health.eject_after_failures,
+        max_ejected_fraction=cfg.health.max_ejected_fraction,
         last_success=outliers.last_success,
         probe_grace_s=cfg.outliers.probe_grace_s,
     )

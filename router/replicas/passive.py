@@ -3,11 +3,19 @@
 The proxy reports every forwarded request (``ForwardHooks``), the monitor every probe. Passing
 probes re-admit (monitor.py); a success here only resets the failure streak. A failed probe does
 not count while the replica completed a real request within ``probe_grace_s``.
+
+Request failures eject at most ``max_ejected_fraction`` of a pool (the replicas with the same
+models and role, draining ones aside) at once, and never the only one: connect timeouts from a
+fleet too loaded to accept are failures on every replica, and ejecting each in turn answered 503
+to everyone until probes re-admitted them, where queueing would have served (Envoy's
+``max_ejection_percent`` and panic threshold exist for this). A replica that fails its probes is
+down, not loaded: probe ejections are not capped.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -24,6 +32,7 @@ class PassiveHealth:
         metrics: RouterMetrics,
         eject_after_failures: int,
         *,
+        max_ejected_fraction: float = 0.5,
         last_success: Callable[[Replica], float] | None = None,
         probe_grace_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
@@ -31,6 +40,7 @@ class PassiveHealth:
         self.registry = registry
         self.metrics = metrics
         self.eject_after_failures = eject_after_failures
+        self.max_ejected_fraction = max_ejected_fraction
         self.last_success = last_success
         self.probe_grace_s = probe_grace_s
         self.clock = clock
@@ -49,12 +59,34 @@ class PassiveHealth:
             return
         rep.consecutive_successes = 0
         rep.consecutive_failures += 1
-        if rep.healthy and rep.consecutive_failures >= self.eject_after_failures:
-            log.warning(
-                "ejecting %s after %d consecutive failures (%s)", rep.id, rep.consecutive_failures, reason
-            )
-            self.registry.set_healthy(rep, False)
-            self.metrics.ejections.labels(rep.id).inc()
+        if not rep.healthy or rep.consecutive_failures < self.eject_after_failures:
+            return
+        if reason != "probe" and not self._may_eject(rep):
+            if rep.consecutive_failures == self.eject_after_failures:  # once per streak
+                log.warning(
+                    "not ejecting %s after %d consecutive failures (%s): %.0f%% of its pool is out",
+                    rep.id,
+                    rep.consecutive_failures,
+                    reason,
+                    100 * self.max_ejected_fraction,
+                )
+                self.metrics.ejections_capped.labels(rep.id).inc()
+            return
+        log.warning(
+            "ejecting %s after %d consecutive failures (%s)", rep.id, rep.consecutive_failures, reason
+        )
+        self.registry.set_healthy(rep, False)
+        self.metrics.ejections.labels(rep.id).inc()
+
+    def _may_eject(self, rep: Replica) -> bool:
+        pool = [
+            p
+            for p in self.registry
+            if p.models == rep.models and p.spec.role == rep.spec.role and not p.draining
+        ]
+        out = sum(1 for p in pool if not p.healthy)
+        cap = max(1, math.floor(self.max_ejected_fraction * len(pool))) if len(pool) >= 2 else 0
+        return out < cap
 
     def record_success(self, rep: Replica) -> None:
         rep.consecutive_failures = 0

@@ -12,6 +12,7 @@ feed it, which is how the same policies run live and in virtual time.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -57,10 +58,12 @@ class Replica:
     num_gpu_blocks: int | None = None
     metrics_ok: bool = False
     has_kv_events: bool = False
-    # Recent TTFTs (ring buffer) and a measured prefill rate (EWMA of uncached tokens / TTFT).
+    # Recent TTFTs, in arrival order (ring buffer) and sorted (a quantile is one index: the
+    # tail-latency scorer reads it on every decision, and a TTFT arrives with every request), and
+    # a measured prefill rate (EWMA of uncached tokens / TTFT).
     ttfts: list[float] = field(default_factory=list)
     _ttft_pos: int = 0
-    _tail_cache: float | None = None
+    _ttfts_sorted: list[float] = field(default_factory=list)
     prefill_tps: float = 0.0
     # The same from requests with no prefill queued ahead: compute alone, for estimates that add
     # the queue themselves (router/pd/decision.py). 0 until such a request was seen.
@@ -110,13 +113,20 @@ class Replica:
     def routable(self) -> bool:
         return self.healthy and not self.draining
 
-    def observe_ttft(self, ttft_s: float, uncached_tokens: int, ahead_tokens: int = 0) -> None:
-        if len(self.ttfts) < TTFT_WINDOW:
-            self.ttfts.append(ttft_s)
+    def _record_ttft(self, ttft_s: float) -> None:
+        window = self.ttfts
+        ordered = self._ttfts_sorted
+        if len(window) < TTFT_WINDOW:
+            window.append(ttft_s)
         else:
-            self.ttfts[self._ttft_pos] = ttft_s
-            self._ttft_pos = (self._ttft_pos + 1) % TTFT_WINDOW
-        self._tail_cache = None
+            pos = self._ttft_pos
+            del ordered[bisect_left(ordered, window[pos])]
+            window[pos] = ttft_s
+            self._ttft_pos = (pos + 1) % TTFT_WINDOW
+        insort(ordered, ttft_s)
+
+    def observe_ttft(self, ttft_s: float, uncached_tokens: int, ahead_tokens: int = 0) -> None:
+        self._record_ttft(ttft_s)
         # The rate is what estimated-ttft divides (pending ahead + uncached) by, so it is measured
         # on that work: this request's uncached tokens plus the prefill it waited behind. Half of
         # the pending tokens at dispatch: the prefill at the head of the queue is on average half
@@ -166,12 +176,7 @@ class Replica:
         """Learn the CPU-tier load rate from a request that loaded ``loaded_tokens`` and
         recomputed ``recompute_tokens``: TTFT = recompute / prefill_rate + loaded / load_rate.
         Only whole-chunk loads with a known prefill rate and a positive remainder teach it."""
-        if len(self.ttfts) < TTFT_WINDOW:
-            self.ttfts.append(ttft_s)
-        else:
-            self.ttfts[self._ttft_pos] = ttft_s
-            self._ttft_pos = (self._ttft_pos + 1) % TTFT_WINDOW
-        self._tail_cache = None
+        self._record_ttft(ttft_s)
         if loaded_tokens < 256 or self.prefill_tps <= 0:
             return
         load_s = ttft_s - recompute_tokens / self.prefill_tps
@@ -182,12 +187,11 @@ class Replica:
 
     def tail_ttft(self, q: float = 0.9) -> float:
         """Recent TTFT quantile (nearest rank); 0 when nothing observed yet."""
-        if self._tail_cache is None:
-            if not self.ttfts:
-                return 0.0
-            data = sorted(self.ttfts)
-            self._tail_cache = data[min(len(data) - 1, max(0, math.ceil(q * len(data)) - 1))]
-        return self._tail_cache
+        data = self._ttfts_sorted
+        n = len(data)
+        if not n:
+            return 0.0
+        return data[min(n - 1, max(0, math.ceil(q * n) - 1))]
 
     def set_engine_load(self, running: float | None, waiting: float | None, kv_usage: float | None) -> None:
         self.engine_running = running

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -224,3 +225,21 @@ def test_large_fleets_score_a_bounded_sample_that_keeps_the_cache_holders() -> N
     every = [8] * 64
     picks = {policy.select(req(8, every), reps).id for _ in range(400)}
     assert len(picks) > 48
+
+
+def test_tail_ttft_is_the_nearest_rank_quantile_of_the_last_64() -> None:
+    """The window keeps the last 64 TTFTs (CPU-tier loads included) and answers any quantile."""
+    rep = replicas(1)[0]
+    assert rep.tail_ttft() == 0.0
+    rng = random.Random(5)
+    seen: list[float] = []
+    for i in range(300):
+        v = rng.uniform(0.0, 3.0)
+        seen.append(v)
+        if i % 7 == 0:
+            rep.observe_cpu_load(v, 100, 100)
+        else:
+            rep.observe_ttft(v, 10)
+        window = sorted(seen[-64:])
+        for q in (0.5, 0.9, 0.99):
+            assert rep.tail_ttft(q) == window[min(len(window) - 1, max(0, math.ceil(q * len(window)) - 1))]
