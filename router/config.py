@@ -177,6 +177,9 @@ class PDSettings(msgspec.Struct, forbid_unknown_fields=True):
     # auto: remote must beat local by this share
     min_gain_ratio: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.3
     leg1_drift: NonNeg = 0.25  # auto: extra wait on D while leg 1 runs, share of leg 1's estimate
+    # auto: TTFT seconds per request-second a split's prefill adds to a `both` helper's later arrivals
+    occupancy_weight: NonNeg = 1.0
+    rate_z: NonNeg = 2.0  # auto: two `both` replicas' rates differ only beyond this many std errors
 
 
 class LMCacheSettings(msgspec.Struct, forbid_unknown_fields=True):

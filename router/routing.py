@@ -289,7 +289,10 @@ class Router:
             pending -= int(cpu * credit)
         replica.in_flight += 1
         replica.pending_prefill_tokens += pending
-        replica.add_churn(pending, req.now or self.clock(), CHURN_TAU_S)
+        now = req.now or self.clock()
+        replica.add_churn(pending, now, CHURN_TAU_S)
+        if pending:
+            replica.add_arrival(now, CHURN_TAU_S)
         matched = confirmed = 0
         if req.key_mode is KeyMode.TOKENS and req.gpu_blocks:
             s = replica.slot

@@ -39,6 +39,7 @@ from engines.sim.model.profiles import get_profile
 from engines.sim.model.structs import SimRequest
 from router.pd.decision import DecisionParams, DecodeView, LinkModel, PrefillView, decide, prefill_cost
 from router.replicas.registry import Replica
+from router.scoring.churn import CHURN_TAU_S
 from router.types import BlockHash, RequestInfo
 
 from .model import Trace, TraceRequest
@@ -238,6 +239,10 @@ class _PDRun:
                 pending_prefill_tokens=rep.pending_prefill_tokens,
                 prefill_tps=self._rate(rep),
                 running=self._running(rep) if role == "both" else 0.0,
+                arrival_rate=rep.arrival_rate(self.clock.t, CHURN_TAU_S),
+                rate_log=rep.prefill_compute_log_tps,
+                rate_log_se2=rep.prefill_compute_log_se2,
+                decodes=role == "both",
             )
             cost = prefill_cost(n, view, self.params)
             if best is None or cost < best[0]:
@@ -259,6 +264,8 @@ class _PDRun:
             pending_prefill_tokens=drep.pending_prefill_tokens,
             kv_free=None if drep.kv_usage is None else 1.0 - drep.kv_usage,
             prefill_tps=self._rate(drep),
+            rate_log=drep.prefill_compute_log_tps,
+            rate_log_se2=drep.prefill_compute_log_se2,
         )
         dec = decide(n, dview, pview, self.link, self.params)
         self.outcomes[dec.outcome] = self.outcomes.get(dec.outcome, 0) + 1

@@ -17,8 +17,10 @@ replica P:
     stall      = uncached_D / D.rate * D.running                 request-seconds the D batch is slowed
     stall_P    = uncached_P / P.rate * P.running                 the same on P (0 for a prefill-only P)
 
-and the ``auto`` rule splits iff ``remote + stall_weight * stall_P + min_gain_s < (1 - min_gain_ratio)
-* (local + stall_weight * stall)``: a split must win clearly, because the best of several noisy
+and the ``auto`` rule splits iff ``remote + stall_weight * stall_P + occupancy_weight * imposed +
+min_gain_s < (1 - min_gain_ratio) * (local + stall_weight * stall)``, where ``imposed`` (for a
+``both`` P only, ``imposed_delay``) is the TTFT the split's prefill adds to the requests the router
+will send P meanwhile (P's measured arrival rate x its busy time): a split must win clearly, because the best of several noisy
 estimates is biased towards the one that happened to read low (and a wrong split pays a transfer
 and a second queue). ``P.running`` is the decode batch of a ``both`` replica (vLLM NixlConnector
 ``kv_role: kv_both``: it prefills for others and decodes its own requests), 0 for a prefill-only
@@ -27,7 +29,9 @@ prefill would, so a ``both`` fleet splits only towards a replica with spare pref
 
 The rates are prefill *compute* rates (``Replica.prefill_compute_tps``, learned from requests that
 had no prefill queued ahead of them): the estimates add the queue themselves (``pending / rate``),
-so a rate measured from TTFTs that include queueing would count it twice. Only the KV
+so a rate measured from TTFTs that include queueing would count it twice. Two ``both`` replicas'
+rates count as one unless their log-space estimates differ by more than ``rate_z`` standard errors
+(``_rates``): they serve the same mix of work, so only hardware can separate them. Only the KV
 D lacks crosses the link: vLLM's NixlConnector asks P for ``prompt - D's local hit`` tokens
 (``get_num_new_matched_tokens``), so a decode-cached prefix is never transferred twice.
 
@@ -82,6 +86,10 @@ class DecodeView:
     pending_prefill_tokens: int = 0  # uncached prompt tokens queued on D, first token not seen
     kv_free: float | None = None  # 1 - KV usage; None until scraped
     prefill_tps: float = 0.0  # D's measured prefill compute rate; 0 = unmeasured
+    # Log-space estimate of the rate (EWMA of ln samples) and its squared standard error, from
+    # the samples' spread (inf: not known yet): what tells two replicas' rates apart.
+    rate_log: float = 0.0
+    rate_log_se2: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,12 @@ class PrefillView:
     pending_prefill_tokens: int = 0
     prefill_tps: float = 0.0
     running: float = 0.0  # P's own decode batch: > 0 only for a ``both`` (kv_both) replica
+    decodes: bool = False  # P is a ``both`` replica: it serves the same mix of work as D
+    arrival_rate: float = 0.0  # prefill-bearing requests/s the router sends P (dispatch history)
+    # Log-space estimate of the rate (EWMA of ln samples) and its squared standard error, from
+    # the samples' spread (inf: not known yet): what tells two replicas' rates apart.
+    rate_log: float = 0.0
+    rate_log_se2: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +134,8 @@ class DecisionParams:
     min_split_tokens: int = 64  # below this many uncached tokens: never a second leg (local_short)
     same_rate_ratio: float = 1.5  # P and D rates closer than this ratio count as one GPU kind
     leg1_drift: float = 0.25  # remote path's extra wait on D, as a share of leg 1's estimate
+    rate_z: float = 2.0  # rates differ only beyond this many standard errors of their difference
+    occupancy_weight: float = 1.0  # TTFT seconds per request-second of delay imposed on later arrivals
     # Baseline "threshold" rule (llm-d nonCachedTokens / Dynamo eff-isl-threshold).
     threshold_tokens: int = 2048
     threshold_max_cached_ratio: float | None = None  # Dynamo isl_bounding's 0.7 when set
@@ -139,6 +155,7 @@ class Decision:
     remote_stall_s: float = 0.0  # request-seconds of decode slow-down remote prefill causes on P
     local_rate_tps: float = 0.0  # the prefill rates the estimates divided by
     remote_rate_tps: float = 0.0
+    imposed_s: float = 0.0  # request-seconds of TTFT a split adds to requests arriving at P
 
     @property
     def chosen_ttft_s(self) -> float:
@@ -160,6 +177,7 @@ class Decision:
             "remote_stall_s": round(self.remote_stall_s, 6),
             "local_rate_tps": round(self.local_rate_tps, 1),
             "remote_rate_tps": round(self.remote_rate_tps, 1),
+            "imposed_s": round(self.imposed_s, 6),
         }
 
 
@@ -167,13 +185,31 @@ def _rate(tps: float, params: DecisionParams) -> float:
     return tps if tps > 0 else params.default_prefill_tps
 
 
-def _rates(p_tps: float, d_tps: float, params: DecisionParams) -> tuple[float, float]:
+def _rates(
+    p_tps: float, d_tps: float, params: DecisionParams, spread: tuple[float, float] | None = None
+) -> tuple[float, float]:
     """P's and D's rates for one comparison. Within ``same_rate_ratio`` of each other they are
     taken as one (their geometric mean): a measured rate moves with the prompts a replica happened
     to serve (attention makes long prompts slower per token), and on one kind of GPU a split
-    chosen because P read faster than D by that noise pays the transfer for nothing."""
+    chosen because P read faster than D by that noise pays the transfer for nothing.
+
+    ``spread`` (the difference of the two log-space estimates and its squared standard error) is
+    given when P is a ``both`` replica, serving the same mix of work as D: their rates then differ
+    only by hardware, so they count as one unless that difference exceeds ``rate_z`` standard
+    errors (never while either has under two samples), and an unmeasured one takes the measured
+    one's rate. A prefill-only P's rate differs from a decoder's systematically (no decode steps
+    in its prefill), so neither inference is made across those roles."""
+    if spread is not None:
+        if p_tps <= 0 < d_tps:
+            p_tps = d_tps
+        elif d_tps <= 0 < p_tps:
+            d_tps = p_tps
     rp, rd = _rate(p_tps, params), _rate(d_tps, params)
-    if max(rp, rd) <= params.same_rate_ratio * min(rp, rd):
+    same = max(rp, rd) <= params.same_rate_ratio * min(rp, rd)
+    if spread is not None and p_tps > 0 and d_tps > 0:
+        diff, se2 = spread
+        same = same or abs(diff) <= params.rate_z * math.sqrt(se2)
+    if same:
         g = math.sqrt(rp * rd)
         return g, g
     return rp, rd
@@ -216,6 +252,17 @@ def remote_stall(prompt_tokens: int, p: PrefillView, params: DecisionParams) -> 
     return max(0, prompt_tokens - p.cached_tokens) / _rate(p.prefill_tps, params) * p.running
 
 
+def imposed_delay(uncached: int, pending: int, rate: float, arrival_rate: float) -> float:
+    """Request-seconds of TTFT that ``uncached`` tokens of prefill add to the requests arriving at a
+    replica after it: every arrival before the replica's queue (``pending``) and this prefill have
+    drained waits for this prefill too, by all of it if it arrives while the queue ahead still
+    runs, by what is left of it (on average half) if it arrives during it. First order: the work
+    those arrivals bring is not compounded (they are a share of the replica's arrivals, and the
+    router steers later ones by the pending count this prefill adds)."""
+    work = uncached / rate
+    return arrival_rate * work * (pending / rate + work / 2)
+
+
 def prefill_cost(prompt_tokens: int, p: PrefillView, params: DecisionParams) -> float:
     """How the best prefill replica is chosen: its queue and compute for this prompt, its own
     decode steps, and the stall it would cause on its decode batch (role both), weighted."""
@@ -237,7 +284,10 @@ def decide(
 ) -> Decision:
     """Split (remote prefill on ``prefill``, decode on ``decode``) or run locally on ``decode``."""
     if prefill is not None:
-        rate_p, rate_d = _rates(prefill.prefill_tps, decode.prefill_tps, params)
+        spread = None
+        if prefill.decodes:
+            spread = (prefill.rate_log - decode.rate_log, prefill.rate_log_se2 + decode.rate_log_se2)
+        rate_p, rate_d = _rates(prefill.prefill_tps, decode.prefill_tps, params, spread)
         decode = replace(decode, prefill_tps=rate_d)
         prefill = replace(prefill, prefill_tps=rate_p)
     loc, stall, unc_d = local_ttft(prompt_tokens, decode, params)
@@ -248,9 +298,14 @@ def decide(
     rem, xfer, unc_p = remote_ttft(prompt_tokens, decode, prefill, link, params)
     rstall = remote_stall(prompt_tokens, prefill, params)
     rates = (_rate(decode.prefill_tps, params), _rate(prefill.prefill_tps, params))
+    imp_p = (
+        imposed_delay(unc_p, prefill.pending_prefill_tokens, rates[1], prefill.arrival_rate)
+        if prefill.decodes
+        else 0.0
+    )
 
     def out(split: bool, outcome: str, reason: str) -> Decision:
-        return Decision(split, outcome, reason, loc, rem, stall, unc_d, unc_p, xfer, rstall, *rates)
+        return Decision(split, outcome, reason, loc, rem, stall, unc_d, unc_p, xfer, rstall, *rates, imp_p)
 
     if n > 1:
         return out(False, LOCAL_N, f"n={n}: one NIXL handoff feeds one sequence")
@@ -268,7 +323,8 @@ def decide(
             )
         return out(False, LOCAL_SHORT, f"{unc_d} uncached tokens < {params.min_split_tokens}")
     local_cost = loc + params.stall_weight * stall
-    if rem + params.stall_weight * rstall + params.min_gain_s < (1.0 - params.min_gain_ratio) * local_cost:
+    remote_cost = rem + params.stall_weight * rstall + params.occupancy_weight * imp_p
+    if remote_cost + params.min_gain_s < (1.0 - params.min_gain_ratio) * local_cost:
         on_p = f" + P stall {rstall * 1e3:.1f} ms·req" if rstall else ""
         return out(
             True,

@@ -59,6 +59,7 @@ from router.pd.handoff import (
 )
 from router.replicas.registry import Replica, ReplicaRegistry
 from router.routing import Router
+from router.scoring.churn import CHURN_TAU_S
 from router.types import RequestInfo
 
 log = logging.getLogger("kvrouter.pd")
@@ -131,6 +132,8 @@ class PDRouter:
             threshold_max_cached_ratio=settings.threshold_max_cached_ratio,
             min_gain_ratio=settings.min_gain_ratio,
             leg1_drift=settings.leg1_drift,
+            occupancy_weight=settings.occupancy_weight,
+            rate_z=settings.rate_z,
         )
         self.link = LinkModel(
             settings.link_bandwidth_bytes_s, settings.link_latency_s, settings.kv_bytes_per_token
@@ -241,13 +244,25 @@ class PDRouter:
             pending_prefill_tokens=r.pending_prefill_tokens,
             kv_free=None if r.kv_usage is None else 1.0 - r.kv_usage,
             prefill_tps=_compute_rate(r),
+            rate_log=r.prefill_compute_log_tps,
+            rate_log_se2=r.prefill_compute_log_se2,
         )
 
     def _prefill_view(self, req: RequestInfo, r: Replica) -> PrefillView:
         running = 0.0
-        if r.spec.role == "both":  # its own decode batch shares the steps leg 1 would take
+        both = r.spec.role == "both"
+        if both:  # its own decode batch shares the steps leg 1 would take
             running = max(float(r.in_flight), r.engine_running or 0.0)
-        return PrefillView(self._cached(req, r), r.pending_prefill_tokens, _compute_rate(r), running)
+        return PrefillView(
+            self._cached(req, r),
+            r.pending_prefill_tokens,
+            _compute_rate(r),
+            running,
+            arrival_rate=r.arrival_rate(req.now or self.router.clock(), CHURN_TAU_S),
+            rate_log=r.prefill_compute_log_tps,
+            rate_log_se2=r.prefill_compute_log_se2,
+            decodes=both,
+        )
 
     def _ranked_prefills(self, req: RequestInfo, prefills: Sequence[Replica]) -> list[Replica]:
         """Cheapest first by ``decision.prefill_cost`` (queue, compute, own decode batch)."""

@@ -20,6 +20,12 @@ from router.index import PrefixIndex
 from router.types import ReplicaId, ReplicaSpec
 
 TTFT_WINDOW = 64  # recent TTFTs kept per replica for the tail-latency scorer
+# Queue-free requests shorter than this say little about the rate: their TTFT is mostly the wait
+# for the engine step in progress (simulated H100 fleet: 256-2000-token prompts read a median
+# 4,500-10,000 tokens/s, 8-16k-token prompts 33,000), so a replica serving many short session
+# follow-ups read 2-4x slower than an identical one. The log-space estimate that tells two
+# replicas' GPUs apart (router/pd/decision.py) learns from longer prompts only.
+RATE_TEST_MIN_TOKENS = 2048
 
 
 @dataclass(slots=True)
@@ -62,11 +68,21 @@ class Replica:
     # The same from requests with no prefill queued ahead: compute alone, for estimates that add
     # the queue themselves (router/pd/decision.py). 0 until such a request was seen.
     prefill_compute_tps: float = 0.0
+    # Its samples from prompts of RATE_TEST_MIN_TOKENS or more, in log space (for the PD
+    # decision's test of whether two replicas' GPUs differ): count, EWMA of ln(sample), spread.
+    prefill_compute_samples: int = 0
+    prefill_compute_log_tps: float = 0.0
+    _compute_var: float = 0.0  # EWMA of squared ln deviations of the samples (spread)
+    _compute_w2: float = 0.0  # sum of the EWMA's squared sample weights
     cpu_load_tps: float = 0.0  # measured CPU-tier (LMCache) load rate, tokens/s (0: not yet)
     # Uncached prompt tokens routed here, exponentially decayed (see scoring/churn.py): how fast
     # this replica's cache is being overwritten, and how much prefill it has been given.
     churn_tokens: float = 0.0
     churn_at: float = 0.0
+    # Requests routed here with a prefill to do, exponentially decayed the same way: their arrival
+    # rate (``arrival_rate``), which prices the delay a remote prefill imposes (router/pd/decision.py).
+    arrivals: float = 0.0
+    arrivals_at: float = 0.0
 
     def add_churn(self, tokens: int, now: float, tau_s: float) -> None:
         self.churn_tokens = self.churn(now, tau_s) + tokens
@@ -77,6 +93,17 @@ class Replica:
         if dt <= 0 or self.churn_tokens == 0.0:
             return self.churn_tokens
         return self.churn_tokens * math.exp(-dt / tau_s)
+
+    def add_arrival(self, now: float, tau_s: float) -> None:
+        self.arrivals = self.arrival_rate(now, tau_s) * tau_s + 1.0
+        self.arrivals_at = now
+
+    def arrival_rate(self, now: float, tau_s: float) -> float:
+        """Prefill-bearing requests per second routed here (decayed count / tau)."""
+        dt = now - self.arrivals_at
+        if dt <= 0 or self.arrivals == 0.0:
+            return self.arrivals / tau_s
+        return self.arrivals * math.exp(-dt / tau_s) / tau_s
 
     @property
     def role(self) -> str:
@@ -113,8 +140,37 @@ class Replica:
             rate = work / ttft_s
             self.prefill_tps = rate if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * rate
             if ahead_tokens == 0:
-                c = self.prefill_compute_tps
-                self.prefill_compute_tps = rate if c == 0 else 0.8 * c + 0.2 * rate
+                self._observe_compute_rate(rate, uncached_tokens)
+
+    def _observe_compute_rate(self, rate: float, tokens: int) -> None:
+        """EWMA (weight 0.2) of queue-free rate samples, and what router/pd/decision.py needs to
+        tell two replicas' rates apart (from prompts of RATE_TEST_MIN_TOKENS or more), in log
+        space where one absurd sample (a prompt the index thought uncached but the engine held
+        reads a million tokens/s) moves the estimate by its weight, not by 0.2 x its value: the
+        EWMA of ln(sample), the samples' spread around it (EWMA of the squared deviation,
+        bias-corrected for its zero start) and the sum of the EWMA's squared weights (1 after
+        one sample, 0.2 / 1.8 in the long run)."""
+        c = self.prefill_compute_tps
+        self.prefill_compute_tps = rate if c == 0 else 0.8 * c + 0.2 * rate
+        if tokens < RATE_TEST_MIN_TOKENS:
+            return
+        self.prefill_compute_samples += 1
+        ln = math.log(rate)
+        if self.prefill_compute_samples == 1:
+            self.prefill_compute_log_tps, self._compute_w2 = ln, 1.0
+            return
+        dev = ln - self.prefill_compute_log_tps
+        self._compute_var = 0.8 * self._compute_var + 0.2 * dev * dev
+        self.prefill_compute_log_tps += 0.2 * dev
+        self._compute_w2 = 0.64 * self._compute_w2 + 0.04
+
+    @property
+    def prefill_compute_log_se2(self) -> float:
+        """Squared standard error of prefill_compute_log_tps; infinite until two samples."""
+        k = self.prefill_compute_samples
+        if k < 2:
+            return math.inf
+        return self._compute_var / (1.0 - 0.8 ** (k - 1)) * self._compute_w2
 
     def observe_cpu_load(self, ttft_s: float, recompute_tokens: int, loaded_tokens: int) -> None:
         """Learn the CPU-tier load rate from a request that loaded ``loaded_tokens`` and

@@ -74,3 +74,4 @@ def test_debug_route_names_two_different_both_replicas(fleet: tuple[SimFleet, Ro
     pd = json.loads(raw)["pd"]
     assert pd["split"] is True and pd["prefill"] is not None and pd["prefill"] != pd["decode"]
     assert pd["remote_rate_tps"] > 0 and "remote_stall_s" in pd
+    assert pd["imposed_s"] >= 0  # the delay the split would add to the helper's later arrivals

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from router.pd.decision import (
@@ -18,6 +20,7 @@ from router.pd.decision import (
     LinkModel,
     PrefillView,
     decide,
+    imposed_delay,
     local_ttft,
     pick_decode,
     prefill_cost,
@@ -179,3 +182,84 @@ def test_pick_decode_uses_the_next_prefill_replica_for_the_one_that_is_best_at_p
     v1 = PrefillView(cached_tokens=0, prefill_tps=20_000, running=0)
     choice = pick_decode(8000, [d0, d1], v1, LINK, P, prefill_for=[v1, v0])
     assert choice.index == 1 and not choice.decision.split
+
+
+def test_imposed_delay_prices_later_arrivals_on_a_both_helper() -> None:
+    # 8000 tokens at 20k tok/s = 0.4 s on P, behind 0.1 s of queue; 2 arrivals/s: every one in the
+    # next 0.1 s waits 0.4 s, every one during the prefill on average 0.2 s.
+    assert imposed_delay(8000, 2000, 20_000, 2.0) == pytest.approx(2.0 * 0.4 * (0.1 + 0.2))
+    d = DecodeView(cached_tokens=0, running=0, pending_prefill_tokens=12_000, prefill_tps=20_000)
+    quiet = PrefillView(cached_tokens=0, prefill_tps=20_000, decodes=True)
+    assert decide(8000, d, quiet, LINK, P).split
+    # The same helper with its own clients arriving at 2/s: the split's margin (local 1.0 s less
+    # 30%, against remote 0.60 s) is less than the 0.16 s it adds to theirs: local.
+    crowded = PrefillView(cached_tokens=0, prefill_tps=20_000, decodes=True, arrival_rate=2.0)
+    dec = decide(8000, d, crowded, LINK, P)
+    assert not dec.split and dec.imposed_s == pytest.approx(2.0 * 0.4 * 0.2)
+    assert dec.as_dict()["imposed_s"] == pytest.approx(dec.imposed_s, abs=1e-6)
+    # A prefill-only replica's arrivals are leg 1s, each chosen knowing its queue: not priced.
+    only = PrefillView(cached_tokens=0, prefill_tps=20_000, arrival_rate=8.0)
+    assert decide(8000, d, only, LINK, P).imposed_s == 0.0
+
+
+def _measured(tps: float, se2: float) -> dict[str, float]:
+    return {"prefill_tps": tps, "rate_log": math.log(tps), "rate_log_se2": se2}
+
+
+def test_both_replicas_rates_differ_only_beyond_their_measured_spread() -> None:
+    # Standard error 0.3 each in ln rate: a 2x difference (ln 2 = 0.69) is within 2 standard
+    # errors of the difference (0.42): one GPU kind, one rate, no split for it.
+    d = DecodeView(cached_tokens=0, running=0, **_measured(10_000, 0.09))
+    noisy = PrefillView(cached_tokens=0, decodes=True, **_measured(20_000, 0.09))
+    dec = decide(8000, d, noisy, LINK, P)
+    assert not dec.split and dec.local_rate_tps == dec.remote_rate_tps
+    # Steady samples (standard error 0.05): 2x is a real difference and is kept.
+    steady = PrefillView(cached_tokens=0, decodes=True, **_measured(20_000, 0.0025))
+    d_steady = DecodeView(cached_tokens=0, running=0, **_measured(10_000, 0.0025))
+    assert decide(8000, d_steady, steady, LINK, P).remote_rate_tps == 20_000
+    # The test reads the log-space estimates: an arithmetic rate thrown off by one absurd sample
+    # (P reads 6x D, its log estimate only 1.2x) is not a different GPU.
+    outlier = PrefillView(cached_tokens=0, decodes=True, prefill_tps=200_000, rate_log=math.log(38_000),
+                          rate_log_se2=0.03)  # fmt: skip
+    d_calm = DecodeView(cached_tokens=0, running=0, **_measured(32_000, 0.001))
+    assert not decide(8000, d_calm, outlier, LINK, P).split
+    # Unknown spread (under two samples): not told apart.
+    fresh = PrefillView(cached_tokens=0, decodes=True, prefill_tps=40_000)
+    assert decide(8000, d_steady, fresh, LINK, P).remote_rate_tps == pytest.approx(20_000)
+    # A prefill-only replica differs from a decoder systematically: only same_rate_ratio applies.
+    only = PrefillView(cached_tokens=0, **_measured(20_000, 0.09))
+    assert decide(8000, d, only, LINK, P).remote_rate_tps == 20_000
+
+
+def test_an_unmeasured_both_replica_takes_the_measured_ones_rate() -> None:
+    d = DecodeView(cached_tokens=0, running=0, prefill_tps=0.0)
+    dec = decide(8000, d, PrefillView(cached_tokens=0, prefill_tps=40_000, decodes=True), LINK, P)
+    assert dec.local_rate_tps == dec.remote_rate_tps == 40_000
+    # Not across roles: a prefill-only replica's rate says little about a decoder's.
+    dec = decide(8000, d, PrefillView(cached_tokens=0, prefill_tps=40_000), LINK, P)
+    assert dec.local_rate_tps == P.default_prefill_tps and dec.remote_rate_tps == 40_000
+
+
+def test_replica_measures_its_arrival_rate_and_rate_spread() -> None:
+    from router.index import PrefixIndex
+    from router.replicas.registry import ReplicaRegistry
+    from router.types import ReplicaSpec
+
+    rep = ReplicaRegistry(PrefixIndex(100)).add(ReplicaSpec(url="http://r0:8000", name="r0"))
+    for i in range(300):  # 2 requests/s for 150 s: the decayed count settles at rate x tau
+        rep.add_arrival(i * 0.5, 30.0)
+    assert rep.arrival_rate(149.5, 30.0) == pytest.approx(2.0, rel=0.02)
+    assert rep.arrival_rate(179.5, 30.0) == pytest.approx(2.0 / math.e, rel=0.02)
+    assert rep.prefill_compute_log_se2 == math.inf
+    for _ in range(20):  # identical samples: no spread
+        rep.observe_ttft(0.5, 10_000)
+    assert rep.prefill_compute_tps == pytest.approx(20_000)
+    assert rep.prefill_compute_log_tps == pytest.approx(math.log(20_000))
+    assert rep.prefill_compute_log_se2 < 1e-9
+    for ttft in (0.25, 1.0) * 20:  # samples 2x either side of 20k: ln 2 around the mean
+        rep.observe_ttft(ttft, 10_000)
+    spread = math.log(2) ** 2 * 0.2 / 1.8  # the samples' variance x the EWMA's squared weights
+    assert rep.prefill_compute_log_se2 == pytest.approx(spread, rel=0.3)  # the mean moves too
+    se2 = rep.prefill_compute_log_se2
+    rep.observe_ttft(5.0, 10_000, ahead_tokens=40_000)  # queued behind others: not a compute sample
+    assert rep.prefill_compute_log_se2 == se2
