@@ -326,6 +326,7 @@ def decide(
     remote_cost = rem + params.stall_weight * rstall + params.occupancy_weight * imp_p
     if remote_cost + params.min_gain_s < (1.0 - params.min_gain_ratio) * local_cost:
         on_p = f" + P stall {rstall * 1e3:.1f} ms·req" if rstall else ""
+        on_p += f" + imposed {imp_p * 1e3:.1f} ms·req" if imp_p else ""
         return out(
             True,
             SPLIT,
@@ -335,7 +336,12 @@ def decide(
         return out(
             False, LOCAL_CACHED, f"decode replica's cached {decode.cached_tokens} tokens make local faster"
         )
-    return out(False, LOCAL_FASTER, f"local {loc * 1e3:.1f} ms (+stall) <= remote {rem * 1e3:.1f} ms")
+    imposed = f" (+imposed {imp_p * 1e3:.1f} ms·req)" if imp_p else ""
+    return out(
+        False,
+        LOCAL_FASTER,
+        f"local {loc * 1e3:.1f} ms (+stall) <= remote {rem * 1e3:.1f} ms{imposed} (+stall)",
+    )
 
 
 def _threshold(prompt_tokens: int, unc_d: int, params: DecisionParams, out: _Out) -> Decision:

@@ -5,7 +5,8 @@ probes re-admit (monitor.py); a success here only resets the failure streak. A f
 not count while the replica completed a real request within ``probe_grace_s``.
 
 Request failures eject at most ``max_ejected_fraction`` of a pool (the replicas with the same
-models and role, draining ones aside) at once, and never the only one: connect timeouts from a
+models and role, draining ones aside; counted: those ejected for request failures) at once, and
+never the last one serving: connect timeouts from a
 fleet too loaded to accept are failures on every replica, and ejecting each in turn answered 503
 to everyone until probes re-admitted them, where queueing would have served (Envoy's
 ``max_ejection_percent`` and panic threshold exist for this). A replica that fails its probes is
@@ -21,6 +22,7 @@ from collections.abc import Callable
 
 from router.metrics import RouterMetrics
 from router.replicas.registry import Replica, ReplicaRegistry
+from router.types import ReplicaId
 
 log = logging.getLogger("kvrouter.health")
 
@@ -41,6 +43,9 @@ class PassiveHealth:
         self.metrics = metrics
         self.eject_after_failures = eject_after_failures
         self.max_ejected_fraction = max_ejected_fraction
+        # Replicas this class ejected for request failures (the cap counts these only: a replica
+        # down by its probes, or not admitted yet, is no reason to keep a failing one serving).
+        self._ejected: set[ReplicaId] = set()
         self.last_success = last_success
         self.probe_grace_s = probe_grace_s
         self.clock = clock
@@ -61,32 +66,46 @@ class PassiveHealth:
         rep.consecutive_failures += 1
         if not rep.healthy or rep.consecutive_failures < self.eject_after_failures:
             return
-        if reason != "probe" and not self._may_eject(rep):
-            if rep.consecutive_failures == self.eject_after_failures:  # once per streak
-                log.warning(
-                    "not ejecting %s after %d consecutive failures (%s): %.0f%% of its pool is out",
-                    rep.id,
-                    rep.consecutive_failures,
-                    reason,
-                    100 * self.max_ejected_fraction,
-                )
-                self.metrics.ejections_capped.labels(rep.id).inc()
-            return
+        if reason != "probe":
+            out, size, serving = self._ejected_in_pool(rep)
+            cap = max(1, math.floor(self.max_ejected_fraction * size)) if size >= 2 else 0
+            if out >= cap or serving <= 1:
+                if rep.consecutive_failures == self.eject_after_failures:  # once per streak
+                    log.warning(
+                        "not ejecting %s after %d consecutive failures (%s): of its pool of %d, %d "
+                        "already ejected for failed requests (health.max_ejected_fraction %.2f), "
+                        "%d serving",
+                        rep.id,
+                        rep.consecutive_failures,
+                        reason,
+                        size,
+                        out,
+                        self.max_ejected_fraction,
+                        serving,
+                    )
+                    self.metrics.ejections_capped.labels(rep.id).inc()
+                return
+            self._ejected.add(rep.id)
         log.warning(
             "ejecting %s after %d consecutive failures (%s)", rep.id, rep.consecutive_failures, reason
         )
         self.registry.set_healthy(rep, False)
         self.metrics.ejections.labels(rep.id).inc()
 
-    def _may_eject(self, rep: Replica) -> bool:
-        pool = [
-            p
-            for p in self.registry
-            if p.models == rep.models and p.spec.role == rep.spec.role and not p.draining
-        ]
-        out = sum(1 for p in pool if not p.healthy)
-        cap = max(1, math.floor(self.max_ejected_fraction * len(pool))) if len(pool) >= 2 else 0
-        return out < cap
+    def _ejected_in_pool(self, rep: Replica) -> tuple[int, int, int]:
+        """(replicas of ``rep``'s pool out for request failures, pool size, healthy ones): the
+        pool is the replicas with its models and role, draining ones aside. Readmitted and
+        removed replicas leave the ejected set here."""
+        self._ejected = {
+            rid for rid in self._ejected if (r := self.registry.get(rid)) is not None and not r.healthy
+        }
+        size = out = serving = 0
+        for p in self.registry:
+            if p.models == rep.models and p.spec.role == rep.spec.role and not p.draining:
+                size += 1
+                out += p.id in self._ejected
+                serving += p.healthy
+        return out, size, serving
 
     def record_success(self, rep: Replica) -> None:
         rep.consecutive_failures = 0

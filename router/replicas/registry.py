@@ -114,6 +114,8 @@ class Replica:
         return self.healthy and not self.draining
 
     def _record_ttft(self, ttft_s: float) -> None:
+        if not math.isfinite(ttft_s):
+            return  # the sorted window could not find it again to drop it
         window = self.ttfts
         ordered = self._ttfts_sorted
         if len(window) < TTFT_WINDOW:
@@ -136,7 +138,7 @@ class Replica:
         # pending count, replicas with long prefills in progress read up to 2x too fast
         # (docs/scoring.md). Only long prefills of its own say something about the rate.
         work = uncached_tokens + ahead_tokens // 2
-        if uncached_tokens >= 256 and ttft_s > 0:
+        if uncached_tokens >= 256 and 0 < ttft_s < math.inf:
             rate = work / ttft_s
             self.prefill_tps = rate if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * rate
             if ahead_tokens == 0:
@@ -152,7 +154,7 @@ class Replica:
         one sample, 0.2 / 1.8 in the long run)."""
         c = self.prefill_compute_tps
         self.prefill_compute_tps = rate if c == 0 else 0.8 * c + 0.2 * rate
-        if tokens < RATE_TEST_MIN_TOKENS:
+        if tokens < RATE_TEST_MIN_TOKENS or not 0.0 < rate < math.inf:
             return
         self.prefill_compute_samples += 1
         ln = math.log(rate)
@@ -194,10 +196,12 @@ class Replica:
         return data[min(n - 1, max(0, math.ceil(q * n) - 1))]
 
     def set_engine_load(self, running: float | None, waiting: float | None, kv_usage: float | None) -> None:
-        self.engine_running = running
-        self.engine_waiting = waiting
-        self.kv_usage = kv_usage
-        self.engine_queue = (running or 0.0) + (waiting or 0.0)
+        # A gauge an engine exports as NaN or Inf is unknown, not a number to score with: one NaN
+        # would make every total it enters NaN, and a NaN total never wins nor ties.
+        self.engine_running = _finite(running)
+        self.engine_waiting = _finite(waiting)
+        self.kv_usage = _finite(kv_usage)
+        self.engine_queue = (self.engine_running or 0.0) + (self.engine_waiting or 0.0)
 
     @property
     def queue_depth(self) -> float:
@@ -209,6 +213,10 @@ class Replica:
         f = self.in_flight
         e = self.engine_queue
         return f if f > e else e
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is None or math.isfinite(v) else None
 
 
 class ReplicaRegistry:
@@ -244,7 +252,12 @@ class ReplicaRegistry:
     def add_rank(self, parent: Replica, rank: int) -> Replica:
         """Rank ``rank`` (>= 1) of a data-parallel server as its own routing target: same URL, own
         index slot (its own event stream), pinned with the rank header; leaves with its parent."""
-        spec = ReplicaSpec(url=parent.spec.url, name=f"{parent.id}#dp{rank}", models=parent.spec.models)
+        spec = ReplicaSpec(
+            url=parent.spec.url,
+            name=f"{parent.id}#dp{rank}",
+            models=parent.spec.models,
+            role=parent.spec.role,
+        )
         existing = self._replicas.get(spec.id)
         if existing is not None:
             return existing

@@ -10,7 +10,8 @@ summing in the pipeline's order, so the totals are bit-for-bit the pipeline's an
 The scorer modules stay the definition (their docstrings say what each term means and why);
 this module only reorganises the arithmetic. ``kernel_for`` returns ``None`` for any other
 plugin set (a custom pipeline, a peer emulation), which then runs as a plain pipeline, and the
-pipeline itself still runs whenever a decision is explained or its plugins are timed.
+pipeline itself still runs whenever a decision is explained or its plugins are timed, and for
+weights that turn a scorer off.
 """
 
 from __future__ import annotations
@@ -47,15 +48,13 @@ _EPS = 1e-12  # min_max_inverted's and the scorers' "all equal" tolerance
 def kernel_for(
     filters: Sequence[Filter], scorers: Sequence[tuple[Scorer, float]], picker: Picker
 ) -> CacheAwareKernel | None:
-    """The kernel for exactly cache_aware's plugin set (any weights, zero-weight scorers
-    dropped, in its order), else ``None``."""
+    """The kernel for exactly cache_aware's plugin set: its filter and all seven scorers, in its
+    order (another order sums differently), each with a positive weight (the kernel adds every
+    term; the pipeline drops a zero-weight scorer, and 0 x NaN is not 0). Else ``None``."""
     if len(filters) != 1 or type(filters[0]) is not SessionBoundedLoadFilter:
         return None
-    types = [type(s) for s, _ in scorers]
-    if len(set(types)) != len(types) or any(t not in _ORDER for t in types):
+    if [type(s) for s, _ in scorers] != list(_ORDER) or any(not w > 0 for _, w in scorers):
         return None
-    if types != [t for t in _ORDER if t in types]:
-        return None  # another order sums differently: not bit-for-bit the pipeline
     return CacheAwareKernel(filters[0], scorers, picker)
 
 
@@ -106,7 +105,7 @@ class CacheAwareKernel:
         if not idx or len(idx) == n:
             return replicas, queues
         h = req.session_home
-        if h >= 0 and req.session_keep * req.session_overlap > 0.0:
+        if h >= 0 and not req.session_keep * req.session_overlap <= 0.0:  # as session.py, NaN too
             home = next((i for i in range(n) if replicas[i].slot == h), -1)
             if home >= 0 and home not in idx and queues[home] + 1 <= self.load_factor * (total / n + 1):
                 idx.append(home)
@@ -185,8 +184,8 @@ class CacheAwareKernel:
             if cap < min_cap:
                 min_cap = cap
             caps.append(cap)
-            u = r.kv_usage or 0.0
-            usages.append(0.0 if u < 0.0 else 1.0 if u > 1.0 else u)
+            u = r.kv_usage or 0.0  # min(1, max(0, u)) as kv_usage.py, NaN included
+            usages.append(u if 0.0 < u <= 1.0 else 1.0 if u > 1.0 else 0.0)
             tails.append(r.tail_ttft(q))
         # the share of its KV capacity; raw tokens for every replica when some capacity is unknown
         fills = churns if min_cap <= 0 else [c / cap for c, cap in zip(churns, caps, strict=True)]
@@ -207,7 +206,7 @@ class CacheAwareKernel:
         totals = []
         for i in range(len(kept)):
             e = ests[i]
-            t = w_ttft * (1.0 if e_flat else e_lo / (e if e > 1e-9 else 1e-9))
+            t = w_ttft * (1.0 if e_flat else e_lo / (1e-9 if e < 1e-9 else e))  # max(e, 1e-9)
             t = t + w_churn * (1.0 if f_span <= _EPS else (f_hi - fills[i]) / f_span)
             t = t + w_prefix * prefixes[i]
             t = t + w_queue * (1.0 if q_span <= _EPS else (q_hi - queues[i]) / q_span)

@@ -3,11 +3,13 @@
 Random fleets (load, engine metrics, rates, TTFT windows, churn, capacities known or not) and
 random requests (GPU/CPU-tier matches, uncertain replicas, sessions new, homed and homeless):
 the kernel's filter keeps the same replicas, its totals are the same floats the pipeline sums
-from the scorers, and with the same rng both pick the same replica.
+from the scorers (NaN ones included: an engine gauge set to NaN directly), and with the same
+rng both pick the same replica.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -23,7 +25,7 @@ from router.scoring.session import SessionBoundedLoadFilter
 from router.types import BlockHash, KeyMode, ReplicaSpec, RequestInfo
 
 
-def random_fleet(rng: random.Random, n: int) -> list[Replica]:
+def random_fleet(rng: random.Random, n: int, nan: bool = False) -> list[Replica]:
     reg = ReplicaRegistry(PrefixIndex(100))
     reps = [reg.add(ReplicaSpec(url=f"http://r{i}:8000", name=f"r{i}")) for i in range(n)]
     for r in reps:
@@ -40,6 +42,10 @@ def random_fleet(rng: random.Random, n: int) -> list[Replica]:
             r.add_churn(rng.randrange(1, 50_000), rng.uniform(0, 100), 30.0)
         r.num_gpu_blocks = rng.choice([None, 1_000, 30_000])
         r.block_size = rng.choice([None, 16])
+        if nan and rng.random() < 0.3:  # set directly: set_engine_load drops non-finite gauges
+            r.kv_usage = math.nan
+        if nan and rng.random() < 0.2:
+            r.engine_running = math.nan
     return reps
 
 
@@ -67,7 +73,10 @@ def reference_totals(pipeline: Pipeline, req: RequestInfo, kept: list[Replica]) 
     totals = [0.0] * len(kept)
     for scorer, weight in pipeline.scorers:
         values = scorer.score(req, kept)
-        totals = [t + weight * min(1.0, max(0.0, v)) for t, v in zip(totals, values, strict=True)]
+        totals = [
+            t + weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)  # Pipeline.select's clamp
+            for t, v in zip(totals, values, strict=True)
+        ]
     return totals
 
 
@@ -77,22 +86,25 @@ def cache_aware(seed: int, **kw: object) -> Pipeline:
     return policy
 
 
-@pytest.mark.parametrize("weights", [{}, {"kv-usage": 0.0, "prefix-cache": 2.5}, {"estimated-ttft": 0.0}])
+@pytest.mark.parametrize("weights", [{}, {"kv-usage": 0.1, "prefix-cache": 2.5}, {"estimated-ttft": 0.5}])
 def test_kernel_matches_pipeline_on_random_fleets(weights: dict[str, float]) -> None:
     rng = random.Random(7)
     pipeline = cache_aware(0, weights=weights)
     kernel = pipeline.kernel
     assert isinstance(kernel, CacheAwareKernel)
     bounded = pipeline.filters[0]
-    for trial in range(400):
-        reps = random_fleet(rng, rng.choice([1, 2, 3, 8, 16]))
+    for trial in range(600):
+        reps = random_fleet(rng, rng.choice([1, 2, 3, 8, 16]), nan=trial >= 400)
         req = random_request(rng, reps)
         kept, queues = kernel._filter(req, reps)
         assert [r.id for r in kept] == [r.id for r in bounded.filter(req, reps)], trial
         assert queues == [r.queue_depth for r in kept]
-        assert kernel._totals(req, kept, queues) == reference_totals(pipeline, req, list(kept)), trial
+        fused_totals = kernel._totals(req, kept, queues)
+        plain_totals = reference_totals(pipeline, req, list(kept))
+        assert [repr(t) for t in fused_totals] == [repr(t) for t in plain_totals], trial  # NaN == NaN
         fused_rng, plain_rng = random.Random(trial), random.Random(trial)
-        fused = kernel.select(req, reps, fused_rng)
+        pipeline.rng = fused_rng
+        fused = pipeline.select(req, reps)
         pipeline.kernel = None
         pipeline.rng = plain_rng
         plain = pipeline.select(req, reps)
@@ -107,10 +119,13 @@ def test_kernel_only_for_the_cache_aware_plugin_set() -> None:
     picker = pipeline.picker
     prefix, queue = PrefixCacheScorer(), QueueDepthScorer()
     bounded = SessionBoundedLoadFilter(4.0)
-    assert kernel_for([bounded], [(prefix, 1.0), (queue, 1.0)], picker) is not None
-    assert kernel_for([bounded], [(queue, 1.0), (prefix, 1.0)], picker) is None  # another sum order
+    assert kernel_for([bounded], pipeline.scorers, picker) is not None
+    assert kernel_for([bounded], pipeline.scorers[::-1], picker) is None  # another sum order
+    assert kernel_for([bounded], [(prefix, 1.0), (queue, 1.0)], picker) is None  # a subset
     assert kernel_for([], [(prefix, 1.0)], picker) is None  # prefix_only has no filter
     assert build_policy("prefix_only").kernel is None  # type: ignore[attr-defined]
+    # a weight that turns a scorer off: the plugin-by-plugin pipeline (0 x NaN is not 0)
+    assert cache_aware(0, weights={"kv-usage": 0.0}).kernel is None
 
 
 def test_explained_decisions_run_the_plugins() -> None:

@@ -74,3 +74,15 @@ def test_pools_are_counted_per_model_and_role() -> None:
     fail(passive, reps[0])
     fail(passive, reps[1])
     assert [r.healthy for r in reps] == [False, True]  # the draining one does not widen the pool
+
+
+def test_replicas_down_by_probes_do_not_keep_a_failing_one_serving() -> None:
+    """The cap counts replicas ejected for failed requests only: one down by its probes and one
+    not admitted yet leave room to eject a replica whose /health passes but whose requests fail."""
+    passive, reps, _ = pool(4)
+    fail(passive, reps[0], "probe")
+    passive.registry.set_healthy(reps[1], False)  # added, no passing probe yet
+    fail(passive, reps[2])
+    assert not reps[2].healthy
+    fail(passive, reps[3], times=5)
+    assert reps[3].healthy  # the last one serving stays, whatever the cap

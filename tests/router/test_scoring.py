@@ -243,3 +243,22 @@ def test_tail_ttft_is_the_nearest_rank_quantile_of_the_last_64() -> None:
         window = sorted(seen[-64:])
         for q in (0.5, 0.9, 0.99):
             assert rep.tail_ttft(q) == window[min(len(window) - 1, max(0, math.ceil(q * len(window)) - 1))]
+
+
+def test_non_finite_engine_gauges_and_ttfts_are_unknown_not_numbers() -> None:
+    """A NaN gauge or TTFT would make every total it enters NaN (never picked, never tied)."""
+    rep = replicas(1)[0]
+    rep.set_engine_load(math.nan, math.inf, math.nan)
+    assert (rep.engine_running, rep.engine_waiting, rep.kv_usage, rep.engine_queue) == (None, None, None, 0.0)
+    rep.set_engine_load(2.0, 1.0, 0.5)
+    assert (rep.engine_running, rep.engine_waiting, rep.kv_usage, rep.engine_queue) == (2.0, 1.0, 0.5, 3.0)
+    rep.observe_ttft(0.5, 4096)
+    rep.observe_ttft(math.inf, 4096)
+    rep.observe_ttft(math.nan, 4096)
+    assert rep.ttfts == [0.5] and rep.tail_ttft() == 0.5 and rep.prefill_tps == 4096 / 0.5
+
+
+def test_data_parallel_ranks_keep_their_servers_role() -> None:
+    reg = ReplicaRegistry(PrefixIndex(100))
+    parent = reg.add(ReplicaSpec(url="http://d0:8000", name="d0", role="decode"))
+    assert reg.add_rank(parent, 1).spec.role == "decode"
