@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import xxhash
 
@@ -50,15 +50,17 @@ def token_bytes(tokens: Sequence[int]) -> bytes:
 
 def _chain(data: bytes, unit: int, seed: int, max_blocks: int) -> list[BlockHash]:
     # Hot path (every request, every stored KV event block): positional seed and plain bytes
-    # slices are ~3x faster than a keyword seed over memoryview slices for 64-byte blocks.
+    # slices are ~3x faster than a keyword seed over memoryview slices for 64-byte blocks. One
+    # cast for the list, not BlockHash(h) per block: NewType's call is a Python function call
+    # (a 14k-token prompt: 132 -> 94 us).
     n = min(len(data) // unit, max_blocks)
-    out: list[BlockHash] = []
+    out: list[int] = []
     append = out.append
     h = seed
     for off in range(0, n * unit, unit):
         h = _xxh3(data[off : off + unit], h)
-        append(BlockHash(h))
-    return out
+        append(h)
+    return cast("list[BlockHash]", out)
 
 
 def chain_from(data: bytes, unit: int, seed: int, max_blocks: int) -> list[BlockHash]:
