@@ -28,7 +28,7 @@ from .kv_usage import KVUsageScorer
 from .latency import TailLatencyScorer
 from .prefix import PrefixCacheScorer
 from .queue import QueueDepthScorer
-from .session import SessionAffinityScorer, SessionBoundedLoadFilter, rendezvous_weight
+from .session import SessionAffinityScorer, SessionBoundedLoadFilter
 from .ttft import EstimatedTTFTScorer, cpu_tier_credit
 
 # The order the cache_aware pipeline sums its scorers in (policies._cache_aware): the kernel
@@ -81,6 +81,8 @@ class CacheAwareKernel:
         self.prefix = prefix if isinstance(prefix, PrefixCacheScorer) else PrefixCacheScorer()
         churn = by_type.get(CacheChurnScorer)
         self.tau_s = churn.tau_s if isinstance(churn, CacheChurnScorer) else CHURN_TAU_S
+        session = by_type.get(SessionAffinityScorer)
+        self.session = session if isinstance(session, SessionAffinityScorer) else SessionAffinityScorer()
         tail = by_type.get(TailLatencyScorer)
         self.quantile = tail.quantile if isinstance(tail, TailLatencyScorer) else 0.9
 
@@ -200,7 +202,9 @@ class CacheAwareKernel:
         u_flat = max(usages) - min(usages) <= _EPS
         t_lo, t_hi = min(tails), max(tails)
         t_span = t_hi - t_lo
-        sessions = _session_scores(req, kept) if req.session_id is not None else None
+        sessions = None
+        if req.session_id is not None:  # the scorer itself (rarely set), clamped as the pipeline does
+            sessions = [0.0 if v < 0.0 else 1.0 if v > 1.0 else v for v in self.session.score(req, kept)]
         w_ttft, w_churn, w_prefix, w_queue = self.w_ttft, self.w_churn, self.w_prefix, self.w_queue
         w_kv, w_tail, w_session = self.w_kv, self.w_tail, self.w_session
         totals = []
@@ -214,24 +218,3 @@ class CacheAwareKernel:
             t = t + w_tail * (1.0 if t_span <= _EPS else (t_hi - tails[i]) / t_span)
             totals.append(t + w_session * (1.0 if sessions is None else sessions[i]))
         return totals
-
-
-def _session_scores(req: RequestInfo, replicas: Sequence[Replica]) -> list[float]:
-    """SessionAffinityScorer.score, clamped as the pipeline clamps it."""
-    key = req.session_id
-    n = len(replicas)
-    if key is None:
-        return [1.0] * n
-    home = req.session_home
-    if home >= 0:
-        keep = req.session_keep * req.session_overlap
-        if keep > 1.0:
-            keep = 1.0
-        out = [keep if r.slot == home else 0.0 for r in replicas]
-        return out if keep > 0.0 and any(out) else [1.0] * n
-    if home == -1:
-        lo = min(r.pending_prefill_tokens for r in replicas)
-        free = [i for i in range(n) if replicas[i].pending_prefill_tokens <= lo]
-        best = max(free, key=lambda i: rendezvous_weight(key, replicas[i].id))
-        return [1.0 if i == best else 0.0 for i in range(n)]
-    return [1.0] * n
