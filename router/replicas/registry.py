@@ -89,10 +89,7 @@ class Replica:
         self.churn_at = now
 
     def churn(self, now: float, tau_s: float) -> float:
-        dt = now - self.churn_at
-        if dt <= 0 or self.churn_tokens == 0.0:
-            return self.churn_tokens
-        return self.churn_tokens * math.exp(-dt / tau_s)
+        return _decayed(self.churn_tokens, self.churn_at, now, tau_s)
 
     def add_arrival(self, now: float, tau_s: float) -> None:
         self.arrivals = self.arrival_rate(now, tau_s) * tau_s + 1.0
@@ -100,10 +97,7 @@ class Replica:
 
     def arrival_rate(self, now: float, tau_s: float) -> float:
         """Prefill-bearing requests per second routed here (decayed count / tau)."""
-        dt = now - self.arrivals_at
-        if dt <= 0 or self.arrivals == 0.0:
-            return self.arrivals / tau_s
-        return self.arrivals * math.exp(-dt / tau_s) / tau_s
+        return _decayed(self.arrivals, self.arrivals_at, now, tau_s) / tau_s
 
     @property
     def role(self) -> str:
@@ -213,6 +207,14 @@ class Replica:
         f = self.in_flight
         e = self.engine_queue
         return f if f > e else e
+
+
+def _decayed(value: float, since: float, now: float, tau_s: float) -> float:
+    """``value`` recorded at ``since``, decayed exponentially (time constant ``tau_s``) to ``now``."""
+    dt = now - since
+    if dt <= 0 or value == 0.0:
+        return value
+    return value * math.exp(-dt / tau_s)
 
 
 def _finite(v: float | None) -> float | None:
