@@ -6,7 +6,9 @@ Targets, all in front of the same fake OpenAI backends on loopback:
 * ``kvrouter`` (``kvrouter serve``, one worker, and ``--workers N`` variants when asked for);
 * ``sglang`` (``python -m sglang_router.launch_router``) and ``vllm-router`` (the Rust binary of
   the vllm-router wheel), from ``.venv-peers``; installed there under ``flock .venv-peers.lock``
-  when missing. A peer that cannot start is reported with the reason and skipped.
+  when missing. A peer that cannot start is reported with the reason and skipped;
+* ``python-floor`` (``--floor``): floor_proxy.py, bytes relayed by asyncio callbacks with no
+  routing or validation, the least a Python proxy on uvloop costs per request.
 
 For each of non-streaming and streaming (16 SSE chunks), at each concurrency: req/s, p50/p99
 latency and the latency *added* over ``direct`` at the same mode and concurrency, the router's CPU
@@ -679,6 +681,10 @@ def one_run(
             # the same command from another checkout (python -m router imports the cwd's tree)
             base = [*kvrouter_serve(kv_py), "--workers", "1", *[a for u in urls for a in ("--backend", u)]]
             plan.append(("kvrouter-baseline", base, args.baseline_tree.resolve()))
+        if args.floor:
+            # the yardstick: bytes relayed by callbacks and nothing else (floor_proxy.py)
+            floor = [kv_py, str(ROOT / "tests" / "bench" / "floor_proxy.py"), "--port", "{port}"]
+            plan.append(("python-floor", [*floor, *[a for u in urls for a in ("--backend", u)]], ROOT))
         if args.pd and len(urls) >= 2:
             # every request split: leg 1 (prefill, one token, kv_transfer_params back) then leg 2
             plan.append(
@@ -737,7 +743,7 @@ def one_run(
                 )
             )
         for name, cmd, cwd in plan:
-            if why_not and not name.startswith("kvrouter"):
+            if why_not and not name.startswith("kvrouter") and name != "python-floor":
                 targets.append(Target(name, "", None, note=f"skipped: {why_not}"))
                 print(f"  {name}: skipped: {why_not}", flush=True)
                 continue
@@ -831,6 +837,11 @@ def main() -> int:
         help="add kvrouter-pd: --prefill backend 1 --decode backend 2 --pd-rule always (two legs)",
     )
     ap.add_argument("--peers", nargs="*", default=["sglang", "vllm-router"], help="peers to include")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="add python-floor: the least a Python proxy on uvloop costs (floor_proxy.py), as a yardstick",
+    )
     ap.add_argument("--router-cpus", default="1" if (os.cpu_count() or 1) > 1 else None)
     ap.add_argument("--client-cpus", default="0" if (os.cpu_count() or 1) > 1 else None)
     ap.add_argument("--no-pin", action="store_true", help="let every process use every CPU")
