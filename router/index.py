@@ -53,6 +53,9 @@ from .types import BlockHash, ReplicaId, Tier
 _TIERS = (Tier.GPU, Tier.CPU)
 _SHARDS = 256  # see the module docstring: _masks is split by the hash's low 8 bits
 _SHARD_MASK = _SHARDS - 1
+# Blocks left to match above which one replica's prefix is counted in C (itertools) rather than by
+# the mask loop: below it the setup costs more than the loop (~10 blocks break even).
+_C_WALK_MIN = 12
 
 
 @dataclass(slots=True)
@@ -348,7 +351,7 @@ class PrefixIndex:
         m = _SHARD_MASK
         below = _bits_below(n_slots)
         if not self._tier_used[Tier.CPU]:
-            _prefix_one_tier(hashes, ggets, gpu_len, below)
+            _prefix_one_tier(hashes, ggets, gpu_len, below, self._gpu_blocks_of)
             any_len[:] = gpu_len
             return gpu_len, any_len
         cpu_len = [0] * n_slots
@@ -438,6 +441,9 @@ class PrefixIndex:
 
     # ---- internals ------------------------------------------------------------------------
 
+    def _gpu_blocks_of(self, slot: int) -> OrderedDict[int, int]:
+        return self._replicas[self._by_slot[slot]].lru[Tier.GPU]
+
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
@@ -495,10 +501,19 @@ def _bits_below(n: int) -> int:
 
 
 def _prefix_one_tier(
-    hashes: Sequence[BlockHash], gets: Sequence[Callable[..., int]], out: list[int], below: int
+    hashes: Sequence[BlockHash],
+    gets: Sequence[Callable[..., int]],
+    out: list[int],
+    below: int,
+    blocks_of: Callable[[int], OrderedDict[int, int]],
 ) -> None:
-    """GPU-only match (no replica ever had a CPU tier): the common, cheaper loop."""
+    """GPU-only match (no replica ever had a CPU tier): the common, cheaper loop.
+
+    Once a single replica is left holding the prefix (past a system prompt several replicas
+    share, the one holding the conversation), the rest of its prefix is counted in C on that
+    replica's own block dict, which holds exactly the blocks its bit marks in the masks."""
     m = _SHARD_MASK
+    n = len(hashes)
     alive = -1
     prev = -2
     i = 0
@@ -513,6 +528,11 @@ def _prefix_one_tier(
             _record(out, ended & below, i)
         alive = new
         if not alive:
+            return
+        if not alive & (alive - 1) and n - i > _C_WALK_MIN:  # one replica left, a long way to go
+            slot = alive.bit_length() - 1
+            held = blocks_of(slot).__contains__
+            out[slot] = i + 1 + len(list(itertools.takewhile(held, itertools.islice(hashes, i + 1, None))))
             return
     _record(out, alive & below, i + 1)
 

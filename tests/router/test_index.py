@@ -283,6 +283,13 @@ class IndexMachine(RuleBasedStateMachine):
     def consistent(self) -> None:
         self.idx.check_invariants()
 
+    @invariant()
+    def same_blocks_states_and_lru_order(self) -> None:
+        for r in REPLICAS:
+            for t in (0, 1):
+                got = list(self.idx._replicas[r].lru[t].items())
+                assert got == [(h, state) for h, state in self.model.lru[(r, t)]], (r, t)
+
 
 TestIndexStateful = IndexMachine.TestCase
 TestIndexStateful.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
