@@ -92,7 +92,7 @@ class Replica:
         return _decayed(self.churn_tokens, self.churn_at, now, tau_s)
 
     def add_arrival(self, now: float, tau_s: float) -> None:
-        self.arrivals = self.arrival_rate(now, tau_s) * tau_s + 1.0
+        self.arrivals = _decayed(self.arrivals, self.arrivals_at, now, tau_s) + 1.0
         self.arrivals_at = now
 
     def arrival_rate(self, now: float, tau_s: float) -> float:
