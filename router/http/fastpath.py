@@ -36,6 +36,7 @@ from router.errors import (
     UriTooLong,
 )
 from router.http.client_limits import BodyBudgetExceeded, RequestTimeout
+from router.http.coalesce import Coalesced, write_batch
 from router.http.generate import GENERATE_PATHS, InfoParser, check_api_key, count_error, generate
 from router.http.proxy import REQUEST_DROP, Headers, request_header_lines
 from router.http.requests import BAD_BODY_ERRORS, bad_body_error
@@ -173,6 +174,7 @@ class FastPath(asyncio.Protocol):
         self.fallback = fallback
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self.out: Coalesced | None = None  # what this pass wrote, sent at its end (coalesce.py)
         self.delegate: asyncio.Protocol | None = None
         # Bytes not consumed yet. Usually a whole request arrives in one read and is parsed from
         # that ``bytes`` object as is; a bytearray only when pieces must be joined.
@@ -209,6 +211,7 @@ class FastPath(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.out = Coalesced(write_batch(self.loop), self.transport)
         self.last_active = self.loop.time()
         self._arm(self.last_active + self.limits.keepalive_s)
         if self.limits.clients.rate > 0:
@@ -253,6 +256,8 @@ class FastPath(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.out is not None:
+            self.out.discard()
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         if not self.serving:
@@ -389,6 +394,8 @@ class FastPath(asyncio.Protocol):
 
     def _hand_off(self) -> None:
         assert self.transport is not None
+        if self.out is not None:
+            self.out.flush_now()  # what aiohttp writes must follow what this connection wrote
         if self.idle_timer is not None:
             self.idle_timer.cancel()  # aiohttp keeps its own keep-alive timer
             self.idle_timer = None
@@ -465,9 +472,9 @@ class FastPath(asyncio.Protocol):
     # ---- writing ----
 
     def write(self, data: bytes) -> None:
-        if self.closed or self.transport is None or self.transport.is_closing():
+        if self.closed or self.out is None or self.out.closing():
             raise ConnectionResetError("client connection closed")
-        self.transport.write(data)
+        self.out.queue(data)
 
     async def drain(self) -> None:
         if not self.paused:
@@ -497,6 +504,8 @@ class FastPath(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return
+        if self.out is not None:
+            self.out.flush_now()  # the answer goes before the FIN
         self.discarding = True
         self.buf = b""
         if t.can_write_eof():
@@ -505,6 +514,8 @@ class FastPath(asyncio.Protocol):
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            if self.out is not None:
+                self.out.flush_now()  # close() sends what the transport holds, then the FIN
             self.transport.close()
 
     def _arm(self, due: float) -> None:

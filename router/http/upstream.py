@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from router.http.coalesce import Coalesced, write_batch
+
 HIGH_WATER = 256 * 1024
 
 
@@ -101,6 +103,7 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self.out: Coalesced | None = None  # the request, sent at the end of the loop pass (coalesce.py)
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.busy = False
@@ -125,6 +128,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.out = Coalesced(write_batch(self.loop), self.transport)  # type: ignore[arg-type]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -186,11 +190,11 @@ class _Connection(asyncio.Protocol):
     # ---- request side ----
 
     def send(self, data: bytes) -> asyncio.Future[None]:
-        assert self.transport is not None
+        assert self.out is not None
         self._reset()
         self.busy = True
         self.head_waiter = self.loop.create_future()
-        self.transport.write(data)
+        self.out.queue(data)
         return self.head_waiter
 
     async def read_body(self) -> bytes:
@@ -233,6 +237,8 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        if self.out is not None:
+            self.out.discard()  # a request given up before it left: the engine never sees it
         if self.transport is not None:
             self.transport.close()
 
