@@ -1,7 +1,7 @@
 """Outlier detection on what users feel: replicas that answer 200 and still fail users.
 
-Per replica, over the last ``window_s``, the detector keeps what the router measures on real
-traffic (no probe involved):
+Per replica, over the last ``window_s`` (latencies: at most the last ``SAMPLE_CAP`` samples of it),
+the detector keeps what the router measures on real traffic (no probe involved):
 
 * **TTFT per uncached prompt token** (``ttft / max(uncached + backlog, 64)``, where backlog is the
   uncached prompt tokens the router had dispatched to the replica ahead of this request: a busier
@@ -60,6 +60,55 @@ HEALTHY, DEGRADED, EJECTED, SLOW_START, CANARY_FAILED = (
 STATES = (HEALTHY, DEGRADED, EJECTED, SLOW_START, CANARY_FAILED)
 MIN_TOKENS = 64  # TTFT per token counts at least this many uncached tokens
 KV_PINNED = 0.999
+# Latency samples kept per replica and signal: the window's most recent ones. At thousands of
+# requests per second a whole window would hold ~10^5 of them per replica, sorted every interval.
+SAMPLE_CAP = 1024
+OUTCOME_BUCKET_S = 0.25  # outcomes are counted per bucket of this many seconds
+
+
+def _samples() -> deque[tuple[float, float]]:
+    return deque(maxlen=SAMPLE_CAP)
+
+
+class OutcomeWindow:
+    """Successes and failures over the window, counted per ``OUTCOME_BUCKET_S`` bucket: O(1) per
+    request, and memory and evaluation bounded by the window's length, not the request rate."""
+
+    __slots__ = ("_buckets", "ok", "total")
+
+    def __init__(self) -> None:
+        self._buckets: deque[list[int]] = deque()  # [bucket number, successes, outcomes]
+        self.ok = 0
+        self.total = 0
+
+    def add(self, now: float, ok: bool) -> None:
+        key = math.floor(now / OUTCOME_BUCKET_S)
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == key:
+            last = buckets[-1]
+        else:
+            last = [key, 0, 0]
+            buckets.append(last)
+        last[1] += ok
+        last[2] += 1
+        self.ok += ok
+        self.total += 1
+
+    def trim(self, cutoff: float) -> None:
+        """Forget the buckets that ended before ``cutoff`` (a sample stays at most one bucket
+        longer than the window)."""
+        buckets = self._buckets
+        while buckets and (buckets[0][0] + 1) * OUTCOME_BUCKET_S <= cutoff:
+            _, ok, n = buckets.popleft()
+            self.ok -= ok
+            self.total -= n
+
+    def clear(self) -> None:
+        self._buckets.clear()
+        self.ok = self.total = 0
+
+    def __len__(self) -> int:
+        return self.total
 
 
 @dataclass(slots=True)
@@ -68,9 +117,9 @@ class ReplicaHealth:
 
     state: str = HEALTHY
     since: float = 0.0
-    ttft: deque[tuple[float, float]] = field(default_factory=deque)  # (time, seconds per token)
-    itl: deque[tuple[float, float]] = field(default_factory=deque)  # (time, seconds per chunk)
-    outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
+    ttft: deque[tuple[float, float]] = field(default_factory=_samples)  # (time, seconds per token)
+    itl: deque[tuple[float, float]] = field(default_factory=_samples)  # (time, seconds per chunk)
+    outcomes: OutcomeWindow = field(default_factory=OutcomeWindow)
     last_success: float = -math.inf
     degraded_since: float | None = None
     ejected_until: float = 0.0
@@ -188,11 +237,11 @@ class OutlierDetector:
     def record_success(self, rep: Replica) -> None:
         now = self.clock()
         h = self._h(rep.id)
-        h.outcomes.append((now, True))
+        h.outcomes.add(now, True)
         h.last_success = now
 
     def record_failure(self, rep: Replica, reason: str = "") -> None:
-        self._h(rep.id).outcomes.append((self.clock(), False))
+        self._h(rep.id).outcomes.add(self.clock(), False)
 
     def last_success(self, rep: Replica) -> float:
         h = self.health.get(rep.id)
@@ -259,9 +308,10 @@ class OutlierDetector:
     # ---- judgement ---------------------------------------------------------------------------
 
     def _trim(self, h: ReplicaHealth, cutoff: float) -> None:
-        for q in (h.ttft, h.itl, h.outcomes):
+        for q in (h.ttft, h.itl):
             while q and q[0][0] < cutoff:
                 q.popleft()
+        h.outcomes.trim(cutoff)
 
     def _summary(self, h: ReplicaHealth) -> dict[str, float]:
         n = self.cfg.min_samples
@@ -273,7 +323,7 @@ class OutlierDetector:
             # (streams that overlapped long prefills); the fast streams tell them apart.
             out["itl"] = _quantile([v for _, v in h.itl], 0.25)
         if len(h.outcomes) >= n:
-            out["success_rate"] = sum(1 for _, ok in h.outcomes if ok) / len(h.outcomes)
+            out["success_rate"] = h.outcomes.ok / h.outcomes.total
         return out
 
     def evaluate(self) -> None:

@@ -8,7 +8,16 @@ import random
 from router.config import OutlierSettings
 from router.index import PrefixIndex
 from router.metrics import RouterMetrics
-from router.replicas.outliers import CANARY_FAILED, DEGRADED, EJECTED, HEALTHY, SLOW_START, OutlierDetector
+from router.replicas.outliers import (
+    CANARY_FAILED,
+    DEGRADED,
+    EJECTED,
+    HEALTHY,
+    OUTCOME_BUCKET_S,
+    SAMPLE_CAP,
+    SLOW_START,
+    OutlierDetector,
+)
 from router.replicas.passive import PassiveHealth
 from router.replicas.registry import Replica, ReplicaRegistry
 from router.types import ReplicaSpec
@@ -152,3 +161,32 @@ def test_probe_failures_do_not_eject_a_replica_serving_requests() -> None:
     for _ in range(3):
         passive.record_failure(reps[0], "probe")
     assert not reps[0].healthy
+
+
+def test_windows_are_bounded_by_time_not_request_rate() -> None:
+    """At thousands of requests per second the detector keeps a fixed number of latency samples
+    and outcome buckets, and the success rate still counts every request of the window."""
+    det, reps, clock = fleet(2)
+    r = reps[0]
+    for i in range(20_000):  # 2,000 requests per second for 10 s, every 10th failing
+        clock.t += 0.0005
+        det.observe_ttft(r, 0.1, 1000)
+        det.observe_itl(r, 0.01)
+        if i % 10 == 9:
+            det.record_failure(r)
+        else:
+            det.record_success(r)
+    h = det.health[r.id]
+    assert len(h.ttft) == len(h.itl) == SAMPLE_CAP
+    assert len(h.outcomes) == 20_000 and h.outcomes.ok == 18_000
+    assert len(h.outcomes._buckets) <= 10 / OUTCOME_BUCKET_S + 1
+    det.evaluate()
+    assert det.describe(r.id)["state"] == HEALTHY
+    clock.t += det.cfg.window_s - 5  # the first half of the traffic is older than the window
+    det.evaluate()
+    kept = len(h.outcomes)  # 10 s of 2,000/s, plus at most one bucket past the window
+    assert 10_000 <= kept <= 10_000 + OUTCOME_BUCKET_S * 2_000 + 1, kept
+    assert abs(h.outcomes.ok / kept - 0.9) < 0.01
+    clock.t += 10
+    det.evaluate()
+    assert len(h.outcomes) == 0 and h.outcomes.ok == 0 and not h.ttft
