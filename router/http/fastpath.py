@@ -112,7 +112,13 @@ def head_limit_error(raw: bytes, max_line: int) -> RouterError | None:
 def parse_head(raw: bytes, max_line: int) -> _Head | None:
     """A generate request head (without the final CRLF CRLF), or None when the fast path should
     not serve it. Strict on purpose: whatever is unusual is left to aiohttp."""
-    if b"\x00" in raw or raw.count(b"\r") != raw.count(b"\r\n") or raw.count(b"\n") != raw.count(b"\r\n"):
+    # find, not ``in``: CPython 3.11's bytes.__contains__ first tries the needle as an integer and
+    # raises (then clears) a TypeError, a formatted message each time (~2,000 instructions).
+    if (
+        raw.find(b"\x00") >= 0
+        or raw.count(b"\r") != raw.count(b"\r\n")
+        or raw.count(b"\n") != raw.count(b"\r\n")
+    ):
         return None  # bare CR / LF / NUL: request-smuggling territory
     lines = raw.split(b"\r\n")
     if len(lines) - 1 > MAX_FIELDS or len(lines[0]) > max_line:
