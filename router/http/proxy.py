@@ -71,6 +71,8 @@ _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server", b"date"}
 RETRYABLE_STATUS = frozenset((500, 502, 503, 504))
 REPLICA_HEADER = "x-kvrouter-replica"
 _REPLICA_HEADER_B = REPLICA_HEADER.encode()
+# Connection tokens that name no other header: nothing more to drop.
+_CONNECTION_PLAIN = frozenset((b"", b"close", b"keep-alive"))
 _CACHED_RE = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 Headers = list[tuple[bytes, bytes]]
 
@@ -118,10 +120,19 @@ def request_header_lines(headers: Iterable[tuple[bytes, bytes]], upstream_key: s
 
 
 def response_header_pairs(headers: Headers, replica: Replica | None) -> Headers:
-    """The engine's end-to-end headers for the client, plus ``x-kvrouter-replica``."""
-    listed = _connection_listed(headers)
-    drop = _RESPONSE_DROP | listed if listed else _RESPONSE_DROP
-    out = [(k, v) for k, v in headers if k.lower() not in drop]
+    """The engine's end-to-end headers for the client, plus ``x-kvrouter-replica``. One pass
+    (one ``lower()`` per header) unless ``Connection`` names other headers, which is rare."""
+    out: Headers = []
+    for k, v in headers:
+        low = k.lower()
+        if low not in _RESPONSE_DROP:
+            out.append((k, v))
+        elif low == b"connection" and not _CONNECTION_PLAIN.issuperset(
+            t.strip().lower() for t in v.split(b",")
+        ):
+            listed = _connection_listed(headers)
+            out = [(k, v) for k, v in headers if k.lower() not in _RESPONSE_DROP | listed]
+            break
     if replica is not None:
         out.append((_REPLICA_HEADER_B, replica.id.encode()))
     return out

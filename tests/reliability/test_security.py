@@ -129,6 +129,11 @@ def test_hop_by_hop_headers_are_stripped_towards_the_client() -> None:
     ]
     out = {k.lower() for k, _ in response_header_pairs(up, None)}
     assert out == {b"content-type", b"x-request-id"}
+    # the header a Connection line names may come before it; a plain Connection drops only itself
+    early = [(b"X-Engine-Internal", b"1"), (b"X-Request-Id", b"abc"), (b"connection", b"X-Engine-Internal")]
+    assert response_header_pairs(early, None) == [(b"X-Request-Id", b"abc")]
+    plain = [(b"Content-Type", b"a"), (b"Connection", b"keep-alive"), (b"X-Request-Id", b"abc")]
+    assert response_header_pairs(plain, None) == [(b"Content-Type", b"a"), (b"X-Request-Id", b"abc")]
     req = request_header_lines([(b"Authorization", b"Bearer client"), (b"Host", b"evil")], None).lower()
     assert b"authorization" not in req and b"host" not in req
 
