@@ -33,6 +33,7 @@ from router.http.client_limits import (
     connection_cap,
     quiet_client_errors,
 )
+from router.http.coalesce import write_batch
 from router.http.endpoints import add_routes
 from router.http.fastpath import FastPath
 from router.http.limits_middleware import body_middleware, target_middleware
@@ -239,6 +240,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[RUNNING] = run
     canary = Canary(cfg.outliers, st.registry, outliers, session, cfg.upstream.api_key)
     loop = asyncio.get_running_loop()
+    drain = st.drain
+    write_batch(loop).busy = lambda: drain.active > 1  # coalesce only when writes can share a pass
     if cfg.outliers.enabled:
         run.tasks.append(loop.create_task(_evaluate_outliers(outliers), name="outliers"))
         run.tasks.append(loop.create_task(canary.run(), name="canary"))

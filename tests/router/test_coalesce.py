@@ -73,3 +73,20 @@ async def test_flush_now_and_discard() -> None:
     t.closed = True  # the peer went away meanwhile: nothing is written to a closing transport
     await next_pass()
     assert log == [("c", b"answer")]
+
+
+async def test_a_lone_request_writes_at_once() -> None:
+    """With at most one request in progress (``busy()`` false) there is nothing to share a pass
+    with: the write goes out at once instead of costing an extra loop iteration."""
+    loop = asyncio.get_running_loop()
+    batch = write_batch(loop)
+    log: list[tuple[str, bytes]] = []
+    w = Coalesced(batch, Transport(log, "w"))  # type: ignore[arg-type]
+    batch.busy = lambda: False
+    w.queue(b"alone")
+    assert log == [("w", b"alone")]
+    batch.busy = lambda: True
+    w.queue(b"shared")
+    assert log == [("w", b"alone")]
+    await next_pass()
+    assert log == [("w", b"alone"), ("w", b"shared")]
