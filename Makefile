@@ -73,8 +73,8 @@ compare-aiperf: $(STAMP) aiperf-env tiny-model
 bench-proxy: $(STAMP)
 	$(PY) tests/bench/bench_proxy.py
 
-bench-long-prompt: $(STAMP)
-	$(PY) tests/bench/bench_long_prompt.py
+bench-long-prompt: $(STAMP) tiny-model
+	$(PY) tests/bench/bench_long_prompt.py --tokenizer $(TINY_MODEL)
 
 bench-index: $(STAMP)
 	$(PY) tests/bench/bench_index.py

@@ -1,6 +1,6 @@
 """Check a peer emulation against the real peer router: hit ratio and placement spread, same trace, same fleet shape.
 
-    PYTHONPATH=. python tools/peer_fidelity.py --peers-venv /work/cache/venv-peers [--targets sglang-router,vllm-router]
+    PYTHONPATH=. python tools/peer_fidelity.py --peers-venv .venv-peers [--targets sglang-router,vllm-router]
         [--max-requests 300] [--replicas 4] [--out reports/fidelity]
 
 1. **Live**: ``python -m traces.compare`` replays the bundled trace slice through the real router

@@ -209,7 +209,11 @@ def live(args: argparse.Namespace, order: list[tuple[int, bytes]]) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", default="/work/cache/tiny-llama", help="model folder with tokenizer.json")
+    ap.add_argument(
+        "--tokenizer",
+        default=os.environ.get("KVROUTER_TINY_MODEL", str(ROOT / ".cache" / "tiny-llama")),
+        help="model folder with tokenizer.json (default: the tiny model `make tiny-model` builds)",
+    )
     ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--system-words", type=int, default=2400)
