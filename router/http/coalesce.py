@@ -23,8 +23,11 @@ cancelled before it was sent: the engine never sees it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import Callable
+
+log = logging.getLogger("kvrouter.coalesce")
 
 MAX_PENDING = 16  # writers waiting in one pass before it is flushed early
 
@@ -55,8 +58,17 @@ class Coalesced:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        if not self._transport.is_closing():
-            self._transport.write(data)
+        t = self._transport
+        if t.is_closing():
+            return
+        try:
+            t.write(data)
+        except Exception:
+            # Raised in the batch's callback it would strand the other writers' bytes: this
+            # connection is the one that failed, so it is the one dropped (its protocol sees
+            # connection_lost and answers its request's failure as for any broken socket).
+            log.exception("write to a transport failed; closing it")
+            t.abort()
 
     def discard(self) -> None:
         self._out.clear()

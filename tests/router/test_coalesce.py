@@ -90,3 +90,26 @@ async def test_a_lone_request_writes_at_once() -> None:
     assert log == [("w", b"alone")]
     await next_pass()
     assert log == [("w", b"alone"), ("w", b"shared")]
+
+
+async def test_a_failing_transport_does_not_strand_the_others() -> None:
+    loop = asyncio.get_running_loop()
+    log: list[tuple[str, bytes]] = []
+
+    class Broken(Transport):
+        aborted = False
+
+        def write(self, data: bytes) -> None:
+            raise RuntimeError("transport broke")
+
+        def abort(self) -> None:
+            self.aborted = True
+            self.closed = True
+
+    broken = Broken(log, "broken")
+    bad = Coalesced(write_batch(loop), broken)  # type: ignore[arg-type]
+    good = Coalesced(write_batch(loop), Transport(log, "good"))  # type: ignore[arg-type]
+    bad.queue(b"x")
+    good.queue(b"y")
+    await next_pass()
+    assert log == [("good", b"y")] and broken.aborted
