@@ -156,22 +156,23 @@ async def test_restart_clears_that_replicas_index_then_it_refills(fleet: tuple[S
     sim, r = fleet
     outs = await burst(r.url, 9, prefix="before")
     assert no_lost(outs) == {"ok": 9}
-    target = wait_for(
-        lambda: next(
-            (
-                row
-                for row in debug_replicas(r.url)["replicas"]
-                if row["index_blocks"] > 0 and row["kv_events"] and row["kv_events"]["batches"] > 0
-            ),
-            None,
-        ),
-        15,
-        "a replica with confirmed blocks",
-    )
-    url = target["id"]
     old = [body(i, False, "before") for i in range(9)]
+
+    def holder() -> str | None:
+        """A replica that holds one of these prompts and publishes KV events. Not just any replica
+        with blocks: the module's earlier tests left blocks (and ejections) behind, so a replica
+        with blocks may have been sent none of this burst."""
+        rows = {row["id"]: row for row in debug_replicas(r.url)["replicas"]}
+        for b in old:
+            for rid, blocks in _route_blocks(r, b).items():
+                events = rows[rid]["kv_events"] if rid in rows else None
+                if blocks > 0 and events and events["batches"] > 0:
+                    return rid
+        return None
+
+    url = wait_for(holder, 15, "a replica holding a prompt of this burst, with KV events")
     held = [b for b in old if _route_blocks(r, b).get(url, 0) > 0]
-    assert held, "no old prompt indexed on the target replica"
+    assert held
     rep = next(x for x in sim.replicas if x.url == url)
     rep.faults(restart=True)
     # the restart shows on the next KV-event batch (seq back to 0, later timestamp): send new
