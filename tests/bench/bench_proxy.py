@@ -767,6 +767,74 @@ def one_run(
     return targets
 
 
+def ab_run(args: argparse.Namespace, wrk: str | None, tmp: Path, prompt: str, probe: bytes) -> str:
+    """``--ab N``: kvrouter from this checkout (A) and from ``--baseline-tree`` (B) run side by
+    side on the router CPU, and each cell is N rounds of one load window against each, the order
+    alternating. Only one router is loaded at a time; a round's two windows are seconds apart, so
+    the per-round ratio of CPU per request cancels most of a shared host's drift, which separate
+    runs minutes apart (``--runs``) do not."""
+    import statistics
+
+    ports = [free_port() for _ in range(args.backends)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    kv_py = (
+        str(ROOT / ".venv" / "bin" / "python")
+        if (ROOT / ".venv" / "bin" / "python").exists()
+        else sys.executable
+    )
+    backend_cmd = [sys.executable, str(Path(__file__).resolve()), "--chunks", str(args.chunks)]
+    procs = [Proc([*backend_cmd, "--serve-backends", *map(str, ports)], "backends", tmp, args.client_cpus)]
+    lines = [
+        f"A/B: kvrouter from {ROOT} (A) and from {args.baseline_tree.resolve()} (B), {args.ab} rounds of "
+        f"{args.duration:g}s per router and cell, order alternating; router CPU per request from /proc",
+        "",
+        "| mode | conc | A us/req (median) | B us/req (median) | A/B CPU per request (median of rounds) "
+        "| A/B req/s (median of rounds) | rounds A/B CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    try:
+        wait_serving(procs[0], urls[0] + "/v1/completions", probe, 20)
+        routers: list[Target] = []
+        for name, cwd in (("A", ROOT), ("B", args.baseline_tree.resolve())):
+            port = free_port()
+            cmd = [*kvrouter_serve(kv_py), "--workers", "1", *[a for u in urls for a in ("--backend", u)]]
+            proc = Proc(
+                [a.replace("{port}", str(port)) for a in cmd], f"kvrouter-{name}", tmp, args.router_cpus, cwd
+            )
+            procs.append(proc)
+            routers.append(Target(name, f"http://127.0.0.1:{port}/v1/completions", proc))
+            wait_serving(proc, routers[-1].url, probe, 60)
+        for stream in (False, True):
+            body = _body(stream, prompt)
+            for conc in args.concurrency:
+                per_req: dict[str, list[float]] = {"A": [], "B": []}
+                rps: dict[str, list[float]] = {"A": [], "B": []}
+                for t in routers:
+                    _load(wrk, t.url, body, conc, args.warmup, args.client_cpus, tmp)
+                for rnd in range(args.ab):
+                    for t in routers if rnd % 2 == 0 else routers[::-1]:
+                        assert t.proc is not None
+                        before = cpu_ticks(t.proc.pid)
+                        res = _load(wrk, t.url, body, conc, args.duration, args.client_cpus, tmp)
+                        cpu = (cpu_ticks(t.proc.pid) - before) / CLK_TCK
+                        per_req[t.name].append(1e6 * cpu / max(1, res.requests))
+                        rps[t.name].append(res.rps)
+                ratios = [a / b for a, b in zip(per_req["A"], per_req["B"], strict=True) if b]
+                speed = [a / b for a, b in zip(rps["A"], rps["B"], strict=True) if b]
+                mode = "stream" if stream else "plain"
+                row = (
+                    f"| {mode} | {conc} | {statistics.median(per_req['A']):.0f} | "
+                    f"{statistics.median(per_req['B']):.0f} | {statistics.median(ratios):.3f} | "
+                    f"{statistics.median(speed):.3f} | {', '.join(f'{r:.2f}' for r in ratios)} |"
+                )
+                print("  " + row, flush=True)
+                lines.append(row)
+    finally:
+        for p in procs:
+            p.stop()
+    return "\n".join(lines)
+
+
 def per_core_summary(runs: list[list[Target]], args: argparse.Namespace) -> str:
     """Median over runs of req/s and of requests per CPU-second of the router (req/s per core),
     and kvrouter / peer ratios of those medians."""
@@ -856,6 +924,12 @@ def main() -> int:
         type=Path,
         help="also run kvrouter-baseline: the same kvrouter command from this checkout (e.g. main)",
     )
+    ap.add_argument(
+        "--ab",
+        type=int,
+        metavar="ROUNDS",
+        help="with --baseline-tree: only this checkout vs that one, interleaved, ROUNDS windows each per cell",
+    )
     ap.add_argument("--serve-backends", type=int, nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_backends:
@@ -873,6 +947,15 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     prompt = "You are a helpful assistant. " * 8 + "Summarise the following text in one sentence."
     probe = _body(False, prompt)
+    if args.ab:
+        if args.baseline_tree is None:
+            ap.error("--ab needs --baseline-tree")
+        table = ab_run(args, wrk, tmp, prompt, probe)
+        print("\n" + table)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+        print(f"\nwritten to {args.out}")
+        return 0
     runs: list[list[Target]] = []
     for run in range(args.runs):
         if args.runs > 1:
