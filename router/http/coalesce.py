@@ -4,8 +4,8 @@ Why: each ``transport.write`` on loopback or a NIC is a syscall that also wakes 
 reads it (an engine, a client). Sent as each request is handled, the writes of a busy pass are
 tens of microseconds apart, so every one finds its peer asleep again and pays a full wake-up;
 sent back to back, the peers wake once and read several. On the 2-core bench (bench_proxy.py,
-c=32, non-streaming) this took the router's CPU per request down by 11-16% and raised its
-throughput by as much, the same idea as Netty's flush consolidation.
+c=32, non-streaming) this took the router's CPU per request down by 8-16% (interleaved A/B,
+docs/benchmarks.md), the same idea as Netty's flush consolidation.
 
 What it costs: a write leaves at the end of the pass that made it (the callbacks still queued in
 that pass, then one non-blocking poll), never later: a pass is flushed early once ``MAX_PENDING``

@@ -38,7 +38,7 @@ from router.errors import (
 from router.http.client_limits import BodyBudgetExceeded, RequestTimeout
 from router.http.coalesce import Coalesced, write_batch
 from router.http.generate import GENERATE_PATHS, InfoParser, check_api_key, count_error, generate
-from router.http.proxy import REQUEST_DROP, Headers, request_header_lines
+from router.http.proxy import REQUEST_DROP, Headers, connection_names_others, request_header_lines
 from router.http.requests import BAD_BODY_ERRORS, bad_body_error
 from router.http.state import RequestPath
 from router.http.targets import query_ok
@@ -63,9 +63,6 @@ _COMMON_NAMES = frozenset(
     )
     for v in (n.encode(), n.lower().encode())
 )
-# Connection tokens that name no other header (hop-by-hop already): the header lines for the
-# engine can be built while parsing.
-_CONNECTION_PLAIN = frozenset((b"", b"close", b"keep-alive"))
 _PATHS: dict[bytes, tuple[str, InfoParser]] = {p.encode(): (p, info) for p, info in GENERATE_PATHS.items()}
 
 
@@ -167,8 +164,8 @@ def parse_head(raw: bytes, max_line: int) -> _Head | None:
 
 def _connection(value: bytes) -> tuple[bool, bool]:
     """(keep-alive, names no other header) of a Connection header value."""
-    tokens = value.lower()
-    return b"close" not in tokens, all(t.strip() in _CONNECTION_PLAIN for t in tokens.split(b","))
+    # names no other header: the header lines for the engine can be built while parsing
+    return b"close" not in value.lower(), not connection_names_others(value)
 
 
 class FastPath(asyncio.Protocol):

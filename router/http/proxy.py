@@ -71,8 +71,6 @@ _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server", b"date"}
 RETRYABLE_STATUS = frozenset((500, 502, 503, 504))
 REPLICA_HEADER = "x-kvrouter-replica"
 _REPLICA_HEADER_B = REPLICA_HEADER.encode()
-# Connection tokens that name no other header: nothing more to drop.
-_CONNECTION_PLAIN = frozenset((b"", b"close", b"keep-alive"))
 _CACHED_RE = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 Headers = list[tuple[bytes, bytes]]
 
@@ -107,6 +105,15 @@ def _connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
     )
 
 
+# Connection tokens that name no other header (hop-by-hop already).
+_CONNECTION_PLAIN = frozenset((b"", b"close", b"keep-alive"))
+
+
+def connection_names_others(value: bytes) -> bool:
+    """Whether a Connection header value lists other headers, which are then hop-by-hop too."""
+    return not all(t.strip() in _CONNECTION_PLAIN for t in value.lower().split(b","))
+
+
 def request_header_lines(headers: Iterable[tuple[bytes, bytes]], upstream_key: str | None) -> bytes:
     """The client's end-to-end headers as ``Name: value\\r\\n`` lines for the engine (Host,
     Content-Length and the client's Authorization are the proxy's own)."""
@@ -127,9 +134,7 @@ def response_header_pairs(headers: Headers, replica: Replica | None) -> Headers:
         low = k.lower()
         if low not in _RESPONSE_DROP:
             out.append((k, v))
-        elif low == b"connection" and not _CONNECTION_PLAIN.issuperset(
-            t.strip().lower() for t in v.split(b",")
-        ):
+        elif low == b"connection" and connection_names_others(v):
             listed = _connection_listed(headers)
             out = [(k, v) for k, v in headers if k.lower() not in _RESPONSE_DROP | listed]
             break
