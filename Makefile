@@ -9,10 +9,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: eval tune help venv test test-fast lint fmt typecheck import-rules demo compare compare-aiperf aiperf-env bench-proxy bench-long-prompt bench-index bench-sim bench-sim-live soak clean
+.PHONY: eval tune help venv compiled test test-fast lint fmt typecheck import-rules demo compare compare-aiperf aiperf-env bench-proxy bench-long-prompt bench-index bench-sim bench-sim-live soak clean
 
 help:
-	@echo "make demo | test | test-fast | lint | fmt | typecheck | import-rules | compare | compare-aiperf | bench-proxy | bench-long-prompt | bench-index | bench-sim | bench-sim-live | soak | test-vllm"
+	@echo "make demo | test | test-fast | lint | fmt | typecheck | import-rules | compiled | compare | compare-aiperf | bench-proxy | bench-long-prompt | bench-index | bench-sim | bench-sim-live | soak | test-vllm"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ venv: $(STAMP)
 
 # What ruff checks and formats. tests/test_lint_rules.py proves that lint fails on a formatting error
 # and on a forbidden import.
-SRC := router engines traces tests tools
+SRC := router engines traces tests tools setup.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(SRC)
@@ -70,8 +70,14 @@ compare-aiperf: $(STAMP) aiperf-env tiny-model
 	$(PY) -m traces.aiperf_compare --out reports/compare-aiperf --aiperf-venv $(AIPERF_VENV) \
 		--tokenizer $(TINY_MODEL) $(AIPERF_ARGS)
 
+# The compiled build (setup.py: the request path through mypyc) in a copy of this checkout, so the
+# tree you edit stays pure Python; `python -m router` run from the copy imports the extensions.
+COMPILED_TREE ?= .cache/compiled
+compiled: $(STAMP)
+	$(PY) tools/build_compiled.py --dest $(COMPILED_TREE)
+
 bench-proxy: $(STAMP)
-	$(PY) tests/bench/bench_proxy.py
+	$(PY) tests/bench/bench_proxy.py --compiled $(COMPILED_TREE)
 
 bench-long-prompt: $(STAMP) tiny-model
 	$(PY) tests/bench/bench_long_prompt.py --tokenizer $(TINY_MODEL)

@@ -48,6 +48,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from .types import BlockHash, ReplicaId, Tier
 
 _TIERS = (Tier.GPU, Tier.CPU)
@@ -71,6 +73,7 @@ class _ReplicaEntry:
         return self.capacity if tier == Tier.GPU else self.cpu_capacity
 
 
+@mypyc_attr(native_class=False)  # a built-in base: a plain class when compiled (setup.py)
 class IndexInvariantError(AssertionError):
     pass
 

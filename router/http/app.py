@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -326,10 +327,11 @@ async def serve(
     _tune_gc()
     port = _bound_port(runner)
     log.info(
-        "kvrouter listening on %s:%d (policy=%s, pid=%d)",
+        "kvrouter listening on %s:%d (policy=%s, build=%s, pid=%d)",
         cfg.server.host,
         port,
         cfg.routing.policy,
+        build_kind(),
         os.getpid(),
     )
     if ready is not None:
@@ -345,6 +347,13 @@ async def serve(
 
 
 GC_GEN0_THRESHOLD = 20_000
+
+
+def build_kind() -> str:
+    """``compiled`` when the request path runs as mypyc extension modules (setup.py), else
+    ``python``: which build a running router is, for its start-up log line."""
+    path = getattr(sys.modules[FastPath.__module__], "__file__", None) or ""
+    return "compiled" if path.endswith((".so", ".pyd")) else "python"
 
 
 def _tune_gc() -> None:

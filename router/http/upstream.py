@@ -31,16 +31,19 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from router.http.coalesce import Coalesced, write_batch
 
 HIGH_WATER = 256 * 1024
 
 
+@mypyc_attr(native_class=False)  # a built-in base: a plain class when compiled (setup.py)
 class UpstreamBroken(ConnectionError):
     """The upstream connection failed or closed before the response was complete."""
 
 
+@mypyc_attr(native_class=False)
 class UpstreamConnectError(UpstreamBroken):
     """No connection could be opened to the replica."""
 

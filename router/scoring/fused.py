@@ -161,7 +161,7 @@ class CacheAwareKernel:
                 credit = cpu_tier_credit(rate, r.cpu_load_tps or load_tps, fallback)
                 uncached: float = n_tok - g - credit * (a - g)
             else:
-                uncached = n_tok - g
+                uncached = float(n_tok - g)
             running = r.engine_running
             f = r.in_flight
             busy = f if running is None or running < f else running

@@ -82,9 +82,9 @@ class EstimatedTTFTScorer:
                     )
                     uncached = n - g - credit * (a - g)
                 else:
-                    uncached = n - g
+                    uncached = float(n - g)
             else:
-                uncached = n
+                uncached = float(n)
             running = r.engine_running
             f = r.in_flight
             busy = f if running is None or running < f else running
