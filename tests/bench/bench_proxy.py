@@ -4,6 +4,8 @@ Targets, all in front of the same fake OpenAI backends on loopback:
 
 * ``direct``: the load generator talks to one backend (the floor every router is measured from);
 * ``kvrouter`` (``kvrouter serve``, one worker, and ``--workers N`` variants when asked for);
+* ``kvrouter-compiled`` (``--compiled``): the same command from the mypyc build of this checkout
+  (setup.py, tools/build_compiled.py), the build the container image ships;
 * ``sglang`` (``python -m sglang_router.launch_router``) and ``vllm-router`` (the Rust binary of
   the vllm-router wheel), from ``.venv-peers``; installed there under ``flock .venv-peers.lock``
   when missing. A peer that cannot start is reported with the reason and skipped;
@@ -677,6 +679,10 @@ def one_run(
                     ROOT,
                 )
             )
+        if args.compiled is not None:
+            # the same command from the compiled build (setup.py): the tree imports its extensions
+            base = [*kvrouter_serve(kv_py), "--workers", "1", *[a for u in urls for a in ("--backend", u)]]
+            plan.append(("kvrouter-compiled", base, args.compiled))
         if args.baseline_tree is not None:
             # the same command from another checkout (python -m router imports the cwd's tree)
             base = [*kvrouter_serve(kv_py), "--workers", "1", *[a for u in urls for a in ("--backend", u)]]
@@ -784,8 +790,9 @@ def ab_run(args: argparse.Namespace, wrk: str | None, tmp: Path, prompt: str, pr
     )
     backend_cmd = [sys.executable, str(Path(__file__).resolve()), "--chunks", str(args.chunks)]
     procs = [Proc([*backend_cmd, "--serve-backends", *map(str, ports)], "backends", tmp, args.client_cpus)]
+    tree_a = args.compiled if args.compiled is not None else ROOT  # --compiled: A is this checkout's build
     lines = [
-        f"A/B: kvrouter from {ROOT} (A) and from {args.baseline_tree.resolve()} (B), {args.ab} rounds of "
+        f"A/B: kvrouter from {tree_a} (A) and from {args.baseline_tree.resolve()} (B), {args.ab} rounds of "
         f"{args.duration:g}s per router and cell, order alternating; router CPU per request from /proc",
         "",
         "| mode | conc | A us/req (median) | B us/req (median) | A/B CPU per request (median of rounds) "
@@ -795,7 +802,7 @@ def ab_run(args: argparse.Namespace, wrk: str | None, tmp: Path, prompt: str, pr
     try:
         wait_serving(procs[0], urls[0] + "/v1/completions", probe, 20)
         routers: list[Target] = []
-        for name, cwd in (("A", ROOT), ("B", args.baseline_tree.resolve())):
+        for name, cwd in (("A", tree_a), ("B", args.baseline_tree.resolve())):
             port = free_port()
             cmd = [*kvrouter_serve(kv_py), "--workers", "1", *[a for u in urls for a in ("--backend", u)]]
             proc = Proc(
@@ -872,20 +879,24 @@ def per_core_summary(runs: list[list[Target]], args: argparse.Namespace) -> str:
                     f"{', '.join(f'{v:.0f}' for v in per_core)} |"
                 )
     peers = [n for n in names if not n.startswith("kvrouter") or n == "kvrouter-baseline"]
+    ours = [n for n in ("kvrouter", "kvrouter-compiled") if n in names]
     if peers:
         lines += [
             "",
-            "| mode | conc | kvrouter / " + " | kvrouter / ".join(peers) + " (req/s per core) |",
-            "|---|---|" + "---|" * len(peers),
+            "| mode | conc | build | kvrouter / " + " | kvrouter / ".join(peers) + " (req/s per core) |",
+            "|---|---|---|" + "---|" * len(peers),
         ]
         for stream in (False, True):
             for conc in args.concurrency:
-                k = med.get(("kvrouter", stream, conc))
-                vals = [
-                    f"{k / med[(p, stream, conc)]:.2f}" if k and (p, stream, conc) in med else "n/a"
-                    for p in peers
-                ]
-                lines.append(f"| {'stream' if stream else 'plain'} | {conc} | " + " | ".join(vals) + " |")
+                for name in ours:
+                    k = med.get((name, stream, conc))
+                    vals = [
+                        f"{k / med[(p, stream, conc)]:.2f}" if k and (p, stream, conc) in med else "n/a"
+                        for p in peers
+                    ]
+                    build = "compiled" if name == "kvrouter-compiled" else "pure Python"
+                    mode = "stream" if stream else "plain"
+                    lines.append(f"| {mode} | {conc} | {build} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
@@ -930,11 +941,25 @@ def main() -> int:
         metavar="ROUNDS",
         help="with --baseline-tree: only this checkout vs that one, interleaved, ROUNDS windows each per cell",
     )
+    ap.add_argument(
+        "--compiled",
+        nargs="?",
+        type=Path,
+        const=ROOT / ".cache" / "compiled",
+        help="also run kvrouter-compiled: the mypyc build of this checkout (tools/build_compiled.py; "
+        "built into PATH, default .cache/compiled, unless it is up to date)",
+    )
     ap.add_argument("--serve-backends", type=int, nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_backends:
         serve_backends(args.serve_backends, args.chunks)
         return 0
+    if args.compiled is not None:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from build_compiled import build
+
+        print(f"bench-proxy: compiled build in {args.compiled} (mypyc, ~1 min unless up to date)", flush=True)
+        args.compiled = build(args.compiled.resolve())
     if args.peers_venv is not None:
         global PEERS_VENV, PEERS_LOCK
         PEERS_VENV, PEERS_LOCK = args.peers_venv, args.peers_venv.with_suffix(".lock")
