@@ -308,6 +308,10 @@ def test_dockerfile_contract() -> None:
     assert 'ENTRYPOINT ["kvrouter", "serve"]' in lines
     assert not any(ln.startswith("HEALTHCHECK") for ln in lines)  # Kubernetes probes instead
     assert "PYTHONDONTWRITEBYTECODE=1" in text and "--only-binary=:all:" in text
+    # the image ships the compiled request path (setup.py) and checks that it imports compiled
+    assert "KVROUTER_COMPILE=1 pip wheel --no-build-isolation --no-deps" in text
+    assert "COPY pyproject.toml setup.py" in text and "rm /wheels/kvrouter-*.whl" in text
+    assert "assert f.__file__.endswith('.so')" in text
     for module in ("uvloop", "msgspec", "xxhash", "zmq"):  # the C extensions must import in the image
         assert module in next(ln for ln in lines if "import aiohttp" in ln)
     ignore = [
@@ -315,4 +319,6 @@ def test_dockerfile_contract() -> None:
         for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
         if ln and not ln.startswith("#")
     ]
-    assert ignore[0] == "*" and {"!pyproject.toml", "!router/", "!engines/", "!traces/"} <= set(ignore)
+    assert ignore[0] == "*" and {"!pyproject.toml", "!setup.py", "!router/", "!engines/", "!traces/"} <= set(
+        ignore
+    )
