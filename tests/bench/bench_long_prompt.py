@@ -17,7 +17,8 @@ counted apart from the later turns.
 ``--live`` measures the router processes instead: ``kvrouter serve --tokenizer`` from this tree, from
 ``--baseline-tree`` (another checkout, e.g. main before a change) and the SGLang router from
 ``--peers-venv`` (``cache_aware``), each in front of bench_proxy.py's fake backends, pinned to
-``--router-cpus``. The same conversation requests (streamed, 16 chunks) are sent one at a time; the
+``--router-cpus``; ``--compiled`` adds the mypyc build of this tree (setup.py) and ``--bytes`` the
+router without a tokenizer (byte-mode keys, the SGLang router's trade). The same conversation requests (streamed, 16 chunks) are sent one at a time; the
 router's CPU (utime+stime of its process tree) over the whole sequence is divided by the request
 count. Targets take turns, ``--rounds`` times; the table shows the median and the ratio to SGLang.
 """
@@ -116,24 +117,19 @@ def live(args: argparse.Namespace, order: list[tuple[int, bytes]]) -> int:
     probe = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}).encode()
     bodies = [b.replace(b'"model": "m"', b'"model": "fake-model"') for _, b in order]
     plan: list[tuple[str, list[str], Path]] = []
-    for name, tree in (("kvrouter", ROOT), ("kvrouter-baseline", args.baseline_tree)):
-        if tree is None:
-            continue
-        py = sys.executable
-        plan.append(
-            (
-                name,
-                [
-                    *kvrouter_serve(py),
-                    "--policy",
-                    "cache_aware",
-                    "--tokenizer",
-                    args.tokenizer,
-                    *[a for u in urls for a in ("--backend", u)],
-                ],
-                Path(tree),
-            )
-        )
+    trees = [
+        ("kvrouter", ROOT),
+        ("kvrouter-compiled", args.compiled),
+        ("kvrouter-baseline", args.baseline_tree),
+    ]
+    serve = [*kvrouter_serve(sys.executable), "--policy", "cache_aware"]
+    backends = [a for u in urls for a in ("--backend", u)]
+    for name, tree in trees:
+        if tree is not None:
+            plan.append((name, [*serve, "--tokenizer", args.tokenizer, *backends], Path(tree)))
+    if args.bytes:
+        # no tokenizer: chat requests keyed by their bytes, as the SGLang router keys text
+        plan.append(("kvrouter-bytes", [*serve, *backends], Path(args.compiled or ROOT)))
     peer_py = Path(args.peers_venv) / "bin" / "python"
     if peer_py.exists():
         plan.append(
@@ -224,6 +220,18 @@ def main() -> int:
     ap.add_argument("--live", action="store_true", help="measure router processes (see the module doc)")
     ap.add_argument("--baseline-tree", help="--live: also run kvrouter from this checkout")
     ap.add_argument("--peers-venv", default=str(ROOT / ".venv-peers"), help="--live: venv with sglang-router")
+    ap.add_argument(
+        "--compiled",
+        nargs="?",
+        type=Path,
+        const=ROOT / ".cache" / "compiled",
+        help="--live: also run kvrouter-compiled, the mypyc build (tools/build_compiled.py) in PATH",
+    )
+    ap.add_argument(
+        "--bytes",
+        action="store_true",
+        help="--live: also run kvrouter-bytes, without --tokenizer (byte-mode keys; compiled with --compiled)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--router-cpus", default="1" if (os.cpu_count() or 1) > 1 else None)
     ap.add_argument("--client-cpus", default="0" if (os.cpu_count() or 1) > 1 else None)
@@ -234,6 +242,11 @@ def main() -> int:
     # arrivals interleave the conversations, as concurrent users do
     order = [(t, convs[c][t]) for t in range(args.turns) for c in range(len(convs))]
     if args.live:
+        if args.compiled is not None:
+            sys.path.insert(0, str(ROOT / "tools"))
+            from build_compiled import build
+
+            args.compiled = build(args.compiled.resolve())
         return live(args, order)
     routers = {
         "cached": make_router(args.tokenizer, True, args.replicas),
