@@ -17,11 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("router", "engines", "traces", "tests", "tools", "docs", "pyproject.toml", "setup.py", "README.md")
-_SKIP = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", ".pytest_cache", ".mypy_cache")
+# Never copied nor hashed: caches and build outputs (an old extension would shadow its source)
+_IGNORED = ("__pycache__", "*.so", "*.pyc", ".pytest_cache", ".mypy_cache")
 STAMP = ".compiled-sources"
 
 
@@ -32,7 +34,8 @@ def sources_digest(root: Path = ROOT) -> str:
         top = root / name
         files = [top] if top.is_file() else sorted(top.rglob("*"))
         for f in files:
-            if f.is_file() and "__pycache__" not in f.parts and f.suffix not in (".so", ".pyc"):
+            parts = f.relative_to(root).parts
+            if f.is_file() and not any(fnmatch(p, pat) for p in parts for pat in _IGNORED):
                 h.update(str(f.relative_to(root)).encode())
                 h.update(f.read_bytes())
     return h.hexdigest()
@@ -50,7 +53,7 @@ def build(dest: Path, python: str = sys.executable, quiet: bool = True) -> Path:
     for name in COPIED:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=_SKIP)
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns(*_IGNORED))
         else:
             shutil.copy2(src, dest / name)
     env = {**os.environ, "KVROUTER_COMPILE": "1"}

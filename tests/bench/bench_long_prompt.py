@@ -18,9 +18,9 @@ counted apart from the later turns.
 ``--baseline-tree`` (another checkout, e.g. main before a change) and the SGLang router from
 ``--peers-venv`` (``cache_aware``), each in front of bench_proxy.py's fake backends, pinned to
 ``--router-cpus``; ``--compiled`` adds the mypyc build of this tree (setup.py) and ``--bytes`` the
-router without a tokenizer (byte-mode keys, the SGLang router's trade). The same conversation requests (streamed, 16 chunks) are sent one at a time; the
-router's CPU (utime+stime of its process tree) over the whole sequence is divided by the request
-count. Targets take turns, ``--rounds`` times; the table shows the median and the ratio to SGLang.
+router without a tokenizer (byte-mode keys, the SGLang router's trade). The same conversation
+requests (streamed, 16 chunks) are sent one at a time; the router's CPU (utime+stime of its
+process tree) over the whole sequence is divided by the request count. Targets take turns, ``--rounds`` times; the table shows the median and the ratio to SGLang.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from router.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
 from router.types import ReplicaSpec, RequestInfo  # noqa: E402
 from tests.bench.bench_proxy import CLK_TCK, Proc, free_port, kvrouter_serve, wait_serving  # noqa: E402
 from tests.support.proc_stats import cpu_ticks  # noqa: E402
+from tools.build_compiled import build  # noqa: E402
 
 
 def conversations(
@@ -243,9 +244,6 @@ def main() -> int:
     order = [(t, convs[c][t]) for t in range(args.turns) for c in range(len(convs))]
     if args.live:
         if args.compiled is not None:
-            sys.path.insert(0, str(ROOT / "tools"))
-            from build_compiled import build
-
             args.compiled = build(args.compiled.resolve())
         return live(args, order)
     routers = {

@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the tests package importa
     sys.path.insert(0, str(ROOT))
 
 from tests.support.proc_stats import cpu_ticks, process_tree  # noqa: E402
+from tools.build_compiled import build  # noqa: E402
 
 PEERS_VENV = ROOT / ".venv-peers"
 PEERS_LOCK = ROOT / ".venv-peers.lock"
@@ -464,6 +465,17 @@ def kvrouter_serve(py: str) -> list[str]:
     return [*serve, "--kv-events", "off", "--log-level", "warning"]
 
 
+def _kvrouter_python() -> str:
+    """The interpreter kvrouter targets run with: the project venv's when there is one."""
+    venv_py = ROOT / ".venv" / "bin" / "python"
+    return str(venv_py) if venv_py.exists() else sys.executable
+
+
+def _one_worker(py: str, urls: Sequence[str]) -> list[str]:
+    """``kvrouter serve`` with one worker in front of ``urls`` (the checkout is its cwd's)."""
+    return [*kvrouter_serve(py), "--workers", "1", *[a for u in urls for a in ("--backend", u)]]
+
+
 def wait_serving(proc: Proc, url: str, body: bytes, timeout: float) -> None:
     """Ready = a real completion goes through (every router has its own idea of /health)."""
     deadline = time.monotonic() + timeout
@@ -660,11 +672,7 @@ def one_run(
         measure(targets[-1], args, wrk, tmp, prompt)
 
         plan: list[tuple[str, list[str], Path]] = []  # name, command, cwd (the checkout it imports)
-        kv_py = (
-            str(ROOT / ".venv" / "bin" / "python")
-            if (ROOT / ".venv" / "bin" / "python").exists()
-            else sys.executable
-        )
+        kv_py = _kvrouter_python()
         for w in args.kvrouter_workers:
             name = "kvrouter" if w == 1 else f"kvrouter-w{w}"
             plan.append(
@@ -681,11 +689,11 @@ def one_run(
             )
         if args.compiled is not None:
             # the same command from the compiled build (setup.py): the tree imports its extensions
-            base = [*kvrouter_serve(kv_py), "--workers", "1", *[a for u in urls for a in ("--backend", u)]]
+            base = _one_worker(kv_py, urls)
             plan.append(("kvrouter-compiled", base, args.compiled))
         if args.baseline_tree is not None:
             # the same command from another checkout (python -m router imports the cwd's tree)
-            base = [*kvrouter_serve(kv_py), "--workers", "1", *[a for u in urls for a in ("--backend", u)]]
+            base = _one_worker(kv_py, urls)
             plan.append(("kvrouter-baseline", base, args.baseline_tree.resolve()))
         if args.floor:
             # the yardstick: bytes relayed by callbacks and nothing else (floor_proxy.py)
@@ -783,11 +791,7 @@ def ab_run(args: argparse.Namespace, wrk: str | None, tmp: Path, prompt: str, pr
 
     ports = [free_port() for _ in range(args.backends)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    kv_py = (
-        str(ROOT / ".venv" / "bin" / "python")
-        if (ROOT / ".venv" / "bin" / "python").exists()
-        else sys.executable
-    )
+    kv_py = _kvrouter_python()
     backend_cmd = [sys.executable, str(Path(__file__).resolve()), "--chunks", str(args.chunks)]
     procs = [Proc([*backend_cmd, "--serve-backends", *map(str, ports)], "backends", tmp, args.client_cpus)]
     tree_a = args.compiled if args.compiled is not None else ROOT  # --compiled: A is this checkout's build
@@ -804,7 +808,7 @@ def ab_run(args: argparse.Namespace, wrk: str | None, tmp: Path, prompt: str, pr
         routers: list[Target] = []
         for name, cwd in (("A", tree_a), ("B", args.baseline_tree.resolve())):
             port = free_port()
-            cmd = [*kvrouter_serve(kv_py), "--workers", "1", *[a for u in urls for a in ("--backend", u)]]
+            cmd = _one_worker(kv_py, urls)
             proc = Proc(
                 [a.replace("{port}", str(port)) for a in cmd], f"kvrouter-{name}", tmp, args.router_cpus, cwd
             )
@@ -955,9 +959,6 @@ def main() -> int:
         serve_backends(args.serve_backends, args.chunks)
         return 0
     if args.compiled is not None:
-        sys.path.insert(0, str(ROOT / "tools"))
-        from build_compiled import build
-
         print(f"bench-proxy: compiled build in {args.compiled} (mypyc, ~1 min unless up to date)", flush=True)
         args.compiled = build(args.compiled.resolve())
     if args.peers_venv is not None:
